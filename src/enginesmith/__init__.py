@@ -1,0 +1,53 @@
+"""enginesmith: turn a trained network into a fast, validated, platform-specific engine.
+
+    import enginesmith as es
+    engine = es.build("model.onnx")
+    engine.save("model.engine")
+    engine = es.load("model.engine")
+    outputs = engine(x=batch)
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    BackendUnavailableError,
+    BuildError,
+    BundleError,
+    EnginesmithError,
+    InputError,
+    MissingDependencyError,
+    PlatformMismatchError,
+    SourceError,
+    UnsupportedModelError,
+    ValidationDataError,
+)
+from .api import bench, build, info, load, validate  # noqa: E402
+from .importers import ImportOptions  # noqa: E402
+from .runtime.engine import Engine  # noqa: E402
+from .signature import Signature, TensorSpec  # noqa: E402
+from .validate import Tolerance, ValidationReport  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "build",
+    "load",
+    "validate",
+    "bench",
+    "info",
+    "Engine",
+    "ImportOptions",
+    "Signature",
+    "TensorSpec",
+    "Tolerance",
+    "ValidationReport",
+    "EnginesmithError",
+    "BackendUnavailableError",
+    "BuildError",
+    "BundleError",
+    "InputError",
+    "MissingDependencyError",
+    "PlatformMismatchError",
+    "SourceError",
+    "UnsupportedModelError",
+    "ValidationDataError",
+]

@@ -1,0 +1,122 @@
+"""The small interface every backend implements.
+
+A backend turns an ONNX model into an opaque *payload* (bytes stored in the
+bundle) for this machine, and turns a payload back into a runnable
+:class:`Session`. It also says whether it can run here and which facts about
+the platform an engine built by it depends on. Each backend lives in one module
+under ``enginesmith.backends`` and is the only place that imports its library.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
+
+import numpy as np
+import onnx
+
+from ..signature import Signature
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# Called with (stage, done, total); total is None when unknown.
+ProgressCallback = Callable[[str, int, int | None], None]
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass
+class BuildOptions:
+    """What the user asked for; backends read the fields they understand.
+
+    ``backend_options`` holds backend-specific settings (ONNX Runtime's
+    execution providers, TensorRT's workspace size) so the generic layers need
+    not know about them; they are stored in the manifest and reused when a
+    bundle is rebuilt on another machine.
+    """
+
+    precision: str = "fp32"
+    threads: int | None = None
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision, "threads": self.threads, "backend_options": dict(self.backend_options)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BuildOptions":
+        return cls(
+            precision=str(data.get("precision", "fp32")),
+            threads=data.get("threads"),
+            backend_options=dict(data.get("backend_options") or {}),
+        )
+
+
+@dataclass
+class BuildResult:
+    payload: bytes
+    payload_name: str
+    # The options as the backend resolved them (providers picked, threads chosen).
+    resolved_options: BuildOptions
+    log: list[str] = field(default_factory=list)
+    # Backend-specific facts worth keeping in the manifest (e.g. node placement).
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Session(ABC):
+    """A loaded engine ready to run. Must be safe to call from several threads."""
+
+    @abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once on numpy inputs already checked against the signature."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free resources early; the default relies on garbage collection."""
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    display_name: ClassVar[str]
+    # Higher wins when ``--backend auto`` picks among available backends.
+    auto_priority: ClassVar[int] = 0
+
+    @abstractmethod
+    def available(self) -> Availability:
+        """Whether this backend can build and run here, and why not."""
+
+    @abstractmethod
+    def version(self) -> str:
+        """The version of the backend's library."""
+
+    @abstractmethod
+    def fingerprint(self, options: BuildOptions) -> dict[str, str]:
+        """Facts identifying the platform an engine built with ``options`` depends on."""
+
+    @abstractmethod
+    def must_match(self) -> list[str]:
+        """Keys of the fingerprint that must be equal for an engine to run."""
+
+    def describe_platform(self, fingerprint: Mapping[str, str]) -> str:
+        """A short human description, e.g. ``x86_64 / ONNX Runtime 1.31 CPU``."""
+        return f"{fingerprint.get('arch', '?')} / {self.display_name} {fingerprint.get('backend_version', '?')}"
+
+    @abstractmethod
+    def build(
+        self,
+        model: onnx.ModelProto,
+        signature: Signature,
+        options: BuildOptions,
+        progress: ProgressCallback | None = None,
+    ) -> BuildResult:
+        """Optimize ``model`` for this machine and return the payload."""
+
+    @abstractmethod
+    def load(self, payload: bytes, options: BuildOptions, signature: Signature) -> Session:
+        """Turn a payload built by :meth:`build` into a runnable session."""

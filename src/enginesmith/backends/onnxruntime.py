@@ -1,0 +1,254 @@
+"""ONNX Runtime backend: the engine that works everywhere.
+
+Build applies every graph optimization ONNX Runtime has for the chosen
+execution providers *offline* and stores the optimized model as the payload,
+so loading does no re-optimization. Those optimizations are hardware-specific
+(the CPU provider rewrites convolutions into blocked NCHWc layouts sized for
+the machine's vector width), which is why the engine's fingerprint records the
+CPU's ISA features and the ONNX Runtime version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+
+from ..errors import BackendUnavailableError, BuildError, MissingDependencyError, UnsupportedModelError
+from ..platform import host_fingerprint, physical_cores
+from ..signature import Signature, random_inputs
+from .base import Availability, Backend, BuildOptions, BuildResult, ProgressCallback, Session
+
+# Short names users type -> ONNX Runtime provider names, in preference order for "auto".
+PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+# Providers that compile subgraphs into their own kernels: ORT cannot save a
+# model containing compiled nodes, so for those the payload keeps only the
+# provider-independent optimizations and the rest happens at load.
+COMPILING_PROVIDERS = {"TensorrtExecutionProvider", "OpenVINOExecutionProvider"}
+PROVIDER_LABELS = {
+    "CPUExecutionProvider": "CPU",
+    "CUDAExecutionProvider": "CUDA",
+    "TensorrtExecutionProvider": "TensorRT",
+    "OpenVINOExecutionProvider": "OpenVINO",
+}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:  # pragma: no cover - onnxruntime is a core dependency
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime") from None
+    return onnxruntime
+
+
+def resolve_providers(requested: list[str] | None) -> list[str]:
+    """Provider names from user aliases; ``None`` means the CPU provider alone."""
+    available = _ort().get_available_providers()
+    if not requested:
+        return ["CPUExecutionProvider"]
+    if requested == ["auto"]:
+        picked = [p for p in PROVIDER_ALIASES.values() if p in available]
+        return picked or ["CPUExecutionProvider"]
+    resolved = []
+    for name in requested:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            raise BackendUnavailableError(
+                f"ONNX Runtime execution provider '{name}' is not available here (available: "
+                f"{', '.join(available)}); install the onnxruntime build that has it (e.g. onnxruntime-gpu) "
+                "or pick another provider"
+            )
+        resolved.append(full)
+    if "CPUExecutionProvider" not in resolved:
+        resolved.append("CPUExecutionProvider")  # fallback for nodes the others cannot run
+    return resolved
+
+
+def _session_options(options: BuildOptions, optimize: bool):
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.intra_op_num_threads = options.threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3  # errors only: warnings about unused initializers are noise to users
+    return so
+
+
+def _explain_ort_error(exc: Exception, model: onnx.ModelProto) -> UnsupportedModelError | BuildError:
+    """Turn ONNX Runtime's error text into one line that names the op and the nodes."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    match = re.search(r"(?:([\w.]+):)?(\w+)\(-?\d+\) is not a registered function/op", text) or re.search(
+        r"Could not find an implementation for (\w+)\(\d+\)", text
+    )
+    if match:
+        op_type = match.groups()[-1]
+        nodes = [n.name or f"<unnamed #{i}>" for i, n in enumerate(model.graph.node) if n.op_type == op_type]
+        where = f" (nodes: {', '.join(nodes[:5])}{'...' if len(nodes) > 5 else ''})" if nodes else ""
+        return UnsupportedModelError(
+            f"ONNX Runtime cannot run op '{op_type}'{where}: {text}; replace the op in the model, "
+            "register a custom-op library, or try another backend"
+        )
+    return BuildError(f"ONNX Runtime could not build the engine: {text}")
+
+
+def _node_placement(session, signature: Signature) -> dict[str, dict[str, int]]:
+    """op type -> {provider: count of nodes that ran on it}, read from one profiled run."""
+    session.run(None, random_inputs(signature.inputs, batch=1))
+    profile_path = session.end_profiling()
+    try:
+        events = json.loads(Path(profile_path).read_text())
+    finally:
+        Path(profile_path).unlink(missing_ok=True)
+    placement: dict[str, Counter] = {}
+    seen: set[str] = set()
+    for event in events:
+        args = event.get("args") or {}
+        if event.get("cat") != "Node" or "provider" not in args or event["name"] in seen:
+            continue
+        seen.add(event["name"])
+        placement.setdefault(args.get("op_name", "?"), Counter())[args["provider"]] += 1
+    return {op: dict(counts) for op, counts in sorted(placement.items())}
+
+
+class OnnxRuntimeSession(Session):
+    def __init__(self, session: Any, output_names: list[str]):
+        self._session = session
+        self._output_names = output_names
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # InferenceSession.run is thread-safe, so no lock is needed here.
+        values = self._session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, values))
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    display_name = "ONNX Runtime"
+    auto_priority = 10
+
+    def available(self) -> Availability:
+        try:
+            _ort()
+        except MissingDependencyError as exc:
+            return Availability(False, str(exc))
+        return Availability(True)
+
+    def version(self) -> str:
+        return _ort().__version__
+
+    def fingerprint(self, options: BuildOptions) -> dict[str, str]:
+        providers = resolve_providers(options.backend_options.get("providers"))
+        return {
+            **host_fingerprint(),
+            "backend_version": self.version(),
+            "providers": ",".join(providers),
+        }
+
+    def must_match(self) -> list[str]:
+        return ["os", "arch", "cpu_flags", "backend_version", "providers"]
+
+    def describe_platform(self, fingerprint: Mapping[str, str]) -> str:
+        version = ".".join(fingerprint.get("backend_version", "?").split(".")[:2])
+        first = fingerprint.get("providers", "CPUExecutionProvider").split(",")[0]
+        return f"{fingerprint.get('arch', '?')} / ONNX Runtime {version} {PROVIDER_LABELS.get(first, first)}"
+
+    def build(
+        self,
+        model: onnx.ModelProto,
+        signature: Signature,
+        options: BuildOptions,
+        progress: ProgressCallback | None = None,
+    ) -> BuildResult:
+        if options.precision != "fp32":
+            raise UnsupportedModelError(
+                f"precision '{options.precision}' is not supported by the ONNX Runtime backend yet; use fp32"
+            )
+        ort = _ort()
+        providers = resolve_providers(options.backend_options.get("providers"))
+        resolved = BuildOptions(
+            precision=options.precision,
+            threads=options.threads,
+            backend_options={**options.backend_options, "providers": providers},
+        )
+        log = [f"ONNX Runtime {ort.__version__}, providers {', '.join(providers)}"]
+        with tempfile.TemporaryDirectory(prefix="enginesmith-ort-") as tmp:
+            optimized_path = os.path.join(tmp, "optimized.onnx")
+            so = _session_options(resolved, optimize=True)
+            if any(p in COMPILING_PROVIDERS for p in providers):
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                log.append("compiling provider: payload keeps provider-independent optimizations only")
+            so.optimized_model_filepath = optimized_path
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tmp, "profile")
+            if progress:
+                progress("optimizing graph", 0, 1)
+            try:
+                session = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+            except Exception as exc:  # ORT raises its own pybind exception types
+                raise _explain_ort_error(exc, model) from None
+            try:
+                placement = _node_placement(session, signature)
+            except Exception as exc:  # placement is informative only; never fail a build on it
+                placement = {}
+                log.append(f"node placement not recorded: {str(exc).splitlines()[0][:200]}")
+            payload = Path(optimized_path).read_bytes()
+            if progress:
+                progress("optimizing graph", 1, 1)
+        optimized = onnx.load_from_string(payload)
+        log.append(f"graph optimized offline: {len(model.graph.node)} nodes -> {len(optimized.graph.node)}")
+        return BuildResult(
+            payload=payload,
+            payload_name="model.optimized.onnx",
+            resolved_options=resolved,
+            log=log,
+            details={"node_placement": placement, "nodes_before": len(model.graph.node), "nodes_after": len(optimized.graph.node)},
+        )
+
+    def load(self, payload: bytes, options: BuildOptions, signature: Signature) -> Session:
+        ort = _ort()
+        providers = resolve_providers(options.backend_options.get("providers"))
+        compiling = any(p in COMPILING_PROVIDERS for p in providers)
+        so = _session_options(options, optimize=compiling)
+        try:
+            session = ort.InferenceSession(payload, so, providers=providers)
+        except Exception as exc:
+            raise BuildError(f"ONNX Runtime could not load the engine payload: {str(exc).splitlines()[0]}") from None
+        return OnnxRuntimeSession(session, signature.output_names)
+
+
+def plain_session_runner(model_bytes: bytes):
+    """Run a model the way a user would by hand: a default ONNX Runtime CPU session.
+
+    Used as the reference for ONNX sources and as the baseline in benchmarks.
+    """
+    ort = _ort()
+    try:
+        session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BuildError(f"ONNX Runtime cannot run the reference model: {str(exc).splitlines()[0]}") from None
+    names = [o.name for o in session.get_outputs()]
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, dict(feeds))))
+
+    return run

@@ -1,0 +1,213 @@
+"""Latency and throughput measurement, engine against baseline in the same run.
+
+Targets are timed in interleaved rounds (engine, baseline, engine, ...) so that
+drift on a shared machine (thermal, other load) hits both alike, and the
+statistics are computed over all rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as _platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..platform import cpu_model, physical_cores
+
+Runner = Callable[[dict[str, np.ndarray]], Any]
+# (label, done, total)
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class LatencyStats:
+    label: str
+    batch: int
+    runs: int
+    min_ms: float
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    # items per second at the median latency
+    throughput: float
+
+    @classmethod
+    def from_samples(cls, label: str, batch: int, seconds: Sequence[float]) -> "LatencyStats":
+        ms = np.asarray(seconds, dtype=np.float64) * 1e3
+        p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
+        return cls(
+            label=label,
+            batch=batch,
+            runs=len(ms),
+            min_ms=float(ms.min()),
+            mean_ms=float(ms.mean()),
+            p50_ms=float(p50),
+            p90_ms=float(p90),
+            p95_ms=float(p95),
+            p99_ms=float(p99),
+            max_ms=float(ms.max()),
+            throughput=float(batch * 1e3 / p50) if p50 > 0 else float("inf"),
+        )
+
+
+@dataclass
+class BenchReport:
+    results: list[LatencyStats]
+    baseline: str | None
+    machine: dict[str, Any] = field(default_factory=dict)
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def ratios(self) -> list[dict[str, Any]]:
+        """For each batch and non-baseline target: its p50 over the baseline's p50 (<1 is faster)."""
+        if self.baseline is None:
+            return []
+        rows = []
+        by_key = {(r.label, r.batch): r for r in self.results}
+        for r in self.results:
+            base = by_key.get((self.baseline, r.batch))
+            if r.label == self.baseline or base is None:
+                continue
+            rows.append({
+                "label": r.label,
+                "batch": r.batch,
+                "p50_ratio": r.p50_ms / base.p50_ms,
+                "speedup": base.p50_ms / r.p50_ms,
+            })
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "created_at": self.created_at,
+            "machine": self.machine,
+            "baseline": self.baseline,
+            "results": [asdict(r) for r in self.results],
+            "ratios": self.ratios(),
+        }
+
+    def write_json(self, path: str | Path) -> Path:
+        return write_atomic(path, json.dumps(self.to_dict(), indent=2).encode())
+
+    def plot(self, path: str | Path, title: str = "enginesmith benchmark") -> Path:
+        return plot_results(self.results, path, title)
+
+
+def machine_facts() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "physical_cores": physical_cores(),
+        "logical_cpus": os.cpu_count(),
+        "arch": _platform.machine(),
+        "os": _platform.platform(),
+        "python": _platform.python_version(),
+    }
+
+
+def measure(
+    targets: Mapping[str, Runner],
+    feeds: dict[str, np.ndarray],
+    batch: int,
+    *,
+    warmup: int = 5,
+    runs: int | None = 50,
+    duration_s: float | None = None,
+    rounds: int = 5,
+    progress: ProgressCallback | None = None,
+) -> list[LatencyStats]:
+    """Time each target on the same inputs; by run count, or until ``duration_s`` per target."""
+    for fn in targets.values():
+        for _ in range(warmup):
+            fn(feeds)
+    samples: dict[str, list[float]] = {label: [] for label in targets}
+    if duration_s is not None:
+        budget = duration_s / max(rounds, 1)
+        total = rounds * len(targets)
+        for r in range(rounds):
+            for i, (label, fn) in enumerate(targets.items()):
+                end = time.perf_counter() + budget
+                while True:
+                    start = time.perf_counter()
+                    fn(feeds)
+                    stop = time.perf_counter()
+                    samples[label].append(stop - start)
+                    if stop >= end:
+                        break
+                if progress:
+                    progress(f"batch {batch}", r * len(targets) + i + 1, total)
+    else:
+        runs = max(int(runs or 1), 1)
+        per_round = [runs // rounds + (1 if k < runs % rounds else 0) for k in range(rounds)]
+        total = runs * len(targets)
+        done = 0
+        for count in per_round:
+            for label, fn in targets.items():
+                for _ in range(count):
+                    start = time.perf_counter()
+                    fn(feeds)
+                    samples[label].append(time.perf_counter() - start)
+                    done += 1
+                    if progress:
+                        progress(f"batch {batch}", done, total)
+    return [LatencyStats.from_samples(label, batch, s) for label, s in samples.items()]
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def plot_results(results: Sequence[LatencyStats], path: str | Path, title: str) -> Path:
+    """Grouped bars: p50 latency (whiskers to p90) and throughput, per batch size and target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r.label for r in results))
+    batches = sorted({r.batch for r in results})
+    by_key = {(r.label, r.batch): r for r in results}
+    width = 0.8 / max(len(labels), 1)
+    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = np.arange(len(batches))
+    for i, label in enumerate(labels):
+        rows = [by_key.get((label, b)) for b in batches]
+        p50 = [r.p50_ms if r else 0 for r in rows]
+        err = [max(r.p90_ms - r.p50_ms, 0) if r else 0 for r in rows]
+        tp = [r.throughput if r else 0 for r in rows]
+        ax_lat.bar(x + i * width, p50, width, yerr=[[0] * len(err), err], capsize=3, label=label)
+        ax_tp.bar(x + i * width, tp, width, label=label)
+    for ax, ylabel in ((ax_lat, "p50 latency, ms (whisker: p90)"), (ax_tp, "throughput, items/s")):
+        ax.set_xticks(x + width * (len(labels) - 1) / 2, [f"batch {b}" for b in batches])
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    ax_lat.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, target)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return target

@@ -1,0 +1,50 @@
+"""The errors enginesmith raises at its boundary.
+
+Every failure a user can cause (bad file, wrong input, engine from another
+machine) is raised as a subclass of :class:`EnginesmithError` with a one-line
+message that names the problem and, where there is one, the fix. The CLI prints
+that line and exits non-zero; nothing below the library boundary should leak a
+dependency's traceback for bad input.
+"""
+
+from __future__ import annotations
+
+
+class EnginesmithError(Exception):
+    """Base class of every error enginesmith raises on purpose."""
+
+
+class SourceError(EnginesmithError):
+    """The model file or object cannot be read or is not a valid model."""
+
+
+class MissingDependencyError(EnginesmithError):
+    """An optional framework or backend library is not installed."""
+
+
+class UnsupportedModelError(EnginesmithError):
+    """The model uses something the chosen backend cannot build or run."""
+
+
+class BackendUnavailableError(EnginesmithError):
+    """The requested backend cannot be used on this machine."""
+
+
+class BuildError(EnginesmithError):
+    """Building the engine failed for a reason other than an unsupported op."""
+
+
+class InputError(EnginesmithError):
+    """Inputs given to an engine do not match its signature."""
+
+
+class BundleError(EnginesmithError):
+    """An engine bundle is unreadable, corrupted, tampered with or unsafe."""
+
+
+class PlatformMismatchError(BundleError):
+    """An engine bundle was built for another platform than this one."""
+
+
+class ValidationDataError(EnginesmithError):
+    """Data given for validation, calibration or benchmarking is unusable."""

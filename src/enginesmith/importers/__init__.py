@@ -1,0 +1,125 @@
+"""Importers: every supported source becomes an ONNX model plus a signature.
+
+Each importer is a module in this package with two functions:
+
+``import_source(source, options) -> ImportedModel``
+    read the source (a path or an in-memory framework object) and convert it;
+``reference(source, options) -> ReferenceRunner``
+    a callable that runs the *original* model with its own framework, used by
+    validation so an engine is compared against what the user trained, not
+    against the converted graph.
+
+Frameworks are imported inside those functions, never at module import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from ..errors import SourceError
+from ..signature import Signature
+
+ReferenceRunner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class ImportOptions:
+    """Options shared by importers; each importer reads the ones it understands."""
+
+    trust_code: bool = False
+    # name -> fixed shape, e.g. {"x": (1, 3, 224, 224)}
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # name -> axes to mark dynamic
+    dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
+    input_names: list[str] | None = None
+    output_names: list[str] | None = None
+    signature_key: str = "serving_default"
+    opset: int | None = None
+    # Example inputs for in-memory framework objects (e.g. a torch module).
+    example_inputs: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options worth recording (and replaying on rebuild); objects are left out."""
+        return {
+            "trust_code": self.trust_code,
+            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "dynamic_axes": {k: list(v) for k, v in self.dynamic_axes.items()},
+            "input_names": self.input_names,
+            "output_names": self.output_names,
+            "signature_key": self.signature_key,
+            "opset": self.opset,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ImportOptions":
+        return cls(
+            trust_code=bool(data.get("trust_code", False)),
+            input_shapes={k: tuple(v) for k, v in (data.get("input_shapes") or {}).items()},
+            dynamic_axes={k: list(v) for k, v in (data.get("dynamic_axes") or {}).items()},
+            input_names=data.get("input_names"),
+            output_names=data.get("output_names"),
+            signature_key=data.get("signature_key", "serving_default"),
+            opset=data.get("opset"),
+        )
+
+
+@dataclass
+class ImportedModel:
+    model: onnx.ModelProto
+    signature: Signature
+    kind: str
+    # What the bundle embeds so the engine can be rebuilt elsewhere.
+    source_filename: str
+    source_bytes: bytes
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def source_sha256(self) -> str:
+        return hashlib.sha256(self.source_bytes).hexdigest()
+
+
+# kind -> module implementing import_source/reference
+IMPORTERS: dict[str, str] = {
+    "onnx": "enginesmith.importers.onnx_importer",
+}
+
+
+def detect_kind(source: Any) -> str:
+    """The importer kind for a path or in-memory object."""
+    if isinstance(source, onnx.ModelProto):
+        return "onnx"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise SourceError(f"model not found: '{path}': check the path")
+        if path.is_file() and path.suffix.lower() == ".onnx":
+            return "onnx"
+        raise SourceError(
+            f"cannot tell what kind of model '{path}' is: supported sources are "
+            + ", ".join(sorted(IMPORTERS))
+        )
+    raise SourceError(f"unsupported model object of type {type(source).__name__}")
+
+
+def _module(kind: str):
+    try:
+        return importlib.import_module(IMPORTERS[kind])
+    except KeyError:
+        raise SourceError(f"unknown source kind '{kind}': supported are {', '.join(sorted(IMPORTERS))}") from None
+
+
+def import_model(source: Any, options: ImportOptions | None = None, kind: str | None = None) -> ImportedModel:
+    kind = kind or detect_kind(source)
+    return _module(kind).import_source(source, options or ImportOptions())
+
+
+def reference_runner(source: Any, options: ImportOptions | None = None, kind: str | None = None) -> ReferenceRunner:
+    kind = kind or detect_kind(source)
+    return _module(kind).reference(source, options or ImportOptions())

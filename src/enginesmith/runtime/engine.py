@@ -1,0 +1,123 @@
+"""The Engine: a loaded bundle you call with named inputs and get named outputs from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..backends import Session
+from ..bundle import BundleContents, read_bundle, write_bundle
+from ..errors import InputError
+from ..manifest import Manifest
+from ..signature import Signature
+from .inputs import prepare_inputs
+
+
+class Engine:
+    """A built engine. Call it like ``engine(x=batch)`` or ``engine.infer({"x": batch})``.
+
+    Safe to call from several threads at once: sessions are thread-safe and the
+    engine keeps no per-call state.
+    """
+
+    def __init__(self, manifest: Manifest, session: Session, contents: BundleContents | None = None, path: Path | None = None):
+        self._manifest = manifest
+        self._session = session
+        # A freshly built engine keeps its bundle contents until saved; a loaded
+        # one only remembers its file, so the payload is not held twice in memory.
+        self._contents = contents
+        self._path = path
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    @property
+    def signature(self) -> Signature:
+        return self._manifest.signature
+
+    @property
+    def backend(self) -> str:
+        return self._manifest.backend
+
+    @property
+    def precision(self) -> str:
+        return self._manifest.precision
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def max_batch(self) -> int | None:
+        """The most items one call of the payload takes; larger batches are split."""
+        return self.signature.fixed_batch() or self._manifest.build_options.get("backend_options", {}).get("max_batch")
+
+    def __call__(self, inputs: Mapping[str, Any] | None = None, /, **named: Any) -> dict[str, np.ndarray]:
+        return self.infer({**(inputs or {}), **named})
+
+    def infer(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        max_batch = self.max_batch
+        feeds = prepare_inputs(self.signature, inputs, batch_flexible=max_batch is not None)
+        if max_batch is None:
+            return self._session.run(feeds)
+        batch = _common_batch(feeds)
+        if batch == max_batch:
+            return self._session.run(feeds)
+        return self._run_in_chunks(feeds, batch, max_batch)
+
+    def _run_in_chunks(self, feeds: dict[str, np.ndarray], batch: int, max_batch: int) -> dict[str, np.ndarray]:
+        """Split a batch the payload cannot take at once; pad the last chunk when the batch is fixed."""
+        fixed = self.signature.fixed_batch() is not None
+        pieces: dict[str, list[np.ndarray]] = {}
+        for start in range(0, batch, max_batch):
+            chunk = {name: value[start : start + max_batch] for name, value in feeds.items()}
+            real = next(iter(chunk.values())).shape[0]
+            if fixed and real < max_batch:
+                chunk = {name: _pad_rows(value, max_batch) for name, value in chunk.items()}
+            outputs = self._session.run(chunk)
+            for name, value in outputs.items():
+                if value.ndim == 0 or value.shape[0] != chunk[next(iter(chunk))].shape[0]:
+                    raise InputError(
+                        f"batch of {batch} is larger than this engine's batch of {max_batch}, and output '{name}' "
+                        "has no batch axis to split along; feed at most that many items per call"
+                    )
+                pieces.setdefault(name, []).append(value[:real])
+        return {name: np.concatenate(parts, axis=0) for name, parts in pieces.items()}
+
+    def add_report(self, name: str, report_json: bytes, check: dict) -> None:
+        """Record a check in the manifest; a not-yet-saved engine also keeps the full report."""
+        self._manifest.checks[name] = check
+        if self._contents is not None:
+            self._contents.reports[name] = report_json
+
+    def save(self, path: str | Path, include_source: bool = True) -> Path:
+        """Write the bundle (atomically). ``include_source=False`` leaves the source model out."""
+        contents = self._contents or read_bundle(self._path, payload=True, source=include_source, reports=True)
+        if not include_source:
+            contents = BundleContents(manifest=contents.manifest, payload=contents.payload, reports=contents.reports)
+        written = write_bundle(path, contents)
+        self._path = written
+        return written
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __repr__(self) -> str:
+        where = f" from '{self._path}'" if self._path else ""
+        return f"<Engine {self.backend} {self.precision}{where}\n{self.signature}>"
+
+
+def _common_batch(feeds: Mapping[str, np.ndarray]) -> int:
+    batches = {name: value.shape[0] if value.ndim else None for name, value in feeds.items()}
+    distinct = set(batches.values())
+    if len(distinct) != 1 or None in distinct:
+        raise InputError(f"inputs must share the same batch size along axis 0, got {batches}")
+    return distinct.pop()
+
+
+def _pad_rows(value: np.ndarray, rows: int) -> np.ndarray:
+    pad = [(0, rows - value.shape[0])] + [(0, 0)] * (value.ndim - 1)
+    return np.pad(value, pad, mode="edge")

@@ -1,0 +1,95 @@
+"""Checking user inputs against an engine's signature.
+
+Errors name the input, what the engine expects and what it got. Casts that
+keep meaning (float64 -> float32, int32 -> int64) are applied and reported as
+an :class:`InputCastWarning`; casts that would change meaning (float -> int)
+are refused.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import InputError
+from ..signature import Signature, TensorSpec, shape_text
+
+
+class InputCastWarning(UserWarning):
+    """An input was cast to the dtype the engine takes."""
+
+
+def describe_inputs(signature: Signature) -> str:
+    return ", ".join(f"{s.name} ({s.dtype}{shape_text(s.shape)})" for s in signature.inputs)
+
+
+def to_numpy(name: str, value: Any) -> np.ndarray:
+    """numpy arrays pass through; DLPack producers and ``__array__`` objects are converted."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "__dlpack__"):
+        try:
+            return np.from_dlpack(value)
+        except (BufferError, TypeError, RuntimeError, ValueError):
+            pass  # e.g. a GPU tensor: fall back to __array__, which copies to host where supported
+    try:
+        array = np.asarray(value)
+    except Exception as exc:
+        raise InputError(f"input '{name}' cannot be converted to an array ({type(value).__name__}: {exc})") from None
+    if array.dtype == object:
+        raise InputError(f"input '{name}' is not numeric (ragged list or objects of type {type(value).__name__})")
+    return array
+
+
+def cast_to_spec(name: str, array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    target = np.dtype(spec.dtype)
+    if array.dtype == target:
+        return array
+    if not np.can_cast(array.dtype, target, "same_kind"):
+        raise InputError(
+            f"input '{name}' has dtype {array.dtype} but the engine takes {target}; "
+            f"a {array.dtype} -> {target} cast would change values, so convert it yourself if that is intended"
+        )
+    if target.kind in "iu" and array.size:
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:
+            raise InputError(f"input '{name}' has values outside the range of {target}, the dtype the engine takes")
+    warnings.warn(f"input '{name}' cast from {array.dtype} to {target}", InputCastWarning, stacklevel=4)
+    return array.astype(target)
+
+
+def check_shape(name: str, array: np.ndarray, spec: TensorSpec, symbols: dict[str, int], batch_flexible: bool) -> None:
+    """Rank, fixed dims and consistent symbolic dims; axis 0 may differ when batches are split."""
+    if array.ndim != spec.rank:
+        raise InputError(
+            f"input '{name}' must have rank {spec.rank} {shape_text(spec.shape)}, got shape {tuple(array.shape)}"
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
+        if isinstance(want, int) and want >= 0 and want != got and not (axis == 0 and batch_flexible):
+            raise InputError(
+                f"input '{name}' must have shape {shape_text(spec.shape)}, got {tuple(array.shape)} "
+                f"(axis {axis} is {got}, the engine needs {want})"
+            )
+        if isinstance(want, str):
+            if symbols.setdefault(want, got) != got:
+                raise InputError(
+                    f"input '{name}' axis {axis} is {got}, but dimension '{want}' is {symbols[want]} in another input"
+                )
+
+
+def prepare_inputs(signature: Signature, inputs: Mapping[str, Any], batch_flexible: bool) -> dict[str, np.ndarray]:
+    unknown = [n for n in inputs if n not in signature.input_names]
+    if unknown:
+        raise InputError(f"unknown input '{unknown[0]}': this engine takes {describe_inputs(signature)}")
+    missing = [n for n in signature.input_names if n not in inputs]
+    if missing:
+        raise InputError(f"missing input '{missing[0]}': this engine takes {describe_inputs(signature)}")
+    feeds: dict[str, np.ndarray] = {}
+    symbols: dict[str, int] = {}
+    for spec in signature.inputs:
+        array = cast_to_spec(spec.name, to_numpy(spec.name, inputs[spec.name]), spec)
+        check_shape(spec.name, array, spec, symbols, batch_flexible)
+        feeds[spec.name] = np.ascontiguousarray(array)
+    return feeds

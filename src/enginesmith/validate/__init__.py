@@ -1,0 +1,197 @@
+"""Validation: does the engine give the same answers as the original model?
+
+The same inputs go to the reference (the source run by its own framework) and
+to the engine; each output is compared with several metrics, and a tolerance
+per precision decides pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from ..errors import ValidationDataError
+
+Runner = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_rel_l2: float
+    min_cosine: float
+    # Only checked for outputs whose last axis looks like class scores.
+    min_argmax_agreement: float
+    # Optional absolute bound; ``None`` leaves it unchecked (scale-dependent).
+    max_abs: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Defaults per precision. fp32 engines differ from the reference only by the
+# rounding of fused or reordered kernels; fp16 keeps about 3 decimal digits;
+# int8 is judged mostly on whether it keeps the same decisions.
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_rel_l2=1e-4, min_cosine=0.99999, min_argmax_agreement=0.99),
+    "fp16": Tolerance(max_rel_l2=1e-2, min_cosine=0.999, min_argmax_agreement=0.95),
+    "bf16": Tolerance(max_rel_l2=3e-2, min_cosine=0.995, min_argmax_agreement=0.95),
+    "int8": Tolerance(max_rel_l2=0.15, min_cosine=0.98, min_argmax_agreement=0.9),
+}
+
+
+def tolerance_for(precision: str, **overrides: float | None) -> Tolerance:
+    base = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return Tolerance(**{**base.to_dict(), **changes})
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    shape: list[int]
+    max_abs: float
+    mean_abs: float
+    rel_l2: float
+    cosine: float
+    argmax_agreement: float | None
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ValidationReport:
+    passed: bool
+    precision: str
+    reference: str
+    inputs: str
+    samples: int
+    tolerance: dict[str, Any]
+    outputs: list[OutputComparison]
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default).encode()
+
+    def summary(self) -> str:
+        worst = max(self.outputs, key=lambda o: o.rel_l2, default=None)
+        status = "PASS" if self.passed else "FAIL"
+        detail = f", worst rel L2 {worst.rel_l2:.2e} on '{worst.name}'" if worst else ""
+        return f"{status}: {len(self.outputs)} outputs on {self.samples} samples vs {self.reference}{detail}"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _finite(x: float) -> float:
+    """JSON has no inf/nan; large sentinels keep reports writable and comparisons honest."""
+    return 1e308 if np.isnan(x) else float(min(x, 1e308))
+
+
+def looks_like_classes(ref: np.ndarray) -> bool:
+    return ref.ndim >= 2 and ref.dtype.kind == "f" and 2 <= ref.shape[-1] <= 1_000_000
+
+
+def compare(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> OutputComparison:
+    """Metrics of one output, concatenated over all samples."""
+    failures: list[str] = []
+    if ref.shape != got.shape:
+        return OutputComparison(name, list(got.shape), 1e308, 1e308, 1e308, -1.0, None, False,
+                                [f"shape {tuple(got.shape)} differs from the reference's {tuple(ref.shape)}"])
+    if ref.dtype.kind in "iub":
+        mismatch = float(np.mean(ref != got)) if ref.size else 0.0
+        if mismatch:
+            failures.append(f"{mismatch:.2%} of integer values differ")
+        return OutputComparison(name, list(ref.shape), float(np.max(np.abs(ref.astype(np.int64) - got.astype(np.int64)), initial=0)),
+                                mismatch, mismatch, 1.0 - mismatch, None, not failures, failures)
+    r = ref.astype(np.float64).ravel()
+    g = got.astype(np.float64).ravel()
+    bad = ~np.isfinite(g) & np.isfinite(r)
+    if bad.any():
+        failures.append(f"{int(bad.sum())} values are NaN or infinite where the reference is finite")
+    diff = np.abs(r - g)
+    diff = np.where(np.isfinite(diff), diff, 0.0)
+    max_abs = float(diff.max(initial=0.0))
+    mean_abs = float(diff.mean()) if diff.size else 0.0
+    ref_norm = float(np.linalg.norm(np.nan_to_num(r)))
+    rel_l2 = float(np.linalg.norm(diff)) / max(ref_norm, 1e-30) if diff.size else 0.0
+    got_norm = float(np.linalg.norm(np.nan_to_num(g)))
+    if ref_norm == 0.0 and got_norm == 0.0:
+        cosine = 1.0
+    else:
+        cosine = float(np.dot(np.nan_to_num(r), np.nan_to_num(g)) / max(ref_norm * got_norm, 1e-300))
+    agreement = None
+    if looks_like_classes(ref):
+        agreement = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(np.nan_to_num(got), axis=-1)))
+    if rel_l2 > tol.max_rel_l2:
+        failures.append(f"relative L2 error {rel_l2:.3e} > {tol.max_rel_l2:.1e}")
+    if cosine < tol.min_cosine:
+        failures.append(f"cosine similarity {cosine:.6f} < {tol.min_cosine}")
+    if agreement is not None and agreement < tol.min_argmax_agreement:
+        failures.append(f"argmax agreement {agreement:.2%} < {tol.min_argmax_agreement:.0%}")
+    if tol.max_abs is not None and max_abs > tol.max_abs:
+        failures.append(f"max abs error {max_abs:.3e} > {tol.max_abs:.1e}")
+    return OutputComparison(name, list(ref.shape), _finite(max_abs), _finite(mean_abs), _finite(rel_l2),
+                            cosine if np.isfinite(cosine) else -1.0, agreement, not failures, failures)
+
+
+def run_validation(
+    engine_run: Runner,
+    reference_run: Runner,
+    batches: Iterable[dict[str, np.ndarray]],
+    tolerance: Tolerance,
+    precision: str,
+    reference_label: str,
+    inputs_label: str,
+    output_names: list[str],
+) -> ValidationReport:
+    """Run both sides on every batch and compare the concatenated outputs."""
+    refs: dict[str, list[np.ndarray]] = {n: [] for n in output_names}
+    gots: dict[str, list[np.ndarray]] = {n: [] for n in output_names}
+    samples = 0
+    for feeds in batches:
+        expected = reference_run(feeds)
+        actual = engine_run(feeds)
+        for name in output_names:
+            if name not in expected:
+                raise ValidationDataError(
+                    f"the reference has no output '{name}' (it has {', '.join(expected)}); "
+                    "the engine and the reference model do not match"
+                )
+            refs[name].append(np.asarray(expected[name]))
+            gots[name].append(np.asarray(actual[name]))
+        samples += next(iter(feeds.values())).shape[0] if feeds else 1
+    if not samples:
+        raise ValidationDataError("no validation data: give at least one batch")
+    outputs = [
+        compare(name, _concat(refs[name]), _concat(gots[name]), tolerance) for name in output_names
+    ]
+    return ValidationReport(
+        passed=all(o.passed for o in outputs),
+        precision=precision,
+        reference=reference_label,
+        inputs=inputs_label,
+        samples=samples,
+        tolerance=tolerance.to_dict(),
+        outputs=outputs,
+    )
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    if len(parts) == 1:
+        return parts[0]
+    if all(p.ndim >= 1 for p in parts):
+        try:
+            return np.concatenate(parts, axis=0)
+        except ValueError:
+            pass
+    return np.concatenate([p.ravel() for p in parts])
