@@ -1,0 +1,17 @@
+"""Command-line interface: a thin layer over :mod:`enginesmith.api`.
+
+Each command group lives in its own module and registers itself on ``app``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import engine_commands  # noqa: F401  (registers commands)
+from .app import app, main as _main
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    sys.exit(_main())

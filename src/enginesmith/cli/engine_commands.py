@@ -1,0 +1,254 @@
+"""build, run, validate, bench, info: the engine life cycle on the command line."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .. import api
+from ..bench import BenchReport, write_atomic
+from ..bundle import looks_like_bundle
+from ..importers import ImportOptions
+from ..signature import random_inputs, shape_text
+from ..validate import ValidationReport, tolerance_for
+from .app import (
+    app,
+    console,
+    parse_axis_specs,
+    parse_batches,
+    parse_shape_specs,
+    progress_bar,
+    read_input_args,
+    split_names,
+)
+
+
+def import_options_from_args(
+    trust_code: bool,
+    input_shape: list[str],
+    dynamic: list[str],
+    inputs: Optional[str],
+    outputs: Optional[str],
+    signature: str,
+    opset: Optional[int],
+) -> ImportOptions:
+    return ImportOptions(
+        trust_code=trust_code,
+        input_shapes=parse_shape_specs(input_shape),
+        dynamic_axes=parse_axis_specs(dynamic),
+        input_names=split_names(inputs),
+        output_names=split_names(outputs),
+        signature_key=signature,
+        opset=opset,
+    )
+
+
+@app.command()
+def build(
+    model: Path = typer.Argument(..., help="Model file or folder (.onnx, ...), or an engine bundle to rebuild here."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Engine file to write (default: MODEL with .engine)."),
+    backend: str = typer.Option("auto", help="Backend to build with, or 'auto' for the best available."),
+    precision: Optional[str] = typer.Option(None, help="fp32 (default), fp16 or int8."),
+    provider: list[str] = typer.Option([], help="ONNX Runtime execution provider (cpu, cuda, tensorrt, openvino); repeatable."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: physical cores)."),
+    no_source: bool = typer.Option(False, "--no-source", help="Leave the source model out of the bundle."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the check against the source model."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Allow sources that execute code when loaded (pickles, Lambda layers)."),
+    input_shape: list[str] = typer.Option([], "--input", help="Fix an input's shape: NAME:1x3x224x224; repeatable."),
+    dynamic: list[str] = typer.Option([], "--dynamic", help="Mark axes of an input dynamic: NAME:0; repeatable."),
+    inputs: Optional[str] = typer.Option(None, "--inputs", help="Input tensor names, comma-separated (frozen graphs)."),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help="Output tensor names, comma-separated (frozen graphs)."),
+    signature: str = typer.Option("serving_default", help="SavedModel signature to import."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset to convert to."),
+) -> None:
+    """Build an engine for this machine (or rebuild a bundle from the source it carries)."""
+    is_bundle = model.is_file() and looks_like_bundle(model)
+    target = output or (model if is_bundle else model.with_suffix(".engine"))
+    options = import_options_from_args(trust_code, input_shape, dynamic, inputs, outputs, signature, opset)
+    backend_options = {"providers": provider} if provider else None
+    with progress_bar() as progress:
+        engine = api.build(
+            model,
+            backend=backend,
+            precision=precision,
+            threads=threads,
+            backend_options=backend_options,
+            import_options=None if is_bundle and options == ImportOptions() else options,
+            include_source=not no_source,
+            verify=not no_verify,
+            output=target,
+            progress=progress,
+        )
+    manifest = engine.manifest
+    console.print(f"[bold green]built[/] {target}  ({manifest.backend} {manifest.backend_version}, {manifest.precision})")
+    for line in manifest.build_log:
+        console.print(f"  {line}", highlight=False, markup=False)
+    check = manifest.checks.get("build_verification")
+    if check:
+        console.print(f"  verification: {check['summary']}", highlight=False, markup=False)
+    console.print(str(engine.signature), highlight=False, markup=False)
+
+
+@app.command()
+def run(
+    engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
+    input: list[str] = typer.Option([], "--input", "-i", help="NAME=file.npy, or file.npz keyed by input name; repeatable."),
+    random: bool = typer.Option(False, "--random", help="Feed seeded random inputs instead of files."),
+    batch: int = typer.Option(1, help="Batch size for --random."),
+    seed: int = typer.Option(0, help="Seed for --random."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write all outputs to this .npz file."),
+) -> None:
+    """Run an engine once and show its outputs."""
+    engine = api.load(engine_path)
+    if input:
+        feeds = read_input_args(input, engine.signature.input_names)
+    elif random:
+        feeds = random_inputs(engine.signature.inputs, batch=batch, seed=seed)
+    else:
+        raise typer.BadParameter("give inputs with --input NAME=file.npy, or --random", param_hint="--input")
+    results = engine(feeds)
+    table = Table(title=f"outputs of {engine_path.name}")
+    for column in ("name", "dtype", "shape", "min", "max", "mean", "preview"):
+        table.add_column(column)
+    for name, value in results.items():
+        flat = value.ravel()
+        numeric = flat.size and value.dtype.kind in "fiub"
+        stats = [f"{flat.min():.4g}", f"{flat.max():.4g}", f"{flat.astype(np.float64).mean():.4g}"] if numeric else ["", "", ""]
+        preview = np.array2string(flat[:6], precision=4, separator=", ") + (" ..." if flat.size > 6 else "")
+        table.add_row(escape(name), str(value.dtype), str(tuple(value.shape)), *stats, escape(preview))
+    console.print(table)
+    if out is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **results)
+        write_atomic(out, buffer.getvalue())
+        console.print(f"wrote {out}")
+
+
+def print_validation(report: ValidationReport) -> None:
+    table = Table(title=escape(f"validation vs {report.reference} ({report.samples} samples, inputs: {report.inputs})"))
+    for column in ("output", "max abs", "mean abs", "rel L2", "cosine", "argmax agree", "result"):
+        table.add_column(column)
+    for o in report.outputs:
+        agree = "" if o.argmax_agreement is None else f"{o.argmax_agreement:.2%}"
+        result = "[green]pass[/]" if o.passed else "[red]FAIL[/]: " + escape("; ".join(o.failures))
+        table.add_row(escape(o.name), f"{o.max_abs:.3e}", f"{o.mean_abs:.3e}", f"{o.rel_l2:.3e}", f"{o.cosine:.6f}", agree, result)
+    console.print(table)
+    console.print(("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]") + escape(f" ({report.precision} tolerance: {report.tolerance})"), highlight=False)
+
+
+@app.command()
+def validate(
+    engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
+    against: Optional[Path] = typer.Option(None, help="Reference model (default: the source the bundle carries)."),
+    data: Optional[Path] = typer.Option(None, help=".npy/.npz inputs keyed by input name (default: seeded random)."),
+    batch: Optional[int] = typer.Option(None, help="Batch size."),
+    batches: int = typer.Option(3, help="Random batches to draw when no --data."),
+    seed: int = typer.Option(0, help="Seed for random inputs."),
+    max_rel_l2: Optional[float] = typer.Option(None, help="Override: largest relative L2 error."),
+    min_cosine: Optional[float] = typer.Option(None, help="Override: smallest cosine similarity."),
+    min_argmax: Optional[float] = typer.Option(None, help="Override: smallest argmax agreement (0-1)."),
+    max_abs: Optional[float] = typer.Option(None, help="Override: largest absolute error."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Allow references that execute code when loaded."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    no_store: bool = typer.Option(False, "--no-store", help="Do not store the report in the bundle."),
+) -> None:
+    """Compare an engine's outputs with the reference model's; exit 1 when it fails."""
+    engine = api.load(engine_path)
+    tolerance = tolerance_for(engine.precision, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
+                              min_argmax_agreement=min_argmax, max_abs=max_abs)
+    options = None
+    if trust_code:
+        options = ImportOptions.from_dict(engine.manifest.build_options.get("import_options", {}))
+        options.trust_code = True
+    report = api.validate(engine, against, data=data, batch=batch, batches=batches, seed=seed,
+                          tolerance=tolerance, import_options=options, store=not no_store)
+    print_validation(report)
+    if json_path:
+        write_atomic(json_path, report.to_json())
+        console.print(f"wrote {json_path}")
+    if not report.passed:
+        raise typer.Exit(code=1)
+
+
+def print_bench(report: BenchReport, title: str) -> None:
+    table = Table(title=title)
+    for column in ("target", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s"):
+        table.add_column(column, justify="right" if column != "target" else "left")
+    for r in report.results:
+        table.add_row(escape(r.label), str(r.batch), str(r.runs), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}",
+                      f"{r.mean_ms:.3f}", f"{r.throughput:,.1f}")
+    console.print(table)
+    for ratio in report.ratios():
+        console.print(f"batch {ratio['batch']}: {ratio['label']} p50 is {ratio['p50_ratio']:.2f}x the baseline's "
+                      f"({ratio['speedup']:.2f}x speed-up)", highlight=False)
+
+
+@app.command()
+def bench(
+    engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
+    batch: str = typer.Option("1", help="Batch sizes, comma-separated, e.g. 1,8."),
+    vs: Optional[Path] = typer.Option(None, help="Also time this model run by hand (a plain session) in the same run."),
+    runs: int = typer.Option(50, help="Timed runs per target and batch size."),
+    duration: Optional[float] = typer.Option(None, help="Seconds per target and batch size (instead of --runs)."),
+    warmup: int = typer.Option(5, help="Untimed runs first."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON."),
+    plot: Optional[Path] = typer.Option(None, help="Draw results into this PNG file."),
+) -> None:
+    """Measure latency and throughput, optionally against the source model."""
+    batches = parse_batches(batch)
+    with progress_bar() as progress:
+        report = api.bench(engine_path, batches=batches, vs=vs, runs=runs, duration_s=duration, warmup=warmup,
+                           progress=progress)
+    print_bench(report, f"{engine_path.name} on {report.machine['cpu']} ({report.machine['physical_cores']} cores)")
+    if json_path:
+        report.write_json(json_path)
+        console.print(f"wrote {json_path}")
+    if plot:
+        report.plot(plot, title=f"{engine_path.name}: engine vs {report.baseline or 'nothing'}")
+        console.print(f"wrote {plot}")
+
+
+@app.command()
+def info(
+    engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full manifest as JSON."),
+) -> None:
+    """Show an engine's manifest: signature, platform, backend, precision and checks."""
+    data = api.info(engine_path)
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    console.print(f"[bold]{engine_path.name}[/]  enginesmith {data['enginesmith_version']}, format {data['format_version']}")
+    console.print(f"backend: {data['backend']} {data['backend_version']}   precision: {data['precision']}")
+    console.print(f"source: {data['source_kind']} '{data['source_name']}' sha256 {data['source_sha256'][:16]}..."
+                  f" ({'embedded' if any(k.startswith('source/') for k in data['files']) else 'not embedded'})", highlight=False)
+    console.print(f"built: {data['created_at']} for {data.get('platform_summary', '?')}", highlight=False)
+    table = Table(title="signature")
+    for column in ("", "name", "dtype", "shape"):
+        table.add_column(column)
+    for kind in ("inputs", "outputs"):
+        for spec in data["signature"][kind]:
+            table.add_row(kind[:-1], escape(spec["name"]), spec["dtype"], escape(shape_text(spec["shape"])))
+    console.print(table)
+    fp = Table(title="platform fingerprint")
+    fp.add_column("key")
+    fp.add_column("value")
+    fp.add_column("must match")
+    for key, value in sorted(data["fingerprint"].items()):
+        fp.add_row(key, escape(str(value)), "yes" if key in data["fingerprint_must_match"] else "")
+    console.print(fp)
+    if data["runs_here"]:
+        console.print("[green]runs on this machine[/]")
+    else:
+        for diff in data["differences_here"]:
+            console.print("[red]differs here:[/] " + escape(f"{diff['key']}: engine {diff['engine']}, here {diff['here']}"), highlight=False)
+    for name, check in data["checks"].items():
+        if isinstance(check, dict) and "summary" in check:
+            console.print(f"check {name}: {check['summary']} ({check['at']})", highlight=False, markup=False)
