@@ -1,0 +1,201 @@
+"""Build, save, load and run engines from ONNX models; outputs checked against plain ONNX Runtime."""
+
+from __future__ import annotations
+
+import threading
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_int_input_model, make_mlp, make_two_in_two_out, run_plain
+
+import enginesmith as es
+from enginesmith.runtime.inputs import InputCastWarning
+
+
+def test_build_from_path_matches_plain_onnxruntime(mlp_path):
+    engine = es.build(mlp_path)
+    x = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32)
+    got = engine(x=x)
+    expected = run_plain(onnx.load(mlp_path), {"x": x})
+    assert list(got) == ["probs"]
+    np.testing.assert_allclose(got["probs"], expected["probs"], rtol=1e-5, atol=1e-6)
+    assert engine.signature.input_names == ["x"]
+    assert engine.signature.inputs[0].shape == ("batch", 6)
+    assert engine.manifest.checks["build_verification"]["passed"] is True
+
+
+def test_call_styles_agree_and_dynamic_batch(mlp_path):
+    engine = es.build(onnx.load(mlp_path))
+    for batch in (1, 7):
+        x = np.random.default_rng(batch).standard_normal((batch, 6)).astype(np.float32)
+        a = engine(x=x)["probs"]
+        b = engine.infer({"x": x})["probs"]
+        c = engine({"x": x})["probs"]
+        assert a.shape == (batch, 4)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_save_load_round_trip_keeps_outputs_and_manifest(tmp_path, mlp_path):
+    built = es.build(mlp_path)
+    path = built.save(tmp_path / "out" / "mlp.engine")
+    loaded = es.load(path)
+    x = np.random.default_rng(2).standard_normal((3, 6)).astype(np.float32)
+    np.testing.assert_array_equal(built(x=x)["probs"], loaded(x=x)["probs"])
+    m = loaded.manifest
+    assert m.backend == "onnxruntime" and m.precision == "fp32"
+    assert m.source_kind == "onnx" and m.source_name == "mlp.onnx"
+    assert m.fingerprint["arch"] and "backend_version" in m.fingerprint
+    assert m.has_source
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        assert {"manifest.json", "payload/model.optimized.onnx", "source/mlp.onnx"} <= names
+        assert zf.read("source/mlp.onnx") == mlp_path.read_bytes()
+    # The payload is the offline-optimized graph: the MatMul+Add pairs are fused.
+    payload = onnx.load_from_string(zipfile.ZipFile(path).read("payload/model.optimized.onnx"))
+    assert len(payload.graph.node) < len(onnx.load(mlp_path).graph.node)
+    assert m.checks["build"]["node_placement"]
+
+
+def test_no_temp_files_left_after_save(tmp_path, mlp_path):
+    es.build(mlp_path).save(tmp_path / "a.engine")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.engine", "mlp.onnx"]
+
+
+def test_two_inputs_two_outputs_named(tmp_path):
+    model = make_two_in_two_out()
+    engine = es.build(model)
+    rng = np.random.default_rng(3)
+    feeds = {"left": rng.standard_normal((4, 3)).astype(np.float32), "right": rng.standard_normal((4, 3)).astype(np.float32)}
+    got = engine(**feeds)
+    expected = run_plain(model, feeds)
+    assert set(got) == {"score", "ids"}
+    np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got["ids"], expected["ids"])
+    assert got["ids"].dtype == np.int64
+
+
+def test_safe_cast_is_applied_and_reported(mlp_path):
+    engine = es.build(mlp_path)
+    x64 = np.random.default_rng(4).standard_normal((2, 6))
+    with pytest.warns(InputCastWarning, match="float64 to float32"):
+        got = engine(x=x64)
+    np.testing.assert_array_equal(got["probs"], engine(x=x64.astype(np.float32))["probs"])
+
+
+def test_int32_to_int64_cast_and_lists_accepted():
+    engine = es.build(make_int_input_model())
+    with pytest.warns(InputCastWarning):
+        got = engine(ids=np.array([[1, 2, 3, 4]], dtype=np.int32))
+    np.testing.assert_allclose(got["total"], [[10.0]])
+    np.testing.assert_allclose(engine(ids=[[1, 1, 1, 1], [2, 2, 2, 2]])["total"], [[4.0], [8.0]])
+
+
+class DlpackOnly:
+    """An object offering only the DLPack protocol, like a CPU tensor of another framework."""
+
+    def __init__(self, array: np.ndarray):
+        self._array = array
+
+    def __dlpack__(self, **kwargs):
+        return self._array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+
+class ArrayOnly:
+    def __init__(self, array: np.ndarray):
+        self._array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self._array
+
+
+def test_dlpack_and_array_interface_inputs(mlp_path):
+    engine = es.build(mlp_path)
+    x = np.random.default_rng(5).standard_normal((2, 6)).astype(np.float32)
+    expected = engine(x=x)["probs"]
+    np.testing.assert_array_equal(engine(x=DlpackOnly(x))["probs"], expected)
+    np.testing.assert_array_equal(engine(x=ArrayOnly(x))["probs"], expected)
+
+
+def test_torch_tensors_go_in_when_torch_is_installed(mlp_path):
+    torch = pytest.importorskip("torch")
+    engine = es.build(mlp_path)
+    x = torch.randn(3, 6)
+    np.testing.assert_array_equal(engine(x=x)["probs"], engine(x=x.numpy())["probs"])
+
+
+def test_concurrent_calls_from_threads_match_serial(mlp_path):
+    engine = es.build(mlp_path)
+    rng = np.random.default_rng(6)
+    inputs = [rng.standard_normal((4, 6)).astype(np.float32) for _ in range(16)]
+    serial = [engine(x=x)["probs"] for x in inputs]
+    results: list = [None] * len(inputs)
+    errors: list = []
+
+    def worker(i: int) -> None:
+        try:
+            for _ in range(20):
+                results[i] = engine(x=inputs[i])["probs"]
+        except Exception as exc:  # pragma: no cover - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for got, want in zip(results, serial):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_batch_larger_than_fixed_batch_is_split_and_padded():
+    model = make_mlp(batch=4)
+    engine = es.build(model)
+    assert engine.max_batch == 4
+    x = np.random.default_rng(7).standard_normal((10, 6)).astype(np.float32)
+    got = engine(x=x)["probs"]
+    assert got.shape == (10, 4)
+    padded = np.concatenate([x, x[:2]])  # the reference runs the fixed batch of 4 three times
+    expected = np.concatenate([run_plain(model, {"x": padded[i : i + 4]})["probs"] for i in range(0, 12, 4)])[:10]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_smaller_batch_than_fixed_is_padded():
+    model = make_mlp(batch=4)
+    engine = es.build(model)
+    x = np.random.default_rng(8).standard_normal((1, 6)).astype(np.float32)
+    got = engine(x=x)["probs"]
+    assert got.shape == (1, 4)
+    np.testing.assert_allclose(got[0], run_plain(model, {"x": np.repeat(x, 4, axis=0)})["probs"][0], rtol=1e-5)
+
+
+def test_rebuild_from_bundle_uses_embedded_source(tmp_path, mlp_engine_path):
+    rebuilt = es.build(mlp_engine_path, output=tmp_path / "rebuilt.engine")
+    original = es.load(mlp_engine_path)
+    x = np.random.default_rng(9).standard_normal((2, 6)).astype(np.float32)
+    np.testing.assert_array_equal(rebuilt(x=x)["probs"], original(x=x)["probs"])
+    assert rebuilt.manifest.source_sha256 == original.manifest.source_sha256
+    assert es.load(tmp_path / "rebuilt.engine").manifest.has_source
+
+
+def test_no_source_bundle_cannot_be_rebuilt(tmp_path, mlp_path):
+    path = es.build(mlp_path, include_source=False, output=tmp_path / "nosrc.engine").path
+    with zipfile.ZipFile(path) as zf:
+        assert not any(n.startswith("source/") for n in zf.namelist())
+    with pytest.raises(es.BundleError, match="does not carry its source"):
+        es.build(path)
+    assert es.load(path)(x=np.zeros((1, 6), np.float32))["probs"].shape == (1, 4)
+
+
+def test_info_reports_manifest_and_compatibility(mlp_engine_path):
+    data = es.info(mlp_engine_path)
+    assert data["runs_here"] is True and data["differences_here"] == []
+    assert data["signature"]["inputs"][0]["name"] == "x"
+    assert data["platform_summary"].startswith(data["fingerprint"]["arch"] + " / ONNX Runtime")
+    assert "build_verification" in data["reports"]
