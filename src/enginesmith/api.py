@@ -14,7 +14,7 @@ from . import __version__
 from .backends import Backend, BuildOptions, get_backend, pick_backend
 from .backends.base import PRECISIONS, ProgressCallback
 from .bench import BenchReport, machine_facts, measure
-from .bundle import BundleContents, looks_like_bundle, read_bundle, write_bundle
+from .bundle import BundleContents, extract_verified_entry, looks_like_bundle, read_bundle, write_bundle
 from .errors import BackendUnavailableError, BuildError, BundleError, PlatformMismatchError, ValidationDataError
 from .importers import ImportedModel, ImportOptions, ReferenceRunner, import_model, reference_runner
 from .manifest import Manifest
@@ -170,13 +170,14 @@ def _build_engine(
 def load(path: str | Path, *, check_platform: bool = True) -> Engine:
     """Open a bundle: verify checksums, check it was built for this platform, load the payload."""
     path = Path(path)
-    contents = read_bundle(path, payload=True)
-    manifest = contents.manifest
+    manifest = read_bundle(path, payload=False).manifest
     backend = _backend_for(manifest, path)
     options = BuildOptions.from_dict(manifest.build_options)
     if check_platform:
         check_platform_compatible(manifest, backend, path)
-    session = backend.load(contents.payload, options, manifest.signature)
+    with tempfile.TemporaryDirectory(prefix="enginesmith-load-") as tmp:
+        payload = extract_verified_entry(path, manifest, manifest.payload_entry, Path(tmp) / manifest.payload_name)
+        session = backend.load(payload, options, manifest.signature)
     return Engine(manifest, session, path=path)
 
 

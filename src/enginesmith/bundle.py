@@ -118,6 +118,33 @@ def _read_entry(zf: zipfile.ZipFile, name: str, limit: int, where: str) -> bytes
     return b"".join(chunks)
 
 
+def extract_verified_entry(path: str | os.PathLike, manifest: Manifest, entry: str, target: Path) -> Path:
+    """Stream one entry to ``target``, hashing as it goes; nothing is held whole in memory.
+
+    Large payloads are loaded by backends from a file, so a bundle's weights are
+    never in memory twice (once as bytes, once inside the runtime).
+    """
+    record = manifest.files[entry]
+    where = f"engine bundle '{Path(path).name}'"
+    digest = hashlib.sha256()
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(entry) as src, open(target, "wb") as dst:
+            while chunk := src.read(_CHUNK):
+                total += len(chunk)
+                if total > record.size:
+                    break
+                digest.update(chunk)
+                dst.write(chunk)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+        target.unlink(missing_ok=True)
+        raise BundleError(f"{where}: entry '{entry}' is corrupted ({exc}); rebuild the engine") from None
+    if total != record.size or digest.hexdigest() != record.sha256:
+        target.unlink(missing_ok=True)
+        raise BundleError(f"{where}: checksum mismatch for '{entry}': the file was modified or corrupted; rebuild the engine")
+    return target
+
+
 def read_bundle(
     path: str | os.PathLike,
     *,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
@@ -118,5 +119,8 @@ class Backend(ABC):
         """Optimize ``model`` for this machine and return the payload."""
 
     @abstractmethod
-    def load(self, payload: bytes, options: BuildOptions, signature: Signature) -> Session:
-        """Turn a payload built by :meth:`build` into a runnable session."""
+    def load(self, payload: bytes | Path, options: BuildOptions, signature: Signature) -> Session:
+        """Turn a payload built by :meth:`build` (its bytes, or a file holding them) into a session.
+
+        A file may be deleted once this returns: sessions must not keep reading it.
+        """

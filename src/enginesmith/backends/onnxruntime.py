@@ -224,13 +224,15 @@ class OnnxRuntimeBackend(Backend):
             details={"node_placement": placement, "nodes_before": len(model.graph.node), "nodes_after": len(optimized.graph.node)},
         )
 
-    def load(self, payload: bytes, options: BuildOptions, signature: Signature) -> Session:
+    def load(self, payload: bytes | Path, options: BuildOptions, signature: Signature) -> Session:
         ort = _ort()
         providers = resolve_providers(options.backend_options.get("providers"))
         compiling = any(p in COMPILING_PROVIDERS for p in providers)
         so = _session_options(options, optimize=compiling)
         try:
-            session = ort.InferenceSession(payload, so, providers=providers)
+            # A path lets ONNX Runtime read the file itself instead of copying Python bytes.
+            source = payload if isinstance(payload, bytes) else str(payload)
+            session = ort.InferenceSession(source, so, providers=providers)
         except Exception as exc:
             raise BuildError(f"ONNX Runtime could not load the engine payload: {str(exc).splitlines()[0]}") from None
         return OnnxRuntimeSession(session, signature.output_names)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from . import engine_commands  # noqa: F401  (registers commands)
+from . import demo_command, engine_commands  # noqa: F401  (registers commands)
 from .app import app, main as _main
 
 __all__ = ["app", "main"]
