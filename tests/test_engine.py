@@ -199,3 +199,37 @@ def test_info_reports_manifest_and_compatibility(mlp_engine_path):
     assert data["signature"]["inputs"][0]["name"] == "x"
     assert data["platform_summary"].startswith(data["fingerprint"]["arch"] + " / ONNX Runtime")
     assert "build_verification" in data["reports"]
+
+
+def test_external_data_model_is_loaded_and_embedded_whole(tmp_path):
+    model = make_mlp()
+    path = tmp_path / "ext" / "mlp.onnx"
+    path.parent.mkdir()
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
+              size_threshold=0)
+    assert (path.parent / "weights.bin").exists()
+    engine = es.build(path, output=tmp_path / "ext.engine")
+    x = np.random.default_rng(10).standard_normal((2, 6)).astype(np.float32)
+    # onnx.save moved the weights out of ``model``, so compare with a fresh copy.
+    np.testing.assert_allclose(engine(x=x)["probs"], run_plain(make_mlp(), {"x": x})["probs"], rtol=1e-5, atol=1e-6)
+    # The embedded source carries the weights inline, so a rebuild elsewhere needs no side files.
+    (path.parent / "weights.bin").unlink()
+    rebuilt = es.build(tmp_path / "ext.engine", output=tmp_path / "rebuilt.engine")
+    np.testing.assert_array_equal(rebuilt(x=x)["probs"], engine(x=x)["probs"])
+
+
+def test_initializers_listed_as_inputs_are_not_user_inputs():
+    model = make_mlp()
+    for init in model.graph.initializer:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    engine = es.build(model)
+    assert engine.signature.input_names == ["x"]
+    assert engine(x=np.zeros((1, 6), np.float32))["probs"].shape == (1, 4)
+
+
+def test_missing_external_data_is_a_clear_error(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp(), path, save_as_external_data=True, location="w.bin", size_threshold=0)
+    (tmp_path / "w.bin").unlink()
+    with pytest.raises(es.SourceError, match="external weights"):
+        es.build(path)
