@@ -66,7 +66,7 @@ def test_validate_with_data_file_and_stored_report(tmp_path, mlp_engine_path):
     np.savez(data, x=np.random.default_rng(0).standard_normal((10, 6)).astype(np.float32))
     report = es.validate(mlp_engine_path, data=data, batch=4)
     assert report.passed and report.samples == 10
-    assert report.inputs == "data file 'data.npz'"
+    assert report.inputs == "data 'data.npz'"
     stored = es.info(mlp_engine_path)
     assert stored["reports"]["validation"]["samples"] == 10
     assert stored["checks"]["validation"]["passed"] is True

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -11,17 +13,28 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import __version__
-from .backends import Backend, BuildOptions, get_backend, pick_backend
-from .backends.base import PRECISIONS, ProgressCallback
+from .backends import Backend, BuildOptions, Calibration, get_backend, pick_backend
+from .backends.base import CALIBRATION_METHODS, PRECISIONS, ProgressCallback
 from .bench import BenchReport, machine_facts, measure
 from .bundle import BundleContents, extract_verified_entry, looks_like_bundle, read_bundle, write_bundle
-from .errors import BackendUnavailableError, BuildError, BundleError, PlatformMismatchError, ValidationDataError
+from .errors import (
+    BackendUnavailableError,
+    BuildError,
+    BundleError,
+    EnginesmithError,
+    PlatformMismatchError,
+    ValidationDataError,
+)
 from .importers import ImportedModel, ImportOptions, ReferenceRunner, import_model, reference_runner
 from .manifest import Manifest
 from .runtime.engine import Engine
+from .runtime.preprocess import PreprocessSpec, parse_spec
 from .signature import Signature, random_inputs
-from .validate import Tolerance, ValidationReport, run_validation, tolerance_for
-from .validate.data import load_feeds, split_batches
+from .validate import AccuracyBudget, Tolerance, ValidationReport, parse_budget, run_validation, tolerance_for
+from .validate.data import load_dataset, split_batches, split_holdout
+
+# The file name backends use for int8 calibration ranges inside a bundle's cache/ folder.
+CALIBRATION_CACHE_NAME = "calibration_cache.json"
 
 SourceLike = Any  # a path, or an in-memory model (onnx.ModelProto, keras.Model, torch.nn.Module)
 
@@ -42,43 +55,222 @@ def build(
     tolerance: Tolerance | None = None,
     output: str | Path | None = None,
     progress: ProgressCallback | None = None,
+    calibration_data: str | Path | Mapping[str, np.ndarray] | None = None,
+    calibration_method: str | None = None,
+    calibration_random: bool = False,
+    calibration_cache: str | Path | None = None,
+    preprocess: PreprocessSpec | str | None = None,
+    holdout: float = 0.2,
+    accuracy_budget: AccuracyBudget | str | None = None,
+    force_precision: bool | None = None,
 ) -> Engine:
     """Build an engine for this machine from a model file, an in-memory model, or a bundle.
 
-    Given a bundle, the engine is rebuilt from the source model it carries with
-    the options it was built with, unless overridden here. With ``verify`` (the
-    default) the new engine is compared with the source model on generated
-    inputs and a failed comparison raises :class:`BuildError`.
+    Given a bundle, the engine is rebuilt from the source model it carries with the
+    options (and calibration cache) it was built with, unless overridden here.
+
+    ``precision`` is fp32, fp16, int8 or ``best``; int8 calibrates on ``calibration_data``
+    (an .npy/.npz file, a folder of images or arrays, or a dict of arrays) and keeps
+    ``holdout`` of it aside to validate on. ``best`` builds every precision the backend
+    supports and keeps the fastest that stays within ``accuracy_budget`` (``"1%"``,
+    ``"agreement>=0.99"``, ``"rel_l2<=0.05"``).
+
+    With ``verify`` (the default) the engine is compared with the source run by its own
+    framework, and a failed comparison raises :class:`BuildError`.
     """
-    rebuilt_from: Manifest | None = None
+    previous: Manifest | None = None
+    previous_caches: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="enginesmith-build-") as tmp:
         if isinstance(source, (str, Path)) and Path(source).is_file() and looks_like_bundle(source):
-            source, rebuilt_from, import_options = _source_from_bundle(Path(source), Path(tmp), import_options)
+            source, previous, import_options, previous_caches = _source_from_bundle(Path(source), Path(tmp), import_options)
         import_options = import_options or ImportOptions()
-        imported = import_model(source, import_options, kind=rebuilt_from.source_kind if rebuilt_from else None)
-        options = _build_options(rebuilt_from, precision, threads, backend_options)
-        chosen = _choose_backend(backend, rebuilt_from)
-        engine = _build_engine(imported, chosen, options, import_options, include_source, progress)
-        if verify:
-            reference = reference_runner(source, import_options, kind=imported.kind)
-            report = validate_engine(engine, reference, reference_label=f"{imported.kind} source (its own framework)",
-                                     tolerance=tolerance)
-            _attach_report(engine, "build_verification", report)
-            if not report.passed:
-                failures = "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in report.outputs if not o.passed)
-                raise BuildError(
-                    f"the built engine does not match the source model ({failures}); "
-                    "pass verify=False / --no-verify to keep it anyway"
-                )
+        imported = import_model(source, import_options, kind=previous.source_kind if previous else None)
+        options = _build_options(previous, precision, threads, backend_options, force_precision, calibration_method)
+        chosen = _choose_backend(backend, previous)
+        spec = _preprocess_spec(preprocess, previous)
+        budget = _accuracy_budget(accuracy_budget, previous)
+        data = prepare_precision_data(
+            imported.signature, options, calibration_data, calibration_random, spec, holdout,
+            _calibration_cache(calibration_cache, previous_caches),
+        )
+        # Created after the first engine is built, so an unbuildable model reports the backend's error.
+        reference = _lazy_reference(source, import_options, imported.kind)
+        if options.precision == "best":
+            engine = _build_best(imported, chosen, options, import_options, include_source, progress, data, reference, budget)
+        else:
+            engine = _build_engine(imported, chosen, options, import_options, include_source, progress, data.calibration)
+            if verify:
+                _verify(engine, reference, data, tolerance or (budget.tolerance() if budget else None), imported.kind)
+        engine.manifest.preprocess = spec.to_dict() if spec else None
+        engine.manifest.accuracy_budget = budget.to_dict() if budget else None
+        if data.check:
+            engine.manifest.checks["calibration"] = data.check
     if output is not None:
         engine.save(output, include_source=include_source)
     return engine
 
 
+def _lazy_reference(source: SourceLike, options: ImportOptions, kind: str) -> ReferenceRunner:
+    runner: list[ReferenceRunner] = []
+
+    def run(feeds: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        if not runner:
+            runner.append(reference_runner(source, options, kind=kind))
+        return runner[0](feeds)
+
+    return run
+
+
+@dataclass
+class PrecisionData:
+    """What reduced-precision builds need: calibration inputs and held-out validation batches."""
+
+    calibration: Calibration | None
+    holdout: list[dict[str, np.ndarray]] | None
+    holdout_label: str
+    check: dict[str, Any]
+
+
+def _batches(feeds: Mapping[str, np.ndarray], signature: Signature, size: int = 8) -> list[dict[str, np.ndarray]]:
+    return list(split_batches(dict(feeds), signature.fixed_batch() or size))
+
+
+def prepare_precision_data(
+    signature: Signature,
+    options: BuildOptions,
+    data: str | Path | Mapping[str, np.ndarray] | None,
+    random_data: bool,
+    spec: PreprocessSpec | None,
+    holdout: float,
+    cache: bytes | None,
+) -> PrecisionData:
+    """Calibration batches (int8, best) and the held-out part used to validate every precision."""
+    needs_calibration = options.precision in ("int8", "best")
+    if data is None and not random_data:
+        if options.precision == "int8" and cache is None:
+            raise ValidationDataError(
+                "int8 needs calibration data: give --calib DATA (.npy/.npz keyed by input name, a folder of images "
+                "or .npy files), or --calib-random for a smoke test on random data"
+            )
+        calibration = Calibration([], options.calibration_method, cache) if cache is not None and needs_calibration else None
+        check = {"cache_reused": True, "method": options.calibration_method} if calibration else {}
+        return PrecisionData(calibration, None, "", check)
+    if data is not None:
+        feeds = dict(data) if isinstance(data, Mapping) else load_dataset(data, signature, spec)
+        label = "given arrays" if isinstance(data, Mapping) else f"'{Path(data).name}'"
+        warning = None
+    else:
+        feeds = random_inputs(signature.inputs, batch=64, seed=1234)
+        label = "RANDOM inputs"
+        warning = "calibrated on random data: int8 ranges do not reflect real inputs, so accuracy on real data is unknown"
+        warnings.warn(warning, RandomCalibrationWarning, stacklevel=3)
+    calib_feeds, held = split_holdout(feeds, holdout)
+    samples = next(iter(calib_feeds.values())).shape[0]
+    check = {
+        "data": label,
+        "samples": samples,
+        "holdout_samples": next(iter(held.values())).shape[0],
+        "method": options.calibration_method,
+        "random": data is None,
+        "cache_reused": cache is not None,
+    }
+    if warning:
+        check["warning"] = warning
+    calibration = Calibration(_batches(calib_feeds, signature), options.calibration_method, cache) if needs_calibration else None
+    return PrecisionData(calibration, _batches(held, signature), f"held-out part of {label}", check)
+
+
+class RandomCalibrationWarning(UserWarning):
+    """An int8 engine was calibrated on random inputs."""
+
+
+def _verify(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tolerance: Tolerance | None, kind: str) -> None:
+    report = _check_engine(engine, reference, data, tolerance, kind)
+    _attach_report(engine, "build_verification", report)
+    if not report.passed:
+        failures = "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in report.outputs if not o.passed)
+        raise BuildError(
+            f"the built {engine.precision} engine does not match the source model ({failures}); "
+            "pass verify=False / --no-verify to keep it anyway"
+        )
+
+
+def _check_engine(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tolerance: Tolerance | None, kind: str) -> ValidationReport:
+    if data.holdout:
+        batches, label = data.holdout, data.holdout_label
+    else:
+        batches, label = validation_batches(engine.signature)
+    return validate_engine(engine, reference, batches, label, reference_label=f"{kind} source (its own framework)",
+                           tolerance=tolerance)
+
+
+def _build_best(
+    imported: ImportedModel,
+    backend: Backend,
+    options: BuildOptions,
+    import_options: ImportOptions,
+    include_source: bool,
+    progress: ProgressCallback | None,
+    data: PrecisionData,
+    reference: ReferenceRunner,
+    budget: AccuracyBudget | None,
+) -> Engine:
+    """Build each precision the backend supports; keep the fastest within the accuracy budget."""
+    candidates: list[dict[str, Any]] = []
+    kept: Engine | None = None
+    kept_p50 = float("inf")
+    for precision in backend.precisions(options):
+        row: dict[str, Any] = {"precision": precision}
+        candidates.append(row)
+        if precision == "int8" and data.calibration is None:
+            row.update(kept=False, reason="no calibration data (give --calib DATA)")
+            continue
+        candidate_options = replace(options, precision=precision)
+        try:
+            engine = _build_engine(imported, backend, candidate_options, import_options, include_source, progress,
+                                   data.calibration if precision == "int8" else None)
+        except EnginesmithError as exc:
+            row.update(kept=False, reason=f"build failed: {exc}")
+            continue
+        tolerance = budget.tolerance() if budget else tolerance_for(precision)
+        report = _check_engine(engine, reference, data, tolerance, imported.kind)
+        feeds = random_inputs(engine.signature.inputs, batch=1, seed=0)
+        p50 = measure({"engine": engine.infer}, feeds, 1, warmup=3, runs=20, rounds=2)[0].p50_ms
+        row.update(
+            p50_ms=p50,
+            worst_rel_l2=max(o.rel_l2 for o in report.outputs),
+            min_cosine=min(o.cosine for o in report.outputs),
+            argmax_agreement=min((o.argmax_agreement for o in report.outputs if o.argmax_agreement is not None), default=None),
+        )
+        if budget and budget.metric == "agreement" and row["argmax_agreement"] is None:
+            raise ValidationDataError(
+                f"the accuracy budget '{budget}' needs a classifier output (last axis of class scores); "
+                "use a rel_l2 budget such as 'rel_l2<=0.05'"
+            )
+        if not report.passed:
+            row.update(kept=False, reason="over the accuracy budget: " + "; ".join(f for o in report.outputs for f in o.failures))
+            continue
+        row.update(kept=False, reason="within budget", report=report)
+        if p50 < kept_p50:
+            kept, kept_p50 = engine, p50
+    for row in candidates:
+        report = row.pop("report", None)
+        if kept is not None and row["precision"] == kept.precision and report is not None:
+            row.update(kept=True, reason="fastest within the budget")
+            _attach_report(kept, "build_verification", report)
+        elif row["reason"] == "within budget":
+            row["reason"] = "within budget, but slower"
+    if kept is None:
+        table = "; ".join(f"{r['precision']}: {r['reason']}" for r in candidates)
+        raise BuildError(f"no precision stays within the accuracy budget ({table})")
+    kept.manifest.checks["precision_candidates"] = candidates
+    return kept
+
+
 def _source_from_bundle(
     path: Path, tmp: Path, import_options: ImportOptions | None
-) -> tuple[Path, Manifest, ImportOptions]:
-    contents = read_bundle(path, payload=False, source=True)
+) -> tuple[Path, Manifest, ImportOptions, dict[str, bytes]]:
+    contents = read_bundle(path, payload=False, source=True, caches=True)
     manifest = contents.manifest
     if contents.source is None:
         raise BundleError(
@@ -89,7 +281,7 @@ def _source_from_bundle(
     target.write_bytes(contents.source)
     materialized = _materialize_source(target)
     options = import_options or ImportOptions.from_dict(manifest.build_options.get("import_options", {}))
-    return materialized, manifest, options
+    return materialized, manifest, options, contents.caches
 
 
 def _materialize_source(path: Path) -> Path:
@@ -106,17 +298,59 @@ def _build_options(
     precision: str | None,
     threads: int | None,
     backend_options: Mapping[str, Any] | None,
+    force_precision: bool | None,
+    calibration_method: str | None,
 ) -> BuildOptions:
     base = BuildOptions.from_dict(previous.build_options) if previous else BuildOptions()
     if precision is not None:
-        if precision not in PRECISIONS:
-            raise BuildError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+        if precision not in PRECISIONS + ("best",):
+            raise BuildError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)} or best")
         base.precision = precision
     if threads is not None:
         base.threads = threads
+    if force_precision is not None:
+        base.force_precision = force_precision
+    if calibration_method is not None:
+        if calibration_method not in CALIBRATION_METHODS:
+            raise BuildError(
+                f"unknown calibration method '{calibration_method}': choose one of {', '.join(CALIBRATION_METHODS)}"
+            )
+        base.calibration_method = calibration_method
     if backend_options:
         base.backend_options = {**base.backend_options, **backend_options}
     return base
+
+
+def _preprocess_spec(given: PreprocessSpec | str | None, previous: Manifest | None) -> PreprocessSpec | None:
+    if isinstance(given, str):
+        return parse_spec(given)
+    if given is None and previous is not None and previous.preprocess:
+        return PreprocessSpec.from_dict(previous.preprocess)
+    return given
+
+
+def _accuracy_budget(given: AccuracyBudget | str | None, previous: Manifest | None) -> AccuracyBudget | None:
+    if isinstance(given, str):
+        return parse_budget(given)
+    if given is None and previous is not None and previous.accuracy_budget:
+        rule = previous.accuracy_budget
+        return AccuracyBudget(rule["metric"], rule.get("min", rule.get("max")))
+    return given
+
+
+def _calibration_cache(given: str | Path | None, previous_caches: Mapping[str, bytes]) -> bytes | None:
+    """A calibration cache from a file or an engine bundle; else the rebuilt bundle's own."""
+    if given is None:
+        return previous_caches.get(CALIBRATION_CACHE_NAME)
+    path = Path(given)
+    if path.is_file() and looks_like_bundle(path):
+        cache = read_bundle(path, payload=False, caches=True).caches.get(CALIBRATION_CACHE_NAME)
+        if cache is None:
+            raise ValidationDataError(f"'{path.name}' holds no calibration cache (it was not built as int8)")
+        return cache
+    if not path.is_file():
+        raise ValidationDataError(f"calibration cache not found: '{path}'")
+    return path.read_bytes()
 
 
 def _choose_backend(name: str | None, previous: Manifest | None) -> Backend:
@@ -135,8 +369,9 @@ def _build_engine(
     import_options: ImportOptions,
     include_source: bool,
     progress: ProgressCallback | None,
+    calibration: Calibration | None = None,
 ) -> Engine:
-    result = backend.build(imported.model, imported.signature, options, progress)
+    result = backend.build(imported.model, imported.signature, options, progress, calibration)
     resolved = result.resolved_options
     manifest = Manifest(
         enginesmith_version=__version__,
@@ -160,6 +395,7 @@ def _build_engine(
         manifest=manifest,
         payload=result.payload,
         source=imported.source_bytes if include_source else None,
+        caches=result.caches,
     )
     return Engine(manifest, session, contents=contents)
 
@@ -237,13 +473,14 @@ def validation_batches(
     batch: int | None = None,
     batches: int = 3,
     seed: int = 0,
+    preprocess: PreprocessSpec | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], str]:
-    """Input batches from a data file, or generated from the signature with a seed."""
+    """Input batches from data (a file or folder), or generated from the signature with a seed."""
     fixed = signature.fixed_batch()
     if data is not None:
-        feeds = load_feeds(data, signature)
+        feeds = load_dataset(data, signature, preprocess)
         size = batch or fixed or 8
-        return list(split_batches(feeds, size)), f"data file '{Path(data).name}'"
+        return list(split_batches(feeds, size)), f"data '{Path(data).name}'"
     size = batch or fixed or 2
     try:
         generated = [random_inputs(signature.inputs, batch=size, seed=seed + i) for i in range(batches)]
@@ -255,19 +492,16 @@ def validation_batches(
 def validate_engine(
     engine: Engine,
     reference: ReferenceRunner,
+    batches: list[dict[str, np.ndarray]],
+    inputs_label: str,
     *,
     reference_label: str,
-    data: str | Path | None = None,
-    batch: int | None = None,
-    batches: int = 3,
-    seed: int = 0,
     tolerance: Tolerance | None = None,
 ) -> ValidationReport:
-    feeds, inputs_label = validation_batches(engine.signature, data, batch, batches, seed)
     return run_validation(
         engine_run=engine.infer,
         reference_run=reference,
-        batches=feeds,
+        batches=batches,
         tolerance=tolerance or tolerance_for(engine.precision),
         precision=engine.precision,
         reference_label=reference_label,
@@ -301,8 +535,9 @@ def validate(
             label = Path(against).name if isinstance(against, (str, Path)) else type(against).__name__
         options = import_options or ImportOptions.from_dict(engine.manifest.build_options.get("import_options", {}))
         reference = reference_runner(against, options)
-        report = validate_engine(engine, reference, reference_label=label, data=data, batch=batch,
-                                 batches=batches, seed=seed, tolerance=tolerance)
+        spec = PreprocessSpec.from_dict(engine.manifest.preprocess) if engine.manifest.preprocess else None
+        feeds, inputs_label = validation_batches(engine.signature, data, batch, batches, seed, spec)
+        report = validate_engine(engine, reference, feeds, inputs_label, reference_label=label, tolerance=tolerance)
     _attach_report(engine, "validation", report)
     if store and engine.path is not None:
         _store_report(engine.path, "validation", report)
@@ -332,7 +567,7 @@ def _check_summary(report: ValidationReport) -> dict[str, Any]:
 
 def _store_report(path: Path, name: str, report: ValidationReport) -> None:
     """Rewrite a saved bundle with the latest report (atomically, checksums renewed)."""
-    contents = read_bundle(path, payload=True, source=True, reports=True)
+    contents = read_bundle(path, payload=True, source=True, reports=True, caches=True)
     contents.reports[name] = report.to_json()
     contents.manifest.checks[name] = _check_summary(report)
     write_bundle(path, contents)

@@ -21,6 +21,7 @@ from .manifest import FileRecord, Manifest
 
 MANIFEST_NAME = "manifest.json"
 REPORTS_DIR = "reports/"
+CACHES_DIR = "cache/"
 
 # Limits against hostile archives; large enough for multi-GB LLM engines.
 MAX_ENTRY_BYTES = int(os.environ.get("ENGINESMITH_MAX_ENTRY_BYTES", 32 * 2**30))
@@ -36,6 +37,8 @@ class BundleContents:
     source: bytes | None = None
     # report name (without folder and .json) -> raw JSON bytes
     reports: dict[str, bytes] = field(default_factory=dict)
+    # backend caches later builds of the same model reuse (calibration, timing): file name -> bytes
+    caches: dict[str, bytes] = field(default_factory=dict)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -60,6 +63,8 @@ def write_bundle(path: str | os.PathLike, contents: BundleContents) -> Path:
         entries[contents.manifest.source_entry] = contents.source
     for name, raw in contents.reports.items():
         entries[f"{REPORTS_DIR}{name}.json"] = raw
+    for name, raw in contents.caches.items():
+        entries[CACHES_DIR + name] = raw
     contents.manifest.files = {
         name: FileRecord(sha256=sha256_bytes(data), size=len(data)) for name, data in entries.items()
     }
@@ -151,6 +156,7 @@ def read_bundle(
     payload: bool = True,
     source: bool = False,
     reports: bool = False,
+    caches: bool = False,
 ) -> BundleContents:
     """Open a bundle, check its structure and the checksums of the entries read."""
     path = Path(path)
@@ -202,4 +208,8 @@ def read_bundle(
             for entry in sorted(listed):
                 if entry.startswith(REPORTS_DIR) and entry.endswith(".json"):
                     contents.reports[entry[len(REPORTS_DIR) : -len(".json")]] = verified(entry)
+        if caches:
+            for entry in sorted(listed):
+                if entry.startswith(CACHES_DIR):
+                    contents.caches[entry[len(CACHES_DIR) :]] = verified(entry)
     return contents

@@ -44,6 +44,10 @@ class Manifest:
     files: dict[str, FileRecord] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     build_log: list[str] = field(default_factory=list)
+    # How images become inputs (a PreprocessSpec as a dict), when the engine was calibrated on images.
+    preprocess: dict[str, Any] | None = None
+    # The accuracy rule the precision was chosen under, e.g. {"metric": "agreement", "min": 0.99}.
+    accuracy_budget: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import BackendUnavailableError
-from .base import Availability, Backend, BuildOptions, BuildResult, Session
+from .base import Availability, Backend, BuildOptions, BuildResult, Calibration, Session
 
 # name -> "module:Class"; each backend is one module that alone imports its library.
 BACKENDS: dict[str, str] = {
@@ -50,6 +50,7 @@ __all__ = [
     "Backend",
     "BuildOptions",
     "BuildResult",
+    "Calibration",
     "Session",
     "BACKENDS",
     "backend_status",

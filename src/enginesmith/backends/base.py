@@ -46,18 +46,42 @@ class BuildOptions:
 
     precision: str = "fp32"
     threads: int | None = None
+    # Build a precision even where the backend says it does not pay (e.g. fp16 on a CPU).
+    force_precision: bool = False
+    calibration_method: str = "minmax"
     backend_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"precision": self.precision, "threads": self.threads, "backend_options": dict(self.backend_options)}
+        return {
+            "precision": self.precision,
+            "threads": self.threads,
+            "force_precision": self.force_precision,
+            "calibration_method": self.calibration_method,
+            "backend_options": dict(self.backend_options),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BuildOptions":
         return cls(
             precision=str(data.get("precision", "fp32")),
             threads=data.get("threads"),
+            force_precision=bool(data.get("force_precision", False)),
+            calibration_method=str(data.get("calibration_method", "minmax")),
             backend_options=dict(data.get("backend_options") or {}),
         )
+
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass
+class Calibration:
+    """Inputs for int8 calibration, and ranges from an earlier build of the same model."""
+
+    batches: list[dict[str, np.ndarray]]
+    method: str = "minmax"
+    # A backend-specific calibration cache; when given, calibration is skipped.
+    cache: bytes | None = None
 
 
 @dataclass
@@ -69,6 +93,8 @@ class BuildResult:
     log: list[str] = field(default_factory=list)
     # Backend-specific facts worth keeping in the manifest (e.g. node placement).
     details: dict[str, Any] = field(default_factory=dict)
+    # Files later builds of the same model can reuse (calibration, timing caches): name -> bytes.
+    caches: dict[str, bytes] = field(default_factory=dict)
 
 
 class Session(ABC):
@@ -108,6 +134,10 @@ class Backend(ABC):
         """A short human description, e.g. ``x86_64 / ONNX Runtime 1.31 CPU``."""
         return f"{fingerprint.get('arch', '?')} / {self.display_name} {fingerprint.get('backend_version', '?')}"
 
+    def precisions(self, options: BuildOptions) -> list[str]:
+        """The precisions that pay off with these options, fastest last; ``best`` tries these."""
+        return ["fp32"]
+
     @abstractmethod
     def build(
         self,
@@ -115,8 +145,12 @@ class Backend(ABC):
         signature: Signature,
         options: BuildOptions,
         progress: ProgressCallback | None = None,
+        calibration: Calibration | None = None,
     ) -> BuildResult:
-        """Optimize ``model`` for this machine and return the payload."""
+        """Optimize ``model`` for this machine and return the payload.
+
+        ``calibration`` is given for int8 builds; a backend that cannot calibrate raises.
+        """
 
     @abstractmethod
     def load(self, payload: bytes | Path, options: BuildOptions, signature: Signature) -> Session:

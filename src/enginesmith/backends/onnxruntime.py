@@ -21,10 +21,10 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from ..errors import BackendUnavailableError, BuildError, MissingDependencyError, UnsupportedModelError
-from ..platform import host_fingerprint, physical_cores
+from ..errors import BackendUnavailableError, BuildError, MissingDependencyError, UnsupportedModelError, ValidationDataError
+from ..host import cpu_flags, host_fingerprint, physical_cores
 from ..signature import Signature, random_inputs
-from .base import Availability, Backend, BuildOptions, BuildResult, ProgressCallback, Session
+from .base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session
 
 # Short names users type -> ONNX Runtime provider names, in preference order for "auto".
 PROVIDER_ALIASES = {
@@ -126,6 +126,95 @@ def _node_placement(session, signature: Signature) -> dict[str, dict[str, int]]:
     return {op: dict(counts) for op, counts in sorted(placement.items())}
 
 
+GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+# Ops whose fp16 results drift (exponentials, reductions, normalizations) stay fp32.
+FP16_KEEP_FP32 = ["Softmax", "LogSoftmax", "LayerNormalization", "Exp", "Log", "Pow", "Sqrt", "Reciprocal",
+                  "ReduceMean", "ReduceSum", "ReduceProd", "ReduceLogSumExp", "TopK", "NonMaxSuppression", "Range"]
+CALIBRATION_CACHE = "calibration_cache.json"
+
+
+def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and activations, fp32 inputs/outputs and numerically sensitive ops."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    return convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FP16_KEEP_FP32
+    )
+
+
+class _BatchReader:
+    """Feeds calibration batches to ONNX Runtime's calibrator one at a time."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]):
+        self._batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+    def rewind(self) -> None:  # pragma: no cover - used by strided calibration only
+        pass
+
+
+def _activation_type(quantization):
+    """uint8 activations on x86 (the u8s8 kernels), int8 on Arm, per ONNX Runtime's guidance."""
+    import platform
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return quantization.QuantType.QInt8
+    return quantization.QuantType.QUInt8
+
+
+def quantize_int8(model: onnx.ModelProto, calibration: Calibration, tmp: str, log: list[str]) -> tuple[onnx.ModelProto, bytes]:
+    """Static QDQ quantization, per-channel weights; returns the model and the calibration cache.
+
+    The cache holds the activation ranges; given one (from an earlier build of the same
+    model), calibration inference is skipped and the ranges are reused exactly.
+    """
+    from onnxruntime import quantization
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = os.path.join(tmp, "prepared.onnx")
+    try:
+        quant_pre_process(model, prepared)
+    except Exception as exc:  # symbolic shape inference fails on some graphs; quantize without it
+        log.append(f"quantization pre-processing skipped: {str(exc).splitlines()[0][:160]}")
+        onnx.save(model, prepared)
+    cache_path = os.path.join(tmp, CALIBRATION_CACHE)
+    if calibration.cache is not None:
+        Path(cache_path).write_bytes(calibration.cache)
+        log.append("int8: calibration skipped, ranges reused from the calibration cache")
+    elif not calibration.batches:
+        raise ValidationDataError("int8 needs calibration data: give --calib DATA (or --calib-random for a smoke test)")
+    else:
+        samples = sum(next(iter(b.values())).shape[0] for b in calibration.batches)
+        log.append(f"int8: calibrating with {calibration.method} on {samples} samples")
+    methods = {
+        "minmax": quantization.CalibrationMethod.MinMax,
+        "entropy": quantization.CalibrationMethod.Entropy,
+        "percentile": quantization.CalibrationMethod.Percentile,
+    }
+    # Without VNNI, u8 x s8 products can saturate the 16-bit accumulation; 7-bit weights avoid it.
+    reduce_range = "avx512_vnni" not in cpu_flags() and "avx_vnni" not in cpu_flags() and "amx_int8" not in cpu_flags()
+    quantized = os.path.join(tmp, "quantized.onnx")
+    try:
+        quantization.quantize_static(
+            prepared,
+            quantized,
+            _BatchReader(calibration.batches) if calibration.cache is None else None,
+            quant_format=quantization.QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=_activation_type(quantization),
+            weight_type=quantization.QuantType.QInt8,
+            calibrate_method=methods[calibration.method],
+            calibration_cache_path=cache_path,
+        )
+    except Exception as exc:
+        raise BuildError(f"int8 quantization failed: {str(exc).splitlines()[0]}") from None
+    log.append(f"int8: QDQ, per-channel weights, {'7-bit weights (no VNNI)' if reduce_range else '8-bit weights'}")
+    return onnx.load(quantized), Path(cache_path).read_bytes()
+
+
 class OnnxRuntimeSession(Session):
     def __init__(self, session: Any, output_names: list[str]):
         self._session = session
@@ -167,6 +256,10 @@ class OnnxRuntimeBackend(Backend):
     def must_match(self) -> list[str]:
         return ["os", "arch", "cpu_flags", "backend_version", "providers"]
 
+    def precisions(self, options: BuildOptions) -> list[str]:
+        providers = resolve_providers(options.backend_options.get("providers"))
+        return ["fp32", "fp16", "int8"] if GPU_PROVIDERS & set(providers) else ["fp32", "int8"]
+
     def describe_platform(self, fingerprint: Mapping[str, str]) -> str:
         version = ".".join(fingerprint.get("backend_version", "?").split(".")[:2])
         first = fingerprint.get("providers", "CPUExecutionProvider").split(",")[0]
@@ -178,20 +271,37 @@ class OnnxRuntimeBackend(Backend):
         signature: Signature,
         options: BuildOptions,
         progress: ProgressCallback | None = None,
+        calibration: Calibration | None = None,
     ) -> BuildResult:
-        if options.precision != "fp32":
-            raise UnsupportedModelError(
-                f"precision '{options.precision}' is not supported by the ONNX Runtime backend yet; use fp32"
-            )
         ort = _ort()
         providers = resolve_providers(options.backend_options.get("providers"))
+        log = [f"ONNX Runtime {ort.__version__}, providers {', '.join(providers)}"]
+        precision = options.precision
+        if precision == "fp16" and not GPU_PROVIDERS & set(providers) and not options.force_precision:
+            log.append(
+                "fp16 does not pay on the CPU provider (no fp16 kernels: ONNX Runtime would add casts around "
+                "every node), so the engine stays fp32; pass --force-precision to build fp16 anyway"
+            )
+            precision = "fp32"
         resolved = BuildOptions(
-            precision=options.precision,
+            precision=precision,
             threads=options.threads,
+            force_precision=options.force_precision,
             backend_options={**options.backend_options, "providers": providers},
         )
-        log = [f"ONNX Runtime {ort.__version__}, providers {', '.join(providers)}"]
+        caches: dict[str, bytes] = {}
         with tempfile.TemporaryDirectory(prefix="enginesmith-ort-") as tmp:
+            if precision == "fp16":
+                model = convert_fp16(model)
+                log.append("fp16: weights and activations converted, inputs/outputs and sensitive ops kept fp32")
+            elif precision == "int8":
+                if calibration is None:
+                    raise ValidationDataError("int8 needs calibration data: give --calib DATA")
+                if progress:
+                    progress("calibrating int8", 0, 1)
+                model, caches[CALIBRATION_CACHE] = quantize_int8(model, calibration, tmp, log)
+                if progress:
+                    progress("calibrating int8", 1, 1)
             optimized_path = os.path.join(tmp, "optimized.onnx")
             so = _session_options(resolved, optimize=True)
             if any(p in COMPILING_PROVIDERS for p in providers):
@@ -222,6 +332,7 @@ class OnnxRuntimeBackend(Backend):
             resolved_options=resolved,
             log=log,
             details={"node_placement": placement, "nodes_before": len(model.graph.node), "nodes_after": len(optimized.graph.node)},
+            caches=caches,
         )
 
     def load(self, payload: bytes | Path, options: BuildOptions, signature: Signature) -> Session:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..platform import cpu_model, physical_cores
+from ..host import cpu_model, physical_cores
 
 Runner = Callable[[dict[str, np.ndarray]], Any]
 # (label, done, total)

@@ -95,9 +95,11 @@ class Engine:
 
     def save(self, path: str | Path, include_source: bool = True) -> Path:
         """Write the bundle (atomically). ``include_source=False`` leaves the source model out."""
-        contents = self._contents or read_bundle(self._path, payload=True, source=include_source, reports=True)
+        contents = self._contents or read_bundle(self._path, payload=True, source=include_source, reports=True, caches=True)
         if not include_source:
-            contents = BundleContents(manifest=contents.manifest, payload=contents.payload, reports=contents.reports)
+            contents = BundleContents(
+                manifest=contents.manifest, payload=contents.payload, reports=contents.reports, caches=contents.caches
+            )
         written = write_bundle(path, contents)
         self._path = written
         return written

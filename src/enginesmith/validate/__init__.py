@@ -195,3 +195,54 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
         except ValueError:
             pass
     return np.concatenate([p.ravel() for p in parts])
+
+
+# Tolerances are JSON-serialized with reports; "no limit" must be a finite number.
+NO_LIMIT = 1e308
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """The rule a reduced-precision engine must keep against the fp32 reference.
+
+    ``agreement``: the smallest share of samples whose top-1 class stays the same
+    (classifiers); ``rel_l2``: the largest relative L2 error of every output.
+    """
+
+    metric: str
+    value: float
+
+    def to_dict(self) -> dict[str, Any]:
+        bound = "min" if self.metric == "agreement" else "max"
+        return {"metric": self.metric, bound: self.value}
+
+    def tolerance(self) -> Tolerance:
+        if self.metric == "agreement":
+            return Tolerance(max_rel_l2=NO_LIMIT, min_cosine=-1.0, min_argmax_agreement=self.value)
+        return Tolerance(max_rel_l2=self.value, min_cosine=-1.0, min_argmax_agreement=0.0)
+
+    def __str__(self) -> str:
+        return f"top-1 agreement >= {self.value:.2%}" if self.metric == "agreement" else f"relative L2 error <= {self.value:g}"
+
+
+def parse_budget(text: str) -> AccuracyBudget:
+    """``1%`` (at most 1% of top-1 decisions change), ``agreement>=0.99`` or ``rel_l2<=0.05``."""
+    cleaned = text.replace(" ", "").lower()
+    try:
+        if cleaned.endswith("%"):
+            drop = float(cleaned[:-1]) / 100
+            if not 0 <= drop < 1:
+                raise ValueError
+            return AccuracyBudget("agreement", 1.0 - drop)
+        for prefix, metric in (("agreement>=", "agreement"), ("top1>=", "agreement"), ("rel_l2<=", "rel_l2")):
+            if cleaned.startswith(prefix):
+                value = float(cleaned[len(prefix) :])
+                if value < 0 or (metric == "agreement" and value > 1):
+                    raise ValueError
+                return AccuracyBudget(metric, value)
+    except ValueError:
+        pass
+    raise ValidationDataError(
+        f"cannot read accuracy budget '{text}': use '1%' (top-1 decisions that may change), "
+        "'agreement>=0.99' or 'rel_l2<=0.05'"
+    )

@@ -48,3 +48,89 @@ def split_batches(feeds: dict[str, np.ndarray], batch: int) -> Iterator[dict[str
     total = next(iter(lengths.values()))
     for start in range(0, total, batch):
         yield {name: value[start : start + batch] for name, value in feeds.items()}
+
+
+def _check_against_signature(feeds: dict[str, np.ndarray], signature: Signature, where: str) -> None:
+    """Rank and fixed non-batch dims of every input; the batch axis may be any length."""
+    for spec in signature.inputs:
+        value = feeds[spec.name]
+        if value.ndim != spec.rank:
+            raise ValidationDataError(
+                f"{where}: input '{spec.name}' has shape {tuple(value.shape)} but the model takes rank {spec.rank} "
+                f"{list(spec.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):
+            if axis and isinstance(want, int) and want > 0 and want != got:
+                raise ValidationDataError(
+                    f"{where}: input '{spec.name}' has shape {tuple(value.shape)}, the model needs {want} on axis {axis}"
+                )
+
+
+def default_image_spec(signature: Signature):
+    """A spec that fits the single image input: its layout, size and channels, pixels scaled to [0, 1]."""
+    from ..runtime.preprocess import PreprocessSpec
+
+    spec = signature.inputs[0]
+    dims = spec.shape
+    if spec.rank != 4:
+        raise ValidationDataError(f"images need a rank-4 input, but '{spec.name}' has shape {list(dims)}")
+    layout = "NCHW" if dims[1] in (1, 3) else "NHWC"
+    h, w, c = (dims[2], dims[3], dims[1]) if layout == "NCHW" else (dims[1], dims[2], dims[3])
+    if not all(isinstance(d, int) for d in (h, w)):
+        raise ValidationDataError("the model's image size is dynamic: give a preprocessing spec with resize/crop")
+    return PreprocessSpec(resize=(h, w), layout=layout, color="GRAY" if c == 1 else "RGB", dtype=spec.dtype)
+
+
+def load_dataset(path: str | Path, signature: Signature, preprocess=None, limit: int | None = None) -> dict[str, np.ndarray]:
+    """Samples for calibration or validation: an .npy/.npz file, or a folder of images, .npy or .npz files.
+
+    Images go through ``preprocess`` (a PreprocessSpec; by default one derived from the
+    model's input). Every input is checked against the signature.
+    """
+    from ..runtime.preprocess import IMAGE_SUFFIXES, load_image
+
+    path = Path(path)
+    where = f"data '{path}'"
+    if path.is_file():
+        feeds = load_feeds(path, signature)
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        arrays = [p for p in files if p.suffix.lower() in (".npy", ".npz")]
+        if limit:
+            images, arrays = images[:limit], arrays[:limit]
+        if images:
+            if len(signature.inputs) != 1:
+                raise ValidationDataError(f"{where}: images can feed single-input models only")
+            spec = preprocess or default_image_spec(signature)
+            feeds = {signature.input_names[0]: np.stack([load_image(p, spec) for p in images])}
+        elif arrays:
+            parts = [load_feeds(p, signature) for p in arrays]
+            feeds = {}
+            for spec in signature.inputs:
+                values = [part[spec.name] for part in parts]
+                # a file holds one sample (rank one less) or a batch
+                values = [v[None] if v.ndim == spec.rank - 1 else v for v in values]
+                try:
+                    feeds[spec.name] = np.concatenate(values)
+                except ValueError as exc:
+                    raise ValidationDataError(f"{where}: files for input '{spec.name}' differ in shape ({exc})") from None
+        else:
+            raise ValidationDataError(f"{where} has no images (.png, .jpg, ...) and no .npy/.npz files")
+    else:
+        raise ValidationDataError(f"data not found: '{path}'")
+    _check_against_signature(feeds, signature, where)
+    if limit:
+        feeds = {name: value[:limit] for name, value in feeds.items()}
+    return feeds
+
+
+def split_holdout(feeds: dict[str, np.ndarray], fraction: float, seed: int = 0) -> tuple[dict, dict]:
+    """A shuffled split into (calibration, held-out) parts; both keep at least one sample."""
+    total = next(iter(feeds.values())).shape[0]
+    if total < 2:
+        raise ValidationDataError(f"need at least 2 samples to hold some out for validation, got {total}")
+    order = np.random.default_rng(seed).permutation(total)
+    held = min(max(1, int(round(total * fraction))), total - 1)
+    keep, hold = order[held:], order[:held]
+    return ({n: v[keep] for n, v in feeds.items()}, {n: v[hold] for n, v in feeds.items()})
