@@ -67,6 +67,14 @@ def build(
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Output tensor names, comma-separated (frozen graphs)."),
     signature: str = typer.Option("serving_default", help="SavedModel signature to import."),
     opset: Optional[int] = typer.Option(None, help="ONNX opset to convert to."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration data: .npy/.npz keyed by input name, or a folder of images or .npy files."),
+    calib_method: Optional[str] = typer.Option(None, help="int8 calibration: minmax (default), entropy or percentile."),
+    calib_random: bool = typer.Option(False, "--calib-random", help="Calibrate on random inputs (smoke tests only: accuracy unknown)."),
+    calib_cache: Optional[Path] = typer.Option(None, help="Reuse int8 ranges from this engine or calibration cache file."),
+    preprocess: Optional[str] = typer.Option(None, help="Image preprocessing: 'resize=256;crop=224;layout=NCHW;color=RGB;scale=0.00392;mean=0.485/0.456/0.406;std=0.229/0.224/0.225' or a .toml file."),
+    holdout: float = typer.Option(0.2, help="Share of the calibration data kept aside to validate on."),
+    max_accuracy_drop: Optional[str] = typer.Option(None, help="Accuracy budget: '1%' (top-1 decisions that may change), 'agreement>=0.99' or 'rel_l2<=0.05'."),
+    force_precision: bool = typer.Option(False, "--force-precision", help="Build the precision even where it does not pay (fp16 on a CPU)."),
 ) -> None:
     """Build an engine for this machine (or rebuild a bundle from the source it carries)."""
     is_bundle = model.is_file() and looks_like_bundle(model)
@@ -85,6 +93,14 @@ def build(
             verify=not no_verify,
             output=target,
             progress=progress,
+            calibration_data=calib,
+            calibration_method=calib_method,
+            calibration_random=calib_random,
+            calibration_cache=calib_cache,
+            preprocess=preprocess,
+            holdout=holdout,
+            accuracy_budget=max_accuracy_drop,
+            force_precision=force_precision or None,
         )
     manifest = engine.manifest
     console.print(f"[bold green]built[/] {target}  ({manifest.backend} {manifest.backend_version}, {manifest.precision})")
@@ -93,13 +109,36 @@ def build(
     check = manifest.checks.get("build_verification")
     if check:
         console.print(f"  verification: {check['summary']}", highlight=False, markup=False)
+    calibration = manifest.checks.get("calibration", {})
+    if calibration.get("warning"):
+        console.print("[bold red]WARNING:[/] " + escape(calibration["warning"]))
+    if "precision_candidates" in manifest.checks:
+        print_candidates(manifest.checks["precision_candidates"], manifest.accuracy_budget)
     console.print(str(engine.signature), highlight=False, markup=False)
+
+
+def print_candidates(candidates: list[dict], budget: Optional[dict]) -> None:
+    table = Table(title=f"precision candidates (budget: {budget or 'default tolerances'})")
+    for column in ("precision", "p50 ms", "worst rel L2", "top-1 agreement", "kept", "why"):
+        table.add_column(column)
+    for row in candidates:
+        agreement = row.get("argmax_agreement")
+        table.add_row(
+            row["precision"],
+            f"{row['p50_ms']:.3f}" if "p50_ms" in row else "",
+            f"{row['worst_rel_l2']:.2e}" if "worst_rel_l2" in row else "",
+            "" if agreement is None else f"{agreement:.2%}",
+            "[green]yes[/]" if row["kept"] else "no",
+            escape(row["reason"]),
+        )
+    console.print(table)
 
 
 @app.command()
 def run(
     engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
     input: list[str] = typer.Option([], "--input", "-i", help="NAME=file.npy, or file.npz keyed by input name; repeatable."),
+    image: list[Path] = typer.Option([], "--image", help="Image file(s), preprocessed as the engine was calibrated; repeatable."),
     random: bool = typer.Option(False, "--random", help="Feed seeded random inputs instead of files."),
     batch: int = typer.Option(1, help="Batch size for --random."),
     seed: int = typer.Option(0, help="Seed for --random."),
@@ -109,10 +148,12 @@ def run(
     engine = api.load(engine_path)
     if input:
         feeds = read_input_args(input, engine.signature.input_names)
+    elif image:
+        feeds = api.image_inputs(engine, image)
     elif random:
         feeds = random_inputs(engine.signature.inputs, batch=batch, seed=seed)
     else:
-        raise typer.BadParameter("give inputs with --input NAME=file.npy, or --random", param_hint="--input")
+        raise typer.BadParameter("give inputs with --input NAME=file.npy, --image FILE, or --random", param_hint="--input")
     results = engine(feeds)
     table = Table(title=f"outputs of {engine_path.name}")
     for column in ("name", "dtype", "shape", "min", "max", "mean", "preview"):
