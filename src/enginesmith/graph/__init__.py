@@ -1,0 +1,1 @@
+"""Graph passes, inspection and compatibility reports on ONNX models."""

@@ -1,0 +1,1 @@
+"""Engine runtime: calling a loaded engine with named inputs, and input preprocessing."""
