@@ -256,6 +256,10 @@ def bench(
         console.print(f"wrote {plot}")
 
 
+def _placement_text(providers: dict[str, int]) -> str:
+    return "/".join(f"{name.replace('ExecutionProvider', '')} x{count}" for name, count in providers.items())
+
+
 @app.command()
 def info(
     engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
@@ -290,6 +294,10 @@ def info(
     else:
         for diff in data["differences_here"]:
             console.print("[red]differs here:[/] " + escape(f"{diff['key']}: engine {diff['engine']}, here {diff['here']}"), highlight=False)
+    placement = data["checks"].get("build", {}).get("node_placement") or {}
+    if placement:
+        where = ", ".join(f"{op} {_placement_text(providers)}" for op, providers in placement.items())
+        console.print(f"nodes ran on: {where}", highlight=False, markup=False)
     for name, check in data["checks"].items():
         if isinstance(check, dict) and "summary" in check:
             console.print(f"check {name}: {check['summary']} ({check['at']})", highlight=False, markup=False)
