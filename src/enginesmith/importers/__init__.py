@@ -59,8 +59,11 @@ class ImportOptions:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ImportOptions":
+        # trust_code is recorded but never replayed: a bundle (which may come from anyone)
+        # must not be able to switch on code execution for its own embedded source. Whoever
+        # rebuilds or validates it passes trust_code again if they trust it.
         return cls(
-            trust_code=bool(data.get("trust_code", False)),
+            trust_code=False,
             input_shapes={k: tuple(v) for k, v in (data.get("input_shapes") or {}).items()},
             dynamic_axes={k: list(v) for k, v in (data.get("dynamic_axes") or {}).items()},
             input_names=data.get("input_names"),
@@ -88,7 +91,47 @@ class ImportedModel:
 # kind -> module implementing import_source/reference
 IMPORTERS: dict[str, str] = {
     "onnx": "enginesmith.importers.onnx_importer",
+    # .keras / .h5 / .hdf5 files and keras.Model objects
+    "keras": "enginesmith.importers.keras_importer",
+    # a TensorFlow SavedModel folder (holds saved_model.pb)
+    "savedmodel": "enginesmith.importers.tensorflow_importer",
+    # a frozen TensorFlow GraphDef .pb (TF1-era export)
+    "tf_graph": "enginesmith.importers.tensorflow_importer",
+    "tflite": "enginesmith.importers.tflite_importer",
+    # torch.nn.Module / torch.export.ExportedProgram objects and ExportedProgram .pt2 files
+    "torch": "enginesmith.importers.torch_importer",
+    # TorchScript .pt/.pth archives (pickles: need trust_code)
+    "torchscript": "enginesmith.importers.torch_importer",
 }
+
+# File suffix -> kind.
+SUFFIX_KINDS: dict[str, str] = {
+    ".onnx": "onnx",
+    ".keras": "keras",
+    ".h5": "keras",
+    ".hdf5": "keras",
+    ".pb": "tf_graph",
+    ".tflite": "tflite",
+    ".pt2": "torch",
+    ".pt": "torchscript",
+    ".pth": "torchscript",
+}
+
+
+def _object_kind(source: Any) -> str | None:
+    """The kind of an in-memory framework object, told from its class's modules (no framework import)."""
+    classes = [(c.__module__ or "", c.__name__) for c in type(source).__mro__]
+    roots = {module.split(".")[0] for module, _ in classes}
+    if "keras" in roots and any(name in ("Model", "Functional", "Sequential") for _, name in classes):
+        return "keras"
+    if "torch" in roots:
+        if any(name == "ExportedProgram" for _, name in classes):
+            return "torch"
+        if any(module.startswith("torch.jit") and name in ("ScriptModule", "RecursiveScriptModule") for module, name in classes):
+            return "torchscript"
+        if any(module.startswith("torch.nn") and name == "Module" for module, name in classes):
+            return "torch"
+    return None
 
 
 def detect_kind(source: Any) -> str:
@@ -99,13 +142,29 @@ def detect_kind(source: Any) -> str:
         path = Path(source)
         if not path.exists():
             raise SourceError(f"model not found: '{path}': check the path")
-        if path.is_file() and path.suffix.lower() == ".onnx":
-            return "onnx"
+        if path.is_dir():
+            if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
+                return "savedmodel"
+            raise SourceError(
+                f"'{path}' is a folder without saved_model.pb, so not a TensorFlow SavedModel; "
+                "give a model file or a SavedModel folder"
+            )
+        suffix = path.suffix.lower()
+        if path.name in ("saved_model.pb", "saved_model.pbtxt"):
+            return "savedmodel"
+        if suffix in SUFFIX_KINDS:
+            return SUFFIX_KINDS[suffix]
         raise SourceError(
-            f"cannot tell what kind of model '{path}' is: supported sources are "
-            + ", ".join(sorted(IMPORTERS))
+            f"cannot tell what kind of model '{path}' is: supported are "
+            + ", ".join(sorted(SUFFIX_KINDS)) + " files and SavedModel folders"
         )
-    raise SourceError(f"unsupported model object of type {type(source).__name__}")
+    kind = _object_kind(source)
+    if kind is not None:
+        return kind
+    raise SourceError(
+        f"unsupported model object of type {type(source).__name__}: pass an onnx.ModelProto, keras.Model, "
+        "torch.nn.Module or torch.export.ExportedProgram, or a model file"
+    )
 
 
 def _module(kind: str):
