@@ -158,3 +158,28 @@ class Backend(ABC):
 
         A file may be deleted once this returns: sessions must not keep reading it.
         """
+
+    # Statuses ``op_support`` reports for a node.
+    OP_STATUSES: ClassVar[tuple[str, ...]] = ("supported", "conditional", "unsupported")
+
+    def op_support(self, model: onnx.ModelProto, options: BuildOptions) -> dict[str, tuple[str, str]]:
+        """Per-node support with ``options``: node label (see :func:`node_names`) -> (status, reason).
+
+        ``status`` is ``supported``, ``conditional`` (runs, with a caveat such as a CPU fallback)
+        or ``unsupported``. The key ``""`` carries a failure of the model as a whole that no
+        single node explains. Optional: backends that cannot tell raise ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{self.display_name} cannot report per-node operator support")
+
+
+def node_names(model: onnx.ModelProto) -> list[str]:
+    """A unique label per top-level node: its name, ``<unnamed #i>`` when empty, ``name#i`` when repeated."""
+    labels: list[str] = []
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        label = node.name or f"<unnamed #{i}>"
+        if label in seen:
+            label = f"{label}#{i}"
+        seen.add(label)
+        labels.append(label)
+    return labels
