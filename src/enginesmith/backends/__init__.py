@@ -10,6 +10,8 @@ from .base import Availability, Backend, BuildOptions, BuildResult, Calibration,
 # name -> "module:Class"; each backend is one module that alone imports its library.
 BACKENDS: dict[str, str] = {
     "onnxruntime": "enginesmith.backends.onnxruntime:OnnxRuntimeBackend",
+    "torch": "enginesmith.backends.torch_compile:TorchCompileBackend",
+    "tensorrt": "enginesmith.backends.tensorrt:TensorRTBackend",
 }
 
 _instances: dict[str, Backend] = {}

@@ -1,0 +1,294 @@
+"""The PyTorch Inductor backend on tiny models: export, compile, save, load, run, compare.
+
+On the CPU (CI) one test compiles with Inductor (C++ codegen, no autotuning) and warm-loads
+the engine in a fresh process from the compiler cache it carries; the others run the
+exported program uncompiled (``compile="eager"``) to stay fast. With
+``ENGINESMITH_TEST_DEVICE=cuda`` (scripts/gpu_torch_backend.sh on the GPU machine) the same
+tests build CUDA engines (Inductor "reduce-overhead": CUDA graphs, no autotuning).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_int_input_model, make_mlp, make_two_in_two_out, make_unsupported_op_model, run_plain
+from onnx import TensorProto, helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+if importlib.util.find_spec("onnx2torch") is None:  # imported through the backend (it may lack torchvision)
+    pytest.skip("onnx2torch is not installed (pip install 'enginesmith[torch]')", allow_module_level=True)
+
+import enginesmith as es  # noqa: E402
+from enginesmith import samples  # noqa: E402
+from enginesmith.api import check_platform_compatible, platform_differences  # noqa: E402
+from enginesmith.backends import BuildOptions, get_backend, pick_backend  # noqa: E402
+from enginesmith.backends import torch_compile as tc  # noqa: E402
+from enginesmith.errors import BuildError, PlatformMismatchError, UnsupportedModelError  # noqa: E402
+from enginesmith.signature import Signature, TensorSpec, random_inputs  # noqa: E402
+
+DEVICE = os.environ.get("ENGINESMITH_TEST_DEVICE", "cpu")
+CUDA = DEVICE.startswith("cuda")
+if CUDA and not torch.cuda.is_available():
+    pytest.skip("ENGINESMITH_TEST_DEVICE=cuda but CUDA is not available", allow_module_level=True)
+# Compiled engines: cheap modes only (no autotuning) so the suite stays fast.
+COMPILED = {"device": DEVICE, "mode": "reduce-overhead" if CUDA else "default", "batches": [1, 3]}
+EAGER = {"device": DEVICE, "compile": "eager"}
+
+
+def shape_ops_model(dynamic_reshape: bool) -> onnx.ModelProto:
+    """x[batch, 4, 6] -> Reshape [0, -1] (constant, or from Shape->Gather->Concat) -> Dropout -> Unsqueeze
+    -> Slice -> Expand -> Tile -> Softmax -> Transpose -> y[batch, 36, 3]: shape arguments torch.export must see as values."""
+
+    def ints(name, values):
+        return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+    inits = [ints("shape0", [0, -1]), ints("axes1", [1]), ints("starts", [2]), ints("ends", [20]), ints("axes2", [2]),
+             ints("eshape", [1, 3, 18]), ints("reps", [1, 1, 2]), numpy_helper.from_array(np.array(0.1, np.float32), "ratio")]
+    nodes = []
+    if dynamic_reshape:
+        inits += [ints("zero", [0]), ints("minus1", [-1])]
+        nodes += [helper.make_node("Shape", ["x"], ["xs"], name="shape"),
+                  helper.make_node("Gather", ["xs", "zero"], ["b"], name="gather", axis=0),
+                  helper.make_node("Concat", ["b", "minus1"], ["dshape"], name="concat", axis=0),
+                  helper.make_node("Reshape", ["x", "dshape"], ["r"], name="reshape")]
+    else:
+        nodes.append(helper.make_node("Reshape", ["x", "shape0"], ["r"], name="reshape"))
+    nodes += [
+        helper.make_node("Dropout", ["r", "ratio"], ["d"], name="dropout"),
+        helper.make_node("Unsqueeze", ["d", "axes1"], ["u"], name="unsqueeze"),
+        helper.make_node("Slice", ["u", "starts", "ends", "axes2"], ["s"], name="slice"),
+        helper.make_node("Expand", ["s", "eshape"], ["e"], name="expand"),
+        helper.make_node("Tile", ["e", "reps"], ["t"], name="tile"),
+        helper.make_node("Softmax", ["t"], ["sm"], name="softmax", axis=-1),
+        helper.make_node("Transpose", ["sm"], ["y"], name="transpose", perm=[0, 2, 1]),
+    ]
+    graph = helper.make_graph(nodes, "shape_ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 36, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def assert_matches_onnxruntime(engine, model, batches=(1, 3, 7), rtol=1e-4, atol=1e-5):
+    for batch in batches:
+        feeds = random_inputs(engine.signature.inputs, batch=batch, seed=batch)
+        got, want = engine(feeds), run_plain(model, feeds)
+        assert list(got) == engine.signature.output_names
+        for name, expected in want.items():
+            assert got[name].dtype == expected.dtype, name
+            np.testing.assert_allclose(got[name], expected, rtol=rtol, atol=atol, err_msg=f"{name} at batch {batch}")
+
+
+# --------------------------------------------------------------------------- registry and platform
+
+
+def test_registered_available_and_ranked_below_onnxruntime_without_a_gpu():
+    backend = get_backend("torch")
+    assert backend.display_name == "PyTorch Inductor"
+    assert backend.available()
+    if not torch.cuda.is_available():
+        assert backend.auto_priority == 5 < get_backend("onnxruntime").auto_priority
+        assert pick_backend("auto").name == "onnxruntime"
+        assert backend.precisions(BuildOptions()) == ["fp32"]
+    else:
+        assert set(backend.precisions(BuildOptions())) >= {"fp32", "fp16"}
+
+
+def test_fingerprint_names_the_gpu_and_toolchain_and_mismatches_are_refused():
+    backend = get_backend("torch")
+    cpu = backend.fingerprint(BuildOptions(backend_options={"device": "cpu"}))
+    assert cpu["device"] == "cpu" and cpu["gpu"] == "none" and cpu["backend_version"] == torch.__version__
+    assert set(backend.must_match()) >= {"gpu", "compute_capability", "backend_version", "triton_version", "cuda"}
+    h100 = {**cpu, "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "cuda": "13.0",
+            "triton_version": "3.6.0", "backend_version": "2.11.0+cu130"}
+    text = backend.describe_platform(h100)
+    assert "NVIDIA H100 80GB HBM3" in text and "9.0" in text and "CUDA 13.0" in text and "Triton 3.6.0" in text
+    assert "CPU" in backend.describe_platform(cpu)
+
+    engine = es.build(make_mlp(), backend="torch", backend_options=EAGER)
+    assert engine.manifest.fingerprint["device"] == ("cuda" if CUDA else "cpu")
+    assert not platform_differences(engine.manifest, backend)
+    engine.manifest.fingerprint.update({"gpu": "Some Other GPU", "compute_capability": "8.6"})
+    keys = {key for key, _, _ in platform_differences(engine.manifest, backend)}
+    assert keys == {"gpu", "compute_capability"}
+    with pytest.raises(PlatformMismatchError, match="Some Other GPU"):
+        check_platform_compatible(engine.manifest, backend)
+
+
+# --------------------------------------------------------------------------- compiled engines
+
+
+def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxruntime(tmp_path):
+    model = make_mlp()
+    engine = es.build(model, backend="torch", backend_options=COMPILED)
+    details = engine.manifest.checks["build"]
+    assert details["compile"] == "inductor" and details["cache_bytes"] > 0
+    assert all(err < 1e-5 for err in details["compiled_vs_exported_rel_l2"].values())
+    if not CUDA:
+        assert details["dynamic"] and any("no autotuning on the CPU" in line for line in engine.manifest.build_log)
+    assert_matches_onnxruntime(engine, model, batches=(1, 3) if CUDA else (1, 3, 7))
+    path = engine.save(tmp_path / "mlp.engine")
+
+    loaded = es.load(path)
+    assert_matches_onnxruntime(loaded, model, batches=(1, 3))
+
+    # A fresh process with empty compiler caches: the engine's own cache makes it a warm load.
+    script = (
+        "import json, sys, numpy as np, enginesmith as es\n"
+        "e = es.load(sys.argv[1])\n"
+        "y = e(x=np.ones((3, 6), np.float32))['probs']\n"
+        "print(json.dumps({'cache': e._session.cache_info, 'load_s': e._session.load_seconds, 'y': y.tolist()}))\n"
+    )
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+           "PYTHONPATH": os.pathsep.join([str(Path(es.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["cache"] == "compiler cache loaded"
+    expected = run_plain(model, {"x": np.ones((3, 6), np.float32)})["probs"]
+    np.testing.assert_allclose(np.array(result["y"], dtype=np.float32), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_run_torch_keeps_tensors_on_the_device_and_takes_dlpack():
+    model = make_mlp()
+    engine = es.build(model, backend="torch", backend_options=EAGER)
+    session = engine._session
+    x = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
+    out = session.run_torch({"x": torch.from_numpy(x).to(DEVICE)})["probs"]
+    assert isinstance(out, torch.Tensor) and out.device.type == torch.device(DEVICE).type
+    np.testing.assert_allclose(out.cpu().numpy(), run_plain(model, {"x": x})["probs"], rtol=1e-4, atol=1e-6)
+    via_dlpack = session.run_torch({"x": x})["probs"]  # numpy arrays implement __dlpack__
+    np.testing.assert_allclose(via_dlpack.cpu().numpy(), out.cpu().numpy(), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- models and conversion
+
+
+@pytest.mark.parametrize("make", [make_two_in_two_out, make_int_input_model], ids=["two_in_two_out", "int_input"])
+def test_multi_input_output_and_integer_tensors(make):
+    model = make()
+    engine = es.build(model, backend="torch", backend_options=EAGER)
+    assert_matches_onnxruntime(engine, model)
+
+
+@pytest.mark.parametrize("dynamic_reshape", [False, True], ids=["constant_shapes", "shape_arithmetic"])
+def test_shape_arguments_become_static_for_export(dynamic_reshape):
+    model = shape_ops_model(dynamic_reshape)
+    engine = es.build(model, backend="torch", backend_options=EAGER)
+    log = " ".join(engine.manifest.build_log)
+    assert "OnnxReshape" in log and "OnnxSlice" in log
+    if dynamic_reshape:
+        assert "OnnxShape" in log
+    assert_matches_onnxruntime(engine, model)
+
+
+def test_conv_net_with_batchnorm_and_dropout_matches_onnxruntime(tmp_path):
+    model = samples.small_cnn()
+    engine = es.build(model, backend="torch", backend_options=EAGER)
+    assert any("Conv+BN" in line for line in engine.manifest.build_log)
+    assert_matches_onnxruntime(engine, model)
+    loaded = es.load(engine.save(tmp_path / "cnn.engine"))
+    assert_matches_onnxruntime(loaded, model, batches=(2,))
+
+
+def test_unsupported_op_is_named_with_its_nodes():
+    model = make_unsupported_op_model()
+    with pytest.raises(UnsupportedModelError, match=r"FancyActivation.*fancy_1"):
+        es.build(model, backend="torch", backend_options=EAGER)
+    support = get_backend("torch").op_support(model, BuildOptions())
+    assert support["relu"][0] == "supported" and support["fancy_1"][0] == "unsupported"
+
+
+def test_precisions_int8_refused_and_fp16_stays_fp32_on_the_cpu():
+    with pytest.raises(UnsupportedModelError, match="int8"):
+        get_backend("torch").build(make_mlp(), Signature((TensorSpec("x", "float32", ("batch", 6)),),
+                                                         (TensorSpec("probs", "float32", ("batch", 4)),)),
+                                   BuildOptions(precision="int8", backend_options=EAGER))
+    if not CUDA:
+        engine = es.build(make_mlp(), backend="torch", precision="fp16", backend_options=EAGER)
+        assert engine.precision == "fp32"
+        assert any("does not pay on the CPU" in line for line in engine.manifest.build_log)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_engines_take_and_return_fp32(precision):
+    """Forced on the CPU (CI), native on a GPU: fp32 in and out, reduced precision inside."""
+    model = make_mlp()
+    backend = get_backend("torch")
+    from enginesmith.importers import import_model
+
+    imported = import_model(model)
+    result = backend.build(imported.model, imported.signature,
+                           BuildOptions(precision=precision, force_precision=True, backend_options=EAGER))
+    assert result.resolved_options.precision == precision
+    session = backend.load(result.payload, result.resolved_options, imported.signature)
+    x = np.random.default_rng(2).standard_normal((4, 6)).astype(np.float32)
+    got = session.run({"x": x})["probs"]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, run_plain(model, {"x": x})["probs"], atol=3e-2)
+
+
+def test_native_torch_module_is_built_without_onnx():
+    module = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    signature = Signature((TensorSpec("x", "float32", ("batch", 6)),), (TensorSpec("y", "float32", ("batch", 3)),))
+    backend = get_backend("torch")
+    result = backend.build(module, signature, BuildOptions(backend_options=EAGER))
+    assert any("torch module" in line for line in result.log)
+    session = backend.load(result.payload, result.resolved_options, signature)
+    x = np.random.default_rng(3).standard_normal((5, 6)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(session.run({"x": x})["y"], want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- payload safety
+
+
+def _rewrite_program(payload: bytes, edit) -> bytes:
+    meta, program, cache, aoti = tc.unpack_payload(payload)
+    source = zipfile.ZipFile(io.BytesIO(program))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as target:
+        for info in source.infolist():
+            data = edit(info.filename, source.read(info.filename))
+            if data is not None:
+                target.writestr(info.filename, data)
+    return tc.pack_payload(meta, buffer.getvalue(), cache, aoti)
+
+
+def test_payload_that_would_unpickle_is_refused():
+    model = make_mlp()
+    backend = get_backend("torch")
+    from enginesmith.importers import import_model
+
+    imported = import_model(model)
+    result = backend.build(imported.model, imported.signature, BuildOptions(backend_options=EAGER))
+    names = zipfile.ZipFile(io.BytesIO(tc.unpack_payload(result.payload)[1])).namelist()
+    assert not any(name.endswith(".pt") and "sample_inputs" not in name for name in names)
+
+    def pickled_inputs(name, data):
+        return b"\x80\x04N." if "sample_inputs" in name else data
+
+    def pickled_weights(name, data):
+        if name.endswith("weights_config.json"):
+            config = json.loads(data)
+            for entry in config["config"].values():
+                entry["use_pickle"] = True
+            return json.dumps(config).encode()
+        return data
+
+    for edit, message in ((pickled_inputs, "example inputs"), (pickled_weights, "pickle")):
+        with pytest.raises(BuildError, match=message):
+            backend.load(_rewrite_program(result.payload, edit), result.resolved_options, imported.signature)
+    with pytest.raises(BuildError, match="not a PyTorch backend payload"):
+        backend.load(b"not a zip", result.resolved_options, imported.signature)
