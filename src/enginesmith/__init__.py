@@ -21,7 +21,7 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
     ValidationDataError,
 )
-from .api import bench, build, info, load, validate  # noqa: E402
+from .api import bench, build, info, layerwise, load, validate  # noqa: E402
 from .importers import ImportOptions  # noqa: E402
 from .runtime.engine import Engine  # noqa: E402
 from .signature import Signature, TensorSpec  # noqa: E402
@@ -32,6 +32,7 @@ __all__ = [
     "build",
     "load",
     "validate",
+    "layerwise",
     "bench",
     "info",
     "Engine",

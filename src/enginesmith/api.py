@@ -63,6 +63,9 @@ def build(
     holdout: float = 0.2,
     accuracy_budget: AccuracyBudget | str | None = None,
     force_precision: bool | None = None,
+    graph_passes: bool | None = None,
+    disabled_passes: Sequence[str] | None = None,
+    check_compatibility: bool = True,
 ) -> Engine:
     """Build an engine for this machine from a model file, an in-memory model, or a bundle.
 
@@ -75,6 +78,12 @@ def build(
     supports and keeps the fastest that stays within ``accuracy_budget`` (``"1%"``,
     ``"agreement>=0.99"``, ``"rel_l2<=0.05"``).
 
+    Before building, the model is checked against the backend's operator support
+    (``check_compatibility``; an unbuildable model raises
+    :class:`~enginesmith.graph.compat.IncompatibleModelError` carrying the full report) and
+    the default graph passes run (``graph_passes``; names in ``disabled_passes`` are
+    skipped), each checked numerically and rolled back if it changes the outputs.
+
     With ``verify`` (the default) the engine is compared with the source run by its own
     framework, and a failed comparison raises :class:`BuildError`.
     """
@@ -85,8 +94,11 @@ def build(
             source, previous, import_options, previous_caches = _source_from_bundle(Path(source), Path(tmp), import_options)
         import_options = import_options or ImportOptions()
         imported = import_model(source, import_options, kind=previous.source_kind if previous else None)
-        options = _build_options(previous, precision, threads, backend_options, force_precision, calibration_method)
         chosen = _choose_backend(backend, previous)
+        options = _build_options(previous, precision, threads, backend_options, force_precision, calibration_method,
+                                 same_backend=previous is not None and previous.backend == chosen.name)
+        graph = _graph_settings(graph_passes, disabled_passes, check_compatibility, previous)
+        imported, graph_checks = _prepare_graph(imported, chosen, options, import_options, graph, progress)
         spec = _preprocess_spec(preprocess, previous)
         budget = _accuracy_budget(accuracy_budget, previous)
         data = prepare_precision_data(
@@ -107,6 +119,8 @@ def build(
                 )
             elif verify:
                 _verify(engine, reference, data, tolerance or (budget.tolerance() if budget else None), imported.kind)
+        engine.manifest.checks.update(graph_checks)
+        engine.manifest.build_options["graph"] = graph.to_dict()
         engine.manifest.preprocess = spec.to_dict() if spec else None
         engine.manifest.accuracy_budget = budget.to_dict() if budget else None
         if data.check:
@@ -286,7 +300,8 @@ def _source_from_bundle(
     target = tmp / Path(manifest.source_name).name
     target.write_bytes(contents.source)
     materialized = _materialize_source(target)
-    options = import_options or ImportOptions.from_dict(manifest.build_options.get("import_options", {}))
+    recorded = ImportOptions.from_dict(manifest.build_options.get("import_options", {}))
+    options = import_options.over(recorded) if import_options is not None else recorded
     return materialized, manifest, options, contents.caches
 
 
@@ -306,8 +321,12 @@ def _build_options(
     backend_options: Mapping[str, Any] | None,
     force_precision: bool | None,
     calibration_method: str | None,
+    same_backend: bool = True,
 ) -> BuildOptions:
     base = BuildOptions.from_dict(previous.build_options) if previous else BuildOptions()
+    if not same_backend:
+        # Options of another backend (providers, TensorRT profiles) mean nothing to this one.
+        base.backend_options = {}
     if precision is not None:
         if precision not in PRECISIONS + ("best",):
             raise BuildError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)} or best")
@@ -325,6 +344,65 @@ def _build_options(
     if backend_options:
         base.backend_options = {**base.backend_options, **backend_options}
     return base
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    """Which graph passes ``build`` runs; recorded in the manifest so a rebuild runs the same ones."""
+
+    enabled: bool = True
+    disabled: tuple[str, ...] = ()
+    check_compatibility: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passes": self.enabled, "disabled": list(self.disabled)}
+
+
+def _graph_settings(
+    enabled: bool | None, disabled: Sequence[str] | None, check_compatibility: bool, previous: Manifest | None
+) -> GraphSettings:
+    recorded = (previous.build_options.get("graph") or {}) if previous is not None else {}
+    return GraphSettings(
+        enabled=bool(recorded.get("passes", True)) if enabled is None else enabled,
+        disabled=tuple(recorded.get("disabled", ())) if disabled is None else tuple(disabled),
+        check_compatibility=check_compatibility,
+    )
+
+
+# Passes that exist because the user asked for them: failing one must stop the build, not be skipped.
+REQUESTED_PASSES = ("fix_shapes", "make_dynamic", "convert_opset")
+
+
+def _prepare_graph(
+    imported: ImportedModel,
+    backend: Backend,
+    options: BuildOptions,
+    import_options: ImportOptions,
+    graph: GraphSettings,
+    progress: ProgressCallback | None,
+) -> tuple[ImportedModel, dict[str, Any]]:
+    """Check the model against the backend, then run the graph passes; returns the model to build and checks."""
+    from .graph.compat import check_buildable
+    from .graph.passes import build_passes, optimize
+    from .importers.onnx_importer import signature_of
+
+    specs = build_passes(import_options, graph.disabled) if graph.enabled else []
+    names = [spec if isinstance(spec, str) else spec[0] for spec in specs]
+    checks: dict[str, Any] = {}
+    if graph.check_compatibility:
+        report = check_buildable(imported.model, backend.name, options, passes=names)
+        checks["compatibility"] = {"target": report.target_label, "source": report.source,
+                                   "counts": report.counts, "summary": report.summary()}
+    if not specs:
+        return imported, checks
+    model, summary = optimize(imported.model, specs, progress=progress)
+    failed = [r for r in summary.rolled_back if r.name in REQUESTED_PASSES]
+    if failed:
+        raise BuildError(f"could not apply {failed[0].name} {failed[0].args}: {failed[0].reason}")
+    checks["graph_passes"] = summary.to_dict()
+    reshaped = any(r.name in ("fix_shapes", "make_dynamic") and r.status == "applied" for r in summary.results)
+    signature = signature_of(model) if reshaped else imported.signature
+    return replace(imported, model=model, signature=signature, log=imported.log + summary.lines()), checks
 
 
 def _preprocess_spec(given: PreprocessSpec | str | None, previous: Manifest | None) -> PreprocessSpec | None:
@@ -550,7 +628,8 @@ def validate(
             against, label = _embedded_source(engine, Path(tmp)), "embedded source"
         else:
             label = Path(against).name if isinstance(against, (str, Path)) else type(against).__name__
-        options = import_options or ImportOptions.from_dict(engine.manifest.build_options.get("import_options", {}))
+        recorded = ImportOptions.from_dict(engine.manifest.build_options.get("import_options", {}))
+        options = import_options.over(recorded) if import_options is not None else recorded
         reference = reference_runner(against, options)
         spec = PreprocessSpec.from_dict(engine.manifest.preprocess) if engine.manifest.preprocess else None
         feeds, inputs_label = validation_batches(engine.signature, data, batch, batches, seed, spec)
@@ -559,6 +638,27 @@ def validate(
     if store and engine.path is not None:
         _store_report(engine.path, "validation", report)
     return report
+
+
+def layerwise(
+    engine: str | Path,
+    against: SourceLike | None = None,
+    *,
+    data: str | Path | None = None,
+    batch: int | None = None,
+    seed: int = 0,
+    tolerance: Tolerance | None = None,
+    import_options: ImportOptions | None = None,
+):
+    """Compare every intermediate tensor of a saved engine's backend with the source's, in topological order.
+
+    Returns a :class:`~enginesmith.graph.layerwise.LayerwiseReport` naming the first layer
+    whose output leaves the tolerance, so a broken conversion or fp16/int8 engine can be located.
+    """
+    from .graph.layerwise import layerwise_for_engine
+
+    return layerwise_for_engine(engine, against, data=data, batch=batch, seed=seed, tolerance=tolerance,
+                                import_options=import_options)
 
 
 def _embedded_source(engine: Engine, tmp: Path) -> Path:

@@ -15,6 +15,7 @@ from rich.table import Table
 from .. import api
 from ..bench import BenchReport, write_atomic
 from ..bundle import looks_like_bundle
+from ..graph.compat import IncompatibleModelError
 from ..importers import ImportOptions
 from ..signature import random_inputs, shape_text
 from ..validate import ValidationReport, tolerance_for
@@ -28,6 +29,7 @@ from .app import (
     read_input_args,
     split_names,
 )
+from .graph_commands import print_compat, print_layerwise
 
 
 def import_options_from_args(
@@ -75,33 +77,64 @@ def build(
     holdout: float = typer.Option(0.2, help="Share of the calibration data kept aside to validate on."),
     max_accuracy_drop: Optional[str] = typer.Option(None, help="Accuracy budget: '1%' (top-1 decisions that may change), 'agreement>=0.99' or 'rel_l2<=0.05'."),
     force_precision: bool = typer.Option(False, "--force-precision", help="Build the precision even where it does not pay (fp16 on a CPU)."),
+    no_pass: list[str] = typer.Option([], "--no-pass", help="Turn off one graph pass (see 'enginesmith surgeon --list-passes'); repeatable."),
+    no_passes: bool = typer.Option(False, "--no-passes", help="Run no graph passes (build the model as imported)."),
+    no_compat_check: bool = typer.Option(False, "--no-compat-check", help="Skip the operator-support report before the build."),
+    option: list[str] = typer.Option([], "--option", help="Backend option KEY=VALUE (VALUE as JSON, else text), e.g. device=cuda; repeatable."),
 ) -> None:
     """Build an engine for this machine (or rebuild a bundle from the source it carries)."""
     is_bundle = model.is_file() and looks_like_bundle(model)
     target = output or (model if is_bundle else model.with_suffix(".engine"))
     options = import_options_from_args(trust_code, input_shape, dynamic, inputs, outputs, signature, opset)
-    backend_options = {"providers": provider} if provider else None
-    with progress_bar() as progress:
-        engine = api.build(
-            model,
-            backend=backend,
-            precision=precision,
-            threads=threads,
-            backend_options=backend_options,
-            import_options=None if is_bundle and options == ImportOptions() else options,
-            include_source=not no_source,
-            verify=not no_verify,
-            output=target,
-            progress=progress,
-            calibration_data=calib,
-            calibration_method=calib_method,
-            calibration_random=calib_random,
-            calibration_cache=calib_cache,
-            preprocess=preprocess,
-            holdout=holdout,
-            accuracy_budget=max_accuracy_drop,
-            force_precision=force_precision or None,
-        )
+    backend_options = parse_backend_options(option)
+    if provider:
+        backend_options["providers"] = provider
+    build_args = dict(
+        backend=backend,
+        precision=precision,
+        threads=threads,
+        backend_options=backend_options or None,
+        import_options=None if is_bundle and options == ImportOptions() else options,
+        include_source=not no_source,
+        verify=not no_verify,
+        output=target,
+        calibration_data=calib,
+        calibration_method=calib_method,
+        calibration_random=calib_random,
+        calibration_cache=calib_cache,
+        preprocess=preprocess,
+        holdout=holdout,
+        accuracy_budget=max_accuracy_drop,
+        force_precision=force_precision or None,
+        graph_passes=False if no_passes else None,
+        disabled_passes=no_pass or None,
+        check_compatibility=not no_compat_check,
+    )
+    try:
+        with progress_bar() as progress:
+            engine = api.build(model, progress=progress, **build_args)
+    except IncompatibleModelError as exc:
+        # The full report on stdout; main() prints the one-line error on stderr.
+        print_compat(exc.report, show_all=False)
+        raise
+    print_build(engine, target)
+
+
+def parse_backend_options(specs: list[str]) -> dict:
+    """``KEY=VALUE`` pairs; VALUE is read as JSON (numbers, true/false, lists) when it parses, else kept as text."""
+    options: dict = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"--option '{spec}' is not KEY=VALUE, e.g. --option device=cuda")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def print_build(engine, target: Path) -> None:
     manifest = engine.manifest
     console.print(f"[bold green]built[/] {target}  ({manifest.backend} {manifest.backend_version}, {manifest.precision})")
     for line in manifest.build_log:
@@ -199,21 +232,28 @@ def validate(
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow references that execute code when loaded."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     no_store: bool = typer.Option(False, "--no-store", help="Do not store the report in the bundle."),
+    layerwise: bool = typer.Option(False, "--layerwise", help="Also compare every intermediate tensor and name the first layer that diverges."),
+    show_all: bool = typer.Option(False, "--all", help="With --layerwise: show every layer."),
 ) -> None:
     """Compare an engine's outputs with the reference model's; exit 1 when it fails."""
     engine = api.load(engine_path)
     tolerance = tolerance_for(engine.precision, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
                               min_argmax_agreement=min_argmax, max_abs=max_abs)
-    options = None
-    if trust_code:
-        options = ImportOptions.from_dict(engine.manifest.build_options.get("import_options", {}))
-        options.trust_code = True
+    options = ImportOptions(trust_code=True) if trust_code else None
     report = api.validate(engine, against, data=data, batch=batch, batches=batches, seed=seed,
                           tolerance=tolerance, import_options=options, store=not no_store)
     print_validation(report)
     if json_path:
         write_atomic(json_path, report.to_json())
         console.print(f"wrote {json_path}")
+    if layerwise:
+        layers = api.layerwise(engine_path, against, data=data, batch=batch, seed=seed, tolerance=tolerance,
+                               import_options=options)
+        print_layerwise(layers, show_all)
+        if json_path:
+            layer_path = json_path.with_name(json_path.stem + ".layerwise.json")
+            write_atomic(layer_path, layers.to_json())
+            console.print(f"wrote {layer_path}")
     if not report.passed:
         raise typer.Exit(code=1)
 
@@ -300,4 +340,9 @@ def info(
         console.print(f"nodes ran on: {where}", highlight=False, markup=False)
     for name, check in data["checks"].items():
         if isinstance(check, dict) and "summary" in check:
-            console.print(f"check {name}: {check['summary']} ({check['at']})", highlight=False, markup=False)
+            when = f" ({check['at']})" if "at" in check else ""
+            console.print(f"check {name}: {check['summary']}{when}", highlight=False, markup=False)
+        elif name == "graph_passes" and isinstance(check, dict):
+            applied = ", ".join(check.get("applied", [])) or "none"
+            console.print(f"graph passes: {check['nodes_before']} -> {check['nodes_after']} nodes; applied {applied}",
+                          highlight=False, markup=False)

@@ -191,7 +191,8 @@ def layerwise_for_engine(
     path = Path(engine_path)
     contents = read_bundle(path, payload=False, source=True, caches=True)
     manifest = contents.manifest
-    options = import_options or ImportOptions.from_dict(manifest.build_options.get("import_options", {}))
+    recorded = ImportOptions.from_dict(manifest.build_options.get("import_options", {}))
+    options = import_options.over(recorded) if import_options is not None else recorded
     with tempfile.TemporaryDirectory(prefix="enginesmith-layerwise-") as tmp:
         if against is None:
             if contents.source is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,6 +71,22 @@ class ImportOptions:
             signature_key=data.get("signature_key", "serving_default"),
             opset=data.get("opset"),
         )
+
+    def over(self, recorded: "ImportOptions") -> "ImportOptions":
+        """These options laid over ``recorded`` ones: a field left at its default keeps the recorded value.
+
+        Rebuilding or validating a bundle with, say, only ``trust_code=True`` must keep the
+        shapes, names and opset the bundle was built with.
+        """
+        merged = {}
+        for item in fields(self):
+            mine = getattr(self, item.name)
+            unset = mine is None if item.name == "example_inputs" else mine == getattr(_DEFAULT_OPTIONS, item.name)
+            merged[item.name] = getattr(recorded, item.name) if unset else mine
+        return ImportOptions(**merged)
+
+
+_DEFAULT_OPTIONS = ImportOptions()
 
 
 @dataclass
