@@ -1,129 +1,333 @@
 """CPU engines vs a plain ONNX Runtime session, in one run, on models built in code.
 
 For a MobileNetV2-like and a ResNet-50-like model (random weights) this builds an
-enginesmith engine and compares, on the same inputs and interleaved:
-  * engine        - ``engine.infer(feeds)``, what users call
-  * raw session   - the engine's own ONNX Runtime session called directly (wrapper overhead)
+enginesmith engine and compares, on the same inputs, in interleaved rounds:
+  * engine        - ``engine.infer(feeds)`` on the engine loaded from its file, what users call
+  * raw session   - the engine's own ``onnxruntime.InferenceSession.run`` called directly
+                    (the Engine wrapper's overhead is engine / raw session)
   * plain session - ``onnxruntime.InferenceSession(model.onnx)`` with default options, what a
-                    user writes by hand
-p50 latency at batch 1 and 8, throughput, and the peak RSS of a process that loads and runs
-each (measured in fresh subprocesses). Prints a table and writes JSON.
+                    user writes by hand (the baseline)
+p50 latency at batch 1 and 8, throughput, and the peak RSS (VmHWM) of a fresh process that
+loads and runs the model each way. Each round times every target in a block, in a rotated
+order; ratios are the median over rounds of the per-round median ratios, so drift and other
+load on a shared machine hit both sides alike. Prints a table, writes JSON and a PNG per model,
+and records the machine and its load (load average and the CPU share other processes used).
 
 Targets (issue 2, 2-core machine): engine p50 <= 1.0x plain (aim 0.9x); wrapper overhead
 over raw session.run <= 3% at batch 1 for ResNet-50-like; peak memory <= 1.2x plain.
 
-    python benchmarks/cpu_engines.py [--runs 30] [--image-size 224] [--json benchmarks/results/cpu_engines.json]
+    python benchmarks/cpu_engines.py [--rounds 5] [--runs 20] [--image-size 224] [--json benchmarks/results/cpu_engines.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import onnx
 
 import enginesmith as es
 from enginesmith import samples
-from enginesmith.backends.onnxruntime import plain_session_runner
-from enginesmith.bench import machine_facts, measure, write_atomic
+from enginesmith.bench import LatencyStats, machine_facts, plot_results, write_atomic
+from enginesmith.host import cpu_flags
 from enginesmith.signature import random_inputs
 
 MODELS = {
     "mobilenet_v2_like": samples.mobilenet_v2_like,
     "resnet50_like": samples.resnet50_like,
 }
+RESULTS = Path(__file__).parent / "results"
 
-# Run in a fresh interpreter so each peak RSS covers one way of running the model only.
+
+# --------------------------------------------------------------------------- shared helpers (also used by
+# precision.py and keras_engines.py)
+
+
+def interleaved(
+    targets: Mapping[str, Callable[[dict[str, np.ndarray]], Any]],
+    feeds: dict[str, np.ndarray],
+    batch: int,
+    *,
+    rounds: int,
+    runs: int,
+    warmup: int = 2,
+) -> tuple[dict[str, LatencyStats], dict[str, list[float]]]:
+    """Time every target ``runs`` times in total, split over ``rounds`` rounds.
+
+    In each round every target runs its share as one block; the order of the blocks is
+    rotated from round to round. Returns the statistics over all samples and, per target,
+    the median latency (ms) of each round, from which per-round ratios are taken.
+    """
+    labels = list(targets)
+    for label in labels:
+        for _ in range(warmup):
+            targets[label](feeds)
+    per_round_runs = [runs // rounds + (1 if k < runs % rounds else 0) for k in range(rounds)]
+    samples_s: dict[str, list[float]] = {label: [] for label in labels}
+    round_p50: dict[str, list[float]] = {label: [] for label in labels}
+    for r, count in enumerate(per_round_runs):
+        if count == 0:
+            continue
+        shift = r % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            fn = targets[label]
+            times = []
+            for _ in range(count):
+                start = time.perf_counter()
+                fn(feeds)
+                times.append(time.perf_counter() - start)
+            samples_s[label] += times
+            round_p50[label].append(float(np.median(times)) * 1e3)
+    stats = {label: LatencyStats.from_samples(label, batch, s) for label, s in samples_s.items()}
+    return stats, round_p50
+
+
+def round_ratio(round_p50: Mapping[str, list[float]], num: str, den: str) -> dict[str, float]:
+    """num/den p50 per round: the median over rounds, and the smallest and largest round."""
+    ratios = np.asarray(round_p50[num]) / np.asarray(round_p50[den])
+    return {"median": float(np.median(ratios)), "min": float(ratios.min()), "max": float(ratios.max()),
+            "rounds": len(ratios)}
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat; (0, 0) off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0, 0
+    values = [int(v) for v in fields[:8]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+class LoadMonitor:
+    """Load average at start and end, and the CPU share that *other* processes used meanwhile.
+
+    ``other_cpu_share`` = (all busy CPU time - this process's and its children's CPU time)
+    / (wall time x CPUs): 0 on an idle machine, 0.5 when another job kept one of two cores busy.
+    """
+
+    def __enter__(self) -> "LoadMonitor":
+        self.load_start = os.getloadavg()
+        self._busy, self._total = _cpu_jiffies()
+        self._own = self._own_cpu()
+        self._wall = time.perf_counter()
+        return self
+
+    @staticmethod
+    def _own_cpu() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __exit__(self, *exc: object) -> None:
+        busy, total = _cpu_jiffies()
+        hz = os.sysconf("SC_CLK_TCK")
+        wall = time.perf_counter() - self._wall
+        ncpu = os.cpu_count() or 1
+        own = self._own_cpu() - self._own
+        others = max((busy - self._busy) / hz - own, 0.0)
+        self.facts = {
+            "loadavg_start": [round(v, 2) for v in self.load_start],
+            "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+            "wall_s": round(wall, 1),
+            "own_cpu_s": round(own, 1),
+            "other_cpu_share": round(others / (wall * ncpu), 3) if total > self._total else None,
+        }
+
+
+def machine(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    import onnxruntime
+
+    facts = {**machine_facts(), "cpu_flags": " ".join(cpu_flags()), "onnxruntime": onnxruntime.__version__,
+             "enginesmith": es.__version__, "loadavg_at_start": [round(v, 2) for v in os.getloadavg()]}
+    return {**facts, **(extra or {})}
+
+
+# --------------------------------------------------------------------------- peak memory
+
+# Run in a fresh interpreter so each peak covers one way of running the model only. The peak
+# is read from /proc/self/status (VmHWM, the high-water mark of this process's own address
+# space): getrusage's ru_maxrss would also count the parent's RSS, which a child started with
+# vfork/exec inherits as its starting high-water mark.
 RSS_SCRIPT = """
-import resource, sys, numpy as np
-mode, path, batch, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-x = np.random.default_rng(0).standard_normal((batch, 3, {size}, {size})).astype(np.float32)
+import sys, numpy as np
+mode, path, batch, runs, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 if mode == "engine":
     import enginesmith as es
+    before = hwm()
     engine = es.load(path)
     run = lambda: engine(image=x)
 else:
     import onnxruntime as ort
+    before = hwm()
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    run = lambda: session.run(None, {{"image": x}})
+    run = lambda: session.run(None, {"image": x})
 for _ in range(runs):
     run()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(before, hwm())
 """
 
 
-def peak_rss(mode: str, path: Path, batch: int, size: int, runs: int = 5) -> int:
+def peak_rss(mode: str, path: Path, batch: int, size: int, runs: int = 3) -> tuple[int, int]:
+    """(high-water mark after imports, high-water mark after load and runs), bytes."""
     out = subprocess.run(
-        [sys.executable, "-c", RSS_SCRIPT.format(size=size), mode, str(path), str(batch), str(runs)],
+        [sys.executable, "-c", RSS_SCRIPT, mode, str(path), str(batch), str(runs), str(size)],
         check=True, capture_output=True, text=True,
     )
-    return int(out.stdout.strip().splitlines()[-1])
+    before, after = out.stdout.strip().splitlines()[-1].split()
+    return int(before), int(after)
 
 
-def bench_model(name: str, workdir: Path, batches: list[int], runs: int, size: int) -> dict:
+# --------------------------------------------------------------------------- the benchmark
+
+
+def bench_model(name: str, workdir: Path, args: argparse.Namespace) -> dict:
+    size = args.image_size
     model = MODELS[name](image_size=size)
     model_path = workdir / f"{name}.onnx"
     onnx.save(model, model_path)
     engine_path = workdir / f"{name}.engine"
-    engine = es.build(model_path, output=engine_path)
+    start = time.perf_counter()
+    es.build(model_path, output=engine_path)
+    build_s = time.perf_counter() - start
     engine = es.load(engine_path)
-    raw = engine._session  # the backend session, bypassing the Engine's input checks
-    plain = plain_session_runner(model_path.read_bytes())
-    targets = {"engine": engine.infer, "raw session": raw.run, "plain session": plain}
+    raw_session = engine._session._session  # the engine's onnxruntime.InferenceSession itself
+    names = engine.signature.output_names
+    import onnxruntime as ort
+
+    plain_session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    targets = {
+        "engine": engine.infer,
+        "raw session": lambda feeds: raw_session.run(names, feeds),
+        "plain session": lambda feeds: plain_session.run(None, feeds),
+    }
     rows = []
-    for batch in batches:
-        feeds = random_inputs(engine.signature.inputs, batch=batch, seed=0)
-        stats = {s.label: s for s in measure(targets, feeds, batch, warmup=3, runs=runs, rounds=5)}
-        rows.append({
-            "batch": batch,
-            **{f"{label} p50 ms": s.p50_ms for label, s in stats.items()},
-            **{f"{label} items/s": s.throughput for label, s in stats.items()},
-            "engine / plain p50": stats["engine"].p50_ms / stats["plain session"].p50_ms,
-            "wrapper overhead": stats["engine"].p50_ms / stats["raw session"].p50_ms - 1.0,
-            "stats": {label: vars(s) for label, s in stats.items()},
-        })
-    rss_engine = peak_rss("engine", engine_path, 1, size)
-    rss_plain = peak_rss("plain", model_path, 1, size)
+    all_stats: list[LatencyStats] = []
+    with LoadMonitor() as load:
+        for batch in args.batches:
+            feeds = random_inputs(engine.signature.inputs, batch=batch, seed=0)
+            stats, round_p50 = interleaved(targets, feeds, batch, rounds=args.rounds, runs=args.runs)
+            all_stats += stats.values()
+            vs_plain = round_ratio(round_p50, "engine", "plain session")
+            vs_raw = round_ratio(round_p50, "engine", "raw session")
+            rows.append({
+                "batch": batch,
+                **{f"{label} p50 ms": s.p50_ms for label, s in stats.items()},
+                **{f"{label} items/s": s.throughput for label, s in stats.items()},
+                "engine / plain p50": vs_plain["median"],
+                "engine / plain p50 range over rounds": [vs_plain["min"], vs_plain["max"]],
+                "raw / plain p50": round_ratio(round_p50, "raw session", "plain session")["median"],
+                "wrapper overhead": vs_raw["median"] - 1.0,
+                "wrapper overhead range over rounds": [vs_raw["min"] - 1.0, vs_raw["max"] - 1.0],
+                "round p50 ms": round_p50,
+                "stats": {label: vars(s) for label, s in stats.items()},
+            })
+        rss = {}
+        for batch in args.batches:
+            engine_before, engine_peak = peak_rss("engine", engine_path, batch, size)
+            plain_before, plain_peak = peak_rss("plain", model_path, batch, size)
+            rss[str(batch)] = {
+                "engine_mb": engine_peak / 2**20, "plain_mb": plain_peak / 2**20,
+                "ratio": engine_peak / plain_peak,
+                "engine_after_imports_mb": engine_before / 2**20, "plain_after_imports_mb": plain_before / 2**20,
+                "ratio_above_imports": (engine_peak - engine_before) / (plain_peak - plain_before),
+            }
+    worst = max(rss.values(), key=lambda r: r["ratio"])
+    if args.plot:
+        plot_results(all_stats, args.json.with_name(f"{args.json.stem}_{name}.png"),
+                     f"{name}, {size}x{size}: engine vs plain ONNX Runtime session")
     return {
         "model": name,
         "nodes": len(model.graph.node),
         "parameters": int(sum(onnx.numpy_helper.to_array(t).size for t in model.graph.initializer)),
+        "engine_build_s": build_s,
+        "engine_log": engine.manifest.build_log,
         "rows": rows,
-        "peak_rss_engine_mb": rss_engine / 2**20,
-        "peak_rss_plain_mb": rss_plain / 2**20,
-        "peak_rss_ratio": rss_engine / rss_plain,
+        "peak_rss": rss,
+        "peak_rss_engine_mb": worst["engine_mb"],
+        "peak_rss_plain_mb": worst["plain_mb"],
+        "peak_rss_ratio": worst["ratio"],
+        "load": load.facts,
     }
+
+
+def targets_met(results: list[dict]) -> dict[str, Any]:
+    by_model = {r["model"]: r for r in results}
+    out: dict[str, Any] = {}
+    worst_vs_plain = max(row["engine / plain p50"] for r in results for row in r["rows"])
+    out["engine p50 <= 1.0x plain (every model and batch)"] = {"value": worst_vs_plain, "met": worst_vs_plain <= 1.0}
+    out["engine p50 <= 0.9x plain (aim)"] = {"value": worst_vs_plain, "met": worst_vs_plain <= 0.9}
+    resnet = by_model.get("resnet50_like")
+    b1 = next((row for row in resnet["rows"] if row["batch"] == 1), None) if resnet else None
+    if b1 is not None:
+        out["wrapper overhead <= 3% (resnet50_like, batch 1)"] = {"value": b1["wrapper overhead"],
+                                                                 "met": b1["wrapper overhead"] <= 0.03}
+    worst_rss = max(r["peak_rss_ratio"] for r in results)
+    out["peak RSS <= 1.2x plain"] = {"value": worst_rss, "met": worst_rss <= 1.2}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=30, help="timed runs per target and batch")
-    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per target and batch, over all rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--batches", type=lambda t: [int(b) for b in t.split(",")], default=[1, 8])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "cpu_engines.json")
+    parser.add_argument("--json", type=Path, default=RESULTS / "cpu_engines.json")
+    parser.add_argument("--no-plot", dest="plot", action="store_false")
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    facts = machine()
     results = []
     with tempfile.TemporaryDirectory(prefix="enginesmith-bench-") as tmp:
         for name in args.models.split(","):
             print(f"benchmarking {name} ...", file=sys.stderr)
-            results.append(bench_model(name, Path(tmp), batches, args.runs, args.image_size))
-    header = f"{'model':<20}{'batch':>6}{'engine ms':>11}{'raw ms':>9}{'plain ms':>10}{'eng/plain':>10}{'overhead':>10}{'img/s':>9}"
+            results.append(bench_model(name, Path(tmp), args))
+    print(f"machine: {facts['cpu']}, {facts['physical_cores']} cores ({facts['cpu_flags']}), "
+          f"ONNX Runtime {facts['onnxruntime']}, Python {facts['python']}")
+    header = (f"{'model':<19}{'batch':>6}{'engine ms':>11}{'raw ms':>9}{'plain ms':>10}{'eng/plain':>11}"
+              f"{'overhead':>10}{'eng img/s':>11}{'plain img/s':>13}")
     print(header)
     print("-" * len(header))
     for res in results:
         for row in res["rows"]:
-            print(f"{res['model']:<20}{row['batch']:>6}{row['engine p50 ms']:>11.2f}{row['raw session p50 ms']:>9.2f}"
-                  f"{row['plain session p50 ms']:>10.2f}{row['engine / plain p50']:>9.3f}x{row['wrapper overhead']:>9.2%}"
-                  f"{row['engine items/s']:>9.1f}")
-        print(f"{'':<20}peak RSS: engine {res['peak_rss_engine_mb']:.0f} MB, plain {res['peak_rss_plain_mb']:.0f} MB "
-              f"({res['peak_rss_ratio']:.2f}x)")
-    report = {"machine": machine_facts(), "runs": args.runs, "image_size": args.image_size, "results": results}
+            print(f"{res['model']:<19}{row['batch']:>6}{row['engine p50 ms']:>11.2f}{row['raw session p50 ms']:>9.2f}"
+                  f"{row['plain session p50 ms']:>10.2f}{row['engine / plain p50']:>10.3f}x{row['wrapper overhead']:>+10.2%}"
+                  f"{row['engine items/s']:>11.1f}{row['plain session items/s']:>13.1f}")
+        for batch, r in res["peak_rss"].items():
+            print(f"{'':<19}peak RSS, batch {batch}: engine {r['engine_mb']:.0f} MB, plain {r['plain_mb']:.0f} MB "
+                  f"({r['ratio']:.2f}x; above imports {r['ratio_above_imports']:.2f}x)")
+        load = res["load"]
+        print(f"{'':<19}load average {load['loadavg_start'][0]:.2f} -> {load['loadavg_end'][0]:.2f}, "
+              f"other processes used {load['other_cpu_share'] or 0:.0%} of the CPUs")
+    met = targets_met(results)
+    print("targets:")
+    for what, verdict in met.items():
+        print(f"  {'MET ' if verdict['met'] else 'MISS'} {what}: {verdict['value']:.3f}")
+    report = {
+        "benchmark": "cpu_engines",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": facts,
+        "rounds": args.rounds,
+        "runs": args.runs,
+        "image_size": args.image_size,
+        "targets": met,
+        "results": results,
+    }
     write_atomic(args.json, json.dumps(report, indent=2).encode())
     print(f"wrote {args.json}")
 

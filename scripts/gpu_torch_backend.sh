@@ -1,104 +1,184 @@
 #!/usr/bin/env bash
 # The PyTorch Inductor backend on the GPU machine (issue 7): its tests on CUDA and benchmarks/gpu.py.
 #
-# Run from the repository root on the GPU machine; results land in $OUT (default /tmp/gpu_torch_out):
-#   scripts/gpu_torch_backend.sh a   env + API probe, tests on CUDA, MobileNetV2-like fp16 at batch 1 and 128
-#                                    (mode reduce-overhead: CUDA graphs, no autotuning), AOTInductor probe
-#   scripts/gpu_torch_backend.sh b   tests on CUDA, ResNet-50-like fp16 batch 1, max-autotune (cold build, then warm
-#                                    load + bench); an AOTInductor MobileNetV2-like engine if time is left
-#   scripts/gpu_torch_backend.sh c   ResNet-50-like fp16 batch 128, max-autotune (likewise); AOTInductor if time is left
-# Each part fits one 10-minute device call (a max-autotune ResNet-50 compile takes minutes per batch size).
-# Then, on any machine: python benchmarks/gpu.py merge <part outputs>/*.json --out benchmarks/results/gpu_torch.json
+# A device call lasts at most 10 minutes but a machine stays ours for up to 30 while calls follow each
+# other, and max-autotune builds of ResNet-50 take minutes each. So the plan runs in the background
+# (its own process session, so it outlives the call that started it) and each call follows it:
+#
+#   scripts/gpu_torch_backend.sh start [STEPS]   launch the plan (default: all steps, in priority order)
+#   scripts/gpu_torch_backend.sh wait SECONDS    follow it until it ends or SECONDS pass; then pack every
+#                                                result so far into $OUT/results.tar.gz and print the table
+#   scripts/gpu_torch_backend.sh run [STEPS]     the plan in the foreground (a dry run on a CPU machine:
+#                                                GPU_BENCH_ARGS="--image-size 32 --device cpu --compile eager")
+#
+# First call:  scripts/gpu_torch_backend.sh start && scripts/gpu_torch_backend.sh wait 560   (carry .whl)
+# Later calls: scripts/gpu_torch_backend.sh wait 580
+# Then here:   python benchmarks/gpu.py merge <unpacked results>/*.json --out benchmarks/results/gpu_torch.json
+#
+# STEPS is a comma list of: env mnv2_ro r50_b1 r50_b128 tests aoti r50_b1_frz r50_b128_frz mnv2_ma
+# Every step runs in its own process with a time limit; a step that would pass the plan's budget
+# (PLAN_BUDGET seconds from the start, default 1500) is skipped. Each build compiles cold (fresh
+# Inductor and Triton cache folders); each bench loads the engine in a fresh process with empty cache
+# folders, so its load time is the warm load from the compiler cache the engine carries.
 #
 # Needs: python3 with torch (CUDA), onnx, onnxruntime, numpy, pytest; onnx2torch as a wheel in .whl/ if missing.
 set -u
-PART=${1:-a}
-OUT=${OUT:-/tmp/gpu_torch_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+CMD=${1:-run}
+STATE=${STATE:-/tmp/gpu_torch}
+OUT=${OUT:-$STATE/out}
+ALL=env,mnv2_ro,r50_b1,r50_b128,tests,aoti,r50_b128_frz,r50_b1_frz,mnv2_ma
+REPO=$(pwd)
+export PYTHONUNBUFFERED=1 PYTHONPATH=$REPO/src${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import onnx2torch" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-LOG=$OUT/log_$PART.txt
-EXTRA=${GPU_BENCH_ARGS:-}  # e.g. "--image-size 64 --device cpu" for a dry run on a CPU machine
-START=$(date +%s)
+[ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
+EXTRA=${GPU_BENCH_ARGS:-}
+RES=$STATE/res
+LOG=$STATE/log.txt
+PROGRESS=$STATE/progress.txt
 
-BUDGET=${PART_BUDGET:-585}  # seconds this part may take in all (a device call allows 600)
-
-# run LIMIT CMD...: full output to the log, the last lines and the exit status to the console.
-# A step never runs past the part's budget: its limit shrinks to what is left.
-run() {
-  local limit=$1; shift
-  local left=$(( BUDGET - ($(date +%s) - START) ))
-  if (( left < 20 )); then echo "=== skipped (budget spent): $*" | tee -a "$LOG"; return 125; fi
+# step NAME LIMIT CMD...: full output to the log, one line per step to the progress file, exit status
+# and seconds to $RES/status_NAME.json. A step never runs past the plan's budget.
+step() {
+  local name=$1 limit=$2; shift 2
+  local now left
+  now=$(date +%s); left=$(( BUDGET - (now - START) ))
+  if (( left < 30 )); then
+    echo "+$(( now - START ))s skip $name (budget spent)" | tee -a "$PROGRESS" >>"$LOG"
+    echo "{\"step\": \"status\", \"name\": \"$name\", \"rc\": \"skipped\"}" >"$RES/status_$name.json"
+    return 125
+  fi
   (( limit > left )) && limit=$left
-  echo "=== +$(( $(date +%s) - START ))s [limit ${limit}s] $*" | tee -a "$LOG"
-  timeout -k 10 "$limit" "$@" >"$OUT/.step" 2>&1
+  echo "+$(( now - START ))s start $name [limit ${limit}s]" | tee -a "$PROGRESS" >>"$LOG"
+  echo "=== $name: $*" >>"$LOG"
+  timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
-  cat "$OUT/.step" >>"$LOG"
-  grep -v -E "AUTOTUNE|^  (triton|convolution|mm|addmm|bmm|cutlass|cuda_|extern|_)" "$OUT/.step" | tail -n 8
-  rm -f "$OUT/.step"
-  echo "=== exit $rc after +$(( $(date +%s) - START ))s" | tee -a "$LOG"
+  local took=$(( $(date +%s) - now ))
+  echo "+$(( $(date +%s) - START ))s end $name: exit $rc after ${took}s" | tee -a "$PROGRESS" >>"$LOG"
+  echo "{\"step\": \"status\", \"name\": \"$name\", \"rc\": $rc, \"seconds\": $took, \"limit\": $limit}" >"$RES/status_$name.json"
   return $rc
 }
 
-build() {  # NAME MODEL LIMIT ARGS...: cold build (fresh cache key), engine in /tmp
+gpu() { python3 benchmarks/gpu.py "$@" $EXTRA; }
+
+build() {  # NAME MODEL LIMIT ARGS...: cold build in fresh cache folders
   local name=$1 model=$2 limit=$3; shift 3
-  run "$limit" python3 benchmarks/gpu.py build --model "$model" --engine "/tmp/$name.engine" --json "$OUT/build_$name.json" "$@" $EXTRA
+  rm -rf "$STATE/cache/build_$name"
+  step "build_$name" "$limit" env TORCHINDUCTOR_CACHE_DIR="$STATE/cache/build_$name/inductor" \
+    TRITON_CACHE_DIR="$STATE/cache/build_$name/triton" \
+    python3 benchmarks/gpu.py build --model "$model" --engine "$STATE/$name.engine" --json "$RES/build_$name.json" \
+    --tag "$name" "$@" $EXTRA
 }
 
-bench() {  # NAME MODEL LIMIT ARGS...: warm load in a fresh process with empty Inductor/Triton caches, then timings
+bench() {  # NAME MODEL LIMIT ARGS...: warm load in a fresh process with empty cache folders, then timings
   local name=$1 model=$2 limit=$3; shift 3
-  rm -rf "/tmp/cache_$name"
-  run "$limit" env TORCHINDUCTOR_CACHE_DIR="/tmp/cache_$name/inductor" TRITON_CACHE_DIR="/tmp/cache_$name/triton" \
-    python3 benchmarks/gpu.py bench --model "$model" --engine "/tmp/$name.engine" --json "$OUT/bench_$name.json" "$@" $EXTRA
+  [ -f "$STATE/$name.engine" ] || { echo "no engine $name: bench skipped" | tee -a "$PROGRESS" >>"$LOG"; return 1; }
+  rm -rf "$STATE/cache/bench_$name"
+  step "bench_$name" "$limit" env TORCHINDUCTOR_CACHE_DIR="$STATE/cache/bench_$name/inductor" \
+    TRITON_CACHE_DIR="$STATE/cache/bench_$name/triton" \
+    python3 benchmarks/gpu.py bench --model "$model" --engine "$STATE/$name.engine" --json "$RES/bench_$name.json" \
+    --tag "$name" "$@" $EXTRA
 }
 
-aoti_if_time() {  # AOTInductor engine (CUDA graphs captured around it) when 150 s are left
-  if (( BUDGET - ($(date +%s) - START) >= 150 )); then
-    build mnv2_fp16_aoti mobilenet_v2_like 110 --precision fp16 --compile aoti --mode reduce-overhead --batches 1 128
-    bench mnv2_fp16_aoti mobilenet_v2_like 60 --batches 1 128
-  fi
+do_step() {
+  case "$1" in
+    env)
+      step env 90 python3 benchmarks/gpu.py env --json "$RES/env.json"
+      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu,utilization.gpu \
+        --format=csv >>"$LOG" 2>&1
+      ;;
+    mnv2_ro)  # cheap first: the whole build/load/bench path on CUDA, CUDA graphs without autotuning
+      build mnv2_ro mobilenet_v2_like 300 --precision fp16 --mode reduce-overhead --batches 1 128
+      bench mnv2_ro mobilenet_v2_like 240 --batches 1 128
+      ;;
+    mnv2_ma)
+      build mnv2_ma mobilenet_v2_like 540 --precision fp16 --mode max-autotune --batches 1 128
+      bench mnv2_ma mobilenet_v2_like 240 --batches 1 128
+      ;;
+    r50_b1)
+      build r50_b1 resnet50_like 600 --precision fp16 --mode max-autotune --batches 1
+      bench r50_b1 resnet50_like 240 --batches 1 --runs 300
+      ;;
+    r50_b128)
+      build r50_b128 resnet50_like 600 --precision fp16 --mode max-autotune --batches 128
+      bench r50_b128 resnet50_like 240 --batches 128 --runs 200
+      ;;
+    r50_b1_frz)  # Inductor freezing: weights become constants (folded, laid out once) inside the graph
+      build r50_b1_frz resnet50_like 600 --precision fp16 --mode max-autotune --batches 1 --inductor freezing=1
+      bench r50_b1_frz resnet50_like 240 --batches 1 --runs 300
+      ;;
+    r50_b128_frz)
+      build r50_b128_frz resnet50_like 600 --precision fp16 --mode max-autotune --batches 128 --inductor freezing=1
+      bench r50_b128_frz resnet50_like 240 --batches 128 --runs 200
+      ;;
+    tests)
+      step tests_cuda 360 env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_backend.py -q \
+        -p no:cacheprovider -rA
+      local line
+      line=$(grep -E '[0-9]+ (passed|failed|errors?|skipped)' "$LOG" | tail -n 1 | tr -d '"=' | sed 's/^ *//;s/ *$//')
+      echo "{\"step\": \"tests\", \"device\": \"cuda\", \"summary\": \"$line\"}" >"$RES/tests_cuda.json"
+      ;;
+    aoti)  # AOTInductor (crashed once on this image): a plain probe first, then an engine with CUDA graphs
+      step aoti_probe 300 python3 benchmarks/gpu.py aoti --model mobilenet_v2_like --precision fp16 --mode default \
+        --batches 1 --engine "$STATE/aoti_probe.engine" --json "$RES/aoti_probe.json" $EXTRA \
+        && { build mnv2_aoti mobilenet_v2_like 300 --precision fp16 --compile aoti --mode reduce-overhead --batches 1 128
+             bench mnv2_aoti mobilenet_v2_like 180 --batches 1 128; }
+      ;;
+    *) echo "unknown step '$1'" | tee -a "$PROGRESS" ;;
+  esac
 }
 
-tests() {  # the backend's test file on CUDA (cheap compile modes), summary line kept as JSON
-  run 150 env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_backend.py -q -p no:cacheprovider
-  echo "{\"step\": \"tests\", \"device\": \"cuda\", \"summary\": \"$(grep -E '(passed|failed|error)' "$LOG" | tail -n 1 | tr -d '"=')\"}" \
-    >"$OUT/tests_cuda_$PART.json"
+plan() {  # the steps in order; a failing step does not stop the plan
+  START=$(date +%s)
+  BUDGET=${PLAN_BUDGET:-1500}
+  mkdir -p "$RES"
+  echo "plan ${1:-$ALL} from $(date -u +%FT%TZ), budget ${BUDGET}s, repo $REPO" | tee -a "$PROGRESS" >>"$LOG"
+  local s
+  for s in ${1//,/ }; do do_step "$s"; done
+  echo "+$(( $(date +%s) - START ))s plan done" | tee -a "$PROGRESS" >>"$LOG"
+  touch "$STATE/done"
 }
 
-case "$PART" in
-  a)
-    run 60 python3 benchmarks/gpu.py env --json "$OUT/env.json"
-    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv >>"$LOG" 2>&1
-    tests
-    build mnv2_fp16 mobilenet_v2_like 150 --precision fp16 --mode reduce-overhead --batches 1 128
-    bench mnv2_fp16 mobilenet_v2_like 90 --batches 1 128
-    run 150 python3 benchmarks/gpu.py aoti --model mobilenet_v2_like --precision fp16 --mode default --batches 1 \
-      --engine /tmp/mnv2_aoti.engine --json "$OUT/aoti_mnv2.json" $EXTRA
-    echo "aoti exit status: $? (124 = timed out, 139 = segfault)" | tee -a "$LOG"
+pack() {  # every result so far into $OUT (at most 8 files come back from a device call)
+  mkdir -p "$OUT"
+  cp "$LOG" "$OUT/log.txt" 2>/dev/null
+  [ -s "$OUT/log.txt" ] && [ "$(stat -c %s "$OUT/log.txt")" -gt 15000000 ] && tail -c 15000000 "$LOG" >"$OUT/log.txt"
+  cp "$PROGRESS" "$OUT/progress.txt" 2>/dev/null
+  ls "$RES"/*.json >/dev/null 2>&1 || return 0
+  tar -czf "$OUT/results.tar.gz" -C "$RES" .
+  python3 benchmarks/gpu.py merge "$RES"/*.json --out "$OUT/gpu_torch.json" >"$OUT/summary.txt" 2>&1
+  cat "$OUT/summary.txt"
+}
+
+case "$CMD" in
+  start)
+    rm -rf "$STATE"; mkdir -p "$STATE/res"
+    OUT=$STATE/out setsid nohup bash "$0" run "${2:-$ALL}" >"$STATE/plan.out" 2>&1 </dev/null &
+    echo "plan started (pid $!), state in $STATE"
     ;;
-  b)
-    tests
-    build r50_fp16_b1 resnet50_like 420 --precision fp16 --mode max-autotune --batches 1
-    bench r50_fp16_b1 resnet50_like 120 --batches 1
-    aoti_if_time
+  run)
+    rm -f "$STATE/done"; mkdir -p "$STATE/res"
+    plan "${2:-$ALL}"
+    pack
     ;;
-  c)
-    build r50_fp16_b128 resnet50_like 420 --precision fp16 --mode max-autotune --batches 128
-    bench r50_fp16_b128 resnet50_like 120 --batches 128 --runs 120
-    # The same warm load without Inductor's pool of compile worker processes (fresh caches again).
-    rm -rf /tmp/cache_r50_1t
-    run 60 env TORCHINDUCTOR_COMPILE_THREADS=1 TORCHINDUCTOR_CACHE_DIR=/tmp/cache_r50_1t/inductor \
-      TRITON_CACHE_DIR=/tmp/cache_r50_1t/triton python3 benchmarks/gpu.py bench --model resnet50_like \
-      --engine /tmp/r50_fp16_b128.engine --batches 128 --load-only --json "$OUT/load_r50_fp16_b128_1thread.json" $EXTRA
-    aoti_if_time
+  wait)
+    limit=${2:-560}; t0=$(date +%s); shown=0
+    while :; do
+      if [ -f "$PROGRESS" ]; then
+        total=$(wc -l <"$PROGRESS")
+        (( total > shown )) && { sed -n "$((shown + 1)),${total}p" "$PROGRESS"; shown=$total; }
+      fi
+      [ -f "$STATE/done" ] && break
+      (( $(date +%s) - t0 >= limit )) && { echo "(plan still running after ${limit}s of waiting)"; break; }
+      sleep 5
+    done
+    grep -E "Error|error:|Traceback|FAILED|Segmentation|core dumped" "$LOG" 2>/dev/null | grep -v -E "AUTOTUNE|^\s*$" | tail -n 25
+    pack
     ;;
   *)
-    echo "unknown part '$PART': use a, b or c" >&2
+    echo "usage: $0 start [STEPS] | wait SECONDS | run [STEPS]" >&2
     exit 2
     ;;
 esac
-ls "$OUT" >/dev/null
-python3 benchmarks/gpu.py merge "$OUT"/*.json --out "$OUT/summary_$PART.json.txt" 2>&1 | tail -n 40

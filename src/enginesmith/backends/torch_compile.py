@@ -31,7 +31,11 @@ Backend options (``BuildOptions.backend_options``)
                    triggers minutes of autotuning
     ``tf32``       allow TF32 in fp32 engines (default False: only when the budget allows)
     ``channels_last``  "auto" (CUDA + 4-D convolution inputs), true or false
-    ``inductor``   extra Inductor options, e.g. {"coordinate_descent_tuning": false}
+    ``inductor``   extra Inductor options, e.g. {"coordinate_descent_tuning": false} or {"freezing": true}
+    ``cudnn_benchmark``  let cuDNN time its convolution algorithms for each shape (default true
+                   on CUDA; process-wide, like PyTorch's flag): Inductor's autotuning compares
+                   against the cuDNN convolution, so with heuristics alone it compares against a
+                   possibly slower algorithm than cuDNN can run
 """
 
 from __future__ import annotations
@@ -811,6 +815,12 @@ def _set_fp32_math(torch, tf32: bool) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+def _set_cudnn_benchmark(torch, meta: Mapping[str, Any]) -> None:
+    """Turn cuDNN's per-shape algorithm search on for engines that ask for it (never off: other code may rely on it)."""
+    if meta["device"].startswith("cuda") and meta.get("cudnn_benchmark") and not torch.backends.cudnn.benchmark:
+        torch.backends.cudnn.benchmark = True
+
+
 def inductor_options(meta: Mapping[str, Any]) -> dict[str, Any]:
     torch = _torch()
     options = dict(torch._inductor.list_mode_options(meta["mode"]))
@@ -1158,6 +1168,7 @@ class TorchCompileBackend(Backend):
             "cudagraphs": cudagraphs,
             "channels_last": bool(channels_last),
             "tf32": bool(bo.get("tf32", False)) and precision == "fp32",
+            "cudnn_benchmark": bool(bo.get("cudnn_benchmark", True)) and cuda,
             "tag": f"enginesmith-{uuid.uuid4().hex}",
             "torch": self.version(),
             "triton": _triton_version() if cuda else "n/a",
@@ -1228,6 +1239,7 @@ class TorchCompileBackend(Backend):
         cache: bytes | None = None
         aoti: bytes | None = None
         warm_s: dict[int, float] = {}
+        _set_cudnn_benchmark(torch, meta)
         compile_started = time.perf_counter()
         step("compiling", 0, len(meta["warm_batches"]))
         if meta["compile"] == "eager":
@@ -1288,6 +1300,8 @@ class TorchCompileBackend(Backend):
             "dynamic": meta["dynamic"],
             "cudagraphs": meta["cudagraphs"],
             "channels_last": meta["channels_last"],
+            "cudnn_benchmark": meta["cudnn_benchmark"],
+            "inductor_options": meta["inductor"],
             "convert_seconds": round(convert_s, 2),
             "export_seconds": round(export_s, 2),
             "compile_seconds": round(compile_s, 2),
@@ -1341,6 +1355,7 @@ class TorchCompileBackend(Backend):
         cuda = meta["device"].startswith("cuda")
         if cuda:
             resolve_device(meta["device"])  # raises a clear error without a GPU
+            _set_cudnn_benchmark(torch, meta)
         eager = None
         if meta["compile"] != "aoti":  # an AOTInductor model serves every batch size itself
             try:
