@@ -214,3 +214,19 @@ def test_missing_and_garbage_files(tmp_path: Path) -> None:
     bad_h5.write_bytes(b"nope")
     with pytest.raises(SourceError, match="not an HDF5 file"):
         es.build(bad_h5)
+
+
+def test_opset_follows_the_backend_unless_asked(models, monkeypatch) -> None:
+    from enginesmith.backends import get_backend
+    from enginesmith.importers import ImportOptions
+
+    def source_opset(engine) -> int:
+        line = next(line for line in engine.manifest.build_log if "opset" in line and "converted" in line)
+        return int(line.rsplit("opset", 1)[1].split()[0].strip(",)"))
+
+    assert source_opset(es.build(models["paths"]["classifier"], verify=False)) == 17
+    monkeypatch.setattr(type(get_backend("onnxruntime")), "converter_opset", 15)
+    engine = es.build(models["paths"]["classifier"], backend="onnxruntime")
+    assert source_opset(engine) == 15 and engine.manifest.build_options["import_options"]["opset"] is None
+    asked = es.build(models["paths"]["classifier"], import_options=ImportOptions(opset=16), verify=False)
+    assert source_opset(asked) == 16

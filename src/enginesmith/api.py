@@ -93,10 +93,15 @@ def build(
         if isinstance(source, (str, Path)) and Path(source).is_file() and looks_like_bundle(source):
             source, previous, import_options, previous_caches = _source_from_bundle(Path(source), Path(tmp), import_options)
         import_options = import_options or ImportOptions()
-        imported = import_model(source, import_options, kind=previous.source_kind if previous else None)
         chosen = _choose_backend(backend, previous)
+        if import_options.opset is None:
+            import_options = replace(import_options, default_opset=chosen.converter_opset)
+        imported = import_model(source, import_options, kind=previous.source_kind if previous else None)
+        same_backend = previous is not None and previous.backend == chosen.name
         options = _build_options(previous, precision, threads, backend_options, force_precision, calibration_method,
-                                 same_backend=previous is not None and previous.backend == chosen.name)
+                                 same_backend=same_backend)
+        previous_caches = reusable_caches(previous_caches, same_backend)
+        options.previous_caches = previous_caches
         graph = _graph_settings(graph_passes, disabled_passes, check_compatibility, previous)
         imported, graph_checks = _prepare_graph(imported, chosen, options, import_options, graph, progress)
         spec = _preprocess_spec(preprocess, previous)
@@ -422,6 +427,19 @@ def _accuracy_budget(given: AccuracyBudget | str | None, previous: Manifest | No
     return given
 
 
+def reusable_caches(caches: Mapping[str, bytes], same_backend: bool) -> dict[str, bytes]:
+    """The rebuilt bundle's cache entries the new build may use.
+
+    Cache names are per backend (a TensorRT timing cache, ONNX Runtime's TensorRT engines), so
+    a build with another backend gets none of them, except the calibration ranges in ONNX
+    Runtime's JSON format, which both the ONNX Runtime and the TensorRT backend read.
+    """
+    if same_backend:
+        return dict(caches)
+    ranges = caches.get(CALIBRATION_CACHE_NAME)
+    return {CALIBRATION_CACHE_NAME: ranges} if ranges is not None and ranges.lstrip().startswith(b"{") else {}
+
+
 def _calibration_cache(given: str | Path | None, previous_caches: Mapping[str, bytes]) -> bytes | None:
     """A calibration cache from a file or an engine bundle; else the rebuilt bundle's own."""
     if given is None:
@@ -474,7 +492,8 @@ def _build_engine(
         checks={"build": result.details},
         build_log=imported.log + result.log,
     )
-    session = backend.load(result.payload, resolved, imported.signature)
+    # The build's caches (ONNX Runtime's TensorRT engines) let the engine load without building again.
+    session = backend.load_with_caches(result.payload, resolved, imported.signature, result.caches)
     contents = BundleContents(
         manifest=manifest,
         payload=result.payload,
@@ -495,9 +514,11 @@ def load(path: str | Path, *, check_platform: bool = True) -> Engine:
     options = BuildOptions.from_dict(manifest.build_options)
     if check_platform:
         check_platform_compatible(manifest, backend, path)
+    # Cache entries are read only for backends that restore them at load (they can be large).
+    caches = read_bundle(path, payload=False, caches=True).caches if backend.needs_caches_at_load(options) else {}
     with tempfile.TemporaryDirectory(prefix="enginesmith-load-") as tmp:
         payload = extract_verified_entry(path, manifest, manifest.payload_entry, Path(tmp) / manifest.payload_name)
-        session = backend.load(payload, options, manifest.signature)
+        session = backend.load_with_caches(payload, options, manifest.signature, caches)
     return Engine(manifest, session, path=path)
 
 

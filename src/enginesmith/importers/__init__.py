@@ -42,6 +42,9 @@ class ImportOptions:
     output_names: list[str] | None = None
     signature_key: str = "serving_default"
     opset: int | None = None
+    # The opset converters use when ``opset`` is not set: the target backend's choice, set by
+    # build(). Not recorded: a rebuild for another backend takes that backend's choice.
+    default_opset: int | None = None
     # Example inputs for in-memory framework objects (e.g. a torch module).
     example_inputs: Any = None
 

@@ -33,7 +33,8 @@ TORCH_LOGGERS = ("torch", "torch.onnx", "torch.export", "torch._dynamo", "torch.
 
 
 def opset_for(options: ImportOptions, default: int = DEFAULT_OPSET) -> int:
-    return int(options.opset) if options.opset else default
+    """The user's ``--opset``, else the target backend's choice, else ``default``."""
+    return int(options.opset or options.default_opset or default)
 
 
 # --------------------------------------------------------------------------- framework imports
