@@ -266,6 +266,33 @@ def test_calibration_batches_of_another_shape_are_left_out():
     assert "1 calibration batch(es) of another shape left out" in log[0]
 
 
+def test_engines_tensorrt_cannot_read_are_explained():
+    from enginesmith.backends.tensorrt.runtime import load_failure
+
+    foreign = load_failure(["IRuntime::deserializeCudaEngine: Error Code 1: Serialization (Serialization assertion "
+                            "stdVersionRead == kSERIALIZATION_VERSION failed.Version tag does not match.)"], "10.3.0")
+    assert isinstance(foreign, es.PlatformMismatchError)
+    assert "TensorRT 10.3.0 cannot load this engine" in str(foreign) and "rebuild it here with 'enginesmith build'" in str(foreign)
+    garbage = load_failure(["Error Code 1: Serialization (Serialization assertion magicTagRead == kMAGIC_TAG failed.)"], "10.3.0")
+    assert type(garbage) is es.BundleError and "not a TensorRT engine" in str(garbage)
+
+
+def test_timing_cache_of_the_rebuilt_bundle_seeds_the_build(tmp_path):
+    from enginesmith.backends.tensorrt.builder import timing_cache_source
+
+    shared = tmp_path / "timing.cache"
+    assert timing_cache_source(shared, None) == (b"", "")
+    assert timing_cache_source(shared, b"bundled") == (b"bundled", "the rebuilt bundle")
+    shared.write_bytes(b"grown")  # the shared file holds every build's timings on this GPU: it wins
+    assert timing_cache_source(shared, b"bundled") == (b"grown", str(shared))
+
+
+def test_tensorrt_sessions_take_device_tensors():
+    from enginesmith.backends.tensorrt.runtime import TensorRTSession
+
+    assert TensorRTSession.supports_device_io  # Engine.infer_device routes to run_device
+
+
 # ---------------------------------------------------------------------------- fingerprints
 
 XAVIER = {
@@ -529,3 +556,13 @@ def test_a_payload_that_is_not_an_engine(trt):
 
     with pytest.raises(es.BundleError, match="TensorRT"):
         TensorRTBackend().load(b"not an engine at all" * 10, BuildOptions(), signature)
+
+
+@pytest.mark.tensorrt
+def test_rebuild_reuses_the_bundle_timing_cache(trt, cache_dir, tmp_path):
+    path = tmp_path / "mlp.engine"
+    es.build(make_mlp(), backend="tensorrt").save(path)
+    for shared in (cache_dir / "tensorrt").glob("timing-*.cache"):
+        shared.unlink()  # only the bundle's own timing cache is left to reuse
+    rebuilt = es.build(path)
+    assert any(line.startswith("timing cache reused: the rebuilt bundle") for line in rebuilt.manifest.build_log)

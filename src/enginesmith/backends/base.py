@@ -42,6 +42,10 @@ class BuildOptions:
     execution providers, TensorRT's workspace size) so the generic layers need
     not know about them; they are stored in the manifest and reused when a
     bundle is rebuilt on another machine.
+
+    ``previous_caches`` holds the cache entries of the bundle being rebuilt (TensorRT
+    timing caches, ONNX Runtime's TensorRT engines), so a rebuild reuses them. Each
+    backend reads only the names it writes. It is never stored in the manifest.
     """
 
     precision: str = "fp32"
@@ -50,6 +54,7 @@ class BuildOptions:
     force_precision: bool = False
     calibration_method: str = "minmax"
     backend_options: dict[str, Any] = field(default_factory=dict)
+    previous_caches: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,9 +105,16 @@ class BuildResult:
 class Session(ABC):
     """A loaded engine ready to run. Must be safe to call from several threads."""
 
+    # Whether :meth:`run_device` takes device-resident tensors (torch/cupy through DLPack).
+    supports_device_io: ClassVar[bool] = False
+
     @abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on numpy inputs already checked against the signature."""
+
+    def run_device(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Run on device tensors without host copies; only where ``supports_device_io`` is true."""
+        raise NotImplementedError(f"{type(self).__name__} runs on host memory only")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free resources early; the default relies on garbage collection."""
@@ -113,6 +125,9 @@ class Backend(ABC):
     display_name: ClassVar[str]
     # Higher wins when ``--backend auto`` picks among available backends.
     auto_priority: ClassVar[int] = 0
+    # The ONNX opset converters (Keras, TensorFlow, TFLite, PyTorch) target for this backend
+    # unless the user asks for another: the newest one its parser or runtime runs fully.
+    converter_opset: ClassVar[int] = 17
 
     @abstractmethod
     def available(self) -> Availability:
@@ -158,6 +173,16 @@ class Backend(ABC):
 
         A file may be deleted once this returns: sessions must not keep reading it.
         """
+
+    def needs_caches_at_load(self, options: BuildOptions) -> bool:
+        """Whether :meth:`load_with_caches` wants the bundle's cache entries (they are read only then)."""
+        return False
+
+    def load_with_caches(
+        self, payload: bytes | Path, options: BuildOptions, signature: Signature, caches: Mapping[str, bytes]
+    ) -> Session:
+        """:meth:`load`, given the bundle's cache entries too (ONNX Runtime restores TensorRT engines from them)."""
+        return self.load(payload, options, signature)
 
     # Statuses ``op_support`` reports for a node.
     OP_STATUSES: ClassVar[tuple[str, ...]] = ("supported", "conditional", "unsupported")

@@ -6,11 +6,18 @@ so loading does no re-optimization. Those optimizations are hardware-specific
 (the CPU provider rewrites convolutions into blocked NCHWc layouts sized for
 the machine's vector width), which is why the engine's fingerprint records the
 CPU's ISA features and the ONNX Runtime version.
+
+With onnxruntime-gpu, the CUDA and TensorRT execution providers are accepted
+(``--provider cuda`` / ``tensorrt``; TensorRT falls back to CUDA, then the CPU, for
+subgraphs it cannot run). The TensorRT options of the TensorRT backend map onto the
+provider's options, and its engines, timing cache and int8 calibration table are kept in
+the bundle's cache entries: see :mod:`.ort_gpu`, which also says what has never run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -25,6 +32,11 @@ from ..errors import BackendUnavailableError, BuildError, MissingDependencyError
 from ..host import cpu_flags, host_fingerprint, physical_cores
 from ..signature import Signature, random_inputs
 from .base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session
+from . import ort_gpu
+from .ort_gpu import CUDA_EP, TRT_EP, OrtGpuSettings, TrtEpPlan
+
+_log = logging.getLogger("enginesmith.onnxruntime")
+PAYLOAD_NAME = "model.optimized.onnx"
 
 # Short names users type -> ONNX Runtime provider names, in preference order for "auto".
 PROVIDER_ALIASES = {
@@ -71,6 +83,9 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
                 "or pick another provider"
             )
         resolved.append(full)
+    if TRT_EP in resolved and CUDA_EP in available and CUDA_EP not in resolved:
+        # Subgraphs TensorRT cannot run go to CUDA before the CPU (ONNX Runtime's recommended order).
+        resolved.insert(resolved.index(TRT_EP) + 1, CUDA_EP)
     if "CPUExecutionProvider" not in resolved:
         resolved.append("CPUExecutionProvider")  # fallback for nodes the others cannot run
     return resolved
@@ -107,9 +122,9 @@ def _explain_ort_error(exc: Exception, model: onnx.ModelProto) -> UnsupportedMod
     return BuildError(f"ONNX Runtime could not build the engine: {text}")
 
 
-def _node_placement(session, signature: Signature) -> dict[str, dict[str, int]]:
+def _node_placement(session, signature: Signature, feeds: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, int]]:
     """op type -> {provider: count of nodes that ran on it}, read from one profiled run."""
-    session.run(None, random_inputs(signature.inputs, batch=1))
+    session.run(None, feeds if feeds is not None else random_inputs(signature.inputs, batch=1))
     profile_path = session.end_profiling()
     try:
         events = json.loads(Path(profile_path).read_text())
@@ -216,11 +231,19 @@ def quantize_int8(model: onnx.ModelProto, calibration: Calibration, tmp: str, lo
 
 
 class OnnxRuntimeSession(Session):
-    def __init__(self, session: Any, output_names: list[str]):
+    def __init__(self, session: Any, output_names: list[str], profiles: Mapping[str, Any] | None = None,
+                 folder: tempfile.TemporaryDirectory | None = None):
         self._session = session
         self._output_names = output_names
+        # TensorRT provider: the optimization profiles its engines were built for.
+        self._profiles = dict(profiles or {})
+        # TensorRT provider: engines, timing cache and calibration table; ONNX Runtime reads
+        # (and after a shape outside the profile, rewrites) them while the session lives.
+        self._folder = folder
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._profiles:
+            check_profiles(self._profiles, feeds)
         # InferenceSession.run is thread-safe, so no lock is needed here.
         values = self._session.run(self._output_names, dict(feeds))
         return dict(zip(self._output_names, values))
@@ -228,6 +251,21 @@ class OnnxRuntimeSession(Session):
     @property
     def providers(self) -> list[str]:
         return list(self._session.get_providers())
+
+    def close(self) -> None:
+        self._session = None
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
+
+
+def check_profiles(profiles: Mapping[str, Any], feeds: Mapping[str, np.ndarray]) -> None:
+    """Refuse shapes outside the TensorRT profile: ONNX Runtime would rebuild the engine mid-call (minutes)."""
+    from .tensorrt.options import check_in_profile
+
+    for name, profile in profiles.items():
+        if name in feeds:
+            check_in_profile(name, tuple(feeds[name].shape), tuple(profile.min), tuple(profile.max))
 
 
 class OnnxRuntimeBackend(Backend):
@@ -247,11 +285,16 @@ class OnnxRuntimeBackend(Backend):
 
     def fingerprint(self, options: BuildOptions) -> dict[str, str]:
         providers = resolve_providers(options.backend_options.get("providers"))
-        return {
+        fingerprint = {
             **host_fingerprint(),
             "backend_version": self.version(),
             "providers": ",".join(providers),
         }
+        if ort_gpu.GPU_PROVIDERS & set(providers):
+            # Informative: the payload is portable ONNX; cached TensorRT engines are checked at load.
+            gpu = ort_gpu.gpu_settings(options.backend_options, providers).gpu
+            fingerprint.update(ort_gpu.gpu_fingerprint(providers, gpu))
+        return fingerprint
 
     def must_match(self) -> list[str]:
         return ["os", "arch", "cpu_flags", "backend_version", "providers"]
@@ -263,7 +306,13 @@ class OnnxRuntimeBackend(Backend):
     def describe_platform(self, fingerprint: Mapping[str, str]) -> str:
         version = ".".join(fingerprint.get("backend_version", "?").split(".")[:2])
         first = fingerprint.get("providers", "CPUExecutionProvider").split(",")[0]
-        return f"{fingerprint.get('arch', '?')} / ONNX Runtime {version} {PROVIDER_LABELS.get(first, first)}"
+        text = f"{fingerprint.get('arch', '?')} / ONNX Runtime {version} {PROVIDER_LABELS.get(first, first)}"
+        if fingerprint.get("gpu"):
+            capability = fingerprint.get("compute_capability", "")
+            text += f" on {fingerprint['gpu']}" + (f" (sm_{capability.replace('.', '')})" if capability else "")
+        if first == TRT_EP and fingerprint.get("tensorrt"):
+            text += f" / TensorRT {fingerprint['tensorrt']}"
+        return text
 
     def build(
         self,
@@ -275,6 +324,7 @@ class OnnxRuntimeBackend(Backend):
     ) -> BuildResult:
         ort = _ort()
         providers = resolve_providers(options.backend_options.get("providers"))
+        settings = ort_gpu.gpu_settings(options.backend_options, providers)
         log = [f"ONNX Runtime {ort.__version__}, providers {', '.join(providers)}"]
         precision = options.precision
         if precision == "fp16" and not GPU_PROVIDERS & set(providers) and not options.force_precision:
@@ -283,11 +333,14 @@ class OnnxRuntimeBackend(Backend):
                 "every node), so the engine stays fp32; pass --force-precision to build fp16 anyway"
             )
             precision = "fp32"
+        if settings.trt is not None:
+            return self._build_tensorrt(model, signature, options, precision, providers, settings, progress, calibration, log)
         resolved = BuildOptions(
             precision=precision,
             threads=options.threads,
             force_precision=options.force_precision,
-            backend_options={**options.backend_options, "providers": providers},
+            calibration_method=options.calibration_method,
+            backend_options=ort_gpu.resolved_backend_options(options.backend_options, providers, None),
         )
         caches: dict[str, bytes] = {}
         with tempfile.TemporaryDirectory(prefix="enginesmith-ort-") as tmp:
@@ -313,9 +366,12 @@ class OnnxRuntimeBackend(Backend):
             if progress:
                 progress("optimizing graph", 0, 1)
             try:
-                session = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+                session = ort.InferenceSession(
+                    model.SerializeToString(), so, providers=ort_gpu.provider_list(providers, None, settings, "")
+                )
             except Exception as exc:  # ORT raises its own pybind exception types
                 raise _explain_ort_error(exc, model) from None
+            _require_providers(providers, session, ort.__version__)
             try:
                 placement = _node_placement(session, signature)
             except Exception as exc:  # placement is informative only; never fail a build on it
@@ -328,25 +384,235 @@ class OnnxRuntimeBackend(Backend):
         log.append(f"graph optimized offline: {len(model.graph.node)} nodes -> {len(optimized.graph.node)}")
         return BuildResult(
             payload=payload,
-            payload_name="model.optimized.onnx",
+            payload_name=PAYLOAD_NAME,
             resolved_options=resolved,
             log=log,
             details={"node_placement": placement, "nodes_before": len(model.graph.node), "nodes_after": len(optimized.graph.node)},
             caches=caches,
         )
 
+    def _build_tensorrt(
+        self,
+        model: onnx.ModelProto,
+        signature: Signature,
+        options: BuildOptions,
+        precision: str,
+        providers: list[str],
+        settings: OrtGpuSettings,
+        progress: ProgressCallback | None,
+        calibration: Calibration | None,
+        log: list[str],
+    ) -> BuildResult:
+        """The TensorRT provider: a portable payload, then one session that builds (and caches) the engines.
+
+        Never run (see :mod:`.ort_gpu`). The payload keeps ONNX Runtime's basic, provider-independent
+        optimizations, made on the CPU provider because a session holding TensorRT-compiled nodes
+        cannot be saved. The engines are then built by a session created exactly as :meth:`load`
+        creates it (same file name, same options), so ONNX Runtime finds them in the cache at load.
+        """
+        ort = _ort()
+        device = ort_gpu.gpu_facts(settings.gpu)
+        trt_version = ort_gpu.tensorrt_version()
+        caches: dict[str, bytes] = {}
+        with tempfile.TemporaryDirectory(prefix="enginesmith-ort-trt-") as tmp_text:
+            tmp = Path(tmp_text)
+            folder, model_dir = tmp / "cache", tmp / "model"
+            folder.mkdir()
+            model_dir.mkdir()
+            model_path = model_dir / PAYLOAD_NAME
+            _optimize_basic(model, model_path, options)
+            table = False
+            if precision == "int8":
+                table = _calibration_table(model, model_path, calibration, tmp, folder, caches, progress, log)
+            plan = ort_gpu.resolve_plan(settings, precision, signature, device, table)
+            provider_options = ort_gpu.trt_provider_options(plan, str(folder))
+            meta = ort_gpu.cache_meta(device, trt_version, ort.__version__, provider_options)
+            _seed_caches(folder, options.previous_caches, meta, settings, table, log)
+            if precision in ("fp16", "int8"):
+                log.append(f"{precision}: TensorRT picks {precision} kernels per layer (trt_{precision}_enable); "
+                           "subgraphs on CUDA/CPU stay fp32")
+            if progress:
+                progress("building TensorRT engines (ONNX Runtime)", 0, 1)
+            placement = _build_engines(model_path, signature, options, providers, plan, settings, folder, tmp)
+            if progress:
+                progress("building TensorRT engines (ONNX Runtime)", 1, 1)
+            timing = ort_gpu.shared_timing_folder(settings.trt.timing_cache if settings.trt else "off")
+            if timing is not None and ort_gpu.copy_timing_caches(folder, timing):
+                log.append(f"timing cache kept in {timing}")
+            built = ort_gpu.collect_caches(folder, meta)
+            payload = model_path.read_bytes()
+        caches.update(built)
+        engines = sorted(name for name in built if name.endswith(".engine"))
+        log.append(f"TensorRT provider: {len(engines)} engine(s) cached in the bundle" if engines
+                   else "TensorRT provider: no engine cached (engine_cache off, or no subgraph went to TensorRT)")
+        resolved = BuildOptions(
+            precision=precision,
+            threads=options.threads,
+            force_precision=options.force_precision,
+            calibration_method=options.calibration_method,
+            backend_options=ort_gpu.resolved_backend_options(options.backend_options, providers, plan),
+        )
+        details = {
+            "node_placement": placement,
+            "tensorrt_provider_options": ort_gpu.settings_key(provider_options),
+            "profiles": {name: p.to_dict() for name, p in plan.profiles.items()},
+            "cache_entries": sorted(built),
+        }
+        return BuildResult(payload, PAYLOAD_NAME, resolved, log, details, caches)
+
+    def needs_caches_at_load(self, options: BuildOptions) -> bool:
+        try:
+            return TRT_EP in resolve_providers(options.backend_options.get("providers"))
+        except BackendUnavailableError:
+            return False
+
     def load(self, payload: bytes | Path, options: BuildOptions, signature: Signature) -> Session:
+        return self.load_with_caches(payload, options, signature, {})
+
+    def load_with_caches(
+        self, payload: bytes | Path, options: BuildOptions, signature: Signature, caches: Mapping[str, bytes]
+    ) -> Session:
         ort = _ort()
         providers = resolve_providers(options.backend_options.get("providers"))
+        if TRT_EP in providers:
+            return _load_tensorrt(payload, options, signature, providers, caches)
+        settings = ort_gpu.gpu_settings(options.backend_options, providers)
         compiling = any(p in COMPILING_PROVIDERS for p in providers)
         so = _session_options(options, optimize=compiling)
         try:
             # A path lets ONNX Runtime read the file itself instead of copying Python bytes.
             source = payload if isinstance(payload, bytes) else str(payload)
-            session = ort.InferenceSession(source, so, providers=providers)
+            session = ort.InferenceSession(source, so, providers=ort_gpu.provider_list(providers, None, settings, ""))
         except Exception as exc:
             raise BuildError(f"ONNX Runtime could not load the engine payload: {str(exc).splitlines()[0]}") from None
+        _require_providers(providers, session, ort.__version__)
         return OnnxRuntimeSession(session, signature.output_names)
+
+
+def _require_providers(requested: list[str], session: Any, version: str) -> None:
+    """ONNX Runtime only warns when a GPU provider fails to start (missing CUDA/TensorRT libraries): refuse instead."""
+    missing = ort_gpu.missing_providers(requested, list(session.get_providers()))
+    if missing:
+        raise ort_gpu.explain_missing(missing, version)
+
+
+def _optimize_basic(model: onnx.ModelProto, target: Path, options: BuildOptions) -> None:
+    """Basic (provider-independent) graph optimizations on the CPU provider, saved to ``target``."""
+    ort = _ort()
+    so = _session_options(options, optimize=True)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(target)
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own pybind exception types
+        raise _explain_ort_error(exc, model) from None
+
+
+def _calibration_table(
+    model: onnx.ModelProto,
+    model_path: Path,
+    calibration: Calibration | None,
+    tmp: Path,
+    folder: Path,
+    caches: dict[str, bytes],
+    progress: ProgressCallback | None,
+    log: list[str],
+) -> bool:
+    """Write the int8 calibration table into the cache folder; False when the model's Q/DQ nodes set the scales."""
+    from .tensorrt.options import model_precisions
+
+    if model_precisions(model).has_qdq:
+        # TensorRT refuses a calibration table for a model with Q/DQ nodes (ONNX Runtime's TensorRT docs).
+        log.append("int8: the model's Q/DQ nodes set the scales (explicit quantization), no calibration table")
+        return False
+    if calibration is None:
+        raise ValidationDataError("int8 needs calibration data: give --calib DATA")
+    if progress:
+        progress("calibrating int8", 0, 1)
+    ranges = ort_gpu.calibrate_ranges(model_path, calibration, tmp, log)
+    (folder / ort_gpu.CALIBRATION_TABLE).write_bytes(ort_gpu.calibration_table(ranges, tmp))
+    caches[CALIBRATION_CACHE] = ranges
+    if progress:
+        progress("calibrating int8", 1, 1)
+    return True
+
+
+def _seed_caches(folder: Path, previous: Mapping[str, bytes], meta: Mapping[str, Any], settings: OrtGpuSettings,
+                 table: bool, log: list[str]) -> None:
+    """Put the rebuilt bundle's engines and the shared timing cache where ONNX Runtime looks first."""
+    timing = ort_gpu.shared_timing_folder(settings.trt.timing_cache if settings.trt else "off")
+    if timing is not None and ort_gpu.copy_timing_caches(timing, folder):
+        log.append(f"timing cache reused from {timing}")
+    if not any(name.startswith(ort_gpu.CACHE_PREFIX) for name in previous):
+        return
+    stale = ort_gpu.stale_reason(previous, meta)
+    fresh_table = (folder / ort_gpu.CALIBRATION_TABLE).read_bytes() if table else None
+    restored = ort_gpu.restore_caches(previous, folder, keep_device_bound=stale is None)
+    if fresh_table is not None:
+        (folder / ort_gpu.CALIBRATION_TABLE).write_bytes(fresh_table)  # this build's ranges win
+    if stale:
+        log.append(f"TensorRT engines of the rebuilt bundle not reused: {stale}")
+    elif restored:
+        log.append(f"TensorRT provider caches reused from the rebuilt bundle: {', '.join(restored)}")
+
+
+def _trt_session(model_path: Path, options: BuildOptions, providers: list[str], plan: TrtEpPlan,
+                 settings: OrtGpuSettings, folder: Path, profile_prefix: str | None = None) -> Any:
+    """A session on the TensorRT provider, created identically at build and at load (engine cache keys match)."""
+    ort = _ort()
+    so = _session_options(options, optimize=True)
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    listed = ort_gpu.provider_list(providers, plan, settings, str(folder))
+    try:
+        session = ort.InferenceSession(str(model_path), so, providers=listed)
+    except Exception as exc:  # ORT raises its own pybind exception types
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BuildError(f"ONNX Runtime's TensorRT provider could not build the engine: {text}") from None
+    _require_providers(providers, session, ort.__version__)
+    return session
+
+
+def _build_engines(model_path: Path, signature: Signature, options: BuildOptions, providers: list[str], plan: TrtEpPlan,
+                   settings: OrtGpuSettings, folder: Path, tmp: Path) -> dict[str, dict[str, int]]:
+    """Create the session and run it once at the profiles' opt shapes, which makes ONNX Runtime build every engine."""
+    session = _trt_session(model_path, options, providers, plan, settings, folder, str(tmp / "profile"))
+    try:
+        return _node_placement(session, signature, ort_gpu.warmup_feeds(signature, plan.profiles))
+    except Exception as exc:  # noqa: BLE001 - the first run is where TensorRT builds: its failure fails the build
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BuildError(f"ONNX Runtime's TensorRT provider failed on its first run: {text}") from None
+
+
+def _load_tensorrt(payload: bytes | Path, options: BuildOptions, signature: Signature, providers: list[str],
+                   caches: Mapping[str, bytes]) -> OnnxRuntimeSession:
+    """Restore the bundle's TensorRT caches into a folder the session owns, then open the payload next to them."""
+    ort = _ort()
+    table = (ort_gpu.CACHE_PREFIX + ort_gpu.CALIBRATION_TABLE) in caches
+    plan = ort_gpu.plan_from_manifest(options.backend_options, providers, options.precision, table)
+    assert plan is not None  # providers hold the TensorRT provider
+    owned = tempfile.TemporaryDirectory(prefix="enginesmith-ort-trt-")
+    root = Path(owned.name)
+    folder, model_dir = root / "cache", root / "model"
+    folder.mkdir()
+    model_dir.mkdir()
+    try:
+        here = ort_gpu.cache_meta(ort_gpu.gpu_facts(plan.settings.gpu), ort_gpu.tensorrt_version(), ort.__version__,
+                                  ort_gpu.trt_provider_options(plan, str(folder)))
+        stale = ort_gpu.stale_reason(caches, here)
+        if stale:
+            _log.warning("the engine's cached TensorRT engines do not fit here (%s): ONNX Runtime builds them again "
+                         "(minutes); rebuild the bundle here with 'enginesmith build' to keep them", stale)
+        ort_gpu.restore_caches(caches, folder, keep_device_bound=stale is None)
+        # The same file name as at build: ONNX Runtime's engine cache key includes it.
+        model_path = model_dir / PAYLOAD_NAME
+        model_path.write_bytes(payload if isinstance(payload, bytes) else Path(payload).read_bytes())
+        session = _trt_session(model_path, options, providers, plan, plan.settings, folder)
+    except BaseException:
+        owned.cleanup()
+        raise
+    return OnnxRuntimeSession(session, signature.output_names, plan.profiles, owned)
 
 
 def plain_session_runner(model_bytes: bytes):

@@ -15,6 +15,7 @@ from rich.table import Table
 from .. import api
 from ..bench import BenchReport, write_atomic
 from ..bundle import looks_like_bundle
+from ..errors import BuildError
 from ..graph.compat import IncompatibleModelError
 from ..importers import ImportOptions
 from ..signature import random_inputs, shape_text
@@ -81,12 +82,25 @@ def build(
     no_passes: bool = typer.Option(False, "--no-passes", help="Run no graph passes (build the model as imported)."),
     no_compat_check: bool = typer.Option(False, "--no-compat-check", help="Skip the operator-support report before the build."),
     option: list[str] = typer.Option([], "--option", help="Backend option KEY=VALUE (VALUE as JSON, else text), e.g. device=cuda; repeatable."),
+    profile_min: list[str] = typer.Option([], "--min", help="TensorRT optimization profile: smallest shape of an input, NAME:1x3x224x224; repeatable, with --opt and --max."),
+    profile_opt: list[str] = typer.Option([], "--opt", help="TensorRT optimization profile: the shape to tune for, NAME:8x3x224x224."),
+    profile_max: list[str] = typer.Option([], "--max", help="TensorRT optimization profile: largest shape, NAME:32x3x224x224."),
+    workspace_mb: Optional[int] = typer.Option(None, "--workspace-mb", min=1, help="TensorRT builder workspace limit in MiB (default: 256 on Jetson, a quarter of the GPU up to 4096)."),
+    dla_core: Optional[int] = typer.Option(None, "--dla-core", min=0, help="Run on this DLA core (Jetson Xavier/Orin; fp16 or int8), GPU fallback for the rest."),
+    builder_level: Optional[int] = typer.Option(None, "--builder-level", min=0, max=5, help="TensorRT builder optimization level 0-5 (TensorRT's default: 3)."),
+    timing_cache: Optional[str] = typer.Option(None, "--timing-cache", help="TensorRT timing cache: a file (--backend tensorrt) or folder (ONNX Runtime's TensorRT provider), or 'off'."),
+    version_compatible: bool = typer.Option(False, "--version-compatible", help="TensorRT engine that also runs on later TensorRT releases of the same major version."),
+    hardware_compat: Optional[str] = typer.Option(None, "--hardware-compat", help="TensorRT hardware compatibility: ampere_plus or same_compute_capability (TensorRT 10)."),
 ) -> None:
     """Build an engine for this machine (or rebuild a bundle from the source it carries)."""
     is_bundle = model.is_file() and looks_like_bundle(model)
     target = output or (model if is_bundle else model.with_suffix(".engine"))
     options = import_options_from_args(trust_code, input_shape, dynamic, inputs, outputs, signature, opset)
     backend_options = parse_backend_options(option)
+    backend_options.update(tensorrt_options_from_args(
+        profile_min, profile_opt, profile_max, workspace_mb=workspace_mb, dla_core=dla_core, builder_level=builder_level,
+        timing_cache=timing_cache, version_compatible=version_compatible, hardware_compat=hardware_compat,
+    ))
     if provider:
         backend_options["providers"] = provider
     build_args = dict(
@@ -131,6 +145,77 @@ def parse_backend_options(specs: list[str]) -> dict:
             options[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             options[key.strip()] = value
+    return options
+
+
+HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
+
+
+def parse_profile_args(mins: list[str], opts: list[str], maxs: list[str]) -> dict[str, dict[str, list[int]]]:
+    """``--min/--opt/--max NAME:DIMS`` -> the backend option ``profiles``; every input needs all three."""
+    parsed: dict[str, dict[str, tuple[int, ...]]] = {}
+    for flag, specs in (("min", mins), ("opt", opts), ("max", maxs)):
+        try:
+            shapes = parse_shape_specs(specs)
+        except typer.BadParameter as exc:
+            raise BuildError(f"--{flag}: {exc.message}") from None
+        for name, shape in shapes.items():
+            parsed.setdefault(name, {})[flag] = shape
+    profiles: dict[str, dict[str, list[int]]] = {}
+    for name, given in parsed.items():
+        absent = [f"--{flag}" for flag in ("min", "opt", "max") if flag not in given]
+        if absent:
+            raise BuildError(
+                f"input '{name}' has no {' or '.join(absent)}: a TensorRT optimization profile needs --min, --opt and "
+                f"--max for each input, e.g. --min {name}:1x3x224x224 --opt {name}:8x3x224x224 --max {name}:32x3x224x224"
+            )
+        low, opt, high = given["min"], given["opt"], given["max"]
+        if not len(low) == len(opt) == len(high):
+            raise BuildError(f"input '{name}': --min, --opt and --max have different ranks ({len(low)}, {len(opt)}, {len(high)})")
+        bad = [axis for axis, (a, b, c) in enumerate(zip(low, opt, high)) if not a <= b <= c]
+        if bad:
+            axis = bad[0]
+            raise BuildError(
+                f"input '{name}', axis {axis}: needs --min <= --opt <= --max, got {low[axis]}, {opt[axis]}, {high[axis]}"
+            )
+        profiles[name] = {"min": list(low), "opt": list(opt), "max": list(high)}
+    return profiles
+
+
+def tensorrt_options_from_args(
+    mins: list[str],
+    opts: list[str],
+    maxs: list[str],
+    *,
+    workspace_mb: Optional[int] = None,
+    dla_core: Optional[int] = None,
+    builder_level: Optional[int] = None,
+    timing_cache: Optional[str] = None,
+    version_compatible: bool = False,
+    hardware_compat: Optional[str] = None,
+) -> dict:
+    """The TensorRT flags as backend options (the names both the TensorRT and the ONNX Runtime backend read)."""
+    options: dict = {}
+    profiles = parse_profile_args(mins, opts, maxs)
+    if profiles:
+        options["profiles"] = profiles
+    if workspace_mb is not None:
+        options["workspace_mb"] = workspace_mb
+    if dla_core is not None:
+        options["dla_core"] = dla_core
+    if builder_level is not None:
+        options["optimization_level"] = builder_level
+    if timing_cache is not None:
+        if not timing_cache.strip():
+            raise BuildError("--timing-cache needs a path, or 'off'")
+        options["timing_cache"] = timing_cache
+    if version_compatible:
+        options["version_compatible"] = True
+    if hardware_compat is not None:
+        level = hardware_compat.strip().lower().replace("-", "_").replace("+", "_plus")
+        if level not in HARDWARE_COMPAT:
+            raise BuildError(f"--hardware-compat '{hardware_compat}' is not one of {', '.join(HARDWARE_COMPAT)}")
+        options["hardware_compatibility"] = level
     return options
 
 

@@ -9,10 +9,14 @@ import numpy as np
 
 from ..backends import Session
 from ..bundle import BundleContents, read_bundle, write_bundle
-from ..errors import InputError
+from ..errors import EnginesmithError, InputError
 from ..manifest import Manifest
 from ..signature import Signature
-from .inputs import prepare_inputs
+from .inputs import check_shape, describe_inputs, prepare_inputs
+
+
+class DeviceIOUnsupportedError(EnginesmithError):
+    """The engine's backend runs on host memory only, so it cannot take or return device tensors."""
 
 
 class Engine:
@@ -68,6 +72,50 @@ class Engine:
             return self._session.run(feeds)
         return self._run_in_chunks(feeds, batch, max_batch)
 
+    @property
+    def supports_device_io(self) -> bool:
+        """Whether :meth:`infer_device` works: the session takes CUDA tensors (the TensorRT backend)."""
+        return bool(getattr(self._session, "supports_device_io", False))
+
+    def infer_device(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Run on device-resident tensors (torch or cupy CUDA tensors, through DLPack), without host copies.
+
+        Inputs must already have the engine's dtypes (nothing is cast on the device) and a batch the
+        engine takes in one call (nothing is split). ``outputs`` may give CUDA tensors to write into;
+        otherwise fresh device arrays are returned, which ``torch.from_dlpack`` / ``cupy.from_dlpack``
+        take without copying. Backends that run on host memory raise :class:`DeviceIOUnsupportedError`.
+        """
+        if not self.supports_device_io:
+            raise DeviceIOUnsupportedError(
+                f"this {self.backend} engine runs on host memory only, so infer_device cannot take device tensors; "
+                "call engine.infer() with numpy arrays, or build with --backend tensorrt for device-resident I/O"
+            )
+        self._check_device_feeds(inputs, outputs or {})
+        return self._session.run_device(dict(inputs), dict(outputs) if outputs else None)
+
+    def _check_device_feeds(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        """Names, ranks and dims from the tensors' ``shape`` alone: nothing on the device is touched."""
+        signature = self.signature
+        unknown = [n for n in inputs if n not in signature.input_names]
+        missing = [n for n in signature.input_names if n not in inputs]
+        if unknown or missing:
+            what = f"unknown input '{unknown[0]}'" if unknown else f"missing input '{missing[0]}'"
+            raise InputError(f"{what}: this engine takes {describe_inputs(signature)}")
+        strangers = [n for n in outputs if n not in signature.output_names]
+        if strangers:
+            raise InputError(f"unknown output '{strangers[0]}': this engine returns {', '.join(signature.output_names)}")
+        symbols: dict[str, int] = {}
+        for spec in signature.inputs:
+            shape = _shape_of(spec.name, inputs[spec.name])
+            check_shape(spec.name, _Shaped(shape), spec, symbols, batch_flexible=False)
+        max_batch = self.max_batch
+        batches = {_shape_of(n, v)[0] for n, v in inputs.items() if _shape_of(n, v)}
+        if max_batch is not None and batches and max(batches) > max_batch:
+            raise InputError(
+                f"a batch of {max(batches)} is larger than this engine's batch of {max_batch}, and infer_device does "
+                f"not split batches; feed at most {max_batch} items per call"
+            )
+
     def _run_in_chunks(self, feeds: dict[str, np.ndarray], batch: int, max_batch: int) -> dict[str, np.ndarray]:
         """Split a batch the payload cannot take at once; pad the last chunk when the batch is fixed."""
         fixed = self.signature.fixed_batch() is not None
@@ -110,6 +158,24 @@ class Engine:
     def __repr__(self) -> str:
         where = f" from '{self._path}'" if self._path else ""
         return f"<Engine {self.backend} {self.precision}{where}\n{self.signature}>"
+
+
+class _Shaped:
+    """Just a shape, for the signature checks of tensors that are not read."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+        self.ndim = len(shape)
+
+
+def _shape_of(name: str, value: Any) -> tuple[int, ...]:
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        raise InputError(
+            f"input '{name}' is a {type(value).__name__}, not a tensor: infer_device takes CUDA tensors "
+            "(torch, cupy, or the arrays it returns)"
+        )
+    return tuple(int(d) for d in shape)
 
 
 def _common_batch(feeds: Mapping[str, np.ndarray]) -> int:

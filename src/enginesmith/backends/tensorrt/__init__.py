@@ -16,7 +16,9 @@ Payload
     calibration cache (``calibration_cache.json``, the name api.py reuses on rebuilds;
     TensorRT's own cache format when TensorRT calibrated) and the timing cache
     (``tensorrt_timing.cache``), which is also kept in enginesmith's cache folder and
-    reused by every build on the same GPU and TensorRT version.
+    reused by every build on the same GPU and TensorRT version; when that shared file is
+    missing, a rebuilt bundle's own timing cache seeds the build (api passes the bundle's
+    cache entries as ``BuildOptions.previous_caches``).
 
 Runtime
     :class:`.runtime.TensorRTSession`: named tensors, dynamic shapes checked against the
@@ -138,7 +140,8 @@ class TensorRTBackend(Backend):
             raise BuildError(f"unknown precision '{options.precision}': choose one of {', '.join(PRECISIONS)}")
         trt_options = parse_options(options.backend_options)
         built = build_engine(
-            model, signature, options.precision, options.calibration_method, trt_options, calibration, progress
+            model, signature, options.precision, options.calibration_method, trt_options, calibration, progress,
+            previous_caches=options.previous_caches,
         )
         if trt_options.ignored:
             built.log.append(f"options of other backends ignored: {', '.join(trt_options.ignored)}")

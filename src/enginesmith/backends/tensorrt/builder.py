@@ -78,7 +78,9 @@ def build_engine(
     options: TrtOptions,
     calibration: Calibration | None = None,
     progress: ProgressCallback | None = None,
+    previous_caches: Mapping[str, bytes] | None = None,
 ) -> BuiltEngine:
+    """``previous_caches``: the cache entries of the bundle being rebuilt (its timing cache seeds this build's)."""
     trt = import_tensorrt()
     api = api_of(trt)
     cuda.set_device(options.gpu)
@@ -102,7 +104,7 @@ def build_engine(
         config = builder.create_builder_config()
         keep_alive = _configure(trt, api, builder, config, options, plan, calibration, progress, log)
         timing_path = timing_cache_path(options.timing_cache, trt.__version__, device)
-        _load_timing_cache(config, timing_path, log)
+        _load_timing_cache(config, timing_path, log, (previous_caches or {}).get(TIMING_CACHE))
         calibrator = keep_alive.get("calibrator")
         try:
             plan_bytes = _build(trt, builder, network, config, options, progress)
@@ -616,14 +618,26 @@ def timing_cache_path(option: str, version: str, device: cuda.DeviceFacts) -> Pa
     return cache_dir() / "tensorrt" / f"timing-{version}-{gpu}-{device.sm}.cache"
 
 
-def _load_timing_cache(config: Any, path: Path | None, log: list[str]) -> None:
+def timing_cache_source(path: Path, bundled: bytes | None) -> tuple[bytes, str]:
+    """The timing cache to start from and where it came from: the shared file (it grows with every
+    build on this GPU, so it holds the bundle's timings too), else the rebuilt bundle's own, else none."""
+    if path.is_file():
+        blob = path.read_bytes()
+        if blob:
+            return blob, str(path)
+    if bundled:
+        return bundled, "the rebuilt bundle"
+    return b"", ""
+
+
+def _load_timing_cache(config: Any, path: Path | None, log: list[str], bundled: bytes | None = None) -> None:
     if path is None:
         return
-    blob = path.read_bytes() if path.is_file() else b""
+    blob, origin = timing_cache_source(path, bundled)
     cache = config.create_timing_cache(blob)
     if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
         if blob:
-            log.append(f"timing cache reused: {path} ({len(blob) / 1024:.0f} KiB)")
+            log.append(f"timing cache reused: {origin} ({len(blob) / 1024:.0f} KiB)")
         return
     # Unreadable, or rejected as written by another TensorRT version or GPU: start afresh.
     log.append(f"timing cache {path} was written for another TensorRT version or GPU; starting a new one")

@@ -333,6 +333,8 @@ def load_failure(errors: list[str], version: str) -> BundleError:
 class TensorRTSession(Session):
     """A deserialized engine and a pool of execution contexts; ``run`` is safe to call from many threads."""
 
+    supports_device_io = True
+
     def __init__(self, plan: bytes, options: TrtOptions, signature: Signature):
         trt = import_tensorrt()
         api = api_of(trt)
