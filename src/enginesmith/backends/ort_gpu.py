@@ -61,7 +61,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, BuildError, ValidationDataError
 from ..signature import Signature, random_inputs
 from .base import Calibration
-from .tensorrt.options import Profile, TrtOptions, parse_options, profile_max_batch, resolve_profiles
+from .tensorrt.options import Profile, TrtOptions, bool_option, parse_options, profile_max_batch, resolve_profiles
 
 TRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -124,18 +124,7 @@ def gpu_settings(raw: Mapping[str, Any], providers: list[str]) -> OrtGpuSettings
         return OrtGpuSettings(None, gpu)
     trt = parse_options({k: raw[k] for k in given if k != "engine_cache"})
     _check_supported(trt)
-    return OrtGpuSettings(trt, gpu, _bool_option("engine_cache", raw.get("engine_cache", True)))
-
-
-def _bool_option(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise BuildError(f"backend option {key} must be true or false, got {value!r}")
+    return OrtGpuSettings(trt, gpu, bool_option("engine_cache", raw.get("engine_cache", True)))
 
 
 def _check_supported(trt: TrtOptions) -> None:

@@ -199,7 +199,11 @@ def _int(raw: Mapping[str, Any], key: str, minimum: int, maximum: int | None = N
 
 
 def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = raw.get(key, default)
+    return bool_option(key, raw.get(key, default))
+
+
+def bool_option(key: str, value: Any) -> bool:
+    """A backend option's true/false, from a bool or its text forms (CLI ``--option key=on``)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
