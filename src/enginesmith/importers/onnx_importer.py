@@ -9,22 +9,13 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import SourceError
+from ..graph._onnx import dims_of
 from ..signature import Dim, Signature, TensorSpec
 from . import ImportedModel, ImportOptions, ReferenceRunner
 
 
 def _dims(type_proto: onnx.TypeProto) -> tuple[Dim, ...]:
-    if not type_proto.tensor_type.HasField("shape"):
-        return ()
-    dims: list[Dim] = []
-    for d in type_proto.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
-    return tuple(dims)
+    return tuple(dims_of(type_proto) or ())
 
 
 def _dtype(value: onnx.ValueInfoProto) -> str:
