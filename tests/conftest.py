@@ -121,3 +121,14 @@ def mlp_engine_path(tmp_path: Path, mlp_path: Path) -> Path:
     target = tmp_path / "mlp.engine"
     es.build(mlp_path).save(target)
     return target
+
+
+@pytest.fixture
+def wide_console():
+    """Tables as on a wide terminal, whatever COLUMNS the tests run under."""
+    from enginesmith.cli.app import console
+
+    saved = console._width
+    console.width = 160
+    yield
+    console._width = saved

@@ -17,14 +17,7 @@ from enginesmith.graph.compat import IncompatibleModelError
 from enginesmith.importers import ImportOptions
 
 
-@pytest.fixture(autouse=True)
-def wide_console():
-    from enginesmith.cli.app import console
-
-    saved = console._width
-    console.width = 160
-    yield
-    console._width = saved
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 @pytest.fixture

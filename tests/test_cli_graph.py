@@ -14,15 +14,7 @@ import enginesmith as es
 from enginesmith.cli.app import main
 
 
-@pytest.fixture(autouse=True)
-def wide_console():
-    """Tables as on a wide terminal, whatever COLUMNS the tests run under."""
-    from enginesmith.cli.app import console
-
-    saved = console._width
-    console.width = 160
-    yield
-    console._width = saved
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 def flat(text: str) -> str:
