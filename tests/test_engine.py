@@ -184,6 +184,17 @@ def test_rebuild_from_bundle_uses_embedded_source(tmp_path, mlp_engine_path):
     assert es.load(tmp_path / "rebuilt.engine").manifest.has_source
 
 
+def test_rebuild_starts_from_what_was_asked_not_what_this_machine_resolved(tmp_path, mlp_path):
+    # fp16 on the CPU provider resolves to fp32 and the providers to this machine's; a rebuild on a
+    # GPU machine must ask for fp16 again and pick its own providers.
+    es.build(mlp_path, precision="fp16", output=tmp_path / "m.engine")
+    options = es.load(tmp_path / "m.engine").manifest.build_options
+    assert options["precision"] == "fp32" and options["backend_options"]["providers"] == ["CPUExecutionProvider"]
+    assert options["requested"]["precision"] == "fp16" and options["requested"]["backend_options"] == {}
+    rebuilt = es.build(tmp_path / "m.engine").manifest.build_options
+    assert rebuilt["requested"] == options["requested"]
+
+
 def test_no_source_bundle_cannot_be_rebuilt(tmp_path, mlp_path):
     path = es.build(mlp_path, include_source=False, output=tmp_path / "nosrc.engine").path
     with zipfile.ZipFile(path) as zf:

@@ -328,7 +328,8 @@ def _build_options(
     calibration_method: str | None,
     same_backend: bool = True,
 ) -> BuildOptions:
-    base = BuildOptions.from_dict(previous.build_options) if previous else BuildOptions()
+    recorded = (previous.build_options.get("requested") or previous.build_options) if previous else None
+    base = BuildOptions.from_dict(recorded) if recorded else BuildOptions()
     if not same_backend:
         # Options of another backend (providers, TensorRT profiles) mean nothing to this one.
         base.backend_options = {}
@@ -484,7 +485,9 @@ def _build_engine(
         source_kind=imported.kind,
         source_name=Path(imported.source_filename).name,
         source_sha256=imported.source_sha256,
-        build_options={**resolved.to_dict(), "import_options": import_options.to_dict()},
+        # "requested" is what a rebuild starts from: values the backend derived from this machine
+        # (threads, a workspace sized to this GPU, default profiles) are derived again on the next one.
+        build_options={**resolved.to_dict(), "import_options": import_options.to_dict(), "requested": options.to_dict()},
         payload_name=result.payload_name,
         fingerprint=backend.fingerprint(resolved),
         fingerprint_must_match=backend.must_match(),
