@@ -265,3 +265,20 @@ def test_cli_input_error_writes_no_outputs_file(tmp_path, capsys, mlp_engine_pat
     assert main(["run", str(mlp_engine_path), "--input", f"x={bad}", "--out", str(out)]) == 2
     assert "axis 1 is 5" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_outputs_get_ordinary_permissions_and_no_temp_files(tmp_path, mlp_path):
+    import os
+    import stat
+
+    from enginesmith.files import write_atomic
+
+    umask = os.umask(0o022)
+    try:
+        engine_path = es.build(mlp_path, output=tmp_path / "m.engine").path
+        write_atomic(tmp_path / "r.json", b"{}")
+    finally:
+        os.umask(umask)
+    for path in (engine_path, tmp_path / "r.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # mkstemp's 0600 would hide results from others
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "mlp.onnx", "r.json"]

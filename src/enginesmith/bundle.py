@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .errors import BundleError
+from .files import atomic_writer
 from .manifest import FileRecord, Manifest
 
 MANIFEST_NAME = "manifest.json"
@@ -69,22 +69,13 @@ def write_bundle(path: str | os.PathLike, contents: BundleContents) -> Path:
         name: FileRecord(sha256=sha256_bytes(data), size=len(data)) for name, data in entries.items()
     }
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw_file:
-            # Weights barely compress and stored entries load faster, so only JSON is deflated.
-            with zipfile.ZipFile(raw_file, "w") as zf:
-                zf.writestr(MANIFEST_NAME, contents.manifest.to_json(), compress_type=zipfile.ZIP_DEFLATED)
-                for name, data in entries.items():
-                    method = zipfile.ZIP_DEFLATED if name.endswith(".json") else zipfile.ZIP_STORED
-                    zf.writestr(name, data, compress_type=method)
-            raw_file.flush()
-            os.fsync(raw_file.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_writer(target) as raw_file:
+        # Weights barely compress and stored entries load faster, so only JSON is deflated.
+        with zipfile.ZipFile(raw_file, "w") as zf:
+            zf.writestr(MANIFEST_NAME, contents.manifest.to_json(), compress_type=zipfile.ZIP_DEFLATED)
+            for name, data in entries.items():
+                method = zipfile.ZIP_DEFLATED if name.endswith(".json") else zipfile.ZIP_STORED
+                zf.writestr(name, data, compress_type=method)
     return target
 
 

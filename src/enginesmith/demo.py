@@ -95,7 +95,8 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     import enginesmith as es
-    from .bench import machine_facts, measure, plot_results, write_atomic
+    from .bench import machine_facts, measure, plot_results
+    from .files import write_atomic
 
     keras, tf, _, _ = _require_frameworks()
     out = Path(output_dir)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform as _platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -19,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..files import atomic_writer, write_atomic
 from ..host import cpu_model, physical_cores
 
 Runner = Callable[[dict[str, np.ndarray]], Any]
@@ -160,18 +160,6 @@ def measure(
     return [LatencyStats.from_samples(label, batch, s) for label, s in samples.items()]
 
 
-def write_atomic(path: str | Path, data: bytes) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def plot_results(results: Sequence[LatencyStats], path: str | Path, title: str) -> Path:
@@ -206,13 +194,9 @@ def plot_results(results: Sequence[LatencyStats], path: str | Path, title: str) 
     ax_lat.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, target)
+        with atomic_writer(path) as handle:
+            fig.savefig(handle, dpi=110, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return target
+    return Path(path)

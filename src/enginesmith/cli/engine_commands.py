@@ -13,7 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import api
-from ..bench import BenchReport, write_atomic
+from ..bench import BenchReport
+from ..files import write_atomic
 from ..bundle import looks_like_bundle
 from ..errors import BuildError
 from ..graph.compat import IncompatibleModelError
