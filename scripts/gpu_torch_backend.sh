@@ -16,6 +16,7 @@
 # Then here:   python benchmarks/gpu.py merge <unpacked results>/*.json --out benchmarks/results/gpu_torch.json
 #
 # STEPS is a comma list of: env mnv2_ro r50_b1 r50_b128 tests aoti r50_b1_frz r50_b128_frz mnv2_ma
+#   r50_b128_tma r50_b1_tma loads (the second round, after the first showed b128 short of its target)
 # Every step runs in its own process with a time limit; a step that would pass the plan's budget
 # (PLAN_BUDGET seconds from the start, default 1500) is skipped. Each build compiles cold (fresh
 # Inductor and Triton cache folders); each bench loads the engine in a fresh process with empty cache
@@ -112,6 +113,31 @@ do_step() {
     r50_b128_frz)
       build r50_b128_frz resnet50_like 600 --precision fp16 --mode max-autotune --batches 128 --inductor freezing=1
       bench r50_b128_frz resnet50_like 240 --batches 128 --runs 200
+      ;;
+    r50_b128_tma)  # Hopper's persistent TMA matmul templates among the autotuning choices (1x1 convs run as mm)
+      build r50_b128_tma resnet50_like 600 --precision fp16 --mode max-autotune --batches 128 \
+        --inductor triton.enable_persistent_tma_matmul=1
+      bench r50_b128_tma resnet50_like 240 --batches 128 --runs 200
+      ;;
+    r50_b1_tma)
+      build r50_b1_tma resnet50_like 600 --precision fp16 --mode max-autotune --batches 1 \
+        --inductor triton.enable_persistent_tma_matmul=1
+      bench r50_b1_tma resnet50_like 240 --batches 1 --runs 300
+      ;;
+    loads)  # warm load alone, fresh caches each time: as built, and without Inductor's compile-worker pool
+      local engine
+      engine=$(ls -t "$STATE"/r50_b128*.engine 2>/dev/null | head -n 1)
+      [ -n "$engine" ] || return 0
+      local threads setting
+      for threads in default 1; do
+        setting=ENGINESMITH_LOAD_VARIANT=default  # a no-op assignment: an empty TORCHINDUCTOR_COMPILE_THREADS breaks torch
+        [ "$threads" = 1 ] && setting=TORCHINDUCTOR_COMPILE_THREADS=1
+        rm -rf "$STATE/cache/load_$threads"
+        step "load_threads_$threads" 120 env TORCHINDUCTOR_CACHE_DIR="$STATE/cache/load_$threads/inductor" \
+          TRITON_CACHE_DIR="$STATE/cache/load_$threads/triton" "$setting" \
+          python3 benchmarks/gpu.py bench --model resnet50_like --engine "$engine" --batches 128 --load-only \
+          --tag "load_threads_$threads" --json "$RES/load_threads_$threads.json" $EXTRA
+      done
       ;;
     tests)
       step tests_cuda 360 env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_backend.py -q \

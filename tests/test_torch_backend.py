@@ -296,3 +296,17 @@ def test_payload_that_would_unpickle_is_refused():
             backend.load(_rewrite_program(result.payload, edit), result.resolved_options, imported.signature)
     with pytest.raises(BuildError, match="not a PyTorch backend payload"):
         backend.load(b"not a zip", result.resolved_options, imported.signature)
+
+
+def test_aoti_package_that_cannot_load_is_refused_without_taking_the_process_down():
+    """Loading AOTInductor packages crashed fresh processes on the GPU image (SIGSEGV), so load()
+    first loads the package in a child process; here the child really fails, on a broken package."""
+    backend = get_backend("torch")
+    from enginesmith.importers import import_model
+
+    imported = import_model(make_mlp())
+    result = backend.build(imported.model, imported.signature, BuildOptions(backend_options=EAGER))
+    meta, program, _, _ = tc.unpack_payload(result.payload)
+    payload = tc.pack_payload({**meta, "compile": "aoti", "cudagraphs": False}, program, None, b"not an AOTInductor package")
+    with pytest.raises(BuildError, match="cannot load the engine's AOTInductor package.*compile='inductor'"):
+        backend.load(payload, result.resolved_options, imported.signature)

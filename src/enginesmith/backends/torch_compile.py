@@ -24,7 +24,9 @@ Payload
 Backend options (``BuildOptions.backend_options``)
     ``device``     "auto" (CUDA when available), "cuda", "cuda:N" or "cpu"
     ``compile``    "inductor" (default), "eager" (run the exported program uncompiled)
-                   or "aoti" (AOTInductor package, see ``_aoti_*``)
+                   or "aoti" (AOTInductor package, see ``_aoti_*``; experimental: on the H100 image
+                   its packages crashed when loaded in a fresh process, so load() probes them
+                   in a child process first)
     ``mode``       torch.compile mode; default "max-autotune" on CUDA, "default" on CPU
     ``batches``    batch sizes compiled ahead on CUDA (default: the fixed batch, else [1]);
                    other batch sizes run the exported program uncompiled, so no call
@@ -917,12 +919,59 @@ class _GraphedRunner:
         return outs
 
 
-def _aoti_load(data: bytes, device: str):
+# Packages that loaded in a child process already (sha256), so each is probed once per process.
+_AOTI_PROBED: set[str] = set()
+AOTI_PROBE_ENV = "ENGINESMITH_TORCH_AOTI_PROBE"
+
+_AOTI_PROBE_SCRIPT = """
+import sys, torch
+index = int(sys.argv[2])
+if index >= 0:
+    torch.zeros(1, device=f"cuda:{index}")
+torch._inductor.aoti_load_package(sys.argv[1], run_single_threaded=True, device_index=index)
+print("aoti-load-ok")
+"""
+
+
+def _aoti_probe(path: str, index: int, digest: str) -> None:
+    """Load the package in a child process first: with PyTorch 2.11+cu130 on the H100 image, loading an
+    AOTInductor package in a process other than the one that compiled it died with SIGSEGV inside
+    AOTIModelPackageLoader (benchmarks/results/gpu_torch.json). A crash there must not take the caller
+    down, so it becomes a BuildError. ENGINESMITH_TORCH_AOTI_PROBE=0 skips the probe."""
+    import signal
+    import subprocess
+
+    if digest in _AOTI_PROBED or os.environ.get(AOTI_PROBE_ENV, "1") == "0":
+        return
+    try:
+        done = subprocess.run([sys.executable, "-c", _AOTI_PROBE_SCRIPT, path, str(index)], capture_output=True,
+                              text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise BuildError("loading the engine's AOTInductor package did not finish in 600 s; rebuild the engine "
+                         "with backend_options compile='inductor'") from None
+    if done.returncode == 0 and "aoti-load-ok" in done.stdout:
+        _AOTI_PROBED.add(digest)
+        return
+    if done.returncode < 0:
+        try:
+            why = f"it crashed with {signal.Signals(-done.returncode).name}"
+        except ValueError:
+            why = f"it was killed by signal {-done.returncode}"
+    else:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        why = f"it failed: {lines[-1][:300] if lines else f'exit status {done.returncode}'}"
+    raise BuildError(f"this PyTorch ({_torch().__version__}) cannot load the engine's AOTInductor package ({why} in a "
+                     "probe process); rebuild the engine with backend_options compile='inductor' (the default)")
+
+
+def _aoti_load(data: bytes, device: str, probe: bool = True):
     torch = _torch()
     with tempfile.NamedTemporaryFile(prefix="enginesmith-aoti-", suffix=".pt2", delete=False) as handle:
         handle.write(data)
     try:
         index = int(device.split(":")[1]) if device.startswith("cuda:") else -1
+        if probe:
+            _aoti_probe(handle.name, index, hashlib.sha256(data).hexdigest())
         # Calls are serialized by the session's lock, and the runner's own locking breaks CUDA-graph capture.
         return torch._inductor.aoti_load_package(handle.name, run_single_threaded=True, device_index=index)
     finally:
@@ -1253,7 +1302,7 @@ class TorchCompileBackend(Backend):
                     aoti = _aoti_compile(program, meta, tmp)
                 except Exception as exc:  # noqa: BLE001
                     raise BuildError(f"AOTInductor compile failed: {str(exc).splitlines()[0][:300]}") from None
-            compiled = _aoti_load(aoti, device)
+            compiled = _aoti_load(aoti, device, probe=False)  # the compiling process itself loaded it before
             log.append(f"AOTInductor package compiled ({len(aoti) / 2**20:.1f} MiB, mode {meta['mode']}) in "
                        f"{time.perf_counter() - compile_started:.1f} s")
             if cuda and meta["cudagraphs"]:
