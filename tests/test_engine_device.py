@@ -21,7 +21,7 @@ from enginesmith.runtime.engine import DeviceIOUnsupportedError, Engine
 
 
 def test_host_memory_engines_refuse_device_io(mlp_path):
-    engine = es.build(mlp_path)
+    engine = es.build(mlp_path, backend="onnxruntime")  # "auto" may pick a device backend on a GPU machine
     assert not engine.supports_device_io
     with pytest.raises(DeviceIOUnsupportedError, match=r"this onnxruntime engine runs on host memory only.*engine\.infer\(\)"
                                                       r".*--backend tensorrt"):
@@ -47,7 +47,7 @@ class _EchoSession(Session):
 
 @pytest.fixture
 def echo_engine(mlp_path):
-    manifest = es.build(mlp_path).manifest
+    manifest = es.build(mlp_path, backend="onnxruntime").manifest
     manifest.build_options["backend_options"]["max_batch"] = 8  # as a TensorRT engine's profile records it
     session = _EchoSession()
     return Engine(manifest, session), session

@@ -171,6 +171,22 @@ def test_run_torch_keeps_tensors_on_the_device_and_takes_dlpack():
     np.testing.assert_allclose(via_dlpack.cpu().numpy(), out.cpu().numpy(), rtol=1e-6)
 
 
+def test_infer_device_keeps_tensors_on_the_device_and_fills_given_outputs():
+    model = make_mlp()
+    engine = es.build(model, backend="torch", backend_options=EAGER)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)).to(DEVICE)
+    expected = run_plain(model, {"x": x.cpu().numpy()})["probs"]
+    out = engine.infer_device({"x": x})["probs"]
+    assert isinstance(out, torch.Tensor) and out.device == x.device
+    np.testing.assert_allclose(out.cpu().numpy(), expected, rtol=1e-4, atol=1e-6)
+    target = torch.zeros((4, 4), dtype=torch.float32, device=DEVICE)
+    filled = engine.infer_device({"x": x}, {"probs": target})["probs"]
+    assert filled.data_ptr() == target.data_ptr()
+    np.testing.assert_allclose(target.cpu().numpy(), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(es.EnginesmithError, match="x"):
+        engine.infer_device({"x": x[:, :5]})  # a fixed dimension is wrong: refused before the run
+
+
 # --------------------------------------------------------------------------- models and conversion
 
 

@@ -1077,18 +1077,43 @@ class TorchSession(Session):
         With CUDA graphs the outputs live in static buffers the next call overwrites;
         ``clone=False`` skips the copy for callers that consume outputs before calling again.
         """
+        with self._lock:
+            outputs = self._call(self._device_tensors(feeds))
+            return {name: (out.clone() if clone else out) for name, out in zip(self._signature.output_names, outputs)}
+
+    # Engine.infer_device: tensors on the engine's device in and out, no host copies.
+    supports_device_io = True
+
+    def run_device(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Torch tensors (or any DLPack producer) in, torch tensors out; ``outputs`` given are filled in place."""
+        if not outputs:
+            return self.run_torch(feeds)
         torch = self._torch
         with self._lock:
-            tensors = []
-            for spec in self._signature.inputs:
-                value = feeds[spec.name]
-                if not isinstance(value, torch.Tensor):
-                    value = torch.from_dlpack(value) if hasattr(value, "__dlpack__") else torch.as_tensor(value)
-                if value.device != self._device:
-                    value = value.to(self._device, non_blocking=True)
-                tensors.append(value)
-            outputs = self._call(tensors)
-            return {name: (out.clone() if clone else out) for name, out in zip(self._signature.output_names, outputs)}
+            results = self._call(self._device_tensors(feeds))
+            filled = {}
+            # Copied while the lock is held: CUDA-graph outputs are static buffers the next call reuses.
+            for name, value in zip(self._signature.output_names, results):
+                target = outputs.get(name)
+                if target is None:
+                    filled[name] = value.clone()
+                    continue
+                target = target if isinstance(target, torch.Tensor) else torch.from_dlpack(target)
+                target.copy_(value)
+                filled[name] = target
+            return filled
+
+    def _device_tensors(self, feeds: Mapping[str, Any]) -> list:
+        torch = self._torch
+        tensors = []
+        for spec in self._signature.inputs:
+            value = feeds[spec.name]
+            if not isinstance(value, torch.Tensor):
+                value = torch.from_dlpack(value) if hasattr(value, "__dlpack__") else torch.as_tensor(value)
+            if value.device != self._device:
+                value = value.to(self._device, non_blocking=True)
+            tensors.append(value)
+        return tensors
 
     def close(self) -> None:
         self._compiled = self._eager = None

@@ -88,7 +88,7 @@ class Engine:
         if not self.supports_device_io:
             raise DeviceIOUnsupportedError(
                 f"this {self.backend} engine runs on host memory only, so infer_device cannot take device tensors; "
-                "call engine.infer() with numpy arrays, or build with --backend tensorrt for device-resident I/O"
+                "call engine.infer() with numpy arrays, or build with --backend tensorrt (or torch) for device-resident I/O"
             )
         self._check_device_feeds(inputs, outputs or {})
         return self._session.run_device(dict(inputs), dict(outputs) if outputs else None)
