@@ -245,7 +245,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = "cuda:0" if cuda else "cpu"
     started = time.perf_counter()
-    engine = es.load(args.engine)
+    engine = es.load(args.engine, trust_code=True)  # built by this script
     load_s = time.perf_counter() - started
     session = engine._session  # the backend session: run_torch keeps tensors on the device
     if args.load_only:
@@ -331,7 +331,7 @@ def cmd_aoti(args: argparse.Namespace) -> None:
     build_s = time.perf_counter() - started
     engine.save(args.engine)
     started = time.perf_counter()
-    loaded = es.load(args.engine)
+    loaded = es.load(args.engine, trust_code=True)  # built by this script
     load_s = time.perf_counter() - started
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = "cuda:0" if cuda else "cpu"

@@ -33,6 +33,7 @@ from enginesmith import samples  # noqa: E402
 from enginesmith.api import check_platform_compatible, platform_differences  # noqa: E402
 from enginesmith.backends import BuildOptions, get_backend, pick_backend  # noqa: E402
 from enginesmith.backends import torch_compile as tc  # noqa: E402
+from enginesmith.cli.app import main  # noqa: E402
 from enginesmith.errors import BuildError, PlatformMismatchError, UnsupportedModelError  # noqa: E402
 from enginesmith.signature import Signature, TensorSpec, random_inputs  # noqa: E402
 
@@ -128,7 +129,7 @@ def test_fingerprint_names_the_gpu_and_toolchain_and_mismatches_are_refused():
 # --------------------------------------------------------------------------- compiled engines
 
 
-def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxruntime(tmp_path):
+def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxruntime(tmp_path, monkeypatch):
     model = make_mlp()
     engine = es.build(model, backend="torch", backend_options=COMPILED)
     details = engine.manifest.checks["build"]
@@ -139,13 +140,17 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
     assert_matches_onnxruntime(engine, model, batches=(1, 3) if CUDA else (1, 3, 7))
     path = engine.save(tmp_path / "mlp.engine")
 
-    loaded = es.load(path)
+    # The compiler cache is pickled code: loading it needs the caller's word, or a recompile.
+    with pytest.raises(es.UntrustedCodeError, match="compiler cache.*--trust-code"):
+        es.load(path)
+    assert main(["run", str(path), "--random"]) == 2
+    loaded = es.load(path, trust_code=True)
     assert_matches_onnxruntime(loaded, model, batches=(1, 3))
 
     # A fresh process with empty compiler caches: the engine's own cache makes it a warm load.
     script = (
         "import json, sys, numpy as np, enginesmith as es\n"
-        "e = es.load(sys.argv[1])\n"
+        "e = es.load(sys.argv[1], trust_code=True)\n"
         "y = e(x=np.ones((3, 6), np.float32))['probs']\n"
         "print(json.dumps({'cache': e._session.cache_info, 'load_s': e._session.load_seconds, 'y': y.tolist()}))\n"
     )
@@ -157,6 +162,12 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
     assert result["cache"] == "compiler cache loaded"
     expected = run_plain(model, {"x": np.ones((3, 6), np.float32)})["probs"]
     np.testing.assert_allclose(np.array(result["y"], dtype=np.float32), expected, rtol=1e-4, atol=1e-6)
+
+    # Without trust, the cache can be left out: the engine compiles again on load.
+    monkeypatch.setenv(tc.CACHES_ENV, "0")
+    recompiled = es.load(path)
+    assert recompiled._session.cache_info.startswith("compiler cache not used")
+    assert_matches_onnxruntime(recompiled, model, batches=(3,))
 
 
 def test_run_torch_keeps_tensors_on_the_device_and_takes_dlpack():

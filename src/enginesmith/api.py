@@ -23,6 +23,7 @@ from .errors import (
     BundleError,
     EnginesmithError,
     PlatformMismatchError,
+    UntrustedCodeError,
     ValidationDataError,
 )
 from .importers import ImportedModel, ImportOptions, ReferenceRunner, import_model, reference_runner
@@ -509,14 +510,24 @@ def _build_engine(
 # --------------------------------------------------------------------------- load
 
 
-def load(path: str | Path, *, check_platform: bool = True) -> Engine:
-    """Open a bundle: verify checksums, check it was built for this platform, load the payload."""
+def load(path: str | Path, *, check_platform: bool = True, trust_code: bool = False) -> Engine:
+    """Open a bundle: verify checksums, check it was built for this platform, load the payload.
+
+    Engines whose payload runs code when loaded (the PyTorch backend's compiler cache) are
+    refused unless ``trust_code``: say so only for engines from builders you trust.
+    """
     path = Path(path)
     manifest = read_bundle(path, payload=False).manifest
     backend = _backend_for(manifest, path)
     options = BuildOptions.from_dict(manifest.build_options)
     if check_platform:
         check_platform_compatible(manifest, backend, path)
+    reason = backend.payload_runs_code(options)
+    if reason and not trust_code:
+        raise UntrustedCodeError(
+            f"loading '{path.name}' would run code from the file ({backend.display_name}: {reason}); "
+            "load it only if you trust whoever built it: pass --trust-code (trust_code=True)"
+        )
     # Cache entries are read only for backends that restore them at load (they can be large).
     caches = read_bundle(path, payload=False, caches=True).caches if backend.needs_caches_at_load(options) else {}
     with tempfile.TemporaryDirectory(prefix="enginesmith-load-") as tmp:
@@ -640,13 +651,15 @@ def validate(
     tolerance: Tolerance | None = None,
     import_options: ImportOptions | None = None,
     store: bool = True,
+    trust_code: bool = False,
 ) -> ValidationReport:
     """Compare an engine with a reference model (by default the source the bundle carries).
 
-    With ``store`` and an engine on disk, the report is written into the bundle.
+    With ``store`` and an engine on disk, the report is written into the bundle. ``trust_code``
+    is passed to :func:`load` for an engine given as a path.
     """
     if not isinstance(engine, Engine):
-        engine = load(engine)
+        engine = load(engine, trust_code=trust_code)
     with tempfile.TemporaryDirectory(prefix="enginesmith-validate-") as tmp:
         if against is None:
             against, label = _embedded_source(engine, Path(tmp)), "embedded source"
@@ -730,10 +743,11 @@ def bench(
     baseline: Callable[[dict[str, np.ndarray]], Any] | None = None,
     baseline_label: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    trust_code: bool = False,
 ) -> BenchReport:
     """Latency and throughput per batch size, optionally against the source run by hand."""
     if not isinstance(engine, Engine):
-        engine = load(engine)
+        engine = load(engine, trust_code=trust_code)
     targets: dict[str, Callable] = {"engine": engine.infer}
     label = None
     if vs is not None:

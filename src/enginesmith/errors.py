@@ -46,5 +46,9 @@ class PlatformMismatchError(BundleError):
     """An engine bundle was built for another platform than this one."""
 
 
+class UntrustedCodeError(BundleError):
+    """Loading this engine would run code carried in the file, and the caller did not say it trusts it."""
+
+
 class ValidationDataError(EnginesmithError):
     """Data given for validation, calibration or benchmarking is unusable."""

@@ -174,6 +174,14 @@ class Backend(ABC):
         A file may be deleted once this returns: sessions must not keep reading it.
         """
 
+    def payload_runs_code(self, options: BuildOptions) -> str | None:
+        """Why loading a payload built with ``options`` executes code carried in the file, or None.
+
+        ``load`` refuses such engines unless the caller trusts their builder (``trust_code``):
+        a bundle can come from anyone, and checksums only prove it was not changed after it was made.
+        """
+        return None
+
     def needs_caches_at_load(self, options: BuildOptions) -> bool:
         """Whether :meth:`load_with_caches` wants the bundle's cache entries (they are read only then)."""
         return False

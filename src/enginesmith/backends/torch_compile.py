@@ -1164,6 +1164,15 @@ class TorchCompileBackend(Backend):
     def must_match(self) -> list[str]:
         return ["os", "arch", "device", "gpu", "compute_capability", "backend_version", "triton_version", "cuda"]
 
+    def payload_runs_code(self, options: BuildOptions) -> str | None:
+        compile_mode = options.backend_options.get("compile", "inductor")
+        if compile_mode == "aoti":
+            return "its AOTInductor package is a native shared library"
+        if compile_mode != "eager" and os.environ.get(CACHES_ENV, "1") != "0":
+            return (f"its Inductor compiler cache holds pickled compiled graphs and kernels; set {CACHES_ENV}=0 "
+                    "to ignore the cache and compile again on load instead (minutes with max-autotune)")
+        return None
+
     def describe_platform(self, fingerprint: Mapping[str, str]) -> str:
         version = fingerprint.get("backend_version", "?")
         if fingerprint.get("device") == "cuda":

@@ -262,9 +262,10 @@ def run(
     batch: int = typer.Option(1, help="Batch size for --random."),
     seed: int = typer.Option(0, help="Seed for --random."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write all outputs to this .npz file."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Load engines whose payload runs code (the torch backend's compiler cache); only from builders you trust."),
 ) -> None:
     """Run an engine once and show its outputs."""
-    engine = api.load(engine_path)
+    engine = api.load(engine_path, trust_code=trust_code)
     if input:
         feeds = read_input_args(input, engine.signature.input_names)
     elif image:
@@ -315,14 +316,14 @@ def validate(
     min_cosine: Optional[float] = typer.Option(None, help="Override: smallest cosine similarity."),
     min_argmax: Optional[float] = typer.Option(None, help="Override: smallest argmax agreement (0-1)."),
     max_abs: Optional[float] = typer.Option(None, help="Override: largest absolute error."),
-    trust_code: bool = typer.Option(False, "--trust-code", help="Allow references that execute code when loaded."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Allow references and engines that execute code when loaded (pickles, Lambda layers, compiler caches)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     no_store: bool = typer.Option(False, "--no-store", help="Do not store the report in the bundle."),
     layerwise: bool = typer.Option(False, "--layerwise", help="Also compare every intermediate tensor and name the first layer that diverges."),
     show_all: bool = typer.Option(False, "--all", help="With --layerwise: show every layer."),
 ) -> None:
     """Compare an engine's outputs with the reference model's; exit 1 when it fails."""
-    engine = api.load(engine_path)
+    engine = api.load(engine_path, trust_code=trust_code)
     tolerance = tolerance_for(engine.precision, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
                               min_argmax_agreement=min_argmax, max_abs=max_abs)
     options = ImportOptions(trust_code=True) if trust_code else None
@@ -367,12 +368,13 @@ def bench(
     warmup: int = typer.Option(5, help="Untimed runs first."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON."),
     plot: Optional[Path] = typer.Option(None, help="Draw results into this PNG file."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Load engines whose payload runs code (the torch backend's compiler cache); only from builders you trust."),
 ) -> None:
     """Measure latency and throughput, optionally against the source model."""
     batches = parse_batches(batch)
     with progress_bar() as progress:
         report = api.bench(engine_path, batches=batches, vs=vs, runs=runs, duration_s=duration, warmup=warmup,
-                           progress=progress)
+                           progress=progress, trust_code=trust_code)
     print_bench(report, f"{engine_path.name} on {report.machine['cpu']} ({report.machine['physical_cores']} cores)")
     if json_path:
         report.write_json(json_path)
