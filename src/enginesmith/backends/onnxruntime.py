@@ -179,6 +179,20 @@ def _activation_type(quantization):
     return quantization.QuantType.QUInt8
 
 
+def _equal_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The calibration samples re-cut into batches of one size.
+
+    ONNX Runtime's histogram calibrators (entropy, percentile) stack each tensor's values
+    from all batches with np.asarray, which fails when the last batch is shorter
+    ("inhomogeneous shape"); MinMax does not care, so its batches are left alone.
+    """
+    merged = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+    total = next(iter(merged.values())).shape[0]
+    first = next(iter(batches[0].values())).shape[0]
+    size = max(d for d in range(1, min(first, total) + 1) if total % d == 0)
+    return [{name: value[i : i + size] for name, value in merged.items()} for i in range(0, total, size)]
+
+
 def quantize_int8(model: onnx.ModelProto, calibration: Calibration, tmp: str, log: list[str]) -> tuple[onnx.ModelProto, bytes]:
     """Static QDQ quantization, per-channel weights; returns the model and the calibration cache.
 
@@ -211,11 +225,14 @@ def quantize_int8(model: onnx.ModelProto, calibration: Calibration, tmp: str, lo
     # Without VNNI, u8 x s8 products can saturate the 16-bit accumulation; 7-bit weights avoid it.
     reduce_range = "avx512_vnni" not in cpu_flags() and "avx_vnni" not in cpu_flags() and "amx_int8" not in cpu_flags()
     quantized = os.path.join(tmp, "quantized.onnx")
+    batches = calibration.batches
+    if calibration.cache is None and calibration.method in ("entropy", "percentile"):
+        batches = _equal_batches(batches)
     try:
         quantization.quantize_static(
             prepared,
             quantized,
-            _BatchReader(calibration.batches) if calibration.cache is None else None,
+            _BatchReader(batches) if calibration.cache is None else None,
             quant_format=quantization.QuantFormat.QDQ,
             per_channel=True,
             reduce_range=reduce_range,
