@@ -16,7 +16,7 @@ and records the machine and its load (load average and the CPU share other proce
 Targets (issue 2, 2-core machine): engine p50 <= 1.0x plain (aim 0.9x); wrapper overhead
 over raw session.run <= 3% at batch 1 for ResNet-50-like; peak memory <= 1.2x plain.
 
-    python benchmarks/cpu_engines.py [--rounds 5] [--runs 20] [--image-size 224] [--json benchmarks/results/cpu_engines.json]
+    python benchmarks/cpu_engines.py [--rounds 12] [--runs 36] [--image-size 224] [--json benchmarks/results/cpu_engines.json]
 """
 
 from __future__ import annotations
@@ -59,12 +59,18 @@ def interleaved(
     rounds: int,
     runs: int,
     warmup: int = 2,
+    pause_s: float = 0.05,
 ) -> tuple[dict[str, LatencyStats], dict[str, list[float]]]:
     """Time every target ``runs`` times in total, split over ``rounds`` rounds.
 
     In each round every target runs its share as one block; the order of the blocks is
-    rotated from round to round. Returns the statistics over all samples and, per target,
-    the median latency (ms) of each round, from which per-round ratios are taken.
+    rotated from round to round. Each block starts after a short pause and one untimed call:
+    ONNX Runtime's (and TensorFlow's) worker threads keep spinning for a while after a call,
+    and on a 2-core machine the previous target's spinning threads would otherwise steal the
+    cores from the next target's first calls (and its weights would be out of cache), which
+    measures the interference between targets rather than either of them.
+    Returns the statistics over all samples and, per target, the median latency (ms) of each
+    round, from which per-round ratios are taken.
     """
     labels = list(targets)
     for label in labels:
@@ -79,6 +85,8 @@ def interleaved(
         shift = r % len(labels)
         for label in labels[shift:] + labels[:shift]:
             fn = targets[label]
+            time.sleep(pause_s)
+            fn(feeds)
             times = []
             for _ in range(count):
                 start = time.perf_counter()
@@ -91,10 +99,23 @@ def interleaved(
 
 
 def round_ratio(round_p50: Mapping[str, list[float]], num: str, den: str) -> dict[str, float]:
-    """num/den p50 per round: the median over rounds, and the smallest and largest round."""
-    ratios = np.asarray(round_p50[num]) / np.asarray(round_p50[den])
+    """num/den p50 per round: the median over rounds, the smallest and largest round, and the
+    ratio of the two targets' best rounds (least disturbed by other load)."""
+    a, b = np.asarray(round_p50[num]), np.asarray(round_p50[den])
+    ratios = a / b
     return {"median": float(np.median(ratios)), "min": float(ratios.min()), "max": float(ratios.max()),
-            "rounds": len(ratios)}
+            "best_round_ratio": float(a.min() / b.min()), "rounds": len(ratios)}
+
+
+def wrapper_cost_ms(engine: es.Engine, feeds: dict[str, np.ndarray], repeats: int = 2000) -> float:
+    """The Engine's own Python work per call (input checks and conversion), timed without inference."""
+    from enginesmith.runtime.inputs import prepare_inputs
+
+    flexible = engine.max_batch is not None
+    start = time.perf_counter()
+    for _ in range(repeats):
+        prepare_inputs(engine.signature, feeds, batch_flexible=flexible)
+    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def _cpu_jiffies() -> tuple[int, int]:
@@ -158,7 +179,7 @@ def machine(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
 # space): getrusage's ru_maxrss would also count the parent's RSS, which a child started with
 # vfork/exec inherits as its starting high-water mark.
 RSS_SCRIPT = """
-import sys, numpy as np
+import sys, time, numpy as np
 mode, path, batch, runs, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
 def hwm():
@@ -167,28 +188,33 @@ def hwm():
             return int(line.split()[1]) * 1024
 if mode == "engine":
     import enginesmith as es
+    import onnxruntime  # imported lazily by es.load; imported here so the load time excludes it, as for plain
     before = hwm()
+    start = time.perf_counter()
     engine = es.load(path)
+    loaded = time.perf_counter() - start
     run = lambda: engine(image=x)
 else:
     import onnxruntime as ort
     before = hwm()
+    start = time.perf_counter()
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    loaded = time.perf_counter() - start
     run = lambda: session.run(None, {"image": x})
 for _ in range(runs):
     run()
-print(before, hwm())
+print(before, hwm(), loaded)
 """
 
 
-def peak_rss(mode: str, path: Path, batch: int, size: int, runs: int = 3) -> tuple[int, int]:
-    """(high-water mark after imports, high-water mark after load and runs), bytes."""
+def peak_rss(mode: str, path: Path, batch: int, size: int, runs: int = 3) -> tuple[int, int, float]:
+    """(high-water mark after imports, after load and runs, in bytes; seconds to load)."""
     out = subprocess.run(
         [sys.executable, "-c", RSS_SCRIPT, mode, str(path), str(batch), str(runs), str(size)],
         check=True, capture_output=True, text=True,
     )
-    before, after = out.stdout.strip().splitlines()[-1].split()
-    return int(before), int(after)
+    before, after, loaded = out.stdout.strip().splitlines()[-1].split()
+    return int(before), int(after), float(loaded)
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -230,20 +256,26 @@ def bench_model(name: str, workdir: Path, args: argparse.Namespace) -> dict:
                 "engine / plain p50": vs_plain["median"],
                 "engine / plain p50 range over rounds": [vs_plain["min"], vs_plain["max"]],
                 "raw / plain p50": round_ratio(round_p50, "raw session", "plain session")["median"],
+                "engine / plain best-round p50": vs_plain["best_round_ratio"],
                 "wrapper overhead": vs_raw["median"] - 1.0,
                 "wrapper overhead range over rounds": [vs_raw["min"] - 1.0, vs_raw["max"] - 1.0],
+                # the input checks' cost timed alone, over the raw session's p50: the same overhead, without noise
+                "wrapper cost ms (input checks alone)": wrapper_cost_ms(engine, feeds),
+                "wrapper cost / raw p50": wrapper_cost_ms(engine, feeds) / stats["raw session"].p50_ms,
                 "round p50 ms": round_p50,
                 "stats": {label: vars(s) for label, s in stats.items()},
             })
         rss = {}
         for batch in args.batches:
-            engine_before, engine_peak = peak_rss("engine", engine_path, batch, size)
-            plain_before, plain_peak = peak_rss("plain", model_path, batch, size)
+            engine_before, engine_peak, engine_load = peak_rss("engine", engine_path, batch, size)
+            plain_before, plain_peak, plain_load = peak_rss("plain", model_path, batch, size)
             rss[str(batch)] = {
                 "engine_mb": engine_peak / 2**20, "plain_mb": plain_peak / 2**20,
                 "ratio": engine_peak / plain_peak,
                 "engine_after_imports_mb": engine_before / 2**20, "plain_after_imports_mb": plain_before / 2**20,
                 "ratio_above_imports": (engine_peak - engine_before) / (plain_peak - plain_before),
+                # es.load (checksums, platform check, no graph optimization) vs InferenceSession(model.onnx)
+                "engine_load_s": engine_load, "plain_session_create_s": plain_load,
             }
     worst = max(rss.values(), key=lambda r: r["ratio"])
     if args.plot:
@@ -282,8 +314,8 @@ def targets_met(results: list[dict]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per target and batch, over all rounds")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--runs", type=int, default=36, help="timed runs per target and batch, over all rounds")
+    parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds")
     parser.add_argument("--batches", type=lambda t: [int(b) for b in t.split(",")], default=[1, 8])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -299,17 +331,19 @@ def main() -> None:
     print(f"machine: {facts['cpu']}, {facts['physical_cores']} cores ({facts['cpu_flags']}), "
           f"ONNX Runtime {facts['onnxruntime']}, Python {facts['python']}")
     header = (f"{'model':<19}{'batch':>6}{'engine ms':>11}{'raw ms':>9}{'plain ms':>10}{'eng/plain':>11}"
-              f"{'overhead':>10}{'eng img/s':>11}{'plain img/s':>13}")
+              f"{'best rnd':>10}{'overhead':>10}{'checks ms':>11}{'eng img/s':>11}{'plain img/s':>13}")
     print(header)
     print("-" * len(header))
     for res in results:
         for row in res["rows"]:
             print(f"{res['model']:<19}{row['batch']:>6}{row['engine p50 ms']:>11.2f}{row['raw session p50 ms']:>9.2f}"
-                  f"{row['plain session p50 ms']:>10.2f}{row['engine / plain p50']:>10.3f}x{row['wrapper overhead']:>+10.2%}"
+                  f"{row['plain session p50 ms']:>10.2f}{row['engine / plain p50']:>10.3f}x{row['engine / plain best-round p50']:>9.3f}x"
+                  f"{row['wrapper overhead']:>+10.2%}{row['wrapper cost ms (input checks alone)']:>11.4f}"
                   f"{row['engine items/s']:>11.1f}{row['plain session items/s']:>13.1f}")
         for batch, r in res["peak_rss"].items():
             print(f"{'':<19}peak RSS, batch {batch}: engine {r['engine_mb']:.0f} MB, plain {r['plain_mb']:.0f} MB "
-                  f"({r['ratio']:.2f}x; above imports {r['ratio_above_imports']:.2f}x)")
+                  f"({r['ratio']:.2f}x; above imports {r['ratio_above_imports']:.2f}x); load {r['engine_load_s']:.2f} s "
+                  f"vs session creation {r['plain_session_create_s']:.2f} s")
         load = res["load"]
         print(f"{'':<19}load average {load['loadavg_start'][0]:.2f} -> {load['loadavg_end'][0]:.2f}, "
               f"other processes used {load['other_cpu_share'] or 0:.0%} of the CPUs")
