@@ -312,6 +312,26 @@ def targets_met(results: list[dict]) -> dict[str, Any]:
     return out
 
 
+def write_report(benchmark: str, args: argparse.Namespace, facts: dict, targets: dict, results: list) -> None:
+    """Print the target verdicts and write the JSON report every benchmark script writes."""
+    print("targets:")
+    for what, verdict in targets.items():
+        print(f"  {'MET ' if verdict['met'] else 'MISS'} {what}: {verdict['value']:.3f}")
+    report = {
+        "benchmark": benchmark,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": facts,
+        "rounds": args.rounds,
+        "runs": args.runs,
+        "image_size": args.image_size,
+        "targets": targets,
+        "results": results,
+    }
+    write_atomic(args.json, json.dumps(report, indent=2).encode())
+    print(f"wrote {args.json}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=36, help="timed runs per target and batch, over all rounds")
@@ -348,22 +368,7 @@ def main() -> None:
         print(f"{'':<19}load average {load['loadavg_start'][0]:.2f} -> {load['loadavg_end'][0]:.2f}, "
               f"other processes used {load['other_cpu_share'] or 0:.0%} of the CPUs")
     met = targets_met(results)
-    print("targets:")
-    for what, verdict in met.items():
-        print(f"  {'MET ' if verdict['met'] else 'MISS'} {what}: {verdict['value']:.3f}")
-    report = {
-        "benchmark": "cpu_engines",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": facts,
-        "rounds": args.rounds,
-        "runs": args.runs,
-        "image_size": args.image_size,
-        "targets": met,
-        "results": results,
-    }
-    write_atomic(args.json, json.dumps(report, indent=2).encode())
-    print(f"wrote {args.json}")
+    write_report("cpu_engines", args, facts, met, results)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np
 
 import enginesmith as es
-from enginesmith.bench import plot_results, write_atomic
+from enginesmith.bench import plot_results
 
-from cpu_engines import LoadMonitor, interleaved, machine, round_ratio  # noqa: E402  (sibling script)
+from cpu_engines import LoadMonitor, interleaved, machine, round_ratio, write_report  # noqa: E402  (sibling script)
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {"mobilenet_v2": "MobileNetV2", "resnet50": "ResNet50"}
@@ -160,22 +160,7 @@ def main() -> None:
     if b1 is not None:
         value = b1["speedup vs tf.function"]
         targets["engine >= 4x faster than tf.function (MobileNetV2, batch 1)"] = {"value": value, "met": value >= 4.0}
-    print("targets:")
-    for what, verdict in targets.items():
-        print(f"  {'MET ' if verdict['met'] else 'MISS'} {what}: {verdict['value']:.2f}x")
-    report = {
-        "benchmark": "keras_engines",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": facts,
-        "rounds": args.rounds,
-        "runs": args.runs,
-        "image_size": args.image_size,
-        "targets": targets,
-        "results": results,
-    }
-    write_atomic(args.json, json.dumps(report, indent=2).encode())
-    print(f"wrote {args.json}")
+    write_report("keras_engines", args, facts, targets, results)
 
 
 if __name__ == "__main__":

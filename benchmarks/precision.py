@@ -37,9 +37,9 @@ import onnx
 
 import enginesmith as es
 from enginesmith import samples
-from enginesmith.bench import plot_results, write_atomic
+from enginesmith.bench import plot_results
 
-from cpu_engines import LoadMonitor, interleaved, machine, round_ratio  # noqa: E402  (sibling script)
+from cpu_engines import LoadMonitor, interleaved, machine, round_ratio, write_report  # noqa: E402  (sibling script)
 
 MODELS = {
     "mobilenet_v2_like": samples.mobilenet_v2_like,
@@ -174,22 +174,7 @@ def main() -> None:
                 "value": b1["int8_speedup"], "met": b1["int8_speedup"] >= 1.5}
         targets[f"top-1 agreement >= 99% ({res['model']})"] = {
             "value": res["top1_agreement"], "met": res["top1_agreement"] >= 0.99}
-    print("targets:")
-    for what, verdict in targets.items():
-        print(f"  {'MET ' if verdict['met'] else 'MISS'} {what}: {verdict['value']:.3f}")
-    report = {
-        "benchmark": "precision",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": facts,
-        "rounds": args.rounds,
-        "runs": args.runs,
-        "image_size": args.image_size,
-        "targets": targets,
-        "results": results,
-    }
-    write_atomic(args.json, json.dumps(report, indent=2).encode())
-    print(f"wrote {args.json}")
+    write_report("precision", args, facts, targets, results)
 
 
 if __name__ == "__main__":
