@@ -24,7 +24,6 @@ MobileNetV2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

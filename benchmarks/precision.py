@@ -23,7 +23,6 @@ top-1 agreement >= 99%.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
