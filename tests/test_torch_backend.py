@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 if importlib.util.find_spec("onnx2torch") is None:  # imported through the backend (it may lack torchvision)
-    pytest.skip("onnx2torch is not installed (pip install 'enginesmith[torch]')", allow_module_level=True)
+    pytest.skip("onnx2torch is not installed (pip install --no-deps 'onnx2torch==1.5.15')", allow_module_level=True)
 
 import enginesmith as es  # noqa: E402
 from enginesmith import samples  # noqa: E402

@@ -74,6 +74,9 @@ from .base import Availability, Backend, BuildOptions, BuildResult, Calibration,
 PAYLOAD_NAME = "model.torch.zip"
 PAYLOAD_FORMAT = 1
 EXTRA_HINT = "pip install 'enginesmith[torch]'"
+# onnx2torch's metadata asks for torchvision, which it needs only for NonMaxSuppression/RoiAlign;
+# installing it with its dependencies could replace a CPU torch with a multi-GB CUDA build.
+ONNX2TORCH_HINT = "pip install --no-deps 'onnx2torch==1.5.15'"
 TORCH_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Environment switch: "0" ignores the compiler cache in payloads (recompile on load).
 CACHES_ENV = "ENGINESMITH_TORCH_CACHES"
@@ -107,7 +110,7 @@ def _onnx2torch():
         if "onnx2torch" in sys.modules:
             return sys.modules["onnx2torch"]
         if importlib.util.find_spec("onnx2torch") is None:
-            raise MissingDependencyError(f"converting ONNX models for the PyTorch backend needs onnx2torch: {EXTRA_HINT}")
+            raise MissingDependencyError(f"converting ONNX models for the PyTorch backend needs onnx2torch: {ONNX2TORCH_HINT}")
         placeholder = importlib.util.find_spec("torchvision") is None
         if placeholder:
             tv = types.ModuleType("torchvision")
@@ -122,7 +125,7 @@ def _onnx2torch():
         try:
             module = importlib.import_module("onnx2torch")
         except Exception as exc:  # noqa: BLE001 - a broken install must read as a dependency problem
-            raise MissingDependencyError(f"onnx2torch could not be imported ({exc}): {EXTRA_HINT}") from None
+            raise MissingDependencyError(f"onnx2torch could not be imported ({exc}): {ONNX2TORCH_HINT}") from None
         finally:
             if placeholder:
                 sys.modules.pop("torchvision", None)
