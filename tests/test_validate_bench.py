@@ -106,3 +106,29 @@ def test_bench_engine_against_source_writes_json_and_plot(tmp_path, mlp_path, ml
 def test_bench_by_duration(mlp_engine_path):
     report = es.bench(mlp_engine_path, batches=[2], runs=None, duration_s=0.2, warmup=1)
     assert report.results[0].runs >= 5 and report.baseline is None
+
+
+def test_a_reference_that_ignores_its_inputs_is_flagged(tmp_path, capsys):
+    from onnx import TensorProto, helper, numpy_helper
+
+    # y = 0 * x + c: every input gives the same output, as an untrained model with a dead layer might.
+    zero = numpy_helper.from_array(np.zeros((6, 4), np.float32), "W")
+    const = numpy_helper.from_array(np.full((4,), 0.25, np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["probs"], name="dead")], "dead",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 4])], [zero, const])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "dead.onnx"
+    onnx.save(model, path)
+    engine = es.build(path, output=tmp_path / "dead.engine")
+    report = es.validate(tmp_path / "dead.engine")
+    assert report.passed and report.warnings and "'probs' is the same for every input" in report.warnings[0]
+    assert "warning" in engine.manifest.checks["build_verification"]["summary"]
+    assert main(["validate", str(tmp_path / "dead.engine")]) == 0
+    assert "warning:" in capsys.readouterr().out
+
+
+def test_a_model_whose_outputs_depend_on_inputs_has_no_warning(mlp_engine_path):
+    assert es.validate(mlp_engine_path).warnings == []

@@ -302,6 +302,8 @@ def print_validation(report: ValidationReport) -> None:
         table.add_row(escape(o.name), f"{o.max_abs:.3e}", f"{o.mean_abs:.3e}", f"{o.rel_l2:.3e}", f"{o.cosine:.6f}", agree, result)
     console.print(table)
     console.print(("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]") + escape(f" ({report.precision} tolerance: {report.tolerance})"), highlight=False)
+    for warning in report.warnings:
+        console.print("[bold yellow]warning:[/] " + escape(warning), highlight=False)
 
 
 @app.command()

@@ -72,6 +72,8 @@ class ValidationReport:
     tolerance: dict[str, Any]
     outputs: list[OutputComparison]
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # Reasons a pass may say little (e.g. a reference output that is the same for every input).
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +85,8 @@ class ValidationReport:
         worst = max(self.outputs, key=lambda o: o.rel_l2, default=None)
         status = "PASS" if self.passed else "FAIL"
         detail = f", worst rel L2 {worst.rel_l2:.2e} on '{worst.name}'" if worst else ""
-        return f"{status}: {len(self.outputs)} outputs on {self.samples} samples vs {self.reference}{detail}"
+        warned = f" (warning: {self.warnings[0]})" if self.warnings else ""
+        return f"{status}: {len(self.outputs)} outputs on {self.samples} samples vs {self.reference}{detail}{warned}"
 
 
 def _json_default(value: Any) -> Any:
@@ -175,6 +178,11 @@ def run_validation(
     outputs = [
         compare(name, _concat(refs[name]), _concat(gots[name]), tolerance) for name in output_names
     ]
+    warnings = [
+        f"the reference's '{name}' is the same for every input (an untrained model?), so agreeing with it says "
+        "little about the engine"
+        for name in output_names if samples > 1 and _same_for_every_sample(_concat(refs[name]))
+    ]
     return ValidationReport(
         passed=all(o.passed for o in outputs),
         precision=precision,
@@ -183,7 +191,15 @@ def run_validation(
         samples=samples,
         tolerance=tolerance.to_dict(),
         outputs=outputs,
+        warnings=warnings,
     )
+
+
+def _same_for_every_sample(ref: np.ndarray) -> bool:
+    """Float outputs identical along the batch axis: nothing the inputs change is being compared."""
+    if ref.dtype.kind != "f" or ref.ndim < 1 or ref.shape[0] < 2:
+        return False
+    return bool(np.all(ref == ref[:1]))
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
