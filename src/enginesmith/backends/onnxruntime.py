@@ -22,6 +22,7 @@ import os
 import re
 import tempfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -352,13 +353,8 @@ class OnnxRuntimeBackend(Backend):
             precision = "fp32"
         if settings.trt is not None:
             return self._build_tensorrt(model, signature, options, precision, providers, settings, progress, calibration, log)
-        resolved = BuildOptions(
-            precision=precision,
-            threads=options.threads,
-            force_precision=options.force_precision,
-            calibration_method=options.calibration_method,
-            backend_options=ort_gpu.resolved_backend_options(options.backend_options, providers, None),
-        )
+        resolved = replace(options, precision=precision,
+                           backend_options=ort_gpu.resolved_backend_options(options.backend_options, providers, None))
         caches: dict[str, bytes] = {}
         with tempfile.TemporaryDirectory(prefix="enginesmith-ort-") as tmp:
             if precision == "fp16":
@@ -462,13 +458,8 @@ class OnnxRuntimeBackend(Backend):
         engines = sorted(name for name in built if name.endswith(".engine"))
         log.append(f"TensorRT provider: {len(engines)} engine(s) cached in the bundle" if engines
                    else "TensorRT provider: no engine cached (engine_cache off, or no subgraph went to TensorRT)")
-        resolved = BuildOptions(
-            precision=precision,
-            threads=options.threads,
-            force_precision=options.force_precision,
-            calibration_method=options.calibration_method,
-            backend_options=ort_gpu.resolved_backend_options(options.backend_options, providers, plan),
-        )
+        resolved = replace(options, precision=precision,
+                           backend_options=ort_gpu.resolved_backend_options(options.backend_options, providers, plan))
         details = {
             "node_placement": placement,
             "tensorrt_provider_options": ort_gpu.settings_key(provider_options),
