@@ -12,17 +12,25 @@ decisive the fp32 model is on the held-out images (distinct top-1 classes, the t
 top-2 logit gap in units of the logits' standard deviation): with random weights the gap
 is often smaller than int8 noise, and then top-1 agreement measures ties, not accuracy.
 
+With ``--trained DIR`` it measures instead the trained MobileNetV2 and ResNet-50 of
+``trained_classifiers.py`` (torchvision architectures trained on scikit-learn's digits drawn
+into 224x224 scenes): calibration on scenes of training digits, agreement on all 500
+held-out digits, and the held-out accuracy of both engines against the true labels. These
+models make real decisions, so their agreement is the number the target is about.
+
 Prints a table, writes JSON and a PNG per model, and records the machine and its load.
 
 Target (issue 5, 2-core machine): int8 p50 >= 1.5x faster than fp32 at batch 1, with
 top-1 agreement >= 99%.
 
     python benchmarks/precision.py [--rounds 6] [--runs 30] [--image-size 224] [--calib 64] [--holdout 64]
+    python benchmarks/precision.py --trained DIR [--json benchmarks/results/precision_trained.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -62,11 +70,19 @@ def logits_of(engine: es.Engine, images: np.ndarray, batch: int = 8) -> np.ndarr
 
 def bench_model(name: str, workdir: Path, args: argparse.Namespace) -> dict:
     size = args.image_size
-    model_path = workdir / f"{name}.onnx"
-    onnx.save(MODELS[name](image_size=size), model_path)
     calib_path = workdir / f"{name}_calib.npz"
-    np.savez(calib_path, image=synthetic_images(args.calib, size, seed=1))
-    held_out = synthetic_images(args.holdout, size, seed=2)
+    labels = None
+    if args.trained:
+        import trained_classifiers  # noqa: PLC0415  (sibling script)
+
+        model_path = trained_classifiers.trained_models(args.trained)[name]
+        np.savez(calib_path, image=trained_classifiers.calibration_set(args.calib))
+        held_out, labels = trained_classifiers.held_out_set(args.holdout)
+    else:
+        model_path = workdir / f"{name}.onnx"
+        onnx.save(MODELS[name](image_size=size), model_path)
+        np.savez(calib_path, image=synthetic_images(args.calib, size, seed=1))
+        held_out = synthetic_images(args.holdout or 64, size, seed=2)
 
     start = time.perf_counter()
     es.build(model_path, output=workdir / f"{name}_fp32.engine")
@@ -95,6 +111,9 @@ def bench_model(name: str, workdir: Path, args: argparse.Namespace) -> dict:
         # int8 noise on the logits, in the same units as the gap: flips are expected where gap < ~2x this
         "int8_logit_noise_in_std": float(np.median(np.std(l8 - l32, axis=-1) / l32.std(axis=-1))),
     }
+    if labels is not None:
+        accuracy["fp32_accuracy_vs_labels"] = float(np.mean(top32 == labels))
+        accuracy["int8_accuracy_vs_labels"] = float(np.mean(top8 == labels))
 
     rows, all_stats = [], []
     with LoadMonitor() as load:
@@ -139,12 +158,26 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--calib", type=int, default=64, help="calibration images")
     parser.add_argument("--calib-method", default=None, help="minmax, entropy or percentile (library default: minmax)")
-    parser.add_argument("--holdout", type=int, default=64, help="held-out images for top-1 agreement")
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--json", type=Path, default=RESULTS / "precision.json")
+    parser.add_argument("--holdout", type=int, default=None,
+                        help="held-out images for top-1 agreement (default: 64; with --trained all 500)")
+    parser.add_argument("--models", default=None, help="default: both models (of --trained DIR when given)")
+    parser.add_argument("--trained", type=Path, default=None,
+                        help="folder of trained models from trained_classifiers.py (train, then unpack)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default: results/precision.json (results/precision_trained.json with --trained)")
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     args = parser.parse_args()
+    if args.trained:
+        import trained_classifiers  # noqa: PLC0415  (sibling script)
+
+        available = trained_classifiers.trained_models(args.trained)
+        args.models = args.models or ",".join(available)
+        args.image_size = trained_classifiers.IMAGE_SIZE
+    args.models = args.models or ",".join(MODELS)
+    args.json = args.json or RESULTS / ("precision_trained.json" if args.trained else "precision.json")
     facts = machine()
+    if args.trained and (args.trained / "training.json").exists():  # how the models were trained, kept with the numbers
+        facts["trained_models"] = json.loads((args.trained / "training.json").read_text())
     results = []
     with tempfile.TemporaryDirectory(prefix="enginesmith-precision-") as tmp:
         for name in args.models.split(","):
@@ -152,19 +185,22 @@ def main() -> None:
             results.append(bench_model(name, Path(tmp), args))
     print(f"machine: {facts['cpu']}, {facts['physical_cores']} cores ({facts['cpu_flags']}; no VNNI/AMX: "
           f"{not any(f in facts['cpu_flags'] for f in ('vnni', 'amx'))}), ONNX Runtime {facts['onnxruntime']}")
-    header = (f"{'model':<19}{'batch':>6}{'fp32 ms':>10}{'int8 ms':>10}{'speed-up':>10}{'top-1 agree':>13}"
+    header = (f"{'model':<22}{'batch':>6}{'fp32 ms':>10}{'int8 ms':>10}{'speed-up':>10}{'top-1 agree':>13}"
               f"{'rel L2':>9}{'fp32 gap':>10}{'int8 noise':>12}")
     print(header)
     print("-" * len(header))
     for res in results:
         for row in res["rows"]:
-            print(f"{res['model']:<19}{row['batch']:>6}{row['fp32_p50_ms']:>10.2f}{row['int8_p50_ms']:>10.2f}"
+            print(f"{res['model']:<22}{row['batch']:>6}{row['fp32_p50_ms']:>10.2f}{row['int8_p50_ms']:>10.2f}"
                   f"{row['int8_speedup']:>9.2f}x{res['top1_agreement']:>12.1%}{res['logits_rel_l2']:>9.3f}"
                   f"{res['fp32_top1_gap_in_std_median']:>10.3f}{res['int8_logit_noise_in_std']:>12.3f}")
         load = res["load"]
-        print(f"{'':<19}fp32 top-1 classes on {res['held_out_images']} held-out images: "
+        print(f"{'':<22}fp32 top-1 classes on {res['held_out_images']} held-out images: "
               f"{res['fp32_distinct_top1_classes']}; load average {load['loadavg_start'][0]:.2f} -> "
               f"{load['loadavg_end'][0]:.2f}, other processes used {load['other_cpu_share'] or 0:.0%} of the CPUs")
+        if "fp32_accuracy_vs_labels" in res:
+            print(f"{'':<22}held-out accuracy vs true labels: fp32 {res['fp32_accuracy_vs_labels']:.1%}, "
+                  f"int8 {res['int8_accuracy_vs_labels']:.1%}")
     targets = {}
     for res in results:
         b1 = next((row for row in res["rows"] if row["batch"] == 1), None)
