@@ -189,6 +189,8 @@ def build_options(args: argparse.Namespace) -> dict:
         options["inductor"] = inductor
     if args.no_cudnn_benchmark:
         options["cudnn_benchmark"] = False
+    if args.cudnn_benchmark_limit is not None:
+        options["cudnn_benchmark_limit"] = args.cudnn_benchmark_limit
     return options
 
 
@@ -477,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--no-cdt", action="store_true", help="turn coordinate-descent tuning off (shorter autotuning)")
         p.add_argument("--inductor", action="append", metavar="KEY=VALUE", help="extra Inductor option, e.g. freezing=1")
         p.add_argument("--no-cudnn-benchmark", action="store_true", help="build: leave cuDNN on its heuristics")
+        p.add_argument("--cudnn-benchmark-limit", type=int, default=None,
+                       help="build: cuDNN algorithms timed per shape (torch default 10; 0 = all)")
         p.add_argument("--tag", default="", help="a label for this build/bench in the merged results")
         p.add_argument("--load-only", action="store_true", help="bench: time the warm load only")
         p.add_argument("--runs", type=int, default=100)

@@ -17,7 +17,7 @@
 #
 # STEPS is a comma list of: env mnv2_ro r50_b1 r50_b128 tests aoti r50_b1_frz r50_b128_frz mnv2_ma
 #   r50_b128_tma r50_b1_tma loads (the second round, after the first showed b128 short of its target)
-#   mnv2_ma_aten r50_b128_aten (the third: max-autotune with convolutions left to cuDNN) r50_b128_mm
+#   mnv2_ma_aten r50_b128_aten (the third: max-autotune with convolutions left to cuDNN) r50_b128_mm r50_b128_cbl
 # Every step runs in its own process with a time limit; a step that would pass the plan's budget
 # (PLAN_BUDGET seconds from the start, default 1500) is skipped. Each build compiles cold (fresh
 # Inductor and Triton cache folders); each bench loads the engine in a fresh process with empty cache
@@ -138,6 +138,10 @@ do_step() {
     r50_b128_mm)  # 1x1 convolutions lowered to matmuls, which max-autotune tunes (Triton and cuBLAS) with fused epilogues
       build r50_b128_mm resnet50_like 600 --precision fp16 --mode max-autotune --batches 128 --inductor conv_1x1_as_mm=1
       bench r50_b128_mm resnet50_like 240 --batches 128 --runs 200
+      ;;
+    r50_b128_cbl)  # cuDNN times every convolution algorithm (benchmark_limit 0) instead of its first 10
+      build r50_b128_cbl resnet50_like 600 --precision fp16 --mode max-autotune --batches 128 --cudnn-benchmark-limit 0
+      bench r50_b128_cbl resnet50_like 240 --batches 128 --runs 200
       ;;
     loads)  # warm load alone, fresh caches each time: as built, and without Inductor's compile-worker pool
       local engine

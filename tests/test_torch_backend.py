@@ -251,6 +251,31 @@ def test_precisions_int8_refused_and_fp16_stays_fp32_on_the_cpu():
         assert any("does not pay on the CPU" in line for line in engine.manifest.build_log)
 
 
+@pytest.mark.parametrize("limit", [-1, 2.5, "all"])
+def test_bad_cudnn_benchmark_limit_is_refused_by_name(limit):
+    with pytest.raises(BuildError, match=r"cudnn_benchmark_limit must be a whole number >= 0"):
+        es.build(make_mlp(), backend="torch", backend_options={**EAGER, "cudnn_benchmark_limit": limit})
+
+
+def test_cudnn_benchmark_limit_is_recorded_and_set_again_at_load():
+    from enginesmith.importers import import_model
+
+    imported = import_model(make_mlp())
+    backend = get_backend("torch")
+    result = backend.build(imported.model, imported.signature,
+                           BuildOptions(backend_options={**EAGER, "cudnn_benchmark_limit": 0}))
+    meta = tc.unpack_payload(result.payload)[0]
+    if not CUDA:  # no cuDNN on the CPU: nothing to record
+        assert meta["cudnn_benchmark_limit"] is None
+        return
+    import torch
+
+    assert meta["cudnn_benchmark_limit"] == 0
+    torch.backends.cudnn.benchmark_limit = 10
+    backend.load(result.payload, result.resolved_options, imported.signature)
+    assert torch.backends.cudnn.benchmark_limit == 0
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_engines_take_and_return_fp32(precision):
     """Forced on the CPU (CI), native on a GPU: fp32 in and out, reduced precision inside."""

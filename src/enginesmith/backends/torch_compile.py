@@ -38,6 +38,8 @@ Backend options (``BuildOptions.backend_options``)
                    on CUDA; process-wide, like PyTorch's flag): Inductor's autotuning compares
                    against the cuDNN convolution, so with heuristics alone it compares against a
                    possibly slower algorithm than cuDNN can run
+    ``cudnn_benchmark_limit``  how many cuDNN algorithms that search times per shape (PyTorch's
+                   default 10; 0 times every one): recorded, and set again at load
 """
 
 from __future__ import annotations
@@ -822,8 +824,25 @@ def _set_fp32_math(torch, tf32: bool) -> None:
 
 def _set_cudnn_benchmark(torch, meta: Mapping[str, Any]) -> None:
     """Turn cuDNN's per-shape algorithm search on for engines that ask for it (never off: other code may rely on it)."""
-    if meta["device"].startswith("cuda") and meta.get("cudnn_benchmark") and not torch.backends.cudnn.benchmark:
+    if not (meta["device"].startswith("cuda") and meta.get("cudnn_benchmark")):
+        return
+    if not torch.backends.cudnn.benchmark:
         torch.backends.cudnn.benchmark = True
+    limit = meta.get("cudnn_benchmark_limit")
+    if limit is not None and hasattr(torch.backends.cudnn, "benchmark_limit"):
+        torch.backends.cudnn.benchmark_limit = int(limit)
+
+
+def _benchmark_limit(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        limit = int(value)
+    except (TypeError, ValueError):
+        limit = -1
+    if limit < 0 or str(value).strip() not in (str(limit), f"{limit}.0"):
+        raise BuildError(f"cudnn_benchmark_limit must be a whole number >= 0 (0 times every algorithm), not {value!r}")
+    return limit
 
 
 def inductor_options(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -1241,6 +1260,7 @@ class TorchCompileBackend(Backend):
             raise BuildError(f"unknown torch.compile mode '{mode}': use default, reduce-overhead, max-autotune "
                              "or max-autotune-no-cudagraphs") from None
         cudagraphs = cuda and bool({**mode_options, **options_inductor}.get("triton.cudagraphs"))
+        benchmark_limit = _benchmark_limit(bo.get("cudnn_benchmark_limit"))  # checked on every device
         return {
             "format": PAYLOAD_FORMAT,
             "device": device,
@@ -1255,6 +1275,7 @@ class TorchCompileBackend(Backend):
             "channels_last": bool(channels_last),
             "tf32": bool(bo.get("tf32", False)) and precision == "fp32",
             "cudnn_benchmark": bool(bo.get("cudnn_benchmark", True)) and cuda,
+            "cudnn_benchmark_limit": benchmark_limit if cuda else None,
             "tag": f"enginesmith-{uuid.uuid4().hex}",
             "torch": self.version(),
             "triton": _triton_version() if cuda else "n/a",
@@ -1387,6 +1408,7 @@ class TorchCompileBackend(Backend):
             "cudagraphs": meta["cudagraphs"],
             "channels_last": meta["channels_last"],
             "cudnn_benchmark": meta["cudnn_benchmark"],
+            "cudnn_benchmark_limit": meta["cudnn_benchmark_limit"],
             "inductor_options": meta["inductor"],
             "convert_seconds": round(convert_s, 2),
             "export_seconds": round(export_s, 2),
@@ -1427,7 +1449,8 @@ class TorchCompileBackend(Backend):
         torch = _torch()
         data = payload if isinstance(payload, bytes) else Path(payload).read_bytes()
         handed = _HANDOFF.pop(hashlib.sha256(data).hexdigest(), None)
-        if handed is not None:
+        if handed is not None:  # the session the build just compiled; the process settings are set again all the same
+            _set_cudnn_benchmark(torch, handed.meta)
             return handed
         started = time.perf_counter()
         steps: dict[str, float] = {}
