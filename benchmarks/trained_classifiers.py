@@ -5,8 +5,8 @@ model makes real decisions; random-weight models pick the same one or two classe
 every image with margins smaller than int8 noise. No pretrained weights can be downloaded
 here, so this trains torchvision's MobileNetV2 and ResNet-50 (10 classes, 224x224x3) on
 scikit-learn's handwritten digits (they ship inside scikit-learn), each 8x8 digit drawn
-into a 224x224 colour scene: smoothly interpolated to a random size (80-192 px), a random
-colour, at a random place, on a smooth random background. The same renderer, with other
+into a 224x224 colour scene: smoothly interpolated to a random size (80-192 px), in a
+colour that stands out, at a random place, on a smooth random background. The same renderer, with other
 seeds, makes the calibration and held-out images of `precision.py --trained`.
 
     # on a CUDA machine (the project's H100: ~2 min for MobileNetV2, ~4 min for ResNet-50;
@@ -263,6 +263,21 @@ def pack(onnx_path: Path, out: Path, name: str) -> list[Path]:
     return parts
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _recorded_checksums(folder: Path, name: str) -> dict[str, str]:
+    """{chunk file: sha256} as ``train`` recorded them in training.json (empty when not recorded)."""
+    record = folder / "training.json"
+    if not record.exists():
+        return {}
+    files = json.loads(record.read_text()).get("models", {}).get(name, {}).get("files")
+    return files if isinstance(files, dict) else {}
+
+
 def unpack(folder: Path) -> list[Path]:
     """Rebuild ``name.onnx`` (fp32 weights) from every ``name.graph.onnx`` in ``folder``."""
     import onnx
@@ -274,7 +289,11 @@ def unpack(folder: Path) -> list[Path]:
         parts = sorted(folder.glob(f"{name}.weights.*"))
         if not parts:
             raise SystemExit(f"{graph_path}: no {name}.weights.NN files beside it")
-        weights = np.load(io.BytesIO(b"".join(p.read_bytes() for p in parts)))
+        expected = _recorded_checksums(folder, name)
+        for part in parts:
+            if expected and expected.get(part.name) != _sha256(part):
+                raise SystemExit(f"{part}: checksum differs from training.json (truncated or mixed-up copy?)")
+        weights = np.load(io.BytesIO(b"".join(p.read_bytes() for p in parts)))  # allow_pickle stays False
         model = onnx.load(str(graph_path))
         for key in weights.files:
             array = weights[key]
@@ -282,7 +301,9 @@ def unpack(folder: Path) -> list[Path]:
             model.graph.initializer.append(numpy_helper.from_array(array, key))
         onnx.checker.check_model(model)
         target = folder / f"{name}.onnx"
-        onnx.save(model, str(target))
+        partial = target.with_name(target.name + ".partial")  # never a half-written model under the real name
+        onnx.save(model, str(partial))
+        os.replace(partial, target)
         written.append(target)
     return written
 
@@ -330,7 +351,7 @@ def main() -> None:
                                   lr=args.lr or lr, render_chunks=args.render_chunks)
         onnx_path = args.out / f"{name}.full.onnx"
         export_onnx(model, onnx_path)
-        record["files"] = [p.name for p in pack(onnx_path, args.out, name)]
+        record["files"] = {p.name: _sha256(p) for p in pack(onnx_path, args.out, name)}
         onnx_path.unlink()
         facts["models"][name] = record
     (args.out / "training.json").write_text(json.dumps(facts, indent=2) + "\n")

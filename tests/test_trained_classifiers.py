@@ -80,3 +80,18 @@ def test_unpack_without_weight_chunks_says_what_is_missing(tmp_path):
         part.unlink()
     with pytest.raises(SystemExit, match="no resnet50_trained.weights.NN"):
         tc.unpack(tmp_path)
+
+
+def test_unpack_refuses_a_chunk_whose_checksum_differs_from_the_training_record(tmp_path):
+    import json
+
+    model_path = tmp_path / "full.onnx"
+    onnx.save(samples.small_cnn(), model_path)
+    parts = tc.pack(model_path, tmp_path, "resnet50_trained")
+    record = {"models": {"resnet50_trained": {"files": {p.name: tc._sha256(p) for p in parts}}}}
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    assert tc.unpack(tmp_path) == [tmp_path / "resnet50_trained.onnx"]
+    parts[0].write_bytes(parts[0].read_bytes()[:-10])
+    with pytest.raises(SystemExit, match="checksum differs"):
+        tc.unpack(tmp_path)
+
