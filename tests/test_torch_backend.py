@@ -220,6 +220,43 @@ def test_shape_arguments_become_static_for_export(dynamic_reshape):
     assert_matches_onnxruntime(engine, model)
 
 
+def squeeze_axes_model() -> onnx.ModelProto:
+    """Opset-13 Squeeze takes its axes as an input (tf2onnx writes GlobalAveragePool -> Squeeze for Keras'
+    pooling heads): x[batch, 3, 5, 5] -> GAP -> Squeeze(axes [2, 3]) -> y[batch, 3]; and z[batch, 4, 6] reshaped
+    to [batch, 24] through Shape -> Gather([0]) -> Squeeze(axes [0]) -> Unsqueeze -> Concat."""
+
+    def ints(name, values):
+        return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["pooled"], name="gap"),
+        helper.make_node("Squeeze", ["pooled", "hw"], ["y"], name="squeeze_hw"),
+        helper.make_node("Shape", ["z"], ["zs"], name="shape"),
+        helper.make_node("Gather", ["zs", "first"], ["b1"], name="gather", axis=0),
+        helper.make_node("Squeeze", ["b1", "zero"], ["b"], name="squeeze_batch"),
+        helper.make_node("Unsqueeze", ["b", "zero"], ["b_again"], name="unsqueeze_batch"),
+        helper.make_node("Concat", ["b_again", "minus1"], ["zshape"], name="concat", axis=0),
+        helper.make_node("Reshape", ["z", "zshape"], ["w"], name="reshape"),
+    ]
+    graph = helper.make_graph(
+        nodes, "squeeze_axes",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 5, 5]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, ["batch", 24])],
+        [ints("hw", [2, -1]), ints("first", [0]), ints("zero", [0]), ints("minus1", [-1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_squeeze_with_axes_input_becomes_static_for_export():
+    model = squeeze_axes_model()
+    engine = es.build(model, backend="torch", backend_options=EAGER, graph_passes=False)
+    assert "OnnxSqueezeDynamicAxes x2" in " ".join(engine.manifest.build_log)
+    assert_matches_onnxruntime(engine, model)
+
+
 def test_conv_net_with_batchnorm_and_dropout_matches_onnxruntime(tmp_path):
     model = samples.small_cnn()
     engine = es.build(model, backend="torch", backend_options=EAGER)
@@ -227,6 +264,17 @@ def test_conv_net_with_batchnorm_and_dropout_matches_onnxruntime(tmp_path):
     assert_matches_onnxruntime(engine, model)
     loaded = es.load(engine.save(tmp_path / "cnn.engine"))
     assert_matches_onnxruntime(loaded, model, batches=(2,))
+
+
+def test_data_dependent_shape_fails_export_with_one_message_and_no_graph_dump(capsys):
+    class ReshapeByValue(torch.nn.Module):
+        def forward(self, *inputs):
+            return inputs[0].reshape(int(inputs[0].argmax()), -1)
+
+    signature = Signature(inputs=[TensorSpec("x", "float32", ["batch", 4])], outputs=[TensorSpec("y", "float32", [None, None])])
+    with pytest.raises(UnsupportedModelError, match="torch.export could not trace the model.*data-dependent"):
+        tc.export_program(ReshapeByValue(), signature, "cpu", [])
+    assert "def forward" not in capsys.readouterr().err
 
 
 def test_unsupported_op_is_named_with_its_nodes():

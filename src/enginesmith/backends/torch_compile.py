@@ -61,7 +61,7 @@ import types
 import uuid
 import warnings
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -343,6 +343,21 @@ def _sv_squeeze(values):
     return values[0]
 
 
+def _sv_squeeze_dims(x, axes):
+    result = x
+    for axis in sorted((a % x.dim() for a in axes), reverse=True):
+        result = result.squeeze(axis)
+    return result
+
+
+def _sv_unsqueeze_dims(x, axes):
+    rank = x.dim() + len(axes)
+    result = x
+    for axis in sorted(a % rank for a in axes):
+        result = result.unsqueeze(axis)
+    return result
+
+
 def _sv_concat(*parts):
     out: list = []
     for part in parts:
@@ -458,6 +473,15 @@ def _specialize_constants(gm, log: list[str]) -> None:
             lowered.add(replace(node, _sv_unsqueeze, [args[0]]))
         elif kind == "OnnxSqueezeStaticAxes" and first_lowered and list(module.axes or [0]) == [0]:
             lowered.add(replace(node, _sv_squeeze, [args[0]]))
+        elif kind in ("OnnxSqueezeDynamicAxes", "OnnxUnsqueezeDynamicAxes") and len(args) == 2 \
+                and (axes := const(args[1])) is not None:
+            axes = axes if isinstance(axes, list) else [axes]
+            if first_lowered and axes == [0]:
+                fn = _sv_squeeze if kind == "OnnxSqueezeDynamicAxes" else _sv_unsqueeze
+                lowered.add(replace(node, fn, [args[0]]))
+            elif not first_lowered:
+                fn = _sv_squeeze_dims if kind == "OnnxSqueezeDynamicAxes" else _sv_unsqueeze_dims
+                replace(node, fn, [args[0], axes])
         elif kind == "OnnxCast" and first_lowered and not module.torch_dtype.is_floating_point:
             node.replace_all_uses_with(args[0])
             graph.erase_node(node)
@@ -685,10 +709,15 @@ def export_program(module, signature: Signature, device: str, log: list[str]):
         dynamic_shapes.append(spec_dims or None)
     inputs = tuple(example_inputs(signature, 2, device))
     started = time.perf_counter()
+    # torch.export prints the partial graph of a failed trace straight to stderr (not through
+    # logging); it is caught here and shown only when the export succeeds (then it holds warnings).
+    printed = io.StringIO()
     try:
-        with torch.no_grad(), _quiet_loggers("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export"):
+        with torch.no_grad(), _quiet_loggers("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export"), \
+                redirect_stderr(printed):
             program = torch.export.export(module, inputs, dynamic_shapes=(tuple(dynamic_shapes),) if any_dynamic else None,
                                           strict=False)
+        sys.stderr.write(printed.getvalue())
     except MissingDependencyError:
         raise
     except Exception as exc:  # noqa: BLE001 - export errors are model limitations
