@@ -191,6 +191,8 @@ def build_options(args: argparse.Namespace) -> dict:
         options["cudnn_benchmark"] = False
     if args.cudnn_benchmark_limit is not None:
         options["cudnn_benchmark_limit"] = args.cudnn_benchmark_limit
+    if args.fuse_conv != "auto":
+        options["fuse_conv"] = parse_value(args.fuse_conv)
     return options
 
 
@@ -481,6 +483,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--no-cudnn-benchmark", action="store_true", help="build: leave cuDNN on its heuristics")
         p.add_argument("--cudnn-benchmark-limit", type=int, default=None,
                        help="build: cuDNN algorithms timed per shape (torch default 10; 0 = all)")
+        p.add_argument("--fuse-conv", default="auto", choices=["auto", "true", "false"],
+                       help="build: cuDNN-fused conv+bias(+add)+ReLU epilogues (auto: on CUDA)")
         p.add_argument("--tag", default="", help="a label for this build/bench in the merged results")
         p.add_argument("--load-only", action="store_true", help="bench: time the warm load only")
         p.add_argument("--runs", type=int, default=100)

@@ -18,6 +18,7 @@
 # STEPS is a comma list of: env mnv2_ro r50_b1 r50_b128 tests aoti r50_b1_frz r50_b128_frz mnv2_ma
 #   r50_b128_tma r50_b1_tma loads (the second round, after the first showed b128 short of its target)
 #   mnv2_ma_aten r50_b128_aten (the third: max-autotune with convolutions left to cuDNN) r50_b128_mm r50_b128_cbl
+#   r50_fused r50_fused_ma (the fourth: cuDNN-fused convolution epilogues)
 # Every step runs in its own process with a time limit; a step that would pass the plan's budget
 # (PLAN_BUDGET seconds from the start, default 1500) is skipped. Each build compiles cold (fresh
 # Inductor and Triton cache folders); each bench loads the engine in a fresh process with empty cache
@@ -143,6 +144,18 @@ do_step() {
       build r50_b128_cbl resnet50_like 600 --precision fp16 --mode max-autotune --batches 128 --cudnn-benchmark-limit 0
       bench r50_b128_cbl resnet50_like 240 --batches 128 --runs 200
       ;;
+    r50_fused)  # cuDNN-fused conv epilogues (the backend's default on CUDA since then), CUDA graphs, no autotuning
+      build r50_b1_fused resnet50_like 300 --precision fp16 --mode reduce-overhead --batches 1
+      bench r50_b1_fused resnet50_like 180 --batches 1 --runs 300
+      build r50_b128_fused resnet50_like 300 --precision fp16 --mode reduce-overhead --batches 128
+      bench r50_b128_fused resnet50_like 180 --batches 128 --runs 200
+      ;;
+    r50_fused_ma)  # the same with max-autotune for what is left unfused (4 convolutions, the classifier)
+      build r50_b128_fused_ma resnet50_like 600 --precision fp16 --mode max-autotune --batches 128
+      bench r50_b128_fused_ma resnet50_like 180 --batches 128 --runs 200
+      build r50_b1_fused_ma resnet50_like 600 --precision fp16 --mode max-autotune --batches 1
+      bench r50_b1_fused_ma resnet50_like 180 --batches 1 --runs 300
+      ;;
     loads)  # warm load alone, fresh caches each time: as built, and without Inductor's compile-worker pool
       local engine
       engine=$(ls -t "$STATE"/r50_b128*.engine 2>/dev/null | head -n 1)
@@ -159,7 +172,8 @@ do_step() {
       done
       ;;
     tests)
-      step tests_cuda 360 env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_backend.py -q \
+      step tests_cuda 420 env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_backend.py \
+        tests/test_torch_conv_fusion.py -q \
         -p no:cacheprovider -rA
       local line
       line=$(grep -E '[0-9]+ (passed|failed|errors?|skipped)' "$LOG" | tail -n 1 | tr -d '"=' | sed 's/^ *//;s/ *$//')

@@ -40,6 +40,10 @@ Backend options (``BuildOptions.backend_options``)
                    possibly slower algorithm than cuDNN can run
     ``cudnn_benchmark_limit``  how many cuDNN algorithms that search times per shape (PyTorch's
                    default 10; 0 times every one): recorded, and set again at load
+    ``fuse_conv``  "auto" (on CUDA for convolutional models), true or false: conv2d -> ReLU and
+                   conv2d -> add -> ReLU run as cuDNN convolutions with fused epilogues
+                   (``torch_conv_fusion``); the rewrite is applied before compiling, at build and
+                   at load, so the saved program stays plain ATen. Not with compile="aoti".
 """
 
 from __future__ import annotations
@@ -883,6 +887,18 @@ def inductor_options(meta: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
+def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
+    """A fresh module of the program with cuDNN-fused convolution epilogues (``torch_conv_fusion``)."""
+    from enginesmith.backends.torch_conv_fusion import fuse_conv_epilogues
+
+    module = program.module()
+    counts = fuse_conv_epilogues(module)
+    log.append("cuDNN fused epilogues" + (" (on CUDA; unfused reference kernels elsewhere)" if not
+                                          meta["device"].startswith("cuda") else "") + ": "
+               + ", ".join(f"{pattern} x{n}" for pattern, n in counts.items()))
+    return module
+
+
 def compile_module(module, meta: Mapping[str, Any]):
     """The callable a session runs: torch.compile'd (lazily compiled on first calls) or eager."""
     torch = _torch()
@@ -1290,6 +1306,14 @@ class TorchCompileBackend(Backend):
                              "or max-autotune-no-cudagraphs") from None
         cudagraphs = cuda and bool({**mode_options, **options_inductor}.get("triton.cudagraphs"))
         benchmark_limit = _benchmark_limit(bo.get("cudnn_benchmark_limit"))  # checked on every device
+        fuse_conv = bo.get("fuse_conv", "auto")
+        if fuse_conv == "auto":
+            fuse_conv = cuda and kind != "aoti" and _has_conv2d(module)
+        elif not isinstance(fuse_conv, bool):
+            raise BuildError(f"fuse_conv must be auto, true or false, not {fuse_conv!r}")
+        elif fuse_conv and kind == "aoti":
+            raise BuildError("fuse_conv cannot be combined with compile=aoti (an AOTInductor package cannot call "
+                             "enginesmith's fused operators): pass fuse_conv=false")
         return {
             "format": PAYLOAD_FORMAT,
             "device": device,
@@ -1305,6 +1329,7 @@ class TorchCompileBackend(Backend):
             "tf32": bool(bo.get("tf32", False)) and precision == "fp32",
             "cudnn_benchmark": bool(bo.get("cudnn_benchmark", True)) and cuda,
             "cudnn_benchmark_limit": benchmark_limit if cuda else None,
+            "fuse_conv": fuse_conv,
             "tag": f"enginesmith-{uuid.uuid4().hex}",
             "torch": self.version(),
             "triton": _triton_version() if cuda else "n/a",
@@ -1372,6 +1397,7 @@ class TorchCompileBackend(Backend):
         program_bytes = _save_program(program)
         program = _load_program(program_bytes)  # compile exactly what load() will compile
         eager = program.module()
+        runnable = _fused_module(program, meta, log) if meta["fuse_conv"] else eager
         cache: bytes | None = None
         aoti: bytes | None = None
         warm_s: dict[int, float] = {}
@@ -1379,7 +1405,7 @@ class TorchCompileBackend(Backend):
         compile_started = time.perf_counter()
         step("compiling", 0, len(meta["warm_batches"]))
         if meta["compile"] == "eager":
-            compiled = eager
+            compiled = runnable
             log.append("compile=eager: the exported program runs uncompiled (no Inductor)")
         elif meta["compile"] == "aoti":
             # AOTInductor wants example inputs (size hints for autotuning); the saved program has none.
@@ -1395,7 +1421,7 @@ class TorchCompileBackend(Backend):
             if cuda and meta["cudagraphs"]:
                 compiled = _GraphedRunner(compiled, signature, device, meta["batches"], log)
         else:
-            compiled = compile_module(eager, meta)
+            compiled = compile_module(runnable, meta)
             if cuda and meta["precision"] == "fp32":
                 _set_fp32_math(torch, meta["tf32"])
             with _fresh_artifacts(), _cache_tag(meta["tag"]):
@@ -1420,7 +1446,7 @@ class TorchCompileBackend(Backend):
         meta_out["warm_batches"] = meta["warm_batches"]
         meta_out["build_seconds"] = round(time.perf_counter() - started, 2)
         payload = pack_payload(meta_out, program_bytes, cache, aoti)
-        session = TorchSession(compiled, eager, meta_out, signature)
+        session = TorchSession(compiled, runnable, meta_out, signature)
         _HANDOFF.clear()
         _HANDOFF[hashlib.sha256(payload).hexdigest()] = session
         backend_options = {**options.backend_options, "device": device, "compile": meta["compile"], "mode": meta["mode"]}
@@ -1438,6 +1464,7 @@ class TorchCompileBackend(Backend):
             "channels_last": meta["channels_last"],
             "cudnn_benchmark": meta["cudnn_benchmark"],
             "cudnn_benchmark_limit": meta["cudnn_benchmark_limit"],
+            "fuse_conv": meta["fuse_conv"],
             "inductor_options": meta["inductor"],
             "convert_seconds": round(convert_s, 2),
             "export_seconds": round(export_s, 2),
@@ -1451,7 +1478,7 @@ class TorchCompileBackend(Backend):
         return BuildResult(payload=payload, payload_name=PAYLOAD_NAME, resolved_options=resolved, log=log, details=details)
 
     def _self_check(self, compiled, eager, meta, signature: Signature) -> dict[str, float]:
-        """Relative L2 distance of the compiled program from the exported one, per compiled batch."""
+        """Relative L2 distance of the compiled (and fused) program from the exported one, per compiled batch."""
         torch = _torch()
         if compiled is eager:
             return {}
@@ -1502,7 +1529,7 @@ class TorchCompileBackend(Backend):
                 raise
             except Exception as exc:  # noqa: BLE001
                 raise BuildError(f"PyTorch could not load the engine's program: {str(exc).splitlines()[0][:300]}") from None
-            eager = program.module()
+            eager = _fused_module(program, meta, []) if meta.get("fuse_conv") else program.module()
         mark = lap("program", started)
         info = ""
         if meta["compile"] == "eager":
