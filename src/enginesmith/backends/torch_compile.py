@@ -9,7 +9,9 @@ Build
     convolutional models). ``torch.export`` turns it into an ExportedProgram (dynamic
     batch unless the signature fixes it), which is compiled by Inductor for this
     device: ``max-autotune`` (Triton/cuDNN autotuning + CUDA graphs) on CUDA for the
-    fixed batch sizes in ``backend_options["batches"]``, no autotuning on the CPU.
+    fixed batch sizes in ``backend_options["batches"]``, no autotuning on the CPU. On
+    CUDA, conv -> ReLU and conv -> add -> ReLU chains become cuDNN convolutions with
+    fused epilogues first (``torch_conv_fusion``).
 
 Payload
     A zip holding ``meta.json``, ``program.pt2`` (``torch.export.save``, checked on
