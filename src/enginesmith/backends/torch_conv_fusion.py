@@ -133,8 +133,9 @@ def _conv_args(node) -> tuple | None:
     values = list(node.args) + [node.kwargs.get(n, d) for n, d in zip(names[len(node.args):], defaults[len(node.args):])]
     x, weight, bias, stride, padding, dilation, groups = values
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    weight_val = getattr(weight, "meta", {}).get("val")
-    if None in (stride, padding, dilation) or not isinstance(groups, int) or weight_val is None or weight_val.dim() != 4:
+    weight_val, x_val = getattr(weight, "meta", {}).get("val"), getattr(x, "meta", {}).get("val")
+    if any(v is None for v in (stride, padding, dilation, weight_val, x_val)) or not isinstance(groups, int) \
+            or weight_val.dim() != 4 or x_val.dim() != 4:  # unbatched [C, H, W] inputs stay unfused
         return None
     return x, weight, bias, stride, padding, dilation, groups
 
