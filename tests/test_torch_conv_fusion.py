@@ -66,32 +66,47 @@ def test_rewrite_fuses_single_use_relu_and_residual_chains_only():
     program = torch.export.export(module, (x,))
     fused = program.module()
     counts = fuse_conv_epilogues(fused)
-    assert counts == {"conv+relu": 2, "conv+add+relu": 1}
+    assert counts == {"conv+bn folded": 0, "conv+relu": 2, "conv+add+relu": 1}
     targets = _targets(fused)
     assert targets.count("aten.conv2d.default") == 3  # shared, broadcast, no_relu
     assert targets.count("enginesmith.conv2d_relu.default") == 2
     assert targets.count("enginesmith.conv2d_add_relu.default") == 1
     with torch.no_grad():
         np.testing.assert_allclose(fused(x).numpy(), module(x).numpy(), rtol=1e-5, atol=1e-6)
-    assert fuse_conv_epilogues(fused) == {"conv+relu": 0, "conv+add+relu": 0}  # nothing left to fuse
+    assert fuse_conv_epilogues(fused) == {"conv+bn folded": 0, "conv+relu": 0, "conv+add+relu": 0}  # nothing left
 
 
-def test_fused_engine_compiles_loads_again_and_matches_the_module():
-    module = Chains().eval()
-    backend = get_backend("torch")
-    options = {"device": DEVICE, "fuse_conv": True, "batches": [2],
-               "mode": "reduce-overhead" if CUDA else "default"}
-    result = backend.build(module, SIGNATURE, BuildOptions(backend_options=options))
-    assert "cuDNN fused epilogues" in " ".join(result.log) and "conv+add+relu x1" in " ".join(result.log)
-    assert result.details["fuse_conv"] is True
-    assert all(err < 1e-2 for err in result.details["compiled_vs_exported_rel_l2"].values())
-    tc._HANDOFF.clear()  # load for real: the rewrite is applied again before compiling
-    session = backend.load(result.payload, result.resolved_options, SIGNATURE)
-    for batch in (2, 3):  # 2 compiled ahead (on CUDA), 3 runs the fused module uncompiled there
-        x = np.random.default_rng(batch).standard_normal((batch, 3, 16, 16)).astype(np.float32)
-        with torch.no_grad():
-            want = module(torch.from_numpy(x)).numpy()
-        np.testing.assert_allclose(session.run({"x": x})["y"], want, **TOL)
+class BatchNormBlock(torch.nn.Module):
+    """A PyTorch ResNet block as torchvision writes it: Conv -> BatchNorm -> ReLU, and a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.probe, self.bn3 = torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8)  # its output is read twice
+        for norm in (self.bn1, self.bn2, self.bn3):  # statistics far from the identity, or folding proves nothing
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.3, 3.0)
+            norm.weight.data.uniform_(0.5, 1.5)
+            norm.bias.data.uniform_(-0.3, 0.3)
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(self.conv1(x)))
+        b = torch.relu(self.bn2(self.conv2(a)) + a)
+        p = self.probe(b)
+        return torch.relu(self.bn3(p)) + p
+
+
+def test_batch_norm_after_a_convolution_is_folded_so_the_relu_fuses():
+    module = BatchNormBlock().eval()
+    x = torch.randn(2, 3, 12, 12)
+    fused = torch.export.export(module, (x,)).module()
+    assert fuse_conv_epilogues(fused) == {"conv+bn folded": 2, "conv+relu": 1, "conv+add+relu": 1}
+    targets = _targets(fused)
+    assert targets.count("aten.batch_norm.default") == 1 and targets.count("aten.conv2d.default") == 1  # the probe
+    with torch.no_grad():
+        np.testing.assert_allclose(fused(x).numpy(), module(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_fuse_conv_is_off_by_default_on_the_cpu_and_checked():
@@ -103,6 +118,27 @@ def test_fuse_conv_is_off_by_default_on_the_cpu_and_checked():
         backend.build(module, SIGNATURE, BuildOptions(backend_options={**eager, "fuse_conv": "yes"}))
     with pytest.raises(BuildError, match="fuse_conv cannot be combined with compile=aoti"):
         backend.build(module, SIGNATURE, BuildOptions(backend_options={"device": "cpu", "compile": "aoti", "fuse_conv": True}))
+
+
+@pytest.mark.parametrize("name", ["Chains", "BatchNormBlock"])
+def test_fused_engine_compiles_loads_again_and_matches_the_module(name):
+    module = {"Chains": Chains, "BatchNormBlock": BatchNormBlock}[name]().eval()
+    size, out = (16, (8, 8, 8)) if name == "Chains" else (12, (8, 12, 12))
+    signature = Signature((TensorSpec("x", "float32", ("batch", 3, size, size)),), (TensorSpec("y", "float32", ("batch", *out)),))
+    backend = get_backend("torch")
+    options = {"device": DEVICE, "fuse_conv": True, "batches": [2],
+               "mode": "reduce-overhead" if CUDA else "default"}
+    result = backend.build(module, signature, BuildOptions(backend_options=options))
+    assert "cuDNN fused epilogues" in " ".join(result.log) and "conv+add+relu x1" in " ".join(result.log)
+    assert result.details["fuse_conv"] is True
+    assert all(err < 1e-2 for err in result.details["compiled_vs_exported_rel_l2"].values())
+    tc._HANDOFF.clear()  # load for real: the rewrite is applied again before compiling
+    session = backend.load(result.payload, result.resolved_options, signature)
+    for batch in (2, 3):  # 2 compiled ahead (on CUDA), 3 runs the fused module uncompiled there
+        x = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+        with torch.no_grad():
+            want = module(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(session.run({"x": x})["y"], want, **TOL)
 
 
 @pytest.mark.skipif(not CUDA, reason="cuDNN's fused kernels need ENGINESMITH_TEST_DEVICE=cuda")
