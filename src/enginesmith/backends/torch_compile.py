@@ -705,7 +705,9 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
 def export_program(module, signature: Signature, device: str, log: list[str]):
     """torch.export with the batch dim (and other non-fixed dims) dynamic."""
     torch = _torch()
-    batch_dim = torch.export.Dim("batch", min=1)
+    # CUDA kernels such as batch norm guard the batch at 65535 (a grid dimension); without the
+    # bound, export of such models fails with "Constraints violated (batch)".
+    batch_dim = torch.export.Dim("batch", min=1, max=65535) if device.startswith("cuda") else torch.export.Dim("batch", min=1)
     dynamic_shapes = []
     any_dynamic = False
     for spec in signature.inputs:
