@@ -11,10 +11,10 @@ load from 20.9 s to 15.8 s.
 Inference-mode BatchNorm after a convolution is folded into it first (PyTorch sources keep
 it; ONNX sources arrive folded). The rewrite runs on the module of an exported program just
 before torch.compile, at build and again at load, so the saved program stays plain ATen. Two
-operators stand in for the
-fused patterns; on CUDA they call cuDNN (``aten::cudnn_convolution_relu`` /
-``aten::cudnn_convolution_add_relu``), elsewhere (and wherever cuDNN has no fused kernel
-for a shape) they compute the same thing unfused, so the rewrite can be tested on a CPU:
+operators stand in for the fused patterns; on CUDA they call cuDNN
+(``aten::cudnn_convolution_relu`` / ``aten::cudnn_convolution_add_relu``), elsewhere (and
+wherever cuDNN has no fused kernel for a shape) they compute the same thing unfused, so the
+rewrite can be tested on a CPU:
 
     relu(conv2d(x, w, b))          -> enginesmith::conv2d_relu(x, w, b, ...)
     relu(conv2d(x, w, b) + z)      -> enginesmith::conv2d_add_relu(x, w, z, b, ...)
