@@ -164,6 +164,8 @@ def export_capsule(
 class ImportedTensor:
     """What a consumed capsule describes; ``release()`` hands the memory back to its producer."""
 
+    # The first element: the producer's data pointer plus byte_offset. A view (torch's x[1:])
+    # starts mid-allocation, so this need not be aligned; TensorRT callers check (alignment.py).
     ptr: int
     shape: tuple[int, ...]
     dtype: np.dtype

@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -43,6 +43,7 @@ from ...signature import Signature
 from ..base import Calibration, ProgressCallback
 from . import cuda
 from ._trt import captured_errors, import_tensorrt, trt_logger
+from .calibration import CalibrationFeeder, calibration_dtype, calibration_profiles, make_calibrator, trt_dtype_name, uniform_batches
 from .options import (
     ModelPrecisions,
     PrecisionPlan,
@@ -50,6 +51,8 @@ from .options import (
     TrtApi,
     TrtOptions,
     api_of,
+    dla_core_problem,
+    hardware_compatibility_problem,
     model_precisions,
     plan_precision,
     profile_max_batch,
@@ -89,6 +92,9 @@ def build_engine(
     precisions = model_precisions(model)
     plan = plan_precision(precision, api, precisions, options.strongly_typed, calibration_method)
     check_dla(options, precision, precisions)
+    problem = hardware_compatibility_problem(options.hardware_compatibility, api.version, device.compute_capability)
+    if problem:
+        raise BuildError(problem)
     log = [f"TensorRT {trt.__version__} on {device.name} ({device.sm}), CUDA {device.runtime_version} (driver {device.driver_version})"]
     log += list(plan.notes)
     caches: dict[str, bytes] = {}
@@ -102,7 +108,7 @@ def build_engine(
             _native_instancenorm(trt, parser)
         _parse(trt, parser, model, Path(tmp))
         config = builder.create_builder_config()
-        keep_alive = _configure(trt, api, builder, config, options, plan, calibration, progress, log)
+        keep_alive = _configure(trt, api, builder, network, config, options, plan, calibration, progress, log)
         timing_path = timing_cache_path(options.timing_cache, trt.__version__, device)
         _load_timing_cache(config, timing_path, log, (previous_caches or {}).get(TIMING_CACHE))
         calibrator = keep_alive.get("calibrator")
@@ -112,6 +118,9 @@ def build_engine(
             if calibrator is not None:
                 calibrator.raise_failure()  # a failing calibration explains a failed build best
             raise
+        finally:
+            if calibrator is not None:
+                calibrator.free()
         caches.update(_save_timing_cache(config, timing_path, log))
         if calibrator is not None:
             calibrator.raise_failure()
@@ -333,6 +342,7 @@ def _configure(
     trt: Any,
     api: TrtApi,
     builder: Any,
+    network: Any,
     config: Any,
     options: TrtOptions,
     plan: PrecisionPlan,
@@ -350,8 +360,8 @@ def _configure(
     for _ in range(_profile_copies(options)):
         config.add_optimization_profile(_trt_profile(builder, options.profiles))
     if plan.calibrator:
-        borrowed["calibrator"] = _set_calibrator(trt, builder, config, plan, options, calibration, log)
-    _set_dla(trt, builder, config, options, log)
+        borrowed["calibrator"] = _set_calibrator(trt, builder, config, network, plan, options, calibration, log)
+    _set_dla(trt, api, builder, config, options, log)
     _set_compatibility(trt, api, config, options, log)
     if progress is not None and api.progress_monitor:
         borrowed["monitor"] = config.progress_monitor = make_progress_monitor(trt, progress)
@@ -372,15 +382,12 @@ def _trt_profile(builder: Any, profiles: Mapping[str, Profile]) -> Any:
     return profile
 
 
-def _set_dla(trt: Any, builder: Any, config: Any, options: TrtOptions, log: list[str]) -> None:
+def _set_dla(trt: Any, api: TrtApi, builder: Any, config: Any, options: TrtOptions, log: list[str]) -> None:
     if options.dla_core is None:
         return
-    cores = int(builder.num_DLA_cores)
-    if options.dla_core >= cores:
-        raise BuildError(
-            f"dla_core {options.dla_core}: this device has {cores} DLA core{'s' if cores != 1 else ''} "
-            "(Jetson AGX Xavier, Xavier NX and AGX Orin / Orin NX have them; Nano, TX2 and Orin Nano do not)"
-        )
+    problem = dla_core_problem(options.dla_core, int(builder.num_DLA_cores), api.version)
+    if problem:
+        raise BuildError(problem)
     config.default_device_type = trt.DeviceType.DLA
     config.DLA_core = options.dla_core
     if options.gpu_fallback:
@@ -401,7 +408,8 @@ def _set_compatibility(trt: Any, api: TrtApi, config: Any, options: TrtOptions, 
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
         log.append("version-compatible engine: runs on later TensorRT releases of the same major version")
     if options.hardware_compatibility == "same_compute_capability" and not api.same_compute_capability:
-        raise BuildError(f"hardware_compatibility same_compute_capability needs TensorRT 10; this is {api.version_text}")
+        # Only when the version gate passed but the enum is missing (a TensorRT build without it).
+        raise BuildError(f"this TensorRT {api.version_text} lacks HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY")
     if options.hardware_compatibility != "none":
         level = {"ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
         config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level[options.hardware_compatibility])
@@ -415,6 +423,7 @@ def _set_calibrator(
     trt: Any,
     builder: Any,
     config: Any,
+    network: Any,
     plan: PrecisionPlan,
     options: TrtOptions,
     calibration: Calibration | None,
@@ -427,90 +436,19 @@ def _set_calibrator(
     batches = uniform_batches(calibration.batches, log)
     if cache is None and not batches:
         raise ValidationDataError("int8 needs calibration data: give --calib DATA (a TensorRT calibration cache alone was not found)")
-    calibrator = make_calibrator(trt, plan.calibrator, batches, cache)
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    dtypes = {tensor.name: calibration_dtype(trt_dtype_name(tensor.dtype)) for tensor in inputs}
+    feeder = CalibrationFeeder(batches, dtypes, options.gpu)
+    calibrator = make_calibrator(trt, plan.calibrator, feeder, cache)
     config.int8_calibrator = calibrator
-    if options.profiles and batches:
-        # Calibration runs at one shape: a profile pinned to the calibration batches' shapes.
-        shapes = {name: tuple(batches[0][name].shape) for name in options.profiles}
-        config.set_calibration_profile(_trt_profile(builder, {n: Profile(s, s, s) for n, s in shapes.items()}))
+    # Dynamic networks need a calibration profile even when the cache means no batch is fed.
+    pinned = calibration_profiles(options.profiles, batches)
+    if pinned and not config.set_calibration_profile(_trt_profile(builder, pinned)):
+        shapes = ", ".join(f"{name} {list(p.opt)}" for name, p in pinned.items())
+        raise BuildError(f"TensorRT rejected the int8 calibration profile ({shapes}); see the TensorRT log")
     if cache is not None:
         log.append("int8: calibration skipped, scales reused from the TensorRT calibration cache")
     return calibrator
-
-
-def uniform_batches(batches: list[dict[str, np.ndarray]], log: list[str]) -> list[dict[str, np.ndarray]]:
-    """The batches shaped like the first: TensorRT calibrates at one shape, so a short last batch is dropped."""
-    if not batches:
-        return []
-    first = {name: array.shape for name, array in batches[0].items()}
-    kept = [b for b in batches if {n: a.shape for n, a in b.items()} == first]
-    if len(kept) < len(batches):
-        log.append(f"int8: {len(batches) - len(kept)} calibration batch(es) of another shape left out")
-    return kept
-
-
-def calibration_dtype(dtype: np.dtype) -> np.dtype:
-    """TensorRT calibrates float inputs as float32 and index inputs as int32 (8.6 parses int64 inputs as int32)."""
-    if dtype.kind == "f":
-        return np.dtype(np.float32)
-    if dtype.kind in "iu" and dtype.itemsize == 8:
-        return np.dtype(np.int32)
-    return dtype
-
-
-def make_calibrator(trt: Any, class_name: str, batches: list[dict[str, np.ndarray]], cache: bytes | None) -> Any:
-    """An instance of ``trt.<class_name>`` (e.g. IInt8EntropyCalibrator2) feeding ``batches`` from device memory."""
-    base = getattr(trt, class_name)
-
-    class Calibrator(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            base.__init__(self)  # pybind trampoline: without this TensorRT crashes (Polygraphy's note)
-            self._batches: Iterator[dict[str, np.ndarray]] = iter(batches)
-            self._device: dict[str, cuda.DeviceArray] = {}
-            self._stream = cuda.Stream()
-            self._failure: BaseException | None = None
-            self.written: bytes | None = None
-
-        def get_batch_size(self) -> int:
-            return 1  # explicit-batch networks: the batch is part of each input's shape
-
-        def get_batch(self, names: list[str]) -> list[int] | None:
-            # Exceptions must not cross into TensorRT: keep the first, end calibration, raise after the build.
-            try:
-                return self._next(names)
-            except BaseException as exc:  # noqa: BLE001
-                self._failure = self._failure or exc
-                return None
-
-        def _next(self, names: list[str]) -> list[int] | None:
-            batch = next(self._batches, None)
-            if batch is None:
-                return None
-            missing = [n for n in names if n not in batch]
-            if missing:
-                raise ValidationDataError(f"calibration batches lack input(s) {', '.join(missing)}")
-            pointers = []
-            for name in names:
-                host = np.ascontiguousarray(batch[name], dtype=calibration_dtype(batch[name].dtype))
-                device = self._device.get(name)
-                if device is None or device.shape != host.shape or device.dtype != host.dtype:
-                    device = self._device[name] = cuda.DeviceArray.empty(host.shape, host.dtype)
-                device.copy_from_host(host, self._stream)
-                pointers.append(device.ptr)
-            self._stream.synchronize()  # ``host`` is pageable and temporary: the copies must be done
-            return pointers
-
-        def read_calibration_cache(self) -> bytes | None:
-            return cache
-
-        def write_calibration_cache(self, data: Any) -> None:
-            self.written = bytes(data)
-
-        def raise_failure(self) -> None:
-            if self._failure is not None:
-                raise BuildError(f"int8 calibration failed: {self._failure}") from self._failure
-
-    return Calibrator()
 
 
 # --------------------------------------------------------------------------- progress

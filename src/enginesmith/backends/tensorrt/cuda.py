@@ -16,9 +16,10 @@ execution context its own stream and :class:`BufferPool`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -128,8 +129,36 @@ def device_facts(index: int = 0) -> DeviceFacts:
 
 
 def set_device(index: int) -> None:
-    """Make ``index`` current for this thread (CUDA keeps the current device per thread)."""
+    """Make ``index`` current for this thread (CUDA keeps the current device per thread).
+
+    ``cudaSetDevice`` also binds the device's primary context to the thread, which is the
+    context TensorRT and every buffer here use.
+    """
     check(cudart().cudaSetDevice(index), "cudaSetDevice")
+
+
+def current_device() -> int:
+    """The device current for this thread."""
+    return int(check(cudart().cudaGetDevice(), "cudaGetDevice"))
+
+
+@contextmanager
+def on_device(index: int) -> Iterator[None]:
+    """Make ``index`` current for the block, then give the thread its previous device back.
+
+    For code that runs on threads it does not own (TensorRT calls a calibrator's
+    ``get_batch`` from its own threads): allocations and copies inside land on ``index``,
+    and the caller's thread is left as it was found.
+    """
+    previous = current_device()
+    if previous == index:
+        yield
+        return
+    set_device(index)
+    try:
+        yield
+    finally:
+        set_device(previous)
 
 
 def memory_info() -> tuple[int, int]:
@@ -581,11 +610,13 @@ __all__ = [
     "as_device_array",
     "check",
     "cudart",
+    "current_device",
     "device_count",
     "device_facts",
     "host_to_device",
     "memcpy_async",
     "memory_info",
     "no_device_reason",
+    "on_device",
     "set_device",
 ]

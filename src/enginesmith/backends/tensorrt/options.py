@@ -15,8 +15,8 @@ Backend options (``BuildOptions.backend_options``)
     ``gpu_fallback``          let layers the DLA cannot run fall back to the GPU (default true)
     ``optimization_level``    builder optimization level 0-5 (TensorRT >= 8.6; its default is 3)
     ``version_compatible``    engine runs on later TensorRT versions of the same major (TensorRT >= 8.6)
-    ``hardware_compatibility``  "none" (default), "ampere_plus" (TensorRT >= 8.6),
-                              "same_compute_capability" (TensorRT >= 10)
+    ``hardware_compatibility``  "none" (default), "ampere_plus" (TensorRT >= 8.6, built on
+                              sm_80+), "same_compute_capability" (TensorRT >= 10.9, built on sm_75+)
     ``timing_cache``          "auto" (default: a file in enginesmith's cache folder, reused by every
                               build on this GPU and TensorRT version), a file path, or "off"
     ``strongly_typed``        "auto" (default: when the model carries its own precisions, fp16
@@ -72,7 +72,7 @@ class TrtApi:
     progress_monitor: bool
     # builder_optimization_level, VERSION_COMPATIBLE, hardware_compatibility_level (>= 8.6).
     compatibility_options: bool
-    # HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY (>= 10.x).
+    # HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY (>= 10.9).
     same_compute_capability: bool
 
     @property
@@ -96,8 +96,78 @@ def api_of(trt: Any) -> TrtApi:
         explicit_batch_flag=version < (10,) and hasattr(creation, "EXPLICIT_BATCH"),
         progress_monitor=hasattr(trt, "IProgressMonitor"),
         compatibility_options=hasattr(flags, "VERSION_COMPATIBLE"),
-        same_compute_capability=levels is not None and hasattr(levels, "SAME_COMPUTE_CAPABILITY"),
+        same_compute_capability=has_same_compute_capability(version)
+        and levels is not None
+        and hasattr(levels, "SAME_COMPUTE_CAPABILITY"),
     )
+
+
+# --------------------------------------------------------------------------- version and device gates
+
+# HardwareCompatibilityLevel.kSAME_COMPUTE_CAPABILITY first appears in NvInfer.h of TensorRT 10.9.
+SAME_COMPUTE_CAPABILITY_SINCE = (10, 9)
+# NvInfer.h: each level "is only supported for engines built on" these GPUs or later.
+_HARDWARE_LEVELS = {
+    "ampere_plus": ((8, 6), (8, 0), "Ampere (sm_80)"),
+    "same_compute_capability": (SAME_COMPUTE_CAPABILITY_SINCE, (7, 5), "Turing (sm_75)"),
+}
+
+
+def has_same_compute_capability(version: tuple[int, ...]) -> bool:
+    """Whether TensorRT ``version`` has the same_compute_capability hardware compatibility level."""
+    return tuple(version[:2]) >= SAME_COMPUTE_CAPABILITY_SINCE
+
+
+def hardware_compatibility_problem(level: str, version: tuple[int, ...], compute_capability: tuple[int, int]) -> str | None:
+    """Why ``level`` cannot be built with TensorRT ``version`` on a GPU of ``compute_capability``; None if it can."""
+    if level not in _HARDWARE_LEVELS:
+        return None
+    since, oldest_gpu, gpu_name = _HARDWARE_LEVELS[level]
+    have = ".".join(str(v) for v in version)
+    if tuple(version[:2]) < since:
+        return (
+            f"hardware_compatibility {level} needs TensorRT {'.'.join(map(str, since))} or newer; this is TensorRT "
+            f"{have}: upgrade TensorRT, or drop --hardware-compat"
+        )
+    if tuple(compute_capability) < oldest_gpu:
+        return (
+            f"hardware_compatibility {level} engines can only be built on {gpu_name} or newer GPUs; this GPU is "
+            f"sm_{compute_capability[0]}{compute_capability[1]}: build on a newer GPU, or drop --hardware-compat"
+        )
+    return None
+
+
+def _no_dla_in(version: tuple[int, ...]) -> str:
+    """Why TensorRT ``version`` itself may report no DLA cores on a Jetson that has them ("" if no known reason)."""
+    text = ".".join(str(v) for v in version)
+    if (10, 8) <= tuple(version[:2]) < (11, 0):
+        return f"NVIDIA's documentation names TensorRT 10.7 as the last 10.x release with DLA support (this is {text})"
+    if (11, 0) <= tuple(version[:2]) < (11, 4):
+        return f"DLA was unavailable in TensorRT 11.0 through 11.3 (this is {text})"
+    if tuple(version[:3]) < (11, 4, 1) and tuple(version[:2]) == (11, 4):
+        return f"TensorRT 11.4.0 supports DLA only on Windows on ARM (this is {text})"
+    if tuple(version[:2]) >= (11, 4):
+        return f"TensorRT {text} supports DLA on Jetson AGX Orin only with JetPack 7.2.2 or later"
+    return ""
+
+
+def dla_core_problem(requested: int, cores: int, version: tuple[int, ...]) -> str | None:
+    """Why DLA core ``requested`` cannot be used when TensorRT ``version`` reports ``cores`` DLA cores; None if it can."""
+    if requested < cores:
+        return None
+    found = f"TensorRT reports {cores} DLA core{'s' if cores != 1 else ''} here"
+    hardware = (
+        "Jetson AGX Xavier, Xavier NX and AGX Orin / Orin NX have them; Nano, TX2, Orin Nano and Thor do not"
+    )
+    if cores:
+        return f"dla_core {requested}: {found} (cores 0..{cores - 1}); pick one of those"
+    reason = _no_dla_in(version)
+    if reason:
+        return (
+            f"dla_core {requested}: {found}. Either this device has no DLA ({hardware}), or this TensorRT cannot use "
+            f"it: {reason}; use a TensorRT release with DLA support for this Jetson, or drop --dla-core"
+        )
+    return f"dla_core {requested}: {found}: this device has no DLA ({hardware}); drop --dla-core"
 
 
 # --------------------------------------------------------------------------- options

@@ -27,6 +27,7 @@ from ...signature import Signature
 from ..base import Session
 from . import cuda
 from ._trt import captured_errors, import_tensorrt, trt_logger
+from .alignment import OutputTarget, aligned_input, aligned_output, rejected_address
 from .options import TrtOptions, api_of, check_in_profile
 
 _log = logging.getLogger("enginesmith.tensorrt")
@@ -112,8 +113,8 @@ class _NamedTensors:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in self._context.get_tensor_shape(name))
 
-    def set_address(self, name: str, ptr: int) -> None:
-        self._context.set_tensor_address(name, ptr)
+    def set_address(self, name: str, ptr: int) -> bool:
+        return bool(self._context.set_tensor_address(name, ptr))
 
     def execute(self, stream: cuda.Stream) -> bool:
         return bool(self._context.execute_async_v3(stream.handle))
@@ -134,8 +135,9 @@ class _Bindings:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in self._context.get_binding_shape(self._index[name]))
 
-    def set_address(self, name: str, ptr: int) -> None:
-        self._pointers[self._index[name]] = ptr
+    def set_address(self, name: str, ptr: int) -> bool:
+        self._pointers[self._index[name]] = ptr  # execute_async_v2 checks the bindings itself
+        return True
 
     def execute(self, stream: cuda.Stream) -> bool:
         return bool(self._context.execute_async_v2(self._pointers, stream.handle))
@@ -248,7 +250,8 @@ class _Context:
 
     def _execute(self, buffers: Mapping[str, cuda.DeviceArray], stream: cuda.Stream) -> None:
         for name, buffer in buffers.items():
-            self.tensors.set_address(name, buffer.ptr)
+            if not self.tensors.set_address(name, buffer.ptr):
+                raise EnqueueError(rejected_address(name, buffer.ptr))
         with captured_errors() as errors:
             ok = self.tensors.execute(stream)
         if not ok:
@@ -257,14 +260,20 @@ class _Context:
     # ----------------------------------------------------------------- device memory in and out
 
     def run_device(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any] | None) -> dict[str, cuda.DeviceArray]:
-        arrays = {t.name: _device_input(t, feeds[t.name], self.stream) for t in self.inputs}
-        out_shapes = self.set_shapes({name: a.shape for name, a in arrays.items()})
-        results = {
-            t.name: _device_output(t, out_shapes[t.name], (outputs or {}).get(t.name), self.stream) for t in self.outputs
+        given = {t.name: _device_input(t, feeds[t.name], self.stream) for t in self.inputs}
+        out_shapes = self.set_shapes({name: a.shape for name, a in given.items()})
+        # Misaligned tensors (views such as x[1:]) go through pooled aligned buffers: TensorRT needs 256 bytes.
+        arrays = {name: aligned_input(a, self.pool, f"aligned-in:{name}", self.stream) for name, a in given.items()}
+        targets = {
+            t.name: _device_output(t, out_shapes[t.name], (outputs or {}).get(t.name), self.stream, self.pool)
+            for t in self.outputs
         }
-        self._execute({**arrays, **results}, self.stream)
+        self._execute({**arrays, **{name: target.write for name, target in targets.items()}}, self.stream)
+        for target in targets.values():
+            target.finish(self.stream)
         # The caller may reuse its input tensors as soon as we return: wait here, once.
         self.stream.synchronize()
+        results = {name: target.result for name, target in targets.items()}
         for array in results.values():
             array.stream = None
         return results
@@ -303,20 +312,26 @@ def _device_input(tensor: IoTensor, value: Any, stream: cuda.Stream) -> cuda.Dev
     if array.dtype != tensor.dtype:
         raise InputError(
             f"input '{tensor.name}' is {array.dtype} on the device; the engine takes {tensor.dtype} "
-            "(convert it on the device first, no copy is made here)"
+            "(convert it on the device first: no casts are made here)"
         )
     return array
 
 
-def _device_output(tensor: IoTensor, shape: tuple[int, ...], given: Any, stream: cuda.Stream) -> cuda.DeviceArray:
+def _device_output(
+    tensor: IoTensor, shape: tuple[int, ...], given: Any, stream: cuda.Stream, pool: cuda.BufferPool
+) -> OutputTarget:
     if given is None:
-        return cuda.DeviceArray.empty(shape, tensor.dtype)
-    array = cuda.as_device_array(given, stream)
+        fresh = cuda.DeviceArray.empty(shape, tensor.dtype)  # cudaMalloc: aligned
+        return OutputTarget(fresh, fresh)
+    try:
+        array = cuda.as_device_array(given, stream)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"output buffer '{tensor.name}': {exc}") from None
     if array.shape != shape or array.dtype != tensor.dtype:
         raise InputError(
             f"output buffer '{tensor.name}' is {array.dtype}{list(array.shape)}; the engine writes {tensor.dtype}{list(shape)}"
         )
-    return array
+    return aligned_output(array, pool, f"aligned-out:{tensor.name}")
 
 
 def load_failure(errors: list[str], version: str) -> BundleError:
@@ -373,11 +388,13 @@ class TensorRTSession(Session):
             self._free.put(context)
 
     def run_device(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any] | None = None) -> dict[str, cuda.DeviceArray]:
-        """CUDA tensors in (torch, cupy, DeviceArray: no copies), :class:`~.cuda.DeviceArray` out.
+        """CUDA tensors in (torch, cupy, DeviceArray), :class:`~.cuda.DeviceArray` out.
 
         Outputs are written into ``outputs`` (CUDA tensors of the right shape and type) when
         given, else into fresh device memory; results support ``torch.from_dlpack``. No casts
-        happen on the device: inputs must already have the engine's types.
+        happen on the device: inputs must already have the engine's types. Tensors are used
+        in place, without copies, when their address is 256-byte aligned (TensorRT's rule);
+        a misaligned view such as ``x[1:]`` is copied through a pooled aligned buffer.
         """
         context = self._take()
         try:
