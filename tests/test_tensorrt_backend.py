@@ -25,11 +25,23 @@ import enginesmith as es
 from enginesmith.api import check_platform_compatible
 from enginesmith.backends import get_backend, pick_backend
 from enginesmith.backends.tensorrt import TensorRTBackend, fast_precisions, facts
-from enginesmith.backends.tensorrt.builder import ParserIssue, build_failure, parse_failure, uniform_batches
+from enginesmith.backends.tensorrt.alignment import misalignment, rejected_address
+from enginesmith.backends.tensorrt.builder import ParserIssue, build_failure, parse_failure
+from enginesmith.backends.tensorrt.calibration import (
+    CalibrationFeeder,
+    calibration_dtype,
+    calibration_profiles,
+    trt_dtype_name,
+    uniform_batches,
+)
 from enginesmith.backends.tensorrt.options import (
+    Profile,
     TrtApi,
     TrtOptions,
     check_in_profile,
+    dla_core_problem,
+    hardware_compatibility_problem,
+    has_same_compute_capability,
     model_precisions,
     parse_options,
     plan_precision,
@@ -171,7 +183,7 @@ def test_shapes_outside_the_profile_are_input_errors():
 TRT_86 = TrtApi((8, 6, 1), weak_typing=True, strongly_typed=False, calibrator=True, named_tensors=True, memory_pools=True,
                 explicit_batch_flag=True, progress_monitor=False, compatibility_options=True, same_compute_capability=False)
 TRT_10 = TrtApi((10, 3, 0), weak_typing=True, strongly_typed=True, calibrator=True, named_tensors=True, memory_pools=True,
-                explicit_batch_flag=False, progress_monitor=True, compatibility_options=True, same_compute_capability=True)
+                explicit_batch_flag=False, progress_monitor=True, compatibility_options=True, same_compute_capability=False)
 TRT_11 = TrtApi((11, 1, 0), weak_typing=False, strongly_typed=True, calibrator=False, named_tensors=True, memory_pools=True,
                 explicit_batch_flag=False, progress_monitor=True, compatibility_options=True, same_compute_capability=True)
 
@@ -264,6 +276,103 @@ def test_calibration_batches_of_another_shape_are_left_out():
     batches = [{"x": np.zeros((8, 6))}, {"x": np.zeros((8, 6))}, {"x": np.zeros((3, 6))}]
     assert len(uniform_batches(batches, log)) == 2
     assert "1 calibration batch(es) of another shape left out" in log[0]
+
+
+# ---------------------------------------------------------------------------- int8 calibration (issue 20)
+
+
+@pytest.mark.parametrize(
+    "network_type, fed_as",
+    [
+        ("FLOAT", "float32"),
+        ("INT32", "int32"),  # TensorRT 8.6 parses int64 ONNX inputs as INT32
+        ("INT64", "int64"),  # TensorRT >= 9 keeps them INT64: 8 bytes per element must be fed
+        ("BOOL", "bool"),
+        ("HALF", "float32"),  # "non-index calibration inputs" are fed as float32 (Polygraphy's rule)
+        ("BF16", "float32"),
+        ("INT8", "float32"),
+        ("UINT8", "float32"),
+        ("FP8", "float32"),
+    ],
+)
+def test_calibration_feeds_each_input_in_the_type_its_network_input_has(network_type, fed_as):
+    assert calibration_dtype(network_type) == np.dtype(fed_as)
+    assert calibration_dtype(trt_dtype_name(f"DataType.{network_type}")) == np.dtype(fed_as)  # str() of TensorRT's enum
+
+
+def test_calibration_batches_are_cast_to_the_network_types_on_the_host():
+    # An int64 token input of a TensorRT 10 network (INT64) next to a float64 image input (FLOAT).
+    ids = np.arange(12, dtype=np.int64).reshape(2, 6) * 1000
+    image = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float64)
+    feeder = CalibrationFeeder([], {"ids": calibration_dtype("INT64"), "x": calibration_dtype("FLOAT")}, gpu=0)
+    x_host, ids_host = feeder.host_arrays({"ids": ids, "x": image}, ["x", "ids"])
+    assert ids_host.dtype == np.int64 and ids_host.nbytes == 8 * ids.size  # what TensorRT reads for INT64
+    np.testing.assert_array_equal(ids_host, ids)
+    assert x_host.dtype == np.float32 and x_host.flags.c_contiguous
+    np.testing.assert_allclose(x_host, image.astype(np.float32))
+    # TensorRT 8.6: the same input is INT32; values that do not fit are refused, not wrapped.
+    narrow = CalibrationFeeder([], {"ids": calibration_dtype("INT32")}, gpu=0)
+    assert narrow.host_arrays({"ids": ids}, ["ids"])[0].dtype == np.int32
+    with pytest.raises(es.ValidationDataError, match=r"calibration input 'ids' has values 0..11000000000, outside int32"):
+        narrow.host_arrays({"ids": ids * 1_000_000}, ["ids"])
+    with pytest.raises(es.ValidationDataError, match="calibration batches lack input"):
+        feeder.host_arrays({"x": image}, ["x", "ids"])
+
+
+def test_dynamic_networks_get_a_calibration_profile_even_from_a_cache_alone():
+    profiles = {"x": Profile((1, 6), (4, 6), (32, 6))}
+    from_cache = calibration_profiles(profiles, [])  # no batches: scales come from the calibration cache
+    assert from_cache == {"x": Profile((4, 6), (4, 6), (4, 6))}  # the optimization profile's OPT
+    from_batches = calibration_profiles(profiles, [{"x": np.zeros((8, 6), np.float32)}])
+    assert from_batches == {"x": Profile((8, 6), (8, 6), (8, 6))}  # the shape calibration runs at
+    assert calibration_profiles({}, [{"x": np.zeros((2, 6))}]) == {}  # static networks need none
+    with pytest.raises(es.ValidationDataError, match="calibration batches lack input"):
+        calibration_profiles(profiles, [{"other": np.zeros((8, 6))}])
+
+
+# ---------------------------------------------------------------------------- version and device gates (issue 20)
+
+
+@pytest.mark.parametrize(
+    "version, has", [((8, 6, 1), False), ((10, 0, 1), False), ((10, 8, 0), False), ((10, 9, 0), True), ((10, 16), True), ((11, 1, 0), True)]
+)
+def test_same_compute_capability_arrived_in_tensorrt_10_9(version, has):
+    assert has_same_compute_capability(version) is has
+    problem = hardware_compatibility_problem("same_compute_capability", version, (9, 0))
+    if has:
+        assert problem is None
+    else:
+        assert problem.startswith("hardware_compatibility same_compute_capability needs TensorRT 10.9 or newer; this is TensorRT")
+
+
+def test_hardware_compatibility_needs_a_recent_enough_gpu_to_build_on():
+    turing_only = hardware_compatibility_problem("same_compute_capability", (10, 9, 0), (7, 2))  # Xavier
+    assert "can only be built on Turing (sm_75) or newer GPUs; this GPU is sm_72" in turing_only
+    assert hardware_compatibility_problem("same_compute_capability", (10, 9, 0), (7, 5)) is None
+    assert "Ampere (sm_80) or newer GPUs; this GPU is sm_75" in hardware_compatibility_problem("ampere_plus", (8, 6, 1), (7, 5))
+    assert hardware_compatibility_problem("ampere_plus", (8, 6, 1), (8, 6)) is None
+    assert hardware_compatibility_problem("none", (8, 5, 2), (5, 3)) is None
+
+
+def test_no_dla_cores_names_the_tensorrt_version_where_it_may_be_the_cause():
+    for version in ((11, 0, 0), (11, 3, 1)):
+        text = dla_core_problem(0, 0, version)
+        assert "TensorRT reports 0 DLA cores here" in text and "this device has no DLA" in text  # the hardware may lack it
+        assert "DLA was unavailable in TensorRT 11.0 through 11.3" in text  # ...or the release does
+    assert "supports DLA only on Windows on ARM" in dla_core_problem(0, 0, (11, 4, 0))
+    assert "JetPack 7.2.2 or later" in dla_core_problem(0, 0, (11, 4, 1))
+    assert "10.7 as the last 10.x release with DLA support" in dla_core_problem(0, 0, (10, 8, 0))
+    jetpack_6 = dla_core_problem(0, 0, (10, 3, 0))  # a TensorRT with DLA: only the hardware is to blame
+    assert "this device has no DLA" in jetpack_6 and "this TensorRT cannot use it" not in jetpack_6
+    assert dla_core_problem(2, 2, (8, 5, 2)) == "dla_core 2: TensorRT reports 2 DLA cores here (cores 0..1); pick one of those"
+    assert dla_core_problem(1, 2, (8, 5, 2)) is None
+
+
+def test_rejected_tensor_addresses_are_explained():
+    assert misalignment(0x7F0000000000) == 0 and misalignment(0x7F0000000004) == 4
+    assert "lies 4 bytes past a 256-byte boundary" in rejected_address("x", 0x7F0000000004)
+    assert "set_tensor_address returned False" in rejected_address("x", 0x7F0000000100)
+    assert "no input or output of that name" in rejected_address("x", 0x7F0000000100)
 
 
 def test_engines_tensorrt_cannot_read_are_explained():

@@ -260,10 +260,8 @@ class _Context:
     # ----------------------------------------------------------------- device memory in and out
 
     def run_device(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any] | None) -> dict[str, cuda.DeviceArray]:
-        given = {t.name: _device_input(t, feeds[t.name], self.stream) for t in self.inputs}
-        out_shapes = self.set_shapes({name: a.shape for name, a in given.items()})
-        # Misaligned tensors (views such as x[1:]) go through pooled aligned buffers: TensorRT needs 256 bytes.
-        arrays = {name: aligned_input(a, self.pool, f"aligned-in:{name}", self.stream) for name, a in given.items()}
+        arrays = {t.name: _device_input(t, feeds[t.name], self.stream, self.pool) for t in self.inputs}
+        out_shapes = self.set_shapes({name: a.shape for name, a in arrays.items()})
         targets = {
             t.name: _device_output(t, out_shapes[t.name], (outputs or {}).get(t.name), self.stream, self.pool)
             for t in self.outputs
@@ -302,7 +300,8 @@ def _to_signature_dtype(name: str, pinned: np.ndarray, want: Mapping[str, np.dty
     return pinned.astype(dtype, copy=True)
 
 
-def _device_input(tensor: IoTensor, value: Any, stream: cuda.Stream) -> cuda.DeviceArray:
+def _device_input(tensor: IoTensor, value: Any, stream: cuda.Stream, pool: cuda.BufferPool) -> cuda.DeviceArray:
+    """The caller's CUDA tensor as TensorRT can take it: itself, or a pooled aligned copy of a misaligned view."""
     if isinstance(value, np.ndarray):
         raise InputError(f"input '{tensor.name}' is a numpy array: run_device takes CUDA tensors; use run() for host arrays")
     try:
@@ -314,12 +313,13 @@ def _device_input(tensor: IoTensor, value: Any, stream: cuda.Stream) -> cuda.Dev
             f"input '{tensor.name}' is {array.dtype} on the device; the engine takes {tensor.dtype} "
             "(convert it on the device first: no casts are made here)"
         )
-    return array
+    return aligned_input(array, pool, f"aligned-in:{tensor.name}", stream)
 
 
 def _device_output(
     tensor: IoTensor, shape: tuple[int, ...], given: Any, stream: cuda.Stream, pool: cuda.BufferPool
 ) -> OutputTarget:
+    """Where the engine writes output ``tensor``: the caller's buffer, a pooled aligned stand-in, or fresh memory."""
     if given is None:
         fresh = cuda.DeviceArray.empty(shape, tensor.dtype)  # cudaMalloc: aligned
         return OutputTarget(fresh, fresh)
