@@ -302,3 +302,162 @@ def test_cuda_graph_replays_copies_with_new_data():
             cuda.CudaGraph.capture(stream, lambda s: (_ for _ in ()).throw(RuntimeError("boom")))
         second.copy_to_host(pinned_out, stream)
         stream.synchronize()
+
+
+# ============================================================================ alignment and threads (issue 20)
+# TensorRT takes only 256-byte aligned device addresses; a view such as x[1:] is not. These tests
+# run the staging copies and the calibration feeder on real CUDA memory, without TensorRT.
+
+
+def test_dlpack_hands_over_a_views_misaligned_address():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    from enginesmith.backends.tensorrt.alignment import misalignment
+
+    base = torch.zeros(1 + 64, dtype=torch.float32)
+    view = base[1:]  # contiguous, starts 4 bytes into the allocation
+    imported = _dlpack.import_capsule(view.__dlpack__())
+    assert imported.ptr == view.data_ptr() == base.data_ptr() + 4  # data pointer + byte_offset, as DLPack gives it
+    assert misalignment(imported.ptr) == (misalignment(base.data_ptr()) + 4) % 256
+    imported.release()
+
+
+def _torch_cuda():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    return torch
+
+
+@gpu
+def test_misaligned_torch_input_is_staged_through_an_aligned_pooled_buffer():
+    torch = _torch_cuda()
+    from enginesmith.backends.tensorrt.alignment import aligned_input, misalignment
+
+    pool, stream = cuda.BufferPool(), cuda.Stream()
+    base = torch.arange(1 + 4 * 6, dtype=torch.float32, device="cuda")
+    view = base[1:].view(4, 6)
+    array = cuda.DeviceArray.from_dlpack(view, stream)
+    assert array.ptr == view.data_ptr() == base.data_ptr() + 4 and misalignment(array.ptr) != 0
+    staged = aligned_input(array, pool, "x", stream)
+    assert staged is not array and misalignment(staged.ptr) == 0
+    np.testing.assert_array_equal(staged.to_numpy(), view.cpu().numpy())  # to_numpy waits for the copy
+    # The next call of the same shape reuses the pooled buffer; an aligned tensor is used in place.
+    view.mul_(2)
+    torch.cuda.synchronize()
+    again = aligned_input(cuda.DeviceArray.from_dlpack(view, stream), pool, "x", stream)
+    assert again.ptr == staged.ptr and pool.allocations == 1
+    np.testing.assert_array_equal(again.to_numpy(), view.cpu().numpy())
+    whole = torch.ones((4, 6), device="cuda")
+    in_place = cuda.DeviceArray.from_dlpack(whole, stream)
+    assert aligned_input(in_place, pool, "x", stream) is in_place and in_place.ptr == whole.data_ptr()
+    stream.close()
+
+
+@gpu
+def test_misaligned_torch_output_gets_the_result_copied_in():
+    torch = _torch_cuda()
+    from enginesmith.backends.tensorrt.alignment import aligned_output, misalignment
+
+    pool, stream = cuda.BufferPool(), cuda.Stream()
+    base = torch.full((1 + 3 * 4,), -1.0, dtype=torch.float32, device="cuda")
+    out = base[1:].view(3, 4)
+    target = aligned_output(cuda.DeviceArray.from_dlpack(out, stream), pool, "y")
+    assert target.staged and misalignment(target.write.ptr) == 0 and target.result.ptr == out.data_ptr()
+    result = _random((3, 4), seed=5)
+    target.write.copy_from_host(result, stream)  # what the engine would write
+    target.finish(stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(out.cpu().numpy(), result)
+    assert float(base[0]) == -1.0  # the element before the view is untouched
+    stream.close()
+
+
+@gpu
+def test_runtime_device_io_stages_misaligned_tensors():
+    """The TensorRT runtime's own input/output preparation (no TensorRT call in it) on torch views."""
+    torch = _torch_cuda()
+    from enginesmith.backends.tensorrt.alignment import misalignment
+    from enginesmith.backends.tensorrt.runtime import IoTensor, _device_input, _device_output
+    from enginesmith.errors import InputError
+
+    pool, stream = cuda.BufferPool(), cuda.Stream()
+    x_spec = IoTensor("x", True, np.dtype(np.float32), (-1, 6), (((1, 6), (8, 6)),))
+    y_spec = IoTensor("y", False, np.dtype(np.float32), (-1, 4))
+    batch = torch.randn(3, 6, device="cuda")
+    view = batch[1:]  # rows 1..2: 24 bytes in, misaligned
+    array = _device_input(x_spec, view, stream, pool)
+    assert misalignment(array.ptr) == 0 and array.ptr != view.data_ptr()
+    np.testing.assert_array_equal(array.to_numpy(), view.cpu().numpy())
+    fresh = _device_output(y_spec, (2, 4), None, stream, pool)
+    assert not fresh.staged and misalignment(fresh.write.ptr) == 0
+    holder = torch.zeros(1 + 8, device="cuda")
+    staged = _device_output(y_spec, (2, 4), holder[1:].view(2, 4), stream, pool)
+    assert staged.staged and misalignment(staged.write.ptr) == 0
+    with pytest.raises(InputError, match="is int64 on the device; the engine takes float32"):
+        _device_input(x_spec, torch.zeros((2, 6), dtype=torch.int64, device="cuda"), stream, pool)
+    with pytest.raises(InputError, match=r"output buffer 'y' is float32\[3, 4\]; the engine writes float32\[2, 4\]"):
+        _device_output(y_spec, (2, 4), torch.zeros((3, 4), device="cuda"), stream, pool)
+    stream.close()
+
+
+def _read_back(ptr: int, shape: tuple[int, ...], dtype: np.dtype, device: int) -> np.ndarray:
+    return cuda.DeviceArray(ptr, shape, dtype, device, owner=None).to_numpy()
+
+
+@gpu
+def test_calibration_feeder_from_another_thread_feeds_the_network_types():
+    """TensorRT calls get_batch on threads of its own: the feeder must work there, in the network's types."""
+    from enginesmith.backends.tensorrt.calibration import CalibrationFeeder, calibration_dtype
+
+    batches = [
+        {"ids": np.arange(8, dtype=np.int64).reshape(2, 4) + 10 * i, "x": _random((2, 3), np.float64, seed=i)}
+        for i in range(2)
+    ]
+    feeder = CalibrationFeeder(batches, {"ids": calibration_dtype("INT64"), "x": calibration_dtype("FLOAT")}, gpu=0)
+    results: list = []
+
+    def call() -> None:
+        try:
+            results.append(feeder.next_pointers(["x", "ids"]))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            results.append(exc)
+
+    for i in range(3):
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join()
+        pointers = results[-1]
+        assert not isinstance(pointers, BaseException), repr(pointers)
+        if i == 2:
+            assert pointers is None  # the batches are spent
+            break
+        x_ptr, ids_ptr = pointers
+        assert cuda._pointer_device(x_ptr) == 0 and cuda._pointer_device(ids_ptr) == 0
+        np.testing.assert_array_equal(_read_back(ids_ptr, (2, 4), np.dtype(np.int64), 0), batches[i]["ids"])
+        np.testing.assert_array_equal(_read_back(x_ptr, (2, 3), np.dtype(np.float32), 0), batches[i]["x"].astype(np.float32))
+    feeder.close()
+
+
+@pytest.mark.skipif(cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_calibration_feeder_allocates_on_the_engines_gpu_and_restores_the_thread():
+    from enginesmith.backends.tensorrt.calibration import CalibrationFeeder
+
+    engine_gpu = cuda.device_count() - 1
+    feeder = CalibrationFeeder([{"x": _random((2, 3))}], {"x": np.dtype(np.float32)}, gpu=engine_gpu)
+    seen: dict = {}
+
+    def call() -> None:
+        try:
+            cuda.set_device(0)  # TensorRT's thread may have any device current
+            seen["pointers"] = feeder.next_pointers(["x"])
+            seen["device_after"] = cuda.current_device()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            seen["error"] = exc
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join()
+    assert "error" not in seen, repr(seen.get("error"))
+    assert cuda._pointer_device(seen["pointers"][0]) == engine_gpu
+    assert seen["device_after"] == 0
+    feeder.close()
