@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 import numpy as np
 import onnx
 import pytest
-from conftest import make_mlp, make_two_in_two_out, make_unsupported_op_model, run_plain
+from conftest import make_int_input_model, make_mlp, make_two_in_two_out, make_unsupported_op_model, run_plain
 from onnx import TensorProto, helper, numpy_helper
 
 import enginesmith as es
@@ -617,6 +617,42 @@ def test_int8_calibration_cache_is_stored_and_reused(trt, cache_dir):
     feeds = _feeds(8, seed=9)
     agreement = (session.run(feeds)["probs"].argmax(1) == run_plain(make_mlp(), feeds)["probs"].argmax(1)).mean()
     assert agreement >= 0.75
+
+
+@pytest.mark.tensorrt
+def test_int8_calibration_of_an_int64_input(trt, cache_dir):
+    """TensorRT >= 9 keeps the int64 input INT64 (8.6: INT32): the calibrator must feed that type."""
+    from enginesmith.backends import Calibration
+    from enginesmith.backends.tensorrt import cuda
+
+    if "int8" not in fast_precisions(cuda.device_facts(0).compute_capability):
+        pytest.skip("this GPU has no int8 kernels (TensorRT's support matrix)")
+    rng = np.random.default_rng(0)
+    batches = [{"ids": rng.integers(0, 10, size=(8, 4)).astype(np.int64)} for _ in range(3)]
+    result, signature = _build(make_int_input_model(), "int8", Calibration(batches, "entropy"))
+    session = TensorRTBackend().load(result.payload, result.resolved_options, signature)
+    feeds = {"ids": rng.integers(0, 10, size=(5, 4)).astype(np.int64)}
+    np.testing.assert_allclose(session.run(feeds)["total"], run_plain(make_int_input_model(), feeds)["total"], rtol=0.1, atol=1.0)
+    session.close()
+
+
+@pytest.mark.tensorrt
+def test_device_tensors_that_are_misaligned_views(trt, cache_dir):
+    """x[1:] starts 24 bytes into its allocation: TensorRT needs 256-byte aligned addresses."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    result, signature = _build(make_mlp())
+    session = TensorRTBackend().load(result.payload, result.resolved_options, signature)
+    rows = torch.from_numpy(_feeds(5, seed=3)["x"]).cuda()
+    holder = torch.full((1 + 4 * 4,), -1.0, device="cuda")
+    out = holder[1:].view(4, 4)
+    results = session.run_device({"x": rows[1:]}, outputs={"probs": out})
+    assert results["probs"].ptr == out.data_ptr()
+    expected = run_plain(make_mlp(), {"x": _feeds(5, seed=3)["x"][1:]})["probs"]
+    np.testing.assert_allclose(out.cpu().numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert float(holder[0]) == -1.0
+    session.close()
 
 
 @pytest.mark.tensorrt
