@@ -43,7 +43,14 @@ from ...signature import Signature
 from ..base import Calibration, ProgressCallback
 from . import cuda
 from ._trt import captured_errors, import_tensorrt, trt_logger
-from .calibration import CalibrationFeeder, calibration_dtype, calibration_profiles, make_calibrator, trt_dtype_name, uniform_batches
+from .calibration import (
+    CalibrationFeeder,
+    calibration_dtype,
+    calibration_profiles,
+    make_calibrator,
+    trt_dtype_name,
+    uniform_batches,
+)
 from .options import (
     ModelPrecisions,
     PrecisionPlan,
