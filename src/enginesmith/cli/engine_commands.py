@@ -91,7 +91,7 @@ def build(
     builder_level: Optional[int] = typer.Option(None, "--builder-level", min=0, max=5, help="TensorRT builder optimization level 0-5 (TensorRT's default: 3)."),
     timing_cache: Optional[str] = typer.Option(None, "--timing-cache", help="TensorRT timing cache: a file (--backend tensorrt) or folder (ONNX Runtime's TensorRT provider), or 'off'."),
     version_compatible: bool = typer.Option(False, "--version-compatible", help="TensorRT engine that also runs on later TensorRT releases of the same major version."),
-    hardware_compat: Optional[str] = typer.Option(None, "--hardware-compat", help="TensorRT hardware compatibility: ampere_plus or same_compute_capability (TensorRT 10)."),
+    hardware_compat: Optional[str] = typer.Option(None, "--hardware-compat", help="TensorRT hardware compatibility: ampere_plus (TensorRT 8.6+) or same_compute_capability (TensorRT 10.9+)."),
 ) -> None:
     """Build an engine for this machine (or rebuild a bundle from the source it carries)."""
     is_bundle = model.is_file() and looks_like_bundle(model)
