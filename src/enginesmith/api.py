@@ -25,6 +25,7 @@ from .errors import (
     PlatformMismatchError,
     UntrustedCodeError,
     ValidationDataError,
+    VerificationFailedError,
 )
 from .importers import ImportedModel, ImportOptions, ReferenceRunner, import_model, reference_runner
 from .manifest import Manifest
@@ -215,9 +216,9 @@ def _verify(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tol
     _attach_report(engine, "build_verification", report)
     if not report.passed:
         failures = "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in report.outputs if not o.passed)
-        raise BuildError(
+        raise VerificationFailedError(
             f"the built {engine.precision} engine does not match the source model ({failures}); "
-            "pass verify=False / --no-verify to keep it anyway"
+            "build without verification to keep it anyway"
         )
 
 
@@ -730,6 +731,39 @@ def _store_report(path: Path, name: str, report: ValidationReport) -> None:
 # --------------------------------------------------------------------------- bench
 
 
+# How ``bench --vs`` runs each kind of source: what the engine's speed-up is measured against.
+BASELINE_HOW = {
+    "onnx": "a default ONNX Runtime session",
+    "keras": "Keras predict",
+    "savedmodel": "the SavedModel's TensorFlow signature",
+    "tf_graph": "a TensorFlow session on the frozen graph",
+    "tflite": "the TFLite interpreter",
+    "torch": "the PyTorch module, eager",
+    "torchscript": "the TorchScript module",
+}
+
+
+def baseline_description(source: SourceLike) -> str:
+    """'Keras predict on model.keras': how a baseline was run, for bench reports and plots."""
+    from .importers import detect_kind
+
+    name = Path(source).name if isinstance(source, (str, Path)) else type(source).__name__
+    try:
+        how = BASELINE_HOW.get(detect_kind(source))
+    except EnginesmithError:
+        how = None
+    return f"{how} of {name}" if how else name
+
+
+def _bench_feeds(engine: Engine, data: str | Path | None, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """``batch`` rows of the data (cycled when it has fewer), or seeded random inputs."""
+    if data is None:
+        return random_inputs(engine.signature.inputs, batch=batch, seed=seed)
+    spec = PreprocessSpec.from_dict(engine.manifest.preprocess) if engine.manifest.preprocess else None
+    feeds = load_dataset(data, engine.signature, spec)
+    return {name: np.take(value, np.arange(batch) % len(value), axis=0) for name, value in feeds.items()}
+
+
 def bench(
     engine: Engine | str | Path,
     *,
@@ -739,30 +773,36 @@ def bench(
     duration_s: float | None = None,
     warmup: int = 5,
     seed: int = 0,
+    data: str | Path | None = None,
     import_options: ImportOptions | None = None,
     baseline: Callable[[dict[str, np.ndarray]], Any] | None = None,
     baseline_label: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     trust_code: bool = False,
 ) -> BenchReport:
-    """Latency and throughput per batch size, optionally against the source run by hand."""
+    """Latency and throughput per batch size, optionally against the source run by hand.
+
+    Each target runs ``runs`` times, or with ``duration_s`` for that many seconds (and at least
+    10 times) per batch size. Inputs are rows of ``data`` (a file or folder) or seeded random.
+    """
     if not isinstance(engine, Engine):
         engine = load(engine, trust_code=trust_code)
     targets: dict[str, Callable] = {"engine": engine.infer}
-    label = None
+    label = how = None
     if vs is not None:
         options = import_options or ImportOptions.from_dict(engine.manifest.build_options.get("import_options", {}))
         baseline = reference_runner(vs, options)
         baseline_label = baseline_label or (Path(vs).name if isinstance(vs, (str, Path)) else type(vs).__name__)
+        how = baseline_description(vs)
     if baseline is not None:
         label = baseline_label or "baseline"
         targets[label] = baseline
     results = []
     for batch in batches:
-        feeds = random_inputs(engine.signature.inputs, batch=batch, seed=seed)
+        feeds = _bench_feeds(engine, data, batch, seed)
         results += measure(targets, feeds, batch, warmup=warmup, runs=runs, duration_s=duration_s, progress=progress)
     machine = {**machine_facts(), "backend": engine.backend, "precision": engine.precision}
-    return BenchReport(results=results, baseline=label, machine=machine)
+    return BenchReport(results=results, baseline=label, machine=machine, baseline_how=how)
 
 
 def info(path: str | Path) -> dict[str, Any]:

@@ -44,12 +44,13 @@ class DemoResult:
 
 
 def _require_frameworks():
+    # scikit-learn first: a missing one is reported before TensorFlow's import prints its logs.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        import keras
-        import tensorflow as tf
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
+        import keras
+        import tensorflow as tf
     except ImportError as exc:
         raise MissingDependencyError(
             f"the demo needs TensorFlow, Keras and scikit-learn ({exc.name} is missing): "
