@@ -743,16 +743,14 @@ BASELINE_HOW = {
 }
 
 
-def baseline_description(source: SourceLike) -> str:
-    """'Keras predict on model.keras': how a baseline was run, for bench reports and plots."""
+def baseline_description(source: SourceLike) -> str | None:
+    """How ``bench --vs`` runs this source ('Keras predict'), for bench reports and plots."""
     from .importers import detect_kind
 
-    name = Path(source).name if isinstance(source, (str, Path)) else type(source).__name__
     try:
-        how = BASELINE_HOW.get(detect_kind(source))
+        return BASELINE_HOW.get(detect_kind(source))
     except EnginesmithError:
-        how = None
-    return f"{how} of {name}" if how else name
+        return None
 
 
 def _bench_feeds(engine: Engine, data: str | Path | None, batch: int, seed: int) -> dict[str, np.ndarray]:

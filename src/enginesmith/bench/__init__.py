@@ -87,7 +87,7 @@ class BenchReport:
     baseline: str | None
     machine: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    # how the baseline was run, e.g. "a default ONNX Runtime session of model.onnx"
+    # how the baseline was run, e.g. "a default ONNX Runtime session", "Keras predict"
     baseline_how: str | None = None
 
     def ratios(self) -> list[dict[str, Any]]:
@@ -105,7 +105,8 @@ class BenchReport:
                 "batch": r.batch,
                 "p50_ratio": r.p50_ms / base.p50_ms,
                 "speedup": base.p50_ms / r.p50_ms,
-                "text": comparison_text(r.label, base.p50_ms / r.p50_ms, self.baseline),
+                "text": comparison_text(r.label, base.p50_ms / r.p50_ms,
+                                        f"{self.baseline} ({self.baseline_how})" if self.baseline_how else self.baseline),
             })
         return rows
 

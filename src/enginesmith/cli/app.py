@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -82,6 +83,14 @@ def print_error(message: str) -> None:
     err_console.print("[bold red]error:[/] " + escape(message), highlight=False, soft_wrap=True)
 
 
+def print_indented(line: str, indent: int = 2) -> None:
+    """One line of a log, wrapped lines indented like the first, no markup read from it."""
+    prefix = " " * indent
+    wrapped = textwrap.fill(line, width=max(console.width, 40), initial_indent=prefix, subsequent_indent=prefix,
+                            break_long_words=False, break_on_hyphens=False)
+    console.print(wrapped, markup=False, highlight=False, soft_wrap=True)
+
+
 def print_note(message: str) -> None:
     err_console.print("[yellow]note:[/] " + escape(message), highlight=False, soft_wrap=True)
 
@@ -93,7 +102,7 @@ def _first_line(text: str) -> str:
 
 def _command_name(argv: list[str]) -> str:
     """The subcommand in ``argv`` (for error hints), or '' when there is none."""
-    commands = {c.name or "" for c in app.registered_commands}
+    commands = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
     return next((a for a in argv if a in commands), "")
 
 
@@ -140,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # click 8.2+: bare 'enginesmith' shows the help
+                typer.echo(exc.format_message())
+                return 0
             print_error(usage_error_line(exc, argv))
             return 2
         except ClickException as exc:
@@ -218,9 +230,14 @@ def table(title: str | None = None, caption: str | None = None) -> Table:
 
 
 def add_columns(tbl: Table, *names: str, right: tuple[str, ...] = ()) -> None:
-    """Columns that wrap at word boundaries and fold unbreakable names, never cut them."""
+    """Columns that wrap at word boundaries and fold unbreakable names, never cut them.
+
+    ``right`` names numeric columns: right-aligned and kept on one line, so that on a narrow
+    terminal the text columns (names, messages) wrap first.
+    """
     for name in names:
-        tbl.add_column(name, justify="right" if name in right else "left", overflow="fold", no_wrap=False)
+        numeric = name in right
+        tbl.add_column(name, justify="right" if numeric else "left", overflow="fold", no_wrap=numeric)
 
 
 def print_json(data: str | bytes, destination: Optional[Path]) -> None:

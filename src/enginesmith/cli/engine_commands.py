@@ -30,6 +30,7 @@ from .app import (
     parse_axis_specs,
     parse_batches,
     parse_shape_specs,
+    print_indented,
     print_json,
     print_note,
     progress_bar,
@@ -238,10 +239,11 @@ def print_build(engine, target: Path) -> None:
     console.print(f"[bold green]built[/] {escape(str(target))}  ({manifest.backend} {manifest.backend_version}, {manifest.precision})",
                   highlight=False)
     for line in manifest.build_log:
-        console.print(f"  {line}", highlight=False, markup=False)
+        stripped = line.lstrip(" ")
+        print_indented(stripped, 2 + len(line) - len(stripped))
     check = manifest.checks.get("build_verification")
     if check:
-        console.print(f"  verification: {check['summary']}", highlight=False, markup=False)
+        print_indented(f"verification: {check['summary']}")
     calibration = manifest.checks.get("calibration", {})
     if calibration.get("warning"):
         console.print("[bold red]WARNING:[/] " + escape(calibration["warning"]), highlight=False)
@@ -400,16 +402,14 @@ def validate(
 
 def print_bench(report: BenchReport, title: str) -> None:
     tbl = table(title)
-    add_columns(tbl, "target", "batch", "runs", "seconds", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s",
-                right=("batch", "runs", "seconds", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s"))
+    add_columns(tbl, "target", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "items/s",
+                right=("batch", "runs", "p50 ms", "p90 ms", "p99 ms", "items/s"))
     for r in report.results:
-        tbl.add_row(escape(r.label), str(r.batch), str(r.runs), f"{r.seconds:.1f}", f"{r.p50_ms:.3f}",
-                    f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.mean_ms:.3f}", f"{r.throughput:,.1f}")
+        tbl.add_row(escape(r.label), str(r.batch), f"{r.runs:,}", f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
+                    f"{r.p99_ms:.3f}", f"{r.throughput:,.0f}")
     console.print(tbl)
-    if report.baseline_how:
-        console.print(escape(f"baseline {report.baseline}: {report.baseline_how}"), highlight=False)
     for ratio in report.ratios():
-        console.print(escape(f"batch {ratio['batch']}: {ratio['text']} (p50)"), highlight=False)
+        console.print(escape(f"batch {ratio['batch']}, p50: {ratio['text']}"), highlight=False)
     total = sum(r.seconds for r in report.results)
     runs = sum(r.runs for r in report.results)
     console.print(f"timed {runs:,} runs in {total:.1f} s", highlight=False)
