@@ -52,8 +52,10 @@ def _require_frameworks():
         import keras
         import tensorflow as tf
     except ImportError as exc:
+        top = (exc.name or "").split(".")[0]
+        package = {"sklearn": "scikit-learn", "tensorflow": "TensorFlow", "keras": "Keras"}.get(top, top)
         raise MissingDependencyError(
-            f"the demo needs TensorFlow, Keras and scikit-learn ({exc.name} is missing): "
+            f"the demo needs TensorFlow, Keras and scikit-learn ({package} is missing): "
             "pip install 'enginesmith[tensorflow,demo]'"
         ) from None
     return keras, tf, load_digits, train_test_split
