@@ -343,3 +343,18 @@ def test_demo_reports_missing_scikit_learn_before_importing_tensorflow(monkeypat
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(MissingDependencyError, match="scikit-learn is missing"):
         demo._require_frameworks()
+
+
+def test_onnx_runtime_errors_of_internal_checks_stay_off_the_terminal(tmp_path, capfd):
+    # A pass check that makes ONNX Runtime fail: the summary says so; ORT's own error log is not repeated.
+    baked = helper.make_model(helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")], "baked",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3, 2])],
+        [numpy_helper.from_array(np.array([2, 3, 2], np.int64), "shape")]), opset_imports=[helper.make_opsetid("", 17)])
+    baked.ir_version = 9
+    path = tmp_path / "baked.onnx"
+    onnx.save(baked, path)
+    assert main(["surgeon", str(path), "--dynamic", "x:0", "--no-optimize"]) == 1
+    err = capfd.readouterr().err
+    assert "rolled back" in err and "[E:onnxruntime" not in err and "ExecuteKernel" not in err

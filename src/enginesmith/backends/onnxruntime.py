@@ -66,7 +66,7 @@ _LOG_SEVERITY: int | None = None
 def set_log_verbosity(verbose: bool) -> None:
     """Keep ONNX Runtime's warnings (unused initializers, fallbacks) off the terminal unless ``verbose``."""
     global _LOG_SEVERITY
-    _LOG_SEVERITY = 0 if verbose else 3
+    _LOG_SEVERITY = 2 if verbose else 3  # 2: ONNX Runtime's own default (warnings)
     if "onnxruntime" in sys.modules:
         sys.modules["onnxruntime"].set_default_logger_severity(_LOG_SEVERITY)
 
@@ -645,7 +645,9 @@ def plain_session_runner(model_bytes: bytes):
     """
     ort = _ort()
     so = ort.SessionOptions()
-    so.log_severity_level = 3 if _LOG_SEVERITY is None else _LOG_SEVERITY  # a check, not the user's session: no warnings
+    # Used for checks (graph passes, references): their failures become exceptions, so ONNX Runtime's own
+    # error log would only repeat them on the terminal; --verbose (severity 2) lets it through.
+    so.log_severity_level = 4 if _LOG_SEVERITY in (None, 3) else _LOG_SEVERITY
     try:
         session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -338,7 +338,8 @@ def surgeon(
     Every pass is compared numerically with the model before it on generated inputs and rolled back
     when outputs differ. Exits 1 when an edit asked for by name was rolled back.
     """
-    target = check_output(output or model.with_name(model.stem + ".surgeon.onnx"), inputs=[model], force=force)
+    target = check_output(output or model.with_name(model.stem + ".surgeon.onnx"), inputs=[model], force=force,
+                          default_name=output is None)
     check_output(json_path, inputs=[model, target], force=force, flag="--json")
     imported = import_model(model, ImportOptions(trust_code=trust_code))
     specs: list[Any] = []

@@ -26,13 +26,16 @@ def check_output(
     inputs: Sequence[Optional[Path]] = (),
     force: bool = False,
     writes_engine: bool = False,
+    default_name: bool = False,
     flag: str = "--output",
 ) -> Optional[Path]:
     """``target`` if the command may write it, else an :class:`OutputExistsError` naming the fix.
 
     A command that writes engines may replace an engine bundle (``build model.engine`` rebuilds in
-    place); any other existing file, and any of the command's own inputs, is replaced only with
-    ``--force``. ``-`` (standard output) and ``None`` (nothing to write) pass.
+    place), and a command may replace its own product under the name it chose itself
+    (``default_name``, e.g. ``MODEL.surgeon.onnx``); any other existing file, and any of the
+    command's own inputs, is replaced only with ``--force``. ``-`` (standard output) and ``None``
+    (nothing to write) pass.
     """
     if target is None or str(target) == "-":
         return target
@@ -42,9 +45,10 @@ def check_output(
         raise OutputExistsError(f"{flag} '{target}' is a folder; give a file name")
     if not target.exists() or force:
         return target
-    if writes_engine and looks_like_bundle(target):
+    is_input = any(p is not None and _same_file(target, p) for p in inputs)
+    if (writes_engine and looks_like_bundle(target)) or (default_name and not is_input):
         return target
-    if any(p is not None and _same_file(target, p) for p in inputs):
+    if is_input:
         what = "the input"
     elif looks_like_bundle(target):
         what = "the engine"
