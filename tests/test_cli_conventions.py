@@ -133,6 +133,8 @@ def test_unexpected_exceptions_become_one_line_and_debug_shows_the_traceback(mlp
     assert "'enginesmith info' failed: RuntimeError: something inside broke" in err and "--debug" in err
     assert main(["--debug", "info", str(mlp_engine_path)]) == 1
     assert "Traceback" in capsys.readouterr().err
+    assert main(["info", str(mlp_engine_path), "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
     monkeypatch.setenv("ENGINESMITH_DEBUG", "1")
     assert main(["info", str(mlp_engine_path)]) == 1
     assert "Traceback" in capsys.readouterr().err

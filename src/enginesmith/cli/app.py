@@ -7,6 +7,7 @@ exit codes 0/1/2, output readable at 80 columns and when piped, ``--json FILE``,
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import textwrap
@@ -70,13 +71,27 @@ def global_options(
     set_library_verbosity(verbose)
 
 
+# Python loggers of the converters enginesmith drives; their warnings are for their developers.
+LIBRARY_LOGGERS = ("tf2onnx", "tensorflow", "absl", "onnxscript", "torch.onnx", "onnx2torch")
+GLOBAL_FLAGS = ("--debug", "--verbose")
+
+
 def set_library_verbosity(verbose: bool) -> None:
-    """Libraries' own logs (ONNX Runtime warnings, TensorFlow's C++ log) only with --verbose."""
+    """Libraries' own logs (ONNX Runtime warnings, TensorFlow's C++ log, converters' loggers) only with --verbose."""
     from ..backends.onnxruntime import set_log_verbosity
 
     set_log_verbosity(verbose)
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """``enginesmith build m.onnx --debug`` works like ``enginesmith --debug build m.onnx``."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv[:end] if a not in GLOBAL_FLAGS] + argv[end:]
 
 
 def print_error(message: str) -> None:
@@ -140,7 +155,7 @@ def warnings_as_notes() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every failure becomes one line on stderr and a non-zero exit."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     STATE.debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     STATE.verbose = False
     with warnings_as_notes():
