@@ -360,3 +360,13 @@ def test_onnx_runtime_errors_of_internal_checks_stay_off_the_terminal(tmp_path, 
     assert main(["surgeon", str(path), "--dynamic", "x:0", "--no-optimize"]) == 1
     err = capfd.readouterr().err
     assert "rolled back" in err and "[E:onnxruntime" not in err and "ExecuteKernel" not in err
+
+
+def test_build_verifies_on_the_given_data(mlp_path, tmp_path, capsys):
+    x = np.random.default_rng(3).standard_normal((7, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    for i, spec in enumerate((str(tmp_path / "x.npy"), f"x={tmp_path / 'x.npy'}")):
+        engine = tmp_path / f"m{i}.engine"
+        assert main(["build", str(mlp_path), "-o", str(engine), "--data", spec]) == 0
+        summary = es.load(engine).manifest.checks["build_verification"]["summary"]
+        assert "7 samples" in summary, summary

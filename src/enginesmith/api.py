@@ -68,6 +68,7 @@ def build(
     graph_passes: bool | None = None,
     disabled_passes: Sequence[str] | None = None,
     check_compatibility: bool = True,
+    verification_data: str | Path | None = None,
 ) -> Engine:
     """Build an engine for this machine from a model file, an in-memory model, or a bundle.
 
@@ -87,7 +88,9 @@ def build(
     skipped), each checked numerically and rolled back if it changes the outputs.
 
     With ``verify`` (the default) the engine is compared with the source run by its own
-    framework, and a failed comparison raises :class:`BuildError`.
+    framework, and a failed comparison raises :class:`BuildError`. The comparison runs on
+    ``verification_data`` (a file or folder, as for :func:`validate`) when given, else on the
+    held-out calibration data, else on seeded random inputs.
     """
     previous: Manifest | None = None
     previous_caches: dict[str, bytes] = {}
@@ -112,6 +115,9 @@ def build(
             imported.signature, options, calibration_data, calibration_random, spec, holdout,
             _calibration_cache(calibration_cache, previous_caches),
         )
+        if verification_data is not None:
+            batches, label = validation_batches(imported.signature, verification_data, preprocess=spec)
+            data = replace(data, holdout=batches, holdout_label=label)
         # Created after the first engine is built, so an unbuildable model reports the backend's error.
         reference = _lazy_reference(source, import_options, imported.kind)
         if options.precision == "best":

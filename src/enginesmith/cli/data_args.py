@@ -63,13 +63,23 @@ def read_data_args(specs: Sequence[str], signature: Signature, preprocess=None) 
     return feeds
 
 
-def data_path(specs: Sequence[str], signature: Signature, scratch: Path) -> Optional[Path]:
-    """One file or folder for the API's ``data=``: a single FILE|DIR as given, NAME=FILE pairs saved as one .npz."""
+def data_path(specs: Sequence[str], signature: Optional[Signature], scratch: Path) -> Optional[Path]:
+    """One file or folder for the API's ``data=``: a single FILE|DIR as given, NAME=FILE pairs saved as one .npz.
+
+    Without a signature (build: the model is not imported yet) only NAME=FILE pairs combine; the
+    API checks the names against the model.
+    """
     if not specs:
         return None
     if len(specs) == 1 and split_data_spec(specs[0])[0] is None:
         return split_data_spec(specs[0])[1]
-    feeds = read_data_args(specs, signature)
+    if signature is not None:
+        feeds = read_data_args(specs, signature)
+    else:
+        named = [split_data_spec(spec) for spec in specs]
+        if any(name is None for name, _ in named):
+            raise ValidationDataError("--data: give one FILE or DIR for every input, or NAME=FILE for each input")
+        feeds = {name: read_named_array(name, path) for name, path in named}
     buffer = io.BytesIO()
     np.savez(buffer, **feeds)
     target = scratch / "data.npz"

@@ -80,6 +80,7 @@ def build(
     outputs: Optional[str] = typer.Option(None, "--outputs", metavar="NAMES", help="Output tensor names, comma-separated (frozen graphs)."),
     signature: str = typer.Option("serving_default", metavar="KEY", help="SavedModel signature to import."),
     opset: Optional[int] = typer.Option(None, metavar="N", help="ONNX opset to convert to (default: the backend's, 17 for ONNX Runtime)."),
+    data: list[str] = typer.Option([], "--data", "-d", metavar="FILE|DIR|NAME=FILE", help=DATA_HELP + " Verify the engine on it (default: held-out calibration data, else seeded random inputs)."),
     calib: Optional[Path] = typer.Option(None, metavar="FILE|DIR", help="Calibration data: .npy/.npz keyed by input name, or a folder of images or .npy files."),
     calib_method: Optional[str] = typer.Option(None, metavar="METHOD", help="int8 calibration: minmax (default), entropy or percentile."),
     calib_random: bool = typer.Option(False, "--calib-random", help="Calibrate on random inputs (smoke tests only: accuracy unknown)."),
@@ -105,7 +106,8 @@ def build(
     """Build an engine for this machine (or rebuild a bundle from the source it carries)."""
     is_bundle = model.is_file() and looks_like_bundle(model)
     target = check_output(output or (model if is_bundle else model.with_suffix(".engine")),
-                          inputs=[model, calib, calib_cache], force=force, writes_engine=True)
+                          inputs=[model, calib, calib_cache, *(split_data_spec(spec)[1] for spec in data)],
+                          force=force, writes_engine=True)
     options = import_options_from_args(trust_code, input_shape, dynamic, inputs, outputs, signature, opset)
     backend_options = parse_backend_options(option)
     backend_options.update(tensorrt_options_from_args(
@@ -136,9 +138,11 @@ def build(
         check_compatibility=not no_compat_check,
     )
     try:
-        with progress_bar() as progress, warnings.catch_warnings():
+        with progress_bar() as progress, warnings.catch_warnings(), \
+                tempfile.TemporaryDirectory(prefix="enginesmith-data-") as scratch:
             # print_build shows the random-calibration warning the manifest carries; once is enough.
             warnings.filterwarnings("ignore", category=api.RandomCalibrationWarning)
+            build_args["verification_data"] = data_path(data, None, Path(scratch))
             engine = api.build(model, progress=progress, **build_args)
     except IncompatibleModelError as exc:
         # The full report on stdout; main() prints the one-line error on stderr.
