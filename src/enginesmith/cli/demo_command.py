@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from ..bench import times_text
 
-from .app import add_columns, app, console, table
+from .app import add_columns, app, console, print_indented, table
 
 
 @app.command(short_help="Train a Keras CNN on digits, build, validate and benchmark its engine.")
@@ -21,9 +21,9 @@ def demo(
     """Train a Keras CNN on scikit-learn's digits, build an engine, validate it and benchmark it."""
     from ..demo import run_demo
 
-    result = run_demo(output, epochs=epochs, bench_runs=runs, log=lambda line: console.print(line, markup=False))
+    result = run_demo(output, epochs=epochs, bench_runs=runs, log=lambda line: print_indented(line, 0))
     for step in result.steps:
-        console.print(f"  {step}", markup=False, highlight=False)
+        print_indented(step)
     results = table("digits CNN on this CPU: p50 latency (ms) and speed-up of the engine")
     add_columns(results, "target", "batch", "p50 ms", "p90 ms", "items/s", "engine speed-up",
                 right=("batch", "p50 ms", "p90 ms", "items/s", "engine speed-up"))
@@ -31,7 +31,7 @@ def demo(
     for r in result.benchmark["results"]:
         speedup = ratios["batch " + str(r["batch"])][r["label"]]
         results.add_row(escape(r["label"]), str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}",
-                        f"{r['throughput']:,.0f}", times_text(speedup))
+                        f"{r['throughput']:,.0f}", "" if r["label"] == "engine" else times_text(speedup))
     console.print(results)
     console.print(f"test accuracy: Keras {result.keras_test_accuracy:.2%}, engine {result.engine_test_accuracy:.2%}")
-    console.print(f"wrote {output / 'demo.json'} and {output / 'demo.png'}", markup=False)
+    console.print(f"wrote {output / 'demo.json'} and {output / 'demo.png'}", markup=False, highlight=False)
