@@ -370,3 +370,17 @@ def test_build_verifies_on_the_given_data(mlp_path, tmp_path, capsys):
         assert main(["build", str(mlp_path), "-o", str(engine), "--data", spec]) == 0
         summary = es.load(engine).manifest.checks["build_verification"]["summary"]
         assert "7 samples" in summary, summary
+
+
+def test_json_dash_prints_one_json_document_and_nothing_else(mlp_engine_path, mlp_path, capsys):
+    for args in (["validate", str(mlp_engine_path), "--against", str(mlp_path), "--json", "-", "--no-store"],
+                 ["validate", str(mlp_engine_path), "--json", "-", "--no-store", "--layerwise"],
+                 ["bench", str(mlp_engine_path), "--runs", "3", "--json", "-"],
+                 ["info", str(mlp_engine_path), "--json", "-"],
+                 ["inspect", str(mlp_path), "--json", "-"]):
+        assert main(args) == 0, args
+        document = json.loads(capsys.readouterr().out)
+        assert isinstance(document, dict) and document, args
+    assert main(["validate", str(mlp_engine_path), "--json", "-", "--no-store", "--layerwise"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert both["validation"]["passed"] and both["layerwise"]["passed"]

@@ -391,15 +391,21 @@ def validate(
         data_source = data_path(data, engine.signature, Path(scratch))
         report = api.validate(engine, against, data=data_source, batch=batch, batches=batches, seed=seed,
                               tolerance=tolerance, import_options=options, store=not no_store)
-        if str(json_path) != "-":
-            print_validation(report)
-        print_json(report.to_json(), json_path)
+        layers = None
         if layerwise:
             layers = api.layerwise(engine_path, against, data=data_source, batch=batch, seed=seed,
                                    tolerance=tolerance, import_options=options)
+    if str(json_path) == "-":  # one JSON document on stdout, nothing else
+        document = json.loads(report.to_json())
+        if layers is not None:
+            document = {"validation": document, "layerwise": json.loads(layers.to_json())}
+        print_json(json.dumps(document, indent=2), json_path)
+    else:
+        print_validation(report)
+        print_json(report.to_json(), json_path)
+        if layers is not None:
             print_layerwise(layers, show_all)
-            if layer_path is not None:
-                print_json(layers.to_json(), layer_path)
+            print_json(layers.to_json(), layer_path)
     if not report.passed:
         raise typer.Exit(code=1)
 
