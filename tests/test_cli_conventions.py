@@ -4,6 +4,7 @@ for inputs, bench numbers people can read."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import sys
@@ -218,7 +219,15 @@ def _long_named_model(path):
     return path
 
 
-def test_output_at_80_columns_piped_is_not_cut(tmp_path, capsys):
+@pytest.fixture
+def narrow_terminal(monkeypatch):
+    """Output at 80 columns whatever COLUMNS the test runner has (captured output is not a tty)."""
+    cli_app = importlib.import_module("enginesmith.cli.app")  # the module; enginesmith.cli.app is the Typer app
+    monkeypatch.setattr(cli_app.console, "width", 80)
+    monkeypatch.setattr(cli_app.err_console, "width", 80)
+
+
+def test_output_at_80_columns_piped_is_not_cut(tmp_path, capsys, narrow_terminal):
     source = _long_named_model(tmp_path / "a_model_file_with_a_long_name_for_the_twohead_case.onnx")
     engine = tmp_path / "long.engine"
     for args in (["build", str(source), "-o", str(engine)], ["run", str(engine), "--random"], ["info", str(engine)],
