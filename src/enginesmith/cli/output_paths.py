@@ -34,10 +34,10 @@ def check_output(
     A command that writes engines may replace an engine bundle (``build model.engine`` rebuilds in
     place), and a command may replace its own product under the name it chose itself
     (``default_name``, e.g. ``MODEL.surgeon.onnx``); any other existing file, and any of the
-    command's own inputs, is replaced only with ``--force``. ``-`` (standard output) and ``None``
-    (nothing to write) pass.
+    command's own inputs, is replaced only with ``--force``. ``None`` (nothing to write) passes, and
+    so does ``--json -`` (standard output).
     """
-    if target is None or str(target) == "-":
+    if target is None or (str(target) == "-" and flag == "--json"):
         return target
     if str(target).startswith("-"):
         raise typer.BadParameter(f"'{target}' is not a file name (did an option lose its value?)", param_hint=flag)
