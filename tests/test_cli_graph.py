@@ -37,7 +37,7 @@ def test_inspect_prints_tables_and_totals(cb_path, capsys):
 
 
 def test_inspect_json_with_target(cb_path, capsys):
-    assert main(["inspect", str(cb_path), "--json", "--target", "tensorrt:8.6"]) == 0
+    assert main(["inspect", str(cb_path), "--json", "-", "--target", "tensorrt:8.6"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data["model"]["layers"]) == 9 and data["model"]["totals"]["macs"] > 0
     compat = data["compatibility"]
@@ -75,13 +75,13 @@ def test_inspect_an_engine_source_and_payload(tmp_path, capsys):
     es.build(source).save(engine)
     assert main(["inspect", str(engine)]) == 0
     assert "source 'cb.onnx' embedded in cb.engine" in flat(capsys.readouterr().out)
-    assert main(["inspect", str(engine), "--payload", "--json"]) == 0
+    assert main(["inspect", str(engine), "--payload", "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert "payload" in data["source"] and "BatchNormalization" not in data["model"]["op_histogram"]
 
 
 def test_inspect_fixes_shapes_first(cb_path, capsys):
-    assert main(["inspect", str(cb_path), "--input", "x:4x3x8x8", "--json"]) == 0
+    assert main(["inspect", str(cb_path), "--input", "x:4x3x8x8", "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["model"]["inputs"][0]["shape"] == [4, 3, 8, 8]
     assert data["model"]["layers"][0]["macs"] == 4 * 13824
@@ -117,11 +117,11 @@ def test_surgeon_writes_a_checked_model(cb_path, tmp_path, capsys):
 
 
 def test_surgeon_json_default_output_and_pass_selection(cb_path, capsys):
-    assert main(["surgeon", str(cb_path), "--passes", "remove_training_nodes", "--json"]) == 0
+    assert main(["surgeon", str(cb_path), "--passes", "remove_training_nodes", "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["applied"] == ["remove_training_nodes"] and data["output"].endswith("cb.surgeon.onnx")
     assert op_types(onnx.load(data["output"])).count("BatchNormalization") == 2
-    assert main(["surgeon", str(cb_path), "--no-pass", "simplify", "--json"]) == 0
+    assert main(["surgeon", str(cb_path), "--no-pass", "simplify", "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {r["name"]: r["status"] for r in data["results"]}["simplify"] == "skipped"
 
@@ -144,7 +144,8 @@ def test_surgeon_rolled_back_edit_exits_1_and_writes_nothing(tmp_path, capsys):
     path = tmp_path / "baked.onnx"
     onnx.save(baked, path)
     assert main(["surgeon", str(path), "--dynamic", "x:0", "--no-optimize"]) == 1
-    out = flat(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = flat(captured.out + captured.err)
     assert "rolled back" in out and "nothing written" in out
     assert not (tmp_path / "baked.surgeon.onnx").exists()
 

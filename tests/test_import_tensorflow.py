@@ -219,7 +219,7 @@ def test_inspect_lists_frozen_graph_nodes(sources, capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())
     nodes = list_graph_nodes(sources["frozen"])
     assert f"TensorFlow nodes ({len(nodes)})" in out and "Placeholder" in out
-    assert main(["inspect", str(sources["frozen"]), "--json"]) == 0
+    assert main(["inspect", str(sources["frozen"]), "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [n["name"] for n in data["tensorflow_nodes"]] == [n["name"] for n in nodes]
     assert data["model"]["outputs"] and data["model"]["layers"]  # the converted ONNX view is there too

@@ -512,7 +512,7 @@ def test_cli_tensorrt_flags_on_the_cpu_provider_are_one_clear_line(mlp_path, tmp
         (["--min", "x:1x6"], "input 'x' has no --opt or --max"),
         (["--min", "x:1x6", "--opt", "x:4x6", "--max", "x:2x6"], r"axis 0: needs --min <= --opt <= --max, got 1, 4, 2"),
         (["--min", "x:1x6", "--opt", "x:4x6", "--max", "x:8x6x1"], "different ranks"),
-        (["--min", "x:1xq", "--opt", "x:4x6", "--max", "x:8x6"], "--min: 'x:1xq' is not NAME:DIMS"),
+        (["--min", "x:1xq", "--opt", "x:4x6", "--max", "x:8x6"], "--min: 'x:1xq' is not NAME:SHAPE"),
         (["--hardware-compat", "turing"], "--hardware-compat 'turing' is not one of none, ampere_plus"),
     ],
 )

@@ -25,6 +25,7 @@ from .errors import (
     PlatformMismatchError,
     UntrustedCodeError,
     ValidationDataError,
+    VerificationFailedError,
 )
 from .importers import ImportedModel, ImportOptions, ReferenceRunner, import_model, reference_runner
 from .manifest import Manifest
@@ -67,6 +68,7 @@ def build(
     graph_passes: bool | None = None,
     disabled_passes: Sequence[str] | None = None,
     check_compatibility: bool = True,
+    verification_data: str | Path | None = None,
 ) -> Engine:
     """Build an engine for this machine from a model file, an in-memory model, or a bundle.
 
@@ -86,7 +88,9 @@ def build(
     skipped), each checked numerically and rolled back if it changes the outputs.
 
     With ``verify`` (the default) the engine is compared with the source run by its own
-    framework, and a failed comparison raises :class:`BuildError`.
+    framework, and a failed comparison raises :class:`BuildError`. The comparison runs on
+    ``verification_data`` (a file or folder, as for :func:`validate`) when given, else on the
+    held-out calibration data, else on seeded random inputs.
     """
     previous: Manifest | None = None
     previous_caches: dict[str, bytes] = {}
@@ -111,6 +115,9 @@ def build(
             imported.signature, options, calibration_data, calibration_random, spec, holdout,
             _calibration_cache(calibration_cache, previous_caches),
         )
+        if verification_data is not None:
+            batches, label = validation_batches(imported.signature, verification_data, preprocess=spec)
+            data = replace(data, holdout=batches, holdout_label=label)
         # Created after the first engine is built, so an unbuildable model reports the backend's error.
         reference = _lazy_reference(source, import_options, imported.kind)
         if options.precision == "best":
@@ -215,9 +222,9 @@ def _verify(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tol
     _attach_report(engine, "build_verification", report)
     if not report.passed:
         failures = "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in report.outputs if not o.passed)
-        raise BuildError(
+        raise VerificationFailedError(
             f"the built {engine.precision} engine does not match the source model ({failures}); "
-            "pass verify=False / --no-verify to keep it anyway"
+            "build without verification to keep it anyway"
         )
 
 
@@ -730,6 +737,37 @@ def _store_report(path: Path, name: str, report: ValidationReport) -> None:
 # --------------------------------------------------------------------------- bench
 
 
+# How ``bench --vs`` runs each kind of source: what the engine's speed-up is measured against.
+BASELINE_HOW = {
+    "onnx": "a default ONNX Runtime session",
+    "keras": "Keras predict",
+    "savedmodel": "the SavedModel's TensorFlow signature",
+    "tf_graph": "a TensorFlow session on the frozen graph",
+    "tflite": "the TFLite interpreter",
+    "torch": "the PyTorch module, eager",
+    "torchscript": "the TorchScript module",
+}
+
+
+def baseline_description(source: SourceLike) -> str | None:
+    """How ``bench --vs`` runs this source ('Keras predict'), for bench reports and plots."""
+    from .importers import detect_kind
+
+    try:
+        return BASELINE_HOW.get(detect_kind(source))
+    except EnginesmithError:
+        return None
+
+
+def _bench_feeds(engine: Engine, data: str | Path | None, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """``batch`` rows of the data (cycled when it has fewer), or seeded random inputs."""
+    if data is None:
+        return random_inputs(engine.signature.inputs, batch=batch, seed=seed)
+    spec = PreprocessSpec.from_dict(engine.manifest.preprocess) if engine.manifest.preprocess else None
+    feeds = load_dataset(data, engine.signature, spec)
+    return {name: np.take(value, np.arange(batch) % len(value), axis=0) for name, value in feeds.items()}
+
+
 def bench(
     engine: Engine | str | Path,
     *,
@@ -739,30 +777,36 @@ def bench(
     duration_s: float | None = None,
     warmup: int = 5,
     seed: int = 0,
+    data: str | Path | None = None,
     import_options: ImportOptions | None = None,
     baseline: Callable[[dict[str, np.ndarray]], Any] | None = None,
     baseline_label: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     trust_code: bool = False,
 ) -> BenchReport:
-    """Latency and throughput per batch size, optionally against the source run by hand."""
+    """Latency and throughput per batch size, optionally against the source run by hand.
+
+    Each target runs ``runs`` times, or with ``duration_s`` for that many seconds (and at least
+    10 times) per batch size. Inputs are rows of ``data`` (a file or folder) or seeded random.
+    """
     if not isinstance(engine, Engine):
         engine = load(engine, trust_code=trust_code)
     targets: dict[str, Callable] = {"engine": engine.infer}
-    label = None
+    label = how = None
     if vs is not None:
         options = import_options or ImportOptions.from_dict(engine.manifest.build_options.get("import_options", {}))
         baseline = reference_runner(vs, options)
         baseline_label = baseline_label or (Path(vs).name if isinstance(vs, (str, Path)) else type(vs).__name__)
+        how = baseline_description(vs)
     if baseline is not None:
         label = baseline_label or "baseline"
         targets[label] = baseline
     results = []
     for batch in batches:
-        feeds = random_inputs(engine.signature.inputs, batch=batch, seed=seed)
+        feeds = _bench_feeds(engine, data, batch, seed)
         results += measure(targets, feeds, batch, warmup=warmup, runs=runs, duration_s=duration_s, progress=progress)
     machine = {**machine_facts(), "backend": engine.backend, "precision": engine.precision}
-    return BenchReport(results=results, baseline=label, machine=machine)
+    return BenchReport(results=results, baseline=label, machine=machine, baseline_how=how)
 
 
 def info(path: str | Path) -> dict[str, Any]:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -43,17 +45,44 @@ class DemoResult:
         return json.dumps(asdict(self), indent=2).encode()
 
 
-def _require_frameworks():
+DEMO_EXTRA = "pip install 'enginesmith[tensorflow,demo]'"
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Keep TensorFlow's C++ start-up lines (the oneDNN notice, absl's pre-init warning) off the terminal.
+
+    They are written to file descriptor 2 while TensorFlow loads, before any Python logging setting
+    applies. oneDNN itself stays on: the benchmark baseline runs TensorFlow as users do.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        import keras
-        import tensorflow as tf
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _require_frameworks():
+    # scikit-learn first: a missing one is reported before TensorFlow is imported.
+    try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise MissingDependencyError(
+            f"the demo needs TensorFlow, Keras and scikit-learn (scikit-learn is missing): {DEMO_EXTRA}"
+        ) from None
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        with _native_stderr_silenced():
+            import keras
+            import tensorflow as tf
     except ImportError as exc:
         raise MissingDependencyError(
-            f"the demo needs TensorFlow, Keras and scikit-learn ({exc.name} is missing): "
-            "pip install 'enginesmith[tensorflow,demo]'"
+            f"the demo needs TensorFlow, Keras and scikit-learn ({exc.name} is missing): {DEMO_EXTRA}"
         ) from None
     return keras, tf, load_digits, train_test_split
 

@@ -34,6 +34,10 @@ class BuildError(EnginesmithError):
     """Building the engine failed for a reason other than an unsupported op."""
 
 
+class VerificationFailedError(BuildError):
+    """The built engine's outputs differ from the source model's beyond the tolerance."""
+
+
 class InputError(EnginesmithError):
     """Inputs given to an engine do not match its signature."""
 
@@ -52,3 +56,7 @@ class UntrustedCodeError(BundleError):
 
 class ValidationDataError(EnginesmithError):
     """Data given for validation, calibration or benchmarking is unusable."""
+
+
+class OutputExistsError(EnginesmithError):
+    """A command would replace an existing file (or its own input) and was not told to (``--force``)."""

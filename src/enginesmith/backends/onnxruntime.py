@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import replace
@@ -58,11 +59,25 @@ PROVIDER_LABELS = {
 }
 
 
+# ONNX Runtime's process-wide log level, set by the CLI (errors only unless --verbose); None leaves ORT's default.
+_LOG_SEVERITY: int | None = None
+
+
+def set_log_verbosity(verbose: bool) -> None:
+    """Keep ONNX Runtime's warnings (unused initializers, fallbacks) off the terminal unless ``verbose``."""
+    global _LOG_SEVERITY
+    _LOG_SEVERITY = 2 if verbose else 3  # 2: ONNX Runtime's own default (warnings)
+    if "onnxruntime" in sys.modules:
+        sys.modules["onnxruntime"].set_default_logger_severity(_LOG_SEVERITY)
+
+
 def _ort():
     try:
         import onnxruntime
     except ImportError:  # pragma: no cover - onnxruntime is a core dependency
         raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime") from None
+    if _LOG_SEVERITY is not None:
+        onnxruntime.set_default_logger_severity(_LOG_SEVERITY)
     return onnxruntime
 
 
@@ -629,8 +644,12 @@ def plain_session_runner(model_bytes: bytes):
     Used as the reference for ONNX sources and as the baseline in benchmarks.
     """
     ort = _ort()
+    so = ort.SessionOptions()
+    # Used for checks (graph passes, references): their failures become exceptions, so ONNX Runtime's own
+    # error log would only repeat them on the terminal; --verbose (severity 2) lets it through.
+    so.log_severity_level = 4 if _LOG_SEVERITY in (None, 3) else _LOG_SEVERITY
     try:
-        session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise BuildError(f"ONNX Runtime cannot run the reference model: {str(exc).splitlines()[0]}") from None
     names = [o.name for o in session.get_outputs()]

@@ -40,6 +40,8 @@ class LatencyStats:
     max_ms: float
     # items per second at the median latency
     throughput: float
+    # wall time spent in the timed runs
+    seconds: float = 0.0
 
     @classmethod
     def from_samples(cls, label: str, batch: int, seconds: Sequence[float]) -> "LatencyStats":
@@ -57,7 +59,26 @@ class LatencyStats:
             p99_ms=float(p99),
             max_ms=float(ms.max()),
             throughput=float(batch * 1e3 / p50) if p50 > 0 else float("inf"),
+            seconds=float(ms.sum() / 1e3),
         )
+
+
+def times_text(ratio: float) -> str:
+    """A speed ratio for people: 1,702x, 17.2x, 1.35x."""
+    if ratio >= 100:
+        return f"{ratio:,.0f}x"
+    if ratio >= 10:
+        return f"{ratio:.1f}x"
+    return f"{ratio:.2f}x"
+
+
+def comparison_text(label: str, speedup: float, baseline: str) -> str:
+    """'engine is 17.2x faster than model.onnx' (or slower, or about as fast: within 3%)."""
+    if abs(speedup - 1) <= 0.03:
+        return f"{label} is about as fast as {baseline} ({times_text(speedup)})"
+    if speedup > 1:
+        return f"{label} is {times_text(speedup)} faster than {baseline}"
+    return f"{label} is {times_text(1 / speedup)} slower than {baseline}"
 
 
 @dataclass
@@ -66,6 +87,8 @@ class BenchReport:
     baseline: str | None
     machine: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # how the baseline was run, e.g. "a default ONNX Runtime session", "Keras predict"
+    baseline_how: str | None = None
 
     def ratios(self) -> list[dict[str, Any]]:
         """For each batch and non-baseline target: its p50 over the baseline's p50 (<1 is faster)."""
@@ -82,6 +105,8 @@ class BenchReport:
                 "batch": r.batch,
                 "p50_ratio": r.p50_ms / base.p50_ms,
                 "speedup": base.p50_ms / r.p50_ms,
+                "text": comparison_text(r.label, base.p50_ms / r.p50_ms,
+                                        f"{self.baseline} ({self.baseline_how})" if self.baseline_how else self.baseline),
             })
         return rows
 
@@ -90,6 +115,7 @@ class BenchReport:
             "created_at": self.created_at,
             "machine": self.machine,
             "baseline": self.baseline,
+            "baseline_how": self.baseline_how,
             "results": [asdict(r) for r in self.results],
             "ratios": self.ratios(),
         }
@@ -97,8 +123,16 @@ class BenchReport:
     def write_json(self, path: str | Path) -> Path:
         return write_atomic(path, json.dumps(self.to_dict(), indent=2).encode())
 
-    def plot(self, path: str | Path, title: str = "enginesmith benchmark") -> Path:
-        return plot_results(self.results, path, title)
+    def default_title(self, name: str = "engine") -> str:
+        """What was compared, in which precision, on which machine, over how many runs."""
+        what = f"{name} vs {self.baseline}" if self.baseline else f"{name} only"
+        runs = sorted({r.runs for r in self.results})
+        run_text = f"{runs[0]} runs" if len(runs) == 1 else f"{runs[0]}-{runs[-1]} runs"
+        facts = [self.machine.get("precision"), self.machine.get("cpu"), f"{run_text} per bar"]
+        return what + "\n" + ", ".join(str(f) for f in facts if f)
+
+    def plot(self, path: str | Path, title: str | None = None, log_scale: bool = False) -> Path:
+        return plot_results(self.results, path, title or self.default_title(), log_scale=log_scale)
 
 
 def machine_facts() -> dict[str, Any]:
@@ -120,26 +154,31 @@ def measure(
     warmup: int = 5,
     runs: int | None = 50,
     duration_s: float | None = None,
+    min_runs: int = 10,
     rounds: int = 5,
     progress: ProgressCallback | None = None,
 ) -> list[LatencyStats]:
-    """Time each target on the same inputs; by run count, or until ``duration_s`` per target."""
+    """Time each target on the same inputs: ``runs`` times, or (with ``duration_s``) for that many
+    seconds per target and at least ``min_runs`` times, like trtexec's ``--duration``."""
     for fn in targets.values():
         for _ in range(warmup):
             fn(feeds)
     samples: dict[str, list[float]] = {label: [] for label in targets}
     if duration_s is not None:
         budget = duration_s / max(rounds, 1)
+        least = -(-max(min_runs, 1) // max(rounds, 1))  # per round, rounded up
         total = rounds * len(targets)
         for r in range(rounds):
             for i, (label, fn) in enumerate(targets.items()):
                 end = time.perf_counter() + budget
+                count = 0
                 while True:
                     start = time.perf_counter()
                     fn(feeds)
                     stop = time.perf_counter()
                     samples[label].append(stop - start)
-                    if stop >= end:
+                    count += 1
+                    if stop >= end and count >= least:
                         break
                 if progress:
                     progress(f"batch {batch}", r * len(targets) + i + 1, total)
@@ -160,10 +199,15 @@ def measure(
     return [LatencyStats.from_samples(label, batch, s) for label, s in samples.items()]
 
 
+def _bar_text(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def plot_results(results: Sequence[LatencyStats], path: str | Path, title: str) -> Path:
-    """Grouped bars: p50 latency (whiskers to p90) and throughput, per batch size and target."""
+def plot_results(results: Sequence[LatencyStats], path: str | Path, title: str, log_scale: bool = False) -> Path:
+    """Grouped bars with their values: p50 latency (whiskers to p90) and throughput, per batch size and target.
+
+    Linear axes unless ``log_scale``: a log axis makes a 100x difference look like a 2x one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,25 +217,26 @@ def plot_results(results: Sequence[LatencyStats], path: str | Path, title: str) 
     batches = sorted({r.batch for r in results})
     by_key = {(r.label, r.batch): r for r in results}
     width = 0.8 / max(len(labels), 1)
-    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(11, 4.6))
     x = np.arange(len(batches))
     for i, label in enumerate(labels):
         rows = [by_key.get((label, b)) for b in batches]
         p50 = [r.p50_ms if r else 0 for r in rows]
         err = [max(r.p90_ms - r.p50_ms, 0) if r else 0 for r in rows]
         tp = [r.throughput if r else 0 for r in rows]
-        ax_lat.bar(x + i * width, p50, width, yerr=[[0] * len(err), err], capsize=3, label=label)
-        ax_tp.bar(x + i * width, tp, width, label=label)
-    for ax, ylabel in ((ax_lat, "p50 latency, ms (whisker: p90)"), (ax_tp, "throughput, items/s")):
+        bars = ax_lat.bar(x + i * width, p50, width, yerr=[[0] * len(err), err], capsize=3, label=label)
+        ax_lat.bar_label(bars, labels=[_bar_text(v) for v in p50], fontsize=7, padding=2)
+        bars = ax_tp.bar(x + i * width, tp, width, label=label)
+        ax_tp.bar_label(bars, labels=[_bar_text(v) for v in tp], fontsize=7, padding=2)
+    for ax, ylabel in ((ax_lat, "p50 latency, ms (whisker: p90)"), (ax_tp, "throughput, items/s at p50")):
         ax.set_xticks(x + width * (len(labels) - 1) / 2, [f"batch {b}" for b in batches])
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-    # Engines are often 10-1000x faster than what they are compared with: a log axis keeps every bar visible.
-    for ax, values in ((ax_lat, [r.p50_ms for r in results]), (ax_tp, [r.throughput for r in results])):
-        positive = [v for v in values if v > 0]
-        if positive and max(positive) / min(positive) > 30:
+        if log_scale:
             ax.set_yscale("log")
-    ax_lat.legend(fontsize=8)
+        else:
+            ax.margins(y=0.12)  # room for the numbers above the bars
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     try:

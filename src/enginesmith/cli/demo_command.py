@@ -6,31 +6,32 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from .app import app, console
+from ..bench import times_text
+
+from .app import add_columns, app, console, print_indented, table
 
 
-@app.command()
+@app.command(short_help="Train a Keras CNN on digits, build, validate and benchmark its engine.")
 def demo(
-    output: Path = typer.Option(Path("enginesmith-demo"), "-o", "--output", help="Folder for the model, engine, JSON and plot."),
-    epochs: int = typer.Option(30, help="Training epochs."),
-    runs: int = typer.Option(50, help="Timed runs per target and batch size."),
+    output: Path = typer.Option(Path("enginesmith-demo"), "-o", "--output", metavar="DIR", help="Folder for the model, engine, JSON and plot."),
+    epochs: int = typer.Option(30, min=1, metavar="N", help="Training epochs."),
+    runs: int = typer.Option(50, min=1, metavar="N", help="Timed runs per target and batch size."),
 ) -> None:
     """Train a Keras CNN on scikit-learn's digits, build an engine, validate it and benchmark it."""
     from ..demo import run_demo
 
-    result = run_demo(output, epochs=epochs, bench_runs=runs, log=lambda line: console.print(line, markup=False))
+    result = run_demo(output, epochs=epochs, bench_runs=runs, log=lambda line: print_indented(line, 0))
     for step in result.steps:
-        console.print(f"  {step}", markup=False, highlight=False)
-    table = Table(title="digits CNN on this CPU: p50 latency (ms) and speed-up of the engine")
-    for column in ("target", "batch", "p50 ms", "p90 ms", "items/s", "engine speed-up"):
-        table.add_column(column, justify="left" if column == "target" else "right")
+        print_indented(step)
+    results = table("digits CNN on this CPU: p50 latency (ms) and speed-up of the engine")
+    add_columns(results, "target", "batch", "p50 ms", "p90 ms", "items/s", "engine speed-up",
+                right=("batch", "p50 ms", "p90 ms", "items/s", "engine speed-up"))
     ratios = result.benchmark["p50_relative_to_engine"]
     for r in result.benchmark["results"]:
         speedup = ratios["batch " + str(r["batch"])][r["label"]]
-        table.add_row(escape(r["label"]), str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}",
-                      f"{r['throughput']:,.0f}", f"{speedup:.1f}x")
-    console.print(table)
+        results.add_row(escape(r["label"]), str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}",
+                        f"{r['throughput']:,.0f}", "" if r["label"] == "engine" else times_text(speedup))
+    console.print(results)
     console.print(f"test accuracy: Keras {result.keras_test_accuracy:.2%}, engine {result.engine_test_accuracy:.2%}")
-    console.print(f"wrote {output / 'demo.json'} and {output / 'demo.png'}", markup=False)
+    console.print(f"wrote {output / 'demo.json'} and {output / 'demo.png'}", markup=False, highlight=False)

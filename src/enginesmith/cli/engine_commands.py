@@ -4,33 +4,41 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from .. import api
 from ..bench import BenchReport
 from ..files import write_atomic
 from ..bundle import looks_like_bundle
-from ..errors import BuildError
+from ..errors import BuildError, VerificationFailedError
 from ..graph.compat import IncompatibleModelError
 from ..importers import ImportOptions
 from ..signature import random_inputs, shape_text
-from ..validate import ValidationReport, tolerance_for
+from ..runtime.preprocess import PreprocessSpec
+from ..validate import NO_LIMIT, AccuracyBudget, ValidationReport, tolerance_for
 from .app import (
+    add_columns,
     app,
     console,
     parse_axis_specs,
     parse_batches,
     parse_shape_specs,
+    print_indented,
+    print_json,
+    print_note,
     progress_bar,
-    read_input_args,
     split_names,
+    table,
 )
+from .data_args import DATA_HELP, data_path, read_data_args, split_data_spec
+from .output_paths import FORCE_HELP, check_output
 from .graph_commands import print_compat, print_layerwise
 
 
@@ -54,48 +62,52 @@ def import_options_from_args(
     )
 
 
-@app.command()
+@app.command(short_help="Build an engine for this machine, or rebuild a bundle here.")
 def build(
-    model: Path = typer.Argument(..., help="Model file or folder (.onnx, ...), or an engine bundle to rebuild here."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Engine file to write (default: MODEL with .engine)."),
-    backend: str = typer.Option("auto", help="Backend to build with, or 'auto' for the best available."),
-    precision: Optional[str] = typer.Option(None, help="fp32 (default), fp16 or int8."),
-    provider: list[str] = typer.Option([], help="ONNX Runtime execution provider (cpu, cuda, tensorrt, openvino); repeatable."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: physical cores)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="Model file or folder (.onnx, ...), or an engine bundle to rebuild here."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE", help="Engine file to write (default: MODEL with .engine)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    backend: str = typer.Option("auto", metavar="NAME", help="Backend to build with, or 'auto' for the best available."),
+    precision: Optional[str] = typer.Option(None, metavar="NAME", help="fp32 (default), fp16, int8, bf16 (torch) or best."),
+    provider: list[str] = typer.Option([], metavar="NAME", help="ONNX Runtime execution provider (cpu, cuda, tensorrt, openvino); repeatable."),
+    threads: Optional[int] = typer.Option(None, min=1, metavar="N", help="Intra-op threads (default: physical cores)."),
     no_source: bool = typer.Option(False, "--no-source", help="Leave the source model out of the bundle."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the check against the source model."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow sources that execute code when loaded (pickles, Lambda layers)."),
-    input_shape: list[str] = typer.Option([], "--input", help="Fix an input's shape: NAME:1x3x224x224; repeatable."),
-    dynamic: list[str] = typer.Option([], "--dynamic", help="Mark axes of an input dynamic: NAME:0; repeatable."),
-    inputs: Optional[str] = typer.Option(None, "--inputs", help="Input tensor names, comma-separated (frozen graphs)."),
-    outputs: Optional[str] = typer.Option(None, "--outputs", help="Output tensor names, comma-separated (frozen graphs)."),
-    signature: str = typer.Option("serving_default", help="SavedModel signature to import."),
-    opset: Optional[int] = typer.Option(None, help="ONNX opset to convert to."),
-    calib: Optional[Path] = typer.Option(None, help="Calibration data: .npy/.npz keyed by input name, or a folder of images or .npy files."),
-    calib_method: Optional[str] = typer.Option(None, help="int8 calibration: minmax (default), entropy or percentile."),
+    input_shape: list[str] = typer.Option([], "--input", metavar="NAME:SHAPE", help="Fix an input's shape: NAME:1x3x224x224; repeatable."),
+    dynamic: list[str] = typer.Option([], "--dynamic", metavar="NAME:AXES", help="Mark axes of an input dynamic: NAME:0; repeatable."),
+    inputs: Optional[str] = typer.Option(None, "--inputs", metavar="NAMES", help="Input tensor names, comma-separated (frozen graphs)."),
+    outputs: Optional[str] = typer.Option(None, "--outputs", metavar="NAMES", help="Output tensor names, comma-separated (frozen graphs)."),
+    signature: str = typer.Option("serving_default", metavar="KEY", help="SavedModel signature to import."),
+    opset: Optional[int] = typer.Option(None, metavar="N", help="ONNX opset to convert to (default: the backend's, 17 for ONNX Runtime)."),
+    data: list[str] = typer.Option([], "--data", "-d", metavar="FILE|DIR|NAME=FILE", help=DATA_HELP + " Verify the engine on it (default: held-out calibration data, else seeded random inputs)."),
+    calib: Optional[Path] = typer.Option(None, metavar="FILE|DIR", help="Calibration data: .npy/.npz keyed by input name, or a folder of images or .npy files."),
+    calib_method: Optional[str] = typer.Option(None, metavar="METHOD", help="int8 calibration: minmax (default), entropy or percentile."),
     calib_random: bool = typer.Option(False, "--calib-random", help="Calibrate on random inputs (smoke tests only: accuracy unknown)."),
-    calib_cache: Optional[Path] = typer.Option(None, help="Reuse int8 ranges from this engine or calibration cache file."),
-    preprocess: Optional[str] = typer.Option(None, help="Image preprocessing: 'resize=256;crop=224;layout=NCHW;color=RGB;scale=0.00392;mean=0.485/0.456/0.406;std=0.229/0.224/0.225' or a .toml file."),
-    holdout: float = typer.Option(0.2, help="Share of the calibration data kept aside to validate on."),
-    max_accuracy_drop: Optional[str] = typer.Option(None, help="Accuracy budget: '1%' (top-1 decisions that may change), 'agreement>=0.99' or 'rel_l2<=0.05'."),
+    calib_cache: Optional[Path] = typer.Option(None, metavar="FILE", help="Reuse int8 ranges from this engine or calibration cache file."),
+    preprocess: Optional[str] = typer.Option(None, metavar="SPEC|FILE", help="Image preprocessing: 'resize=256;crop=224;layout=NCHW;color=RGB;scale=0.00392;mean=0.485/0.456/0.406;std=0.229/0.224/0.225' or a .toml file."),
+    holdout: float = typer.Option(0.2, metavar="SHARE", help="Share of the calibration data kept aside to validate on."),
+    max_accuracy_drop: Optional[str] = typer.Option(None, metavar="BUDGET", help="Accuracy budget: '1%' (top-1 decisions that may change), 'agreement>=0.99' or 'rel_l2<=0.05'."),
     force_precision: bool = typer.Option(False, "--force-precision", help="Build the precision even where it does not pay (fp16 on a CPU)."),
-    no_pass: list[str] = typer.Option([], "--no-pass", help="Turn off one graph pass (see 'enginesmith surgeon --list-passes'); repeatable."),
+    no_pass: list[str] = typer.Option([], "--no-pass", metavar="PASS", help="Turn off one graph pass (see 'enginesmith surgeon --list-passes'); repeatable."),
     no_passes: bool = typer.Option(False, "--no-passes", help="Run no graph passes (build the model as imported)."),
     no_compat_check: bool = typer.Option(False, "--no-compat-check", help="Skip the operator-support report before the build."),
-    option: list[str] = typer.Option([], "--option", help="Backend option KEY=VALUE (VALUE as JSON, else text), e.g. device=cuda; repeatable."),
-    profile_min: list[str] = typer.Option([], "--min", help="TensorRT optimization profile: smallest shape of an input, NAME:1x3x224x224; repeatable, with --opt and --max."),
-    profile_opt: list[str] = typer.Option([], "--opt", help="TensorRT optimization profile: the shape to tune for, NAME:8x3x224x224."),
-    profile_max: list[str] = typer.Option([], "--max", help="TensorRT optimization profile: largest shape, NAME:32x3x224x224."),
-    workspace_mb: Optional[int] = typer.Option(None, "--workspace-mb", min=1, help="TensorRT builder workspace limit in MiB (default: 256 on Jetson, a quarter of the GPU up to 4096)."),
-    dla_core: Optional[int] = typer.Option(None, "--dla-core", min=0, help="Run on this DLA core (Jetson Xavier/Orin; fp16 or int8), GPU fallback for the rest."),
-    builder_level: Optional[int] = typer.Option(None, "--builder-level", min=0, max=5, help="TensorRT builder optimization level 0-5 (TensorRT's default: 3)."),
-    timing_cache: Optional[str] = typer.Option(None, "--timing-cache", help="TensorRT timing cache: a file (--backend tensorrt) or folder (ONNX Runtime's TensorRT provider), or 'off'."),
+    option: list[str] = typer.Option([], "--option", metavar="KEY=VALUE", help="Backend option KEY=VALUE (VALUE as JSON, else text), e.g. device=cuda; repeatable."),
+    profile_min: list[str] = typer.Option([], "--min", metavar="NAME:SHAPE", help="TensorRT optimization profile: smallest shape of an input, NAME:1x3x224x224; repeatable, with --opt and --max."),
+    profile_opt: list[str] = typer.Option([], "--opt", metavar="NAME:SHAPE", help="TensorRT optimization profile: the shape to tune for, NAME:8x3x224x224."),
+    profile_max: list[str] = typer.Option([], "--max", metavar="NAME:SHAPE", help="TensorRT optimization profile: largest shape, NAME:32x3x224x224."),
+    workspace_mb: Optional[int] = typer.Option(None, "--workspace-mb", min=1, metavar="MIB", help="TensorRT builder workspace limit in MiB (default: 256 on Jetson, a quarter of the GPU up to 4096)."),
+    dla_core: Optional[int] = typer.Option(None, "--dla-core", min=0, metavar="N", help="Run on this DLA core (Jetson Xavier/Orin; fp16 or int8), GPU fallback for the rest."),
+    builder_level: Optional[int] = typer.Option(None, "--builder-level", min=0, max=5, metavar="N", help="TensorRT builder optimization level 0-5 (TensorRT's default: 3)."),
+    timing_cache: Optional[str] = typer.Option(None, "--timing-cache", metavar="PATH", help="TensorRT timing cache: a file (--backend tensorrt) or folder (ONNX Runtime's TensorRT provider), or 'off'."),
     version_compatible: bool = typer.Option(False, "--version-compatible", help="TensorRT engine that also runs on later TensorRT releases of the same major version."),
-    hardware_compat: Optional[str] = typer.Option(None, "--hardware-compat", help="TensorRT hardware compatibility: ampere_plus (TensorRT 8.6+) or same_compute_capability (TensorRT 10.9+)."),
+    hardware_compat: Optional[str] = typer.Option(None, "--hardware-compat", metavar="LEVEL", help="TensorRT hardware compatibility: ampere_plus (TensorRT 8.6+) or same_compute_capability (TensorRT 10.9+)."),
 ) -> None:
     """Build an engine for this machine (or rebuild a bundle from the source it carries)."""
     is_bundle = model.is_file() and looks_like_bundle(model)
-    target = output or (model if is_bundle else model.with_suffix(".engine"))
+    target = check_output(output or (model if is_bundle else model.with_suffix(".engine")),
+                          inputs=[model, calib, calib_cache, *(split_data_spec(spec)[1] for spec in data)],
+                          force=force, writes_engine=True)
     options = import_options_from_args(trust_code, input_shape, dynamic, inputs, outputs, signature, opset)
     backend_options = parse_backend_options(option)
     backend_options.update(tensorrt_options_from_args(
@@ -126,12 +138,18 @@ def build(
         check_compatibility=not no_compat_check,
     )
     try:
-        with progress_bar() as progress:
+        with progress_bar() as progress, warnings.catch_warnings(), \
+                tempfile.TemporaryDirectory(prefix="enginesmith-data-") as scratch:
+            # print_build shows the random-calibration warning the manifest carries; once is enough.
+            warnings.filterwarnings("ignore", category=api.RandomCalibrationWarning)
+            build_args["verification_data"] = data_path(data, None, Path(scratch))
             engine = api.build(model, progress=progress, **build_args)
     except IncompatibleModelError as exc:
         # The full report on stdout; main() prints the one-line error on stderr.
         print_compat(exc.report, show_all=False)
         raise
+    except VerificationFailedError as exc:
+        raise VerificationFailedError(f"{exc} (--no-verify)") from None
     print_build(engine, target)
 
 
@@ -222,27 +240,28 @@ def tensorrt_options_from_args(
 
 def print_build(engine, target: Path) -> None:
     manifest = engine.manifest
-    console.print(f"[bold green]built[/] {target}  ({manifest.backend} {manifest.backend_version}, {manifest.precision})")
+    console.print(f"[bold green]built[/] {escape(str(target))}  ({manifest.backend} {manifest.backend_version}, {manifest.precision})",
+                  highlight=False)
     for line in manifest.build_log:
-        console.print(f"  {line}", highlight=False, markup=False)
+        stripped = line.lstrip(" ")
+        print_indented(stripped, 2 + len(line) - len(stripped))
     check = manifest.checks.get("build_verification")
     if check:
-        console.print(f"  verification: {check['summary']}", highlight=False, markup=False)
+        print_indented(f"verification: {check['summary']}")
     calibration = manifest.checks.get("calibration", {})
     if calibration.get("warning"):
-        console.print("[bold red]WARNING:[/] " + escape(calibration["warning"]))
+        console.print("[bold red]WARNING:[/] " + escape(calibration["warning"]), highlight=False)
     if "precision_candidates" in manifest.checks:
         print_candidates(manifest.checks["precision_candidates"], manifest.accuracy_budget)
     console.print(str(engine.signature), highlight=False, markup=False)
 
 
 def print_candidates(candidates: list[dict], budget: Optional[dict]) -> None:
-    table = Table(title=f"precision candidates (budget: {budget or 'default tolerances'})")
-    for column in ("precision", "p50 ms", "worst rel L2", "top-1 agreement", "kept", "why"):
-        table.add_column(column)
+    tbl = table(f"precision candidates (budget: {escape(budget_description(budget))})")
+    add_columns(tbl, "precision", "p50 ms", "worst rel L2", "top-1 agreement", "kept", "why")
     for row in candidates:
         agreement = row.get("argmax_agreement")
-        table.add_row(
+        tbl.add_row(
             row["precision"],
             f"{row['p50_ms']:.3f}" if "p50_ms" in row else "",
             f"{row['worst_rel_l2']:.2e}" if "worst_rel_l2" in row else "",
@@ -250,174 +269,241 @@ def print_candidates(candidates: list[dict], budget: Optional[dict]) -> None:
             "[green]yes[/]" if row["kept"] else "no",
             escape(row["reason"]),
         )
-    console.print(table)
+    console.print(tbl)
 
 
-@app.command()
+def tolerance_text(tolerance: dict) -> str:
+    """A tolerance as limits people read ('rel L2 <= 1e-04, cosine >= 0.99999, ...'), unlimited ones left out."""
+    parts = []
+    for key, label, op in (("max_rel_l2", "rel L2", "<="), ("min_cosine", "cosine", ">="),
+                           ("min_argmax_agreement", "argmax agreement", ">="), ("max_abs", "max abs", "<=")):
+        value = tolerance.get(key)
+        if value is None or abs(value) >= NO_LIMIT:
+            continue
+        parts.append(f"{label} {op} {value:g}")
+    return ", ".join(parts) or "no limits"
+
+
+def budget_description(budget: Optional[dict]) -> str:
+    if not budget:
+        return "default tolerances"
+    try:
+        bound = budget.get("min", budget.get("max"))
+        return str(AccuracyBudget(budget["metric"], float(bound)))
+    except (KeyError, TypeError, ValueError):
+        return ", ".join(f"{k} {v}" for k, v in budget.items())
+
+
+@app.command(short_help="Run an engine once and show its outputs.")
 def run(
     engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
-    input: list[str] = typer.Option([], "--input", "-i", help="NAME=file.npy, or file.npz keyed by input name; repeatable."),
-    image: list[Path] = typer.Option([], "--image", help="Image file(s), preprocessed as the engine was calibrated; repeatable."),
+    data: list[str] = typer.Option([], "--data", "-d", metavar="FILE|DIR|NAME=FILE", help=DATA_HELP),
+    legacy_input: list[str] = typer.Option([], "--input", "-i", hidden=True, help="Old spelling of --data NAME=FILE."),
+    image: list[Path] = typer.Option([], "--image", metavar="FILE", help="Image file(s), preprocessed as the engine was calibrated; repeatable."),
     random: bool = typer.Option(False, "--random", help="Feed seeded random inputs instead of files."),
-    batch: int = typer.Option(1, help="Batch size for --random."),
-    seed: int = typer.Option(0, help="Seed for --random."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write all outputs to this .npz file."),
+    batch: int = typer.Option(1, min=1, metavar="N", help="Batch size for --random."),
+    seed: int = typer.Option(0, metavar="N", help="Seed for --random."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="Write all outputs to this .npz file."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     trust_code: bool = typer.Option(False, "--trust-code", help="Load engines whose payload runs code (the torch backend's compiler cache); only from builders you trust."),
 ) -> None:
     """Run an engine once and show its outputs."""
+    if legacy_input:
+        print_note("'run --input NAME=FILE' is now 'run --data NAME=FILE' (--input means NAME:SHAPE on build, "
+                   "inspect and surgeon)")
+        data = [*data, *legacy_input]
+    data_files = [split_data_spec(spec)[1] for spec in data]
+    check_output(out, inputs=[engine_path, *data_files, *image], force=force, flag="--out")
     engine = api.load(engine_path, trust_code=trust_code)
-    if input:
-        feeds = read_input_args(input, engine.signature.input_names)
+    if data:
+        spec = PreprocessSpec.from_dict(engine.manifest.preprocess) if engine.manifest.preprocess else None
+        feeds = read_data_args(data, engine.signature, spec)
     elif image:
         feeds = api.image_inputs(engine, image)
     elif random:
         feeds = random_inputs(engine.signature.inputs, batch=batch, seed=seed)
     else:
-        raise typer.BadParameter("give inputs with --input NAME=file.npy, --image FILE, or --random", param_hint="--input")
+        raise typer.BadParameter("give inputs with --data FILE (or NAME=FILE), --image FILE, or --random",
+                                 param_hint="--data")
     results = engine(feeds)
-    table = Table(title=f"outputs of {engine_path.name}")
-    for column in ("name", "dtype", "shape", "min", "max", "mean", "preview"):
-        table.add_column(column)
+    tbl = table(f"outputs of {escape(engine_path.name)}")
+    add_columns(tbl, "name", "dtype", "shape", "min", "max", "mean", "preview")
     for name, value in results.items():
         flat = value.ravel()
         numeric = flat.size and value.dtype.kind in "fiub"
         stats = [f"{flat.min():.4g}", f"{flat.max():.4g}", f"{flat.astype(np.float64).mean():.4g}"] if numeric else ["", "", ""]
         preview = np.array2string(flat[:6], precision=4, separator=", ") + (" ..." if flat.size > 6 else "")
-        table.add_row(escape(name), str(value.dtype), str(tuple(value.shape)), *stats, escape(preview))
-    console.print(table)
+        tbl.add_row(escape(name), str(value.dtype), str(tuple(value.shape)), *stats, escape(preview))
+    console.print(tbl)
     if out is not None:
         buffer = io.BytesIO()
         np.savez(buffer, **results)
         write_atomic(out, buffer.getvalue())
-        console.print(f"wrote {out}")
+        console.print(f"wrote {escape(str(out))}", highlight=False)
 
 
 def print_validation(report: ValidationReport) -> None:
-    table = Table(title=escape(f"validation vs {report.reference} ({report.samples} samples, inputs: {report.inputs})"))
-    for column in ("output", "max abs", "mean abs", "rel L2", "cosine", "argmax agree", "result"):
-        table.add_column(column)
+    tbl = table(escape(f"validation vs {report.reference} ({report.samples} samples, inputs: {report.inputs})"))
+    add_columns(tbl, "output", "max abs", "mean abs", "rel L2", "cosine", "argmax agree", "result")
     for o in report.outputs:
         agree = "" if o.argmax_agreement is None else f"{o.argmax_agreement:.2%}"
         result = "[green]pass[/]" if o.passed else "[red]FAIL[/]: " + escape("; ".join(o.failures))
-        table.add_row(escape(o.name), f"{o.max_abs:.3e}", f"{o.mean_abs:.3e}", f"{o.rel_l2:.3e}", f"{o.cosine:.6f}", agree, result)
-    console.print(table)
-    console.print(("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]") + escape(f" ({report.precision} tolerance: {report.tolerance})"), highlight=False)
+        tbl.add_row(escape(o.name), f"{o.max_abs:.3e}", f"{o.mean_abs:.3e}", f"{o.rel_l2:.3e}", f"{o.cosine:.6f}", agree, result)
+    console.print(tbl)
+    tolerance = tolerance_text(report.tolerance) if isinstance(report.tolerance, dict) else str(report.tolerance)
+    console.print(("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")
+                  + escape(f" ({report.precision} tolerance: {tolerance})"), highlight=False)
     for warning in report.warnings:
         console.print("[bold yellow]warning:[/] " + escape(warning), highlight=False)
 
 
-@app.command()
+@app.command(short_help="Compare an engine with the reference model; exit 1 on failure.")
 def validate(
     engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
-    against: Optional[Path] = typer.Option(None, help="Reference model (default: the source the bundle carries)."),
-    data: Optional[Path] = typer.Option(None, help=".npy/.npz inputs keyed by input name (default: seeded random)."),
-    batch: Optional[int] = typer.Option(None, help="Batch size."),
-    batches: int = typer.Option(3, help="Random batches to draw when no --data."),
-    seed: int = typer.Option(0, help="Seed for random inputs."),
-    max_rel_l2: Optional[float] = typer.Option(None, help="Override: largest relative L2 error."),
-    min_cosine: Optional[float] = typer.Option(None, help="Override: smallest cosine similarity."),
-    min_argmax: Optional[float] = typer.Option(None, help="Override: smallest argmax agreement (0-1)."),
-    max_abs: Optional[float] = typer.Option(None, help="Override: largest absolute error."),
+    against: Optional[Path] = typer.Option(None, metavar="MODEL", help="Reference model (default: the source the bundle carries)."),
+    data: list[str] = typer.Option([], "--data", "-d", metavar="FILE|DIR|NAME=FILE", help=DATA_HELP + " Default: seeded random inputs."),
+    batch: Optional[int] = typer.Option(None, min=1, metavar="N", help="Batch size."),
+    batches: int = typer.Option(3, min=1, metavar="N", help="Random batches to draw when no --data."),
+    seed: int = typer.Option(0, metavar="N", help="Seed for random inputs."),
+    max_rel_l2: Optional[float] = typer.Option(None, metavar="X", help="Override: largest relative L2 error."),
+    min_cosine: Optional[float] = typer.Option(None, metavar="X", help="Override: smallest cosine similarity."),
+    min_argmax: Optional[float] = typer.Option(None, metavar="X", help="Override: smallest argmax agreement (0-1)."),
+    max_abs: Optional[float] = typer.Option(None, metavar="X", help="Override: largest absolute error."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow references and engines that execute code when loaded (pickles, Lambda layers, compiler caches)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the report as JSON (- for standard output)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     no_store: bool = typer.Option(False, "--no-store", help="Do not store the report in the bundle."),
     layerwise: bool = typer.Option(False, "--layerwise", help="Also compare every intermediate tensor and name the first layer that diverges."),
     show_all: bool = typer.Option(False, "--all", help="With --layerwise: show every layer."),
 ) -> None:
     """Compare an engine's outputs with the reference model's; exit 1 when it fails."""
+    inputs = [engine_path, against, *(split_data_spec(spec)[1] for spec in data)]
+    check_output(json_path, inputs=inputs, force=force, flag="--json")
+    layer_path = None
+    if layerwise and json_path is not None and str(json_path) != "-":
+        layer_path = check_output(json_path.with_name(json_path.stem + ".layerwise.json"), inputs=inputs,
+                                  force=force, flag="--json")
     engine = api.load(engine_path, trust_code=trust_code)
     tolerance = tolerance_for(engine.precision, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
                               min_argmax_agreement=min_argmax, max_abs=max_abs)
     options = ImportOptions(trust_code=True) if trust_code else None
-    report = api.validate(engine, against, data=data, batch=batch, batches=batches, seed=seed,
-                          tolerance=tolerance, import_options=options, store=not no_store)
-    print_validation(report)
-    if json_path:
-        write_atomic(json_path, report.to_json())
-        console.print(f"wrote {json_path}")
-    if layerwise:
-        layers = api.layerwise(engine_path, against, data=data, batch=batch, seed=seed, tolerance=tolerance,
-                               import_options=options)
-        print_layerwise(layers, show_all)
-        if json_path:
-            layer_path = json_path.with_name(json_path.stem + ".layerwise.json")
-            write_atomic(layer_path, layers.to_json())
-            console.print(f"wrote {layer_path}")
+    with tempfile.TemporaryDirectory(prefix="enginesmith-data-") as scratch:
+        data_source = data_path(data, engine.signature, Path(scratch))
+        report = api.validate(engine, against, data=data_source, batch=batch, batches=batches, seed=seed,
+                              tolerance=tolerance, import_options=options, store=not no_store)
+        layers = None
+        if layerwise:
+            layers = api.layerwise(engine_path, against, data=data_source, batch=batch, seed=seed,
+                                   tolerance=tolerance, import_options=options)
+    if str(json_path) == "-":  # one JSON document on stdout, nothing else
+        document = json.loads(report.to_json())
+        if layers is not None:
+            document = {"validation": document, "layerwise": json.loads(layers.to_json())}
+        print_json(json.dumps(document, indent=2), json_path)
+    else:
+        print_validation(report)
+        print_json(report.to_json(), json_path)
+        if layers is not None:
+            print_layerwise(layers, show_all)
+            print_json(layers.to_json(), layer_path)
     if not report.passed:
         raise typer.Exit(code=1)
 
 
 def print_bench(report: BenchReport, title: str) -> None:
-    table = Table(title=title)
-    for column in ("target", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s"):
-        table.add_column(column, justify="right" if column != "target" else "left")
+    tbl = table(title)
+    add_columns(tbl, "target", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "items/s",
+                right=("batch", "runs", "p50 ms", "p90 ms", "p99 ms", "items/s"))
     for r in report.results:
-        table.add_row(escape(r.label), str(r.batch), str(r.runs), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}",
-                      f"{r.mean_ms:.3f}", f"{r.throughput:,.1f}")
-    console.print(table)
+        tbl.add_row(escape(r.label), str(r.batch), f"{r.runs:,}", f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
+                    f"{r.p99_ms:.3f}", f"{r.throughput:,.0f}")
+    console.print(tbl)
     for ratio in report.ratios():
-        console.print(f"batch {ratio['batch']}: {ratio['label']} p50 is {ratio['p50_ratio']:.2f}x the baseline's "
-                      f"({ratio['speedup']:.2f}x speed-up)", highlight=False)
+        console.print(escape(f"batch {ratio['batch']}, p50: {ratio['text']}"), highlight=False)
+    total = sum(r.seconds for r in report.results)
+    runs = sum(r.runs for r in report.results)
+    console.print(f"timed {runs:,} runs in {total:.1f} s", highlight=False)
 
 
-@app.command()
+@app.command(short_help="Measure latency and throughput, optionally against the source.")
 def bench(
     engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
-    batch: str = typer.Option("1", help="Batch sizes, comma-separated, e.g. 1,8."),
-    vs: Optional[Path] = typer.Option(None, help="Also time this model run by hand (a plain session) in the same run."),
-    runs: int = typer.Option(50, help="Timed runs per target and batch size."),
-    duration: Optional[float] = typer.Option(None, help="Seconds per target and batch size (instead of --runs)."),
-    warmup: int = typer.Option(5, help="Untimed runs first."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON."),
-    plot: Optional[Path] = typer.Option(None, help="Draw results into this PNG file."),
+    batch: str = typer.Option("1", metavar="SIZES", help="Batch sizes, comma-separated, e.g. 1,8."),
+    vs: Optional[Path] = typer.Option(None, metavar="MODEL", help="Also time this model run by hand (a plain session, Keras predict, ...) in the same run."),
+    duration: float = typer.Option(2.0, min=0.01, metavar="SECONDS", help="Seconds per target and batch size (at least 10 runs each)."),
+    runs: Optional[int] = typer.Option(None, min=1, metavar="N", help="Time exactly N runs per target and batch size instead of --duration."),
+    warmup: int = typer.Option(5, min=0, metavar="N", help="Untimed runs first."),
+    data: list[str] = typer.Option([], "--data", "-d", metavar="FILE|DIR|NAME=FILE", help=DATA_HELP + " Default: seeded random inputs."),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write results as JSON (- for standard output)."),
+    plot: Optional[Path] = typer.Option(None, metavar="FILE", help="Draw results into this PNG file."),
+    log_scale: bool = typer.Option(False, "--log-scale", help="Plot on logarithmic axes (default: linear)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     trust_code: bool = typer.Option(False, "--trust-code", help="Load engines whose payload runs code (the torch backend's compiler cache); only from builders you trust."),
 ) -> None:
-    """Measure latency and throughput, optionally against the source model."""
+    """Measure latency and throughput, optionally against the source model run by hand.
+
+    Each target is timed for --duration seconds per batch size (or --runs times), in interleaved
+    rounds so that load on the machine hits both alike.
+    """
     batches = parse_batches(batch)
-    with progress_bar() as progress:
-        report = api.bench(engine_path, batches=batches, vs=vs, runs=runs, duration_s=duration, warmup=warmup,
-                           progress=progress, trust_code=trust_code)
-    print_bench(report, f"{engine_path.name} on {report.machine['cpu']} ({report.machine['physical_cores']} cores)")
-    if json_path:
-        report.write_json(json_path)
-        console.print(f"wrote {json_path}")
+    inputs = [engine_path, vs, *(split_data_spec(spec)[1] for spec in data)]
+    check_output(json_path, inputs=inputs, force=force, flag="--json")
+    check_output(plot, inputs=inputs, force=force, flag="--plot")
+    engine = api.load(engine_path, trust_code=trust_code)
+    with tempfile.TemporaryDirectory(prefix="enginesmith-data-") as scratch, progress_bar() as progress:
+        report = api.bench(engine, batches=batches, vs=vs, runs=runs, duration_s=None if runs else duration,
+                           warmup=warmup, data=data_path(data, engine.signature, Path(scratch)), progress=progress)
+    if str(json_path) != "-":
+        print_bench(report, f"{engine_path.name} ({report.machine['precision']}) on {report.machine['cpu']} "
+                            f"({report.machine['physical_cores']} cores)")
+    print_json(json.dumps(report.to_dict(), indent=2), json_path)
     if plot:
-        report.plot(plot, title=f"{engine_path.name}: engine vs {report.baseline or 'nothing'}")
-        console.print(f"wrote {plot}")
+        report.plot(plot, title=report.default_title(engine_path.name), log_scale=log_scale)
+        console.print(f"wrote {escape(str(plot))}", highlight=False)
 
 
 def _placement_text(providers: dict[str, int]) -> str:
     return "/".join(f"{name.replace('ExecutionProvider', '')} x{count}" for name, count in providers.items())
 
 
-@app.command()
+def value_text(value) -> str:
+    """A manifest value for people: lists joined, mappings as key=value, no Python reprs."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={value_text(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(value_text(v) for v in value)
+    return "" if value is None else str(value)
+
+
+@app.command(short_help="Show an engine's manifest: signature, platform, checks.")
 def info(
     engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
-    as_json: bool = typer.Option(False, "--json", help="Print the full manifest as JSON."),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the full manifest as JSON (- for standard output)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Show an engine's manifest: signature, platform, backend, precision and checks."""
+    check_output(json_path, inputs=[engine_path], force=force, flag="--json")
     data = api.info(engine_path)
-    if as_json:
-        console.print_json(json.dumps(data))
+    if json_path is not None:
+        print_json(json.dumps(data, indent=2, default=str), json_path)
         return
-    console.print(f"[bold]{engine_path.name}[/]  enginesmith {data['enginesmith_version']}, format {data['format_version']}")
-    console.print(f"backend: {data['backend']} {data['backend_version']}   precision: {data['precision']}")
-    console.print(f"source: {data['source_kind']} '{data['source_name']}' sha256 {data['source_sha256'][:16]}..."
-                  f" ({'embedded' if any(k.startswith('source/') for k in data['files']) else 'not embedded'})", highlight=False)
-    console.print(f"built: {data['created_at']} for {data.get('platform_summary', '?')}", highlight=False)
-    table = Table(title="signature")
-    for column in ("", "name", "dtype", "shape"):
-        table.add_column(column)
+    console.print(f"[bold]{escape(engine_path.name)}[/]  enginesmith {data['enginesmith_version']}, format {data['format_version']}",
+                  highlight=False)
+    console.print(f"backend: {data['backend']} {data['backend_version']}   precision: {data['precision']}", highlight=False)
+    embedded = "embedded" if any(k.startswith("source/") for k in data["files"]) else "not embedded"
+    console.print(escape(f"source: {data['source_kind']} '{data['source_name']}' ({embedded}), sha256 {data['source_sha256']}"),
+                  highlight=False)
+    console.print(escape(f"built: {data['created_at']} for {data.get('platform_summary', '?')}"), highlight=False)
+    signature = table("signature")
+    add_columns(signature, "", "name", "dtype", "shape")
     for kind in ("inputs", "outputs"):
         for spec in data["signature"][kind]:
-            table.add_row(kind[:-1], escape(spec["name"]), spec["dtype"], escape(shape_text(spec["shape"])))
-    console.print(table)
-    fp = Table(title="platform fingerprint")
-    fp.add_column("key")
-    fp.add_column("value")
-    fp.add_column("must match")
+            signature.add_row(kind[:-1], escape(spec["name"]), spec["dtype"], escape(shape_text(spec["shape"])))
+    console.print(signature)
+    fp = table("platform fingerprint")
+    add_columns(fp, "key", "value", "must match")
     for key, value in sorted(data["fingerprint"].items()):
-        fp.add_row(key, escape(str(value)), "yes" if key in data["fingerprint_must_match"] else "")
+        fp.add_row(escape(key), escape(value_text(value)), "yes" if key in data["fingerprint_must_match"] else "")
     console.print(fp)
     if data["runs_here"]:
         console.print("[green]runs on this machine[/]")

@@ -10,18 +10,29 @@ from typing import Any, Optional
 import onnx
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from ..backends import BuildOptions
+from ..files import write_atomic
 from ..bundle import looks_like_bundle, read_bundle
-from ..errors import BundleError, EnginesmithError, SourceError
+from ..errors import BundleError, EnginesmithError
 from ..graph.compat import CompatReport, compatibility_report
 from ..graph.inspect import LayerInfo, ModelInspection, human, inspect_model
 from ..graph.layerwise import LayerwiseReport
 from ..graph.passes import DEFAULT_PASSES, PassSummary, describe_passes, optimize
 from ..graph.surgery import GraphSurgeryError, fix_shapes
 from ..importers import ImportOptions, import_model
-from .app import app, console, parse_axis_specs, parse_shape_specs, split_names
+from .app import (
+    add_columns,
+    app,
+    console,
+    parse_axis_specs,
+    parse_shape_specs,
+    print_error,
+    print_json,
+    split_names,
+    table,
+)
+from .output_paths import FORCE_HELP, check_output
 
 # Above this many rows a table shows its head and tail; --all shows everything.
 TABLE_LIMIT = 40
@@ -88,35 +99,33 @@ def print_inspection(info: ModelInspection, label: str, show_all: bool) -> None:
     opsets = ", ".join(f"{d}:{v}" for d, v in info.opsets.items())
     console.print(f"[bold]{escape(label)}[/]  graph '{escape(info.graph_name)}', IR {info.ir_version}, opsets {opsets}"
                   + (f", producer {escape(info.producer)}" if info.producer else ""), highlight=False)
-    io = Table(title="inputs and outputs")
-    for column in ("", "name", "dtype", "shape"):
-        io.add_column(column)
+    io = table("inputs and outputs")
+    add_columns(io, "", "name", "dtype", "shape")
     for kind, tensors in (("input", info.inputs), ("output", info.outputs)):
         for t in tensors:
             io.add_row(kind, escape(t.name), t.dtype, escape(t.shape_text()))
     console.print(io)
     layers, hidden = _rows(info.layers, show_all)
-    table = Table(title=f"layers ({len(info.layers)})")
-    for column in ("#", "name", "op", "input shapes", "output shapes", "params", "MACs", "FLOPs"):
-        table.add_column(column, justify="right" if column in ("#", "params", "MACs", "FLOPs") else "left")
+    layer_table = table(f"layers ({len(info.layers)})")
+    add_columns(layer_table, "#", "name", "op", "input shapes", "output shapes", "params", "MACs", "FLOPs",
+                right=("#", "params", "MACs", "FLOPs"))
     for layer in layers:
         if layer is None:
-            table.add_row("...", "", "", "", "", "", "", "")
+            layer_table.add_row("...", "", "", "", "", "", "", "")
             continue
         assert isinstance(layer, LayerInfo)
-        table.add_row(str(layer.index), escape(layer.name), escape(layer.op), escape(_shapes(layer.inputs)),
+        layer_table.add_row(str(layer.index), escape(layer.name), escape(layer.op), escape(_shapes(layer.inputs)),
                       escape(_shapes(layer.outputs)), human(layer.params) if layer.params else "",
                       human(layer.macs) if layer.macs else "", human(layer.flops) if layer.flops is not None else "?")
-    console.print(table)
+    console.print(layer_table)
     if hidden:
         console.print(f"[dim]{hidden} more layers not shown; --all shows every one[/]")
     flops_by_op: dict[str, int] = {}
     for layer in info.layers:
         flops_by_op[layer.op] = flops_by_op.get(layer.op, 0) + (layer.flops or 0)
     total_flops = info.totals["flops"] or 0
-    histogram = Table(title="op histogram")
-    for column in ("op", "count", "FLOPs", "share of FLOPs"):
-        histogram.add_column(column, justify="left" if column == "op" else "right")
+    histogram = table("op histogram")
+    add_columns(histogram, "op", "count", "FLOPs", "share of FLOPs", right=("count", "FLOPs", "share of FLOPs"))
     ops, hidden_ops = _rows(list(info.op_histogram.items()), show_all, head=25, tail=0)
     for row in ops:
         if row is None:
@@ -133,13 +142,12 @@ def print_inspection(info: ModelInspection, label: str, show_all: bool) -> None:
 
 def print_compat(report: CompatReport, show_all: bool) -> None:
     entries = report.model + report.nodes
-    table = Table(title=escape(f"compatibility with {report.target_label} ({report.source})"))
-    for column in ("node", "op", "status", "reason", "fix enginesmith applies / what to do"):
-        table.add_column(column)
+    compat = table(escape(f"compatibility with {report.target_label} ({report.source})"))
+    add_columns(compat, "node", "op", "status", "reason", "fix enginesmith applies / what to do")
 
     def row(node: str, op: str, status: str, reason: str, fixed_by: str | None, fix: str) -> None:
         fix_text = (f"[cyan]{escape(fixed_by)}[/]: " if fixed_by else "") + escape(fix)
-        table.add_row(escape(node), escape(op), f"[{STATUS_STYLE[status]}]{status}[/]", escape(reason), fix_text)
+        compat.add_row(escape(node), escape(op), f"[{STATUS_STYLE[status]}]{status}[/]", escape(reason), fix_text)
 
     if show_all or len(entries) <= TABLE_LIMIT:
         for e in entries:
@@ -157,8 +165,8 @@ def print_compat(report: CompatReport, show_all: bool) -> None:
             row(f"{len(group)} nodes" if len(group) > 1 else first.node, op, "supported", first.reason, fixed_by,
                 first.fix + (f" (and {len(group) - 1} more like it)" if len(group) > 1 else ""))
         plain = sum(1 for e in entries if e.status == "supported" and not e.fixed_by)
-        table.caption = f"{plain} supported nodes that no pass changes not shown; --all shows every node"
-    console.print(table)
+        compat.caption = f"{plain} supported nodes that no pass changes not shown; --all shows every node"
+    console.print(compat)
     for note in report.notes:
         console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
     style = "bold green" if report.buildable else "bold red"
@@ -166,15 +174,14 @@ def print_compat(report: CompatReport, show_all: bool) -> None:
 
 
 def print_pass_summary(summary: PassSummary, title: str = "graph passes") -> None:
-    table = Table(title=title)
-    for column in ("pass", "result", "nodes", "max abs diff", "note"):
-        table.add_column(column)
+    passes = table(title)
+    add_columns(passes, "pass", "result", "nodes", "max abs diff", "note")
     styles = {"applied": "green", "unchanged": "dim", "rolled_back": "bold red", "skipped": "yellow", "unchecked": "yellow"}
     for r in summary.results:
         diff = f"{r.max_abs_diff:.2e}" if r.max_abs_diff is not None else ""
-        table.add_row(r.name, f"[{styles.get(r.status, '')}]{r.status.replace('_', ' ')}[/]",
-                      f"{r.nodes_before} -> {r.nodes_after}", diff, escape(r.reason))
-    console.print(table)
+        passes.add_row(r.name, f"[{styles.get(r.status, '')}]{r.status.replace('_', ' ')}[/]",
+                       f"{r.nodes_before} -> {r.nodes_after}", diff, escape(r.reason))
+    console.print(passes)
     console.print(escape(summary.summary()) + ("" if summary.checked else " (outputs NOT checked: --no-check)"),
                   highlight=False)
 
@@ -187,18 +194,18 @@ def print_layerwise(report: LayerwiseReport, show_all: bool = False) -> None:
         keep = {i for i, layer in enumerate(rows) if first is not None and abs(layer.index - first.index) <= 3}
         keep |= set(range(10)) | set(range(len(rows) - 5, len(rows)))
         rows = [layer for i, layer in enumerate(rows) if i in keep]
-    table = Table(title=escape(f"layer-wise: {report.backend} {report.precision} vs the source (inputs: {report.inputs})"))
-    for column in ("#", "node", "op", "tensor", "shape", "max abs", "rel L2", "cosine", "result"):
-        table.add_column(column, justify="right" if column in ("#", "max abs", "rel L2", "cosine") else "left")
+    layers = table(escape(f"layer-wise: {report.backend} {report.precision} vs the source (inputs: {report.inputs})"))
+    add_columns(layers, "#", "node", "op", "tensor", "shape", "max abs", "rel L2", "cosine", "result",
+                right=("#", "max abs", "rel L2", "cosine"))
     for layer in rows:
         if layer is first:
             result = "[bold red]FIRST[/]"
         else:
             result = "[green]ok[/]" if layer.passed else "[red]off[/]"
-        table.add_row(str(layer.index), escape(layer.node), escape(layer.op_type), escape(layer.tensor),
-                      "x".join(map(str, layer.shape)) or "scalar", f"{layer.max_abs:.2e}", f"{layer.rel_l2:.2e}",
-                      f"{layer.cosine:.5f}", result)
-    console.print(table)
+        layers.add_row(str(layer.index), escape(layer.node), escape(layer.op_type), escape(layer.tensor),
+                       "x".join(map(str, layer.shape)) or "scalar", f"{layer.max_abs:.2e}", f"{layer.rel_l2:.2e}",
+                       f"{layer.cosine:.5f}", result)
+    console.print(layers)
     for note in report.notes:
         console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
     console.print(("[bold green]PASS[/] " if report.passed else "[bold red]FAIL[/] ") + escape(report.summary()),
@@ -207,18 +214,17 @@ def print_layerwise(report: LayerwiseReport, show_all: bool = False) -> None:
 
 def _print_tf_nodes(nodes: list[dict[str, Any]], show_all: bool) -> None:
     rows, hidden = _rows(list(enumerate(nodes)), show_all)
-    table = Table(title=f"TensorFlow nodes ({len(nodes)})")
-    for column in ("#", "name", "op", "inputs"):
-        table.add_column(column)
+    nodes_table = table(f"TensorFlow nodes ({len(nodes)})")
+    add_columns(nodes_table, "#", "name", "op", "inputs")
     for row in rows:
         if row is None:
-            table.add_row("...", "", "", "")
+            nodes_table.add_row("...", "", "", "")
             continue
         index, node = row
-        inputs = ", ".join(map(str, node.get("inputs", [])))
-        table.add_row(str(index), escape(str(node.get("name", ""))), escape(str(node.get("op", ""))),
-                      escape(inputs if len(inputs) <= 120 else inputs[:117] + "..."))
-    console.print(table)
+        inputs = [str(name) for name in node.get("inputs", [])]
+        shown = ", ".join(inputs[:4]) + (f" and {len(inputs) - 4} more" if len(inputs) > 4 else "")
+        nodes_table.add_row(str(index), escape(str(node.get("name", ""))), escape(str(node.get("op", ""))), escape(shown))
+    console.print(nodes_table)
     if hidden:
         console.print(f"[dim]{hidden} more nodes not shown; --all shows every one[/]")
 
@@ -226,23 +232,25 @@ def _print_tf_nodes(nodes: list[dict[str, Any]], show_all: bool) -> None:
 # --------------------------------------------------------------------------- commands
 
 
-@app.command()
+@app.command(short_help="Layers, shapes, FLOPs of a model; with --target, what a backend can build.")
 def inspect(
-    model: Path = typer.Argument(..., help="Model file or folder (any source enginesmith imports), or an engine bundle."),
-    target: Optional[str] = typer.Option(None, help="Compatibility report for onnxruntime, tensorrt[:8.6|:10] (or another backend)."),
-    provider: list[str] = typer.Option([], help="ONNX Runtime execution provider for --target onnxruntime; repeatable."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="Model file or folder (any source enginesmith imports), or an engine bundle."),
+    target: Optional[str] = typer.Option(None, metavar="BACKEND", help="Compatibility report for onnxruntime, tensorrt[:8.6|:10] (or another backend)."),
+    provider: list[str] = typer.Option([], metavar="NAME", help="ONNX Runtime execution provider for --target onnxruntime; repeatable."),
     show_all: bool = typer.Option(False, "--all", help="Show every layer and node (large graphs are summarized)."),
-    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
-    input_shape: list[str] = typer.Option([], "--input", help="Fix an input's shape first: NAME:1x3x224x224; repeatable."),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write everything as JSON (- for standard output)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    input_shape: list[str] = typer.Option([], "--input", metavar="NAME:SHAPE", help="Fix an input's shape first: NAME:1x3x224x224; repeatable."),
     payload: bool = typer.Option(False, "--payload", help="For an engine: inspect the built payload, not the embedded source."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow sources that execute code when loaded."),
-    inputs: Optional[str] = typer.Option(None, "--inputs", help="Input tensor names, comma-separated (frozen graphs)."),
-    outputs: Optional[str] = typer.Option(None, "--outputs", help="Output tensor names, comma-separated (frozen graphs)."),
+    inputs: Optional[str] = typer.Option(None, "--inputs", metavar="NAMES", help="Input tensor names, comma-separated (frozen graphs)."),
+    outputs: Optional[str] = typer.Option(None, "--outputs", metavar="NAMES", help="Output tensor names, comma-separated (frozen graphs)."),
 ) -> None:
     """Layers, shapes, parameters and FLOPs of a model; with --target, what a backend can build.
 
     Exits 1 when --target finds something that cannot be built.
     """
+    check_output(json_path, inputs=[model], force=force, flag="--json")
     options = ImportOptions(trust_code=trust_code, input_names=split_names(inputs), output_names=split_names(outputs))
     tf_nodes = _tensorflow_nodes(model)
     try:
@@ -261,7 +269,7 @@ def inspect(
     if target and onnx_model is not None:
         options_for_target = BuildOptions(backend_options={"providers": provider} if provider else {})
         report = compatibility_report(onnx_model, target, options_for_target)
-    if as_json:
+    if json_path is not None:
         data: dict[str, Any] = {"source": label, "model": info.to_dict() if info else None}
         if report is not None:
             data["compatibility"] = report.to_dict()
@@ -269,8 +277,8 @@ def inspect(
             data["tensorflow_nodes"] = tf_nodes
         if conversion_error:
             data["conversion_error"] = conversion_error
-        typer.echo(json.dumps(data, indent=2, default=str))
-    else:
+        print_json(json.dumps(data, indent=2, default=str), json_path)
+    if json_path is None or str(json_path) != "-":
         if tf_nodes is not None:
             _print_tf_nodes(tf_nodes, show_all)
         if conversion_error:
@@ -286,13 +294,12 @@ def inspect(
 def _list_passes(value: bool) -> None:
     if not value:
         return
-    table = Table(title="graph passes")
-    for column in ("pass", "build runs it", "what it does"):
-        table.add_column(column)
+    listing = table("graph passes")
+    add_columns(listing, "pass", "build runs it", "what it does")
     for p in describe_passes():
-        table.add_row(p["name"], "yes" if p["default"] else ("with its option" if p["needs_args"] else "no"),
-                      escape(p["description"]))
-    console.print(table)
+        listing.add_row(p["name"], "yes" if p["default"] else ("with its option" if p["needs_args"] else "no"),
+                        escape(p["description"]))
+    console.print(listing)
     raise typer.Exit()
 
 
@@ -306,22 +313,23 @@ def _parse_renames(specs: list[str]) -> dict[str, str]:
     return mapping
 
 
-@app.command()
+@app.command(short_help="Fix a model's graph (cut, shapes, opset, passes, renames), each pass checked.")
 def surgeon(
-    model: Path = typer.Argument(..., help="Model file or folder (any source enginesmith imports)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="ONNX file to write (default: MODEL.surgeon.onnx)."),
-    passes: Optional[str] = typer.Option(None, "--passes", help=f"Passes to run, comma-separated (default: {','.join(DEFAULT_PASSES)})."),
-    no_pass: list[str] = typer.Option([], "--no-pass", help="Turn a pass off; repeatable."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="Model file or folder (any source enginesmith imports)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE", help="ONNX file to write (default: MODEL.surgeon.onnx)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    passes: Optional[str] = typer.Option(None, "--passes", metavar="NAMES", help=f"Passes to run, comma-separated (default: {', '.join(DEFAULT_PASSES)})."),
+    no_pass: list[str] = typer.Option([], "--no-pass", metavar="PASS", help="Turn a pass off; repeatable."),
     no_optimize: bool = typer.Option(False, "--no-optimize", help="Only the edits asked for below, no optimization passes."),
-    input_shape: list[str] = typer.Option([], "--input", help="Fix an input's shape: NAME:1x3x224x224; repeatable."),
-    dynamic: list[str] = typer.Option([], "--dynamic", help="Mark axes of an input dynamic: NAME:0; repeatable."),
-    opset: Optional[int] = typer.Option(None, help="Convert to this ONNX opset."),
-    rename: list[str] = typer.Option([], "--rename", help="Rename an input or output: OLD=NEW; repeatable."),
-    cut_inputs: Optional[str] = typer.Option(None, "--cut-inputs", help="Keep only the graph from these tensors (comma-separated)..."),
-    cut_outputs: Optional[str] = typer.Option(None, "--cut-outputs", help="...to these tensors (comma-separated)."),
+    input_shape: list[str] = typer.Option([], "--input", metavar="NAME:SHAPE", help="Fix an input's shape: NAME:1x3x224x224; repeatable."),
+    dynamic: list[str] = typer.Option([], "--dynamic", metavar="NAME:AXES", help="Mark axes of an input dynamic: NAME:0; repeatable."),
+    opset: Optional[int] = typer.Option(None, metavar="N", help="Convert to this ONNX opset."),
+    rename: list[str] = typer.Option([], "--rename", metavar="OLD=NEW", help="Rename an input or output: OLD=NEW; repeatable."),
+    cut_inputs: Optional[str] = typer.Option(None, "--cut-inputs", metavar="NAMES", help="Keep only the graph from these tensors (comma-separated), with --cut-outputs."),
+    cut_outputs: Optional[str] = typer.Option(None, "--cut-outputs", metavar="NAMES", help="Keep only the graph up to these tensors (comma-separated)."),
     no_check: bool = typer.Option(False, "--no-check", help="Do not compare outputs before and after each pass."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow sources that execute code when loaded."),
-    as_json: bool = typer.Option(False, "--json", help="Print the pass summary as JSON."),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the pass summary as JSON (- for standard output)."),
     list_passes: bool = typer.Option(False, "--list-passes", callback=_list_passes, is_eager=True,
                                      help="List the graph passes and exit."),
 ) -> None:
@@ -330,6 +338,9 @@ def surgeon(
     Every pass is compared numerically with the model before it on generated inputs and rolled back
     when outputs differ. Exits 1 when an edit asked for by name was rolled back.
     """
+    target = check_output(output or model.with_name(model.stem + ".surgeon.onnx"), inputs=[model], force=force,
+                          default_name=output is None)
+    check_output(json_path, inputs=[model, target], force=force, flag="--json")
     imported = import_model(model, ImportOptions(trust_code=trust_code))
     specs: list[Any] = []
     if cut_inputs or cut_outputs:
@@ -355,20 +366,17 @@ def surgeon(
         requested.add("rename_io")
     if not [s for s in specs if (s if isinstance(s, str) else s[0]) not in no_pass]:
         raise GraphSurgeryError("nothing to do: every pass is turned off and no edit was asked for")
-    target = output or model.with_name(model.stem + ".surgeon.onnx")
-    if target.resolve() == model.resolve():
-        raise SourceError(f"refusing to overwrite the input model '{model}'; give another --output")
     result, summary = optimize(imported.model, specs, disabled=no_pass, check=not no_check)
     failed = [r for r in summary.results if r.name in requested and r.status == "rolled_back"]
     if not failed:
-        onnx.save(result, str(target))
-    if as_json:
-        typer.echo(json.dumps({**summary.to_dict(), "output": None if failed else str(target)}, indent=2, default=str))
-    else:
+        write_atomic(target, result.SerializeToString())
+    if json_path is not None:
+        print_json(json.dumps({**summary.to_dict(), "output": None if failed else str(target)}, indent=2, default=str),
+                   json_path)
+    if json_path is None or str(json_path) != "-":
         print_pass_summary(summary, f"graph passes on {model.name}")
         if not failed:
             console.print(f"wrote {escape(str(target))}", highlight=False)
     if failed:
-        console.print("[bold red]error:[/] " + escape(f"{failed[0].name} was rolled back, nothing written: "
-                                                       f"{failed[0].reason}"), highlight=False)
+        print_error(f"{failed[0].name} was rolled back, nothing written: {failed[0].reason}")
         raise typer.Exit(code=1)

@@ -231,7 +231,8 @@ def inspect_model(model: onnx.ModelProto, dims: Mapping[str, int] | None = None)
         notes.append("FLOPs not counted for: " + ", ".join(f"{op} x{n}" for op, n in sorted(not_counted.items())))
     return ModelInspection(
         graph_name=model.graph.name,
-        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        # tf2onnx writes its git hash into the version, "None" when it has none
+        producer=" ".join(w for w in f"{model.producer_name} {model.producer_version}".split() if w != "None"),
         ir_version=int(model.ir_version),
         opsets={o.domain or "ai.onnx": int(o.version) for o in model.opset_import},
         inputs=[info(v.name) for v in user_inputs(graph)],

@@ -11,15 +11,28 @@ from ..errors import ValidationDataError
 from ..signature import Signature
 
 
+def load_array_file(path: Path):
+    """``np.load`` without pickles; a file that is not an array file is named as such.
+
+    numpy's own message for a non-array file advises ``allow_pickle=True``, which would run code
+    from the file: it is never passed on.
+    """
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        reason = "" if "pickle" in str(exc) else f" ({str(exc).strip().splitlines()[0]})" if str(exc).strip() else ""
+        raise ValidationDataError(
+            f"'{path.name}' is not a valid .npy or .npz file{reason}: numeric arrays saved with numpy.save or "
+            "numpy.savez are expected (object arrays are refused)"
+        ) from None
+
+
 def load_feeds(path: str | Path, signature: Signature) -> dict[str, np.ndarray]:
     """Arrays for every input; pickled object arrays are refused (allow_pickle=False)."""
     path = Path(path)
     if not path.is_file():
         raise ValidationDataError(f"data file not found: '{path}'")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ValidationDataError(f"cannot read '{path.name}' as .npy/.npz ({exc}); object arrays are not accepted") from None
+    loaded = load_array_file(path)
     if isinstance(loaded, np.ndarray):
         if len(signature.inputs) != 1:
             raise ValidationDataError(
