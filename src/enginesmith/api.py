@@ -721,7 +721,7 @@ def _check_summary(report: ValidationReport) -> dict[str, Any]:
 
 def _store_report(path: Path, name: str, report: ValidationReport) -> None:
     """Rewrite a saved bundle with the latest report (atomically, checksums renewed)."""
-    contents = read_bundle(path, payload=True, source=True, reports=True, caches=True)
+    contents = read_bundle(path, payload=True, source=True, reports=True, caches=True, samples=True)
     contents.reports[name] = report.to_json()
     contents.manifest.checks[name] = _check_summary(report)
     write_bundle(path, contents)

@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import MissingDependencyError
+from ..signature import is_named_symbol
 from ._onnx import (
     TensorTypes,
     consumers,
@@ -432,7 +433,8 @@ def check_equivalent(
             elif isinstance(p, int) and p > 0:
                 shape.append(p)
             else:
-                key = d if isinstance(d, str) else f"{value.name}:{axis}"
+                # Only named symbols are shared; '?', '-1' and converters' 'unk__N' are each their own size.
+                key = d if is_named_symbol(d) else f"{value.name}:{axis}"
                 sizes.setdefault(key, batch if axis == 0 else other_dims)
                 shape.append(sizes[key])
         elem = value.type.tensor_type.elem_type

@@ -12,7 +12,7 @@ from ..bundle import BundleContents, read_bundle, write_bundle
 from ..errors import EnginesmithError, InputError
 from ..manifest import Manifest
 from ..signature import Signature
-from .inputs import check_shape, describe_inputs, prepare_inputs
+from .inputs import SymbolSizes, check_shape, describe_inputs, prepare_inputs
 
 
 class DeviceIOUnsupportedError(EnginesmithError):
@@ -104,7 +104,7 @@ class Engine:
         strangers = [n for n in outputs if n not in signature.output_names]
         if strangers:
             raise InputError(f"unknown output '{strangers[0]}': this engine returns {', '.join(signature.output_names)}")
-        symbols: dict[str, int] = {}
+        symbols: SymbolSizes = {}
         for spec in signature.inputs:
             shape = _shape_of(spec.name, inputs[spec.name])
             check_shape(spec.name, _Shaped(shape), spec, symbols, batch_flexible=False)
@@ -143,10 +143,12 @@ class Engine:
 
     def save(self, path: str | Path, include_source: bool = True) -> Path:
         """Write the bundle (atomically). ``include_source=False`` leaves the source model out."""
-        contents = self._contents or read_bundle(self._path, payload=True, source=include_source, reports=True, caches=True)
+        contents = self._contents or read_bundle(self._path, payload=True, source=include_source, reports=True, caches=True,
+                                                  samples=True)
         if not include_source:
             contents = BundleContents(
-                manifest=contents.manifest, payload=contents.payload, reports=contents.reports, caches=contents.caches
+                manifest=contents.manifest, payload=contents.payload, reports=contents.reports, caches=contents.caches,
+                samples=contents.samples,
             )
         written = write_bundle(path, contents)
         self._path = written
