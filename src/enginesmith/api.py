@@ -16,7 +16,19 @@ from . import __version__
 from .backends import Backend, BuildOptions, Calibration, get_backend, pick_backend
 from .backends.base import CALIBRATION_METHODS, PRECISIONS, ProgressCallback
 from .bench import BenchReport, machine_facts, measure
+from .build_inputs import (
+    BuildInputs,
+    choose_plan,
+    decode_samples,
+    encode_samples,
+    load_samples,
+    plan_label,
+    run_error,
+    split_samples,
+    unrunnable_error,
+)
 from .bundle import BundleContents, extract_verified_entry, looks_like_bundle, read_bundle, write_bundle
+from .graph.input_plan import InputPlan
 from .errors import (
     BackendUnavailableError,
     BuildError,
@@ -67,6 +79,7 @@ def build(
     graph_passes: bool | None = None,
     disabled_passes: Sequence[str] | None = None,
     check_compatibility: bool = True,
+    data: str | Path | Mapping[str, np.ndarray] | None = None,
 ) -> Engine:
     """Build an engine for this machine from a model file, an in-memory model, or a bundle.
 
@@ -87,11 +100,20 @@ def build(
 
     With ``verify`` (the default) the engine is compared with the source run by its own
     framework, and a failed comparison raises :class:`BuildError`.
+
+    ``data`` (an .npz keyed by input name, an .npy for a single input, a folder of images or
+    arrays, or a dict of arrays) gives sample inputs: the graph-pass checks and the
+    verification run on them, and the first of them (at most 8 MB) are stored in the bundle,
+    where ``validate`` and rebuilds find them. Without data, inputs are generated from what the
+    graph says about its inputs and tried on the source first; a model that runs on none of
+    them stops the build with a :class:`BuildError` naming what was tried and the fix.
     """
     previous: Manifest | None = None
     previous_caches: dict[str, bytes] = {}
+    previous_samples: bytes | None = None
     with tempfile.TemporaryDirectory(prefix="enginesmith-build-") as tmp:
         if isinstance(source, (str, Path)) and Path(source).is_file() and looks_like_bundle(source):
+            previous_samples = read_bundle(source, payload=False, samples=True).samples
             source, previous, import_options, previous_caches = _source_from_bundle(Path(source), Path(tmp), import_options)
         import_options = import_options or ImportOptions()
         chosen = _choose_backend(backend, previous)
@@ -104,8 +126,14 @@ def build(
         previous_caches = reusable_caches(previous_caches, same_backend)
         options.previous_caches = previous_caches
         graph = _graph_settings(graph_passes, disabled_passes, check_compatibility, previous)
-        imported, graph_checks = _prepare_graph(imported, chosen, options, import_options, graph, progress)
         spec = _preprocess_spec(preprocess, previous)
+        compat_checks = _check_compatibility(imported, chosen, options, import_options, graph)
+        inputs = _build_inputs(imported, import_options, data, previous, previous_samples, spec,
+                               needed=verify or graph.enabled, strict=verify)
+        options.sample_feeds = inputs.check_feeds()
+        imported, graph_checks = _prepare_graph(imported, chosen, options, import_options, graph, progress,
+                                                check_feeds=options.sample_feeds)
+        graph_checks = {**compat_checks, **graph_checks}
         budget = _accuracy_budget(accuracy_budget, previous)
         data = prepare_precision_data(
             imported.signature, options, calibration_data, calibration_random, spec, holdout,
@@ -114,17 +142,21 @@ def build(
         # Created after the first engine is built, so an unbuildable model reports the backend's error.
         reference = _lazy_reference(source, import_options, imported.kind)
         if options.precision == "best":
-            engine = _build_best(imported, chosen, options, import_options, include_source, progress, data, reference, budget)
+            engine = _build_best(imported, chosen, options, import_options, include_source, progress, data, reference,
+                                 budget, inputs)
         else:
             engine = _build_engine(imported, chosen, options, import_options, include_source, progress, data.calibration)
-            if verify and engine.precision == "int8" and not data.holdout:
+            if verify and engine.precision == "int8" and not data.holdout and not inputs.real:
                 # Random inputs fall outside the calibrated ranges, so comparing on them says nothing.
                 engine.manifest.build_log.append(
                     "int8 engine not verified: no real inputs (rebuilt from a calibration cache); "
                     "run 'enginesmith validate ENGINE --data DATA' on real inputs"
                 )
             elif verify:
-                _verify(engine, reference, data, tolerance or (budget.tolerance() if budget else None), imported.kind)
+                _verify(engine, reference, data, tolerance or (budget.tolerance() if budget else None), imported.kind,
+                        inputs)
+        engine.manifest.build_log.extend(inputs.log)
+        _store_samples(engine, inputs, data)
         engine.manifest.checks.update(graph_checks)
         engine.manifest.build_options["graph"] = graph.to_dict()
         engine.manifest.preprocess = spec.to_dict() if spec else None
@@ -134,6 +166,94 @@ def build(
     if output is not None:
         engine.save(output, include_source=include_source)
     return engine
+
+
+def _build_inputs(
+    imported: ImportedModel,
+    import_options: ImportOptions,
+    data: str | Path | Mapping[str, np.ndarray] | None,
+    previous: Manifest | None,
+    stored: bytes | None,
+    spec: PreprocessSpec | None,
+    *,
+    needed: bool,
+    strict: bool,
+) -> BuildInputs:
+    """The inputs the build checks with: ``data``, the rebuilt bundle's samples, or a plan the source runs on.
+
+    With ``strict`` (verification on) a source that runs on none of them stops the build;
+    otherwise the build goes on and the log says why its checks could not run.
+    """
+    from .graph._onnx import plain_runner
+
+    signature = imported.signature
+    if data is not None:
+        label = "given arrays" if isinstance(data, Mapping) else f"samples from '{Path(data).name}'"
+        inputs = BuildInputs("data", label, load_samples(data, signature, spec))
+    elif stored is not None and previous is not None:
+        origin = (previous.checks.get("samples") or {}).get("label", "build samples")
+        suffix = " (stored in the rebuilt bundle)"
+        inputs = BuildInputs("stored", origin if origin.endswith(suffix) else origin + suffix,
+                             decode_samples(stored, signature, "the rebuilt bundle"))
+    else:
+        inputs = BuildInputs("none", "")
+    inputs.fixed_batch = signature.fixed_batch()
+    if not needed:
+        return inputs
+    try:
+        run = plain_runner(imported.model, quiet=True)
+    except EnginesmithError as exc:
+        # The backend's own build reports an unloadable model better; nothing to check inputs with here.
+        inputs.log.append(f"inputs not checked on the source: {exc}")
+        return inputs
+    if inputs.feeds is not None:
+        error = run_error(run, inputs.check_feeds())
+        if error is not None:
+            message = (f"the source model does not run on the {inputs.label}: {error}; give samples the model takes "
+                       f"(inputs: {', '.join(str(s) for s in signature.inputs)})")
+            if strict:
+                raise BuildError(message)
+            inputs.log.append(message)
+        return inputs
+    plan, failures = choose_plan(imported.model, signature, import_options.input_shapes, run)
+    if plan is None:
+        if strict:
+            raise unrunnable_error(signature, failures)
+        inputs.log.append(f"graph passes and checks could not run: {unrunnable_error(signature, failures)}")
+        return inputs
+    inputs.kind, inputs.label, inputs.plan = "generated", plan_label(plan), plan
+    if failures:
+        tried = "; ".join(f"[{p.describe()}]: {error}" for p, error in failures)
+        inputs.log.append(f"checks run on {plan.describe()} (the source does not run on {tried})")
+    return inputs
+
+
+def _store_samples(engine: Engine, inputs: BuildInputs, data: "PrecisionData") -> None:
+    """Real samples (given data, else int8's held-out calibration data) go into the bundle, within the size bound."""
+    feeds, kind, label = None, inputs.kind, inputs.label
+    if inputs.real:
+        feeds = inputs.feeds
+    elif data.holdout and not data.check.get("random"):
+        names = list(data.holdout[0])
+        feeds = {n: np.concatenate([batch[n] for batch in data.holdout]) for n in names}
+        kind, label = "calibration", data.holdout_label
+    if feeds is None:
+        if inputs.plan is not None:
+            engine.manifest.checks["samples"] = inputs.manifest_record(None, None)
+        return
+    raw, count, note = encode_samples(feeds)
+    engine.set_samples(raw)
+    record = BuildInputs(kind, label, feeds, inputs.plan).manifest_record(count, note)
+    engine.manifest.checks["samples"] = record
+    engine.manifest.build_log.append(note or f"{count} samples ({label}) stored in the bundle for validate and rebuilds")
+
+
+def _timing_feeds(signature: Signature, inputs: BuildInputs | None) -> dict[str, np.ndarray]:
+    """One input to time candidates with: a build sample, else generated."""
+    feeds = inputs.check_feeds(limit=1) if inputs is not None else None
+    if feeds is not None and inputs is not None and inputs.plan is not None:
+        return inputs.plan.generate(seed=0, batch=1)
+    return feeds if feeds is not None else random_inputs(signature.inputs, batch=1, seed=0)
 
 
 def _lazy_reference(source: SourceLike, options: ImportOptions, kind: str) -> ReferenceRunner:
@@ -210,8 +330,9 @@ class RandomCalibrationWarning(UserWarning):
     """An int8 engine was calibrated on random inputs."""
 
 
-def _verify(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tolerance: Tolerance | None, kind: str) -> None:
-    report = _check_engine(engine, reference, data, tolerance, kind)
+def _verify(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tolerance: Tolerance | None, kind: str,
+            inputs: BuildInputs | None = None) -> None:
+    report = _check_engine(engine, reference, data, tolerance, kind, inputs)
     _attach_report(engine, "build_verification", report)
     if not report.passed:
         failures = "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in report.outputs if not o.passed)
@@ -221,9 +342,13 @@ def _verify(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tol
         )
 
 
-def _check_engine(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tolerance: Tolerance | None, kind: str) -> ValidationReport:
+def _check_engine(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tolerance: Tolerance | None, kind: str,
+                  inputs: BuildInputs | None = None) -> ValidationReport:
+    planned = inputs.validation_batches(engine.signature) if inputs is not None else None
     if data.holdout:
         batches, label = data.holdout, data.holdout_label
+    elif planned is not None:
+        batches, label = planned
     else:
         batches, label = validation_batches(engine.signature)
     return validate_engine(engine, reference, batches, label, reference_label=f"{kind} source (its own framework)",
@@ -240,6 +365,7 @@ def _build_best(
     data: PrecisionData,
     reference: ReferenceRunner,
     budget: AccuracyBudget | None,
+    inputs: BuildInputs | None = None,
 ) -> Engine:
     """Build each precision the backend supports; keep the fastest within the accuracy budget."""
     candidates: list[dict[str, Any]] = []
@@ -259,8 +385,8 @@ def _build_best(
             row.update(kept=False, reason=f"build failed: {exc}")
             continue
         tolerance = budget.tolerance() if budget else tolerance_for(precision)
-        report = _check_engine(engine, reference, data, tolerance, imported.kind)
-        feeds = random_inputs(engine.signature.inputs, batch=1, seed=0)
+        report = _check_engine(engine, reference, data, tolerance, imported.kind, inputs)
+        feeds = _timing_feeds(engine.signature, inputs)
         p50 = measure({"engine": engine.infer}, feeds, 1, warmup=3, runs=20, rounds=2)[0].p50_ms
         row.update(
             p50_ms=p50,
@@ -380,6 +506,22 @@ def _graph_settings(
 REQUESTED_PASSES = ("fix_shapes", "make_dynamic", "convert_opset")
 
 
+def _check_compatibility(
+    imported: ImportedModel, backend: Backend, options: BuildOptions, import_options: ImportOptions, graph: GraphSettings
+) -> dict[str, Any]:
+    """Check the model against the backend (stops with IncompatibleModelError); returns the check summary."""
+    from .graph.compat import check_buildable
+    from .graph.passes import build_passes
+
+    if not graph.check_compatibility:
+        return {}
+    specs = build_passes(import_options, graph.disabled) if graph.enabled else []
+    names = [spec if isinstance(spec, str) else spec[0] for spec in specs]
+    report = check_buildable(imported.model, backend.name, options, passes=names)
+    return {"compatibility": {"target": report.target_label, "source": report.source,
+                              "counts": report.counts, "summary": report.summary()}}
+
+
 def _prepare_graph(
     imported: ImportedModel,
     backend: Backend,
@@ -387,22 +529,17 @@ def _prepare_graph(
     import_options: ImportOptions,
     graph: GraphSettings,
     progress: ProgressCallback | None,
+    check_feeds: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ImportedModel, dict[str, Any]]:
-    """Check the model against the backend, then run the graph passes; returns the model to build and checks."""
-    from .graph.compat import check_buildable
+    """Run the graph passes, each checked on ``check_feeds`` (else generated inputs); returns the model and checks."""
     from .graph.passes import build_passes, optimize
     from .importers.onnx_importer import signature_of
 
     specs = build_passes(import_options, graph.disabled) if graph.enabled else []
-    names = [spec if isinstance(spec, str) else spec[0] for spec in specs]
     checks: dict[str, Any] = {}
-    if graph.check_compatibility:
-        report = check_buildable(imported.model, backend.name, options, passes=names)
-        checks["compatibility"] = {"target": report.target_label, "source": report.source,
-                                   "counts": report.counts, "summary": report.summary()}
     if not specs:
         return imported, checks
-    model, summary = optimize(imported.model, specs, progress=progress)
+    model, summary = optimize(imported.model, specs, progress=progress, feeds=check_feeds)
     failed = [r for r in summary.rolled_back if r.name in REQUESTED_PASSES]
     if failed:
         raise BuildError(f"could not apply {failed[0].name} {failed[0].args}: {failed[0].reason}")
@@ -610,7 +747,7 @@ def validation_batches(
     if data is not None:
         feeds = load_dataset(data, signature, preprocess)
         size = batch or fixed or 8
-        return list(split_batches(feeds, size)), f"data '{Path(data).name}'"
+        return split_samples(feeds, signature, size), f"data '{Path(data).name}'"
     size = batch or fixed or 2
     try:
         generated = [random_inputs(signature.inputs, batch=size, seed=seed + i) for i in range(batches)]
@@ -668,13 +805,55 @@ def validate(
         recorded = ImportOptions.from_dict(engine.manifest.build_options.get("import_options", {}))
         options = import_options.over(recorded) if import_options is not None else recorded
         reference = reference_runner(against, options)
+        _check_same_inputs(engine, reference)
         spec = PreprocessSpec.from_dict(engine.manifest.preprocess) if engine.manifest.preprocess else None
-        feeds, inputs_label = validation_batches(engine.signature, data, batch, batches, seed, spec)
+        if data is not None:
+            feeds, inputs_label = validation_batches(engine.signature, data, batch, batches, seed, spec)
+            real = True
+        else:
+            feeds, inputs_label, real = _default_validation_batches(engine, batch, batches, seed)
         report = validate_engine(engine, reference, feeds, inputs_label, reference_label=label, tolerance=tolerance)
+        if engine.precision == "int8" and not real:
+            report.inconclusive = (
+                f"{inputs_label.split(' (')[0]} inputs cannot judge an int8 engine: its ranges were calibrated on real data, "
+                "so differences on other inputs say nothing; validate with --data DATA (real inputs)"
+            )
     _attach_report(engine, "validation", report)
     if store and engine.path is not None:
         _store_report(engine.path, "validation", report)
     return report
+
+
+def _check_same_inputs(engine: Engine, reference: ReferenceRunner) -> None:
+    """Refuse before running when the reference takes other inputs than the engine (a wrong --against)."""
+    names = getattr(reference, "input_names", None)
+    if names is None:
+        return
+    missing = [n for n in engine.signature.input_names if n not in names]
+    if missing:
+        raise ValidationDataError(
+            f"the engine's inputs ({', '.join(engine.signature.input_names)}) and the reference's inputs "
+            f"({', '.join(names)}) do not match: validate against the model the engine was built from"
+        )
+
+
+def _default_validation_batches(
+    engine: Engine, batch: int | None, batches: int, seed: int
+) -> tuple[list[dict[str, np.ndarray]], str, bool]:
+    """Without --data: the samples the bundle carries, else the build's input plan, else random; and whether real."""
+    signature = engine.signature
+    record = engine.manifest.checks.get("samples") or {}
+    raw = engine.stored_samples()
+    if raw is not None:
+        feeds = decode_samples(raw, signature, f"engine '{engine.path.name if engine.path else 'in memory'}'")
+        size = batch or signature.fixed_batch() or 8
+        return split_samples(feeds, signature, size), f"samples stored in the bundle ({record.get('label', 'build samples')})", True
+    if record.get("plan"):
+        plan = InputPlan.from_dict(record["plan"])
+        generated = [plan.generate(seed=seed + i, batch=batch) for i in range(batches)]
+        return generated, f"generated from the build's input plan ({plan.describe()})", False
+    generated, label = validation_batches(signature, None, batch, batches, seed)
+    return generated, label, False
 
 
 def layerwise(
@@ -716,7 +895,10 @@ def _attach_report(engine: Engine, name: str, report: ValidationReport) -> None:
 
 
 def _check_summary(report: ValidationReport) -> dict[str, Any]:
-    return {"passed": report.passed, "summary": report.summary(), "at": report.created_at}
+    summary = {"passed": report.passed, "summary": report.summary(), "at": report.created_at}
+    if report.inconclusive:
+        summary["inconclusive"] = report.inconclusive
+    return summary
 
 
 def _store_report(path: Path, name: str, report: ValidationReport) -> None:

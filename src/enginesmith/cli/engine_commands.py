@@ -71,6 +71,7 @@ def build(
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Output tensor names, comma-separated (frozen graphs)."),
     signature: str = typer.Option("serving_default", help="SavedModel signature to import."),
     opset: Optional[int] = typer.Option(None, help="ONNX opset to convert to."),
+    data: Optional[Path] = typer.Option(None, help="Sample inputs the build checks with and stores (up to 8 MB) for validate: .npz keyed by input name, .npy (one input), or a folder of images / .npy files."),
     calib: Optional[Path] = typer.Option(None, help="Calibration data: .npy/.npz keyed by input name, or a folder of images or .npy files."),
     calib_method: Optional[str] = typer.Option(None, help="int8 calibration: minmax (default), entropy or percentile."),
     calib_random: bool = typer.Option(False, "--calib-random", help="Calibrate on random inputs (smoke tests only: accuracy unknown)."),
@@ -124,6 +125,7 @@ def build(
         graph_passes=False if no_passes else None,
         disabled_passes=no_pass or None,
         check_compatibility=not no_compat_check,
+        data=data,
     )
     try:
         with progress_bar() as progress:
@@ -301,7 +303,10 @@ def print_validation(report: ValidationReport) -> None:
         result = "[green]pass[/]" if o.passed else "[red]FAIL[/]: " + escape("; ".join(o.failures))
         table.add_row(escape(o.name), f"{o.max_abs:.3e}", f"{o.mean_abs:.3e}", f"{o.rel_l2:.3e}", f"{o.cosine:.6f}", agree, result)
     console.print(table)
-    console.print(("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]") + escape(f" ({report.precision} tolerance: {report.tolerance})"), highlight=False)
+    if report.inconclusive:
+        console.print("[bold yellow]INCONCLUSIVE[/] " + escape(f"(not a failure): {report.inconclusive}"), highlight=False)
+    else:
+        console.print(("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]") + escape(f" ({report.precision} tolerance: {report.tolerance})"), highlight=False)
     for warning in report.warnings:
         console.print("[bold yellow]warning:[/] " + escape(warning), highlight=False)
 
@@ -310,7 +315,7 @@ def print_validation(report: ValidationReport) -> None:
 def validate(
     engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
     against: Optional[Path] = typer.Option(None, help="Reference model (default: the source the bundle carries)."),
-    data: Optional[Path] = typer.Option(None, help=".npy/.npz inputs keyed by input name (default: seeded random)."),
+    data: Optional[Path] = typer.Option(None, help=".npy/.npz inputs keyed by input name, or a folder (default: the samples the bundle carries, else generated)."),
     batch: Optional[int] = typer.Option(None, help="Batch size."),
     batches: int = typer.Option(3, help="Random batches to draw when no --data."),
     seed: int = typer.Option(0, help="Seed for random inputs."),
@@ -343,7 +348,7 @@ def validate(
             layer_path = json_path.with_name(json_path.stem + ".layerwise.json")
             write_atomic(layer_path, layers.to_json())
             console.print(f"wrote {layer_path}")
-    if not report.passed:
+    if report.failed:
         raise typer.Exit(code=1)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..backends import Session
-from ..bundle import BundleContents, read_bundle, write_bundle
+from ..bundle import SAMPLES_ENTRY, BundleContents, read_bundle, write_bundle
 from ..errors import EnginesmithError, InputError
 from ..manifest import Manifest
 from ..signature import Signature
@@ -140,6 +140,19 @@ class Engine:
         self._manifest.checks[name] = check
         if self._contents is not None:
             self._contents.reports[name] = report_json
+
+    def set_samples(self, raw: bytes | None) -> None:
+        """Sample inputs (np.savez bytes) a not-yet-saved engine stores in its bundle."""
+        if self._contents is not None:
+            self._contents.samples = raw
+
+    def stored_samples(self) -> bytes | None:
+        """The sample inputs the bundle carries (checksum verified), or None."""
+        if self._contents is not None:
+            return self._contents.samples
+        if self._path is not None and SAMPLES_ENTRY in self._manifest.files:
+            return read_bundle(self._path, payload=False, samples=True).samples
+        return None
 
     def save(self, path: str | Path, include_source: bool = True) -> Path:
         """Write the bundle (atomically). ``include_source=False`` leaves the source model out."""
