@@ -26,7 +26,9 @@ def strided_concat(stride: int = 2, channels: int = 3, seed: int = 0) -> onnx.Mo
         helper.make_node("Conv", ["x", "w"], ["down"], name="down_conv", kernel_shape=[stride, stride],
                          strides=[stride, stride]),
         helper.make_node("Resize", ["down", "", "scales"], ["up"], name="upsample", mode="nearest"),
-        helper.make_node("Concat", ["x", "up"], ["y"], name="skip_concat", axis=1),
+        helper.make_node("Concat", ["x", "up"], ["cat"], name="skip_concat", axis=1),
+        # An exporter leftover the remove_training_nodes pass removes, so there is a pass to check.
+        helper.make_node("Identity", ["cat"], ["y"], name="leftover_identity"),
     ]
     graph = helper.make_graph(
         nodes, "strided_concat",

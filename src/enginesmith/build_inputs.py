@@ -155,7 +155,7 @@ def _cast_and_check(feeds: dict[str, np.ndarray], signature: Signature, where: s
                         f"{where}: input '{spec.name}' axis {axis} is {value.shape[axis]}, but symbol '{dim}' is "
                         f"{size} (input '{name}' axis {first_axis})"
                     )
-        out[spec.name] = np.ascontiguousarray(value)
+        out[spec.name] = np.asarray(value, order="C")
     total = sample_count(out)
     uneven = {n: v.shape[0] for n, v in out.items() if v.ndim and v.shape[0] not in (1, total)}
     if uneven:
@@ -172,7 +172,9 @@ def encode_samples(feeds: Mapping[str, np.ndarray], limit_bytes: int = MAX_STORE
     total = sample_count(feeds)
     split = _per_sample(feeds)
     per_sample = sum(v[:1].nbytes if name in split else v.nbytes for name, v in feeds.items())
-    fits = total if per_sample == 0 else min(total, limit_bytes // per_sample)
+    # .npy headers and the zip directory: a little room for each array.
+    room = limit_bytes - 4096 * (len(feeds) + 1)
+    fits = total if per_sample == 0 else min(total, max(room, 0) // per_sample)
     if fits < 1:
         return None, 0, (f"samples not stored: one sample is {per_sample / 2**20:.1f} MB, over the "
                          f"{limit_bytes / 2**20:.0f} MB limit for samples in a bundle")
@@ -252,6 +254,11 @@ def choose_plan(
 def fix_hint(signature: Signature) -> str:
     """The flags that give the build inputs the model runs on."""
     keys = ", ".join(signature.input_names)
+    free = any(spec.is_dynamic or np.dtype(spec.dtype).kind in "iub" for spec in signature.inputs)
+    if not free:
+        # Fixed shapes and float inputs: no other input would take another path through the model.
+        return ("its inputs have fixed shapes, so the model itself fails at that node: "
+                "re-export or fix the model (check it with 'enginesmith inspect MODEL')")
     hint = f"give real inputs with --data FILE (.npz keyed by {keys}; data=... in Python)"
     # --input helps only where sizes beyond the batch axis are free.
     shaped = [spec for spec in signature.inputs if any(not isinstance(d, int) for d in spec.shape[1:])]

@@ -273,7 +273,11 @@ def _choices(
 ) -> list[InputChoice]:
     """The variants of one input, most plausible first."""
     dtype = np.dtype(spec.dtype)
-    if override is not None and len(override) == spec.rank:
+    contradicts = override is not None and any(
+        isinstance(d, int) and d >= 0 and d != int(o) for d, o in zip(spec.shape, override)
+    )
+    # An --input shape that contradicts the model is left to the fix_shapes pass to refuse, with its own message.
+    if override is not None and len(override) == spec.rank and not contradicts:
         base = InputChoice(spec.name, spec.dtype, tuple(int(d) for d in override), batch_axis=False,
                            why="the shape given with --input")
         return [base] + [replace(base, value=v) for v in hints.values[1:]] if hints.values else [base]

@@ -102,5 +102,5 @@ def prepare_inputs(signature: Signature, inputs: Mapping[str, Any], batch_flexib
     for spec in signature.inputs:
         array = cast_to_spec(spec.name, to_numpy(spec.name, inputs[spec.name]), spec)
         check_shape(spec.name, array, spec, symbols, batch_flexible)
-        feeds[spec.name] = np.ascontiguousarray(array)
+        feeds[spec.name] = np.asarray(array, order="C")  # keeps 0-d scalars 0-d (ascontiguousarray makes them 1-d)
     return feeds
