@@ -20,6 +20,8 @@ from wild_models import rate_branch, strided_concat
 import enginesmith as es
 from enginesmith.bundle import SAMPLES_ENTRY, read_bundle
 from enginesmith.cli.app import main
+from enginesmith.runtime.inputs import prepare_inputs
+from enginesmith.signature import Signature, TensorSpec, normalize_dim
 
 
 def save(model: onnx.ModelProto, path):
@@ -36,6 +38,17 @@ def test_unnamed_dims_of_different_sizes_are_accepted():
     assert str(engine.signature.inputs[0]) == "x: float32[?, 3, ?, ?]"
     x = np.random.default_rng(0).standard_normal((4, 3, 48, 192)).astype(np.float32)
     np.testing.assert_allclose(engine(x=x)["y"], run_plain(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_signature_dims_written_as_question_marks_or_converter_names_are_independent():
+    # Manifests of older bundles keep '?', '-1' and tf2onnx's 'unk__N' as strings.
+    spec = TensorSpec("x", "float32", (-1, 3, "?", "?"))
+    other = TensorSpec("y", "float32", ("unk__1", "unk__2", "width"))
+    signature = Signature(inputs=(spec, other), outputs=())
+    feeds = prepare_inputs(signature, {"x": np.zeros((4, 3, 48, 192), np.float32),
+                                       "y": np.zeros((5, 7, 9), np.float32)}, batch_flexible=False)
+    assert feeds["x"].shape == (4, 3, 48, 192)
+    assert [normalize_dim(d) for d in ("?", "-1", "unk__7", -1, "batch", "3")] == [None, None, None, None, "batch", 3]
 
 
 def test_equal_named_symbols_must_agree_within_one_input():
@@ -139,6 +152,9 @@ def test_validate_of_an_engine_built_on_generated_inputs_uses_the_build_plan(tmp
     report = es.validate(target)
     assert report.passed
     assert report.inputs == "generated from the build's input plan (x float32[2, 16], sr int64[] = 16000)"
+    # bench times it on the same kind of inputs (random ones take the failing branch).
+    result = es.bench(target, batches=[1, 4], runs=3, warmup=1)
+    assert [r.batch for r in result.results] == [1, 4]
 
 
 # ----------------------------------------------------------------------------- passes that cannot be checked

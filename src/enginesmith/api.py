@@ -941,10 +941,18 @@ def bench(
         targets[label] = baseline
     results = []
     for batch in batches:
-        feeds = random_inputs(engine.signature.inputs, batch=batch, seed=seed)
+        feeds = _bench_feeds(engine, batch, seed)
         results += measure(targets, feeds, batch, warmup=warmup, runs=runs, duration_s=duration_s, progress=progress)
     machine = {**machine_facts(), "backend": engine.backend, "precision": engine.precision}
     return BenchReport(results=results, baseline=label, machine=machine)
+
+
+def _bench_feeds(engine: Engine, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Inputs of ``batch`` items the model runs on: from the build's input plan where it has one, else random."""
+    plan = (engine.manifest.checks.get("samples") or {}).get("plan")
+    if plan:
+        return InputPlan.from_dict(plan).generate(seed=seed, batch=batch)
+    return random_inputs(engine.signature.inputs, batch=batch, seed=seed)
 
 
 def info(path: str | Path) -> dict[str, Any]:
