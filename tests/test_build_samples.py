@@ -15,7 +15,7 @@ import onnx
 import pytest
 from conftest import make_mlp, run_plain
 from onnx import TensorProto, helper
-from wild_models import rate_branch, strided_concat
+from wild_models import framed_rate_branch, rate_branch, strided_concat
 
 import enginesmith as es
 from enginesmith.bundle import SAMPLES_ENTRY, read_bundle
@@ -75,6 +75,24 @@ def test_generated_inputs_take_strided_cnn_sizes_and_the_constant_a_scalar_is_co
     plan = rate.manifest.checks["samples"]["plan"]["inputs"]
     assert {c["name"]: c.get("value") for c in plan} == {"x": None, "sr": 16000}
     assert rate.manifest.checks["build_verification"]["passed"]
+
+
+def test_sizes_and_values_are_tried_together_and_the_log_says_what_did_not_run():
+    # Needs audio of a multiple of 512 samples *and* sr == 16000: the second plan.
+    engine = es.build(framed_rate_branch())
+    plan = {c["name"]: c for c in engine.manifest.checks["samples"]["plan"]["inputs"]}
+    assert plan["audio"]["shape"] == [2, 512] and plan["sr"]["value"] == 16000
+    log = "\n".join(engine.manifest.build_log)
+    assert "checks run on audio float32[2, 512], sr int64[] = 16000 (the source does not run on [audio float32[2, 16]" in log
+    assert engine.manifest.checks["build_verification"]["passed"]
+
+
+def test_image_size_from_the_model_metadata_is_tried_first():
+    model = strided_concat(stride=5)
+    onnx.helper.set_model_props(model, {"imgsz": "[320, 320]", "stride": "32"})
+    engine = es.build(model)
+    assert engine.manifest.checks["samples"]["plan"]["inputs"][0]["shape"] == [2, 3, 320, 320]
+    assert engine.manifest.checks["build_verification"]["passed"]
 
 
 def test_model_its_generated_inputs_crash_stops_with_one_clear_error(tmp_path, capsys):

@@ -71,3 +71,29 @@ def rate_branch(opaque: bool = False) -> onnx.ModelProto:
         [rate, two, bad_shape],
     )
     return _finish(graph)
+
+
+def framed_rate_branch() -> onnx.ModelProto:
+    """audio[batch, ?], sr: int64 scalar -> If(sr == 16000): audio as frames of 512, else a Reshape that fails.
+
+    Runs only on 16 kHz audio whose length is a multiple of 512, like a VAD model taking one window.
+    """
+    rate = numpy_helper.from_array(np.array(16000, np.int64), "rate")
+    frames = numpy_helper.from_array(np.array([-1, 512], np.int64), "frames")
+    bad_shape = numpy_helper.from_array(np.array([-1, 7], np.int64), "bad_shape")
+    then_branch = helper.make_graph(
+        [helper.make_node("Reshape", ["audio", "frames"], ["y_then"], name="frame_16k")], "then", [],
+        [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [None, None])])
+    else_branch = helper.make_graph(
+        [helper.make_node("Reshape", ["audio", "bad_shape"], ["y_else"], name="frame_other")], "else", [],
+        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [None, None])])
+    graph = helper.make_graph(
+        [helper.make_node("Equal", ["sr", "rate"], ["is_16k"], name="is_16k"),
+         helper.make_node("If", ["is_16k"], ["y"], name="rate_if", then_branch=then_branch, else_branch=else_branch)],
+        "framed_rate_branch",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", "?"]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
+        [rate, frames, bad_shape],
+    )
+    return _finish(graph)

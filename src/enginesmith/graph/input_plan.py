@@ -3,11 +3,13 @@
 A model from the wild often runs only on some inputs: a U-Net-like Concat after a strided
 convolution needs even sizes, a voice model picks its LSTM branch by comparing an int64 sample
 rate with 16000. :func:`candidate_plans` proposes a few :class:`InputPlan` s, most plausible
-first; the build runs the source on them and keeps the first that runs.
+first; the build runs the source on them and keeps the first that runs. Shape variants and
+value variants are combined, so a model that needs both a window size and a sample rate is found.
 
 What is read from the graph:
 
-- fixed dims, and dims a ``value_info`` entry of the input fixes;
+- fixed dims, dims a ``value_info`` entry of the input fixes, and an image size the metadata
+  states (Ultralytics' ``imgsz``, ``image_size``);
 - dims consumers imply: a Conv's input channels, a MatMul/Gemm's inner size, the size of a
   constant an input is added to or multiplied with (a positional embedding);
 - equal named symbols get equal sizes;
@@ -20,7 +22,8 @@ What is read from the graph:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import re
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -34,7 +37,9 @@ from ._onnx import TensorTypes, dims_of, infer_shapes
 IMAGE_SIZES = (224, 192, 256)
 OTHER_SIZES = (16, 512, 1)
 DEFAULT_BATCH = 2
-MAX_PLANS = 4
+MAX_PLANS = 6
+# Metadata keys that state the input image size.
+_IMAGE_SIZE_KEYS = ("imgsz", "image_size", "img_size", "input_size", "imagesize")
 
 _PASS_THROUGH = ("Cast", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Flatten", "Neg", "Abs")
 _COMPARISONS = ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual")
@@ -153,10 +158,21 @@ def candidate_plans(
             fixed = overrides.get(spec.name)
             if is_named_symbol(dim) and fixed is not None and len(fixed) == spec.rank:
                 symbols[dim] = int(fixed[axis])
-    variants = [_choices(spec, hints[spec.name], symbols, overrides.get(spec.name), batch) for spec in signature.inputs]
+    image_sizes = _metadata_image_sizes(model)
+    grids = [_choices(spec, hints[spec.name], symbols, overrides.get(spec.name), batch, image_sizes)
+             for spec in signature.inputs]
+    # Shape levels move together across inputs (named symbols stay equal), and so do value levels;
+    # every (shape, value) pair is tried, nearest the most plausible first.
+    shape_levels = max((len(g) for g in grids), default=1)
+    value_levels = max((len(row) for g in grids for row in g), default=1)
+    pairs = sorted(((s, v) for s in range(shape_levels) for v in range(value_levels)), key=lambda p: (p[0] + p[1], p[1]))
     plans: list[InputPlan] = []
-    for index in range(max((len(v) for v in variants), default=1)):
-        plan = InputPlan(tuple(v[min(index, len(v) - 1)] for v in variants))
+    for shape_level, value_level in pairs:
+        chosen = []
+        for grid in grids:
+            row = grid[min(shape_level, len(grid) - 1)]
+            chosen.append(row[min(value_level, len(row) - 1)])
+        plan = InputPlan(tuple(chosen))
         if plan not in plans:
             plans.append(plan)
         if len(plans) == MAX_PLANS:
@@ -269,20 +285,26 @@ def _image_axes(spec: TensorSpec, sizes: Mapping[int, tuple[int, str]]) -> tuple
 
 
 def _choices(
-    spec: TensorSpec, hints: _Hints, symbols: Mapping[str, int], override: Sequence[int] | None, batch: int
-) -> list[InputChoice]:
-    """The variants of one input, most plausible first."""
+    spec: TensorSpec,
+    hints: _Hints,
+    symbols: Mapping[str, int],
+    override: Sequence[int] | None,
+    batch: int,
+    image_sizes: Sequence[int] = IMAGE_SIZES,
+) -> list[list[InputChoice]]:
+    """The variants of one input, ``[shape level][value level]``, most plausible first."""
     dtype = np.dtype(spec.dtype)
+    values: list[Any] = [_as_dtype(v, dtype) for v in hints.values] or [None]
     contradicts = override is not None and any(
         isinstance(d, int) and d >= 0 and d != int(o) for d, o in zip(spec.shape, override)
     )
     # An --input shape that contradicts the model is left to the fix_shapes pass to refuse, with its own message.
     if override is not None and len(override) == spec.rank and not contradicts:
-        base = InputChoice(spec.name, spec.dtype, tuple(int(d) for d in override), batch_axis=False,
-                           why="the shape given with --input")
-        return [base] + [replace(base, value=v) for v in hints.values[1:]] if hints.values else [base]
+        shape = tuple(int(d) for d in override)
+        return [[InputChoice(spec.name, spec.dtype, shape, False, v, why="the shape given with --input") for v in values]]
     image = _image_axes(spec, hints.sizes)
-    shapes: list[list[int]] = [[] for _ in range(len(IMAGE_SIZES))]
+    levels = max(len(image_sizes), len(OTHER_SIZES))
+    shapes: list[list[int]] = [[] for _ in range(levels)]
     reasons: list[str] = []
     for axis, dim in enumerate(spec.shape):
         if isinstance(dim, int) and dim >= 0:
@@ -295,7 +317,7 @@ def _choices(
         elif axis == 0 and spec.rank >= 2:
             sizes = [batch]
         elif image is not None and axis in image:
-            sizes = list(IMAGE_SIZES)
+            sizes = list(image_sizes)
         elif image is not None and axis == 1 and image == (2, 3):
             sizes = [3]
         else:
@@ -309,16 +331,29 @@ def _choices(
         reasons.append(hints.high_why)
     if hints.values:
         reasons.append(hints.value_why)
-    values: list[Any] = list(hints.values) or [None]
-    choices: list[InputChoice] = []
-    for index in range(max(len(shapes), len(values))):
-        shape = tuple(shapes[min(index, len(shapes) - 1)])
-        value = values[min(index, len(values) - 1)]
-        if value is not None and dtype.kind in "iu":
-            value = int(value)
-        elif value is not None and dtype.kind == "f":
-            value = float(value)
-        choice = InputChoice(spec.name, spec.dtype, shape, batch_axis, value, low, high, "; ".join(reasons))
-        if choice not in choices:
-            choices.append(choice)
-    return choices
+    why = "; ".join(reasons)
+    grid: list[list[InputChoice]] = []
+    for shape in shapes:
+        row = [InputChoice(spec.name, spec.dtype, tuple(shape), batch_axis, v, low, high, why) for v in values]
+        if row not in grid:
+            grid.append(row)
+    return grid
+
+
+def _as_dtype(value: Any, dtype: np.dtype) -> Any:
+    if dtype.kind in "iu":
+        return int(value)
+    if dtype.kind == "f":
+        return float(value)
+    return bool(value) if dtype.kind == "b" else value
+
+
+def _metadata_image_sizes(model: onnx.ModelProto) -> tuple[int, ...]:
+    """An image size the model's metadata states (Ultralytics' ``imgsz: [640, 640]``, ``image_size: 224``), tried first."""
+    for prop in model.metadata_props:
+        if prop.key.lower() not in _IMAGE_SIZE_KEYS:
+            continue
+        numbers = [int(n) for n in re.findall(r"\d+", prop.value)]
+        if numbers and all(8 <= n <= 8192 for n in numbers):
+            return (max(numbers[-2:]),) + tuple(n for n in IMAGE_SIZES if n != max(numbers[-2:]))
+    return IMAGE_SIZES
