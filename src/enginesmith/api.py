@@ -18,17 +18,14 @@ from .backends.base import CALIBRATION_METHODS, PRECISIONS, ProgressCallback
 from .bench import BenchReport, machine_facts, measure
 from .build_inputs import (
     BuildInputs,
-    choose_plan,
-    decode_samples,
-    encode_samples,
-    load_samples,
-    plan_label,
-    run_error,
+    StoredSamples,
+    plan_from_record,
+    resolve_build_inputs,
+    samples_to_store,
     split_samples,
-    unrunnable_error,
+    stored_validation_batches,
 )
 from .bundle import BundleContents, extract_verified_entry, looks_like_bundle, read_bundle, write_bundle
-from .graph.input_plan import InputPlan
 from .errors import (
     BackendUnavailableError,
     BuildError,
@@ -128,8 +125,9 @@ def build(
         graph = _graph_settings(graph_passes, disabled_passes, check_compatibility, previous)
         spec = _preprocess_spec(preprocess, previous)
         compat_checks = _check_compatibility(imported, chosen, options, import_options, graph)
-        inputs = _build_inputs(imported, import_options, data, previous, previous_samples, spec,
-                               needed=verify or graph.enabled, strict=verify)
+        inputs = resolve_build_inputs(imported.model, imported.signature, import_options.input_shapes, data, spec,
+                                      _stored_samples(previous, previous_samples), needed=verify or graph.enabled,
+                                      strict=verify)
         options.sample_feeds = inputs.check_feeds()
         imported, graph_checks = _prepare_graph(imported, chosen, options, import_options, graph, progress,
                                                 check_feeds=options.sample_feeds)
@@ -168,91 +166,28 @@ def build(
     return engine
 
 
-def _build_inputs(
-    imported: ImportedModel,
-    import_options: ImportOptions,
-    data: str | Path | Mapping[str, np.ndarray] | None,
-    previous: Manifest | None,
-    stored: bytes | None,
-    spec: PreprocessSpec | None,
-    *,
-    needed: bool,
-    strict: bool,
-) -> BuildInputs:
-    """The inputs the build checks with: ``data``, the rebuilt bundle's samples, or a plan the source runs on.
-
-    With ``strict`` (verification on) a source that runs on none of them stops the build;
-    otherwise the build goes on and the log says why its checks could not run.
-    """
-    from .graph._onnx import plain_runner
-
-    signature = imported.signature
-    if data is not None:
-        label = "given arrays" if isinstance(data, Mapping) else f"samples from '{Path(data).name}'"
-        inputs = BuildInputs("data", label, load_samples(data, signature, spec))
-    elif stored is not None and previous is not None:
-        origin = (previous.checks.get("samples") or {}).get("label", "build samples")
-        suffix = " (stored in the rebuilt bundle)"
-        inputs = BuildInputs("stored", origin if origin.endswith(suffix) else origin + suffix,
-                             decode_samples(stored, signature, "the rebuilt bundle"))
-    else:
-        inputs = BuildInputs("none", "")
-    inputs.fixed_batch = signature.fixed_batch()
-    if not needed:
-        return inputs
-    try:
-        run = plain_runner(imported.model, quiet=True)
-    except EnginesmithError as exc:
-        # The backend's own build reports an unloadable model better; nothing to check inputs with here.
-        inputs.log.append(f"inputs not checked on the source: {exc}")
-        return inputs
-    if inputs.feeds is not None:
-        error = run_error(run, inputs.check_feeds())
-        if error is not None:
-            message = (f"the source model does not run on the {inputs.label}: {error}; give samples the model takes "
-                       f"(inputs: {', '.join(str(s) for s in signature.inputs)})")
-            if strict:
-                raise BuildError(message)
-            inputs.log.append(message)
-        return inputs
-    plan, failures = choose_plan(imported.model, signature, import_options.input_shapes, run)
-    if plan is None:
-        if strict:
-            raise unrunnable_error(signature, failures)
-        inputs.log.append(f"graph passes and checks could not run: {unrunnable_error(signature, failures)}")
-        return inputs
-    inputs.kind, inputs.label, inputs.plan = "generated", plan_label(plan), plan
-    if failures:
-        tried = "; ".join(f"[{p.describe()}]: {error}" for p, error in failures)
-        inputs.log.append(f"checks run on {plan.describe()} (the source does not run on {tried})")
-    return inputs
-
-
 def _store_samples(engine: Engine, inputs: BuildInputs, data: "PrecisionData") -> None:
     """Real samples (given data, else int8's held-out calibration data) go into the bundle, within the size bound."""
-    feeds, kind, label = None, inputs.kind, inputs.label
-    if inputs.real:
-        feeds = inputs.feeds
-    elif data.holdout and not data.check.get("random"):
-        names = list(data.holdout[0])
-        feeds = {n: np.concatenate([batch[n] for batch in data.holdout]) for n in names}
-        kind, label = "calibration", data.holdout_label
-    if feeds is None:
-        if inputs.plan is not None:
-            engine.manifest.checks["samples"] = inputs.manifest_record(None, None)
-        return
-    raw, count, note = encode_samples(feeds)
+    raw, record, line = samples_to_store(inputs, data.holdout, data.holdout_label, bool(data.check.get("random")))
     engine.set_samples(raw)
-    record = BuildInputs(kind, label, feeds, inputs.plan).manifest_record(count, note)
-    engine.manifest.checks["samples"] = record
-    engine.manifest.build_log.append(note or f"{count} samples ({label}) stored in the bundle for validate and rebuilds")
+    if record:
+        engine.manifest.checks["samples"] = record
+    if line:
+        engine.manifest.build_log.append(line)
+
+
+def _stored_samples(previous: Manifest | None, raw: bytes | None) -> StoredSamples | None:
+    """The samples a rebuilt bundle carries, with where they first came from."""
+    if previous is None or raw is None:
+        return None
+    return StoredSamples(raw, (previous.checks.get("samples") or {}).get("label", "build samples"))
 
 
 def _timing_feeds(signature: Signature, inputs: BuildInputs | None) -> dict[str, np.ndarray]:
-    """One input to time candidates with: a build sample, else generated."""
-    feeds = inputs.check_feeds(limit=1) if inputs is not None else None
-    if feeds is not None and inputs is not None and inputs.plan is not None:
+    """One input to time candidates with: a build sample, else generated from the plan, else random."""
+    if inputs is not None and inputs.plan is not None:
         return inputs.plan.generate(seed=0, batch=1)
+    feeds = inputs.check_feeds(limit=1) if inputs is not None else None
     return feeds if feeds is not None else random_inputs(signature.inputs, batch=1, seed=0)
 
 
@@ -792,6 +727,12 @@ def validate(
 ) -> ValidationReport:
     """Compare an engine with a reference model (by default the source the bundle carries).
 
+    Without ``data`` the inputs are the samples the bundle carries (``--data`` at build, or an
+    int8 engine's held-out calibration data), else generated from the build's input plan, else
+    random; the report's ``inputs`` says which. An int8 engine judged on anything but real
+    samples gets an ``inconclusive`` report (not a failure). A reference whose inputs have other
+    names than the engine's is refused before anything runs.
+
     With ``store`` and an engine on disk, the report is written into the bundle. ``trust_code``
     is passed to :func:`load` for an engine given as a path.
     """
@@ -815,8 +756,8 @@ def validate(
         report = validate_engine(engine, reference, feeds, inputs_label, reference_label=label, tolerance=tolerance)
         if engine.precision == "int8" and not real:
             report.inconclusive = (
-                f"{inputs_label.split(' (')[0]} inputs cannot judge an int8 engine: its ranges were calibrated on real data, "
-                "so differences on other inputs say nothing; validate with --data DATA (real inputs)"
+                f"inputs {inputs_label.split(' (')[0]} cannot judge an int8 engine: its ranges were calibrated on real "
+                "data, so differences on other inputs say nothing; validate with --data DATA (real inputs)"
             )
     _attach_report(engine, "validation", report)
     if store and engine.path is not None:
@@ -841,18 +782,12 @@ def _default_validation_batches(
     engine: Engine, batch: int | None, batches: int, seed: int
 ) -> tuple[list[dict[str, np.ndarray]], str, bool]:
     """Without --data: the samples the bundle carries, else the build's input plan, else random; and whether real."""
-    signature = engine.signature
-    record = engine.manifest.checks.get("samples") or {}
-    raw = engine.stored_samples()
-    if raw is not None:
-        feeds = decode_samples(raw, signature, f"engine '{engine.path.name if engine.path else 'in memory'}'")
-        size = batch or signature.fixed_batch() or 8
-        return split_samples(feeds, signature, size), f"samples stored in the bundle ({record.get('label', 'build samples')})", True
-    if record.get("plan"):
-        plan = InputPlan.from_dict(record["plan"])
-        generated = [plan.generate(seed=seed + i, batch=batch) for i in range(batches)]
-        return generated, f"generated from the build's input plan ({plan.describe()})", False
-    generated, label = validation_batches(signature, None, batch, batches, seed)
+    where = f"engine '{engine.path.name if engine.path else 'in memory'}'"
+    found = stored_validation_batches(engine.signature, engine.stored_samples(), engine.manifest.checks.get("samples"),
+                                      where, batch=batch, batches=batches, seed=seed)
+    if found is not None:
+        return found
+    generated, label = validation_batches(engine.signature, None, batch, batches, seed)
     return generated, label, False
 
 
@@ -949,9 +884,9 @@ def bench(
 
 def _bench_feeds(engine: Engine, batch: int, seed: int) -> dict[str, np.ndarray]:
     """Inputs of ``batch`` items the model runs on: from the build's input plan where it has one, else random."""
-    plan = (engine.manifest.checks.get("samples") or {}).get("plan")
-    if plan:
-        return InputPlan.from_dict(plan).generate(seed=seed, batch=batch)
+    plan = plan_from_record(engine.manifest.checks.get("samples"))
+    if plan is not None:
+        return plan.generate(seed=seed, batch=batch)
     return random_inputs(engine.signature.inputs, batch=batch, seed=seed)
 
 

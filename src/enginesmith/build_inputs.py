@@ -20,10 +20,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import BuildError, ValidationDataError
+from .errors import BuildError, EnginesmithError, ValidationDataError
 from .graph.input_plan import InputPlan, candidate_plans
 from .signature import Signature, is_named_symbol
-from .validate.data import load_dataset
+from .validate.data import check_against_signature, load_dataset
 
 MAX_STORED_BYTES = 8 * 2**20
 # The graph-pass checks run on this many samples at most (each pass runs the model twice).
@@ -124,9 +124,7 @@ def load_samples(data: str | Path | Mapping[str, Any], signature: Signature, pre
                 f"{where} have arrays {sorted(feeds)}, the model takes {signature.input_names}"
                 + (f" (unknown: {unknown})" if unknown else "") + (f" (missing: {missing})" if missing else "")
             )
-        from .validate.data import _check_against_signature
-
-        _check_against_signature(feeds, signature, where)
+        check_against_signature(feeds, signature, where)
     else:
         where = f"data '{Path(data).name}'"
         feeds = load_dataset(data, signature, preprocess)
@@ -279,3 +277,126 @@ def unrunnable_error(signature: Signature, failures: list[tuple[InputPlan, str]]
 
 def plan_label(plan: InputPlan) -> str:
     return f"generated ({plan.describe()})"
+
+
+def plan_from_record(record: Mapping[str, Any] | None) -> InputPlan | None:
+    """The input plan a manifest's ``checks["samples"]`` records, if any."""
+    plan = (record or {}).get("plan")
+    return InputPlan.from_dict(plan) if plan else None
+
+
+# --------------------------------------------------------------------------- what a build does
+
+
+@dataclass(frozen=True)
+class StoredSamples:
+    """Samples a bundle being rebuilt carries, and where they first came from."""
+
+    raw: bytes
+    origin: str
+
+
+_STORED_SUFFIX = " (stored in the rebuilt bundle)"
+
+
+def resolve_build_inputs(
+    model,
+    signature: Signature,
+    shapes: Mapping[str, Sequence[int]] | None,
+    data: str | Path | Mapping[str, Any] | None,
+    preprocess,
+    stored: StoredSamples | None,
+    *,
+    needed: bool,
+    strict: bool,
+) -> BuildInputs:
+    """The inputs a build checks with: ``data``, a rebuilt bundle's samples, or a plan the source runs on.
+
+    ``model`` is the imported ONNX model, run by ONNX Runtime to probe; ``shapes`` are the
+    ``--input`` shapes. With ``strict`` (verification on) a source that runs on none of them stops
+    the build with one error; otherwise the build goes on and the log says why checks could not run.
+    """
+    from .graph._onnx import plain_runner
+
+    if data is not None:
+        label = "given arrays" if isinstance(data, Mapping) else f"samples from '{Path(data).name}'"
+        inputs = BuildInputs("data", label, load_samples(data, signature, preprocess))
+    elif stored is not None:
+        label = stored.origin if stored.origin.endswith(_STORED_SUFFIX) else stored.origin + _STORED_SUFFIX
+        inputs = BuildInputs("stored", label, decode_samples(stored.raw, signature, "the rebuilt bundle"))
+    else:
+        inputs = BuildInputs("none", "")
+    inputs.fixed_batch = signature.fixed_batch()
+    if not needed:
+        return inputs
+    try:
+        run = plain_runner(model, quiet=True)
+    except EnginesmithError as exc:
+        # The backend's own build reports an unloadable model better; nothing to probe inputs with here.
+        inputs.log.append(f"inputs not checked on the source: {exc}")
+        return inputs
+    if inputs.feeds is not None:
+        error = run_error(run, inputs.check_feeds())
+        if error is not None:
+            message = (f"the source model does not run on the {inputs.label}: {error}; give samples the model takes "
+                       f"(inputs: {', '.join(str(s) for s in signature.inputs)})")
+            if strict:
+                raise BuildError(message)
+            inputs.log.append(message)
+        return inputs
+    plan, failures = choose_plan(model, signature, shapes, run)
+    if plan is None:
+        if strict:
+            raise unrunnable_error(signature, failures)
+        inputs.log.append(f"graph passes and checks could not run: {unrunnable_error(signature, failures)}")
+        return inputs
+    inputs.kind, inputs.label, inputs.plan = "generated", plan_label(plan), plan
+    if failures:
+        tried = "; ".join(f"[{p.describe()}]: {error}" for p, error in failures)
+        inputs.log.append(f"checks run on {plan.describe()} (the source does not run on {tried})")
+    return inputs
+
+
+def samples_to_store(
+    inputs: BuildInputs, holdout: list[dict[str, np.ndarray]] | None, holdout_label: str, holdout_random: bool
+) -> tuple[bytes | None, dict[str, Any] | None, str | None]:
+    """What goes into the bundle: (.npz bytes, the manifest record, a build-log line).
+
+    Real samples only: the build's data (or a rebuilt bundle's), else int8's held-out calibration
+    data. Generated inputs are not stored; their plan is recorded so validate can regenerate them.
+    """
+    feeds, kind, label = None, inputs.kind, inputs.label
+    if inputs.real:
+        feeds = inputs.feeds
+    elif holdout and not holdout_random:
+        feeds = {name: np.concatenate([batch[name] for batch in holdout]) for name in holdout[0]}
+        kind, label = "calibration", holdout_label
+    if feeds is None:
+        return None, inputs.manifest_record(None, None) if inputs.plan is not None else None, None
+    raw, count, note = encode_samples(feeds)
+    record = BuildInputs(kind, label, feeds, inputs.plan).manifest_record(count, note)
+    return raw, record, note or f"{count} samples ({label}) stored in the bundle for validate and rebuilds"
+
+
+def stored_validation_batches(
+    signature: Signature,
+    raw: bytes | None,
+    record: Mapping[str, Any] | None,
+    where: str,
+    *,
+    batch: int | None,
+    batches: int,
+    seed: int,
+) -> tuple[list[dict[str, np.ndarray]], str, bool] | None:
+    """Batches from a bundle's samples (real) or its input plan (generated): (batches, label, real), or None."""
+    record = record or {}
+    if raw is not None:
+        feeds = decode_samples(raw, signature, where)
+        size = batch or signature.fixed_batch() or 8
+        label = f"samples stored in the bundle ({record.get('label', 'build samples')})"
+        return split_samples(feeds, signature, size), label, True
+    plan = plan_from_record(record)
+    if plan is not None:
+        generated = [plan.generate(seed=seed + i, batch=batch) for i in range(batches)]
+        return generated, f"generated from the build's input plan ({plan.describe()})", False
+    return None
