@@ -351,9 +351,10 @@ def resolve_build_inputs(
         inputs.log.append(f"graph passes and checks could not run: {unrunnable_error(signature, failures)}")
         return inputs
     inputs.kind, inputs.label, inputs.plan = "generated", plan_label(plan), plan
+    line = f"checks run on generated inputs {plan.describe()}"
     if failures:
-        tried = "; ".join(f"[{p.describe()}]: {error}" for p, error in failures)
-        inputs.log.append(f"checks run on {plan.describe()} (the source does not run on {tried})")
+        line += " (the source does not run on " + "; ".join(f"[{p.describe()}]: {error}" for p, error in failures) + ")"
+    inputs.log.append(line + "; give real ones with --data FILE")
     return inputs
 
 
