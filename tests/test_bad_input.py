@@ -124,7 +124,7 @@ def test_inconsistent_symbolic_dims():
     from conftest import make_two_in_two_out
 
     engine = es.build(make_two_in_two_out())
-    with pytest.raises(es.InputError, match="dimension 'batch'"):
+    with pytest.raises(es.InputError, match=r"input 'right' axis 0 is 3, but symbol 'batch' is 2 \(input 'left' axis 0\)"):
         engine(left=np.zeros((2, 3), np.float32), right=np.zeros((3, 3), np.float32))
 
 

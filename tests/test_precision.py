@@ -256,3 +256,16 @@ def test_cli_best_prints_candidates(digits, tmp_path, capsys):
                  "--max-accuracy-drop", "1%"]) == 0
     printed = capsys.readouterr().out
     assert "precision candidates" in printed and "int8" in printed and "fp32" in printed
+
+
+def test_int8_engine_that_passed_build_verification_passes_plain_validate(int8_engine, capsys):
+    """Issue 14: validate without --data uses the held-out calibration data the bundle carries."""
+    engine = es.load(int8_engine)
+    assert engine.manifest.checks["build_verification"]["passed"] is True
+    assert engine.manifest.checks["samples"]["kind"] == "calibration"
+    report = es.validate(int8_engine, store=False)
+    assert report.passed and not report.inconclusive
+    assert report.inputs.startswith("samples stored in the bundle (held-out part of 'train.npz')")
+    assert report.samples == engine.manifest.checks["calibration"]["holdout_samples"]
+    assert main(["validate", str(int8_engine), "--no-store"]) == 0
+    assert "PASS" in capsys.readouterr().out

@@ -16,6 +16,15 @@ from . import __version__
 from .backends import Backend, BuildOptions, Calibration, get_backend, pick_backend
 from .backends.base import CALIBRATION_METHODS, PRECISIONS, ProgressCallback
 from .bench import BenchReport, machine_facts, measure
+from .build_inputs import (
+    BuildInputs,
+    StoredSamples,
+    plan_from_record,
+    resolve_build_inputs,
+    samples_to_store,
+    split_samples,
+    stored_validation_batches,
+)
 from .bundle import BundleContents, extract_verified_entry, looks_like_bundle, read_bundle, write_bundle
 from .errors import (
     BackendUnavailableError,
@@ -68,7 +77,7 @@ def build(
     graph_passes: bool | None = None,
     disabled_passes: Sequence[str] | None = None,
     check_compatibility: bool = True,
-    verification_data: str | Path | None = None,
+    data: str | Path | Mapping[str, np.ndarray] | None = None,
 ) -> Engine:
     """Build an engine for this machine from a model file, an in-memory model, or a bundle.
 
@@ -88,14 +97,22 @@ def build(
     skipped), each checked numerically and rolled back if it changes the outputs.
 
     With ``verify`` (the default) the engine is compared with the source run by its own
-    framework, and a failed comparison raises :class:`BuildError`. The comparison runs on
-    ``verification_data`` (a file or folder, as for :func:`validate`) when given, else on the
-    held-out calibration data, else on seeded random inputs.
+    framework, and a failed comparison raises :class:`BuildError`; it runs on ``data`` when given,
+    else on the held-out calibration data, else on the generated inputs.
+
+    ``data`` (an .npz keyed by input name, an .npy for a single input, a folder of images or
+    arrays, or a dict of arrays) gives sample inputs: the graph-pass checks and the
+    verification run on them, and the first of them (at most 8 MB) are stored in the bundle,
+    where ``validate`` and rebuilds find them. Without data, inputs are generated from what the
+    graph says about its inputs and tried on the source first; a model that runs on none of
+    them stops the build with a :class:`BuildError` naming what was tried and the fix.
     """
     previous: Manifest | None = None
     previous_caches: dict[str, bytes] = {}
+    previous_samples: bytes | None = None
     with tempfile.TemporaryDirectory(prefix="enginesmith-build-") as tmp:
         if isinstance(source, (str, Path)) and Path(source).is_file() and looks_like_bundle(source):
+            previous_samples = read_bundle(source, payload=False, samples=True).samples
             source, previous, import_options, previous_caches = _source_from_bundle(Path(source), Path(tmp), import_options)
         import_options = import_options or ImportOptions()
         chosen = _choose_backend(backend, previous)
@@ -108,30 +125,38 @@ def build(
         previous_caches = reusable_caches(previous_caches, same_backend)
         options.previous_caches = previous_caches
         graph = _graph_settings(graph_passes, disabled_passes, check_compatibility, previous)
-        imported, graph_checks = _prepare_graph(imported, chosen, options, import_options, graph, progress)
         spec = _preprocess_spec(preprocess, previous)
+        compat_checks = _check_compatibility(imported, chosen, options, import_options, graph)
+        inputs = resolve_build_inputs(imported.model, imported.signature, import_options.input_shapes, data, spec,
+                                      _stored_samples(previous, previous_samples), needed=verify or graph.enabled,
+                                      strict=verify)
+        options.sample_feeds = inputs.check_feeds()
+        imported, graph_checks = _prepare_graph(imported, chosen, options, import_options, graph, progress,
+                                                check_feeds=options.sample_feeds)
+        graph_checks = {**compat_checks, **graph_checks}
         budget = _accuracy_budget(accuracy_budget, previous)
         data = prepare_precision_data(
             imported.signature, options, calibration_data, calibration_random, spec, holdout,
             _calibration_cache(calibration_cache, previous_caches),
         )
-        if verification_data is not None:
-            batches, label = validation_batches(imported.signature, verification_data, preprocess=spec)
-            data = replace(data, holdout=batches, holdout_label=label)
         # Created after the first engine is built, so an unbuildable model reports the backend's error.
         reference = _lazy_reference(source, import_options, imported.kind)
         if options.precision == "best":
-            engine = _build_best(imported, chosen, options, import_options, include_source, progress, data, reference, budget)
+            engine = _build_best(imported, chosen, options, import_options, include_source, progress, data, reference,
+                                 budget, inputs)
         else:
             engine = _build_engine(imported, chosen, options, import_options, include_source, progress, data.calibration)
-            if verify and engine.precision == "int8" and not data.holdout:
+            if verify and engine.precision == "int8" and not data.holdout and not inputs.real:
                 # Random inputs fall outside the calibrated ranges, so comparing on them says nothing.
                 engine.manifest.build_log.append(
                     "int8 engine not verified: no real inputs (rebuilt from a calibration cache); "
                     "run 'enginesmith validate ENGINE --data DATA' on real inputs"
                 )
             elif verify:
-                _verify(engine, reference, data, tolerance or (budget.tolerance() if budget else None), imported.kind)
+                _verify(engine, reference, data, tolerance or (budget.tolerance() if budget else None), imported.kind,
+                        inputs)
+        engine.manifest.build_log.extend(inputs.log)
+        _store_samples(engine, inputs, data)
         engine.manifest.checks.update(graph_checks)
         engine.manifest.build_options["graph"] = graph.to_dict()
         engine.manifest.preprocess = spec.to_dict() if spec else None
@@ -141,6 +166,31 @@ def build(
     if output is not None:
         engine.save(output, include_source=include_source)
     return engine
+
+
+def _store_samples(engine: Engine, inputs: BuildInputs, data: "PrecisionData") -> None:
+    """Real samples (given data, else int8's held-out calibration data) go into the bundle, within the size bound."""
+    raw, record, line = samples_to_store(inputs, data.holdout, data.holdout_label, bool(data.check.get("random")))
+    engine.set_samples(raw)
+    if record:
+        engine.manifest.checks["samples"] = record
+    if line:
+        engine.manifest.build_log.append(line)
+
+
+def _stored_samples(previous: Manifest | None, raw: bytes | None) -> StoredSamples | None:
+    """The samples a rebuilt bundle carries, with where they first came from."""
+    if previous is None or raw is None:
+        return None
+    return StoredSamples(raw, (previous.checks.get("samples") or {}).get("label", "build samples"))
+
+
+def _timing_feeds(signature: Signature, inputs: BuildInputs | None) -> dict[str, np.ndarray]:
+    """One input to time candidates with: a build sample, else generated from the plan, else random."""
+    if inputs is not None and inputs.plan is not None:
+        return inputs.plan.generate(seed=0, batch=1)
+    feeds = inputs.check_feeds(limit=1) if inputs is not None else None
+    return feeds if feeds is not None else random_inputs(signature.inputs, batch=1, seed=0)
 
 
 def _lazy_reference(source: SourceLike, options: ImportOptions, kind: str) -> ReferenceRunner:
@@ -217,8 +267,9 @@ class RandomCalibrationWarning(UserWarning):
     """An int8 engine was calibrated on random inputs."""
 
 
-def _verify(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tolerance: Tolerance | None, kind: str) -> None:
-    report = _check_engine(engine, reference, data, tolerance, kind)
+def _verify(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tolerance: Tolerance | None, kind: str,
+            inputs: BuildInputs | None = None) -> None:
+    report = _check_engine(engine, reference, data, tolerance, kind, inputs)
     _attach_report(engine, "build_verification", report)
     if not report.passed:
         failures = "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in report.outputs if not o.passed)
@@ -228,9 +279,16 @@ def _verify(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tol
         )
 
 
-def _check_engine(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tolerance: Tolerance | None, kind: str) -> ValidationReport:
-    if data.holdout:
+def _check_engine(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tolerance: Tolerance | None, kind: str,
+                  inputs: BuildInputs | None = None) -> ValidationReport:
+    planned = inputs.validation_batches(engine.signature) if inputs is not None else None
+    # Data the user gave comes first, then int8's held-out calibration data, then the generated plan.
+    if planned is not None and inputs.real:
+        batches, label = planned
+    elif data.holdout:
         batches, label = data.holdout, data.holdout_label
+    elif planned is not None:
+        batches, label = planned
     else:
         batches, label = validation_batches(engine.signature)
     return validate_engine(engine, reference, batches, label, reference_label=f"{kind} source (its own framework)",
@@ -247,6 +305,7 @@ def _build_best(
     data: PrecisionData,
     reference: ReferenceRunner,
     budget: AccuracyBudget | None,
+    inputs: BuildInputs | None = None,
 ) -> Engine:
     """Build each precision the backend supports; keep the fastest within the accuracy budget."""
     candidates: list[dict[str, Any]] = []
@@ -266,8 +325,8 @@ def _build_best(
             row.update(kept=False, reason=f"build failed: {exc}")
             continue
         tolerance = budget.tolerance() if budget else tolerance_for(precision)
-        report = _check_engine(engine, reference, data, tolerance, imported.kind)
-        feeds = random_inputs(engine.signature.inputs, batch=1, seed=0)
+        report = _check_engine(engine, reference, data, tolerance, imported.kind, inputs)
+        feeds = _timing_feeds(engine.signature, inputs)
         p50 = measure({"engine": engine.infer}, feeds, 1, warmup=3, runs=20, rounds=2)[0].p50_ms
         row.update(
             p50_ms=p50,
@@ -387,6 +446,22 @@ def _graph_settings(
 REQUESTED_PASSES = ("fix_shapes", "make_dynamic", "convert_opset")
 
 
+def _check_compatibility(
+    imported: ImportedModel, backend: Backend, options: BuildOptions, import_options: ImportOptions, graph: GraphSettings
+) -> dict[str, Any]:
+    """Check the model against the backend (stops with IncompatibleModelError); returns the check summary."""
+    from .graph.compat import check_buildable
+    from .graph.passes import build_passes
+
+    if not graph.check_compatibility:
+        return {}
+    specs = build_passes(import_options, graph.disabled) if graph.enabled else []
+    names = [spec if isinstance(spec, str) else spec[0] for spec in specs]
+    report = check_buildable(imported.model, backend.name, options, passes=names)
+    return {"compatibility": {"target": report.target_label, "source": report.source,
+                              "counts": report.counts, "summary": report.summary()}}
+
+
 def _prepare_graph(
     imported: ImportedModel,
     backend: Backend,
@@ -394,22 +469,17 @@ def _prepare_graph(
     import_options: ImportOptions,
     graph: GraphSettings,
     progress: ProgressCallback | None,
+    check_feeds: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ImportedModel, dict[str, Any]]:
-    """Check the model against the backend, then run the graph passes; returns the model to build and checks."""
-    from .graph.compat import check_buildable
+    """Run the graph passes, each checked on ``check_feeds`` (else generated inputs); returns the model and checks."""
     from .graph.passes import build_passes, optimize
     from .importers.onnx_importer import signature_of
 
     specs = build_passes(import_options, graph.disabled) if graph.enabled else []
-    names = [spec if isinstance(spec, str) else spec[0] for spec in specs]
     checks: dict[str, Any] = {}
-    if graph.check_compatibility:
-        report = check_buildable(imported.model, backend.name, options, passes=names)
-        checks["compatibility"] = {"target": report.target_label, "source": report.source,
-                                   "counts": report.counts, "summary": report.summary()}
     if not specs:
         return imported, checks
-    model, summary = optimize(imported.model, specs, progress=progress)
+    model, summary = optimize(imported.model, specs, progress=progress, feeds=check_feeds)
     failed = [r for r in summary.rolled_back if r.name in REQUESTED_PASSES]
     if failed:
         raise BuildError(f"could not apply {failed[0].name} {failed[0].args}: {failed[0].reason}")
@@ -617,7 +687,7 @@ def validation_batches(
     if data is not None:
         feeds = load_dataset(data, signature, preprocess)
         size = batch or fixed or 8
-        return list(split_batches(feeds, size)), f"data '{Path(data).name}'"
+        return split_samples(feeds, signature, size), f"data '{Path(data).name}'"
     size = batch or fixed or 2
     try:
         generated = [random_inputs(signature.inputs, batch=size, seed=seed + i) for i in range(batches)]
@@ -662,6 +732,12 @@ def validate(
 ) -> ValidationReport:
     """Compare an engine with a reference model (by default the source the bundle carries).
 
+    Without ``data`` the inputs are the samples the bundle carries (``--data`` at build, or an
+    int8 engine's held-out calibration data), else generated from the build's input plan, else
+    random; the report's ``inputs`` says which. An int8 engine judged on anything but real
+    samples gets an ``inconclusive`` report (not a failure). A reference whose inputs have other
+    names than the engine's is refused before anything runs.
+
     With ``store`` and an engine on disk, the report is written into the bundle. ``trust_code``
     is passed to :func:`load` for an engine given as a path.
     """
@@ -675,13 +751,49 @@ def validate(
         recorded = ImportOptions.from_dict(engine.manifest.build_options.get("import_options", {}))
         options = import_options.over(recorded) if import_options is not None else recorded
         reference = reference_runner(against, options)
+        _check_same_inputs(engine, reference)
         spec = PreprocessSpec.from_dict(engine.manifest.preprocess) if engine.manifest.preprocess else None
-        feeds, inputs_label = validation_batches(engine.signature, data, batch, batches, seed, spec)
+        if data is not None:
+            feeds, inputs_label = validation_batches(engine.signature, data, batch, batches, seed, spec)
+            real = True
+        else:
+            feeds, inputs_label, real = _default_validation_batches(engine, batch, batches, seed)
         report = validate_engine(engine, reference, feeds, inputs_label, reference_label=label, tolerance=tolerance)
+        if engine.precision == "int8" and not real:
+            report.inconclusive = (
+                f"inputs {inputs_label.split(' (')[0]} cannot judge an int8 engine: its ranges were calibrated on real "
+                "data, so differences on other inputs say nothing; validate with --data DATA (real inputs)"
+            )
     _attach_report(engine, "validation", report)
     if store and engine.path is not None:
         _store_report(engine.path, "validation", report)
     return report
+
+
+def _check_same_inputs(engine: Engine, reference: ReferenceRunner) -> None:
+    """Refuse before running when the reference takes other inputs than the engine (a wrong --against)."""
+    names = getattr(reference, "input_names", None)
+    if names is None:
+        return
+    missing = [n for n in engine.signature.input_names if n not in names]
+    if missing:
+        raise ValidationDataError(
+            f"the engine's inputs ({', '.join(engine.signature.input_names)}) and the reference's inputs "
+            f"({', '.join(names)}) do not match: validate against the model the engine was built from"
+        )
+
+
+def _default_validation_batches(
+    engine: Engine, batch: int | None, batches: int, seed: int
+) -> tuple[list[dict[str, np.ndarray]], str, bool]:
+    """Without --data: the samples the bundle carries, else the build's input plan, else random; and whether real."""
+    where = f"engine '{engine.path.name if engine.path else 'in memory'}'"
+    found = stored_validation_batches(engine.signature, engine.stored_samples(), engine.manifest.checks.get("samples"),
+                                      where, batch=batch, batches=batches, seed=seed)
+    if found is not None:
+        return found
+    generated, label = validation_batches(engine.signature, None, batch, batches, seed)
+    return generated, label, False
 
 
 def layerwise(
@@ -723,12 +835,15 @@ def _attach_report(engine: Engine, name: str, report: ValidationReport) -> None:
 
 
 def _check_summary(report: ValidationReport) -> dict[str, Any]:
-    return {"passed": report.passed, "summary": report.summary(), "at": report.created_at}
+    summary = {"passed": report.passed, "summary": report.summary(), "at": report.created_at}
+    if report.inconclusive:
+        summary["inconclusive"] = report.inconclusive
+    return summary
 
 
 def _store_report(path: Path, name: str, report: ValidationReport) -> None:
     """Rewrite a saved bundle with the latest report (atomically, checksums renewed)."""
-    contents = read_bundle(path, payload=True, source=True, reports=True, caches=True)
+    contents = read_bundle(path, payload=True, source=True, reports=True, caches=True, samples=True)
     contents.reports[name] = report.to_json()
     contents.manifest.checks[name] = _check_summary(report)
     write_bundle(path, contents)
@@ -760,8 +875,12 @@ def baseline_description(source: SourceLike) -> str | None:
 
 
 def _bench_feeds(engine: Engine, data: str | Path | None, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """``batch`` rows of the data (cycled when it has fewer), or seeded random inputs."""
+    """``batch`` rows of the data (cycled when it has fewer); else inputs the model runs on, from the
+    build's input plan where it has one; else seeded random inputs."""
     if data is None:
+        plan = plan_from_record(engine.manifest.checks.get("samples"))
+        if plan is not None:
+            return plan.generate(seed=seed, batch=batch)
         return random_inputs(engine.signature.inputs, batch=batch, seed=seed)
     spec = PreprocessSpec.from_dict(engine.manifest.preprocess) if engine.manifest.preprocess else None
     feeds = load_dataset(data, engine.signature, spec)

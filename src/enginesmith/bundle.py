@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -22,12 +24,33 @@ from .manifest import FileRecord, Manifest
 MANIFEST_NAME = "manifest.json"
 REPORTS_DIR = "reports/"
 CACHES_DIR = "cache/"
+# Sample inputs the build checked with (an .npz keyed by input name): what validate and rebuilds use by default.
+SAMPLES_ENTRY = "samples/samples.npz"
 
 # Limits against hostile archives; large enough for multi-GB LLM engines.
 MAX_ENTRY_BYTES = int(os.environ.get("ENGINESMITH_MAX_ENTRY_BYTES", 32 * 2**30))
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_COMPRESSION_RATIO = 200
 _CHUNK = 2**20
+
+# What zipfile, zlib and the manifest parser raise on a damaged archive: flipped bytes, truncation,
+# an unknown compression method, a broken central directory or entry name. All become BundleError.
+DAMAGED_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    NotImplementedError,
+    EOFError,
+    OSError,
+    struct.error,
+    UnicodeDecodeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    RuntimeError,  # an entry marked encrypted
+    TypeError,  # a self-consistent but malformed manifest (a size that is not a number)
+)
 
 
 @dataclass
@@ -39,6 +62,8 @@ class BundleContents:
     reports: dict[str, bytes] = field(default_factory=dict)
     # backend caches later builds of the same model reuse (calibration, timing): file name -> bytes
     caches: dict[str, bytes] = field(default_factory=dict)
+    # sample inputs (np.savez bytes, no pickles) for validate and rebuilds
+    samples: bytes | None = None
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -50,7 +75,7 @@ def looks_like_bundle(path: str | os.PathLike) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             return MANIFEST_NAME in zf.namelist()
-    except (OSError, zipfile.BadZipFile):
+    except DAMAGED_ZIP_ERRORS:
         return False
 
 
@@ -65,6 +90,8 @@ def write_bundle(path: str | os.PathLike, contents: BundleContents) -> Path:
         entries[f"{REPORTS_DIR}{name}.json"] = raw
     for name, raw in contents.caches.items():
         entries[CACHES_DIR + name] = raw
+    if contents.samples is not None:
+        entries[SAMPLES_ENTRY] = contents.samples
     contents.manifest.files = {
         name: FileRecord(sha256=sha256_bytes(data), size=len(data)) for name, data in entries.items()
     }
@@ -109,9 +136,13 @@ def _read_entry(zf: zipfile.ZipFile, name: str, limit: int, where: str) -> bytes
                 if total > limit:
                     raise BundleError(f"{where}: entry '{name}' is larger than its limit; refusing to read it")
                 chunks.append(chunk)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise BundleError(f"{where}: entry '{name}' is corrupted ({exc}); rebuild the engine") from None
+    except DAMAGED_ZIP_ERRORS as exc:
+        raise BundleError(f"{where}: entry '{name}' is corrupted ({_error_text(exc)}); rebuild the engine") from None
     return b"".join(chunks)
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
 
 def extract_verified_entry(path: str | os.PathLike, manifest: Manifest, entry: str, target: Path) -> Path:
@@ -132,9 +163,9 @@ def extract_verified_entry(path: str | os.PathLike, manifest: Manifest, entry: s
                     break
                 digest.update(chunk)
                 dst.write(chunk)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+    except DAMAGED_ZIP_ERRORS as exc:
         target.unlink(missing_ok=True)
-        raise BundleError(f"{where}: entry '{entry}' is corrupted ({exc}); rebuild the engine") from None
+        raise BundleError(f"{where}: entry '{entry}' is corrupted ({_error_text(exc)}); rebuild the engine") from None
     if total != record.size or digest.hexdigest() != record.sha256:
         target.unlink(missing_ok=True)
         raise BundleError(f"{where}: checksum mismatch for '{entry}': the file was modified or corrupted; rebuild the engine")
@@ -148,8 +179,13 @@ def read_bundle(
     source: bool = False,
     reports: bool = False,
     caches: bool = False,
+    samples: bool = False,
 ) -> BundleContents:
-    """Open a bundle, check its structure and the checksums of the entries read."""
+    """Open a bundle, check its structure and the checksums of the entries read.
+
+    Whatever the damage (flipped bytes, truncation, a broken central directory), the only
+    error is a :class:`BundleError`.
+    """
     path = Path(path)
     where = f"engine bundle '{path.name}'"
     if not path.exists():
@@ -158,11 +194,23 @@ def read_bundle(
         raise BundleError(f"'{path}' is not a file; an engine bundle is a single .engine file")
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
+    except DAMAGED_ZIP_ERRORS as exc:
         raise BundleError(
-            f"'{path.name}' is not an enginesmith bundle (not a zip archive, or truncated); "
+            f"'{path.name}' is not an enginesmith bundle (not a zip archive, or truncated: {_error_text(exc)}); "
             "build one with 'enginesmith build MODEL'"
         ) from None
+    try:
+        return _read_open_bundle(zf, where, payload=payload, source=source, reports=reports, caches=caches,
+                                 samples=samples)
+    except BundleError:
+        raise
+    except DAMAGED_ZIP_ERRORS as exc:
+        raise BundleError(f"{where} is corrupted ({_error_text(exc)}); rebuild the engine") from None
+
+
+def _read_open_bundle(
+    zf: zipfile.ZipFile, where: str, *, payload: bool, source: bool, reports: bool, caches: bool, samples: bool
+) -> BundleContents:
     with zf:
         _check_entry_names(zf, where)
         names = set(zf.namelist())
@@ -203,4 +251,6 @@ def read_bundle(
             for entry in sorted(listed):
                 if entry.startswith(CACHES_DIR):
                     contents.caches[entry[len(CACHES_DIR) :]] = verified(entry)
+        if samples and SAMPLES_ENTRY in listed:
+            contents.samples = verified(SAMPLES_ENTRY)
     return contents

@@ -103,7 +103,7 @@ class Manifest:
             data["signature"] = Signature.from_dict(data["signature"])
             data["files"] = {name: FileRecord(**rec) for name, rec in data["files"].items()}
             return cls(**data)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"bundle manifest is missing or has malformed fields ({exc}); rebuild the engine") from None
 
 

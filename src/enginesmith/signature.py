@@ -7,12 +7,38 @@ signature survives a JSON round trip unchanged.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 Dim = int | str | None
+
+# Dim names exporters write for a dimension they could not name. Such dims are independent
+# unknowns, not one shared symbol: x[?, 3, ?, ?] takes any height and any width.
+UNNAMED_DIM_TEXTS = frozenset({"", "?", "-1", "none", "null", "unk", "unknown", "dynamic"})
+# tf2onnx and ONNX Runtime's symbolic shape inference name every unknown dim "unk__<n>".
+_CONVERTER_UNNAMED = re.compile(r"unk__\d+")
+
+
+def is_named_symbol(dim: Dim) -> bool:
+    """A symbolic dim whose name means something: equal names must have equal sizes."""
+    return isinstance(dim, str) and dim.strip().lower() not in UNNAMED_DIM_TEXTS and not _CONVERTER_UNNAMED.fullmatch(dim)
+
+
+def normalize_dim(dim: Dim) -> Dim:
+    """Negative sizes and unnamed symbols become ``None`` (unknown); a numeric string becomes an int."""
+    if isinstance(dim, bool):
+        return None
+    if isinstance(dim, int):
+        return dim if dim >= 0 else None
+    if isinstance(dim, str):
+        text = dim.strip()
+        if text.isdigit():
+            return int(text)
+        return dim if is_named_symbol(dim) else None
+    return None
 
 
 def dim_text(dim: Dim) -> str:
@@ -44,7 +70,7 @@ class TensorSpec:
         for axis, d in enumerate(self.shape):
             if isinstance(d, int) and d >= 0:
                 out.append(d)
-            elif isinstance(d, str) and d in dims:
+            elif is_named_symbol(d) and d in dims:
                 out.append(dims[d])
             else:
                 out.append(batch if axis == 0 else 1)

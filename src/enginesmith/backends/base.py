@@ -43,6 +43,8 @@ class BuildOptions:
     not know about them; they are stored in the manifest and reused when a
     bundle is rebuilt on another machine.
 
+    ``sample_feeds`` holds inputs the model runs on, for backends that run it while building.
+
     ``previous_caches`` holds the cache entries of the bundle being rebuilt (TensorRT
     timing caches, ONNX Runtime's TensorRT engines), so a rebuild reuses them. Each
     backend reads only the names it writes. It is never stored in the manifest.
@@ -55,6 +57,9 @@ class BuildOptions:
     calibration_method: str = "minmax"
     backend_options: dict[str, Any] = field(default_factory=dict)
     previous_caches: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    # Inputs the source model is known to run on (the build's samples or generated plan), for backends
+    # that run the model once while building (ONNX Runtime's node-placement profile). Never stored.
+    sample_feeds: dict[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

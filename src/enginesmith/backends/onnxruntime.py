@@ -138,6 +138,14 @@ def _explain_ort_error(exc: Exception, model: onnx.ModelProto) -> UnsupportedMod
     return BuildError(f"ONNX Runtime could not build the engine: {text}")
 
 
+def _first_sample(feeds: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+    """One sample of the build's inputs (inputs without a sample axis whole), for a profiled run."""
+    if not feeds:
+        return None
+    total = max((v.shape[0] for v in feeds.values() if v.ndim), default=1)
+    return {name: v[:1] if v.ndim and v.shape[0] == total else v for name, v in feeds.items()}
+
+
 def _node_placement(session, signature: Signature, feeds: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, int]]:
     """op type -> {provider: count of nodes that ran on it}, read from one profiled run."""
     session.run(None, feeds if feeds is not None else random_inputs(signature.inputs, batch=1))
@@ -401,7 +409,7 @@ class OnnxRuntimeBackend(Backend):
                 raise _explain_ort_error(exc, model) from None
             _require_providers(providers, session, ort.__version__)
             try:
-                placement = _node_placement(session, signature)
+                placement = _node_placement(session, signature, _first_sample(options.sample_feeds))
             except Exception as exc:  # placement is informative only; never fail a build on it
                 placement = {}
                 log.append(f"node placement not recorded: {str(exc).splitlines()[0][:200]}")
@@ -638,16 +646,18 @@ def _load_tensorrt(payload: bytes | Path, options: BuildOptions, signature: Sign
     return OnnxRuntimeSession(session, signature.output_names, plan.profiles, owned)
 
 
-def plain_session_runner(model_bytes: bytes):
+def plain_session_runner(model_bytes: bytes, quiet: bool = False):
     """Run a model the way a user would by hand: a default ONNX Runtime CPU session.
 
-    Used as the reference for ONNX sources and as the baseline in benchmarks.
+    Used as the reference for ONNX sources and as the baseline in benchmarks. ``quiet`` keeps
+    ONNX Runtime from logging run failures to stderr (the caller reports them itself).
     """
     ort = _ort()
     so = ort.SessionOptions()
-    # Used for checks (graph passes, references): their failures become exceptions, so ONNX Runtime's own
-    # error log would only repeat them on the terminal; --verbose (severity 2) lets it through.
-    so.log_severity_level = 4 if _LOG_SEVERITY in (None, 3) else _LOG_SEVERITY
+    # Used for checks (graph passes, references, input probes): their failures become exceptions, so ONNX
+    # Runtime's own error log would only repeat them on the terminal; --verbose (severity 2) lets it through,
+    # except for probes (quiet), whose failures are expected.
+    so.log_severity_level = 4 if quiet or _LOG_SEVERITY in (None, 3) else _LOG_SEVERITY
     try:
         session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -657,6 +667,8 @@ def plain_session_runner(model_bytes: bytes):
     def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(names, session.run(names, dict(feeds))))
 
+    # Read by validate to check that an engine and a reference take the same inputs before running.
+    run.input_names = [i.name for i in session.get_inputs()]  # type: ignore[attr-defined]
     return run
 
 

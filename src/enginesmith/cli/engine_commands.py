@@ -80,7 +80,7 @@ def build(
     outputs: Optional[str] = typer.Option(None, "--outputs", metavar="NAMES", help="Output tensor names, comma-separated (frozen graphs)."),
     signature: str = typer.Option("serving_default", metavar="KEY", help="SavedModel signature to import."),
     opset: Optional[int] = typer.Option(None, metavar="N", help="ONNX opset to convert to (default: the backend's, 17 for ONNX Runtime)."),
-    data: list[str] = typer.Option([], "--data", "-d", metavar="FILE|DIR|NAME=FILE", help=DATA_HELP + " Verify the engine on it (default: held-out calibration data, else seeded random inputs)."),
+    data: list[str] = typer.Option([], "--data", "-d", metavar="FILE|DIR|NAME=FILE", help=DATA_HELP + " Sample inputs: the graph-pass checks and the verification run on them, and the first (up to 8 MB) are stored for validate (default: inputs generated from the graph)."),
     calib: Optional[Path] = typer.Option(None, metavar="FILE|DIR", help="Calibration data: .npy/.npz keyed by input name, or a folder of images or .npy files."),
     calib_method: Optional[str] = typer.Option(None, metavar="METHOD", help="int8 calibration: minmax (default), entropy or percentile."),
     calib_random: bool = typer.Option(False, "--calib-random", help="Calibrate on random inputs (smoke tests only: accuracy unknown)."),
@@ -142,7 +142,7 @@ def build(
                 tempfile.TemporaryDirectory(prefix="enginesmith-data-") as scratch:
             # print_build shows the random-calibration warning the manifest carries; once is enough.
             warnings.filterwarnings("ignore", category=api.RandomCalibrationWarning)
-            build_args["verification_data"] = data_path(data, None, Path(scratch))
+            build_args["data"] = data_path(data, None, Path(scratch))
             engine = api.build(model, progress=progress, **build_args)
     except IncompatibleModelError as exc:
         # The full report on stdout; main() prints the one-line error on stderr.
@@ -351,8 +351,11 @@ def print_validation(report: ValidationReport) -> None:
         tbl.add_row(escape(o.name), f"{o.max_abs:.3e}", f"{o.mean_abs:.3e}", f"{o.rel_l2:.3e}", f"{o.cosine:.6f}", agree, result)
     console.print(tbl)
     tolerance = tolerance_text(report.tolerance) if isinstance(report.tolerance, dict) else str(report.tolerance)
-    console.print(("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")
-                  + escape(f" ({report.precision} tolerance: {tolerance})"), highlight=False)
+    if report.inconclusive:
+        console.print("[bold yellow]INCONCLUSIVE[/] " + escape(f"(not a failure): {report.inconclusive}"), highlight=False)
+    else:
+        console.print(("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")
+                      + escape(f" ({report.precision} tolerance: {tolerance})"), highlight=False)
     for warning in report.warnings:
         console.print("[bold yellow]warning:[/] " + escape(warning), highlight=False)
 
@@ -361,7 +364,7 @@ def print_validation(report: ValidationReport) -> None:
 def validate(
     engine_path: Path = typer.Argument(..., metavar="ENGINE", help="Engine bundle."),
     against: Optional[Path] = typer.Option(None, metavar="MODEL", help="Reference model (default: the source the bundle carries)."),
-    data: list[str] = typer.Option([], "--data", "-d", metavar="FILE|DIR|NAME=FILE", help=DATA_HELP + " Default: seeded random inputs."),
+    data: list[str] = typer.Option([], "--data", "-d", metavar="FILE|DIR|NAME=FILE", help=DATA_HELP + " Default: the samples the bundle carries, else inputs generated from the graph."),
     batch: Optional[int] = typer.Option(None, min=1, metavar="N", help="Batch size."),
     batches: int = typer.Option(3, min=1, metavar="N", help="Random batches to draw when no --data."),
     seed: int = typer.Option(0, metavar="N", help="Seed for random inputs."),
@@ -406,7 +409,7 @@ def validate(
         if layers is not None:
             print_layerwise(layers, show_all)
             print_json(layers.to_json(), layer_path)
-    if not report.passed:
+    if report.failed:
         raise typer.Exit(code=1)
 
 

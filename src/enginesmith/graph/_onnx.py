@@ -219,11 +219,14 @@ def intermediate_names(model: onnx.ModelProto) -> list[str]:
     return [out for node in model.graph.node for out in node.output if out]
 
 
-def plain_runner(model: onnx.ModelProto) -> Runner:
-    """Run a model on a default ONNX Runtime CPU session, through the backend module (lazily imported)."""
+def plain_runner(model: onnx.ModelProto, quiet: bool = False) -> Runner:
+    """Run a model on a default ONNX Runtime CPU session, through the backend module (lazily imported).
+
+    ``quiet``: ONNX Runtime logs nothing when a run fails (the caller reports the failure).
+    """
     from ..backends import onnxruntime as ort_backend
 
-    return ort_backend.plain_session_runner(model.SerializeToString())
+    return ort_backend.plain_session_runner(model.SerializeToString(), quiet=quiet)
 
 
 def resolve_shape(dims: list[Dim] | None, sizes: Mapping[str, int] | None = None, default: int = 1) -> tuple[int, ...] | None:

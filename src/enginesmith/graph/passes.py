@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import MissingDependencyError
+from ..signature import is_named_symbol
 from ._onnx import (
     TensorTypes,
     consumers,
@@ -354,6 +355,10 @@ class _Cache:
         return self._runs[key][1]
 
 
+# How the reason of a pass that was not applied because its check could not run begins.
+UNCHECKABLE = "outputs cannot be checked"
+
+
 def _error_line(exc: Exception) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:300]
@@ -368,13 +373,15 @@ def check_equivalent(
     batch: int = 2,
     other_dims: int = 8,
     cache: _Cache | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
 ) -> CheckResult:
     """Do ``before`` and ``after`` compute the same outputs on generated inputs?
 
     Inputs and outputs are matched by name; a renamed one by position; a tensor that is an
     intermediate of ``before`` (after a cut) is read from ``before``'s run. Symbolic dimensions
     get ``batch`` on axis 0 and ``other_dims`` elsewhere; dimensions ``after`` made dynamic are
-    also run once at another size.
+    also run once at another size. ``feeds`` (sample inputs by name) are used instead of
+    generated inputs wherever their shapes fit both models.
     """
     tolerance = tolerance or PassTolerance()
     cache = cache or _Cache()
@@ -408,7 +415,8 @@ def check_equivalent(
     # Concrete shapes: fixed dims of either side win, symbols get sizes by name.
     post_by_pre = {src: value for value in post_in for kind, src in [in_map[value.name]] if kind == "input"}
     sizes: dict[str, int] = {}
-    feeds: dict[str, np.ndarray] = {}
+    given = dict(feeds or {})
+    feeds = {}
     rng = np.random.default_rng(seed)
     dynamic_axes: dict[str, list[int]] = {}
     for value in pre_in:
@@ -432,10 +440,15 @@ def check_equivalent(
             elif isinstance(p, int) and p > 0:
                 shape.append(p)
             else:
-                key = d if isinstance(d, str) else f"{value.name}:{axis}"
+                # Only named symbols are shared; '?', '-1' and converters' 'unk__N' are each their own size.
+                key = d if is_named_symbol(d) else f"{value.name}:{axis}"
                 sizes.setdefault(key, batch if axis == 0 else other_dims)
                 shape.append(sizes[key])
         elem = value.type.tensor_type.elem_type
+        sample = given.get(value.name)
+        if sample is not None and _fits(sample.shape, pre_dims) and (post_dims is None or _fits(sample.shape, post_dims)):
+            feeds[value.name] = sample
+            continue
         try:
             feeds[value.name] = random_array(helper.tensor_dtype_to_np_dtype(elem), tuple(shape), rng)
         except (TypeError, KeyError, ValueError) as exc:
@@ -491,6 +504,10 @@ def check_equivalent(
     return CheckResult(True, "", worst)
 
 
+def _fits(shape: Sequence[int], dims: Sequence[Any]) -> bool:
+    return len(shape) == len(dims) and all(not (isinstance(d, int) and d > 0) or d == n for d, n in zip(dims, shape))
+
+
 # --------------------------------------------------------------------------- running passes
 
 
@@ -531,8 +548,12 @@ class PassSummary:
         parts = [f"graph passes: {self.nodes_before} -> {self.nodes_after} nodes"]
         changed = [f"{r.name} ({r.nodes_after - r.nodes_before:+d})" for r in self.results if r.status in ("applied", "unchecked")]
         parts.append("applied " + (", ".join(changed) if changed else "none"))
-        if self.rolled_back:
-            parts.append("rolled back " + ", ".join(r.name for r in self.rolled_back))
+        unchecked = [r.name for r in self.rolled_back if r.reason.startswith(UNCHECKABLE)]
+        if unchecked:
+            parts.append("not applied (their checks could not run) " + ", ".join(unchecked))
+        rolled = [r.name for r in self.rolled_back if r.name not in unchecked]
+        if rolled:
+            parts.append("rolled back " + ", ".join(rolled))
         return "; ".join(parts)
 
     def lines(self) -> list[str]:
@@ -543,6 +564,8 @@ class PassSummary:
                 diff = f", max abs diff {r.max_abs_diff:.2g}" if r.max_abs_diff is not None else ""
                 out.append(f"  {r.name}: {r.nodes_before} -> {r.nodes_after} nodes{diff}"
                            + (" (not checked)" if r.status == "unchecked" else ""))
+            elif r.status == "rolled_back" and r.reason.startswith(UNCHECKABLE):
+                out.append(f"  {r.name}: not applied: {r.reason}")
             elif r.status in ("rolled_back", "skipped"):
                 out.append(f"  {r.name}: {r.status.replace('_', ' ')}: {r.reason}")
         return out
@@ -570,11 +593,14 @@ def optimize(
     seed: int = 0,
     batch: int = 2,
     progress: Callable[[str, int, int | None], None] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, PassSummary]:
     """Run ``passes`` (names, or (name, kwargs)); default: :data:`DEFAULT_PASSES`.
 
     Each pass is checked numerically against the model before it unless ``check`` is off,
-    and rolled back when it fails, breaks the model or changes its outputs. Bad arguments
+    and rolled back when it fails, breaks the model or changes its outputs; ``feeds`` are the
+    inputs to check on (the build's samples; generated where they do not fit). A pass whose
+    check cannot run (the model before it does not run on the inputs) is not applied. Bad arguments
     to a pass (a missing tensor, contradictory shapes, an unreachable opset) raise the
     :class:`~enginesmith.graph.surgery.GraphSurgeryError` subclass that says so.
     """
@@ -626,7 +652,7 @@ def optimize(
             if unrunnable is not None:
                 outcome = CheckResult(False, unrunnable)
             else:
-                outcome = check_equivalent(current, after, tolerance, seed=seed, batch=batch, cache=cache)
+                outcome = check_equivalent(current, after, tolerance, seed=seed, batch=batch, cache=cache, feeds=feeds)
                 if not outcome.ok and outcome.reason.startswith("outputs cannot be checked"):
                     unrunnable = outcome.reason
             result.max_abs_diff = outcome.max_abs_diff

@@ -463,4 +463,5 @@ def reference(source: Any, options: ImportOptions) -> ReferenceRunner:
             raise SourceError(f"the Keras model returned {len(leaves)} outputs, expected {len(names)}")
         return dict(zip(names, leaves))
 
+    run.input_names = in_names  # type: ignore[attr-defined]  # validate checks them before running
     return run

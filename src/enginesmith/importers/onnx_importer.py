@@ -10,12 +10,13 @@ from google.protobuf.message import DecodeError
 
 from ..errors import SourceError
 from ..graph._onnx import dims_of
-from ..signature import Dim, Signature, TensorSpec
+from ..signature import Dim, Signature, TensorSpec, normalize_dim
 from . import ImportedModel, ImportOptions, ReferenceRunner
 
 
 def _dims(type_proto: onnx.TypeProto) -> tuple[Dim, ...]:
-    return tuple(dims_of(type_proto) or ())
+    """Unnamed dims ('?', '-1', a negative size, converters' 'unk__N') become None: each is its own unknown."""
+    return tuple(normalize_dim(d) for d in dims_of(type_proto) or ())
 
 
 def _dtype(value: onnx.ValueInfoProto) -> str:

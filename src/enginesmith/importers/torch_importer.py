@@ -108,7 +108,7 @@ def _to_tensor(value: Any, name: str) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, np.ndarray) or np.isscalar(value):
-        return torch.from_numpy(np.ascontiguousarray(value))
+        return torch.from_numpy(np.asarray(value, order="C"))
     raise SourceError(f"example input '{name}' is a {type(value).__name__}; give tensors or numpy arrays")
 
 
@@ -555,7 +555,7 @@ def _runner(call: Any, in_names: list[str], options: ImportOptions, pack: Any = 
             raise SourceError(f"the torch model needs input(s) {', '.join(missing)}")
         if not names:
             raise SourceError(f"none of the inputs {', '.join(in_names)} were given")
-        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
+        tensors = [torch.from_numpy(np.asarray(feeds[n], order="C")) for n in names]
         with _eval_mode(call), torch.no_grad(), cv.quiet(cv.TORCH_LOGGERS):
             if pack is not None:
                 args, kwargs = pack(tensors)

@@ -8,11 +8,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..backends import Session
-from ..bundle import BundleContents, read_bundle, write_bundle
+from ..bundle import SAMPLES_ENTRY, BundleContents, read_bundle, write_bundle
 from ..errors import EnginesmithError, InputError
 from ..manifest import Manifest
 from ..signature import Signature
-from .inputs import check_shape, describe_inputs, prepare_inputs
+from .inputs import SymbolSizes, check_shape, describe_inputs, prepare_inputs
 
 
 class DeviceIOUnsupportedError(EnginesmithError):
@@ -104,7 +104,7 @@ class Engine:
         strangers = [n for n in outputs if n not in signature.output_names]
         if strangers:
             raise InputError(f"unknown output '{strangers[0]}': this engine returns {', '.join(signature.output_names)}")
-        symbols: dict[str, int] = {}
+        symbols: SymbolSizes = {}
         for spec in signature.inputs:
             shape = _shape_of(spec.name, inputs[spec.name])
             check_shape(spec.name, _Shaped(shape), spec, symbols, batch_flexible=False)
@@ -141,12 +141,27 @@ class Engine:
         if self._contents is not None:
             self._contents.reports[name] = report_json
 
+    def set_samples(self, raw: bytes | None) -> None:
+        """Sample inputs (np.savez bytes) a not-yet-saved engine stores in its bundle."""
+        if self._contents is not None:
+            self._contents.samples = raw
+
+    def stored_samples(self) -> bytes | None:
+        """The sample inputs the bundle carries (checksum verified), or None."""
+        if self._contents is not None:
+            return self._contents.samples
+        if self._path is not None and SAMPLES_ENTRY in self._manifest.files:
+            return read_bundle(self._path, payload=False, samples=True).samples
+        return None
+
     def save(self, path: str | Path, include_source: bool = True) -> Path:
         """Write the bundle (atomically). ``include_source=False`` leaves the source model out."""
-        contents = self._contents or read_bundle(self._path, payload=True, source=include_source, reports=True, caches=True)
+        contents = self._contents or read_bundle(self._path, payload=True, source=include_source, reports=True, caches=True,
+                                                  samples=True)
         if not include_source:
             contents = BundleContents(
-                manifest=contents.manifest, payload=contents.payload, reports=contents.reports, caches=contents.caches
+                manifest=contents.manifest, payload=contents.payload, reports=contents.reports, caches=contents.caches,
+                samples=contents.samples,
             )
         written = write_bundle(path, contents)
         self._path = written

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import InputError
-from ..signature import Signature, TensorSpec, shape_text
+from ..signature import Signature, TensorSpec, is_named_symbol, shape_text
 
 
 class InputCastWarning(UserWarning):
@@ -60,8 +60,16 @@ def cast_to_spec(name: str, array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return array.astype(target)
 
 
-def check_shape(name: str, array: np.ndarray, spec: TensorSpec, symbols: dict[str, int], batch_flexible: bool) -> None:
-    """Rank, fixed dims and consistent symbolic dims; axis 0 may differ when batches are split."""
+# symbol -> (size, input, axis) where the size was first seen
+SymbolSizes = dict[str, tuple[int, str, int]]
+
+
+def check_shape(name: str, array: np.ndarray, spec: TensorSpec, symbols: SymbolSizes, batch_flexible: bool) -> None:
+    """Rank, fixed dims and consistent named symbols; axis 0 may differ when batches are split.
+
+    Only equal *named* symbols must agree (across inputs and within one input); unnamed
+    dims ('?', None, '-1', converters' 'unk__N') are independent of each other.
+    """
     if array.ndim != spec.rank:
         raise InputError(
             f"input '{name}' must have rank {spec.rank} {shape_text(spec.shape)}, got shape {tuple(array.shape)}"
@@ -72,10 +80,13 @@ def check_shape(name: str, array: np.ndarray, spec: TensorSpec, symbols: dict[st
                 f"input '{name}' must have shape {shape_text(spec.shape)}, got {tuple(array.shape)} "
                 f"(axis {axis} is {got}, the engine needs {want})"
             )
-        if isinstance(want, str):
-            if symbols.setdefault(want, got) != got:
+        if is_named_symbol(want):
+            size, where, where_axis = symbols.setdefault(want, (got, name, axis))
+            if size != got:
+                seen = "the same input" if where == name else f"input '{where}'"
                 raise InputError(
-                    f"input '{name}' axis {axis} is {got}, but dimension '{want}' is {symbols[want]} in another input"
+                    f"input '{name}' axis {axis} is {got}, but symbol '{want}' is {size} ({seen} axis {where_axis}); "
+                    f"dims named '{want}' must be equal"
                 )
 
 
@@ -87,9 +98,9 @@ def prepare_inputs(signature: Signature, inputs: Mapping[str, Any], batch_flexib
     if missing:
         raise InputError(f"missing input '{missing[0]}': this engine takes {describe_inputs(signature)}")
     feeds: dict[str, np.ndarray] = {}
-    symbols: dict[str, int] = {}
+    symbols: SymbolSizes = {}
     for spec in signature.inputs:
         array = cast_to_spec(spec.name, to_numpy(spec.name, inputs[spec.name]), spec)
         check_shape(spec.name, array, spec, symbols, batch_flexible)
-        feeds[spec.name] = np.ascontiguousarray(array)
+        feeds[spec.name] = np.asarray(array, order="C")  # keeps 0-d scalars 0-d (ascontiguousarray makes them 1-d)
     return feeds

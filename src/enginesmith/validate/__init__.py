@@ -74,6 +74,13 @@ class ValidationReport:
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     # Reasons a pass may say little (e.g. a reference output that is the same for every input).
     warnings: list[str] = field(default_factory=list)
+    # Why these inputs cannot judge the engine (an int8 engine on generated inputs): not a failure.
+    inconclusive: str = ""
+
+    @property
+    def failed(self) -> bool:
+        """Outside the tolerance on inputs that can judge the engine."""
+        return not self.passed and not self.inconclusive
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,9 +90,10 @@ class ValidationReport:
 
     def summary(self) -> str:
         worst = max(self.outputs, key=lambda o: o.rel_l2, default=None)
-        status = "PASS" if self.passed else "FAIL"
+        status = "INCONCLUSIVE" if self.inconclusive else "PASS" if self.passed else "FAIL"
         detail = f", worst rel L2 {worst.rel_l2:.2e} on '{worst.name}'" if worst else ""
-        warned = f" (warning: {self.warnings[0]})" if self.warnings else ""
+        warned = f" ({self.inconclusive})" if self.inconclusive else ""
+        warned += f" (warning: {self.warnings[0]})" if self.warnings else ""
         return f"{status}: {len(self.outputs)} outputs on {self.samples} samples vs {self.reference}{detail}{warned}"
 
 

@@ -63,7 +63,7 @@ def split_batches(feeds: dict[str, np.ndarray], batch: int) -> Iterator[dict[str
         yield {name: value[start : start + batch] for name, value in feeds.items()}
 
 
-def _check_against_signature(feeds: dict[str, np.ndarray], signature: Signature, where: str) -> None:
+def check_against_signature(feeds: dict[str, np.ndarray], signature: Signature, where: str) -> None:
     """Rank and fixed non-batch dims of every input; the batch axis may be any length."""
     for spec in signature.inputs:
         value = feeds[spec.name]
@@ -132,7 +132,7 @@ def load_dataset(path: str | Path, signature: Signature, preprocess=None, limit:
             raise ValidationDataError(f"{where} has no images (.png, .jpg, ...) and no .npy/.npz files")
     else:
         raise ValidationDataError(f"data not found: '{path}'")
-    _check_against_signature(feeds, signature, where)
+    check_against_signature(feeds, signature, where)
     if limit:
         feeds = {name: value[:limit] for name, value in feeds.items()}
     return feeds
