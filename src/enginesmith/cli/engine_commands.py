@@ -20,7 +20,7 @@ from ..errors import BuildError
 from ..graph.compat import IncompatibleModelError
 from ..importers import ImportOptions
 from ..signature import random_inputs, shape_text
-from ..validate import ValidationReport, tolerance_for
+from ..validate import AccuracyBudget, ValidationReport, tolerance_for
 from .app import (
     app,
     console,
@@ -59,7 +59,7 @@ def build(
     model: Path = typer.Argument(..., help="Model file or folder (.onnx, ...), or an engine bundle to rebuild here."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Engine file to write (default: MODEL with .engine)."),
     backend: str = typer.Option("auto", help="Backend to build with, or 'auto' for the best available."),
-    precision: Optional[str] = typer.Option(None, help="fp32 (default), fp16 or int8."),
+    precision: Optional[str] = typer.Option(None, help="fp32 (default), fp16, int8 (needs --calib) or best (the fastest within --max-accuracy-drop; needs --calib)."),
     provider: list[str] = typer.Option([], help="ONNX Runtime execution provider (cpu, cuda, tensorrt, openvino); repeatable."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: physical cores)."),
     no_source: bool = typer.Option(False, "--no-source", help="Leave the source model out of the bundle."),
@@ -71,12 +71,12 @@ def build(
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Output tensor names, comma-separated (frozen graphs)."),
     signature: str = typer.Option("serving_default", help="SavedModel signature to import."),
     opset: Optional[int] = typer.Option(None, help="ONNX opset to convert to."),
-    calib: Optional[Path] = typer.Option(None, help="Calibration data: .npy/.npz keyed by input name, or a folder of images or .npy files."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration data: .npy/.npz keyed by input name, or a folder of images or .npy files. fp32/fp16 builds verify on all of it."),
     calib_method: Optional[str] = typer.Option(None, help="int8 calibration: minmax (default), entropy or percentile."),
     calib_random: bool = typer.Option(False, "--calib-random", help="Calibrate on random inputs (smoke tests only: accuracy unknown)."),
     calib_cache: Optional[Path] = typer.Option(None, help="Reuse int8 ranges from this engine or calibration cache file."),
     preprocess: Optional[str] = typer.Option(None, help="Image preprocessing: 'resize=256;crop=224;layout=NCHW;color=RGB;scale=0.00392;mean=0.485/0.456/0.406;std=0.229/0.224/0.225' or a .toml file."),
-    holdout: float = typer.Option(0.2, help="Share of the calibration data kept aside to validate on."),
+    holdout: float = typer.Option(0.2, help="Share of the calibration data kept aside to verify on, in [0, 1)."),
     max_accuracy_drop: Optional[str] = typer.Option(None, help="Accuracy budget: '1%' (top-1 decisions that may change), 'agreement>=0.99' or 'rel_l2<=0.05'."),
     force_precision: bool = typer.Option(False, "--force-precision", help="Build the precision even where it does not pay (fp16 on a CPU)."),
     no_pass: list[str] = typer.Option([], "--no-pass", help="Turn off one graph pass (see 'enginesmith surgeon --list-passes'); repeatable."),
@@ -229,15 +229,30 @@ def print_build(engine, target: Path) -> None:
     if check:
         console.print(f"  verification: {check['summary']}", highlight=False, markup=False)
     calibration = manifest.checks.get("calibration", {})
+    line = calibration_line(calibration)
+    if line:
+        console.print(f"  {line}", highlight=False, markup=False)
     if calibration.get("warning"):
         console.print("[bold red]WARNING:[/] " + escape(calibration["warning"]))
     if "precision_candidates" in manifest.checks:
-        print_candidates(manifest.checks["precision_candidates"], manifest.accuracy_budget)
+        budget = AccuracyBudget.from_dict(manifest.accuracy_budget) if manifest.accuracy_budget else None
+        print_candidates(manifest.checks["precision_candidates"], budget)
     console.print(str(engine.signature), highlight=False, markup=False)
 
 
-def print_candidates(candidates: list[dict], budget: Optional[dict]) -> None:
-    table = Table(title=f"precision candidates (budget: {budget or 'default tolerances'})")
+def calibration_line(check: dict) -> str:
+    """How many samples calibrated the engine and how many verified it, from the manifest's check."""
+    if check.get("used_for") == "verification":
+        return f"{check['note']} ({check['resolution']})"
+    if "samples" not in check:
+        return "calibration: ranges reused from the calibration cache" if check.get("cache_reused") else ""
+    held = check.get("holdout_samples", 0)
+    verified = f"{held} held out to verify on ({check['resolution']})" if held else "none held out to verify on"
+    return f"calibration: {check['samples']} samples of {check['data']} ({check['method']}); {verified}"
+
+
+def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget]) -> None:
+    table = Table(title=escape(f"precision candidates (budget: {budget or 'default tolerances'})"))
     for column in ("precision", "p50 ms", "worst rel L2", "top-1 agreement", "kept", "why"):
         table.add_column(column)
     for row in candidates:
@@ -301,7 +316,7 @@ def print_validation(report: ValidationReport) -> None:
         result = "[green]pass[/]" if o.passed else "[red]FAIL[/]: " + escape("; ".join(o.failures))
         table.add_row(escape(o.name), f"{o.max_abs:.3e}", f"{o.mean_abs:.3e}", f"{o.rel_l2:.3e}", f"{o.cosine:.6f}", agree, result)
     console.print(table)
-    console.print(("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]") + escape(f" ({report.precision} tolerance: {report.tolerance})"), highlight=False)
+    console.print(("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]") + escape(f" ({report.precision} tolerance: {report.tolerance_text()})"), highlight=False)
     for warning in report.warnings:
         console.print("[bold yellow]warning:[/] " + escape(warning), highlight=False)
 

@@ -8,6 +8,7 @@ per precision decides pass or fail.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
@@ -30,6 +31,37 @@ class Tolerance:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Tolerance":
+        return cls(**{k: data[k] for k in ("max_rel_l2", "min_cosine", "min_argmax_agreement", "max_abs") if k in data})
+
+    def __str__(self) -> str:
+        # ASCII comparison signs: these lines end up in logs and consoles that are not UTF-8.
+        parts = []
+        if self.max_rel_l2 < NO_LIMIT:
+            parts.append(f"rel L2 <= {_number(self.max_rel_l2)}")
+        if self.min_cosine > -1.0:
+            parts.append(f"cosine >= {_number(self.min_cosine, 6)}")
+        if self.min_argmax_agreement > 0:
+            parts.append(f"top-1 agreement >= {_percent(self.min_argmax_agreement)}")
+        if self.max_abs is not None:
+            parts.append(f"max abs <= {_number(self.max_abs)}")
+        return ", ".join(parts) or "no limits"
+
+
+def _number(value: float, digits: int = 3) -> str:
+    """0.15, 0.0001, 1e-5: short, and exact for the round limits people write."""
+    text = f"{value:.{digits}g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def _percent(share: float) -> str:
+    """99%, 99.5%, 1.7%: as many decimals as the value needs, at most two."""
+    return f"{share * 100:.2f}".rstrip("0").rstrip(".") + "%"
 
 
 # Defaults per precision. fp32 engines differ from the reference only by the
@@ -81,12 +113,20 @@ class ValidationReport:
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default).encode()
 
+    def tolerance_text(self) -> str:
+        return str(Tolerance.from_dict(self.tolerance))
+
     def summary(self) -> str:
         worst = max(self.outputs, key=lambda o: o.rel_l2, default=None)
         status = "PASS" if self.passed else "FAIL"
         detail = f", worst rel L2 {worst.rel_l2:.2e} on '{worst.name}'" if worst else ""
         warned = f" (warning: {self.warnings[0]})" if self.warnings else ""
         return f"{status}: {len(self.outputs)} outputs on {self.samples} samples vs {self.reference}{detail}{warned}"
+
+
+def failures_text(report: "ValidationReport") -> str:
+    """Every failed check, named by its output: ``probs: argmax agreement 95.00% < 99%; box: ...``."""
+    return "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in report.outputs if not o.passed)
 
 
 def _json_default(value: Any) -> Any:
@@ -100,8 +140,21 @@ def _finite(x: float) -> float:
     return 1e308 if np.isnan(x) else float(min(x, 1e308))
 
 
-def looks_like_classes(ref: np.ndarray) -> bool:
-    return ref.ndim >= 2 and ref.dtype.kind == "f" and 2 <= ref.shape[-1] <= 1_000_000
+# Words in an output's name that mark it as something other than class scores (boxes, regressed
+# values, embeddings): its largest value says nothing, so argmax agreement is not computed for it.
+NOT_CLASS_SCORES = re.compile(
+    r"(box|bbox|coord|regress|reg$|reg_|offset|delta|landmark|keypoint|kpt|pose|depth|embed|feature|mask|anchor)",
+    re.IGNORECASE,
+)
+
+
+def looks_like_classes(ref: np.ndarray, name: str = "") -> bool:
+    """Whether argmax agreement means something for this output: a float array of rank >= 2 whose last
+    axis has >= 2 values (scores of classes), unless its name says it is a box, a regression or an
+    embedding (``box``, ``bbox``, ``coord``, ``reg``, ``offset``, ``landmark``, ``embed``...)."""
+    if ref.ndim < 2 or ref.dtype.kind != "f" or not 2 <= ref.shape[-1] <= 1_000_000:
+        return False
+    return not NOT_CLASS_SCORES.search(name.rsplit("/", 1)[-1])
 
 
 def compare(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> OutputComparison:
@@ -133,14 +186,14 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> Outp
     else:
         cosine = float(np.dot(np.nan_to_num(r), np.nan_to_num(g)) / max(ref_norm * got_norm, 1e-300))
     agreement = None
-    if looks_like_classes(ref):
+    if looks_like_classes(ref, name):
         agreement = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(np.nan_to_num(got), axis=-1)))
     if rel_l2 > tol.max_rel_l2:
         failures.append(f"relative L2 error {rel_l2:.3e} > {tol.max_rel_l2:.1e}")
     if cosine < tol.min_cosine:
         failures.append(f"cosine similarity {cosine:.6f} < {tol.min_cosine}")
     if agreement is not None and agreement < tol.min_argmax_agreement:
-        failures.append(f"argmax agreement {agreement:.2%} < {tol.min_argmax_agreement:.0%}")
+        failures.append(f"argmax agreement {agreement:.2%} < {_percent(tol.min_argmax_agreement)}")
     if tol.max_abs is not None and max_abs > tol.max_abs:
         failures.append(f"max abs error {max_abs:.3e} > {tol.max_abs:.1e}")
     return OutputComparison(name, list(ref.shape), _finite(max_abs), _finite(mean_abs), _finite(rel_l2),
@@ -232,13 +285,24 @@ class AccuracyBudget:
         bound = "min" if self.metric == "agreement" else "max"
         return {"metric": self.metric, bound: self.value}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AccuracyBudget":
+        return cls(data["metric"], data.get("min", data.get("max")))
+
     def tolerance(self) -> Tolerance:
         if self.metric == "agreement":
             return Tolerance(max_rel_l2=NO_LIMIT, min_cosine=-1.0, min_argmax_agreement=self.value)
         return Tolerance(max_rel_l2=self.value, min_cosine=-1.0, min_argmax_agreement=0.0)
 
     def __str__(self) -> str:
-        return f"top-1 agreement >= {self.value:.2%}" if self.metric == "agreement" else f"relative L2 error <= {self.value:g}"
+        if self.metric == "agreement":
+            return f"at most {_percent(1.0 - self.value)} of top-1 decisions change"
+        return f"rel L2 <= {self.value:g} on every output"
+
+
+def one_change(samples: int) -> str:
+    """The statistical resolution of an agreement measured on ``samples``: what one changed answer weighs."""
+    return f"{samples} samples: one changed answer is {100.0 / samples:.1f}%" if samples else "no samples"
 
 
 def parse_budget(text: str) -> AccuracyBudget:
