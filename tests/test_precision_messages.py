@@ -187,8 +187,10 @@ def test_argmax_agreement_only_for_class_scores():
     tol = tolerance_for("int8")
     assert compare("probs", scores, changed, tol).argmax_agreement is not None
     assert compare("logits", scores, changed, tol).argmax_agreement is not None
-    for name in ("box", "bbox_pred", "model/boxes:0", "landmarks", "reg_out", "embedding"):
+    for name in ("box", "bbox_pred", "model/boxes:0", "landmarks", "reg_out", "head/reg:0", "embedding"):
         assert compare(name, scores, changed, tol).argmax_agreement is None, name
+    for name in ("masked_lm_logits", "region_probs", "scores/transpose:0"):
+        assert compare(name, scores, changed, tol).argmax_agreement is not None, name
     assert not looks_like_classes(scores[:, :1], "probs")  # one value per sample: no decision to compare
 
 

@@ -143,7 +143,7 @@ def _finite(x: float) -> float:
 # Words in an output's name that mark it as something other than class scores (boxes, regressed
 # values, embeddings): its largest value says nothing, so argmax agreement is not computed for it.
 NOT_CLASS_SCORES = re.compile(
-    r"(box|bbox|coord|regress|reg$|reg_|offset|delta|landmark|keypoint|kpt|pose|depth|embed|feature|mask|anchor)",
+    r"(box|coord|regress|reg(?![a-z])|offset|delta|landmark|keypoint|kpt|depth|embed|feature|anchor)",
     re.IGNORECASE,
 )
 
@@ -151,7 +151,7 @@ NOT_CLASS_SCORES = re.compile(
 def looks_like_classes(ref: np.ndarray, name: str = "") -> bool:
     """Whether argmax agreement means something for this output: a float array of rank >= 2 whose last
     axis has >= 2 values (scores of classes), unless its name says it is a box, a regression or an
-    embedding (``box``, ``bbox``, ``coord``, ``reg``, ``offset``, ``landmark``, ``embed``...)."""
+    embedding (see :data:`NOT_CLASS_SCORES`; only its last ``/`` part is read)."""
     if ref.ndim < 2 or ref.dtype.kind != "f" or not 2 <= ref.shape[-1] <= 1_000_000:
         return False
     return not NOT_CLASS_SCORES.search(name.rsplit("/", 1)[-1])
