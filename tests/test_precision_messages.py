@@ -138,6 +138,15 @@ def test_a_budget_finer_than_the_holdout_resolves_is_warned_about(mlp):
         es.build(mlp, precision="best", calibration_data={"x": _samples(300)}, accuracy_budget="2%")
 
 
+def test_best_prints_what_the_agreement_column_resolves(mlp, tmp_path, capsys):
+    np.savez(tmp_path / "calib.npz", x=_samples(300))
+    assert main(["build", str(mlp), "-o", str(tmp_path / "best.engine"), "--precision", "best",
+                 "--calib", str(tmp_path / "calib.npz"), "--max-accuracy-drop", "2%"]) == 0
+    printed = _flat(capsys.readouterr().out)
+    assert ("precision candidates (budget: at most 2% of top-1 decisions change; 60 samples: one changed answer "
+            "is 1.7%)") in printed
+
+
 # ----------------------------------------------------------------------------- 6: requested precisions
 
 

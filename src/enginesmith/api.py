@@ -389,7 +389,8 @@ def _build_best(
         )
         if budget and budget.metric == "agreement" and row["argmax_agreement"] is None:
             raise ValidationDataError(
-                f"the accuracy budget '{budget}' needs a classifier output (last axis of class scores); "
+                f"the accuracy budget '{budget}' needs an output of class scores (float, last axis of 2 or more, "
+                "a name that is not a box or regression); "
                 "use a rel_l2 budget such as 'rel_l2<=0.05'"
             )
         if not report.passed:

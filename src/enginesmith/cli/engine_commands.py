@@ -236,7 +236,7 @@ def print_build(engine, target: Path) -> None:
         console.print("[bold red]WARNING:[/] " + escape(calibration["warning"]))
     if "precision_candidates" in manifest.checks:
         budget = AccuracyBudget.from_dict(manifest.accuracy_budget) if manifest.accuracy_budget else None
-        print_candidates(manifest.checks["precision_candidates"], budget)
+        print_candidates(manifest.checks["precision_candidates"], budget, calibration.get("resolution"))
     console.print(str(engine.signature), highlight=False, markup=False)
 
 
@@ -251,8 +251,11 @@ def calibration_line(check: dict) -> str:
     return f"calibration: {check['samples']} samples of {check['data']} ({check['method']}); {verified}"
 
 
-def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget]) -> None:
-    table = Table(title=escape(f"precision candidates (budget: {budget or 'default tolerances'})"))
+def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget], resolution: Optional[str] = None) -> None:
+    rule = str(budget) if budget else "default tolerances"
+    if budget is not None and budget.metric == "agreement" and resolution:
+        rule += f"; {resolution}"  # what the agreement column can resolve
+    table = Table(title=escape(f"precision candidates (budget: {rule})"))
     for column in ("precision", "p50 ms", "worst rel L2", "top-1 agreement", "kept", "why"):
         table.add_column(column)
     for row in candidates:
