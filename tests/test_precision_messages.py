@@ -226,3 +226,13 @@ def test_cli_prints_tolerance_budget_and_rejections_in_words(mlp, tmp_path, caps
     printed = _flat(capsys.readouterr().out)
     assert "(fp32 tolerance: rel L2 <= 0.0001, cosine >= 0.99999, top-1 agreement >= 99%)" in printed
     assert "'max_abs'" not in printed
+
+
+def test_int8_checked_on_random_inputs_says_why_it_may_fail(mlp, tmp_path):
+    engine_path = tmp_path / "int8.engine"
+    es.build(mlp, precision="int8", calibration_data={"x": _samples(200)}, output=engine_path)
+    random_report = es.validate(engine_path, store=False)
+    assert any(w.startswith("int8 engine compared on random inputs") for w in random_report.warnings)
+    assert es.api.layerwise(engine_path).notes[0].startswith("int8 engine compared on random inputs")
+    np.save(tmp_path / "real.npy", _samples(40, seed=9))
+    assert not es.validate(engine_path, data=tmp_path / "real.npy", store=False).warnings

@@ -32,6 +32,7 @@ from .runtime.engine import Engine
 from .runtime.preprocess import PreprocessSpec, parse_spec
 from .signature import Signature, random_inputs
 from .validate import (
+    RANDOM_INT8_INPUTS,
     AccuracyBudget,
     Tolerance,
     ValidationReport,
@@ -791,6 +792,8 @@ def validate(
         spec = PreprocessSpec.from_dict(engine.manifest.preprocess) if engine.manifest.preprocess else None
         feeds, inputs_label = validation_batches(engine.signature, data, batch, batches, seed, spec)
         report = validate_engine(engine, reference, feeds, inputs_label, reference_label=label, tolerance=tolerance)
+    if data is None and engine.precision == "int8":
+        report.warnings.append(RANDOM_INT8_INPUTS)
     _attach_report(engine, "validation", report)
     if store and engine.path is not None:
         _store_report(engine.path, "validation", report)

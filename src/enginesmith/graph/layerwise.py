@@ -25,7 +25,7 @@ import onnx
 
 from ..backends import Backend, BuildOptions, Calibration, get_backend
 from ..errors import ValidationDataError
-from ..validate import Tolerance, compare, tolerance_for
+from ..validate import RANDOM_INT8_INPUTS, Tolerance, compare, tolerance_for
 from ._onnx import intermediate_names, node_labels, plain_runner, with_outputs
 
 
@@ -249,6 +249,8 @@ def layerwise_for_engine(
                                engine_model=engine_model, calibration=calibration, inputs_label=label)
     if passes:
         report.notes.append("engine side rebuilt after the graph passes the engine was built with: " + ", ".join(passes))
+    if data is None and build_options.precision == "int8":
+        report.notes.insert(0, RANDOM_INT8_INPUTS)
     return report
 
 
