@@ -184,7 +184,7 @@ def test_tolerances_and_budgets_read_as_words():
     assert str(parse_budget("1%")) == "at most 1% of top-1 decisions change"
     assert str(parse_budget("agreement>=0.995")) == "at most 0.5% of top-1 decisions change"
     assert str(parse_budget("rel_l2<=0.05")) == "rel L2 <= 0.05 on every output"
-    assert str(parse_budget("1%").tolerance()) == "top-1 agreement >= 99%"  # no rel L2 / cosine limits shown
+    assert str(parse_budget("1%").tolerance("int8")) == "top-1 agreement >= 99% (other outputs: rel L2 <= 0.15, cosine >= 0.98)"
     assert AccuracyBudget.from_dict(parse_budget("1%").to_dict()) == parse_budget("1%")
 
 
@@ -207,11 +207,24 @@ def test_failures_name_their_output():
     scores = np.eye(20, 5, dtype=np.float32) + 0.1
     changed = scores.copy()
     changed[0] = changed[0, ::-1]
-    tol = parse_budget("1%").tolerance()
+    tol = parse_budget("1%").tolerance("int8")
     outputs = [compare("probs", scores, changed, tol), compare("box", scores, changed, tol)]
     report = ValidationReport(False, "int8", "ref", "data", 20, tol.to_dict(), outputs)
-    assert failures_text(report) == "probs: argmax agreement 95.00% < 99%"
-    assert report.tolerance_text() == "top-1 agreement >= 99%"
+    assert failures_text(report) == ("probs: argmax agreement 95.00% < 99%; "
+                                    "box: relative L2 error 5.345e-01 > 0.15, cosine similarity 0.857143 < 0.98")
+    assert report.tolerance_text() == str(tol)
+
+
+def test_an_agreement_budget_still_bounds_outputs_that_are_not_class_scores():
+    # A box head has no top-1 decision; under '1%' it used to be judged by a meaningless argmax
+    # (4 coordinates), and must now keep the precision's default limits instead of none.
+    rng = np.random.default_rng(1)
+    boxes = rng.uniform(0, 1, (40, 4)).astype(np.float32)
+    tol = parse_budget("1%").tolerance("int8")
+    close = compare("box", boxes, boxes * 1.01, tol)
+    assert close.passed and close.argmax_agreement is None
+    wrecked = compare("box", boxes, boxes[::-1].copy(), tol)
+    assert not wrecked.passed and wrecked.failures[0].startswith("relative L2 error")
 
 
 def test_cli_prints_tolerance_budget_and_rejections_in_words(mlp, tmp_path, capsys):

@@ -135,7 +135,8 @@ def build(
                     "run 'enginesmith validate ENGINE --data DATA' on real inputs"
                 )
             elif verify:
-                _verify(engine, reference, data, tolerance or (budget.tolerance() if budget else None), imported.kind)
+                _verify(engine, reference, data, tolerance or (budget.tolerance(engine.precision) if budget else None),
+                        imported.kind)
         engine.manifest.checks.update(graph_checks)
         engine.manifest.build_options["graph"] = graph.to_dict()
         engine.manifest.preprocess = spec.to_dict() if spec else None
@@ -378,7 +379,7 @@ def _build_best(
         except EnginesmithError as exc:
             row.update(kept=False, reason=f"build failed: {exc}")
             continue
-        tolerance = budget.tolerance() if budget else tolerance_for(precision)
+        tolerance = budget.tolerance(precision) if budget else tolerance_for(precision)
         report = _check_engine(engine, reference, data, tolerance, imported.kind)
         feeds = random_inputs(engine.signature.inputs, batch=1, seed=0)
         p50 = measure({"engine": engine.infer}, feeds, 1, warmup=3, runs=20, rounds=2)[0].p50_ms

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
@@ -34,13 +34,18 @@ class Tolerance:
     min_argmax_agreement: float
     # Optional absolute bound; ``None`` leaves it unchecked (scale-dependent).
     max_abs: float | None = None
+    # Limits for outputs that are not class scores (boxes, regressions) where this tolerance judges
+    # class scores by agreement alone (an agreement budget); ``None``: the limits above apply to all.
+    other_outputs: "Tolerance | None" = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Tolerance":
-        return cls(**{k: data[k] for k in ("max_rel_l2", "min_cosine", "min_argmax_agreement", "max_abs") if k in data})
+        limits = {k: data[k] for k in ("max_rel_l2", "min_cosine", "min_argmax_agreement", "max_abs") if k in data}
+        others = data.get("other_outputs")
+        return cls(**limits, other_outputs=cls.from_dict(others) if others else None)
 
     def __str__(self) -> str:
         # ASCII comparison signs: these lines end up in logs and consoles that are not UTF-8.
@@ -53,7 +58,10 @@ class Tolerance:
             parts.append(f"top-1 agreement >= {_percent(self.min_argmax_agreement)}")
         if self.max_abs is not None:
             parts.append(f"max abs <= {_number(self.max_abs)}")
-        return ", ".join(parts) or "no limits"
+        text = ", ".join(parts) or "no limits"
+        if self.other_outputs is not None:
+            text += f" (other outputs: {self.other_outputs})"
+        return text
 
 
 def _number(value: float, digits: int = 3) -> str:
@@ -194,14 +202,15 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> Outp
     agreement = None
     if looks_like_classes(ref, name):
         agreement = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(np.nan_to_num(got), axis=-1)))
-    if rel_l2 > tol.max_rel_l2:
-        failures.append(f"relative L2 error {rel_l2:.3e} > {tol.max_rel_l2:.1e}")
-    if cosine < tol.min_cosine:
-        failures.append(f"cosine similarity {cosine:.6f} < {tol.min_cosine}")
+    limits = tol.other_outputs if agreement is None and tol.other_outputs is not None else tol
+    if rel_l2 > limits.max_rel_l2:
+        failures.append(f"relative L2 error {rel_l2:.3e} > {_number(limits.max_rel_l2)}")
+    if cosine < limits.min_cosine:
+        failures.append(f"cosine similarity {cosine:.6f} < {_number(limits.min_cosine, 6)}")
     if agreement is not None and agreement < tol.min_argmax_agreement:
         failures.append(f"argmax agreement {agreement:.2%} < {_percent(tol.min_argmax_agreement)}")
-    if tol.max_abs is not None and max_abs > tol.max_abs:
-        failures.append(f"max abs error {max_abs:.3e} > {tol.max_abs:.1e}")
+    if limits.max_abs is not None and max_abs > limits.max_abs:
+        failures.append(f"max abs error {max_abs:.3e} > {_number(limits.max_abs)}")
     return OutputComparison(name, list(ref.shape), _finite(max_abs), _finite(mean_abs), _finite(rel_l2),
                             cosine if np.isfinite(cosine) else -1.0, agreement, not failures, failures)
 
@@ -295,9 +304,12 @@ class AccuracyBudget:
     def from_dict(cls, data: Mapping[str, Any]) -> "AccuracyBudget":
         return cls(data["metric"], data.get("min", data.get("max")))
 
-    def tolerance(self) -> Tolerance:
+    def tolerance(self, precision: str = "int8") -> Tolerance:
+        """The limits a ``precision`` engine must keep: an agreement budget judges class scores by top-1
+        agreement alone and every other output (boxes, regressions) by the precision's default tolerance."""
         if self.metric == "agreement":
-            return Tolerance(max_rel_l2=NO_LIMIT, min_cosine=-1.0, min_argmax_agreement=self.value)
+            others = replace(tolerance_for(precision), min_argmax_agreement=0.0)
+            return Tolerance(max_rel_l2=NO_LIMIT, min_cosine=-1.0, min_argmax_agreement=self.value, other_outputs=others)
         return Tolerance(max_rel_l2=self.value, min_cosine=-1.0, min_argmax_agreement=0.0)
 
     def __str__(self) -> str:
