@@ -33,9 +33,9 @@ class PrecisionData:
     unverified_reason: str = "no real inputs (rebuilt from a calibration cache)"
 
 
-# Below these counts a build still runs but says what the numbers are worth. Calibration: ONNX
-# Runtime's and TensorRT's examples calibrate on 100-500 samples; ranges from fewer than 32 are set by
-# a handful of extremes and miss the tails real inputs have. Hold-out: below 20 samples one changed
+# Below these counts a build still runs but says what the numbers are worth. Calibration: TensorRT's
+# developer guide finds about 500 images enough for ImageNet classifiers; ranges from fewer than 32 are
+# set by a handful of extremes and miss the tails real inputs have. Hold-out: below 20 samples one changed
 # answer weighs more than 5%, half the slack of the default int8 check (90% agreement), so pass or
 # fail turns on one or two samples.
 MIN_CALIBRATION_SAMPLES = 32
@@ -58,8 +58,9 @@ def _count(feeds: Mapping[str, np.ndarray]) -> int:
     return int(next(iter(feeds.values())).shape[0]) if feeds else 0
 
 
-def _feeds_from(data: str | Path | Mapping[str, np.ndarray], signature: Signature, spec: PreprocessSpec | None,
-                ) -> tuple[dict[str, np.ndarray], str]:
+def _feeds_from(
+    data: str | Path | Mapping[str, np.ndarray], signature: Signature, spec: PreprocessSpec | None
+) -> tuple[dict[str, np.ndarray], str]:
     if isinstance(data, Mapping):
         return dataset_from_arrays(data, signature), "given arrays"
     return load_dataset(data, signature, spec), f"'{Path(data).name}'"
