@@ -93,3 +93,50 @@ def test_int8_engine_compares_relu_inputs_after_the_relu():
     assert report.precision == "int8" and report.tolerance["max_rel_l2"] == tolerance_for("int8").max_rel_l2
     assert any("compared after it" in note for note in report.notes)
     assert report.passed, report.summary()
+
+
+def _int8_engine_with_data(source, tmp_path, data: dict[str, np.ndarray]):
+    path = tmp_path / "int8.engine"
+    es.build(source, precision="int8", calibration_data=data, output=path)
+    np.savez(tmp_path / "data.npz", **data)
+    return path, tmp_path / "data.npz"
+
+
+def test_int8_layerwise_when_a_bias_add_was_fused_at_calibration(tmp_path):
+    # make_mlp keeps MatMul and its bias Add apart: the quantizer fuses them, so the engine's ranges
+    # have none for the MatMul output 'h1', which layer-wise used to expose (and the quantizer then refused).
+    from conftest import make_mlp
+
+    source = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp(), source)
+    x = np.random.default_rng(0).standard_normal((64, 6)).astype(np.float32)
+    engine_path, data = _int8_engine_with_data(source, tmp_path, {"x": x})
+    report = layerwise_for_engine(engine_path, data=data)
+    compared = {layer.tensor for layer in report.layers}
+    assert {"h1", "h4"} <= set(report.not_compared) and {"h3", "probs"} <= compared
+    assert report.passed, report.summary()
+
+
+def test_int8_layerwise_of_a_two_head_keras_model(tmp_path):
+    pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    image = keras.Input((16, 16, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv1")(image)
+    x = keras.layers.MaxPooling2D(2, name="pool")(keras.layers.ReLU(name="relu")(x))
+    flat = keras.layers.Flatten(name="flat")(x)
+    model = keras.Model(image, [keras.layers.Dense(5, activation="softmax", name="probs")(flat),
+                                keras.layers.Dense(4, name="box")(flat)], name="twohead")
+    rng = np.random.default_rng(3)
+    for layer in model.layers:  # non-zero biases: tf2onnx drops zero ones, and with them the BiasAdd
+        weights = layer.get_weights()
+        if len(weights) == 2:
+            layer.set_weights([weights[0], rng.normal(0, 0.1, weights[1].shape).astype("f4")])
+    source = tmp_path / "twohead.keras"
+    model.save(source)
+    images = rng.random((64, 16, 16, 3)).astype(np.float32)
+    engine_path, data = _int8_engine_with_data(source, tmp_path, {"image": images})
+    report = layerwise_for_engine(engine_path, data=data)
+    assert any(name.endswith("MatMul:0") for name in report.not_compared)
+    assert {"probs", "box"} <= {layer.tensor for layer in report.layers}
+    assert report.passed, report.summary()

@@ -135,11 +135,12 @@ def test_best_with_a_loose_budget_keeps_a_candidate_within_it(digits):
     assert all(r["argmax_agreement"] >= 0.98 for r in rows.values())
 
 
-def test_best_without_calibration_data_rejects_int8_and_says_why(digits):
-    engine = es.build(digits["model"], precision="best")
-    rows = {row["precision"]: row for row in engine.manifest.checks["precision_candidates"]}
-    assert rows["int8"]["reason"].startswith("no calibration data")
-    assert engine.precision == "fp32"
+def test_best_without_calibration_data_is_refused_with_the_fix(digits, tmp_path):
+    # It used to exit 0 with an fp32 engine, int8 silently left out.
+    with pytest.raises(es.ValidationDataError, match="best also tries int8, which needs calibration data: give --calib"):
+        es.build(digits["model"], precision="best")
+    assert main(["build", str(digits["model"]), "-o", str(tmp_path / "best.engine"), "--precision", "best"]) != 0
+    assert not (tmp_path / "best.engine").exists()
 
 
 def test_fp16_on_cpu_stays_fp32_unless_forced():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,11 +37,26 @@ from .errors import (
 )
 from .importers import ImportedModel, ImportOptions, ReferenceRunner, import_model, reference_runner
 from .manifest import Manifest
+from .precision_data import (  # noqa: F401  (the warnings are part of the API)
+    PrecisionData,
+    PrecisionDataWarning,
+    RandomCalibrationWarning,
+    prepare_precision_data,
+)
 from .runtime.engine import Engine
 from .runtime.preprocess import PreprocessSpec, parse_spec
 from .signature import Signature, random_inputs
-from .validate import AccuracyBudget, Tolerance, ValidationReport, parse_budget, run_validation, tolerance_for
-from .validate.data import load_dataset, split_batches, split_holdout
+from .validate import (
+    RANDOM_INT8_INPUTS,
+    AccuracyBudget,
+    Tolerance,
+    ValidationReport,
+    failures_text,
+    parse_budget,
+    run_validation,
+    tolerance_for,
+)
+from .validate.data import load_dataset, split_batches
 
 # The file name backends use for int8 calibration ranges inside a bundle's cache/ folder.
 CALIBRATION_CACHE_NAME = "calibration_cache.json"
@@ -138,6 +152,7 @@ def build(
         data = prepare_precision_data(
             imported.signature, options, calibration_data, calibration_random, spec, holdout,
             _calibration_cache(calibration_cache, previous_caches),
+            budget=budget, best_tries_int8="int8" in chosen.precisions(options),
         )
         # Created after the first engine is built, so an unbuildable model reports the backend's error.
         reference = _lazy_reference(source, import_options, imported.kind)
@@ -149,11 +164,11 @@ def build(
             if verify and engine.precision == "int8" and not data.holdout and not inputs.real:
                 # Random inputs fall outside the calibrated ranges, so comparing on them says nothing.
                 engine.manifest.build_log.append(
-                    "int8 engine not verified: no real inputs (rebuilt from a calibration cache); "
+                    f"int8 engine not verified: {data.unverified_reason}; "
                     "run 'enginesmith validate ENGINE --data DATA' on real inputs"
                 )
             elif verify:
-                _verify(engine, reference, data, tolerance or (budget.tolerance() if budget else None), imported.kind,
+                _verify(engine, reference, data, tolerance or (budget.tolerance(engine.precision) if budget else None), imported.kind,
                         inputs)
         engine.manifest.build_log.extend(inputs.log)
         _store_samples(engine, inputs, data)
@@ -204,77 +219,13 @@ def _lazy_reference(source: SourceLike, options: ImportOptions, kind: str) -> Re
     return run
 
 
-@dataclass
-class PrecisionData:
-    """What reduced-precision builds need: calibration inputs and held-out validation batches."""
-
-    calibration: Calibration | None
-    holdout: list[dict[str, np.ndarray]] | None
-    holdout_label: str
-    check: dict[str, Any]
-
-
-def _batches(feeds: Mapping[str, np.ndarray], signature: Signature, size: int = 8) -> list[dict[str, np.ndarray]]:
-    return list(split_batches(dict(feeds), signature.fixed_batch() or size))
-
-
-def prepare_precision_data(
-    signature: Signature,
-    options: BuildOptions,
-    data: str | Path | Mapping[str, np.ndarray] | None,
-    random_data: bool,
-    spec: PreprocessSpec | None,
-    holdout: float,
-    cache: bytes | None,
-) -> PrecisionData:
-    """Calibration batches (int8, best) and the held-out part used to validate every precision."""
-    needs_calibration = options.precision in ("int8", "best")
-    if data is None and not random_data:
-        if options.precision == "int8" and cache is None:
-            raise ValidationDataError(
-                "int8 needs calibration data: give --calib DATA (.npy/.npz keyed by input name, a folder of images "
-                "or .npy files), or --calib-random for a smoke test on random data"
-            )
-        calibration = Calibration([], options.calibration_method, cache) if cache is not None and needs_calibration else None
-        check = {"cache_reused": True, "method": options.calibration_method} if calibration else {}
-        return PrecisionData(calibration, None, "", check)
-    if data is not None:
-        feeds = dict(data) if isinstance(data, Mapping) else load_dataset(data, signature, spec)
-        label = "given arrays" if isinstance(data, Mapping) else f"'{Path(data).name}'"
-        warning = None
-    else:
-        feeds = random_inputs(signature.inputs, batch=64, seed=1234)
-        label = "RANDOM inputs"
-        warning = "calibrated on random data: int8 ranges do not reflect real inputs, so accuracy on real data is unknown"
-        warnings.warn(warning, RandomCalibrationWarning, stacklevel=3)
-    calib_feeds, held = split_holdout(feeds, holdout)
-    samples = next(iter(calib_feeds.values())).shape[0]
-    check = {
-        "data": label,
-        "samples": samples,
-        "holdout_samples": next(iter(held.values())).shape[0],
-        "method": options.calibration_method,
-        "random": data is None,
-        "cache_reused": cache is not None,
-    }
-    if warning:
-        check["warning"] = warning
-    calibration = Calibration(_batches(calib_feeds, signature), options.calibration_method, cache) if needs_calibration else None
-    return PrecisionData(calibration, _batches(held, signature), f"held-out part of {label}", check)
-
-
-class RandomCalibrationWarning(UserWarning):
-    """An int8 engine was calibrated on random inputs."""
-
-
 def _verify(engine: Engine, reference: ReferenceRunner, data: PrecisionData, tolerance: Tolerance | None, kind: str,
             inputs: BuildInputs | None = None) -> None:
     report = _check_engine(engine, reference, data, tolerance, kind, inputs)
     _attach_report(engine, "build_verification", report)
     if not report.passed:
-        failures = "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in report.outputs if not o.passed)
         raise VerificationFailedError(
-            f"the built {engine.precision} engine does not match the source model ({failures}); "
+            f"the built {engine.precision} engine does not match the source model ({failures_text(report)}); "
             "build without verification to keep it anyway"
         )
 
@@ -324,7 +275,7 @@ def _build_best(
         except EnginesmithError as exc:
             row.update(kept=False, reason=f"build failed: {exc}")
             continue
-        tolerance = budget.tolerance() if budget else tolerance_for(precision)
+        tolerance = budget.tolerance(precision) if budget else tolerance_for(precision)
         report = _check_engine(engine, reference, data, tolerance, imported.kind, inputs)
         feeds = _timing_feeds(engine.signature, inputs)
         p50 = measure({"engine": engine.infer}, feeds, 1, warmup=3, runs=20, rounds=2)[0].p50_ms
@@ -336,11 +287,12 @@ def _build_best(
         )
         if budget and budget.metric == "agreement" and row["argmax_agreement"] is None:
             raise ValidationDataError(
-                f"the accuracy budget '{budget}' needs a classifier output (last axis of class scores); "
+                f"the accuracy budget '{budget}' needs an output of class scores (float, last axis of 2 or more, "
+                "a name that is not a box or regression); "
                 "use a rel_l2 budget such as 'rel_l2<=0.05'"
             )
         if not report.passed:
-            row.update(kept=False, reason="over the accuracy budget: " + "; ".join(f for o in report.outputs for f in o.failures))
+            row.update(kept=False, reason="over the accuracy budget: " + failures_text(report))
             continue
         row.update(kept=False, reason="within budget", report=report)
         if p50 < kept_p50:
@@ -502,7 +454,7 @@ def _accuracy_budget(given: AccuracyBudget | str | None, previous: Manifest | No
         return parse_budget(given)
     if given is None and previous is not None and previous.accuracy_budget:
         rule = previous.accuracy_budget
-        return AccuracyBudget(rule["metric"], rule.get("min", rule.get("max")))
+        return AccuracyBudget.from_dict(rule)
     return given
 
 

@@ -22,7 +22,7 @@ from ..graph.compat import IncompatibleModelError
 from ..importers import ImportOptions
 from ..signature import random_inputs, shape_text
 from ..runtime.preprocess import PreprocessSpec
-from ..validate import NO_LIMIT, AccuracyBudget, ValidationReport, tolerance_for
+from ..validate import AccuracyBudget, ValidationReport, tolerance_for
 from .app import (
     add_columns,
     app,
@@ -68,7 +68,7 @@ def build(
     output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE", help="Engine file to write (default: MODEL with .engine)."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     backend: str = typer.Option("auto", metavar="NAME", help="Backend to build with, or 'auto' for the best available."),
-    precision: Optional[str] = typer.Option(None, metavar="NAME", help="fp32 (default), fp16, int8, bf16 (torch) or best."),
+    precision: Optional[str] = typer.Option(None, metavar="NAME", help="fp32 (default), fp16, int8 (needs --calib), bf16 or best (the fastest within --max-accuracy-drop; needs --calib)."),
     provider: list[str] = typer.Option([], metavar="NAME", help="ONNX Runtime execution provider (cpu, cuda, tensorrt, openvino); repeatable."),
     threads: Optional[int] = typer.Option(None, min=1, metavar="N", help="Intra-op threads (default: physical cores)."),
     no_source: bool = typer.Option(False, "--no-source", help="Leave the source model out of the bundle."),
@@ -81,12 +81,12 @@ def build(
     signature: str = typer.Option("serving_default", metavar="KEY", help="SavedModel signature to import."),
     opset: Optional[int] = typer.Option(None, metavar="N", help="ONNX opset to convert to (default: the backend's, 17 for ONNX Runtime)."),
     data: list[str] = typer.Option([], "--data", "-d", metavar="FILE|DIR|NAME=FILE", help=DATA_HELP + " Sample inputs: the graph-pass checks and the verification run on them, and the first (up to 8 MB) are stored for validate (default: inputs generated from the graph)."),
-    calib: Optional[Path] = typer.Option(None, metavar="FILE|DIR", help="Calibration data: .npy/.npz keyed by input name, or a folder of images or .npy files."),
+    calib: Optional[Path] = typer.Option(None, metavar="FILE|DIR", help="Calibration data: .npy/.npz keyed by input name, or a folder of images or .npy files. fp32/fp16 builds verify on all of it."),
     calib_method: Optional[str] = typer.Option(None, metavar="METHOD", help="int8 calibration: minmax (default), entropy or percentile."),
     calib_random: bool = typer.Option(False, "--calib-random", help="Calibrate on random inputs (smoke tests only: accuracy unknown)."),
     calib_cache: Optional[Path] = typer.Option(None, metavar="FILE", help="Reuse int8 ranges from this engine or calibration cache file."),
     preprocess: Optional[str] = typer.Option(None, metavar="SPEC|FILE", help="Image preprocessing: 'resize=256;crop=224;layout=NCHW;color=RGB;scale=0.00392;mean=0.485/0.456/0.406;std=0.229/0.224/0.225' or a .toml file."),
-    holdout: float = typer.Option(0.2, metavar="SHARE", help="Share of the calibration data kept aside to validate on."),
+    holdout: float = typer.Option(0.2, metavar="SHARE", help="Share of the calibration data kept aside to verify on, in [0, 1)."),
     max_accuracy_drop: Optional[str] = typer.Option(None, metavar="BUDGET", help="Accuracy budget: '1%' (top-1 decisions that may change), 'agreement>=0.99' or 'rel_l2<=0.05'."),
     force_precision: bool = typer.Option(False, "--force-precision", help="Build the precision even where it does not pay (fp16 on a CPU)."),
     no_pass: list[str] = typer.Option([], "--no-pass", metavar="PASS", help="Turn off one graph pass (see 'enginesmith surgeon --list-passes'); repeatable."),
@@ -249,15 +249,33 @@ def print_build(engine, target: Path) -> None:
     if check:
         print_indented(f"verification: {check['summary']}")
     calibration = manifest.checks.get("calibration", {})
+    line = calibration_line(calibration)
+    if line:
+        console.print(f"  {line}", highlight=False, markup=False)
     if calibration.get("warning"):
         console.print("[bold red]WARNING:[/] " + escape(calibration["warning"]), highlight=False)
     if "precision_candidates" in manifest.checks:
-        print_candidates(manifest.checks["precision_candidates"], manifest.accuracy_budget)
+        budget = AccuracyBudget.from_dict(manifest.accuracy_budget) if manifest.accuracy_budget else None
+        print_candidates(manifest.checks["precision_candidates"], budget, calibration.get("resolution"))
     console.print(str(engine.signature), highlight=False, markup=False)
 
 
-def print_candidates(candidates: list[dict], budget: Optional[dict]) -> None:
-    tbl = table(f"precision candidates (budget: {escape(budget_description(budget))})")
+def calibration_line(check: dict) -> str:
+    """How many samples calibrated the engine and how many verified it, from the manifest's check."""
+    if check.get("used_for") == "verification":
+        return f"{check['note']} ({check['resolution']})"
+    if "samples" not in check:
+        return "calibration: ranges reused from the calibration cache" if check.get("cache_reused") else ""
+    held = check.get("holdout_samples", 0)
+    verified = f"{held} held out to verify on ({check['resolution']})" if held else "none held out to verify on"
+    return f"calibration: {check['samples']} samples of {check['data']} ({check['method']}); {verified}"
+
+
+def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget], resolution: Optional[str] = None) -> None:
+    rule = str(budget) if budget else "default tolerances"
+    if budget is not None and budget.metric == "agreement" and resolution:
+        rule += f"; {resolution}"  # what the agreement column can resolve
+    tbl = table(escape(f"precision candidates (budget: {rule})"))
     add_columns(tbl, "precision", "p50 ms", "worst rel L2", "top-1 agreement", "kept", "why")
     for row in candidates:
         agreement = row.get("argmax_agreement")
@@ -270,28 +288,6 @@ def print_candidates(candidates: list[dict], budget: Optional[dict]) -> None:
             escape(row["reason"]),
         )
     console.print(tbl)
-
-
-def tolerance_text(tolerance: dict) -> str:
-    """A tolerance as limits people read ('rel L2 <= 1e-04, cosine >= 0.99999, ...'), unlimited ones left out."""
-    parts = []
-    for key, label, op in (("max_rel_l2", "rel L2", "<="), ("min_cosine", "cosine", ">="),
-                           ("min_argmax_agreement", "argmax agreement", ">="), ("max_abs", "max abs", "<=")):
-        value = tolerance.get(key)
-        if value is None or abs(value) >= NO_LIMIT:
-            continue
-        parts.append(f"{label} {op} {value:g}")
-    return ", ".join(parts) or "no limits"
-
-
-def budget_description(budget: Optional[dict]) -> str:
-    if not budget:
-        return "default tolerances"
-    try:
-        bound = budget.get("min", budget.get("max"))
-        return str(AccuracyBudget(budget["metric"], float(bound)))
-    except (KeyError, TypeError, ValueError):
-        return ", ".join(f"{k} {v}" for k, v in budget.items())
 
 
 @app.command(short_help="Run an engine once and show its outputs.")
@@ -350,12 +346,11 @@ def print_validation(report: ValidationReport) -> None:
         result = "[green]pass[/]" if o.passed else "[red]FAIL[/]: " + escape("; ".join(o.failures))
         tbl.add_row(escape(o.name), f"{o.max_abs:.3e}", f"{o.mean_abs:.3e}", f"{o.rel_l2:.3e}", f"{o.cosine:.6f}", agree, result)
     console.print(tbl)
-    tolerance = tolerance_text(report.tolerance) if isinstance(report.tolerance, dict) else str(report.tolerance)
     if report.inconclusive:
         console.print("[bold yellow]INCONCLUSIVE[/] " + escape(f"(not a failure): {report.inconclusive}"), highlight=False)
     else:
         console.print(("[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]")
-                      + escape(f" ({report.precision} tolerance: {tolerance})"), highlight=False)
+                      + escape(f" ({report.precision} tolerance: {report.tolerance_text()})"), highlight=False)
     for warning in report.warnings:
         console.print("[bold yellow]warning:[/] " + escape(warning), highlight=False)
 

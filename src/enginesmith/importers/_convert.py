@@ -71,14 +71,31 @@ def keras() -> Any:
         return require("keras", TF_EXTRA, "importing Keras models")
 
 
+# tf2onnx's node-name counter as a fresh process has it when its first conversion starts (see tf2onnx()).
+_TF2ONNX_FIRST_NAME: list[int] = []
+
+
 def tf2onnx() -> Any:
+    """tf2onnx, quiet, with its node-name counter reset: call it before each conversion.
+
+    tf2onnx numbers the nodes it inserts (``Transpose__8``) with a process-wide counter, so a model
+    converted a second time in one process got other tensor names, and the int8 ranges a bundle stores
+    by tensor name (used by rebuilds and layer-wise) no longer matched. Every conversion now starts
+    from the value a fresh process starts from (after the imports that draw names), so the names are
+    also those of engines built before this reset.
+    """
     tensorflow()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = require("tf2onnx", TF_EXTRA, "converting TensorFlow models")
         require("tf2onnx.tf_loader", TF_EXTRA, "converting TensorFlow models")
+        require("tf2onnx.tfonnx", TF_EXTRA, "converting TensorFlow models")  # its rewriters draw a name on import
     with contextlib.suppress(Exception):
         module.logging.set_level(logging.ERROR)
+    with contextlib.suppress(AttributeError):
+        if not _TF2ONNX_FIRST_NAME:
+            _TF2ONNX_FIRST_NAME.append(module.utils.INTERNAL_NAME)
+        module.utils.INTERNAL_NAME = _TF2ONNX_FIRST_NAME[0]
     return module
 
 

@@ -308,6 +308,7 @@ def _unsupported_error(model: Any, nodes: list[onnx.NodeProto], what: str) -> Un
 
 def _export_keras(model: Any, signature: Any, opset: int, tmp: Path) -> onnx.ModelProto:
     target = tmp / "model.onnx"
+    cv.tf2onnx()  # Keras drives tf2onnx; this also resets its name counter
     model.export(str(target), format="onnx", verbose=False, input_signature=signature, opset_version=opset)
     return onnx.load(str(target))
 

@@ -8,7 +8,8 @@ per precision decides pass or fail.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
@@ -17,6 +18,12 @@ import numpy as np
 from ..errors import ValidationDataError
 
 Runner = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+# Why comparing an int8 engine on random inputs fails whatever the engine's quality.
+RANDOM_INT8_INPUTS = (
+    "int8 engine compared on random inputs: values outside the calibrated ranges are clipped, so large errors "
+    "are expected; give real inputs with --data"
+)
 
 
 @dataclass(frozen=True)
@@ -27,9 +34,48 @@ class Tolerance:
     min_argmax_agreement: float
     # Optional absolute bound; ``None`` leaves it unchecked (scale-dependent).
     max_abs: float | None = None
+    # Limits for outputs that are not class scores (boxes, regressions) where this tolerance judges
+    # class scores by agreement alone (an agreement budget); ``None``: the limits above apply to all.
+    other_outputs: "Tolerance | None" = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Tolerance":
+        limits = {k: data[k] for k in ("max_rel_l2", "min_cosine", "min_argmax_agreement", "max_abs") if k in data}
+        others = data.get("other_outputs")
+        return cls(**limits, other_outputs=cls.from_dict(others) if others else None)
+
+    def __str__(self) -> str:
+        # ASCII comparison signs: these lines end up in logs and consoles that are not UTF-8.
+        parts = []
+        if self.max_rel_l2 < NO_LIMIT:
+            parts.append(f"rel L2 <= {_number(self.max_rel_l2)}")
+        if self.min_cosine > -1.0:
+            parts.append(f"cosine >= {_number(self.min_cosine, 6)}")
+        if self.min_argmax_agreement > 0:
+            parts.append(f"top-1 agreement >= {_percent(self.min_argmax_agreement)}")
+        if self.max_abs is not None:
+            parts.append(f"max abs <= {_number(self.max_abs)}")
+        text = ", ".join(parts) or "no limits"
+        if self.other_outputs is not None:
+            text += f" (other outputs: {self.other_outputs})"
+        return text
+
+
+def _number(value: float, digits: int = 3) -> str:
+    """0.15, 0.0001, 1e-5: short, and exact for the round limits people write."""
+    text = f"{value:.{digits}g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def _percent(share: float) -> str:
+    """99%, 99.5%, 1.7%: as many decimals as the value needs, at most two."""
+    return f"{share * 100:.2f}".rstrip("0").rstrip(".") + "%"
 
 
 # Defaults per precision. fp32 engines differ from the reference only by the
@@ -88,6 +134,9 @@ class ValidationReport:
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default).encode()
 
+    def tolerance_text(self) -> str:
+        return str(Tolerance.from_dict(self.tolerance))
+
     def summary(self) -> str:
         worst = max(self.outputs, key=lambda o: o.rel_l2, default=None)
         status = "INCONCLUSIVE" if self.inconclusive else "PASS" if self.passed else "FAIL"
@@ -95,6 +144,11 @@ class ValidationReport:
         warned = f" ({self.inconclusive})" if self.inconclusive else ""
         warned += f" (warning: {self.warnings[0]})" if self.warnings else ""
         return f"{status}: {len(self.outputs)} outputs on {self.samples} samples vs {self.reference}{detail}{warned}"
+
+
+def failures_text(report: "ValidationReport") -> str:
+    """Every failed check, named by its output: ``probs: argmax agreement 95.00% < 99%; box: ...``."""
+    return "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in report.outputs if not o.passed)
 
 
 def _json_default(value: Any) -> Any:
@@ -108,8 +162,21 @@ def _finite(x: float) -> float:
     return 1e308 if np.isnan(x) else float(min(x, 1e308))
 
 
-def looks_like_classes(ref: np.ndarray) -> bool:
-    return ref.ndim >= 2 and ref.dtype.kind == "f" and 2 <= ref.shape[-1] <= 1_000_000
+# Words in an output's name that mark it as something other than class scores (boxes, regressed
+# values, embeddings): its largest value says nothing, so argmax agreement is not computed for it.
+NOT_CLASS_SCORES = re.compile(
+    r"(box|coord|regress|reg(?![a-z])|offset|delta|landmark|keypoint|kpt|depth|embed|feature|anchor)",
+    re.IGNORECASE,
+)
+
+
+def looks_like_classes(ref: np.ndarray, name: str = "") -> bool:
+    """Whether argmax agreement means something for this output: a float array of rank >= 2 whose last
+    axis has >= 2 values (scores of classes), unless its name says it is a box, a regression or an
+    embedding (see :data:`NOT_CLASS_SCORES`; only its last ``/`` part is read)."""
+    if ref.ndim < 2 or ref.dtype.kind != "f" or not 2 <= ref.shape[-1] <= 1_000_000:
+        return False
+    return not NOT_CLASS_SCORES.search(name.rsplit("/", 1)[-1])
 
 
 def compare(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> OutputComparison:
@@ -141,16 +208,17 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> Outp
     else:
         cosine = float(np.dot(np.nan_to_num(r), np.nan_to_num(g)) / max(ref_norm * got_norm, 1e-300))
     agreement = None
-    if looks_like_classes(ref):
+    if looks_like_classes(ref, name):
         agreement = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(np.nan_to_num(got), axis=-1)))
-    if rel_l2 > tol.max_rel_l2:
-        failures.append(f"relative L2 error {rel_l2:.3e} > {tol.max_rel_l2:.1e}")
-    if cosine < tol.min_cosine:
-        failures.append(f"cosine similarity {cosine:.6f} < {tol.min_cosine}")
+    limits = tol.other_outputs if agreement is None and tol.other_outputs is not None else tol
+    if rel_l2 > limits.max_rel_l2:
+        failures.append(f"relative L2 error {rel_l2:.3e} > {_number(limits.max_rel_l2)}")
+    if cosine < limits.min_cosine:
+        failures.append(f"cosine similarity {cosine:.6f} < {_number(limits.min_cosine, 6)}")
     if agreement is not None and agreement < tol.min_argmax_agreement:
-        failures.append(f"argmax agreement {agreement:.2%} < {tol.min_argmax_agreement:.0%}")
-    if tol.max_abs is not None and max_abs > tol.max_abs:
-        failures.append(f"max abs error {max_abs:.3e} > {tol.max_abs:.1e}")
+        failures.append(f"argmax agreement {agreement:.2%} < {_percent(tol.min_argmax_agreement)}")
+    if limits.max_abs is not None and max_abs > limits.max_abs:
+        failures.append(f"max abs error {max_abs:.3e} > {_number(limits.max_abs)}")
     return OutputComparison(name, list(ref.shape), _finite(max_abs), _finite(mean_abs), _finite(rel_l2),
                             cosine if np.isfinite(cosine) else -1.0, agreement, not failures, failures)
 
@@ -240,13 +308,27 @@ class AccuracyBudget:
         bound = "min" if self.metric == "agreement" else "max"
         return {"metric": self.metric, bound: self.value}
 
-    def tolerance(self) -> Tolerance:
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AccuracyBudget":
+        return cls(data["metric"], data.get("min", data.get("max")))
+
+    def tolerance(self, precision: str = "int8") -> Tolerance:
+        """The limits a ``precision`` engine must keep: an agreement budget judges class scores by top-1
+        agreement alone and every other output (boxes, regressions) by the precision's default tolerance."""
         if self.metric == "agreement":
-            return Tolerance(max_rel_l2=NO_LIMIT, min_cosine=-1.0, min_argmax_agreement=self.value)
+            others = replace(tolerance_for(precision), min_argmax_agreement=0.0)
+            return Tolerance(max_rel_l2=NO_LIMIT, min_cosine=-1.0, min_argmax_agreement=self.value, other_outputs=others)
         return Tolerance(max_rel_l2=self.value, min_cosine=-1.0, min_argmax_agreement=0.0)
 
     def __str__(self) -> str:
-        return f"top-1 agreement >= {self.value:.2%}" if self.metric == "agreement" else f"relative L2 error <= {self.value:g}"
+        if self.metric == "agreement":
+            return f"at most {_percent(1.0 - self.value)} of top-1 decisions change"
+        return f"rel L2 <= {self.value:g} on every output"
+
+
+def one_change(samples: int) -> str:
+    """The statistical resolution of an agreement measured on ``samples``: what one changed answer weighs."""
+    return f"{samples} samples: one changed answer is {100.0 / samples:.1f}%" if samples else "no samples"
 
 
 def parse_budget(text: str) -> AccuracyBudget:

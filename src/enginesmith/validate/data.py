@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -79,6 +79,25 @@ def check_against_signature(feeds: dict[str, np.ndarray], signature: Signature, 
                 )
 
 
+def cast_to_signature(feeds: dict[str, np.ndarray], signature: Signature, where: str) -> dict[str, np.ndarray]:
+    """Every input in the dtype the model takes, by the rules an engine applies to its inputs.
+
+    Casts that keep values (numpy's float64 default to float32, int32 to int64) are applied with an
+    ``InputCastWarning``; others (float to int) are refused, as :func:`runtime.inputs.cast_to_spec` does.
+    Calibration and validation feed the reference and the quantizer directly, which accept no other dtype.
+    """
+    from ..errors import InputError
+    from ..runtime.inputs import cast_to_spec
+
+    cast = dict(feeds)
+    for spec in signature.inputs:
+        try:
+            cast[spec.name] = cast_to_spec(spec.name, np.asarray(feeds[spec.name]), spec)
+        except InputError as exc:
+            raise ValidationDataError(f"{where}: {exc}") from None
+    return cast
+
+
 def default_image_spec(signature: Signature):
     """A spec that fits the single image input: its layout, size and channels, pixels scaled to [0, 1]."""
     from ..runtime.preprocess import PreprocessSpec
@@ -133,9 +152,24 @@ def load_dataset(path: str | Path, signature: Signature, preprocess=None, limit:
     else:
         raise ValidationDataError(f"data not found: '{path}'")
     check_against_signature(feeds, signature, where)
+    feeds = cast_to_signature(feeds, signature, where)
     if limit:
         feeds = {name: value[:limit] for name, value in feeds.items()}
     return feeds
+
+
+def dataset_from_arrays(arrays: Mapping[str, Any], signature: Signature, where: str = "given arrays") -> dict[str, np.ndarray]:
+    """In-memory samples keyed by input name, checked and cast like a data file's."""
+    missing = [n for n in signature.input_names if n not in arrays]
+    unknown = [n for n in arrays if n not in signature.input_names]
+    if missing or unknown:
+        raise ValidationDataError(
+            f"{where} have arrays {list(arrays)}, the model takes {signature.input_names}"
+            + (f" (unknown: {unknown})" if unknown else "") + (f" (missing: {missing})" if missing else "")
+        )
+    feeds = {name: np.asarray(value) for name, value in arrays.items()}
+    check_against_signature(feeds, signature, where)
+    return cast_to_signature(feeds, signature, where)
 
 
 def split_holdout(feeds: dict[str, np.ndarray], fraction: float, seed: int = 0) -> tuple[dict, dict]:
