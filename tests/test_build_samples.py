@@ -200,7 +200,7 @@ def test_pass_whose_check_cannot_run_is_not_applied_and_the_build_goes_on():
         ({"x": np.zeros((2, 16), np.float32), "rate": np.array(16000)}, r"unknown: \['rate'\]\) \(missing: \['sr'\]\)"),
         ({"x": np.zeros((2, 4, 4), np.float32), "sr": np.array(16000)}, r"input 'x' has shape \(2, 4, 4\) but the model takes rank 2"),
         ({"x": np.zeros((2, 15), np.float32), "sr": np.array(16000)}, r"input 'x' has shape \(2, 15\), the model needs 16 on axis 1"),
-        ({"x": np.zeros((2, 16), np.float32), "sr": np.array(16000.0)}, r"input 'sr' is float64 but the model takes int64"),
+        ({"x": np.zeros((2, 16), np.float32), "sr": np.array(16000.0)}, r"input 'sr' has dtype float64 but the engine takes int64; a float64 -> int64 cast would change values"),
     ],
     ids=["names", "rank", "fixed dim", "dtype"],
 )

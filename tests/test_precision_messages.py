@@ -172,7 +172,7 @@ def test_calib_random_on_an_fp32_build_is_said_to_be_unused(mlp):
 def test_build_help_lists_every_precision(capsys):
     assert main(["build", "--help"]) == 0
     text = _flat(capsys.readouterr().out.replace("│", " "))  # help options are drawn in a box
-    assert "fp32 (default), fp16, int8 (needs --calib) or best" in text
+    assert "fp32 (default), fp16, int8 (needs --calib), bf16 or best" in text
 
 
 # ----------------------------------------------------------------------------- 9: in words
@@ -244,8 +244,11 @@ def test_cli_prints_tolerance_budget_and_rejections_in_words(mlp, tmp_path, caps
 def test_int8_checked_on_random_inputs_says_why_it_may_fail(mlp, tmp_path):
     engine_path = tmp_path / "int8.engine"
     es.build(mlp, precision="int8", calibration_data={"x": _samples(200)}, output=engine_path)
-    random_report = es.validate(engine_path, store=False)
-    assert any(w.startswith("int8 engine compared on random inputs") for w in random_report.warnings)
+    # validate falls back on the held-out calibration samples the bundle stores, so nothing is random there;
+    # layer-wise still draws random inputs and says why that may fail an int8 engine.
+    stored_report = es.validate(engine_path, store=False)
+    assert stored_report.passed and not stored_report.inconclusive
+    assert not any(w.startswith("int8 engine compared on random inputs") for w in stored_report.warnings)
     assert es.api.layerwise(engine_path).notes[0].startswith("int8 engine compared on random inputs")
     np.save(tmp_path / "real.npy", _samples(40, seed=9))
     assert not es.validate(engine_path, data=tmp_path / "real.npy", store=False).warnings
