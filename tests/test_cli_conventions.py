@@ -393,3 +393,20 @@ def test_json_dash_prints_one_json_document_and_nothing_else(mlp_engine_path, ml
     assert main(["validate", str(mlp_engine_path), "--json", "-", "--no-store", "--layerwise"]) == 0
     both = json.loads(capsys.readouterr().out)
     assert both["validation"]["passed"] and both["layerwise"]["passed"]
+
+
+def test_demo_refuses_a_folder_whose_files_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "digits.keras").write_bytes(b"somebody's model")
+    assert main(["demo", "-o", str(tmp_path), "--epochs", "1"]) == 2
+    assert "not written by an earlier demo" in capsys.readouterr().err
+    assert (tmp_path / "digits.keras").read_bytes() == b"somebody's model"
+
+
+def test_demo_folder_is_recognised_by_its_report(tmp_path):
+    from enginesmith.demo import is_demo_folder
+
+    assert not is_demo_folder(tmp_path)
+    (tmp_path / "demo.json").write_text(json.dumps({"keras_test_accuracy": 0.98}))
+    assert is_demo_folder(tmp_path)
+    (tmp_path / "demo.json").write_text("not json")
+    assert not is_demo_folder(tmp_path)

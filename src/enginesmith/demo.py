@@ -116,6 +116,19 @@ def make_digits_cnn(keras):
     return keras.Model(inputs, outputs, name="digits_cnn")
 
 
+# What the demo writes into its folder; a folder whose demo.json came from the demo may be rewritten.
+DEMO_FILES = ("digits.keras", "digits.engine", "test_images.npz", "demo.json", "demo.png")
+
+
+def is_demo_folder(folder: Path) -> bool:
+    """Whether ``folder/demo.json`` is a report an earlier demo wrote (so its files are the demo's own)."""
+    try:
+        report = json.loads((folder / "demo.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "keras_test_accuracy" in report
+
+
 def run_demo(
     output_dir: str | Path = DEFAULT_OUTPUT,
     epochs: int = 30,

@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from ..bench import times_text
+from ..errors import OutputExistsError
 
 from .app import add_columns, app, console, print_indented, table
 
@@ -17,9 +18,17 @@ def demo(
     output: Path = typer.Option(Path("enginesmith-demo"), "-o", "--output", metavar="DIR", help="Folder for the model, engine, JSON and plot."),
     epochs: int = typer.Option(30, min=1, metavar="N", help="Training epochs."),
     runs: int = typer.Option(50, min=1, metavar="N", help="Timed runs per target and batch size."),
+    force: bool = typer.Option(False, "--force", help="Replace files of the same names in DIR that an earlier demo did not write."),
 ) -> None:
     """Train a Keras CNN on scikit-learn's digits, build an engine, validate it and benchmark it."""
-    from ..demo import run_demo
+    from ..demo import DEMO_FILES, is_demo_folder, run_demo
+
+    clashes = [name for name in DEMO_FILES if (output / name).exists()]
+    if clashes and not force and not is_demo_folder(output):
+        raise OutputExistsError(
+            f"'{output}' already holds {', '.join(clashes)}, not written by an earlier demo; "
+            "give another folder with -o DIR, or add --force"
+        )
 
     result = run_demo(output, epochs=epochs, bench_runs=runs, log=lambda line: print_indented(line, 0))
     for step in result.steps:

@@ -251,7 +251,7 @@ def print_build(engine, target: Path) -> None:
     calibration = manifest.checks.get("calibration", {})
     line = calibration_line(calibration)
     if line:
-        console.print(f"  {line}", highlight=False, markup=False)
+        print_indented(line)
     if calibration.get("warning"):
         console.print("[bold red]WARNING:[/] " + escape(calibration["warning"]), highlight=False)
     if "precision_candidates" in manifest.checks:
