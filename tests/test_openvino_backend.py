@@ -318,10 +318,35 @@ def test_unconvertible_op_is_named():
         es.build(model, backend="openvino")
     # Without the compatibility check the backend's own conversion names the node too.
     imported = import_model(model)
-    with pytest.raises(es.UnsupportedModelError, match="cannot convert node\\(s\\) 'fancy_1' \\(com.example.FancyActivation\\)"):
+    with pytest.raises(es.UnsupportedModelError,
+                       match="cannot convert node\\(s\\) 'fancy_1' \\(com.example.FancyActivation: no conversion rule"):
         get_backend("openvino").build(imported.model, imported.signature, BuildOptions())
     support = get_backend("openvino").op_support(model, BuildOptions())
     assert support["relu"][0] == "supported" and support["fancy_1"][0] == "unsupported"
+
+
+def test_unconvertible_op_inside_a_subgraph_names_the_top_level_node():
+    from onnx import TensorProto, helper
+
+    def branch(op: str, domain: str = "") -> onnx.GraphProto:
+        node = helper.make_node(op, ["x"], ["y_" + op], domain=domain, name="inner_" + op)
+        return helper.make_graph([node], op, [], [helper.make_tensor_value_info("y_" + op, TensorProto.FLOAT, [2])])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], name="choose", then_branch=branch("FancyActivation", "com.example"),
+                          else_branch=branch("Relu"))],
+        "nested",
+        [helper.make_tensor_value_info("flag", TensorProto.BOOL, []), helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    model.ir_version = 9
+    support = get_backend("openvino").op_support(model, BuildOptions())
+    assert support["choose"][0] == "unsupported"
+    assert "If with com.example.FancyActivation in its subgraph" in support["choose"][1]
+    imported = import_model(model)
+    with pytest.raises(es.UnsupportedModelError, match="'choose' \\(If with com.example.FancyActivation in its subgraph"):
+        get_backend("openvino").build(imported.model, imported.signature, BuildOptions())
 
 
 def test_missing_openvino_names_the_extra(monkeypatch):

@@ -165,34 +165,84 @@ def _resolve_precision(options: BuildOptions, log: list[str]) -> str:
 # --------------------------------------------------------------------------- reading ONNX
 
 
-def _unconverted_nodes(ov_model: Any, model: onnx.ModelProto) -> list[tuple[str, str]]:
-    """(node label, op) of the ONNX nodes OpenVINO's frontend left as framework nodes."""
+# Ops with subgraphs and how many: asking for a subgraph index past the last one crashes the process.
+SUBGRAPH_COUNTS = {"If": 2, "Loop": 1, "TensorIterator": 1}
+
+
+def _bodies(op: Any) -> list[Any]:
+    """The subgraphs of an If/Loop/TensorIterator op (none for other ops)."""
+    return [op.get_function(index) for index in range(SUBGRAPH_COUNTS.get(op.get_type_name(), 0))]
+
+
+def _unconverted_ops(ov_model: Any) -> list[Any]:
+    return [op for op in ov_model.get_ordered_ops() if op.get_type_name() in UNCONVERTED_NODE_TYPES]
+
+
+def _onnx_type(op: Any) -> str:
+    attrs = op.get_attributes() if hasattr(op, "get_attributes") else {}
+    domain = attrs.get("ONNX_META_domain", "")
+    return f"{domain + '.' if domain else ''}{attrs.get('ONNX_META_type', op.get_type_name())}"
+
+
+def frontend_reasons(text: str) -> dict[str, str]:
+    """ONNX op type -> why the frontend could not convert it, from its "detailed log" error text."""
+    reasons: dict[str, str] = {}
+    op, lines = None, []
+    for line in text.splitlines() + ["-- end"]:
+        line = line.strip()
+        if line.startswith("-- "):
+            if op and lines:
+                reasons.setdefault(op, lines[-1])
+            head = line[3:].split(" with a message:")[0]
+            op, lines = head.rsplit("-", 1)[0] if "-" in head else head, []
+        elif op and line and not line.startswith(("Check ", "While validating", "FrontEnd API failed", "Summary")):
+            lines.append(line.rstrip(":"))
+        elif line.startswith("Summary"):
+            if op and lines:
+                reasons.setdefault(op, lines[-1])
+            op, lines = None, []
+    return reasons
+
+
+def unconverted_nodes(ov_model: Any, model: onnx.ModelProto, reasons: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(node label, what failed) for the top-level ONNX nodes the frontend left unconverted.
+
+    A node whose own subgraph holds the unconverted ops (an If, a Loop) is named with them.
+    """
     by_output = {}
-    labels = node_names(model)
-    for label, node in zip(labels, model.graph.node):
+    for label, node in zip(node_names(model), model.graph.node):
         for name in node.output:
             by_output[name] = (label, f"{node.domain + '.' if node.domain else ''}{node.op_type}")
-    found: list[tuple[str, str]] = []
+
+    def explain(op_types: list[str]) -> str:
+        return "; ".join(f"{t}: {reasons.get(t.split('.')[-1], 'no conversion rule for this op')}" for t in op_types)
+
+    found: dict[str, str] = {}
     for op in ov_model.get_ordered_ops():
-        if op.get_type_name() not in UNCONVERTED_NODE_TYPES:
-            continue
+        if op.get_type_name() in UNCONVERTED_NODE_TYPES:
+            inner = [_onnx_type(op)]
+        else:
+            inner = sorted({_onnx_type(x) for body in _bodies(op) for x in _unconverted_ops(body)})
+            if not inner:
+                continue
         names = [n for out in op.outputs() for n in out.get_names()]
-        hit = next((by_output[n] for n in names if n in by_output), None)
-        if hit is None:
-            attrs = op.get_attributes() if hasattr(op, "get_attributes") else {}
-            kind = attrs.get("ONNX_META_type", op.get_type_name())
-            hit = (op.get_friendly_name(), f"{attrs.get('ONNX_META_domain', '')}.{kind}".lstrip("."))
-        if hit not in found:
-            found.append(hit)
-    return found
+        label, op_type = next((by_output[n] for n in names if n in by_output), (op.get_friendly_name(), _onnx_type(op)))
+        found.setdefault(label, explain(inner) if inner == [op_type] else
+                         f"{op_type} with {', '.join(inner)} in its subgraph: {explain(inner)}")
+    return list(found.items())
 
 
-def _partial_model(path: Path) -> Any:
-    """The model as far as the frontend converts it: unconvertible nodes stay framework nodes."""
+def _partial_model(path: Path) -> tuple[Any, ...]:
+    """The model as far as the frontend converts it: unconvertible nodes stay framework nodes.
+
+    Returns (model, frontend, input model): the framework nodes point into the frontend's copy of
+    the ONNX graph, so reading their attributes after the other two are freed crashes the process.
+    """
     from openvino.frontend import FrontEndManager
 
     frontend = FrontEndManager().load_by_framework("onnx")
-    return frontend.convert_partially(frontend.load(str(path)))
+    source = frontend.load(str(path))
+    return frontend.convert_partially(source), frontend, source
 
 
 def _first_line(exc: BaseException) -> str:
@@ -201,24 +251,33 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
+def _save_for_openvino(model: onnx.ModelProto, path: Path) -> None:
+    # A file (not bytes) lets OpenVINO read models over protobuf's 2 GB limit, with external data.
+    onnx.save(model, path, save_as_external_data=model.ByteSize() > 2**31 - 2**20, location=path.name + ".data")
+
+
+def _conversion_failures(path: Path, model: onnx.ModelProto, exc: BaseException) -> list[tuple[str, str]]:
+    try:
+        partial, *keep_alive = _partial_model(path)
+        return unconverted_nodes(partial, model, frontend_reasons(str(exc)))
+    except Exception:  # noqa: BLE001 - the partial conversion failing too says nothing more
+        return []
+
+
 def read_onnx(model: onnx.ModelProto, tmp: Path) -> Any:
     """ONNX -> ``openvino.Model``; a node the frontend cannot convert is named in the error."""
     path = tmp / "model.onnx"
-    # A file (not bytes) lets OpenVINO read models over protobuf's 2 GB limit with external data.
-    onnx.save(model, path, save_as_external_data=model.ByteSize() > 2**31 - 2**20, location="model.onnx.data")
+    _save_for_openvino(model, path)
     try:
         return core().read_model(str(path))
     except Exception as exc:  # OpenVINO raises RuntimeError / its own OpConversionFailure
-        try:
-            unconverted = _unconverted_nodes(_partial_model(path), model)
-        except Exception:  # the partial conversion failing too says nothing more
-            unconverted = []
-        if unconverted:
-            listed = ", ".join(f"'{label}' ({op})" for label, op in unconverted[:5])
-            more = f" and {len(unconverted) - 5} more" if len(unconverted) > 5 else ""
+        failures = _conversion_failures(path, model, exc)
+        if failures:
+            listed = "; ".join(f"'{label}' ({detail})" for label, detail in failures[:3])
+            more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
             raise UnsupportedModelError(
-                f"OpenVINO {core_version()} cannot convert node(s) {listed}{more}: no conversion rule for the op; "
-                "replace the op in the model or use another backend (--backend onnxruntime)"
+                f"OpenVINO {core_version()} cannot convert node(s) {listed}{more}: replace or simplify those "
+                "nodes (static shapes, --input NAME:SHAPE, often help) or use another backend (--backend onnxruntime)"
             ) from None
         raise UnsupportedModelError(f"OpenVINO could not read the ONNX model: {_first_line(exc)}") from None
 
@@ -354,23 +413,23 @@ class OpenVinoBackend(Backend):
         labels = node_names(model)
         with tempfile.TemporaryDirectory(prefix="enginesmith-ov-") as tmp:
             path = Path(tmp) / "model.onnx"
-            onnx.save(model, path)
+            _save_for_openvino(model, path)
             try:
-                partial = _partial_model(path)
-            except Exception as exc:  # noqa: BLE001 - the model as a whole does not load
-                return {**{label: ("conditional", "not checked") for label in labels},
-                        "": ("unsupported", f"OpenVINO: {_first_line(exc)}")}
-        unconverted = {label: op for label, op in _unconverted_nodes(partial, model)}
-        if unconverted:
-            return {label: (("unsupported", f"OpenVINO {core_version()}: no ONNX conversion rule for {unconverted[label]}")
-                            if label in unconverted else ("supported", "converted by OpenVINO's ONNX frontend"))
-                    for label in labels}
+                converted = core().read_model(str(path))
+            except Exception as exc:  # noqa: BLE001 - some nodes do not convert: find which
+                failures = dict(_conversion_failures(path, model, exc))
+                if not failures:
+                    return {**{label: ("conditional", "not checked") for label in labels},
+                            "": ("unsupported", f"OpenVINO: {_first_line(exc)}")}
+                prefix = f"OpenVINO {core_version()}'s ONNX frontend cannot convert it: "
+                return {label: ("unsupported", prefix + failures[label]) if label in failures
+                        else ("supported", "converted by OpenVINO's ONNX frontend") for label in labels}
         try:
-            placed = core().query_model(partial, DEVICE)
+            placed = core().query_model(converted, DEVICE)
         except Exception as exc:  # noqa: BLE001
             return {**{label: ("supported", "converted by OpenVINO's ONNX frontend") for label in labels},
                     "": ("unsupported", f"OpenVINO CPU plugin: {_first_line(exc)}")}
-        missing = {op.get_friendly_name() for op in partial.get_ordered_ops() if op.get_friendly_name() not in placed
+        missing = {op.get_friendly_name() for op in converted.get_ordered_ops() if op.get_friendly_name() not in placed
                    and op.get_type_name() not in ("Parameter", "Result", "Constant")}
         result = {}
         for label, node in zip(labels, model.graph.node):
