@@ -359,3 +359,20 @@ def test_missing_openvino_names_the_extra(monkeypatch):
 
 def test_auto_still_picks_onnxruntime():
     assert pick_backend("auto").name == "onnxruntime"
+
+
+def test_inputs_the_plugin_cannot_run_are_an_input_error():
+    # A 3x3 max-pool over dynamic height/width: a 2x2 image is too small for the kernel.
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MaxPool", ["x"], ["y"], name="pool", kernel_shape=[3, 3])], "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1, None, None])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    engine = es.build(model, backend="openvino", verify=False)
+    assert engine(x=np.ones((1, 1, 5, 5), np.float32))["y"].shape == (1, 1, 3, 3)
+    with pytest.raises(es.InputError, match="OpenVINO could not run the engine on inputs x\\[1, 1, 2, 2\\]: .*[Kk]ernel"):
+        engine(x=np.ones((1, 1, 2, 2), np.float32))

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from ..errors import BuildError, MissingDependencyError, UnsupportedModelError, ValidationDataError
+from ..errors import BuildError, InputError, MissingDependencyError, UnsupportedModelError, ValidationDataError
 from ..host import cpu_flags, host_fingerprint
 from ..signature import Signature
 from .base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session, node_names
@@ -251,6 +251,13 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
+def _last_line(exc: BaseException) -> str:
+    """The innermost reason of a nested OpenVINO error ("Exception from ... / Check ... failed ...")."""
+    noise = ("Exception from", "Check '", "While validating", "[CPU]")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().startswith(noise)]
+    return (lines[-1] if lines else _first_line(exc))[:300]
+
+
 def _save_for_openvino(model: onnx.ModelProto, path: Path) -> None:
     # A file (not bytes) lets OpenVINO read models over protobuf's 2 GB limit, with external data.
     onnx.save(model, path, save_as_external_data=model.ByteSize() > 2**31 - 2**20, location=path.name + ".data")
@@ -360,9 +367,12 @@ class OpenVinoSession(Session):
             # share_outputs=False copies the results out of the request's buffers, so the request
             # can go back to the pool and serve another thread while the caller keeps its arrays.
             results = request.infer(dict(feeds), share_inputs=True, share_outputs=False)
-            return {name: np.asarray(results[port]).astype(dtype, copy=False) for name, port, dtype in self._outputs}
+        except RuntimeError as exc:  # the plugin's shape inference refusing these inputs, mostly
+            shapes = ", ".join(f"{name}{list(np.shape(value))}" for name, value in feeds.items())
+            raise InputError(f"OpenVINO could not run the engine on inputs {shapes}: {_last_line(exc)}") from None
         finally:
             self._idle.put(request)
+        return {name: np.asarray(results[port]).astype(dtype, copy=False) for name, port, dtype in self._outputs}
 
     def close(self) -> None:
         self._compiled = None
