@@ -260,13 +260,20 @@ def _last_line(exc: BaseException) -> str:
 
 def _save_for_openvino(model: onnx.ModelProto, path: Path) -> None:
     # A file (not bytes) lets OpenVINO read models over protobuf's 2 GB limit, with external data.
-    onnx.save(model, path, save_as_external_data=model.ByteSize() > 2**31 - 2**20, location=path.name + ".data")
+    if model.ByteSize() < 2**31 - 2**20:
+        onnx.save(model, path)
+        return
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # saving as external data moves the weights out of the proto it is given
+    onnx.save(copy, path, save_as_external_data=True, location=path.name + ".data")
 
 
 def _conversion_failures(path: Path, model: onnx.ModelProto, exc: BaseException) -> list[tuple[str, str]]:
     try:
-        partial, *keep_alive = _partial_model(path)
-        return unconverted_nodes(partial, model, frontend_reasons(str(exc)))
+        partial, frontend, source = _partial_model(path)
+        failures = unconverted_nodes(partial, model, frontend_reasons(str(exc)))
+        del partial, frontend, source  # in this order: the model's nodes point into the other two
+        return failures
     except Exception:  # noqa: BLE001 - the partial conversion failing too says nothing more
         return []
 
