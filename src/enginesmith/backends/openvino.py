@@ -335,7 +335,7 @@ def quantize_int8(ov_model: Any, calibration: Calibration | None, settings: Open
         quantized = nncf.quantize(ov_model, nncf.Dataset(calibration.batches), preset=preset, subset_size=items,
                                   advanced_parameters=advanced)
     except Exception as exc:  # NNCF raises many types; a failed quantization fails the build
-        raise BuildError(f"int8 quantization (NNCF {nncf.__version__}) failed: {_first_line(exc)}") from None
+        raise BuildError(f"int8 quantization (NNCF {nncf.__version__}) failed: {_last_line(exc)}") from None
     fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ordered_ops())
     log.append(f"int8: NNCF {nncf.__version__} post-training quantization, preset {settings.int8_preset}, "
                f"{calibration.method} ranges{' (NNCF defaults)' if estimator is None else ' (' + estimator + ')'}, "
