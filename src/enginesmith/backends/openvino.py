@@ -4,7 +4,7 @@ Build reads the ONNX model with OpenVINO's ONNX frontend (dynamic dimensions sta
 dynamic), optionally quantizes it to int8 with NNCF's post-training quantization, compiles
 it for the CPU plugin and stores the *compiled model* (``CompiledModel.export_model``) as the
 payload: importing it skips the frontend and the plugin's graph transformations, which made
-loading 2.5-5x faster than reading an IR (xml+bin) and compiling it (measured on a 2-core
+loading 2-5x faster than reading an IR (xml+bin) and compiling it (measured on a 2-core
 AMD EPYC: MobileNetV2-like 27 ms vs 134 ms, ResNet-50-like 99 ms vs 252 ms, same size).
 
 The compiled model is tied to the OpenVINO version and to the CPU's instruction sets (the
