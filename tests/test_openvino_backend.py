@@ -266,6 +266,17 @@ def test_int8_keeps_the_trained_models_decisions(digits_model, tmp_path):
     assert not np.allclose(loaded(image=x[:8])["logits"], run_plain(model, {"image": x[:8]})["logits"], atol=1e-5)
 
 
+def test_int8_percentile_calibration_and_mixed_preset(digits_model):
+    model = digits_model["model"]
+    engine = es.build(model, backend="openvino", precision="int8", calibration_method="percentile",
+                      calibration_data={"image": digits_model["x_train"]}, backend_options={"int8_preset": "mixed"})
+    assert any("preset mixed, percentile ranges (MEAN_QUANTILE)" in line for line in engine.manifest.build_log)
+    assert engine.manifest.build_options["backend_options"]["int8_preset"] == "mixed"
+    x = digits_model["x_test"]
+    agreement = np.mean(engine(image=x)["logits"].argmax(-1) == run_plain(model, {"image": x})["logits"].argmax(-1))
+    assert agreement >= 0.98
+
+
 def test_int8_refuses_entropy_and_missing_data(digits_model):
     with pytest.raises(es.BuildError, match="'entropy' is not offered by NNCF: use minmax or percentile"):
         es.build(digits_model["model"], backend="openvino", precision="int8", calibration_method="entropy",
