@@ -27,7 +27,6 @@ import os
 import sys
 import tempfile
 import time
-import tomllib
 import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -64,6 +63,8 @@ def zoo_models(manifest: Path, cache: Path, wanted: list[str]) -> tuple[list[dic
     """(models found: id, path, inputs, sha256, package; notes on the ones skipped)."""
     if not manifest.is_file():
         return [], [f"zoo manifest {manifest} not found: real models skipped"]
+    import tomllib  # Python 3.11+; the samples alone run on 3.10
+
     entries = {m["id"]: m for m in tomllib.loads(manifest.read_text())["models"]}
     found, notes = [], []
     for model_id in wanted:

@@ -35,7 +35,6 @@ from ..host import cpu_flags, host_fingerprint
 from ..signature import Signature
 from .base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session, node_names
 
-_log = logging.getLogger("enginesmith.openvino")
 PAYLOAD_NAME = "model.openvino.blob"
 DEVICE = "CPU"
 INSTALL_HINT = "pip install 'enginesmith[openvino]'"
