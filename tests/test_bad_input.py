@@ -282,3 +282,20 @@ def test_outputs_get_ordinary_permissions_and_no_temp_files(tmp_path, mlp_path):
     for path in (engine_path, tmp_path / "r.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644  # mkstemp's 0600 would hide results from others
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "mlp.onnx", "r.json"]
+
+
+def test_bf16_is_refused_by_backends_that_do_not_build_it(tmp_path):
+    # bf16 is a known precision (the OpenVINO and PyTorch backends build it); the others say so
+    # instead of building fp32 under a bf16 label.
+    with pytest.raises(es.BuildError, match="builds fp32, fp16 and int8 engines, not bf16; for bf16 use --backend openvino"):
+        es.build(make_mlp(), precision="bf16", output=tmp_path / "x.engine")
+    assert list(tmp_path.iterdir()) == []
+    from enginesmith.backends import get_backend
+    from enginesmith.backends.base import BuildOptions
+    from enginesmith.importers import import_model
+
+    imported = import_model(make_mlp())
+    with pytest.raises(es.BuildError, match="unknown precision 'bf16' for TensorRT"):
+        get_backend("tensorrt").build(imported.model, imported.signature, BuildOptions(precision="bf16"))
+    with pytest.raises(es.BuildError, match="unknown precision 'fp8': choose one of fp32, fp16, bf16, int8 or best"):
+        es.build(make_mlp(), precision="fp8")

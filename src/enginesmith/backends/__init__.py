@@ -12,6 +12,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "enginesmith.backends.onnxruntime:OnnxRuntimeBackend",
     "torch": "enginesmith.backends.torch_compile:TorchCompileBackend",
     "tensorrt": "enginesmith.backends.tensorrt:TensorRTBackend",
+    "openvino": "enginesmith.backends.openvino:OpenVinoBackend",
 }
 
 _instances: dict[str, Backend] = {}

@@ -19,7 +19,9 @@ import onnx
 
 from ..signature import Signature
 
-PRECISIONS = ("fp32", "fp16", "int8")
+# Every precision some backend builds; each backend refuses (or says it keeps fp32 for) the ones it
+# does not: bf16 is the OpenVINO and PyTorch backends' reduced precision on CPUs that have it.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 # Called with (stage, done, total); total is None when unknown.
 ProgressCallback = Callable[[str, int, int | None], None]

@@ -368,6 +368,9 @@ class OnnxRuntimeBackend(Backend):
         settings = ort_gpu.gpu_settings(options.backend_options, providers)
         log = [f"ONNX Runtime {ort.__version__}, providers {', '.join(providers)}"]
         precision = options.precision
+        if precision not in ("fp32", "fp16", "int8"):
+            raise BuildError(f"the ONNX Runtime backend builds fp32, fp16 and int8 engines, not {precision}"
+                             + ("; for bf16 use --backend openvino or --backend torch" if precision == "bf16" else ""))
         if precision == "fp16" and not GPU_PROVIDERS & set(providers) and not options.force_precision:
             log.append(
                 "fp16 does not pay on the CPU provider (no fp16 kernels: ONNX Runtime would add casts around "

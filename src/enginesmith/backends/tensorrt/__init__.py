@@ -46,12 +46,14 @@ import onnx
 from ...errors import BuildError, MissingDependencyError
 from ...host import host_fingerprint
 from ...signature import Signature
-from ..base import PRECISIONS, Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session
+from ..base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session
 from . import cuda, facts
 from ._trt import MISSING_HINT, import_tensorrt, trt_logger
 from .options import TrtOptions, parse_options
 
 PAYLOAD_NAME = "model.plan"
+# The precisions this backend builds (the base list also has bf16, which it does not build yet).
+TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def fast_precisions(compute_capability: tuple[int, int]) -> list[str]:
@@ -137,8 +139,9 @@ class TensorRTBackend(Backend):
     ) -> BuildResult:
         from .builder import build_engine
 
-        if options.precision not in PRECISIONS:
-            raise BuildError(f"unknown precision '{options.precision}': choose one of {', '.join(PRECISIONS)}")
+        if options.precision not in TENSORRT_PRECISIONS:
+            raise BuildError(f"unknown precision '{options.precision}' for TensorRT: choose one of "
+                             f"{', '.join(TENSORRT_PRECISIONS)}")
         trt_options = parse_options(options.backend_options)
         built = build_engine(
             model, signature, options.precision, options.calibration_method, trt_options, calibration, progress,
