@@ -21,6 +21,7 @@ from ..bundle import looks_like_bundle
 from ..errors import BuildError, VerificationFailedError
 from ..graph.compat import IncompatibleModelError
 from ..importers import ImportOptions
+from ..pipeline import BUILD_STAGES
 from ..signature import shape_text
 from ..runtime.preprocess import PreprocessSpec
 from ..validate import AccuracyBudget, ValidationReport, tolerance_for
@@ -272,9 +273,12 @@ def stages_line(stages: Optional[dict]) -> str:
         return ""
 
     def seconds(value: float) -> str:
-        return f"{value:.1f} s" if value < 100 else f"{value:.0f} s"
+        return f"{value:.1f}s" if value < 100 else f"{value:.0f}s"
 
-    parts = ", ".join(f"{name} {seconds(value)}" for name, value in stages.items())
+    # Manifests keep their keys sorted; the line follows the build's order.
+    order = {stage.name: index for index, stage in enumerate(BUILD_STAGES)}
+    ordered = sorted(stages.items(), key=lambda item: order.get(item[0], len(order)))
+    parts = ", ".join(f"{name} {seconds(value)}" for name, value in ordered)
     return f"time: {seconds(sum(stages.values()))} ({parts})"
 
 
