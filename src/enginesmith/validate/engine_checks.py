@@ -8,7 +8,7 @@ seeded random inputs; the report's ``inputs`` says which.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -113,8 +113,3 @@ def store_report(path: Path, name: str, report: ValidationReport) -> None:
     contents.manifest.checks[name] = check_summary(report)
     write_bundle(path, contents)
 
-
-def first_rows(feeds: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    """``rows`` rows of every per-sample input, cycled when there are fewer."""
-    return {name: np.take(value, np.arange(rows) % len(value), axis=0) if value.ndim else value
-            for name, value in feeds.items()}
