@@ -185,3 +185,15 @@ def test_run_random_bench_and_layerwise_use_the_samples_the_bundle_stores(tmp_pa
     assert report.passed and report.inputs == "first samples stored in the bundle (given arrays)"
     assert main(["info", str(target)]) == 0
     assert "samples: 5 samples stored (given arrays)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_samples_record_in_words_says_what_was_stored_and_what_was_not():
+    from enginesmith.build_inputs import BuildInputs, samples_text
+
+    inputs = BuildInputs("data", "samples from 'big.npz'", {"x": np.zeros((10, 6), np.float32)})
+    assert samples_text(inputs.manifest_record(10, None)) == "10 samples stored (samples from 'big.npz')"
+    assert (samples_text(inputs.manifest_record(4, "stored the first 4 of 10 samples"))
+            == "4 of 10 samples stored (samples from 'big.npz'); validate with --data for the rest")
+    too_large = "samples not stored: one sample is 9.0 MB, over the 8 MB limit for samples in a bundle"
+    assert samples_text(inputs.manifest_record(None, too_large)) == f"10 samples (samples from 'big.npz'); {too_large}"
+    assert samples_text(None) is None

@@ -444,10 +444,8 @@ def samples_text(record: Mapping[str, Any] | None) -> str | None:
         plan = InputPlan.from_dict(record["plan"])
         return f"checks ran on inputs generated from the graph ({plan.describe()}); no samples stored"
     total, stored = record.get("samples"), record.get("stored")
-    if stored is None:
-        text = f"{total} samples ({label}), none stored" if total is not None else f"{label}, none stored"
-    elif total is not None and stored < total:
-        text = f"{stored} of {total} samples stored ({label})"
-    else:
-        text = f"{stored} samples stored ({label})"
-    return text + (f"; {record['note']}" if record.get("note") and "stored the first" not in record["note"] else "")
+    if stored is None:  # too large to store: the note says why
+        return f"{total} samples ({label}); {record.get('note', 'none stored')}"
+    if total is not None and stored < total:
+        return f"{stored} of {total} samples stored ({label}); validate with --data for the rest"
+    return f"{stored} samples stored ({label})"
