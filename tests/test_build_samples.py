@@ -109,7 +109,7 @@ def test_model_its_generated_inputs_crash_stops_with_one_clear_error(tmp_path, c
     # The CLI: one line on stderr, exit 2, no traceback.
     assert main(["build", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: the source model does not run on the inputs enginesmith generated")
+    assert err.startswith("error: build failed at stage 'inputs': the source model does not run on the inputs enginesmith generated")
     assert "Traceback" not in err
 
 

@@ -142,10 +142,10 @@ def test_unexpected_exceptions_become_one_line_and_debug_shows_the_traceback(mlp
 
 
 def test_verification_failure_names_the_cli_flag_not_a_python_argument(mlp_path, tmp_path, capsys, monkeypatch):
-    from enginesmith.validate import Tolerance
+    from enginesmith.validate import Tolerance, engine_checks
 
     impossible = Tolerance(max_rel_l2=-1.0, min_cosine=2.0, min_argmax_agreement=2.0)
-    monkeypatch.setattr(es.api, "tolerance_for", lambda *a, **k: impossible)
+    monkeypatch.setattr(engine_checks, "tolerance_for", lambda *a, **k: impossible)
     assert main(["build", str(mlp_path), "-o", str(tmp_path / "m.engine")]) == 2
     err = capsys.readouterr().err
     assert "does not match the source model" in err and "(--no-verify)" in err and "verify=False" not in err

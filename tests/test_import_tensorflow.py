@@ -223,3 +223,14 @@ def test_inspect_lists_frozen_graph_nodes(sources, capsys) -> None:
     data = json.loads(capsys.readouterr().out)
     assert [n["name"] for n in data["tensorflow_nodes"]] == [n["name"] for n in nodes]
     assert data["model"]["outputs"] and data["model"]["layers"]  # the converted ONNX view is there too
+
+
+def test_references_name_their_inputs_so_a_wrong_against_is_refused_before_running(sources, mlp_engine_path) -> None:
+    from enginesmith.importers import reference_runner
+
+    assert reference_runner(sources["saved"]).input_names == ["feat"]
+    assert reference_runner(sources["frozen"]).input_names == ["feat"]
+    # The engine takes 'x': comparing it with a model that takes 'feat' is refused, naming both.
+    for other in (sources["saved"], sources["frozen"]):
+        with pytest.raises(es.ValidationDataError, match=r"the engine's inputs \(x\) and the reference's inputs \(feat\) do not match"):
+            es.validate(mlp_engine_path, other)

@@ -109,3 +109,11 @@ def test_bad_tflite_files(tmp_path: Path) -> None:
         es.build(garbage)
     with pytest.raises(SourceError, match="not found"):
         es.build(tmp_path / "missing.tflite")
+
+
+def test_reference_names_its_inputs_so_a_wrong_against_is_refused_before_running(sources, mlp_engine_path) -> None:
+    from enginesmith.importers import reference_runner
+
+    assert reference_runner(sources["path"]).input_names == ["feat"]
+    with pytest.raises(es.ValidationDataError, match=r"the engine's inputs \(x\) and the reference's inputs \(feat\) do not match"):
+        es.validate(mlp_engine_path, sources["path"])

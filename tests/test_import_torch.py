@@ -209,3 +209,13 @@ def test_user_errors(two, tmp_path: Path) -> None:
     torch.save(two.state_dict(), str(state))
     with pytest.raises(SourceError, match="not a TorchScript archive"):
         es.build(state, import_options=ImportOptions(trust_code=True, input_shapes={"left": (1, 4)}))
+
+
+def test_references_name_their_inputs_so_a_wrong_against_is_refused_before_running(two, pt2_path: Path,
+                                                                                    mlp_engine_path: Path) -> None:
+    from enginesmith.importers import reference_runner
+
+    assert reference_runner(two).input_names == ["left", "right"]
+    assert reference_runner(pt2_path).input_names == ["left", "right"]
+    with pytest.raises(es.ValidationDataError, match=r"the engine's inputs \(x\) and the reference's inputs \(left, right\)"):
+        es.validate(mlp_engine_path, pt2_path)

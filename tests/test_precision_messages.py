@@ -244,11 +244,17 @@ def test_cli_prints_tolerance_budget_and_rejections_in_words(mlp, tmp_path, caps
 def test_int8_checked_on_random_inputs_says_why_it_may_fail(mlp, tmp_path):
     engine_path = tmp_path / "int8.engine"
     es.build(mlp, precision="int8", calibration_data={"x": _samples(200)}, output=engine_path)
-    # validate falls back on the held-out calibration samples the bundle stores, so nothing is random there;
-    # layer-wise still draws random inputs and says why that may fail an int8 engine.
+    # validate and layer-wise fall back on the held-out calibration samples the bundle stores, so nothing is
+    # random there; an engine without real samples gets layer-wise inputs that are not real, and says so.
     stored_report = es.validate(engine_path, store=False)
     assert stored_report.passed and not stored_report.inconclusive
     assert not any(w.startswith("int8 engine compared on random inputs") for w in stored_report.warnings)
-    assert es.api.layerwise(engine_path).notes[0].startswith("int8 engine compared on random inputs")
+    layers = es.api.layerwise(engine_path)
+    assert layers.inputs.startswith("first samples stored in the bundle")
+    assert not any(n.startswith("int8 engine compared on random inputs") for n in layers.notes)
+    random_path = tmp_path / "random.engine"
+    with pytest.warns(UserWarning, match="random data"):
+        es.build(mlp, precision="int8", calibration_random=True, verify=False, output=random_path)
+    assert es.api.layerwise(random_path).notes[0].startswith("int8 engine compared on random inputs")
     np.save(tmp_path / "real.npy", _samples(40, seed=9))
     assert not es.validate(engine_path, data=tmp_path / "real.npy", store=False).warnings

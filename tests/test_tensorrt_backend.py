@@ -330,6 +330,20 @@ def test_dynamic_networks_get_a_calibration_profile_even_from_a_cache_alone():
         calibration_profiles(profiles, [{"other": np.zeros((8, 6))}])
 
 
+def test_scalar_inputs_stay_scalars_on_the_way_into_tensorrt():
+    """A 0-d input (a sample rate) keeps shape (): np.ascontiguousarray would make it (1,), a shape the engine refuses."""
+    from enginesmith.backends.tensorrt.calibration import calibration_array
+    from enginesmith.backends.tensorrt.runtime import IoTensor, _to_engine_dtype
+
+    rate = np.array(16000, np.int64)
+    same = _to_engine_dtype(IoTensor("sr", True, np.dtype(np.int64), ()), rate)
+    narrowed = _to_engine_dtype(IoTensor("sr", True, np.dtype(np.int32), ()), rate)
+    assert same.shape == () and narrowed.shape == () and narrowed.dtype == np.int32 and int(narrowed) == 16000
+    assert calibration_array("sr", rate, np.dtype(np.int32)).shape == ()
+    view = np.arange(12, dtype=np.float32).reshape(3, 4)[:, 1:]  # not contiguous: still made contiguous
+    assert _to_engine_dtype(IoTensor("x", True, np.dtype(np.float32), (3, 3)), view).flags.c_contiguous
+
+
 # ---------------------------------------------------------------------------- version and device gates (issue 20)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import BuildError, EnginesmithError, ValidationDataError
 from .graph.input_plan import InputPlan, candidate_plans
-from .signature import Signature, is_named_symbol
+from .signature import Signature, is_named_symbol, random_inputs
 from .validate.data import check_against_signature, load_dataset
 
 MAX_STORED_BYTES = 8 * 2**20
@@ -94,6 +94,13 @@ def _per_sample(feeds: Mapping[str, np.ndarray]) -> set[str]:
 def first_samples(feeds: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
     split = _per_sample(feeds)
     return {name: value[:count] if name in split else value for name, value in feeds.items()}
+
+
+def take_rows(feeds: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """``rows`` samples of every per-sample input, cycled when there are fewer; the others whole."""
+    split = _per_sample(feeds)
+    return {name: np.take(value, np.arange(rows) % len(value), axis=0) if name in split else value
+            for name, value in feeds.items()}
 
 
 def split_samples(feeds: Mapping[str, np.ndarray], signature: Signature, size: int) -> list[dict[str, np.ndarray]]:
@@ -401,3 +408,44 @@ def stored_validation_batches(
         generated = [plan.generate(seed=seed + i, batch=batch) for i in range(batches)]
         return generated, f"generated from the build's input plan ({plan.describe()})", False
     return None
+
+
+def sample_feeds(
+    signature: Signature,
+    raw: bytes | None,
+    record: Mapping[str, Any] | None,
+    where: str,
+    *,
+    batch: int,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], str]:
+    """``batch`` inputs a built model runs on when no data is given, and where they came from.
+
+    The samples the bundle carries (cycled to ``batch``), else inputs generated from the
+    build's input plan, else seeded random inputs: a model that fails on random shapes or
+    values (a sample rate it branches on) still runs.
+    """
+    record = record or {}
+    if raw is not None:
+        feeds = decode_samples(raw, signature, where)
+        return take_rows(feeds, batch), f"samples stored in the bundle ({record.get('label', 'build samples')})"
+    plan = plan_from_record(record)
+    if plan is not None:
+        return plan.generate(seed=seed, batch=batch), f"generated from the build's input plan ({plan.describe()})"
+    return random_inputs(signature.inputs, batch=batch, seed=seed), f"random (seed {seed}, batch {batch})"
+
+
+def samples_text(record: Mapping[str, Any] | None) -> str | None:
+    """A manifest's ``checks["samples"]`` for people: what the build checked with and what the bundle stores."""
+    if not record:
+        return None
+    label = record.get("label", "")
+    if record.get("plan") and record.get("kind") not in REAL_KINDS:
+        plan = InputPlan.from_dict(record["plan"])
+        return f"checks ran on inputs generated from the graph ({plan.describe()}); no samples stored"
+    total, stored = record.get("samples"), record.get("stored")
+    if stored is None:  # too large to store: the note says why
+        return f"{total} samples ({label}); {record.get('note', 'none stored')}"
+    if total is not None and stored < total:
+        return f"{stored} of {total} samples stored ({label}); validate with --data for the rest"
+    return f"{stored} samples stored ({label})"

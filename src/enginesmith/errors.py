@@ -11,7 +11,13 @@ from __future__ import annotations
 
 
 class EnginesmithError(Exception):
-    """Base class of every error enginesmith raises on purpose."""
+    """Base class of every error enginesmith raises on purpose.
+
+    ``stage`` names the build stage it came from (``import``, ``check``, ``passes``, ...) when
+    it was raised inside one; the CLI prints it as "build failed at stage 'verify': ...".
+    """
+
+    stage: str | None = None
 
 
 class SourceError(EnginesmithError):
@@ -32,6 +38,25 @@ class BackendUnavailableError(EnginesmithError):
 
 class BuildError(EnginesmithError):
     """Building the engine failed for a reason other than an unsupported op."""
+
+
+def stage_failure_text(stage: str, message: str) -> str:
+    """How a failure inside a build stage reads: "build failed at stage 'passes': ..."."""
+    return f"build failed at stage '{stage}': {message}"
+
+
+class StageFailedError(BuildError):
+    """Something other than bad input failed inside a build stage (a bug, a library's own failure).
+
+    The message names the stage; the original exception is chained as ``__cause__``, so a
+    traceback (``--debug``) shows where it came from.
+    """
+
+    def __init__(self, stage: str, cause: BaseException):
+        detail = " ".join(str(cause).split())[:300]
+        what = f"{type(cause).__name__}: {detail}" if detail else type(cause).__name__
+        super().__init__(stage_failure_text(stage, what))
+        self.stage = stage
 
 
 class VerificationFailedError(BuildError):

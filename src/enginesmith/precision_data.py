@@ -66,6 +66,15 @@ def _feeds_from(
     return load_dataset(data, signature, spec), f"'{Path(data).name}'"
 
 
+def check_holdout(holdout: float) -> None:
+    """The hold-out share must leave something to calibrate on."""
+    if not 0 <= holdout < 1:
+        raise ValidationDataError(
+            f"--holdout {holdout:g} is outside [0, 1): it is the share of the calibration data kept aside to verify "
+            "the engine on (default 0.2; 0 keeps none aside), and at least one sample must remain to calibrate on"
+        )
+
+
 def prepare_precision_data(
     signature: Signature,
     options: BuildOptions,
@@ -85,11 +94,7 @@ def prepare_precision_data(
     hold-out can resolve, are warned about (:class:`PrecisionDataWarning`) and listed in
     ``check["warnings"]``.
     """
-    if not 0 <= holdout < 1:
-        raise ValidationDataError(
-            f"--holdout {holdout:g} is outside [0, 1): it is the share of the calibration data kept aside to verify "
-            "the engine on (default 0.2; 0 keeps none aside), and at least one sample must remain to calibrate on"
-        )
+    check_holdout(holdout)
     needs_calibration = options.precision == "int8" or (options.precision == "best" and best_tries_int8)
     if data is None and not random_data:
         if needs_calibration and cache is None:

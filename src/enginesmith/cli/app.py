@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..errors import EnginesmithError
+from ..errors import EnginesmithError, StageFailedError, stage_failure_text
 
 try:  # typer 0.2x vendors click; older releases depend on it
     from typer._click.exceptions import ClickException, UsageError
@@ -172,10 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         except ClickException as exc:
             print_error(_first_line(exc.format_message()))
             return exc.exit_code
+        except StageFailedError as exc:  # a bug or a library's failure inside a build stage
+            if STATE.debug:
+                traceback.print_exc()
+            print_error(f"{exc} (run with --debug, or {DEBUG_ENV}=1, for the traceback)")
+            return 1
         except EnginesmithError as exc:
             if STATE.debug:
                 traceback.print_exc()
-            print_error(str(exc))
+            print_error(stage_failure_text(exc.stage, str(exc)) if exc.stage else str(exc))
             return 2
         except (KeyboardInterrupt, typer.Abort):
             err_console.print("interrupted")

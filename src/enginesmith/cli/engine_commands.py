@@ -16,11 +16,13 @@ from rich.markup import escape
 from .. import api
 from ..bench import BenchReport
 from ..files import write_atomic
+from ..build_inputs import samples_text
 from ..bundle import looks_like_bundle
 from ..errors import BuildError, VerificationFailedError
 from ..graph.compat import IncompatibleModelError
 from ..importers import ImportOptions
-from ..signature import random_inputs, shape_text
+from ..pipeline import BUILD_STAGES
+from ..signature import shape_text
 from ..runtime.preprocess import PreprocessSpec
 from ..validate import AccuracyBudget, ValidationReport, tolerance_for
 from .app import (
@@ -151,7 +153,9 @@ def build(
     except VerificationFailedError as exc:
         # The random-calibration warning is otherwise printed with the build's summary, which a failure skips.
         why = "; it was calibrated and verified on random inputs (--calib-random), which says little" if calib_random else ""
-        raise VerificationFailedError(f"{exc} (--no-verify){why}") from None
+        flagged = VerificationFailedError(f"{exc} (--no-verify){why}")
+        flagged.stage = exc.stage
+        raise flagged from None
     print_build(engine, target)
 
 
@@ -259,7 +263,25 @@ def print_build(engine, target: Path) -> None:
     if "precision_candidates" in manifest.checks:
         budget = AccuracyBudget.from_dict(manifest.accuracy_budget) if manifest.accuracy_budget else None
         print_candidates(manifest.checks["precision_candidates"], budget, calibration.get("resolution"))
+    line = stages_line(manifest.checks.get("stages"))
+    if line:
+        print_indented(line)
     console.print(str(engine.signature), highlight=False, markup=False)
+
+
+def stages_line(stages: Optional[dict]) -> str:
+    """Where a build's time went, from the manifest's ``checks["stages"]``: one line."""
+    if not stages:
+        return ""
+
+    def seconds(value: float) -> str:
+        return f"{value:.1f}s" if value < 100 else f"{value:.0f}s"
+
+    # Manifests keep their keys sorted; the line follows the build's order.
+    order = {stage.name: index for index, stage in enumerate(BUILD_STAGES)}
+    ordered = sorted(stages.items(), key=lambda item: order.get(item[0], len(order)))
+    parts = ", ".join(f"{name} {seconds(value)}" for name, value in ordered)
+    return f"time: {seconds(sum(stages.values()))} ({parts})"
 
 
 def calibration_line(check: dict) -> str:
@@ -298,8 +320,8 @@ def run(
     data: list[str] = typer.Option([], "--data", "-d", metavar="FILE|DIR|NAME=FILE", help=DATA_HELP),
     legacy_input: list[str] = typer.Option([], "--input", "-i", hidden=True, help="Old spelling of --data NAME=FILE."),
     image: list[Path] = typer.Option([], "--image", metavar="FILE", help="Image file(s), preprocessed as the engine was calibrated; repeatable."),
-    random: bool = typer.Option(False, "--random", help="Feed seeded random inputs instead of files."),
-    batch: int = typer.Option(1, min=1, metavar="N", help="Batch size for --random."),
+    random: bool = typer.Option(False, "--random", help="Feed inputs without files: the samples the bundle stores, else generated from the build's input plan, else seeded random."),
+    batch: int = typer.Option(1, min=1, metavar="N", help="Batch size for --random (stored samples are cycled to it)."),
     seed: int = typer.Option(0, metavar="N", help="Seed for --random."),
     out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="Write all outputs to this .npz file."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -319,7 +341,8 @@ def run(
     elif image:
         feeds = api.image_inputs(engine, image)
     elif random:
-        feeds = random_inputs(engine.signature.inputs, batch=batch, seed=seed)
+        feeds, label = api.engine_inputs(engine, batch=batch, seed=seed)
+        print_indented(f"inputs: {label}", 0)
     else:
         raise typer.BadParameter("give inputs with --data FILE (or NAME=FILE), --image FILE, or --random",
                                  param_hint="--data")
@@ -514,6 +537,12 @@ def info(
     if placement:
         where = ", ".join(f"{op} {_placement_text(providers)}" for op, providers in placement.items())
         console.print(f"nodes ran on: {where}", highlight=False, markup=False)
+    samples = samples_text(data["checks"].get("samples"))
+    if samples:
+        print_indented(f"samples: {samples}", 0)
+    stages = stages_line(data["checks"].get("stages"))
+    if stages:
+        print_indented(f"build {stages}", 0)
     for name, check in data["checks"].items():
         if isinstance(check, dict) and "summary" in check:
             when = f" ({check['at']})" if "at" in check else ""

@@ -60,13 +60,12 @@ def load_for_inspection(path: Path, options: ImportOptions, payload: bool = Fals
         manifest = contents.manifest
         if not payload and contents.source is not None:
             with tempfile.TemporaryDirectory(prefix="enginesmith-inspect-") as tmp:
-                target = Path(tmp) / Path(manifest.source_name).name
-                target.write_bytes(contents.source)
-                from ..api import _materialize_source
+                from ..importers.archive import write_embedded_source
 
+                source = write_embedded_source(manifest.source_name, contents.source, Path(tmp))
                 stored = ImportOptions.from_dict(manifest.build_options.get("import_options", {}))
                 stored.trust_code = options.trust_code
-                imported = import_model(_materialize_source(target), stored, kind=manifest.source_kind)
+                imported = import_model(source, stored, kind=manifest.source_kind)
             return imported.model, f"source '{manifest.source_name}' embedded in {path.name}"
         if not manifest.payload_name.endswith(".onnx"):
             raise BundleError(

@@ -206,11 +206,11 @@ def layerwise_for_engine(
     """:func:`compare_layerwise` for a saved engine: its source (or ``against``), backend, options and passes."""
     from ..bundle import read_bundle
     from ..importers import ImportOptions, import_model
-    from ..signature import random_inputs
+    from ..importers.archive import write_embedded_source
     from .passes import optimize
 
     path = Path(engine_path)
-    contents = read_bundle(path, payload=False, source=True, caches=True)
+    contents = read_bundle(path, payload=False, source=True, caches=True, samples=True)
     manifest = contents.manifest
     recorded = ImportOptions.from_dict(manifest.build_options.get("import_options", {}))
     options = import_options.over(recorded) if import_options is not None else recorded
@@ -220,21 +220,10 @@ def layerwise_for_engine(
                 raise ValidationDataError(
                     f"'{path.name}' does not carry its source model; give the reference with --against MODEL"
                 )
-            against = Path(tmp) / Path(manifest.source_name).name
-            against.write_bytes(contents.source)
+            against = write_embedded_source(manifest.source_name, contents.source, Path(tmp))
         imported = import_model(against, options)
     source = imported.model
-    signature = manifest.signature
-    if data is not None:
-        from ..validate.data import load_dataset, split_batches
-
-        size = batch or signature.fixed_batch() or 8
-        feeds = next(iter(split_batches(load_dataset(data, signature), size)))
-        label = f"first batch of '{Path(data).name}'"
-    else:
-        size = batch or signature.fixed_batch() or 1
-        feeds = random_inputs(signature.inputs, batch=size, seed=seed)
-        label = f"random (seed {seed}, batch {size})"
+    feeds, label, real = _layerwise_feeds(manifest, contents.samples, path.name, data, batch, seed)
     build_options = BuildOptions.from_dict(manifest.build_options)
     engine_model = None
     passes = (manifest.checks.get("graph_passes") or {}).get("applied") if isinstance(manifest.checks, dict) else None
@@ -249,9 +238,31 @@ def layerwise_for_engine(
                                engine_model=engine_model, calibration=calibration, inputs_label=label)
     if passes:
         report.notes.append("engine side rebuilt after the graph passes the engine was built with: " + ", ".join(passes))
-    if data is None and build_options.precision == "int8":
+    if not real and build_options.precision == "int8":
         report.notes.insert(0, RANDOM_INT8_INPUTS)
     return report
+
+
+def _layerwise_feeds(
+    manifest: Any, samples: bytes | None, name: str, data: str | Path | None, batch: int | None, seed: int
+) -> tuple[dict[str, np.ndarray], str, bool]:
+    """One batch to compare on, its label, and whether it is real: the first batch of ``data``, else of the
+    samples the bundle stores, else generated from the build's input plan, else random."""
+    from ..build_inputs import decode_samples, first_samples, sample_feeds, take_rows
+    from ..validate.data import load_dataset, split_batches
+
+    signature = manifest.signature
+    fixed = signature.fixed_batch()
+    if data is not None:
+        feeds = next(iter(split_batches(load_dataset(data, signature), batch or fixed or 8)))
+        return feeds, f"first batch of '{Path(data).name}'", True
+    record = (manifest.checks.get("samples") if isinstance(manifest.checks, dict) else None) or {}
+    if samples is not None:
+        stored = decode_samples(samples, signature, f"engine '{name}'")
+        feeds = take_rows(stored, fixed) if fixed else first_samples(stored, batch or 8)
+        return feeds, f"first samples stored in the bundle ({record.get('label', 'build samples')})", True
+    feeds, label = sample_feeds(signature, None, record, f"engine '{name}'", batch=batch or fixed or 1, seed=seed)
+    return feeds, label, False
 
 
 def _recorded_specs(record: Mapping[str, Any]) -> list[Any]:

@@ -170,3 +170,17 @@ def unpack_directory(
                         )
                     dst.write(chunk)
     return target
+
+
+def write_embedded_source(name: str, raw: bytes, folder: str | Path) -> Path:
+    """A source a bundle embeds, written into ``folder`` as a path importers read.
+
+    A folder source (``<name>.dir.zip``, a SavedModel) is unpacked next to its archive; a
+    file is written as it is. Only the base name of ``name`` is used, so nothing lands
+    outside ``folder``.
+    """
+    target = Path(folder) / Path(name).name
+    target.write_bytes(raw)
+    if target.suffix == ".zip" and target.stem.endswith(".dir"):
+        return unpack_directory(target, target.with_suffix(""))
+    return target

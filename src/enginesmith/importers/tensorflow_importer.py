@@ -296,6 +296,7 @@ def _frozen_reference(path: Path, options: ImportOptions) -> ReferenceRunner:
             results = pruned(*[tf.constant(np.asarray(feeds[n])) for n in in_names])
         return {name: np.asarray(value) for name, value in zip(out_names, results)}
 
+    run.input_names = in_names  # type: ignore[attr-defined]  # validate checks them before running
     return run
 
 
@@ -433,6 +434,7 @@ def _saved_model_reference(path: Path, options: ImportOptions) -> ReferenceRunne
         flat = tf.nest.flatten(result)
         return {name: np.asarray(value) for name, value in zip(out_names, flat)}
 
+    run.input_names = list(arg_names)  # type: ignore[attr-defined]  # validate checks them before running
     return run
 
 

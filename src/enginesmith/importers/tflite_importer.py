@@ -146,6 +146,7 @@ def reference(source: Any, options: ImportOptions) -> ReferenceRunner:
                 result = runner(**kwargs)
             return {name: np.array(value) for name, value in result.items()}
 
+        run_signature.input_names = list(details)  # type: ignore[attr-defined]  # validate checks them before running
         return run_signature
 
     def run_tensors(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -161,4 +162,5 @@ def reference(source: Any, options: ImportOptions) -> ReferenceRunner:
             interpreter.invoke()
             return {cv.plain_name(d["name"]): np.array(interpreter.get_tensor(d["index"])) for d in interpreter.get_output_details()}
 
+    run_tensors.input_names = [cv.plain_name(d["name"]) for d in interpreter.get_input_details()]  # type: ignore[attr-defined]
     return run_tensors

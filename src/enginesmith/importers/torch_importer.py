@@ -564,6 +564,7 @@ def _runner(call: Any, in_names: list[str], options: ImportOptions, pack: Any = 
                 result = call(*tensors)
         return dict(zip(_leaf_names(result, options), _flat_outputs(result)))
 
+    run.input_names = list(in_names)  # type: ignore[attr-defined]  # validate checks them before running
     return run
 
 

@@ -58,7 +58,7 @@ def calibration_array(name: str, array: np.ndarray, dtype: np.dtype) -> np.ndarr
                 f"calibration input '{name}' has values {low}..{high}, outside {dtype}, the type the TensorRT network "
                 f"takes (TensorRT 8.6 parses int64 inputs as int32): keep the values within {info.min}..{info.max}"
             )
-    return np.ascontiguousarray(array, dtype=dtype)
+    return np.asarray(array, dtype=dtype, order="C")  # keeps 0-d scalars 0-d (ascontiguousarray makes them 1-d)
 
 
 def calibration_profiles(

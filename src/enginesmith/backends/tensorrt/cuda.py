@@ -588,7 +588,7 @@ def host_to_device(arrays: Mapping[str, np.ndarray], pool: BufferPool, stream: S
     """Stage host arrays through pooled pinned buffers into pooled device arrays (async on ``stream``)."""
     staged = {}
     for name, array in arrays.items():
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # keeps 0-d scalars 0-d (ascontiguousarray makes them 1-d)
         pinned = pool.pinned(name, array.shape, array.dtype)
         np.copyto(pinned, array)
         device = pool.device(name, array.shape, array.dtype)

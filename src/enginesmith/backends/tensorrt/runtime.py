@@ -284,14 +284,17 @@ class _Context:
 
 
 def _to_engine_dtype(tensor: IoTensor, array: np.ndarray) -> np.ndarray:
-    """Cast to the engine's input type: TensorRT 8.6 takes int64 inputs as int32 (values must fit)."""
+    """Cast to the engine's input type: TensorRT 8.6 takes int64 inputs as int32 (values must fit).
+
+    ``np.asarray(order="C")``, not ``ascontiguousarray``, which turns a 0-d scalar (a sample rate) into shape (1,).
+    """
     if array.dtype == tensor.dtype:
-        return np.ascontiguousarray(array)
+        return np.asarray(array, order="C")
     if array.dtype.kind in "iu" and tensor.dtype.kind in "iu":
         info = np.iinfo(tensor.dtype)
         if array.size and (array.min() < info.min or array.max() > info.max):
             raise InputError(f"input '{tensor.name}' has values outside {tensor.dtype}, the type the engine takes")
-    return np.ascontiguousarray(array, dtype=tensor.dtype)
+    return np.asarray(array, dtype=tensor.dtype, order="C")
 
 
 def _to_signature_dtype(name: str, pinned: np.ndarray, want: Mapping[str, np.dtype]) -> np.ndarray:

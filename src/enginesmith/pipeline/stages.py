@@ -1,0 +1,188 @@
+"""The build as named stages: import, check, inputs, passes, build, verify, package.
+
+Each stage is a small function of :class:`BuildState` that calls the module owning the job
+(``importers``, ``graph.compat``, ``build_inputs``, ``graph.passes``, the backend,
+``validate``, the bundle) and leaves its result in the state for the next one.
+:func:`run_build` runs them through :func:`~.runner.run_stages`, so a failure names its
+stage, and records the seconds each took in ``checks["stages"]``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..backends.base import ProgressCallback
+from ..build_inputs import StoredSamples, resolve_build_inputs, samples_to_store
+from ..errors import BuildError, VerificationFailedError
+from ..importers import ImportOptions, import_model
+from ..precision_data import prepare_precision_data
+from ..runtime.engine import Engine
+from ..validate import failures_text
+from ..validate.engine_checks import attach_report
+from . import request as req
+from .best import build_best
+from .engines import build_engine, check_engine, lazy_reference
+from .request import BuildRequest
+from .runner import Stage, run_stages
+from .state import BuildState
+
+# Passes that exist because the user asked for them: failing one must stop the build, not be skipped.
+REQUESTED_PASSES = ("fix_shapes", "make_dynamic", "convert_opset")
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def import_stage(state: BuildState) -> None:
+    """The source (or the source a rebuilt bundle carries), the backend, and the ONNX model with its signature."""
+    request = state.request
+    source, options = request.source, request.import_options
+    if request.rebuilds_bundle:
+        state.rebuild = req.read_rebuild(Path(source), state.workdir)
+        source = state.rebuild.source
+        options = options.over(state.rebuild.import_options) if options is not None else state.rebuild.import_options
+    options = options or ImportOptions()
+    previous = state.previous
+    backend = req.choose_backend(request.backend, previous)
+    if options.opset is None:
+        options = replace(options, default_opset=backend.converter_opset)
+    state.imported = import_model(source, options, kind=previous.source_kind if previous else None)
+    state.source, state.import_options, state.backend = source, options, backend
+    same_backend = previous is not None and previous.backend == backend.name
+    state.options = req.build_options(request, previous, same_backend=same_backend)
+    state.options.previous_caches = req.reusable_caches(state.rebuild.caches if state.rebuild else {}, same_backend)
+    state.graph = req.graph_settings(request, previous)
+    state.preprocess = req.preprocess_spec(request, previous)
+    state.budget = req.accuracy_budget(request, previous)
+
+
+def check_stage(state: BuildState) -> None:
+    """The model against the backend's operator support; stops with IncompatibleModelError carrying the report."""
+    from ..graph.compat import check_buildable
+    from ..graph.passes import build_passes
+
+    if not state.graph.check_compatibility:
+        return
+    specs = build_passes(state.import_options, state.graph.disabled) if state.graph.enabled else []
+    names = [spec if isinstance(spec, str) else spec[0] for spec in specs]
+    report = check_buildable(state.imported.model, state.backend.name, state.options, passes=names)
+    state.checks["compatibility"] = {"target": report.target_label, "source": report.source,
+                                     "counts": report.counts, "summary": report.summary()}
+
+
+def inputs_stage(state: BuildState) -> None:
+    """The inputs the checks run on: given data, a rebuilt bundle's samples, or a plan the source runs on."""
+    request, rebuild = state.request, state.rebuild
+    stored = None
+    if rebuild is not None and rebuild.samples is not None:
+        stored = StoredSamples(rebuild.samples, (rebuild.manifest.checks.get("samples") or {}).get("label", "build samples"))
+    imported = state.imported
+    state.inputs = resolve_build_inputs(imported.model, imported.signature, state.import_options.input_shapes,
+                                        request.data, state.preprocess, stored,
+                                        needed=request.verify or state.graph.enabled, strict=request.verify)
+    state.options.sample_feeds = state.inputs.check_feeds()
+
+
+def passes_stage(state: BuildState) -> None:
+    """The graph passes, each checked on the build's inputs and rolled back if it changes the outputs."""
+    from ..graph.passes import build_passes, optimize
+    from ..importers.onnx_importer import signature_of
+
+    specs = build_passes(state.import_options, state.graph.disabled) if state.graph.enabled else []
+    if not specs:
+        return
+    imported = state.imported
+    model, summary = optimize(imported.model, specs, progress=state.progress, feeds=state.options.sample_feeds)
+    failed = [r for r in summary.rolled_back if r.name in REQUESTED_PASSES]
+    if failed:
+        raise BuildError(f"could not apply {failed[0].name} {failed[0].args}: {failed[0].reason}")
+    state.checks["graph_passes"] = summary.to_dict()
+    reshaped = any(r.name in ("fix_shapes", "make_dynamic") and r.status == "applied" for r in summary.results)
+    signature = signature_of(model) if reshaped else imported.signature
+    state.imported = replace(imported, model=model, signature=signature, log=imported.log + summary.lines())
+
+
+def build_stage(state: BuildState) -> None:
+    """Calibration data, then the backend's build; ``best`` builds every precision and keeps the fastest that passes."""
+    request, options = state.request, state.options
+    rebuild_caches = state.options.previous_caches
+    state.data = prepare_precision_data(
+        state.imported.signature, options, request.calibration_data, request.calibration_random, state.preprocess,
+        request.holdout, req.calibration_cache(request.calibration_cache, rebuild_caches),
+        budget=state.budget, best_tries_int8="int8" in state.backend.precisions(options),
+    )
+    # Made at first use, after the first engine is built, so an unbuildable model reports the backend's error.
+    state.reference = lazy_reference(state.source, state.import_options, state.imported.kind)
+    if options.precision == "best":
+        state.engine = build_best(state)
+    else:
+        state.engine = build_engine(state, options, state.data.calibration)
+
+
+def verify_stage(state: BuildState) -> None:
+    """The engine against the source run by its own framework; a failure stops the build."""
+    engine, data, inputs = state.engine, state.data, state.inputs
+    if not state.request.verify or "precision_candidates" in engine.manifest.checks:
+        return  # not asked for, or ``best`` verified every candidate while choosing
+    if engine.precision == "int8" and not data.holdout and not inputs.real:
+        # Random inputs fall outside the calibrated ranges, so comparing on them says nothing.
+        engine.manifest.build_log.append(
+            f"int8 engine not verified: {data.unverified_reason}; "
+            "run 'enginesmith validate ENGINE --data DATA' on real inputs"
+        )
+        return
+    budget = state.budget
+    tolerance = state.request.tolerance or (budget.tolerance(engine.precision) if budget else None)
+    report = check_engine(state, engine, tolerance)
+    attach_report(engine, "build_verification", report)
+    if not report.passed:
+        raise VerificationFailedError(
+            f"the built {engine.precision} engine does not match the source model ({failures_text(report)}); "
+            "build without verification to keep it anyway"
+        )
+
+
+def package_stage(state: BuildState) -> None:
+    """The manifest's records (inputs, samples, settings, stage times) and the bundle file, when asked for."""
+    started = time.perf_counter()
+    engine, inputs, data = state.engine, state.inputs, state.data
+    manifest = engine.manifest
+    manifest.build_log.extend(inputs.log)
+    raw, record, line = samples_to_store(inputs, data.holdout, data.holdout_label, bool(data.check.get("random")))
+    engine.set_samples(raw)
+    if record:
+        manifest.checks["samples"] = record
+    if line:
+        manifest.build_log.append(line)
+    manifest.checks.update(state.checks)
+    manifest.build_options["graph"] = state.graph.to_dict()
+    manifest.preprocess = state.preprocess.to_dict() if state.preprocess else None
+    manifest.accuracy_budget = state.budget.to_dict() if state.budget else None
+    if data.check:
+        manifest.checks["calibration"] = data.check
+    # The file holds this record, so its own write cannot be in it: "package" is the time up to the write.
+    manifest.checks["stages"] = {**state.timings, "package": round(time.perf_counter() - started, 4)}
+    if state.request.output is not None:
+        engine.save(state.request.output, include_source=state.request.include_source)
+
+
+BUILD_STAGES: tuple[Stage[BuildState], ...] = (
+    Stage("import", import_stage),
+    Stage("check", check_stage),
+    Stage("inputs", inputs_stage),
+    Stage("passes", passes_stage),
+    Stage("build", build_stage),
+    Stage("verify", verify_stage),
+    Stage("package", package_stage),
+)
+
+
+def run_build(request: BuildRequest, progress: ProgressCallback | None = None) -> Engine:
+    """Run :data:`BUILD_STAGES` for ``request``; the engine is written to ``request.output`` when given."""
+    with tempfile.TemporaryDirectory(prefix="enginesmith-build-") as tmp:
+        state = BuildState(request, Path(tmp), progress)
+        run_stages(BUILD_STAGES, state, state.timings, progress)
+    return state.engine
