@@ -291,3 +291,23 @@ def test_int8_engine_without_real_inputs_is_inconclusive_not_failed(tmp_path, ca
     assert main(["validate", str(target)]) == 0
     out = capsys.readouterr().out
     assert "INCONCLUSIVE" in out and "cannot judge an int8 engine" in out
+
+
+def test_int8_calibration_data_with_a_scalar_setting_splits_only_the_samples(tmp_path):
+    # The sample rate is one value for every call: the hold-out split and the batches keep it whole.
+    rng = np.random.default_rng(3)
+    data = {"x": rng.standard_normal((40, 16)).astype(np.float32), "sr": np.array(16000, np.int64)}
+    engine = es.build(rate_branch(), precision="int8", calibration_data=data, output=tmp_path / "rate.engine")
+    assert engine.manifest.checks["calibration"]["holdout_samples"] == 8
+    out = engine(x=data["x"][:3], sr=data["sr"])["y"]
+    np.testing.assert_allclose(out, data["x"][:3] * 2, rtol=0.1, atol=0.1)
+
+
+def test_histogram_calibration_batches_keep_scalar_settings_whole():
+    from enginesmith.backends.onnxruntime import _equal_batches
+
+    batches = [{"x": np.arange(8.0).reshape(4, 2), "sr": np.array(16000)}, {"x": np.arange(4.0).reshape(2, 2), "sr": np.array(16000)}]
+    recut = _equal_batches(batches)
+    assert [b["x"].shape[0] for b in recut] == [3, 3]
+    assert all(b["sr"].ndim == 0 and b["sr"] == 16000 for b in recut)
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in recut]), np.concatenate([b["x"] for b in batches]))

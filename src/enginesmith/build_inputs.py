@@ -377,7 +377,9 @@ def samples_to_store(
     if inputs.real:
         feeds = inputs.feeds
     elif holdout and not holdout_random:
-        feeds = {name: np.concatenate([batch[name] for batch in holdout]) for name in holdout[0]}
+        # 0-d inputs are per-call settings that every batch carries whole.
+        feeds = {name: np.concatenate([batch[name] for batch in holdout]) if holdout[0][name].ndim else holdout[0][name]
+                 for name in holdout[0]}
         kind, label = "calibration", holdout_label
     if feeds is None:
         return None, inputs.manifest_record(None, None) if inputs.plan is not None else None, None

@@ -210,11 +210,14 @@ def _equal_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.nd
     from all batches with np.asarray, which fails when the last batch is shorter
     ("inhomogeneous shape"); MinMax does not care, so its batches are left alone.
     """
-    merged = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
-    total = next(iter(merged.values())).shape[0]
-    first = next(iter(batches[0].values())).shape[0]
+    # 0-d inputs (a sample rate) are settings every batch carries whole, not samples to re-cut.
+    merged = {name: np.concatenate([b[name] for b in batches]) if batches[0][name].ndim else batches[0][name]
+              for name in batches[0]}
+    total = next((v.shape[0] for v in merged.values() if v.ndim), 1)
+    first = next((v.shape[0] for v in batches[0].values() if v.ndim), 1)
     size = max(d for d in range(1, min(first, total) + 1) if total % d == 0)
-    return [{name: value[i : i + size] for name, value in merged.items()} for i in range(0, total, size)]
+    return [{name: value[i : i + size] if value.ndim else value for name, value in merged.items()}
+            for i in range(0, total, size)]
 
 
 def quantize_int8(model: onnx.ModelProto, calibration: Calibration, tmp: str, log: list[str]) -> tuple[onnx.ModelProto, bytes]:

@@ -54,13 +54,16 @@ def load_feeds(path: str | Path, signature: Signature) -> dict[str, np.ndarray]:
 
 
 def split_batches(feeds: dict[str, np.ndarray], batch: int) -> Iterator[dict[str, np.ndarray]]:
-    """Chunks of ``batch`` items along axis 0 (every input must have the same length)."""
-    lengths = {name: value.shape[0] if value.ndim else 1 for name, value in feeds.items()}
-    if len(set(lengths.values())) != 1:
+    """Chunks of ``batch`` items along axis 0 (every input must have the same length).
+
+    0-d inputs (a sample rate, a threshold) are settings of every call, not samples: each chunk gets them whole.
+    """
+    lengths = {name: value.shape[0] for name, value in feeds.items() if value.ndim}
+    if len(set(lengths.values())) > 1:
         raise ValidationDataError(f"inputs in the data file have different lengths along axis 0: {lengths}")
-    total = next(iter(lengths.values()))
+    total = next(iter(lengths.values()), 1)
     for start in range(0, total, batch):
-        yield {name: value[start : start + batch] for name, value in feeds.items()}
+        yield {name: value[start : start + batch] if value.ndim else value for name, value in feeds.items()}
 
 
 def check_against_signature(feeds: dict[str, np.ndarray], signature: Signature, where: str) -> None:
@@ -173,11 +176,11 @@ def dataset_from_arrays(arrays: Mapping[str, Any], signature: Signature, where: 
 
 
 def split_holdout(feeds: dict[str, np.ndarray], fraction: float, seed: int = 0) -> tuple[dict, dict]:
-    """A shuffled split into (calibration, held-out) parts; both keep at least one sample."""
-    total = next(iter(feeds.values())).shape[0]
+    """A shuffled split into (calibration, held-out) parts; both keep at least one sample (0-d inputs go to both)."""
+    total = next((v.shape[0] for v in feeds.values() if v.ndim), 0)
     if total < 2:
         raise ValidationDataError(f"need at least 2 samples to hold some out for validation, got {total}")
     order = np.random.default_rng(seed).permutation(total)
     held = min(max(1, int(round(total * fraction))), total - 1)
     keep, hold = order[held:], order[:held]
-    return ({n: v[keep] for n, v in feeds.items()}, {n: v[hold] for n, v in feeds.items()})
+    return ({n: v[keep] if v.ndim else v for n, v in feeds.items()}, {n: v[hold] if v.ndim else v for n, v in feeds.items()})
