@@ -218,7 +218,8 @@ def run_pipeline(
             detections = detector.postprocess(outputs, placements)
             post = (time.perf_counter() - start) / len(taken)
             for (frame, captured, position), found in zip(taken, detections):
-                times = StageTimes(captured, pre / len(taken), inference, post, max(0.0, time.time() - frame.time))
+                # End to end: from the start of reading the frame to its results handed to the sinks.
+                times = StageTimes(captured, pre / len(taken), inference, post, captured + max(0.0, time.time() - frame.time))
                 result = FrameResult(summary.frames, frame.source, frame.index, frame.time, frame.pixels.shape[:2],
                                      found, times)
                 on_result(frame, result)
