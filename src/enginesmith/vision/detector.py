@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..runtime.engine import Engine
-from .heads import Head, choose_head
+from .heads import Candidates, Head, choose_head
 from .labels import check_names, label_for, names_from_metadata, read_names_file
 from .nms import nms, torch_nms
 from .records import Detection
@@ -87,21 +87,27 @@ class Detector:
 
     def _one_image(self, outputs: Mapping[str, np.ndarray], image: int, place: Placement) -> tuple[Detection, ...]:
         found = self.head.decode(outputs, image, self.input_hw)
-        keep = np.flatnonzero(found.scores >= self.settings.conf)
-        if keep.size > MAX_CANDIDATES:
-            keep = keep[np.argsort(-found.scores[keep])[:MAX_CANDIDATES]]
-        boxes, scores, classes = found.boxes[keep], found.scores[keep], found.classes[keep]
-        if found.suppressed:
-            order = np.argsort(-scores, kind="stable")[: self.settings.max_detections]
-        else:
-            suppress = torch_nms if self.settings.torch_nms else nms
-            order = suppress(boxes, scores, classes, self.settings.iou, self.settings.max_detections)
-        framed = place.to_frame(boxes[order]) if order.size else np.zeros((0, 4))
-        return tuple(
-            Detection(tuple(float(v) for v in box), float(scores[i]), int(classes[i]),
-                      label_for(int(classes[i]), self.names, self.head.first_class))
-            for box, i in zip(framed, order)
-        )
+        return select_detections(found, self.settings, place, self.names, self.head.first_class)
+
+
+def select_detections(found: Candidates, settings: DetectorSettings, place: Placement, names: Sequence[str] | None,
+                      first_class: int = 0) -> tuple[Detection, ...]:
+    """Score filter, class-aware NMS (unless the model ran it), boxes to frame pixels, labels; best first."""
+    keep = np.flatnonzero(found.scores >= settings.conf)
+    if keep.size > MAX_CANDIDATES:
+        keep = keep[np.argsort(-found.scores[keep])[:MAX_CANDIDATES]]
+    boxes, scores, classes = found.boxes[keep], found.scores[keep], found.classes[keep]
+    if found.suppressed:
+        order = np.argsort(-scores, kind="stable")[: settings.max_detections]
+    else:
+        suppress = torch_nms if settings.torch_nms else nms
+        order = suppress(boxes, scores, classes, settings.iou, settings.max_detections)
+    framed = place.to_frame(boxes[order]) if order.size else np.zeros((0, 4))
+    return tuple(
+        Detection(tuple(float(v) for v in box), float(scores[i]), int(classes[i]),
+                  label_for(int(classes[i]), list(names) if names else None, first_class))
+        for box, i in zip(framed, order)
+    )
 
 
 def model_metadata(engine: Engine) -> dict[str, str]:
