@@ -283,3 +283,64 @@ def test_eval_gives_a_perfect_detector_map_1_and_a_shifted_one_less(tmp_path, ca
     assert main(["eval", str(shifted), "--coco", str(coco), "--images", str(images), "--json", "-"]) == 0
     worse = json.loads(capsys.readouterr().out)["engine"]
     assert 0.0 < worse["map"] < 0.9 and worse["map50"] <= 1.0 and worse["detections"] == 4
+
+
+# ----------------------------------------------------------------------------- stopping, optional sinks
+
+def test_ctrl_c_ends_the_run_cleanly_with_the_summary_and_jsonl_written(colour_engine, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    summary, out = tmp_path / "summary.json", tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(es.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from enginesmith.cli import main; sys.argv[0] = 'enginesmith'; main()",
+         "detect", str(colour_engine), "--source", "synthetic:frames=100000,fps=50,live=1,width=160,height=120",
+         "--jsonl", str(out), "--summary", str(summary)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(".out.jsonl.*")) and time.time() < deadline:  # the JSONL file is being written
+            time.sleep(0.1)
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    stats = json.loads(summary.read_text())
+    records = read_jsonl(out)
+    assert stats["interrupted"] is True and stats["frames"] == len(records) > 0
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_an_exception_in_a_sink_is_raised_once_the_pipeline_has_stopped(detector) -> None:
+    def broken(frame, result) -> None:
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        vision.run_pipeline(detector, [open_source("synthetic:frames=1000")], broken)
+
+
+def test_zeromq_publishing_needs_pyzmq_or_publishes(colour_engine, tmp_path, capsys) -> None:
+    try:
+        import zmq
+    except ImportError:
+        assert main(["detect", str(colour_engine), "--source", "synthetic:frames=2", "--zmq", "tcp://127.0.0.1:5599"]) == 2
+        assert "pip install pyzmq" in error_line(capsys)
+        return
+    from enginesmith.vision.sinks import ZmqPublisher
+
+    publisher = ZmqPublisher("tcp://127.0.0.1:*")
+    endpoint = publisher._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+    subscriber = zmq.Context.instance().socket(zmq.SUB)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+    subscriber.connect(endpoint)
+    time.sleep(0.3)  # a PUB socket drops messages until the subscription has arrived
+    publisher.write(*_result())
+    assert subscriber.poll(2000)
+    assert json.loads(subscriber.recv())["header"]["frame_id"] == "cam0"
+    publisher.close()
+    subscriber.close()
