@@ -21,14 +21,11 @@ Detectors:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -43,35 +40,7 @@ from enginesmith.vision.sinks import JsonLines
 from enginesmith.vision.transform import to_tensor
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from vision_models import make_colour_yolov8  # noqa: E402
-
-# package, version, file in the wheel, sha256 of that file, sha256 of the wheel
-REAL_DETECTORS = {
-    "nudenet_yolov8n_320": ("nudenet", "3.4.2", "nudenet/320n.onnx",
-                            "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
-                            "5937dbd84e5d8e5de038f08ffea5a1bb50a08475776bf2b4795914ce0eaf0331"),
-}
-CACHE = Path(os.environ.get("ENGINESMITH_VISION_CACHE", Path.home() / ".cache" / "enginesmith-vision"))
-FRAME_W, FRAME_H = 640, 480
-
-
-def fetch_real_detector(key: str) -> Path:
-    package, version, member, sha, wheel_sha = REAL_DETECTORS[key]
-    target = CACHE / f"{key}.onnx"
-    if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == sha:
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{package}=={version}", "-d", tmp],
-                       check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
-        if hashlib.sha256(wheel.read_bytes()).hexdigest() != wheel_sha:
-            raise SystemExit(f"{wheel.name}: sha256 differs from the fixture table")
-        data = zipfile.ZipFile(wheel).read(member)
-    if hashlib.sha256(data).hexdigest() != sha:
-        raise SystemExit(f"{member}: sha256 differs from the fixture table")
-    write_atomic(target, data)
-    return target
-
+from vision_models import REAL_DETECTORS, fetch_real_detector, make_colour_yolov8  # noqa: E402
 
 def write_video(path: Path, frames: int) -> None:
     import cv2
@@ -181,8 +150,7 @@ def main() -> None:
     print_table(rows)
     report = {"benchmark": "detect", "frame_size": [FRAME_H, FRAME_W], "batch": 1, "machine": machine_facts(),
               "load_average": {"before": load_before, "after": os.getloadavg()},
-              "fixtures": {k: dict(zip(("package", "version", "file", "sha256", "wheel_sha256"), v))
-                           for k, v in REAL_DETECTORS.items()},
+              "fixtures": {k: vars(v) for k, v in REAL_DETECTORS.items()},
               "versions": {"enginesmith": es.__version__, "opencv": __import__("cv2").__version__,
                            "onnxruntime": __import__("onnxruntime").__version__, "numpy": np.__version__},
               "results": rows}

@@ -344,3 +344,34 @@ def test_zeromq_publishing_needs_pyzmq_or_publishes(colour_engine, tmp_path, cap
     assert json.loads(subscriber.recv())["header"]["frame_id"] == "cam0"
     publisher.close()
     subscriber.close()
+
+
+@pytest.mark.parametrize("command", ["detect", "eval", ""])
+def test_help_fits_80_columns_like_every_command(command) -> None:
+    from test_cli_conventions import test_help_at_80_columns_has_no_truncation_bool_metavars_or_boxes as check
+
+    check(command)
+
+
+# ----------------------------------------------------------------------------- a real detector from PyPI
+
+@pytest.mark.slow
+def test_a_real_yolov8_detector_from_a_package_runs_with_its_metadata_names(tmp_path) -> None:
+    from vision_models import RegistryUnreachable, fetch_real_detector
+
+    try:
+        model = fetch_real_detector("nudenet_yolov8n_320")
+    except RegistryUnreachable as exc:
+        pytest.skip(str(exc))
+    engine = es.build(model, output=tmp_path / "real.engine").path
+    out = tmp_path / "real.jsonl"
+    assert main(["detect", str(engine), "--source", "synthetic:frames=3,width=640,height=480", "--size", "320",
+                 "--conf", "0.01", "--jsonl", str(out), "--quiet"]) == 0
+    detector = vision.Detector(es.load(engine), vision.DetectorSettings(size=(320, 320)))
+    assert detector.head.name == "yolov8" and detector.head.classes == 18
+    assert len(detector.names) == 18 and detector.names[1] == "FACE_FEMALE"  # ultralytics' names metadata
+    records = read_jsonl(out)
+    assert len(records) == 3
+    for record in records:
+        for d in record["detections"]:
+            assert d["label"] == detector.names[d["class"]] and 0 <= d["box"][0] <= d["box"][2] <= 640

@@ -2,11 +2,70 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from enginesmith.files import write_atomic
 from enginesmith.vision.heads import YOLO_STRIDES
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model shipped inside a PyPI wheel: fetched with pip download --no-deps, checked by sha256."""
+
+    package: str
+    version: str
+    member: str  # path of the model inside the wheel
+    sha256: str  # of the model file
+    wheel_sha256: str
+    license: str
+    task: str
+
+
+REAL_DETECTORS = {
+    "nudenet_yolov8n_320": PackagedModel(
+        "nudenet", "3.4.2", "nudenet/320n.onnx",
+        "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
+        "5937dbd84e5d8e5de038f08ffea5a1bb50a08475776bf2b4795914ce0eaf0331",
+        "MIT (package metadata)", "YOLOv8n (ultralytics 8.2.46 export), 18 classes, 320x320, dynamic axes, 12 MB",
+    ),
+}
+CACHE = Path(os.environ.get("ENGINESMITH_VISION_CACHE", Path.home() / ".cache" / "enginesmith-vision"))
+
+
+class RegistryUnreachable(RuntimeError):
+    """pip could not download the package (no network to the registry)."""
+
+
+def fetch_real_detector(key: str) -> Path:
+    """The model file, from the cache or downloaded once; a checksum mismatch is an error, never used."""
+    model = REAL_DETECTORS[key]
+    target = CACHE / f"{key}.onnx"
+    if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == model.sha256:
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                               f"{model.package}=={model.version}", "-d", tmp], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise RegistryUnreachable(f"pip download {model.package}=={model.version} failed: {done.stderr.strip()[-300:]}")
+        if hashlib.sha256(wheels[0].read_bytes()).hexdigest() != model.wheel_sha256:
+            raise ValueError(f"{wheels[0].name}: sha256 differs from the fixture table")
+        data = zipfile.ZipFile(wheels[0]).read(model.member)
+    if hashlib.sha256(data).hexdigest() != model.sha256:
+        raise ValueError(f"{model.member}: sha256 differs from the fixture table")
+    write_atomic(target, data)
+    return target
 
 # Colours of the synthetic scene's classes 0, 1, 2 in RGB: red, green, blue.
 COLOUR_CLASSES = 3
