@@ -42,6 +42,9 @@ from enginesmith.vision.transform import to_tensor
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from vision_models import REAL_DETECTORS, fetch_real_detector, make_colour_yolov8  # noqa: E402
 
+FRAME_W, FRAME_H = 640, 480
+
+
 def write_video(path: Path, frames: int) -> None:
     import cv2
 
