@@ -375,3 +375,16 @@ def test_a_real_yolov8_detector_from_a_package_runs_with_its_metadata_names(tmp_
     for record in records:
         for d in record["detections"]:
             assert d["label"] == detector.names[d["class"]] and 0 <= d["box"][0] <= d["box"][2] <= 640
+
+
+def test_a_jsonl_file_of_a_failed_run_is_not_left_half_written(tmp_path) -> None:
+    from enginesmith.vision.sinks import JsonLines
+
+    sink = JsonLines(tmp_path / "out.jsonl")
+    sink.write(*_result())
+    sink.abort()
+    assert list(tmp_path.iterdir()) == []
+    sink = JsonLines(tmp_path / "out.jsonl")
+    sink.write(*_result())
+    sink.close()
+    assert read_jsonl(tmp_path / "out.jsonl")[0]["detections"][0]["label"] == "person"
