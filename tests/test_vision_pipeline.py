@@ -388,3 +388,10 @@ def test_a_jsonl_file_of_a_failed_run_is_not_left_half_written(tmp_path) -> None
     sink.write(*_result())
     sink.close()
     assert read_jsonl(tmp_path / "out.jsonl")[0]["detections"][0]["label"] == "person"
+
+
+def test_show_without_a_gui_opencv_is_one_clear_error(colour_engine, capsys) -> None:
+    if cv2.getBuildInformation().split("GUI:")[1].splitlines()[0].strip() != "NONE":
+        pytest.skip("this OpenCV has a GUI")
+    assert main(["detect", str(colour_engine), "--source", "synthetic:frames=2", "--show"]) == 2
+    assert "needs an OpenCV with a GUI" in error_line(capsys)

@@ -215,8 +215,8 @@ class Window(Sink):
             cv2.namedWindow("enginesmith detect", cv2.WINDOW_NORMAL)
         except cv2.error:
             raise MissingDependencyError(
-                "--show needs an OpenCV with a GUI (pip install opencv-python instead of opencv-python-headless) "
-                "and a display"
+                "showing frames in a window needs an OpenCV with a GUI (pip install opencv-python instead of "
+                "opencv-python-headless) and a display"
             ) from None
 
     def write(self, frame: Frame, result: FrameResult) -> None:
