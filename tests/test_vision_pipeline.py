@@ -395,3 +395,40 @@ def test_show_without_a_gui_opencv_is_one_clear_error(colour_engine, capsys) -> 
         pytest.skip("this OpenCV has a GUI")
     assert main(["detect", str(colour_engine), "--source", "synthetic:frames=2", "--show"]) == 2
     assert "needs an OpenCV with a GUI" in error_line(capsys)
+
+
+def test_an_http_stream_is_read_as_a_live_source(detector, tmp_path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    writer = cv2.VideoWriter(str(tmp_path / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
+    for i in range(10):
+        writer.write(np.full((64, 96, 3), i * 20, np.uint8))
+    writer.release()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source = open_source(f"http://127.0.0.1:{server.server_address[1]}/clip.avi")
+        assert source.live
+        summary = vision.run_pipeline(detector, [source], lambda frame, result: None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    counts = summary.sources[0]
+    assert counts.read == 10 and counts.processed + counts.dropped == 10 and counts.processed > 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("/dev/video97", "no camera there"),
+    ("videotestsrc num-buffers=2 ! videoconvert ! appsink", "GStreamer"),
+    ("synthetic:frames=0", "at least 1"),
+    ("synthetic:speed=3", "is not one of"),
+])
+def test_unusable_sources_are_one_clear_error(colour_engine, capsys, text, message) -> None:
+    if "!" in text and "GStreamer:                   YES" in cv2.getBuildInformation():
+        pytest.skip("this OpenCV runs GStreamer pipelines")
+    assert main(["detect", str(colour_engine), "--source", text, "--quiet"]) == 2
+    assert message in error_line(capsys)
