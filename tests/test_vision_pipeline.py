@@ -432,3 +432,17 @@ def test_unusable_sources_are_one_clear_error(colour_engine, capsys, text, messa
         pytest.skip("this OpenCV runs GStreamer pipelines")
     assert main(["detect", str(colour_engine), "--source", text, "--quiet"]) == 2
     assert message in error_line(capsys)
+
+
+def test_the_bundles_preprocessing_spec_is_used_and_boxes_map_back_through_it(tmp_path) -> None:
+    onnx.save(make_colour_yolov8(160, NAMES), tmp_path / "colour.onnx")
+    engine = es.build(tmp_path / "colour.onnx", output=tmp_path / "plain.engine", preprocess="resize=160x160;letterbox=false")
+    detector = vision.Detector(es.load(engine.path), vision.DetectorSettings(conf=0.5))
+    assert detector.spec.letterbox is False and detector.spec.resize == (160, 160)
+    scene = vision.sources.parse_synthetic(SCENE)
+    results = vision.detect(detector, [SCENE])
+    assert sum(len(r.detections) for r in results) > 0
+    for result in results:
+        truth = scene.truth(result.source_index)
+        for d in result.detections:  # a 320x240 frame squeezed to 160x160: x and y scale differently
+            assert any(overlaps(d.box, t) and t[4] == d.class_id for t in truth), (d, truth)
