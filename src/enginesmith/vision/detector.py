@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..runtime.engine import Engine
 from .heads import Candidates, Head, choose_head
 from .labels import check_names, label_for, names_from_metadata, read_names_file
-from .nms import nms, torch_nms
+from .nms import nms
 from .records import Detection
 from .transform import Placement, detector_spec, input_size, to_tensor
 
@@ -31,7 +31,6 @@ class DetectorSettings:
     iou: float = 0.45
     max_detections: int = 300
     size: tuple[int, int] | None = None  # input (height, width) for engines with dynamic image dims
-    torch_nms: bool = False  # torchvision's NMS (for engines that run on a GPU)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.conf <= 1.0 or not 0.0 <= self.iou <= 1.0:
@@ -100,8 +99,7 @@ def select_detections(found: Candidates, settings: DetectorSettings, place: Plac
     if found.suppressed:
         order = np.argsort(-scores, kind="stable")[: settings.max_detections]
     else:
-        suppress = torch_nms if settings.torch_nms else nms
-        order = suppress(boxes, scores, classes, settings.iou, settings.max_detections)
+        order = nms(boxes, scores, classes, settings.iou, settings.max_detections)
     framed = place.to_frame(boxes[order]) if order.size else np.zeros((0, 4))
     return tuple(
         Detection(tuple(float(v) for v in box), float(scores[i]), int(classes[i]),

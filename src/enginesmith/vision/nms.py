@@ -38,15 +38,3 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, 
         rest = order[1:]
         order = rest[box_iou(shifted[best], shifted[rest]) <= iou]
     return np.asarray(keep, dtype=np.int64)
-
-
-def torch_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, max_detections: int = 300) -> np.ndarray:
-    """The same through torchvision's batched_nms (for engines that run on a GPU); numpy when it is missing."""
-    try:
-        import torch
-        from torchvision.ops import batched_nms
-    except ImportError:
-        return nms(boxes, scores, classes, iou, max_detections)
-    kept = batched_nms(torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(scores.astype(np.float32)),
-                       torch.from_numpy(classes.astype(np.int64)), iou)
-    return kept[:max_detections].numpy()
