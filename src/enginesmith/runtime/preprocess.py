@@ -26,6 +26,10 @@ class PreprocessSpec:
     resize: int | tuple[int, int] | None = None
     # Center crop (height, width) after resizing.
     center_crop: tuple[int, int] | None = None
+    # With an exact resize (height, width): keep the aspect ratio and pad the rest with
+    # ``pad_value`` (pixels 0-255, before scaling), centred, as YOLO-family detectors expect.
+    letterbox: bool = False
+    pad_value: float = 114.0
     layout: str = "NCHW"
     color: str = "RGB"
     # Applied in this order: x * scale, then (x - mean) / std, per channel.
@@ -48,6 +52,8 @@ class PreprocessSpec:
             self.center_crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
         if any(s == 0 for s in self.std):
             raise ValidationDataError("preprocessing std must not contain 0")
+        if self.letterbox and not isinstance(self.resize, tuple):
+            raise ValidationDataError("preprocessing letterbox needs an exact size, e.g. resize=640x640;letterbox=true")
 
     @property
     def channels(self) -> int:
@@ -78,7 +84,8 @@ def parse_spec(text: str) -> PreprocessSpec:
     """A spec from ``key=value;key=value`` text, or from a TOML file path.
 
     Keys: resize=256 or resize=224x224, crop=224, layout=NCHW, color=RGB, scale=0.00392,
-    mean=0.485/0.456/0.406, std=0.229/0.224/0.225, dtype=float32.
+    mean=0.485/0.456/0.406, std=0.229/0.224/0.225, dtype=float32, letterbox=true (with an
+    exact resize: keep the aspect ratio, pad with pad_value=114).
     """
     path = Path(text)
     if path.suffix.lower() == ".toml":
@@ -100,8 +107,12 @@ def parse_spec(text: str) -> PreprocessSpec:
                     data[key] = tuple(dims[:2])
             elif key in ("mean", "std"):
                 data[key] = _floats(value)
-            elif key == "scale":
+            elif key in ("scale", "pad_value"):
                 data[key] = float(value)
+            elif key == "letterbox":
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"letterbox={value} is not true or false")
+                data[key] = value.lower() in ("1", "true", "yes")
             else:
                 data[key] = value
     except ValueError as exc:
@@ -128,7 +139,7 @@ def load_image(path: Path, spec: PreprocessSpec) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img = img.convert("L" if spec.color == "GRAY" else "RGB")
-            img = _resize(img, spec.resize)
+            img = _letterbox(img, spec.resize, spec.pad_value) if spec.letterbox else _resize(img, spec.resize)
             if spec.center_crop:
                 img = _center_crop(img, spec.center_crop)
             pixels = np.asarray(img, dtype=np.float32)
@@ -165,3 +176,20 @@ def _center_crop(img, crop):
         raise ValueError(f"crop {ch}x{cw} is larger than the resized image {h}x{w}")
     left, top = (w - cw) // 2, (h - ch) // 2
     return img.crop((left, top, left + cw, top + ch))
+
+
+def letterbox_geometry(height: int, width: int, target: tuple[int, int]) -> tuple[float, int, int, int, int]:
+    """(scale, new height, new width, pad top, pad left) that fit a picture into ``target`` keeping its aspect."""
+    scale = min(target[0] / height, target[1] / width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    return scale, new_h, new_w, (target[0] - new_h) // 2, (target[1] - new_w) // 2
+
+
+def _letterbox(img, size, pad_value: float):
+    from PIL import Image
+
+    _, new_h, new_w, top, left = letterbox_geometry(img.size[1], img.size[0], size)
+    fill = int(round(pad_value))
+    canvas = Image.new(img.mode, (size[1], size[0]), fill if img.mode == "L" else (fill,) * 3)
+    canvas.paste(img.resize((new_w, new_h), Image.BILINEAR), (left, top))
+    return canvas

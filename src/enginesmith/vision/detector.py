@@ -1,0 +1,129 @@
+"""An engine seen as a detector: frames in, boxes in frame pixels out, in three separable steps
+(preprocess, infer, postprocess) so a pipeline can run them on different threads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..runtime.engine import Engine
+from .heads import Candidates, Head, choose_head
+from .labels import check_names, label_for, names_from_metadata, read_names_file
+from .nms import nms
+from .records import Detection
+from .transform import Placement, detector_spec, input_size, to_tensor
+
+# Candidates kept (best scores) before NMS: NMS is quadratic in the worst case.
+MAX_CANDIDATES = 30000
+
+Infer = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    head: str | None = None  # None: chosen from the outputs
+    names: str | Path | Sequence[str] | None = None  # a file, a list, or None: the model's metadata
+    conf: float = 0.25
+    iou: float = 0.45
+    max_detections: int = 300
+    size: tuple[int, int] | None = None  # input (height, width) for engines with dynamic image dims
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.conf <= 1.0 or not 0.0 <= self.iou <= 1.0:
+            raise InputError(f"the score and IoU thresholds must be within [0, 1], got {self.conf} and {self.iou}")
+        if self.max_detections < 1:
+            raise InputError("the most detections per frame must be at least 1")
+
+
+class Detector:
+    """Wraps a loaded :class:`Engine`. The head is chosen, and class names checked, on a first call with
+    a blank frame, so a model that is not a detector fails before any source is opened."""
+
+    def __init__(self, engine: Engine, settings: DetectorSettings = DetectorSettings(), infer: Infer | None = None):
+        self.engine, self.settings = engine, settings
+        self.spec = detector_spec(engine.signature, engine.manifest.preprocess, settings.size)
+        self.input_hw = input_size(engine.signature, self.spec)
+        self.input_name = engine.signature.input_names[0]
+        self._infer = infer or engine.infer
+        blank = np.zeros((self.input_hw[0], self.input_hw[1], 3), np.uint8)
+        feeds, _ = self.preprocess([blank])
+        outputs = self.infer(feeds)
+        shapes = {name: tuple(np.asarray(v).shape) for name, v in outputs.items()}
+        self.head: Head = choose_head(shapes, self.input_hw, settings.head, values=outputs)
+        self.names = self._class_names()
+
+    def _class_names(self) -> list[str] | None:
+        given = self.settings.names
+        if given is None:
+            names = names_from_metadata(model_metadata(self.engine))
+            where = "the model's metadata"
+        elif isinstance(given, (str, Path)):
+            names, where = read_names_file(given), f"class names file '{given}'"
+        else:
+            names, where = list(given), "the class names given"
+        if names is not None:
+            check_names(names, self.head.classes, self.head.first_class, where)
+        return names
+
+    def preprocess(self, frames: Sequence[np.ndarray]) -> tuple[dict[str, np.ndarray], list[Placement]]:
+        tensors, placements = zip(*(to_tensor(f, self.spec, self.input_hw) for f in frames))
+        return {self.input_name: np.stack(tensors)}, list(placements)
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(self._infer(feeds))
+
+    def postprocess(self, outputs: Mapping[str, np.ndarray], placements: Sequence[Placement]) -> list[tuple[Detection, ...]]:
+        return [self._one_image(outputs, i, place) for i, place in enumerate(placements)]
+
+    def __call__(self, frames: Sequence[np.ndarray]) -> list[tuple[Detection, ...]]:
+        """BGR uint8 frames -> detections per frame, boxes in each frame's pixels."""
+        feeds, placements = self.preprocess(frames)
+        return self.postprocess(self.infer(feeds), placements)
+
+    def _one_image(self, outputs: Mapping[str, np.ndarray], image: int, place: Placement) -> tuple[Detection, ...]:
+        found = self.head.decode(outputs, image, self.input_hw)
+        return select_detections(found, self.settings, place, self.names, self.head.first_class)
+
+
+def select_detections(found: Candidates, settings: DetectorSettings, place: Placement, names: Sequence[str] | None,
+                      first_class: int = 0) -> tuple[Detection, ...]:
+    """Score filter, class-aware NMS (unless the model ran it), boxes to frame pixels, labels; best first."""
+    keep = np.flatnonzero(found.scores >= settings.conf)
+    if keep.size > MAX_CANDIDATES:
+        keep = keep[np.argsort(-found.scores[keep])[:MAX_CANDIDATES]]
+    boxes, scores, classes = found.boxes[keep], found.scores[keep], found.classes[keep]
+    if found.suppressed:
+        order = np.argsort(-scores, kind="stable")[: settings.max_detections]
+    else:
+        order = nms(boxes, scores, classes, settings.iou, settings.max_detections)
+    framed = place.to_frame(boxes[order]) if order.size else np.zeros((0, 4))
+    return tuple(
+        Detection(tuple(float(v) for v in box), float(scores[i]), int(classes[i]),
+                  label_for(int(classes[i]), list(names) if names else None, first_class))
+        for box, i in zip(framed, order)
+    )
+
+
+def model_metadata(engine: Engine) -> dict[str, str]:
+    """ONNX metadata_props of the model the engine was built from (the bundle's source, else an ONNX payload)."""
+    import onnx
+
+    from ..bundle import read_bundle
+
+    if engine.path is None:
+        return {}
+    manifest = engine.manifest
+    want_source = manifest.has_source and manifest.source_name.lower().endswith(".onnx")
+    if not want_source and not manifest.payload_name.lower().endswith(".onnx"):
+        return {}
+    contents = read_bundle(engine.path, payload=not want_source, source=want_source)
+    data = contents.source if want_source else contents.payload
+    try:
+        model = onnx.load_from_string(data)
+    except Exception:  # noqa: BLE001 - metadata is optional: an unparsable model just has no names
+        return {}
+    return {prop.key: prop.value for prop in model.metadata_props}

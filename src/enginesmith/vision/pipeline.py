@@ -1,0 +1,254 @@
+"""Capture, preprocessing, inference and post-processing as overlapping stages.
+
+    source 1 ─capture thread─▶ queue ─┐
+    source 2 ─capture thread─▶ queue ─┴▶ preprocess thread (one frame from each source = one batch)
+        ─▶ queue ─▶ inference thread ─▶ queue ─▶ caller's thread: decode, NMS, sinks, status
+
+Every queue is bounded. A live source's queue drops its oldest frame when full (the frame
+that would be most out of date by the time it is seen) and counts it; a file source's queue
+blocks instead, so files never lose a frame. Stopping (the frame limit, the end of every
+source, Ctrl-C) closes the queues, which wakes every waiting thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .detector import Detector
+from .records import Frame, FrameResult, StageTimes
+from .sources import Source
+
+LIVE_QUEUE = 2
+FILE_QUEUE = 8
+STAGE_QUEUE = 2
+
+
+class StageQueue:
+    """A bounded queue that either drops its oldest item or blocks when full, and can be closed."""
+
+    def __init__(self, size: int, drop_oldest: bool):
+        self._items: deque = deque()
+        self._size, self._drop = size, drop_oldest
+        self._ready = threading.Condition()
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, item) -> bool:
+        """False when the queue was closed (the item is discarded)."""
+        with self._ready:
+            while len(self._items) >= self._size and not self._closed:
+                if self._drop:
+                    self._items.popleft()
+                    self.dropped += 1
+                else:
+                    self._ready.wait()
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._ready.notify_all()
+            return True
+
+    def get(self):
+        """The next item, or None once the queue is closed and empty."""
+        with self._ready:
+            while not self._items and not self._closed:
+                self._ready.wait()
+            item = self._items.popleft() if self._items else None
+            self._ready.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def discard(self) -> None:
+        """Close and forget what is queued (a stop: nothing more will be processed)."""
+        with self._ready:
+            self._closed = True
+            self._items.clear()
+            self._ready.notify_all()
+
+
+@dataclass
+class SourceCounts:
+    name: str
+    live: bool
+    read: int = 0  # frames taken from the source
+    dropped: int = 0  # live frames dropped because the pipeline fell behind
+    corrupt: int = 0  # frames that could not be decoded and were skipped
+    processed: int = 0
+
+
+@dataclass
+class RunSummary:
+    frames: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    sources: list[SourceCounts] = field(default_factory=list)
+    stage_seconds: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in StageTimes.STAGES})
+    # Seconds the inference thread spent in engine calls; engine-only FPS is frames over this.
+    inference_busy: float = 0.0
+    batches: int = 0
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        def stats(values: list[float]) -> dict:
+            if not values:
+                return {"mean_ms": None, "p50_ms": None, "p95_ms": None}
+            ms = np.asarray(values) * 1e3
+            return {"mean_ms": round(float(ms.mean()), 3), "p50_ms": round(float(np.percentile(ms, 50)), 3),
+                    "p95_ms": round(float(np.percentile(ms, 95)), 3)}
+
+        return {
+            "frames": self.frames,
+            "seconds": round(self.seconds, 4),
+            "fps": round(self.fps, 3),
+            "engine_fps": round(self.frames / self.inference_busy, 3) if self.inference_busy > 0 else None,
+            "batches": self.batches,
+            "interrupted": self.interrupted,
+            "dropped": sum(s.dropped for s in self.sources),
+            "corrupt": sum(s.corrupt for s in self.sources),
+            "stages": {name: stats(values) for name, values in self.stage_seconds.items()},
+            "sources": [vars(s).copy() for s in self.sources],
+        }
+
+
+ResultCallback = Callable[[Frame, FrameResult], None]
+StatusCallback = Callable[[RunSummary], None]
+
+
+def run_pipeline(
+    detector: Detector,
+    sources: Sequence[Source],
+    on_result: ResultCallback,
+    max_frames: int | None = None,
+    on_status: StatusCallback | None = None,
+    status_every: float = 0.5,
+) -> RunSummary:
+    """Run until every source ends, ``max_frames`` results are out, or Ctrl-C; the summary is returned
+    in every case (``interrupted`` says whether Ctrl-C ended it). Errors of any stage are raised here."""
+    summary = RunSummary(sources=[SourceCounts(s.name, s.live) for s in sources])
+    frame_queues = [StageQueue(LIVE_QUEUE if s.live else FILE_QUEUE, drop_oldest=s.live) for s in sources]
+    batch_queue = StageQueue(STAGE_QUEUE, drop_oldest=False)
+    output_queue = StageQueue(STAGE_QUEUE, drop_oldest=False)
+    queues = [*frame_queues, batch_queue, output_queue]
+    errors: list[BaseException] = []
+
+    def stop() -> None:
+        for q in queues:
+            q.discard()
+
+    def guarded(work: Callable[[], None], closes: StageQueue) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                errors.append(exc)
+                stop()
+            finally:
+                closes.close()
+        return run
+
+    def capture(position: int, source: Source, queue: StageQueue, counts: SourceCounts) -> Callable[[], None]:
+        def work() -> None:
+            try:
+                frames = iter(source.frames())
+                while True:
+                    start = time.perf_counter()
+                    frame = next(frames, None)
+                    if frame is None:
+                        return
+                    counts.read += 1
+                    if not queue.put((frame, time.perf_counter() - start, position)):
+                        return
+            finally:
+                counts.corrupt = source.corrupt
+                source.close()
+        return work
+
+    def preprocess() -> None:
+        active = list(frame_queues)
+        while active:
+            taken = []
+            for queue in list(active):
+                item = queue.get()
+                if item is None:
+                    active.remove(queue)
+                else:
+                    taken.append(item)
+            if not taken:
+                continue
+            start = time.perf_counter()
+            feeds, placements = detector.preprocess([frame.pixels for frame, _, _ in taken])
+            if not batch_queue.put((taken, feeds, placements, time.perf_counter() - start)):
+                return
+
+    def infer() -> None:
+        while (item := batch_queue.get()) is not None:
+            taken, feeds, placements, pre = item
+            start = time.perf_counter()
+            outputs = detector.infer(feeds)
+            if not output_queue.put((taken, outputs, placements, pre, time.perf_counter() - start)):
+                return
+
+    threads = [threading.Thread(target=guarded(capture(i, s, q, c), q), name=f"capture {s.name}", daemon=True)
+               for i, (s, q, c) in enumerate(zip(sources, frame_queues, summary.sources))]
+    threads.append(threading.Thread(target=guarded(preprocess, batch_queue), name="preprocess", daemon=True))
+    threads.append(threading.Thread(target=guarded(infer, output_queue), name="inference", daemon=True))
+    began = time.perf_counter()
+    last_status = began
+    try:
+        for thread in threads:
+            thread.start()
+        while (item := output_queue.get()) is not None:
+            taken, outputs, placements, pre, inference = item
+            summary.batches += 1
+            summary.inference_busy += inference
+            start = time.perf_counter()
+            detections = detector.postprocess(outputs, placements)
+            post = (time.perf_counter() - start) / len(taken)
+            for (frame, captured, position), found in zip(taken, detections):
+                # End to end: from the start of reading the frame to its results handed to the sinks.
+                times = StageTimes(captured, pre / len(taken), inference, post, captured + max(0.0, time.time() - frame.time))
+                result = FrameResult(summary.frames, frame.source, frame.index, frame.time, frame.pixels.shape[:2],
+                                     found, times)
+                on_result(frame, result)
+                for stage in StageTimes.STAGES:
+                    summary.stage_seconds[stage].append(getattr(times, stage))
+                summary.frames += 1
+                summary.sources[position].processed += 1
+                if max_frames is not None and summary.frames >= max_frames:
+                    stop()
+                    break
+            summary.seconds = time.perf_counter() - began
+            if on_status and time.perf_counter() - last_status >= status_every:
+                last_status = time.perf_counter()
+                _refresh_counts(summary, sources, frame_queues)
+                on_status(summary)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        stop()
+    finally:
+        stop()
+        for thread in threads:
+            thread.join(timeout=10)
+        summary.seconds = time.perf_counter() - began
+        _refresh_counts(summary, sources, frame_queues)
+    if errors and not summary.interrupted:
+        raise errors[0]
+    return summary
+
+
+def _refresh_counts(summary: RunSummary, sources: Sequence[Source], queues: Sequence[StageQueue]) -> None:
+    for counts, source, queue in zip(summary.sources, sources, queues):
+        counts.dropped, counts.corrupt = queue.dropped, source.corrupt

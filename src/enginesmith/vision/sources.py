@@ -1,0 +1,238 @@
+"""Where frames come from: image files, a folder or glob, a video, a camera, a network stream,
+a GStreamer pipeline, or a synthetic scene with known boxes (for tests and benchmarks).
+
+A source is *live* when frames arrive whether or not anyone reads them (cameras, streams,
+a real-time synthetic scene): the pipeline then drops the oldest frame when it falls behind.
+File sources are read as fast as the pipeline takes them and never drop a frame.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import InputError
+from ..runtime.preprocess import IMAGE_SUFFIXES
+from ._cv import cv2_module
+from .records import Frame
+
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+# How many unreadable frames in a row end a video rather than being skipped one by one.
+MAX_CORRUPT_RUN = 50
+
+
+class Source(ABC):
+    """An iterator of frames; ``corrupt`` counts frames that could not be decoded and were skipped."""
+
+    name: str
+    live: bool = False
+
+    def __init__(self) -> None:
+        self.corrupt = 0
+
+    @abstractmethod
+    def frames(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None:
+        """Release the device or file; called once the pipeline is done with the source."""
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """What to ask a camera for; None leaves the driver's choice."""
+
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+
+
+class ImageFiles(Source):
+    def __init__(self, name: str, paths: list[Path]):
+        super().__init__()
+        self.name, self.paths = name, paths
+
+    def frames(self) -> Iterator[Frame]:
+        cv2 = cv2_module()
+        for index, path in enumerate(self.paths):
+            pixels = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if pixels is None:
+                self.corrupt += 1
+                continue
+            yield Frame(str(path), index, time.time(), pixels)
+
+
+class VideoCapture(Source):
+    """A video file, camera, stream or GStreamer pipeline, through cv2.VideoCapture."""
+
+    def __init__(self, name: str, target: str | int, live: bool, backend: int | None = None,
+                 settings: CaptureSettings = CaptureSettings()):
+        super().__init__()
+        self.name, self.target, self.live, self.backend, self.settings = name, target, live, backend, settings
+        self._capture = None
+
+    def open(self) -> "VideoCapture":
+        cv2 = cv2_module()
+        capture = cv2.VideoCapture(self.target) if self.backend is None else cv2.VideoCapture(self.target, self.backend)
+        if not capture.isOpened():
+            capture.release()
+            raise InputError(f"cannot open source '{self.name}': {self._open_hint()}")
+        for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, self.settings.width), (cv2.CAP_PROP_FRAME_HEIGHT, self.settings.height),
+                            (cv2.CAP_PROP_FPS, self.settings.fps)):
+            if value:
+                capture.set(prop, value)
+        self._capture = capture
+        return self
+
+    def _open_hint(self) -> str:
+        if isinstance(self.target, int) or str(self.target).startswith("/dev/video"):
+            return "no camera there, or it is busy; list cameras with 'v4l2-ctl --list-devices'"
+        if "!" in str(self.target):
+            return "OpenCV could not start the GStreamer pipeline (is this OpenCV built with GStreamer? end it with appsink)"
+        if str(self.target).startswith(STREAM_SCHEMES):
+            return "the stream did not answer or its format is not supported"
+        return "not a video OpenCV can decode"
+
+    def frames(self) -> Iterator[Frame]:
+        cv2 = cv2_module()
+        capture = self._capture or self.open()._capture
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if not self.live else 0
+        index, failures = 0, 0
+        while True:
+            ok, pixels = capture.read()
+            if ok and pixels is not None:
+                failures = 0
+                yield Frame(self.name, index, time.time(), pixels)
+                index += 1
+                continue
+            # A read that fails before the known end is a damaged frame: skip it, count it, go on.
+            position = int(capture.get(cv2.CAP_PROP_POS_FRAMES))
+            if self.live or total <= 0 or max(position, index) >= total - 1 or failures >= MAX_CORRUPT_RUN:
+                return
+            failures += 1
+            self.corrupt += 1
+            index += 1
+            capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+@dataclass(frozen=True)
+class SyntheticScene:
+    """Moving rectangles on noise; frame i depends only on (seed, i), so runs are repeatable."""
+
+    width: int = 640
+    height: int = 480
+    frames: int = 100
+    objects: int = 3
+    classes: int = 3
+    seed: int = 0
+    fps: float = 0.0  # frames a second to produce at; 0: as fast as they are taken
+    live: bool = False
+
+    def layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        sizes = np.stack([rng.integers(self.width // 10, self.width // 4, self.objects),
+                          rng.integers(self.height // 10, self.height // 4, self.objects)], axis=1)
+        starts = rng.uniform(0, 1, (self.objects, 2)) * (np.array([self.width, self.height]) - sizes)
+        velocities = rng.uniform(-6, 6, (self.objects, 2))
+        classes = rng.integers(0, self.classes, self.objects)
+        return sizes, starts, velocities, classes
+
+    def truth(self, index: int) -> np.ndarray:
+        """[K, 5]: x1, y1, x2, y2, class of every rectangle in frame ``index``; they bounce off the edges."""
+        sizes, starts, velocities, classes = self.layout()
+        room = np.array([self.width, self.height]) - sizes
+        travel = np.abs((starts + velocities * index) % (2 * room))
+        corner = np.where(travel > room, 2 * room - travel, travel).round()
+        return np.concatenate([corner, corner + sizes, classes[:, None]], axis=1).astype(np.float64)
+
+    def render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng((self.seed, index))
+        pixels = rng.integers(0, 64, (self.height, self.width, 3), dtype=np.uint8)
+        palette = ((0, 0, 255), (0, 255, 0), (255, 0, 0), (0, 255, 255), (255, 0, 255), (255, 255, 0))
+        boxes = self.truth(index)
+        for x1, y1, x2, y2, cls in boxes.astype(int):
+            pixels[y1:y2, x1:x2] = palette[cls % len(palette)]
+        return pixels, boxes
+
+
+class Synthetic(Source):
+    def __init__(self, name: str, scene: SyntheticScene):
+        super().__init__()
+        self.name, self.scene, self.live = name, scene, scene.live
+
+    def frames(self) -> Iterator[Frame]:
+        start = time.perf_counter()
+        for index in range(self.scene.frames):
+            if self.scene.fps > 0:
+                delay = start + index / self.scene.fps - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            pixels, truth = self.scene.render(index)
+            yield Frame(self.name, index, time.time(), pixels, truth)
+
+
+def parse_synthetic(text: str) -> SyntheticScene:
+    """``synthetic`` or ``synthetic:width=640,height=480,frames=100,objects=3,seed=0,fps=30,live=1``."""
+    _, _, options = text.partition(":")
+    fields = SyntheticScene.__dataclass_fields__
+    values: dict = {}
+    for item in filter(None, (part.strip() for part in options.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise InputError(f"'{item}' in source '{text}' is not one of {', '.join(f'{k}=' for k in fields)}")
+        try:
+            values[key] = value.lower() in ("1", "true", "yes") if key == "live" else type(getattr(SyntheticScene, key))(value)
+        except ValueError:
+            raise InputError(f"'{item}' in source '{text}' is not a number") from None
+    scene = SyntheticScene(**values)
+    if min(scene.width, scene.height) < 16 or scene.frames < 1 or scene.objects < 0 or scene.classes < 1:
+        raise InputError(f"source '{text}': width and height must be at least 16, frames and classes at least 1")
+    return scene
+
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".wmv", ".flv", ".gif"}
+
+
+def open_source(text: str, settings: CaptureSettings = CaptureSettings()) -> Source:
+    """A source from its command-line spelling; an unusable one raises :class:`InputError` naming it."""
+    cv2 = cv2_module()
+    if text == "synthetic" or text.startswith("synthetic:"):
+        return Synthetic(text, parse_synthetic(text))
+    if re.fullmatch(r"\d+", text) or re.fullmatch(r"/dev/video\d+", text):
+        target = int(text) if text.isdigit() else text
+        return VideoCapture(text, target, live=True, backend=cv2.CAP_V4L2 if text.startswith("/dev/") else None,
+                            settings=settings).open()
+    if text.startswith(STREAM_SCHEMES):
+        return VideoCapture(text, text, live=True, backend=cv2.CAP_FFMPEG).open()
+    if "!" in text:
+        return VideoCapture(text, text, live=True, backend=cv2.CAP_GSTREAMER).open()
+    path = Path(text)
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise InputError(f"folder '{text}' has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return ImageFiles(text, images)
+    if glob.has_magic(text):
+        images = sorted(Path(p) for p in glob.glob(text) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise InputError(f"no images match '{text}'")
+        return ImageFiles(text, images)
+    if not path.exists():
+        raise InputError(
+            f"source '{text}' not found: give an image, folder, glob, video file, camera index or /dev/videoN, "
+            "rtsp:// or http:// stream, GStreamer pipeline, or synthetic"
+        )
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return ImageFiles(text, [path])
+    return VideoCapture(text, str(path), live=False).open()
