@@ -30,7 +30,8 @@ def check_serve_dependencies() -> None:
 
 @app.command(short_help="Serve engines over the Open Inference Protocol (REST, gRPC).")
 def serve(
-    engine_paths: list[Path] = typer.Argument(..., metavar="ENGINE...", help="Engine bundles to serve."),
+    # hidden: typer would list it as "<list[Path]>"; the docstring says what ENGINE is instead
+    engine_paths: list[Path] = typer.Argument(..., metavar="ENGINE", hidden=True),
     name: list[str] = typer.Option([], "--name", metavar="NAME", help="Model name of each engine, in order (default: the file's stem); repeatable."),
     host: str = typer.Option("127.0.0.1", metavar="ADDRESS", help="Address to listen on (0.0.0.0: every interface)."),
     http_port: int = typer.Option(8000, "--http-port", min=0, max=65535, metavar="PORT", help="REST port (0: a free port)."),
@@ -46,7 +47,8 @@ def serve(
     duration: Optional[float] = typer.Option(None, "--duration", min=0.1, metavar="SECONDS", help="Stop by itself after this long (default: until interrupted)."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Load engines whose payload runs code (the torch backend's compiler cache); only from builders you trust."),
 ) -> None:
-    """Serve engines over KServe's Open Inference Protocol (v2): REST, gRPC and Prometheus metrics.
+    """Serve ENGINE bundles (one or more) over KServe's Open Inference Protocol (v2): REST, gRPC and
+    Prometheus metrics.
 
     Requests for the same model are merged into batches (--max-batch, --max-queue-delay-us);
     tritonclient.http and tritonclient.grpc work against it. Stops on Ctrl-C or SIGTERM.

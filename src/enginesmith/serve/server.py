@@ -167,7 +167,16 @@ def serve(
     if isinstance(engines, (Engine, str, Path)):
         engines = [engines]
     pairs, owned = load_engines(list(engines), names, trust_code)
-    models = [ServedModel(name, engine, batching_for(engine, settings), settings.timeout_ms) for name, engine in pairs]
+    models: list[ServedModel] = []
+    try:
+        for name, engine in pairs:
+            models.append(ServedModel(name, engine, batching_for(engine, settings), settings.timeout_ms))
+    except ValueError as exc:  # a dtype the protocol has no datatype for
+        for model in models:
+            model.batcher.stop()
+        for engine in owned:
+            engine.close()
+        raise ServeError(f"model '{name}' cannot be served: {exc}") from None
     try:
         return _start(models, settings, owned, log)
     except BaseException:
