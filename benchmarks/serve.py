@@ -6,7 +6,8 @@ sending binary tensors.
 
 1. Low-load latency, MobileNetV2-like (batch 1, one request at a time): p50 of the in-process
    ``engine(x)`` vs p50 through tritonclient.http and tritonclient.grpc, in interleaved rounds;
-   the overhead is the median over rounds of (served p50 - in-process p50).
+   the overhead is the median over rounds of (served p50 - in-process p50). The same on a tiny
+   MLP, where the engine's own time is near zero, gives the server's cost per request alone.
 2. Throughput with 16 concurrent clients (tritonclient.http.aio, batch 1 each) for
    ``--duration`` seconds: the server with batching (defaults) and the same server with
    ``--max-batch 1``; the batch the batcher formed (from the server's own metrics), and the
@@ -14,12 +15,13 @@ sending binary tensors.
 3. A bounded run of ``--requests`` (default 100,000) requests on a small MLP engine, 16 clients,
    every answer checked against the in-process output; the server's RSS sampled every 0.5 s.
 
-    PYTHONPATH=src python benchmarks/serve.py [--requests 100000] [--duration 10] [--rounds 5] [--runs 40]
+    PYTHONPATH=src python benchmarks/serve.py [--requests 100000] [--duration 10] [--rounds 10] [--runs 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client as http_client
 import asyncio
 import json
 import os
@@ -121,16 +123,32 @@ def low_load_latency(engine: es.Engine, server: ServerProcess, x: np.ndarray, ro
     got_http = http.infer("m", [http_input]).as_numpy(output)
     got_grpc = grpc.infer("m", [grpc_input]).as_numpy(output)
     assert np.array_equal(got_http, want) and np.array_equal(got_grpc, want), "served outputs differ from in-process"
+    # The same binary request through the standard library's client: tritonclient.http's own cost
+    # (geventhttpclient) is the difference between the two HTTP rows.
+    header = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    plain = http_client.HTTPConnection(f"127.0.0.1:{server.http}", timeout=60)
+
+    def plain_post() -> None:
+        plain.request("POST", "/v2/models/m/infer", body=header + x.tobytes(),
+                      headers={"Inference-Header-Content-Length": str(len(header))})
+        response = plain.getresponse()
+        response.read()
+        assert response.status == 200
+
     targets = {
         "in-process": lambda: engine({name: x}),
         "http (binary)": lambda: http.infer("m", [http_input]),
+        "http (binary, http.client)": plain_post,
         "grpc": lambda: grpc.infer("m", [grpc_input]),
     }
     samples_ms: dict[str, list[float]] = {label: [] for label in targets}
     per_round: dict[str, list[float]] = {label: [] for label in targets}
     per_block = max(runs // rounds, 3)
     for round_index in range(rounds):
-        order = list(targets)[round_index % 3:] + list(targets)[:round_index % 3]
+        shift = round_index % len(targets)
+        order = list(targets)[shift:] + list(targets)[:shift]
         for label in order:
             # ONNX Runtime's threads (here or in the server) spin for a while after a call: let them
             # settle so that one target's spinning does not slow the next one's block.
@@ -146,8 +164,9 @@ def low_load_latency(engine: es.Engine, server: ServerProcess, x: np.ndarray, ro
     p50 = {label: statistics.median(values) for label, values in samples_ms.items()}
     overhead = {
         label: statistics.median(a - b for a, b in zip(per_round[label], per_round["in-process"]))
-        for label in ("http (binary)", "grpc")
+        for label in targets if label != "in-process"
     }
+    plain.close()
     http.close()
     grpc.close()
     return {"p50_ms": p50, "overhead_ms": overhead, "runs_per_target": per_block * rounds}
@@ -266,8 +285,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=100_000, help="requests in the long run (3.)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput measurement (2.)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the latency comparison (1.)")
-    parser.add_argument("--runs", type=int, default=60, help="timed requests per target in the latency comparison")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the latency comparison (1.)")
+    parser.add_argument("--runs", type=int, default=100, help="timed requests per target in the latency comparison")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--json", type=Path, default=RESULTS / "serve.json")
     args = parser.parse_args()
@@ -284,6 +303,11 @@ def main() -> None:
 
         with ServerProcess(mobilenet_path, "m") as server:
             latency = low_load_latency(engine, server, x, args.rounds, args.runs)
+        # the same on a tiny model: what the server itself costs per request, the engine's time being ~0
+        mlp = es.load(mlp_path)
+        with ServerProcess(mlp_path, "m") as server:
+            latency_tiny = low_load_latency(mlp, server, np.ones((1, 16), np.float32), args.rounds, args.runs * 3)
+        mlp.close()
         batched = served_throughput(mobilenet_path, engine, x, args.duration)
         unbatched = served_throughput(mobilenet_path, engine, x, args.duration, "--max-batch", "1")
         formed = max(1, round(batched["average_batch"] or 1))
@@ -296,7 +320,13 @@ def main() -> None:
         ("low-load p50, in-process (MobileNetV2-like, batch 1)", f"{latency['p50_ms']['in-process']:.2f} ms"),
         ("low-load p50, HTTP binary", f"{latency['p50_ms']['http (binary)']:.2f} ms "
                                       f"(+{latency['overhead_ms']['http (binary)']:.2f} ms)"),
+        ("low-load p50, HTTP binary (http.client)", f"{latency['p50_ms']['http (binary, http.client)']:.2f} ms "
+                                                   f"(+{latency['overhead_ms']['http (binary, http.client)']:.2f} ms)"),
         ("low-load p50, gRPC", f"{latency['p50_ms']['grpc']:.2f} ms (+{latency['overhead_ms']['grpc']:.2f} ms)"),
+        ("low-load p50, in-process (tiny MLP)", f"{latency_tiny['p50_ms']['in-process']:.3f} ms"),
+        ("low-load p50, tiny MLP, HTTP / http.client / gRPC",
+         f"+{latency_tiny['overhead_ms']['http (binary)']:.2f} ms / "
+         f"+{latency_tiny['overhead_ms']['http (binary, http.client)']:.2f} ms / +{latency_tiny['overhead_ms']['grpc']:.2f} ms"),
         (f"{CLIENTS} clients, batching on", f"{batched['requests_per_s']:.1f} images/s, average batch "
                                            f"{batched['average_batch']:.1f}, p50 {batched['p50_ms']:.1f} ms"),
         (f"{CLIENTS} clients, batching off (--max-batch 1)", f"{unbatched['requests_per_s']:.1f} images/s, "
@@ -318,6 +348,7 @@ def main() -> None:
         "machine": machine({"clients": CLIENTS}),
         "args": {k: str(v) for k, v in vars(args).items()},
         "latency": latency,
+        "latency_tiny_mlp": latency_tiny,
         "throughput": {"batching": batched, "no_batching": unbatched, "in_process_at_formed_batch": in_process,
                        "in_process_batch_1": in_process_1},
         "long_run": long,
