@@ -219,8 +219,8 @@ def test_engine_that_raises_fails_only_that_request(server):
 def test_full_queue_answers_503_with_retry_after(engines):
     """One slow engine call at a time, a queue of 2: a burst of 16 requests is partly refused at once."""
     with es.serve([engines["slow"]], max_queue=2, max_batch=1, **PORTS) as handle:
-        x = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)
-        body = json.dumps({"inputs": [{"name": "x", "shape": [64, 512], "datatype": "FP32",
+        x = np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32)
+        body = json.dumps({"inputs": [{"name": "x", "shape": [256, 512], "datatype": "FP32",
                                        "parameters": {"binary_data_size": x.nbytes}}]}).encode()
         headers = {"Inference-Header-Content-Length": str(len(body))}
 
@@ -239,7 +239,7 @@ def test_full_queue_answers_503_with_retry_after(engines):
         errors = []
 
         def grpc_send(_: int):
-            given = grpcclient.InferInput("x", [64, 512], "FP32")
+            given = grpcclient.InferInput("x", [256, 512], "FP32")
             given.set_data_from_numpy(x)
             try:
                 client.infer("slow", [given])
@@ -252,18 +252,33 @@ def test_full_queue_answers_503_with_retry_after(engines):
 
 
 def test_request_timeout_in_the_queue(engines):
-    with es.serve([engines["slow"]], max_batch=1, timeout_ms=1, **PORTS) as handle:
-        x = np.zeros((64, 512), np.float32)
+    # each call takes tens of milliseconds: of 12 requests sent at once, the last ones wait far past 50 ms
+    with es.serve([engines["slow"]], max_batch=1, timeout_ms=50, **PORTS) as handle:
+        x = np.zeros((256, 512), np.float32)
 
         def send(_: int):
             status, _, body = post(handle.url, "/v2/models/slow/infer", json_request({"x": x}), timeout=60)
             return status, json.loads(body)
 
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(send, range(8)))
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(send, range(12)))
         timed_out = [b for s, b in answers if s == 503]
         assert timed_out and all("longer than its timeout" in b["error"] for b in timed_out)
         assert any(s == 200 for s, _ in answers)
+
+    # the request's own 'timeout' parameter (microseconds), without a server-wide one
+    with es.serve([engines["slow"]], max_batch=1, **PORTS) as handle:
+        body = json.loads(json_request({"x": np.zeros((64, 512), np.float32)}))
+
+        def send_with_timeout(index: int):
+            request = {**body, "parameters": {"timeout": 1}} if index else body
+            status, _, answer = post(handle.url, "/v2/models/slow/infer", json.dumps(request).encode(), timeout=60)
+            return status, json.loads(answer)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(send_with_timeout, range(8)))
+        assert answers[0][0] == 200  # no timeout: always answered
+        assert any(s == 503 and "longer than its timeout" in b["error"] for s, b in answers[1:])
 
 
 BAD_BODIES = [

@@ -169,3 +169,24 @@ def test_json_values_are_checked_against_the_datatype(data, message):
     with pytest.raises(ProtocolError, match=message) as caught:
         decode_http_request(body, None)
     assert caught.value.status == 400
+
+
+def test_instances_run_engine_calls_at_the_same_time():
+    """Two workers: two calls overlap (each waits until both have started), which one worker could not do."""
+    both_started = threading.Barrier(2, timeout=5)
+
+    def runner(feeds):
+        both_started.wait()
+        return {"y": feeds["x"] * 2}
+
+    batcher = DynamicBatcher(runner, BatchingOptions(max_batch=1, instances=2))
+    futures = [batcher.submit(_rows(1, float(i))) for i in range(2)]
+    for i, future in enumerate(futures):
+        np.testing.assert_array_equal(future.result(10)["y"], np.full((1, 3), 2.0 * i, np.float32))
+    batcher.stop()
+    alone = threading.Barrier(2, timeout=0.5)
+    single = DynamicBatcher(lambda feeds: (alone.wait(), {"y": feeds["x"]})[1], BatchingOptions(max_batch=1, instances=1))
+    stuck = [single.submit(_rows(1, 0.0)) for _ in range(2)]
+    with pytest.raises(threading.BrokenBarrierError):
+        stuck[0].result(10)  # alone, the first call never sees a second one start
+    single.stop()
