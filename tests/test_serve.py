@@ -303,6 +303,10 @@ def test_handle_stop_closes_ports_and_names_are_checked(engines):
         es.serve([engines["mlp"], engines["mlp"]], **PORTS)
     with pytest.raises(es.ServeError, match="not usable in a URL"):
         es.serve([engines["mlp"]], names=["a/b"], **PORTS)
+    with pytest.raises(es.ServeError, match="unknown serve option 'max_batches'"):
+        es.serve([engines["mlp"]], max_batches=4, **PORTS)
+    with pytest.raises(es.ServeError, match="--max-queue must be at least 1"):
+        es.serve([engines["mlp"]], max_queue=0, **PORTS)
 
 
 def test_port_in_use_is_one_clear_error(engines):

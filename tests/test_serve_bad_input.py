@@ -162,6 +162,13 @@ def test_body_over_the_size_limit_is_413(server, reference):
     response = connection.getresponse()
     assert response.status == 413 and "--max-request-bytes" in json.loads(response.read())["error"]
     connection.close()
+    # gRPC: the same limit on the message size
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    given = grpcclient.InferInput("x", [200, 6], "FP32")
+    given.set_data_from_numpy(_x(200))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("mlp", [given])
+    assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     _assert_still_serving(server, reference)
 
 

@@ -8,6 +8,7 @@ ModelReady, ServerMetadata, ModelMetadata, ModelInfer; the other RPCs answer UNI
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -145,6 +146,10 @@ def make_servicer(repository: Repository) -> Any:
                 if exc.retry_after_s is not None:
                     context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
                 await context.abort(GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL), str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug answers INTERNAL for this request only
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {type(exc).__name__}: {exc}")
             response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version,
                                              id=result.id)
             for name, value in result.outputs.items():

@@ -163,6 +163,10 @@ def serve(
     Keyword options are :class:`ServeOptions` fields (``http_port=0`` picks a free port). ``log``
     gets one line per model every ``log_interval_s`` seconds with its request rates.
     """
+    known = set(ServeOptions.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ServeError(f"unknown serve option '{unknown[0]}'; the options are {', '.join(sorted(known))}")
     settings = ServeOptions(**options)  # type: ignore[arg-type]
     if isinstance(engines, (Engine, str, Path)):
         engines = [engines]
