@@ -324,7 +324,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cli_serves_until_its_duration(engines, capsys, reference):
+def test_cli_serves_until_its_duration(engines, capsys, caplog, reference):
     http_port = _free_port()
     exit_codes: list[int] = []
     thread = threading.Thread(target=lambda: exit_codes.append(main([
@@ -342,10 +342,16 @@ def test_cli_serves_until_its_duration(engines, capsys, reference):
     given = httpclient.InferInput("x", [2, 6], "FP32")
     given.set_data_from_numpy(_batch(2, 4))
     np.testing.assert_array_equal(client.infer("m", [given]).as_numpy("probs"), reference(x=_batch(2, 4))["probs"])
+    with socket.create_connection(("127.0.0.1", http_port), timeout=5) as garbage:  # answered 400, not logged
+        garbage.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")  # no Host header
+        assert b"400" in garbage.recv(100)
     thread.join(20)
     assert exit_codes == [0]
-    out = capsys.readouterr().out
-    assert f"REST http://127.0.0.1:{http_port}/v2" in out and "stopped" in out and "x FP32[-1, 6]" in out
+    captured = capsys.readouterr()
+    assert f"REST http://127.0.0.1:{http_port}/v2" in captured.out and "stopped" in captured.out
+    assert "x FP32[-1, 6]" in captured.out
+    assert "Traceback" not in captured.err and "Error handling request" not in captured.err
+    assert not [record for record in caplog.records if record.name.startswith("aiohttp")]
 
 
 def test_cli_errors_are_one_line(engines, tmp_path, capsys):

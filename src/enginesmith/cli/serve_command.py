@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import MissingDependencyError
-from .app import add_columns, app, console, print_indented, table
+from .app import STATE, add_columns, app, console, print_indented, table
 
 SERVE_EXTRA = "pip install 'enginesmith[serve]'"
 
@@ -56,6 +57,8 @@ def serve(
     check_serve_dependencies()
     from ..serve import serve as start_server
 
+    quiet_server_loggers(STATE.verbose)
+
     server = start_server(
         engine_paths, names=name, trust_code=trust_code, log=lambda line: print_indented(line, 0),
         host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch=max_batch,
@@ -70,6 +73,16 @@ def serve(
     finally:
         server.stop()
     console.print("stopped", highlight=False)
+
+
+# aiohttp logs a traceback for every malformed HTTP request it answers 400 to; clients' mistakes
+# are theirs to see, not the server's terminal's (--verbose shows them).
+SERVER_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "grpc")
+
+
+def quiet_server_loggers(verbose: bool) -> None:
+    for name in SERVER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
 def print_endpoints(server) -> None:
