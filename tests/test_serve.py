@@ -64,6 +64,11 @@ def test_http_round_trip_equals_in_process_engine(server, reference, binary):
     assert result.get_response()["id"] == "r-7" and result.get_response()["model_name"] == "mlp"
     # outputs not listed: all of them, binary (tritonclient asks with binary_data_output)
     np.testing.assert_array_equal(client.infer("mlp", [given]).as_numpy("probs"), reference(x=x)["probs"])
+    # compressed request bodies
+    for algorithm in ("gzip", "deflate"):
+        result = client.infer("mlp", [given], request_compression_algorithm=algorithm,
+                              response_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(result.as_numpy("probs"), reference(x=x)["probs"])
 
 
 def test_http_async_requests(server, reference):
