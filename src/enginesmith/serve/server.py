@@ -176,19 +176,21 @@ def serve(
         for name, engine in pairs:
             models.append(ServedModel(name, engine, batching_for(engine, settings), settings.timeout_ms))
     except ValueError as exc:  # a dtype the protocol has no datatype for
-        for model in models:
-            model.batcher.stop()
-        for engine in owned:
-            engine.close()
+        _release(models, owned)
         raise ServeError(f"model '{name}' cannot be served: {exc}") from None
     try:
         return _start(models, settings, owned, log)
     except BaseException:
-        for model in models:
-            model.batcher.stop()
-        for engine in owned:
-            engine.close()
+        _release(models, owned)
         raise
+
+
+def _release(models: list[ServedModel], owned: list[Engine]) -> None:
+    """What a server that failed to start holds: the batchers' threads and the engines loaded for it."""
+    for model in models:
+        model.batcher.stop()
+    for engine in owned:
+        engine.close()
 
 
 def _start(models: list[ServedModel], settings: ServeOptions, owned: list[Engine],
