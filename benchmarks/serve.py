@@ -84,9 +84,11 @@ class ServerProcess:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
     def rss(self) -> int:
-        import psutil
-
-        return psutil.Process(self.process.pid).memory_info().rss
+        """The server's resident set size in bytes (VmRSS from /proc; Linux)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc/PID/status")
 
     def stop(self) -> None:
         if self.process.poll() is None:
