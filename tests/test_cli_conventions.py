@@ -22,7 +22,7 @@ from enginesmith.cli import app
 from enginesmith.cli.app import main
 from conftest import make_mlp
 
-COMMANDS = ["", "build", "run", "validate", "bench", "info", "inspect", "surgeon", "demo"]
+COMMANDS = ["", "build", "run", "validate", "bench", "info", "inspect", "surgeon", "demo", "serve"]
 BOX_CHARACTERS = set("╭╮╰╯│─┃━┏┓┗┛")
 
 

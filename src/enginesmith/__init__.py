@@ -25,6 +25,7 @@ from .errors import (  # noqa: E402
 from .api import bench, build, info, layerwise, load, validate  # noqa: E402
 from .importers import ImportOptions  # noqa: E402
 from .runtime.engine import Engine  # noqa: E402
+from .serve import ServeError, ServerHandle, serve  # noqa: E402
 from .signature import Signature, TensorSpec  # noqa: E402
 from .validate import Tolerance, ValidationReport  # noqa: E402
 
@@ -36,6 +37,9 @@ __all__ = [
     "layerwise",
     "bench",
     "info",
+    "serve",
+    "ServerHandle",
+    "ServeError",
     "Engine",
     "ImportOptions",
     "Signature",

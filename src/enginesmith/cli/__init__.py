@@ -9,6 +9,7 @@ import sys
 
 from . import demo_command, detect_command, engine_commands  # noqa: F401  (registers commands)
 from . import graph_commands  # noqa: F401
+from . import serve_command  # noqa: F401
 from .app import app, main as _main
 
 __all__ = ["app", "main"]

@@ -1,0 +1,368 @@
+"""enginesmith serve: tritonclient (HTTP and gRPC, JSON and binary, sync and async) against the server,
+batching, metrics, the Python handle and the CLI command."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiohttp", reason="serving needs the 'serve' extra")
+httpclient = pytest.importorskip("tritonclient.http", reason="the serving tests use tritonclient[http]")
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="the serving tests use tritonclient")
+
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+import enginesmith as es  # noqa: E402
+from enginesmith.cli.app import main  # noqa: E402
+from serve_models import DATATYPE_ONNX, build_engine, get, make_every_dtype, metric, mlp_model  # noqa: E402
+
+PORTS = dict(http_port=0, grpc_port=0, metrics_port=0)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve_engines")
+    return {"mlp": build_engine(mlp_model(), folder, "mlp"), "dtypes": build_engine(make_every_dtype(), folder, "dtypes")}
+
+
+@pytest.fixture(scope="module")
+def server(engines):
+    with es.serve([engines["mlp"], engines["dtypes"]], **PORTS) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def reference(engines):
+    engine = es.load(engines["mlp"])
+    yield engine
+    engine.close()
+
+
+def _host(url: str) -> str:
+    return url.removeprefix("http://")
+
+
+def _batch(rows: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_http_round_trip_equals_in_process_engine(server, reference, binary):
+    client = httpclient.InferenceServerClient(_host(server.url))
+    x = _batch(5, 1)
+    given = httpclient.InferInput("x", list(x.shape), "FP32")
+    given.set_data_from_numpy(x, binary_data=binary)
+    result = client.infer("mlp", [given], outputs=[httpclient.InferRequestedOutput("probs", binary_data=binary)],
+                          request_id="r-7")
+    np.testing.assert_array_equal(result.as_numpy("probs"), reference(x=x)["probs"])
+    assert result.get_response()["id"] == "r-7" and result.get_response()["model_name"] == "mlp"
+    # outputs not listed: all of them, binary (tritonclient asks with binary_data_output)
+    np.testing.assert_array_equal(client.infer("mlp", [given]).as_numpy("probs"), reference(x=x)["probs"])
+    # compressed request bodies
+    for algorithm in ("gzip", "deflate"):
+        result = client.infer("mlp", [given], request_compression_algorithm=algorithm,
+                              response_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(result.as_numpy("probs"), reference(x=x)["probs"])
+
+
+def test_http_async_requests(server, reference):
+    client = httpclient.InferenceServerClient(_host(server.url), concurrency=4)
+    batches = [_batch(2, seed) for seed in range(8)]
+    pending = []
+    for x in batches:
+        given = httpclient.InferInput("x", list(x.shape), "FP32")
+        given.set_data_from_numpy(x, binary_data=True)
+        pending.append(client.async_infer("mlp", [given]))
+    for x, request in zip(batches, pending):
+        np.testing.assert_allclose(request.get_result().as_numpy("probs"), reference(x=x)["probs"], rtol=1e-6, atol=1e-7)
+    client.close()
+
+
+def test_http_aio_client(server, reference):
+    import tritonclient.http.aio as aioclient
+
+    async def run() -> list[np.ndarray]:
+        client = aioclient.InferenceServerClient(_host(server.url))
+        try:
+            requests = []
+            for seed in range(4):
+                given = aioclient.InferInput("x", [3, 6], "FP32")
+                given.set_data_from_numpy(_batch(3, seed))
+                requests.append(client.infer("mlp", [given]))
+            return [r.as_numpy("probs") for r in await asyncio.gather(*requests)]
+        finally:
+            await client.close()
+
+    for seed, got in enumerate(asyncio.run(run())):
+        np.testing.assert_allclose(got, reference(x=_batch(3, seed))["probs"], rtol=1e-6, atol=1e-7)
+
+
+def test_grpc_round_trip_sync_and_async(server, reference):
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mlp")
+    assert not client.is_model_ready("nope")
+    metadata = client.get_model_metadata("mlp", as_json=True)
+    assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "6"]}]
+    x = _batch(4, 2)
+    given = grpcclient.InferInput("x", list(x.shape), "FP32")
+    given.set_data_from_numpy(x)
+    result = client.infer("mlp", [given], outputs=[grpcclient.InferRequestedOutput("probs")], request_id="g-1")
+    np.testing.assert_array_equal(result.as_numpy("probs"), reference(x=x)["probs"])
+    assert result.get_response().id == "g-1"
+
+    done: list = []
+    finished = threading.Event()
+
+    def callback(result, error):
+        done.append((result, error))
+        if len(done) == 3:
+            finished.set()
+
+    batches = [_batch(2, seed) for seed in (10, 11, 12)]
+    for x in batches:
+        given = grpcclient.InferInput("x", list(x.shape), "FP32")
+        given.set_data_from_numpy(x)
+        client.async_infer("mlp", [given], callback)
+    assert finished.wait(30)
+    got = sorted((r.as_numpy("probs") for r, e in done if e is None), key=lambda a: float(a.sum()))
+    want = sorted((reference(x=x)["probs"] for x in batches), key=lambda a: float(a.sum()))
+    assert len(got) == 3
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    client.close()
+
+
+def test_grpc_aio_client(server, reference):
+    import tritonclient.grpc.aio as aioclient
+
+    async def run() -> np.ndarray:
+        client = aioclient.InferenceServerClient(server.grpc_address)
+        try:
+            given = aioclient.InferInput("x", [2, 6], "FP32")
+            given.set_data_from_numpy(_batch(2, 5))
+            return (await client.infer("mlp", [given])).as_numpy("probs")
+        finally:
+            await client.close()
+
+    np.testing.assert_array_equal(asyncio.run(run()), reference(x=_batch(2, 5))["probs"])
+
+
+def _every_dtype_inputs(seed: int = 0) -> dict[str, tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    from tritonclient.utils import triton_to_np_dtype
+
+    inputs = {}
+    for datatype in DATATYPE_ONNX:
+        dtype = np.dtype(triton_to_np_dtype(datatype))
+        if dtype.kind == "b":
+            value = rng.random((3, 2)) < 0.5
+        elif dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            value = rng.integers(max(info.min, -1000), min(info.max, 1000), size=(3, 2)).astype(dtype)
+            value[0, 0] = info.max  # the extremes survive both encodings
+            value[0, 1] = info.min
+        else:
+            value = rng.standard_normal((3, 2)).astype(dtype)
+        inputs[f"in_{datatype.lower()}"] = (datatype, value)
+    return inputs
+
+
+@pytest.mark.parametrize("protocol", ["http-json", "http-binary", "grpc"])
+def test_every_datatype_round_trips_exactly(server, protocol):
+    inputs = _every_dtype_inputs()
+    module = grpcclient if protocol == "grpc" else httpclient
+    client = (grpcclient.InferenceServerClient(server.grpc_address) if protocol == "grpc"
+              else httpclient.InferenceServerClient(_host(server.url)))
+    binary = protocol != "http-json"
+    given = []
+    for name, (datatype, value) in inputs.items():
+        tensor = module.InferInput(name, list(value.shape), datatype)
+        if protocol == "grpc":
+            tensor.set_data_from_numpy(value)
+        else:
+            tensor.set_data_from_numpy(value, binary_data=binary)
+        given.append(tensor)
+    outputs = [module.InferRequestedOutput(name.replace("in_", "out_"), **({} if protocol == "grpc" else {"binary_data": binary}))
+               for name in inputs]
+    result = client.infer("dtypes", given, outputs=outputs)
+    for name, (datatype, value) in inputs.items():
+        got = result.as_numpy(name.replace("in_", "out_"))
+        assert got.dtype == value.dtype, datatype
+        np.testing.assert_array_equal(got, np.concatenate([value, value], axis=1), err_msg=datatype)
+
+
+def test_health_metadata_and_versioned_paths(server, reference):
+    client = httpclient.InferenceServerClient(_host(server.url))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("mlp") and client.is_model_ready("mlp", "1")
+    assert not client.is_model_ready("mlp", "2")
+    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    assert client.get_model_metadata("dtypes")["inputs"][0] == {"name": "in_bool", "datatype": "BOOL", "shape": [-1, 2]}
+    x = _batch(1, 3)
+    given = httpclient.InferInput("x", [1, 6], "FP32")
+    given.set_data_from_numpy(x)
+    np.testing.assert_array_equal(client.infer("mlp", [given], model_version="1").as_numpy("probs"),
+                                  reference(x=x)["probs"])
+    status, body = get(server.url, "/v2/models/mlp/versions/1")
+    assert status == 200 and b'"versions":["1"]' in body.replace(b" ", b"")
+
+
+def test_batching_merges_concurrent_requests_and_splits_results(engines, reference):
+    # A 50 ms gathering window: 24 requests sent at once end up in far fewer engine calls.
+    with es.serve([engines["mlp"]], max_queue_delay_us=50_000, max_batch=64, **PORTS) as handle:
+        batches = [_batch(1 + seed % 3, 100 + seed) for seed in range(24)]
+
+        def send(x: np.ndarray) -> np.ndarray:
+            client = httpclient.InferenceServerClient(_host(handle.url))
+            given = httpclient.InferInput("x", list(x.shape), "FP32")
+            given.set_data_from_numpy(x)
+            return client.infer("mlp", [given]).as_numpy("probs")
+
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(send, batches))
+        for x, got in zip(batches, results):
+            assert got.shape == (x.shape[0], 4)
+            np.testing.assert_allclose(got, reference(x=x)["probs"], rtol=1e-6, atol=1e-7)
+        text = _metrics(handle)
+        assert metric(text, "nv_inference_request_success", "mlp") == 24
+        assert metric(text, "nv_inference_count", "mlp") == sum(x.shape[0] for x in batches)
+        executions = metric(text, "nv_inference_exec_count", "mlp")
+        assert 1 <= executions < 24
+        assert metric(text, "nv_inference_pending_request_count", "mlp") == 0
+
+
+def _metrics(handle) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(handle.metrics_url, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return response.read().decode()
+
+
+def test_batching_off_runs_each_request_alone(engines, reference):
+    with es.serve([engines["mlp"]], max_batch=1, max_queue_delay_us=50_000, **PORTS) as handle:
+        def send(seed: int) -> None:
+            client = httpclient.InferenceServerClient(_host(handle.url))
+            given = httpclient.InferInput("x", [1, 6], "FP32")
+            given.set_data_from_numpy(_batch(1, seed))
+            np.testing.assert_array_equal(client.infer("mlp", [given]).as_numpy("probs"), reference(x=_batch(1, seed))["probs"])
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(send, range(8)))
+        text = _metrics(handle)
+        assert metric(text, "nv_inference_exec_count", "mlp") == 8
+
+
+def test_metrics_names_labels_and_durations(server):
+    client = httpclient.InferenceServerClient(_host(server.url))
+    before = _metrics(server)
+    given = httpclient.InferInput("x", [2, 6], "FP32")
+    given.set_data_from_numpy(_batch(2, 9))
+    client.infer("mlp", [given])
+    wrong = httpclient.InferInput("x", [2, 5], "FP32")
+    wrong.set_data_from_numpy(np.zeros((2, 5), np.float32))
+    with pytest.raises(InferenceServerException, match="axis 1 is 5"):
+        client.infer("mlp", [wrong])
+    after = _metrics(server)
+    for name in ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+                 "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+                 "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count"):
+        assert f"# TYPE {name} " in after
+        metric(after, name, "dtypes")  # every model is listed
+    assert metric(after, "nv_inference_request_success", "mlp") == metric(before, "nv_inference_request_success", "mlp") + 1
+    assert metric(after, "nv_inference_request_failure", "mlp") == metric(before, "nv_inference_request_failure", "mlp") + 1
+    assert metric(after, "nv_inference_count", "mlp") == metric(before, "nv_inference_count", "mlp") + 2
+    assert metric(after, "nv_inference_compute_infer_duration_us", "mlp") > metric(before, "nv_inference_compute_infer_duration_us", "mlp")
+    assert metric(after, "nv_inference_request_duration_us", "mlp") >= metric(after, "nv_inference_compute_infer_duration_us", "mlp")
+
+
+def test_rate_lines_are_logged(engines):
+    lines: list[str] = []
+    with es.serve([engines["mlp"]], log=lines.append, log_interval_s=0.3, **PORTS) as handle:
+        client = httpclient.InferenceServerClient(_host(handle.url))
+        given = httpclient.InferInput("x", [1, 6], "FP32")
+        given.set_data_from_numpy(_batch(1, 0))
+        for _ in range(5):
+            client.infer("mlp", [given])
+        deadline = time.monotonic() + 5
+        while not any("requests/s" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert any(line.startswith("mlp: ") and "requests/s" in line and "average batch" in line for line in lines), lines
+
+
+def test_handle_stop_closes_ports_and_names_are_checked(engines):
+    handle = es.serve(engines["mlp"], names=["classifier"], **PORTS)
+    port = int(handle.url.rsplit(":", 1)[1])
+    assert get(handle.url, "/v2/models/classifier/ready")[0] == 200
+    handle.stop()
+    handle.stop()  # twice is harmless
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    with pytest.raises(es.ServeError, match="--name"):
+        es.serve([engines["mlp"], engines["mlp"]], **PORTS)
+    with pytest.raises(es.ServeError, match="not usable in a URL"):
+        es.serve([engines["mlp"]], names=["a/b"], **PORTS)
+    with pytest.raises(es.ServeError, match="unknown serve option 'max_batches'"):
+        es.serve([engines["mlp"]], max_batches=4, **PORTS)
+    with pytest.raises(es.ServeError, match="--max-queue must be at least 1"):
+        es.serve([engines["mlp"]], max_queue=0, **PORTS)
+
+
+def test_port_in_use_is_one_clear_error(engines):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(es.ServeError, match=f"127.0.0.1:{port}.*--http-port"):
+            es.serve([engines["mlp"]], http_port=port, grpc_port=0, metrics_port=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serves_until_its_duration(engines, capsys, caplog, reference):
+    http_port = _free_port()
+    exit_codes: list[int] = []
+    thread = threading.Thread(target=lambda: exit_codes.append(main([
+        "serve", str(engines["mlp"]), "--name", "m", "--http-port", str(http_port), "--grpc-port", "0",
+        "--metrics-port", "0", "--duration", "4", "--max-batch", "8"])))
+    thread.start()
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if client.is_model_ready("m"):
+                break
+        except Exception:  # noqa: BLE001 - not listening yet
+            time.sleep(0.1)
+    given = httpclient.InferInput("x", [2, 6], "FP32")
+    given.set_data_from_numpy(_batch(2, 4))
+    np.testing.assert_array_equal(client.infer("m", [given]).as_numpy("probs"), reference(x=_batch(2, 4))["probs"])
+    with socket.create_connection(("127.0.0.1", http_port), timeout=5) as garbage:  # answered 400, not logged
+        garbage.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")  # no Host header
+        assert b"400" in garbage.recv(100)
+    thread.join(20)
+    assert exit_codes == [0]
+    captured = capsys.readouterr()
+    assert f"REST http://127.0.0.1:{http_port}/v2" in captured.out and "stopped" in captured.out
+    assert "x FP32[-1, 6]" in captured.out
+    assert "Traceback" not in captured.err and "Error handling request" not in captured.err
+    assert not [record for record in caplog.records if record.name.startswith("aiohttp")]
+
+
+def test_cli_errors_are_one_line(engines, tmp_path, capsys):
+    assert main(["serve", str(engines["mlp"]), str(engines["mlp"]), "--duration", "1"]) == 2
+    assert "name them with --name" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "missing.engine"), "--duration", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert main(["serve", str(engines["mlp"]), "--max-batch", "0"]) == 2

@@ -1,0 +1,192 @@
+"""The dynamic batcher and the protocol codecs on their own, without sockets."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from enginesmith.serve.batcher import (
+    BatcherStoppedError,
+    BatchingOptions,
+    DynamicBatcher,
+    QueueFullError,
+    QueueTimeoutError,
+)
+from enginesmith.serve.protocol import ProtocolError, decode_http_request, encode_http_response, InferResponse
+
+
+class RecordingRunner:
+    """Doubles its input; raises on a NaN; remembers the batch sizes it was called with; can be held."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, feeds):
+        self.release.wait(10)
+        x = feeds["x"]
+        self.calls.append(x.shape[0])
+        if np.isnan(x).any():
+            raise RuntimeError("NaN in the input")
+        return {"y": x * 2, "rows": x[:, :1].copy()}
+
+
+def _rows(n: int, value: float, width: int = 3) -> dict[str, np.ndarray]:
+    return {"x": np.full((n, width), value, np.float32)}
+
+
+def _held_batcher(runner: RecordingRunner, **options) -> tuple[DynamicBatcher, object]:
+    """A batcher whose single worker is busy on a first request until runner.release is set."""
+    runner.release.clear()
+    batcher = DynamicBatcher(runner, BatchingOptions(**options))
+    first = batcher.submit(_rows(1, -1.0))
+    deadline = time.monotonic() + 5
+    while (batcher.pending != 1 or batcher._queue) and time.monotonic() < deadline:  # noqa: SLF001 - test sync
+        time.sleep(0.005)
+    return batcher, first
+
+
+def test_queued_requests_merge_up_to_max_batch_and_split_back():
+    runner = RecordingRunner()
+    batcher, first = _held_batcher(runner, max_batch=6)
+    futures = [batcher.submit(_rows(n, float(i))) for i, n in enumerate([1, 2, 3, 2, 1])]
+    runner.release.set()
+    for i, (n, future) in enumerate(zip([1, 2, 3, 2, 1], futures)):
+        out = future.result(10)
+        np.testing.assert_array_equal(out["y"], np.full((n, 3), 2.0 * i, np.float32))
+        assert out["rows"].shape == (n, 1)
+    first.result(10)
+    batcher.stop()
+    # the held first call, then 1+2+3 = 6 (max_batch), then 2+1
+    assert runner.calls == [1, 6, 3]
+
+
+def test_requests_of_other_shapes_are_not_merged():
+    runner = RecordingRunner()
+    batcher, first = _held_batcher(runner, max_batch=32)
+    narrow = [batcher.submit(_rows(1, 1.0, width=3)) for _ in range(3)]
+    wide = [batcher.submit(_rows(1, 1.0, width=5)) for _ in range(2)]
+    runner.release.set()
+    assert all(f.result(10)["y"].shape == (1, 3) for f in narrow)
+    assert all(f.result(10)["y"].shape == (1, 5) for f in wide)
+    first.result(10)
+    batcher.stop()
+    assert sorted(runner.calls) == [1, 2, 3]
+
+
+def test_a_failing_merged_batch_is_rerun_request_by_request():
+    runner = RecordingRunner()
+    batcher, first = _held_batcher(runner, max_batch=32)
+    good = [batcher.submit(_rows(2, float(i))) for i in range(3)]
+    bad = batcher.submit(_rows(1, float("nan")))
+    runner.release.set()
+    with pytest.raises(RuntimeError, match="NaN"):
+        bad.result(10)
+    for i, future in enumerate(good):
+        np.testing.assert_array_equal(future.result(10)["y"], np.full((2, 3), 2.0 * i, np.float32))
+    first.result(10)
+    batcher.stop()
+    assert runner.calls == [1, 7, 2, 2, 2, 1]  # the merged call failed, then each alone
+
+
+def test_full_queue_refuses_at_once_and_stop_fails_the_queued():
+    runner = RecordingRunner()
+    batcher, first = _held_batcher(runner, max_queue=2)
+    queued = [batcher.submit(_rows(1, 0.0)) for _ in range(2)]
+    with pytest.raises(QueueFullError, match="holds 2 requests"):
+        batcher.submit(_rows(1, 0.0))
+    stopper = threading.Thread(target=batcher.stop)
+    stopper.start()
+    time.sleep(0.1)
+    runner.release.set()
+    stopper.join(10)
+    for future in queued:
+        with pytest.raises(BatcherStoppedError):
+            future.result(10)
+    first.result(10)  # the running call finished
+    with pytest.raises(BatcherStoppedError):
+        batcher.submit(_rows(1, 0.0))
+
+
+def test_expired_and_cancelled_requests_are_not_run():
+    runner = RecordingRunner()
+    batcher, first = _held_batcher(runner, max_batch=1)
+    expired = batcher.submit(_rows(1, 5.0), timeout_s=0.01)
+    cancelled = batcher.submit(_rows(1, 6.0))
+    assert cancelled.cancel()
+    time.sleep(0.05)
+    runner.release.set()
+    with pytest.raises(QueueTimeoutError, match="longer than its timeout"):
+        expired.result(10)
+    first.result(10)
+    batcher.stop()
+    assert runner.calls == [1]
+
+
+def test_batching_options_are_checked():
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchingOptions(max_batch=0)
+    with pytest.raises(ValueError, match="max_queue_delay_us"):
+        BatchingOptions(max_queue_delay_us=-1)
+
+
+def test_bytes_tensors_round_trip_in_tritonclients_layout():
+    from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+    words = np.array([b"alpha", b"", "caf\u00e9".encode()], dtype=object)
+    raw = serialize_byte_tensor(words).item()  # a 0-d object array holding the bytes
+    header = {"inputs": [{"name": "s", "shape": [3], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}]}
+    import json
+
+    text = json.dumps(header).encode()
+    request = decode_http_request(text + raw, str(len(text)))
+    assert list(request.inputs["s"]) == list(words)
+    body, length = encode_http_response(InferResponse("m", "1", {"s": request.inputs["s"]}, {"s": "BYTES"}, {"s": True}))
+    assert list(deserialize_bytes_tensor(body[length:])) == list(words)
+    short = raw[:-1]
+    bad = json.dumps({"inputs": [{"name": "s", "shape": [3], "datatype": "BYTES",
+                                  "parameters": {"binary_data_size": len(short)}}]}).encode()
+    with pytest.raises(ProtocolError, match="fewer are left"):
+        decode_http_request(bad + short, str(len(bad)))
+    assert struct.unpack_from("<I", raw)[0] == 5
+
+
+@pytest.mark.parametrize("data, message", [
+    ([1.5, 2], "INT32 data cannot hold the JSON value 1.5"),
+    ([True, 1], "INT32 data cannot hold the JSON value true"),
+    ([1, 2**40], "outside the range of INT32"),
+    ([1], "needs 2 values, the data has 1"),
+])
+def test_json_values_are_checked_against_the_datatype(data, message):
+    import json
+
+    body = json.dumps({"inputs": [{"name": "i", "shape": [2], "datatype": "INT32", "data": data}]}).encode()
+    with pytest.raises(ProtocolError, match=message) as caught:
+        decode_http_request(body, None)
+    assert caught.value.status == 400
+
+
+def test_instances_run_engine_calls_at_the_same_time():
+    """Two workers: two calls overlap (each waits until both have started), which one worker could not do."""
+    both_started = threading.Barrier(2, timeout=5)
+
+    def runner(feeds):
+        both_started.wait()
+        return {"y": feeds["x"] * 2}
+
+    batcher = DynamicBatcher(runner, BatchingOptions(max_batch=1, instances=2))
+    futures = [batcher.submit(_rows(1, float(i))) for i in range(2)]
+    for i, future in enumerate(futures):
+        np.testing.assert_array_equal(future.result(10)["y"], np.full((1, 3), 2.0 * i, np.float32))
+    batcher.stop()
+    alone = threading.Barrier(2, timeout=0.5)
+    single = DynamicBatcher(lambda feeds: (alone.wait(), {"y": feeds["x"]})[1], BatchingOptions(max_batch=1, instances=1))
+    stuck = [single.submit(_rows(1, 0.0)) for _ in range(2)]
+    with pytest.raises(threading.BrokenBarrierError):
+        stuck[0].result(10)  # alone, the first call never sees a second one start
+    single.stop()
