@@ -21,12 +21,20 @@ import onnx
 from ...errors import MissingDependencyError, UnsupportedModelError
 from ...signature import Signature
 from ..base import node_names
+from . import onnx_ops
 from .common import ONNX2TORCH_HINT, _torch
 
 _O2T_LOCK = threading.Lock()
 
 
 def _onnx2torch():
+    """onnx2torch with enginesmith's converters (``onnx_ops``) registered."""
+    module = _import_onnx2torch()
+    onnx_ops.register()
+    return module
+
+
+def _import_onnx2torch():
     """onnx2torch, importable without torchvision.
 
     onnx2torch imports torchvision at import time only for its NonMaxSuppression and
@@ -105,16 +113,35 @@ def _converter_for(node: onnx.NodeProto, model: onnx.ModelProto):
 
 
 def op_status(model: onnx.ModelProto) -> dict[int, tuple[str, str]]:
-    """Per node index: (status, reason) by whether onnx2torch has a converter for it."""
+    """Per node index: (status, reason), by running the node's converter (onnx2torch's or ``onnx_ops``').
+
+    A converter that exists but refuses the node's attributes (Reshape allowzero with a 0,
+    Pad with axes, a Reduce with computed axes) makes the node unsupported with its reason.
+    """
     _onnx2torch()
+    from onnx2torch.onnx_graph import OnnxGraph
+
     has_torchvision = importlib.util.find_spec("torchvision") is not None
+    try:
+        graph = OnnxGraph(model.graph)
+        graph_nodes = list(graph.nodes.values())
+    except Exception:  # noqa: BLE001 - a graph onnx2torch cannot even read: judge by converter presence only
+        graph_nodes = []
     status: dict[int, tuple[str, str]] = {}
     for i, node in enumerate(model.graph.node):
         try:
-            _converter_for(node, model)
+            converter = _converter_for(node, model)
         except NotImplementedError:
             status[i] = ("unsupported", f"onnx2torch has no converter for {node.domain or 'ai.onnx'} {node.op_type} at opset {_opset(model, node.domain)}")
             continue
+        if len(graph_nodes) == len(model.graph.node):
+            try:
+                converter(graph_nodes[i], graph)
+            except NotImplementedError as exc:
+                status[i] = ("unsupported", f"the converter refuses it: {exc}")
+                continue
+            except Exception:  # noqa: BLE001 - other converter failures surface at build with the node named
+                pass
         if node.op_type in ("NonMaxSuppression", "RoiAlign") and not has_torchvision:
             status[i] = ("unsupported", "needs torchvision (pip install torchvision)")
         elif node.op_type in ("NonZero", "NonMaxSuppression", "Unique"):
@@ -219,6 +246,10 @@ def _sv_reshape(x, shape):
     return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
 
 
+def _sv_reshape_literal(x, shape):
+    return x.reshape(list(shape))
+
+
 def _sv_expand(x, shape):
     rank = max(x.dim(), len(shape))
     xs = [1] * (rank - x.dim()) + list(x.shape)
@@ -228,6 +259,14 @@ def _sv_expand(x, shape):
 
 def _sv_tile(x, repeats):
     return x.repeat(repeats)
+
+
+def _sv_slice_values(values, starts, ends):
+    return list(values[starts[0]:ends[0]])
+
+
+def _sv_as_list(value):
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _sv_slice(x, starts, ends, axes, steps):
@@ -246,6 +285,9 @@ def _sv_reduce_sum(x, axes, keepdims: bool, noop: bool):
 
 
 _BINARY = {"add": "add", "sub": "sub", "mul": "mul", "_onnx_div": "div"}
+# Ops taking a shape-like second input, by the converted module's class.
+_SHAPED = {"OnnxReshape": _sv_reshape, "OnnxReshapeAllowZero": _sv_reshape_literal, "OnnxExpand": _sv_expand,
+           "OnnxTile": _sv_tile}
 
 
 def _specialize_constants(gm, log: list[str]) -> None:
@@ -311,6 +353,8 @@ def _specialize_constants(gm, log: list[str]) -> None:
             lowered.add(replace(node, _sv_unsqueeze, [args[0]]))
         elif kind == "OnnxSqueezeStaticAxes" and first_lowered and list(module.axes or [0]) == [0]:
             lowered.add(replace(node, _sv_squeeze, [args[0]]))
+        elif kind in ("OnnxSqueezeDynamicAxes", "OnnxSqueezeStaticAxes") and first_lowered and len(args) == 1:
+            lowered.add(replace(node, _sv_squeeze, [args[0]]))
         elif kind in ("OnnxSqueezeDynamicAxes", "OnnxUnsqueezeDynamicAxes") and len(args) == 2 \
                 and (axes := const(args[1])) is not None:
             axes = axes if isinstance(axes, list) else [axes]
@@ -330,18 +374,23 @@ def _specialize_constants(gm, log: list[str]) -> None:
             op = _BINARY.get(getattr(module.math_op_function, "__name__", ""))
             if op is not None:
                 lowered.add(replace(node, _sv_binary, [op, value(args[0]), value(args[1])]))
-        elif kind in ("OnnxReshape", "OnnxExpand", "OnnxTile") and len(args) == 2 and value(args[1]) is not None:
-            fn = {"OnnxReshape": _sv_reshape, "OnnxExpand": _sv_expand, "OnnxTile": _sv_tile}[kind]
+        elif kind in ("OnnxReshape", "OnnxReshapeAllowZero") and first_lowered and const(args[1]) == [-1]:
+            lowered.add(replace(node, _sv_as_list, [args[0]]))
+        elif kind in _SHAPED and len(args) == 2 and value(args[1]) is not None:
+            fn = _SHAPED[kind]
             replace(node, fn, [args[0], value(args[1])])
         elif kind == "OnnxSlice" and len(args) >= 3:
             params = args[1:] + [node.kwargs[k] for k in ("axes", "steps") if k in node.kwargs]
-            values = [const(a) for a in params]
-            if all(isinstance(v, list) for v in values):
+            values = [value(a) for a in params]
+            steps = const(params[3]) if len(params) > 3 else None
+            if all(v is not None for v in values) and (steps is None or all(step > 0 for step in steps)):
                 starts, ends = values[0], values[1]
-                axes = values[2] if len(values) > 2 else list(range(len(starts)))
-                steps = values[3] if len(values) > 3 else [1] * len(starts)
-                if all(step > 0 for step in steps):
-                    replace(node, _sv_slice, [args[0], starts, ends, axes, steps])
+                if first_lowered and len(params) <= 3:  # a slice of a shape: Python list slicing
+                    lowered.add(replace(node, _sv_slice_values, [args[0], starts, ends]))
+                elif not first_lowered:
+                    count = len(const(params[0]) or const(params[1]) or [0])
+                    axes = values[2] if len(values) > 2 else list(range(count))
+                    replace(node, _sv_slice, [args[0], starts, ends, axes, steps or [1] * count])
         elif kind == "OnnxReduceSumDynamicAxes" and len(args) == 2 and (axes := const(args[1])) is not None:
             axes = axes if isinstance(axes, list) else [axes]
             replace(node, _sv_reduce_sum, [args[0], axes, bool(module._keepdims), bool(module._noop_with_empty_axes)])
