@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import os
@@ -17,6 +16,7 @@ import onnx
 
 from ...errors import BuildError, UnsupportedModelError
 from ...host import host_fingerprint
+from ...native_source import NativeSource, native_source
 from ...signature import Signature
 from ..base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session, node_names
 from .common import (CACHES_ENV, EXTRA_HINT, PAYLOAD_FORMAT, PAYLOAD_NAME, TORCH_PRECISIONS, _cxx_compiler,
@@ -24,7 +24,8 @@ from .common import (CACHES_ENV, EXTRA_HINT, PAYLOAD_FORMAT, PAYLOAD_NAME, TORCH
                      resolve_device)
 from .compile import (_aoti_compile, _aoti_load, _benchmark_limit, _cache_tag, _fresh_artifacts, _fused_module,
                       _GraphedRunner, _set_cudnn_benchmark, _set_fp32_math, _warm, compile_module)
-from .export import _has_conv2d, _wrapper_class, export_program
+from .export import _has_conv2d, _wrapper_class, export_program, served_shapes, shape_text, specialized_dims
+from .native import retarget_float_constants, source_module, usable_source
 from .onnx_convert import onnx_to_torch, op_status
 from .payload import _load_program, _save_program, pack_payload, unpack_payload
 from .session import TorchSession
@@ -96,6 +97,9 @@ class TorchCompileBackend(Backend):
         return ["fp32", "bf16", "fp16"] if bf16 else ["fp32", "fp16"]
 
     def op_support(self, model: onnx.ModelProto, options: BuildOptions) -> dict[str, tuple[str, str]]:
+        if options.backend_options.get("source", "auto") != "onnx" and native_source(model) is not None:
+            # Built from the torch source itself: the ONNX conversion's ops do not matter.
+            return {label: ("supported", "") for label in node_names(model)}
         status = op_status(model)
         return {label: status[i] for i, label in enumerate(node_names(model))}
 
@@ -194,16 +198,23 @@ class TorchCompileBackend(Backend):
                 progress(stage, done, total)
 
         step("converting", 0, 1)
-        if isinstance(model, onnx.ModelProto):
-            inner, order = onnx_to_torch(model, signature, log)
-        elif isinstance(model, torch.export.ExportedProgram):  # copied: the build moves and casts weights
-            inner, order = copy.deepcopy(model).module(), list(range(len(signature.inputs)))
-            log.append("source: torch.export program (no conversion)")
-        elif isinstance(model, torch.nn.Module):
-            inner, order = copy.deepcopy(model).eval(), list(range(len(signature.inputs)))
-            log.append("source: torch module (no conversion)")
+        source_choice = str(options.backend_options.get("source", "auto")).lower()
+        if source_choice not in ("auto", "onnx"):
+            raise BuildError(f"source must be auto (build a torch source directly) or onnx (from its ONNX conversion), "
+                             f"not {source_choice!r}")
+        native = usable_source(model, signature, source_choice, log) if isinstance(model, onnx.ModelProto) else None
+        if native is None and not isinstance(model, onnx.ModelProto):
+            if not isinstance(model, (torch.export.ExportedProgram, torch.nn.Module)):
+                raise BuildError(f"the PyTorch backend cannot build from a {type(model).__name__}")
+            names = tuple(signature.input_names)
+            native = NativeSource("torch", model, names, tuple(signature.output_names),
+                                  description=f"torch {'module' if isinstance(model, torch.nn.Module) else 'program'} "
+                                              f"{type(model).__name__}")
+        if native is not None:
+            inner, order = source_module(native), list(range(len(signature.inputs)))
+            log.append(f"source: {native.description}, exported with torch.export directly (no ONNX conversion)")
         else:
-            raise BuildError(f"the PyTorch backend cannot build from a {type(model).__name__}")
+            inner, order = onnx_to_torch(model, signature, log)
         convert_s = time.perf_counter() - started
         step("converting", 1, 1)
         meta = self._resolve(options, signature, inner, log)
@@ -215,6 +226,8 @@ class TorchCompileBackend(Backend):
                        f"Triton {facts['triton_version']}, driver {facts['driver']}")
         dtype = _torch_dtype(meta["precision"])
         inner = inner.to(device=device, dtype=dtype)
+        if native is not None and retarget_float_constants(inner, dtype):
+            log.append(f"float32 constants of the exported program made {meta['precision']}")
         if meta["channels_last"]:
             inner = inner.to(memory_format=torch.channels_last)
         with torch.no_grad():  # each weight gets its own dense storage (onnx2torch keeps some as views)
@@ -231,8 +244,11 @@ class TorchCompileBackend(Backend):
                    + (", TF32 allowed" if meta["tf32"] else (", TF32 off" if cuda and meta["precision"] == "fp32" else "")))
         step("exporting", 0, 1)
         export_started = time.perf_counter()
-        program = export_program(wrapper, signature, device, log)
+        sample_shapes = {name: list(np.shape(value)) for name, value in (options.sample_feeds or {}).items()
+                         if name in signature.input_names}
+        program = export_program(wrapper, signature, device, log, sample_shapes or None)
         export_s = time.perf_counter() - export_started
+        self._record_served_shapes(program, signature, meta, sample_shapes, log)
         step("exporting", 1, 1)
         program_bytes = _save_program(program)
         program = _load_program(program_bytes)  # compile exactly what load() will compile
@@ -249,7 +265,8 @@ class TorchCompileBackend(Backend):
             log.append("compile=eager: the exported program runs uncompiled (no Inductor)")
         elif meta["compile"] == "aoti":
             # AOTInductor wants example inputs (size hints for autotuning); the saved program has none.
-            program.example_inputs = (tuple(example_inputs(signature, meta["warm_batches"][0], device)), {})
+            program.example_inputs = (tuple(example_inputs(signature, meta["warm_batches"][0], device,
+                                                             known=meta.get("example_shapes"))), {})
             with tempfile.TemporaryDirectory(prefix="enginesmith-aoti-") as tmp:
                 try:
                     aoti = _aoti_compile(program, meta, tmp)
@@ -259,7 +276,7 @@ class TorchCompileBackend(Backend):
             log.append(f"AOTInductor package compiled ({len(aoti) / 2**20:.1f} MiB, mode {meta['mode']}) in "
                        f"{time.perf_counter() - compile_started:.1f} s")
             if cuda and meta["cudagraphs"]:
-                compiled = _GraphedRunner(compiled, signature, device, meta["batches"], log)
+                compiled = _GraphedRunner(compiled, signature, device, meta["batches"], log, meta.get("example_shapes"))
         else:
             compiled = compile_module(runnable, meta)
             if cuda and meta["precision"] == "fp32":
@@ -314,8 +331,38 @@ class TorchCompileBackend(Backend):
             "cache_bytes": len(cache or b""),
             "program_bytes": len(program_bytes),
             "compiled_vs_exported_rel_l2": check,
+            "served_shapes": meta["served_shapes"],
+            "source": "torch" if native is not None else "onnx",
         }
         return BuildResult(payload=payload, payload_name=PAYLOAD_NAME, resolved_options=resolved, log=log, details=details)
+
+    @staticmethod
+    def _record_served_shapes(program, signature: Signature, meta: dict[str, Any],
+                              sample_shapes: Mapping[str, list[int]], log: list[str]) -> None:
+        """The shapes the program serves, into meta (the session checks inputs against them) and the log.
+
+        Warm-up and self-check inputs then use the samples' sizes for the open dims, and a batch the
+        program fixed becomes the only batch compiled.
+        """
+        served = served_shapes(program, signature)
+        meta["served_shapes"] = served
+        meta["example_shapes"] = {name: [d if d is not None else (sample_shapes.get(name) or [2] * len(shape))[axis]
+                                         for axis, d in enumerate(shape)] if name in sample_shapes else None
+                                  for name, shape in served.items()}
+        meta["example_shapes"] = {k: v for k, v in meta["example_shapes"].items() if v is not None} or None
+        fixed = specialized_dims(served, signature)
+        if not fixed:
+            return
+        log.append("the engine serves " + ", ".join(f"{name}: {shape_text(served[name])}" for name in fixed)
+                   + " (dims the model cannot keep symbolic are fixed at the "
+                   + ("build's sample sizes" if sample_shapes else "example sizes") + "; other sizes are refused)")
+        batches = {served[name][0] for name in fixed if 0 in fixed[name]}
+        if batches:
+            batch = int(batches.pop())
+            meta["warm_batches"] = [batch]
+            meta["dynamic"] = False
+            if meta["batches"]:
+                meta["batches"] = [batch]
 
     def _self_check(self, compiled, eager, meta, signature: Signature) -> dict[str, float]:
         """Relative L2 distance of the compiled (and fused) program from the exported one, per compiled batch."""
@@ -324,7 +371,7 @@ class TorchCompileBackend(Backend):
             return {}
         result = {}
         for batch in meta["warm_batches"]:
-            inputs = example_inputs(signature, batch, meta["device"], seed=1000 + batch)
+            inputs = example_inputs(signature, batch, meta["device"], seed=1000 + batch, known=meta.get("example_shapes"))
             with torch.no_grad():
                 got = compiled(*inputs)
                 want = eager(*inputs)
@@ -381,7 +428,8 @@ class TorchCompileBackend(Backend):
             mark = lap("aoti_package", mark)
             if cuda and meta.get("cudagraphs"):
                 notes: list[str] = []
-                compiled = _GraphedRunner(compiled, signature, meta["device"], meta.get("batches") or [], notes)
+                compiled = _GraphedRunner(compiled, signature, meta["device"], meta.get("batches") or [], notes,
+                                           meta.get("example_shapes"))
                 info = "; ".join(notes)
                 lap("cuda_graphs", mark)
         else:

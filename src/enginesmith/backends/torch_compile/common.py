@@ -11,7 +11,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -127,8 +127,12 @@ def device_facts(device: str) -> dict[str, str]:
 
 
 
-def _example_shape(spec: TensorSpec, batch: int) -> tuple[list[int], list[int]]:
-    """A concrete example shape and the axes to mark dynamic."""
+def _example_shape(spec: TensorSpec, batch: int, known: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+    """A concrete example shape and the axes to mark dynamic.
+
+    ``known``: a shape the model is known to run on (the build's sample), whose sizes are used for
+    the open dims other than the batch; else those get ``DYNAMIC_DIM_EXAMPLE``.
+    """
     shape, dynamic = [], []
     for axis, dim in enumerate(spec.shape):
         if isinstance(dim, int) and dim >= 0:
@@ -137,17 +141,19 @@ def _example_shape(spec: TensorSpec, batch: int) -> tuple[list[int], list[int]]:
             shape.append(batch)
             dynamic.append(axis)
         else:
-            shape.append(DYNAMIC_DIM_EXAMPLE)
+            shape.append(int(known[axis]) if known is not None and axis < len(known) else DYNAMIC_DIM_EXAMPLE)
             dynamic.append(axis)
     return shape, dynamic
 
 
-def example_inputs(signature: Signature, batch: int, device: str, seed: int = 0) -> list:
+def example_inputs(signature: Signature, batch: int, device: str, seed: int = 0,
+                   known: Mapping[str, Sequence[int]] | None = None) -> list:
+    """Random inputs of the signature at this batch (``known``: per input, sizes of the other open dims)."""
     torch = _torch()
     generator = np.random.default_rng(seed)
     tensors = []
     for spec in signature.inputs:
-        shape, _ = _example_shape(spec, batch)
+        shape, _ = _example_shape(spec, batch, (known or {}).get(spec.name))
         dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":
             array = generator.standard_normal(shape).astype(dtype)

@@ -118,7 +118,7 @@ def _warm(fn, meta: Mapping[str, Any], signature: Signature, device: str) -> dic
     torch = _torch()
     seconds: dict[int, float] = {}
     for batch in meta["warm_batches"]:
-        inputs = example_inputs(signature, batch, device, seed=batch)
+        inputs = example_inputs(signature, batch, device, seed=batch, known=meta.get("example_shapes"))
         started = time.perf_counter()
         with torch.no_grad():
             for _ in range(3 if meta.get("cudagraphs") else 1):
@@ -146,12 +146,13 @@ class _GraphedRunner:
     copied into the graph's static buffers. Other shapes call the runner directly.
     """
 
-    def __init__(self, runner, signature: Signature, device: str, batches: list[int], log: list[str]):
+    def __init__(self, runner, signature: Signature, device: str, batches: list[int], log: list[str],
+                 known: Mapping[str, Any] | None = None):
         torch = _torch()
         self._runner = runner
         self._graphs: dict[tuple, tuple] = {}
         for batch in batches:
-            static = example_inputs(signature, batch, device, seed=batch)
+            static = example_inputs(signature, batch, device, seed=batch, known=known)
             try:
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ...errors import InputError
 from ...signature import Signature
 from ..base import Session
 from .common import _torch
@@ -35,6 +36,8 @@ class TorchSession(Session):
         self._lock = threading.Lock()
         self._staging: dict[tuple, Any] = {}
         self._warned: set[int] = set()
+        # Per input: the size of each dim the exported program fixed (None where symbolic).
+        self._served: dict[str, list] = dict(meta.get("served_shapes") or {})
         self.load_seconds = load_seconds
         self.cache_info = cache_info
         self.load_steps: dict[str, float] = {}
@@ -56,8 +59,24 @@ class TorchSession(Session):
             )
         return self._eager
 
+    def _check_served(self, tensors: list) -> None:
+        """Refuse a size the program fixed with an InputError (not a guard failure from deep inside torch)."""
+        for spec, tensor in zip(self._signature.inputs, tensors):
+            served = self._served.get(spec.name)
+            if not served:
+                continue
+            shape = tuple(tensor.shape)
+            if len(shape) != len(served) or any(want is not None and want != got for want, got in zip(served, shape)):
+                text = "[" + ", ".join("?" if d is None else str(d) for d in served) + "]"
+                raise InputError(
+                    f"input '{spec.name}' has shape {list(shape)}, but this engine serves {spec.name}: {text} (the model "
+                    "cannot keep those dims symbolic, so they were fixed when it was built); rebuild it with "
+                    f"--input {spec.name}:{'x'.join(str(d) for d in shape)} or --data at the size you need"
+                )
+
     def _call(self, tensors: list):
         torch = self._torch
+        self._check_served(tensors)
         batch = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
         fn = self._pick(batch)
         if self._cuda and self.meta["precision"] == "fp32":
