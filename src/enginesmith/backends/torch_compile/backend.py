@@ -239,7 +239,10 @@ class TorchCompileBackend(Backend):
             [np.dtype(s.dtype).kind == "f" for s in signature.inputs],
             [_torch_dtype(np.dtype(s.dtype).name) if np.dtype(s.dtype).kind in "fiub" else dtype for s in signature.outputs],
             meta["channels_last"],
-        ).eval()
+        )
+        # Flags only: the inner module is in eval mode already, and an ExportedProgram's module refuses train()/eval().
+        for sub in wrapper.modules():
+            sub.training = False
         log.append(f"precision {meta['precision']}" + (", channels-last" if meta["channels_last"] else "")
                    + (", TF32 allowed" if meta["tf32"] else (", TF32 off" if cuda and meta["precision"] == "fp32" else "")))
         step("exporting", 0, 1)
@@ -248,10 +251,11 @@ class TorchCompileBackend(Backend):
                          if name in signature.input_names}
         program = export_program(wrapper, signature, device, log, sample_shapes or None)
         export_s = time.perf_counter() - export_started
-        self._record_served_shapes(program, signature, meta, sample_shapes, log)
         step("exporting", 1, 1)
         program_bytes = _save_program(program)
         program = _load_program(program_bytes)  # compile exactly what load() will compile
+        # Read off the reloaded program: in the traced one a fixed dim can still be a symbol with a one-value range.
+        self._record_served_shapes(program, signature, meta, sample_shapes, log)
         eager = program.module()
         runnable = _fused_module(program, meta, log) if meta["fuse_conv"] else eager
         cache: bytes | None = None

@@ -76,7 +76,7 @@ def source_module(source: NativeSource) -> Any:
         program = copy.deepcopy(source.model)
         return by_spec(program.module(), program.call_spec.in_spec)
     module = copy.deepcopy(source.model).eval()
-    return by_name(module, source.argument_names).eval()
+    return by_name(module, source.argument_names)
 
 
 def retarget_float_constants(module: Any, dtype: Any) -> int:
@@ -94,8 +94,13 @@ def retarget_float_constants(module: Any, dtype: Any) -> int:
         if not isinstance(graph, torch.fx.Graph):
             continue
         for node in graph.nodes:
-            if node.op == "call_function" and node.kwargs.get("dtype") == torch.float32:
+            if node.op != "call_function":
+                continue
+            if node.kwargs.get("dtype") == torch.float32:
                 node.kwargs = {**node.kwargs, "dtype": dtype}
+                changed += 1
+            if any(arg is torch.float32 for arg in node.args):  # aten.to.dtype(x, torch.float32)
+                node.args = tuple(dtype if arg is torch.float32 else arg for arg in node.args)
                 changed += 1
         if changed:
             sub.recompile()
