@@ -156,3 +156,29 @@ def test_exported_program_with_float32_constants_builds_in_fp16():
     with torch.no_grad():
         want = module(x, mask).numpy()
     np.testing.assert_allclose(engine(x=x.numpy(), mask=mask.numpy())["output"], want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("source", ["auto", "onnx"])
+def test_transformers_bert_builds_from_the_module_and_from_its_onnx_export(source):
+    """The reported failure: a BERT encoder's ONNX (Reshape allowzero=1, mask built with Range/GatherND/Where)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=200, max_position_embeddings=64)
+    module = transformers.BertModel(config).eval()
+    rng = np.random.default_rng(10)
+    ids = rng.integers(0, 200, (2, 16)).astype(np.int64)
+    mask = np.ones_like(ids)
+    example = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    engine = build_module(module, example, backend_options={**EAGER, "source": source})
+    assert engine.manifest.checks["build"]["source"] == ("torch" if source == "auto" else "onnx")
+    assert engine.signature.output_names == ["last_hidden_state", "pooler_output"]
+    assert engine.manifest.checks["build"]["served_shapes"]["input_ids"][0] is None  # the batch stays dynamic
+    ids = rng.integers(0, 200, (3, 16)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[2, 10:] = 0
+    got = engine(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        want = module(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    np.testing.assert_allclose(got["last_hidden_state"], want.last_hidden_state.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["pooler_output"], want.pooler_output.numpy(), rtol=1e-4, atol=1e-4)

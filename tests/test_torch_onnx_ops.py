@@ -87,6 +87,31 @@ def test_split_into_num_outputs_with_a_smaller_last_chunk():
     assert engine_outputs(model, {"x": x})["c"].shape == (2, 1)
 
 
+@pytest.mark.parametrize("mode,opset", [("nearest", 13), ("linear", 18)])
+def test_resize_with_constant_scales_exports_with_a_dynamic_batch(mode, opset):
+    """onnx2torch's Resize reads the scales tensor on every call, which torch.export cannot trace."""
+    model = one_node("Resize", opset, [("x", ["b", 3, 4, 5])], [("y", None)],
+                     {"roi": np.array([], np.float32), "scales": np.array([1, 1, 2, 2], np.float32)}, mode=mode)
+    assert_matches_onnxruntime(model, {"x": X})
+
+
+def test_gather_nd_keeps_the_batch_dynamic():
+    """onnx2torch's GatherND flattens by the indices' element count, which fixes the batch under torch.export."""
+    data = np.random.default_rng(9).standard_normal((3, 4, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("GatherND", ["data", "indices"], ["y"])], "g",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [3, 4, 5]),
+         helper.make_tensor_value_info("indices", TensorProto.INT64, ["b", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 9
+    indices = np.array([[0, 1], [2, 3], [1, 0], [2, 2]], np.int64)
+    assert_matches_onnxruntime(model, {"data": data, "indices": indices})
+    imported = import_model(model)
+    result = get_backend("torch").build(imported.model, imported.signature, EAGER)
+    assert result.details["served_shapes"]["indices"] == [None, 2]
+
+
 def test_type_only_version_bumps_at_opset_21():
     nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
              helper.make_node("Flatten", ["t"], ["f"], axis=1),

@@ -261,6 +261,12 @@ def _sv_tile(x, repeats):
     return x.repeat(repeats)
 
 
+def _sv_range(start, limit, delta, dtype):
+    import torch
+
+    return torch.arange(start, limit, delta, dtype=dtype)
+
+
 def _sv_slice_values(values, starts, ends):
     return list(values[starts[0]:ends[0]])
 
@@ -282,6 +288,17 @@ def _sv_reduce_sum(x, axes, keepdims: bool, noop: bool):
             return x
         axes = list(range(x.dim()))
     return x.sum(dim=sorted(a % x.dim() for a in axes), keepdim=keepdims)
+
+
+def _range_dtype(gm, args):
+    """The Range's dtype: its constant start's or delta's, else int64 (shape arithmetic)."""
+    for arg in (args[0], args[2]):
+        if getattr(arg, "op", None) == "get_attr":
+            value = gm
+            for part in str(arg.target).split("."):
+                value = getattr(value, part)
+            return value.dtype
+    return _torch().int64
 
 
 _BINARY = {"add": "add", "sub": "sub", "mul": "mul", "_onnx_div": "div"}
@@ -391,6 +408,9 @@ def _specialize_constants(gm, log: list[str]) -> None:
                     count = len(const(params[0]) or const(params[1]) or [0])
                     axes = values[2] if len(values) > 2 else list(range(count))
                     replace(node, _sv_slice, [args[0], starts, ends, axes, steps or [1] * count])
+        elif kind == "OnnxRange" and len(args) == 3 and any(a in lowered for a in args) \
+                and all(value(a) is not None for a in args):
+            replace(node, _sv_range, [value(args[0]), value(args[1]), value(args[2]), _range_dtype(gm, args)])
         elif kind == "OnnxReduceSumDynamicAxes" and len(args) == 2 and (axes := const(args[1])) is not None:
             axes = axes if isinstance(axes, list) else [axes]
             replace(node, _sv_reduce_sum, [args[0], axes, bool(module._keepdims), bool(module._noop_with_empty_axes)])

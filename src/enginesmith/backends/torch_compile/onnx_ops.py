@@ -111,7 +111,28 @@ def _modules() -> dict[str, Any]:
             size = x.shape[self.axis]
             return tuple(torch.split(x, math.ceil(size / self.parts), dim=self.axis))
 
+    class OnnxResizeConst(torch.nn.Module):
+        """Resize whose scales or sizes are constants: F.interpolate with Python values (torch.export cannot
+        read a tensor's values, which onnx2torch's Resize does on every call)."""
+
+        def __init__(self, mode: str, align_corners: bool | None, scales: list[float] | None, sizes: list[int] | None):
+            super().__init__()
+            self.mode, self.align_corners, self.scales, self.sizes = mode, align_corners, scales, sizes
+
+        def forward(self, x):
+            return torch.nn.functional.interpolate(x, size=self.sizes, scale_factor=self.scales, mode=self.mode,
+                                                   align_corners=self.align_corners)
+
+    class OnnxGatherNDIndex(torch.nn.Module):
+        """GatherND (batch_dims=0) as advanced indexing: no flattening through the indices' element count,
+        which makes torch.export fix the batch (onnx2torch's version does)."""
+
+        def forward(self, data, indices):
+            return data[tuple(indices.unbind(-1))]
+
     return {
+        "gather_nd": OnnxGatherNDIndex,
+        "resize": OnnxResizeConst,
         "reduce": OnnxReduceConstAxes, "reshape": OnnxReshapeAllowZero, "gelu": OnnxGelu,
         "cast_like": OnnxCastLike, "split": OnnxSplitNumOutputs,
     }
@@ -214,6 +235,62 @@ def _resize_refusal(node: Any) -> str | None:
     return None
 
 
+_RESIZE_MODES = {("nearest", 1): "nearest", ("nearest", 2): "nearest", ("nearest", 3): "nearest", ("linear", 1): "linear",
+                 ("linear", 2): "bilinear", ("linear", 3): "trilinear", ("cubic", 2): "bicubic"}
+
+
+def _const_floats(name: str, graph: Any) -> list[float] | None:
+    from onnx2torch.utils.common import get_const_value
+
+    try:
+        value = get_const_value(name, graph)
+    except KeyError:
+        return None
+    torch = _torch()
+    if isinstance(value, torch.Tensor):
+        return [float(v) for v in value.reshape(-1).tolist()]
+    return None
+
+
+def _resize_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """Constant scales/sizes become Python values; anything else goes to onnx2torch's converter."""
+
+    def convert(node: Any, graph: Any) -> Any:
+        why = _resize_refusal(node)
+        if why:
+            raise NotImplementedError(why)
+        inputs = list(node.input_values) + [""] * 4
+        scales = _const_floats(inputs[2], graph) if inputs[2] else None
+        sizes = _const_ints(inputs[3], graph) if inputs[3] else None
+        scales = scales or None  # an empty scales input means "use sizes"
+        sizes = sizes or None
+        if (scales is None) == (sizes is None) or (inputs[1] and _const_floats(inputs[1], graph)):
+            return original(node, graph)  # neither or both known, or a region of interest: onnx2torch decides
+        known = scales or sizes
+        rank = len(known)
+        if known[:2] != ([1.0, 1.0] if scales else known[:2]) or rank < 3:
+            return original(node, graph)
+        mode = _RESIZE_MODES.get((str(node.attributes.get("mode", "nearest")), rank - 2))
+        if mode is None:
+            return original(node, graph)
+        transform = str(node.attributes.get("coordinate_transformation_mode", "half_pixel"))
+        align = None if mode == "nearest" else transform == "align_corners"
+        if sizes is not None:
+            return _result(_modules()["resize"](mode, align, None, [int(v) for v in sizes[2:]]), node, (inputs[0],))
+        return _result(_modules()["resize"](mode, align, [float(v) for v in scales[2:]], None), node, (inputs[0],))
+
+    return convert
+
+
+def _gather_nd_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def convert(node: Any, graph: Any) -> Any:
+        if int(node.attributes.get("batch_dims", 0)) != 0:
+            return original(node, graph)
+        return _result(_modules()["gather_nd"](), node)
+
+    return convert
+
+
 def _pool_refusal(node: Any) -> str | None:
     dilations = node.attributes.get("dilations")
     if dilations and any(int(d) != 1 for d in dilations):
@@ -250,7 +327,11 @@ def register() -> None:
     put("Split", 18, _split_converter(existing("Split", 13)))
     for version in (18, 19, 21):
         put("Pad", version, _guarded(existing("Pad", 13), _pad_refusal))
-    for version in (18, 19):
-        put("Resize", version, _guarded(existing("Resize", 13), _resize_refusal))
+    resize = _resize_converter(existing("Resize", 13))
+    for version in (11, 13, 18, 19):
+        put("Resize", version, resize)
+    gather_nd = _gather_nd_converter(existing("GatherND", 13))
+    for version in (11, 12, 13):
+        put("GatherND", version, gather_nd)
     put("AveragePool", 19, _guarded(existing("AveragePool", 11), _pool_refusal))
     _REGISTERED = True
