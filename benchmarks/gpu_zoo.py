@@ -325,7 +325,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         build = {"cold_build_s": round(build_s, 1),
                  "details": {k: engine.manifest.checks["build"].get(k) for k in
                              ("source", "export_seconds", "compile_seconds", "served_shapes", "compiled_vs_exported_rel_l2")}}
-        if not args.skip_warm_load:
+        if not args.skip_warm_load and source == "auto":  # the ONNX path loads the same way: timed once
             build.update(warm_load_seconds(path, device))
         record["builds"][label] = build
         session = engine._session  # run_torch keeps inputs and outputs on the device

@@ -4,6 +4,7 @@ outputs, and dims that cannot stay symbolic fixed at the build's sample sizes (b
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ from enginesmith.errors import InputError  # noqa: E402
 from enginesmith.importers import ImportOptions  # noqa: E402
 from torch_models import MeanHead, SelfAttention, StridedPoolNet, TinyEncoder, onnx_of  # noqa: E402
 
-EAGER = {"device": "cpu", "compile": "eager"}
+# ENGINESMITH_TEST_DEVICE=cuda runs the same checks on the GPU (scripts/gpu_zoo.sh tests).
+EAGER = {"device": os.environ.get("ENGINESMITH_TEST_DEVICE", "cpu"), "compile": "eager"}
 
 
 def build_module(module, example, **kwargs):
@@ -46,10 +48,10 @@ def test_module_is_exported_directly_and_its_engine_loads_without_the_class(tmp_
     np.save(tmp_path / "x.npy", x)
     # A fresh interpreter that cannot import tests/torch_models.py: the payload must not need MeanHead.
     script = ("import sys, numpy as np, enginesmith as es\n"
-              f"out = es.load(sys.argv[1])(x=np.load(sys.argv[2]))['output']\nnp.save(sys.argv[3], out)\n")
+              "out = es.load(sys.argv[1])(x=np.load(sys.argv[2]))['output']\nnp.save(sys.argv[3], out)\n")
     src = str(Path(es.__file__).resolve().parents[1])
     done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": src},
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ and the ops torch.onnx's dynamo exporter writes for real layers (mean pooling, n
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import onnx
@@ -19,7 +20,8 @@ from enginesmith.backends import BuildOptions, get_backend  # noqa: E402
 from enginesmith.graph.compat import compatibility_report  # noqa: E402
 from enginesmith.importers import import_model  # noqa: E402
 
-EAGER = BuildOptions(backend_options={"device": "cpu", "compile": "eager"})
+# ENGINESMITH_TEST_DEVICE=cuda runs the same checks on the GPU (scripts/gpu_zoo.sh tests).
+EAGER = BuildOptions(backend_options={"device": os.environ.get("ENGINESMITH_TEST_DEVICE", "cpu"), "compile": "eager"})
 
 
 def one_node(op: str, opset: int, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]],
