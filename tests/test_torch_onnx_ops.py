@@ -114,6 +114,20 @@ def test_gather_nd_keeps_the_batch_dynamic():
     assert result.details["served_shapes"]["indices"] == [None, 2]
 
 
+@pytest.mark.parametrize("axis", [-1, 2])
+def test_layer_normalization_at_opset_17(axis):
+    scale = np.random.default_rng(11).standard_normal(X.shape[axis:]).astype(np.float32)
+    model = one_node("LayerNormalization", 17, [("x", ["b", 3, 4, 5])], [("y", ["b", 3, 4, 5])],
+                     {"scale": scale, "bias": np.full(X.shape[axis:], 0.5, np.float32)}, axis=axis, epsilon=1e-5)
+    assert_matches_onnxruntime(model, {"x": X})
+
+
+def test_einsum_batched_matmul_with_a_weight():
+    weight = np.random.default_rng(12).standard_normal((5, 6)).astype(np.float32)
+    model = one_node("Einsum", 12, [("x", ["b", 3, 4, 5])], [("y", ["b", 3, 4, 6])], {"w": weight}, equation="bcij,jk->bcik")
+    assert_matches_onnxruntime(model, {"x": X})
+
+
 def test_type_only_version_bumps_at_opset_21():
     nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
              helper.make_node("Flatten", ["t"], ["f"], axis=1),
