@@ -231,7 +231,8 @@ def warm_load_seconds(path: Path, device: str) -> dict[str, Any]:
     return {"warm_load_error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
 
 
-def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(name: str, args: argparse.Namespace, save: Callable[[dict], None] = lambda record: None) -> dict[str, Any]:
+    """One model's measurements; ``save`` is called with the record so far after each stage (a deadline may stop us)."""
     import torch
 
     import enginesmith as es
@@ -336,6 +337,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
             return [result[n] for n in out_names]
 
         variants[label] = engine_call
+        save(record)
 
     for b in batches:
         for label, call in variants.items():
@@ -350,6 +352,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
             per_s = b / (stats["p50_ms"] / 1e3)
             record["rows"].append({"batch": b, "variant": label, **stats, "items_per_s": round(per_s, 1),
                                    **accuracy(outputs, reference[b], spec.kind)})
+        save(record)
         print(f"{name} b{b}: " + ", ".join(f"{r['variant']} {r['p50_ms']:.3f} ms" for r in record["rows"]
                                           if r["batch"] == b and "p50_ms" in r), flush=True)
     return record
@@ -364,6 +367,8 @@ def print_table(records: list[dict[str, Any]]) -> str:
         if "error" in record:
             lines.append(f"{record['model']:<20} {'':>5}  {record['error'][:80]}")
             continue
+        if record.get("stopped") or record.get("partial"):
+            lines.append(f"{record['model']:<20} {'':>5}  (incomplete: {record.get('stopped') or 'the process ended early'})")
         for row in record["rows"]:
             if "error" in row:
                 lines.append(f"{record['model']:<20} {row['batch']:>5}  {row['variant']:<38} error: {row['error'][:60]}")
@@ -383,13 +388,18 @@ def print_table(records: list[dict[str, Any]]) -> str:
 def cmd_one(args: argparse.Namespace) -> None:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+
+    def save(record: dict) -> None:
+        partial = {**record, "partial": True, "seconds": round(time.perf_counter() - started, 1)}
+        Path(args.json).write_text(json.dumps(partial, indent=1, default=str) + "\n")
+
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     try:
-        record = run_one(args.model, args)
+        record = run_one(args.model, args, save)
     except Exception as exc:  # noqa: BLE001 - one model's failure is recorded, the plan goes on
         record = {"model": args.model, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}"}
     record["seconds"] = round(time.perf_counter() - started, 1)
     record["env"] = environment()
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
@@ -443,6 +453,12 @@ def cmd_run(args: argparse.Namespace) -> None:
                 del running[slot]
             elif time.monotonic() - started > args.deadline_s + 30:
                 process.kill()
+                process.wait()
+                del running[slot]
+                path = out / f"{model}.json"
+                record = json.loads(path.read_text()) if path.exists() else {"model": model, "rows": [], "builds": {}}
+                record["error" if not record.get("rows") else "stopped"] = "stopped at the deadline"
+                path.write_text(json.dumps(record, indent=1, default=str) + "\n")
                 print(f"{model} stopped at the deadline", flush=True)
     for model in skipped:
         (out / f"{model}.json").write_text(json.dumps({"model": model, "error": "skipped: the deadline came first"}) + "\n")
@@ -477,7 +493,7 @@ def main() -> None:
     run.add_argument("--models", default="", help=f"comma list (default: {','.join(DEFAULT_MODELS)})")
     run.add_argument("--out", required=True)
     run.add_argument("--deadline-s", type=float, default=520, help="no model starts after this many seconds")
-    run.add_argument("--min-model-s", type=float, default=60, help="a model needs at least this long left to start")
+    run.add_argument("--min-model-s", type=float, default=120, help="a model needs at least this long left to start")
     one = sub.choices["one"]
     one.add_argument("--model", required=True, choices=sorted(MODELS))
     one.add_argument("--json", required=True)
