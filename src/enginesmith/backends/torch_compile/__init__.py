@@ -1,13 +1,18 @@
 """PyTorch Inductor backend: ``torch.export`` + ``torch.compile`` engines for NVIDIA GPUs (and a CPU path).
 
 Build
-    ONNX models are converted to PyTorch with onnx2torch (after ONNX Runtime's
+    A PyTorch source (an ``nn.Module`` or ExportedProgram the torch importer handed over,
+    see ``enginesmith.native_source``) is used as it is (``native``); its outputs (dicts,
+    ``ModelOutput`` dataclasses, tuples) are flattened into the signature's named outputs.
+    ONNX models are converted to PyTorch with onnx2torch and ``onnx_ops``' converters (after ONNX Runtime's
     provider-independent *basic* graph optimizations: constant folding, Dropout and
     Identity removal, Conv+BatchNorm folding), constant shape arguments are baked in,
     and the module is wrapped so it takes and returns the signature's dtypes while
     computing in the engine's precision (fp32, fp16 or bf16; channels-last on CUDA for
     convolutional models). ``torch.export`` turns it into an ExportedProgram (dynamic
-    batch unless the signature fixes it), which is compiled by Inductor for this
+    batch unless the signature fixes it; other open dims sized like the build's samples and
+    fixed where the model cannot keep them symbolic: ``meta["served_shapes"]``, checked by
+    the session), which is compiled by Inductor for this
     device: ``max-autotune`` (Triton/cuDNN autotuning + CUDA graphs) on CUDA for the
     fixed batch sizes in ``backend_options["batches"]``, no autotuning on the CPU. On
     CUDA, conv -> ReLU and conv -> add -> ReLU chains become cuDNN convolutions with
@@ -41,11 +46,19 @@ Backend options (``BuildOptions.backend_options``)
                    against the cuDNN convolution, so with heuristics alone it compares against a
                    possibly slower algorithm than cuDNN can run
     ``cudnn_benchmark_limit``  how many cuDNN algorithms that search times per shape (PyTorch's
+                   default 10; 0 times every one): recorded, and set again at load
+    ``fuse_conv``  "auto" (on CUDA for convolutional models), true or false: conv2d -> ReLU and
+                   conv2d -> add -> ReLU run as cuDNN convolutions with fused epilogues
+                   (``fusion``); the rewrite is applied before compiling, at build and
+                   at load, so the saved program stays plain ATen. Not with compile="aoti".
+    ``source``     "auto" (a torch source is built directly) or "onnx" (from its ONNX conversion)
 
 Modules
     ``common``        lazy torch import, devices, example inputs
     ``onnx_convert``  ONNX -> torch (onnx2torch, ``onnx_ops`` converters, shape fixes)
-    ``export``        the wrapper module and torch.export
+    ``native``        torch sources built directly (flattened inputs and outputs)
+    ``onnx_ops``      converters for opset 17-21 ops onnx2torch lacks or refuses
+    ``export``        the wrapper module, torch.export, the shapes the program serves
     ``payload``       the payload zip and its pickle-free program check
     ``compile``       Inductor options, compiler caches, warm-up, AOTInductor
     ``fusion``        cuDNN-fused convolution epilogues
