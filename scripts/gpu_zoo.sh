@@ -12,14 +12,16 @@
 # Every model runs in its own process with the deadline ZOO_DEADLINE seconds (default 480) from the start: a
 # model that would start later is recorded as skipped, so a 10-minute device call always comes back with
 # results. Extra flags for gpu_zoo.py in ZOO_ARGS (e.g. "--quick", "--mode max-autotune --models resnet50").
-# Needs: python3 with torch (CUDA), torchvision, transformers, onnx, onnxruntime, onnxscript; onnx2torch as a
-# wheel in .whl/ if it is not installed (carry .whl).
+# Needs: python3 with torch (CUDA), torchvision, transformers, onnx, onnxruntime; onnx2torch and onnxscript (the
+# dynamo ONNX exporter) as wheels in .whl/ when missing, made here with
+#   pip download --no-deps -d .whl 'onnx2torch==1.5.15' 'onnxscript==0.7.2' 'onnx-ir==1.1.0'
+# and carried (carry [".whl"]).
 set -u
 WHAT=${1:-all}
 OUT=${OUT:-/tmp/gpu_zoo/out}
 REPO=$(pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$REPO/src${PYTHONPATH:+:$PYTHONPATH}
-if ! python3 -c "import onnx2torch" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+if ! python3 -c "import onnx2torch, onnxscript" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
