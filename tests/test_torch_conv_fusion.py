@@ -1,4 +1,4 @@
-"""cuDNN-fused convolution epilogues of the PyTorch backend (backends/torch_conv_fusion.py).
+"""cuDNN-fused convolution epilogues of the PyTorch backend (backends/torch_compile/fusion.py).
 
 On the CPU the fused operators compute the unfused reference, so these tests check the
 rewrite itself (which chains are fused, which are left alone) and that engines built with
@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from enginesmith.backends import BuildOptions, get_backend  # noqa: E402
 from enginesmith.backends import torch_compile as tc  # noqa: E402
-from enginesmith.backends.torch_conv_fusion import _NO_FUSED_KERNEL, fuse_conv_epilogues  # noqa: E402
+from enginesmith.backends.torch_compile.fusion import _NO_FUSED_KERNEL, fuse_conv_epilogues  # noqa: E402
 from enginesmith.errors import BuildError  # noqa: E402
 from enginesmith.signature import Signature, TensorSpec  # noqa: E402
 

@@ -33,6 +33,7 @@ import onnx
 from ..errors import BackendUnavailableError, BuildError, MissingDependencyError, UnsupportedModelError, ValidationDataError
 from ..host import cpu_flags, host_fingerprint, physical_cores
 from ..signature import Signature, random_inputs
+from ..graph.precision import convert_fp16  # noqa: F401 - re-exported: callers import it from here
 from .base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session
 from . import ort_gpu
 from .ort_gpu import CUDA_EP, TRT_EP, OrtGpuSettings, TrtEpPlan
@@ -166,19 +167,7 @@ def _node_placement(session, signature: Signature, feeds: dict[str, np.ndarray] 
 
 
 GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
-# Ops whose fp16 results drift (exponentials, reductions, normalizations) stay fp32.
-FP16_KEEP_FP32 = ["Softmax", "LogSoftmax", "LayerNormalization", "Exp", "Log", "Pow", "Sqrt", "Reciprocal",
-                  "ReduceMean", "ReduceSum", "ReduceProd", "ReduceLogSumExp", "TopK", "NonMaxSuppression", "Range"]
 CALIBRATION_CACHE = "calibration_cache.json"
-
-
-def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """fp16 weights and activations, fp32 inputs/outputs and numerically sensitive ops."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    return convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FP16_KEEP_FP32
-    )
 
 
 class _BatchReader:

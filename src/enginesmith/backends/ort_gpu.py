@@ -50,7 +50,6 @@ import ctypes
 import json
 import os
 import platform
-import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,6 +60,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, BuildError, ValidationDataError
 from ..signature import Signature, random_inputs
 from .base import Calibration
+from .caches import cache_dir
 from .tensorrt.options import Profile, TrtOptions, bool_option, parse_options, profile_max_batch, resolve_profiles
 
 TRT_EP = "TensorrtExecutionProvider"
@@ -466,8 +466,6 @@ def shared_timing_folder(option: str) -> Path | None:
         return None
     if option != "auto":
         return Path(option).expanduser()
-    from .tensorrt.builder import cache_dir
-
     return cache_dir() / "onnxruntime-tensorrt"
 
 

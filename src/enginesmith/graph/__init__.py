@@ -5,6 +5,7 @@
 ``passes``     named passes ModelProto -> ModelProto and ``optimize()``, which checks each one numerically
 ``surgery``    fix shapes, dynamic axes, rename I/O, cut a subgraph, opset conversion
 ``layerwise``  the first layer where an engine's intermediate tensors leave the source's
+``precision``  the fp16 rewrite (onnxruntime's offline graph converter; no session)
 
 Running a model (numerical checks, layer-wise comparison) goes through
 ``enginesmith.backends.onnxruntime``; nothing here imports a backend library.

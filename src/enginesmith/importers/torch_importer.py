@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 
 from ..errors import EnginesmithError, SourceError, UnsupportedModelError
+from ..native_source import NativeSource, attach
 from . import ImportedModel, ImportOptions, ReferenceRunner
 from . import _convert as cv
 
@@ -467,16 +468,24 @@ def _program_examples(program: Any) -> list[Any] | None:
     return list(pytree.tree_leaves(example))
 
 
-def _import_program(program: Any, options: ImportOptions, label: str, log: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+def _import_program(program: Any, options: ImportOptions, label: str, log: list[str]) -> tuple[onnx.ModelProto, list[str], NativeSource]:
     in_names = _public_names(_program_inputs(program), options)
     out_names = _program_outputs(program, options)
     proto = _to_onnx(module=None, program=program, tensors=_program_examples(program), in_names=in_names,
                      out_names=out_names, dyn=[{} for _ in in_names], options=options, log=log)
     log.insert(0, f"ExportedProgram '{label}': inputs {', '.join(in_names)}; outputs {', '.join(out_names)}")
-    return proto, log
+    native = NativeSource("torch", program, tuple(in_names), tuple(out_names), description=f"ExportedProgram '{label}'")
+    return proto, log, native
 
 
-def _import_module(module: Any, options: ImportOptions, log: list[str]) -> tuple[onnx.ModelProto, str, bytes]:
+def _with_native(imported: ImportedModel, native: NativeSource | None) -> ImportedModel:
+    """The imported model tagged with its torch source, for the PyTorch backend to build from directly."""
+    if native is not None:
+        attach(imported.model, native)
+    return imported
+
+
+def _import_module(module: Any, options: ImportOptions, log: list[str]) -> tuple[onnx.ModelProto, str, bytes, NativeSource | None]:
     torch = cv.torch()
     label = type(module).__name__
     params = _forward_params(module)
@@ -496,9 +505,10 @@ def _import_module(module: Any, options: ImportOptions, log: list[str]) -> tuple
                          dyn=dyn, options=options, log=log)
     log.insert(0, f"torch module {label}: inputs {', '.join(public)}; outputs {', '.join(out_names)}")
     if program is not None:
-        return proto, f"{_safe_name(label)}.pt2", _program_bytes(program)
+        native = NativeSource("torch", module, tuple(public), tuple(out_names), tuple(names), description=f"torch module {label}")
+        return proto, f"{_safe_name(label)}.pt2", _program_bytes(program), native
     log.append("the bundle embeds the exported ONNX: the module could not be saved as an ExportedProgram")
-    return proto, f"{_safe_name(label)}.onnx", proto.SerializeToString()
+    return proto, f"{_safe_name(label)}.onnx", proto.SerializeToString(), None
 
 
 def import_source(source: Any, options: ImportOptions) -> ImportedModel:
@@ -522,12 +532,14 @@ def import_source(source: Any, options: ImportOptions) -> ImportedModel:
                              dyn=dyn, options=options, log=log)
             return cv.finish(proto, kind="torchscript", source_filename=path.name, source_bytes=path.read_bytes(), log=log)
         program = load_program(path, options, log)
-        proto, log = _import_program(program, options, path.name, log)
-        return cv.finish(proto, kind="torch", source_filename=path.name, source_bytes=path.read_bytes(), log=log)
+        proto, log, native = _import_program(program, options, path.name, log)
+        return _with_native(cv.finish(proto, kind="torch", source_filename=path.name, source_bytes=path.read_bytes(), log=log),
+                            native)
     torch = cv.torch()
     if _is_program(source):
-        proto, log = _import_program(source, options, "in memory", log)
-        return cv.finish(proto, kind="torch", source_filename="model.pt2", source_bytes=_program_bytes(source), log=log)
+        proto, log, native = _import_program(source, options, "in memory", log)
+        return _with_native(cv.finish(proto, kind="torch", source_filename="model.pt2", source_bytes=_program_bytes(source), log=log),
+                            native)
     if _is_script(source):
         names, tensors = _examples(_forward_params(source), options, "TorchScript module")
         public = _public_names(names, options)
@@ -539,8 +551,8 @@ def import_source(source: Any, options: ImportOptions) -> ImportedModel:
         log.append("the bundle embeds the exported ONNX (a ScriptModule cannot be saved as an ExportedProgram)")
         return cv.finish(proto, kind="torch", source_filename="model.onnx", source_bytes=proto.SerializeToString(), log=log)
     if isinstance(source, torch.nn.Module):
-        proto, filename, raw = _import_module(source, options, log)
-        return cv.finish(proto, kind="torch", source_filename=filename, source_bytes=raw, log=log)
+        proto, filename, raw, native = _import_module(source, options, log)
+        return _with_native(cv.finish(proto, kind="torch", source_filename=filename, source_bytes=raw, log=log), native)
     raise SourceError(f"not a PyTorch model: {type(source).__name__}")
 
 

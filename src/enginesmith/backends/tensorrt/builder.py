@@ -41,6 +41,7 @@ import onnx
 from ...errors import BuildError, EnginesmithError, UnsupportedModelError, ValidationDataError
 from ...signature import Signature
 from ..base import Calibration, ProgressCallback
+from ..caches import cache_dir
 from . import cuda
 from ._trt import captured_errors, import_tensorrt, trt_logger
 from .calibration import (
@@ -195,7 +196,7 @@ def _apply_model_precision(
 ) -> onnx.ModelProto:
     """Strongly typed networks take precisions from the model: rewrite it to fp16, or insert Q/DQ nodes."""
     if plan.convert_fp16:
-        from ..onnxruntime import convert_fp16
+        from ...graph.precision import convert_fp16
 
         return convert_fp16(model)
     if plan.quantize_qdq:
@@ -543,14 +544,6 @@ def _build(trt: Any, builder: Any, network: Any, config: Any, options: TrtOption
     if progress is not None:
         progress("building TensorRT engine", 1, 1)
     return bytes(serialized)
-
-
-def cache_dir() -> Path:
-    """enginesmith's cache folder: $ENGINESMITH_CACHE_DIR, else $XDG_CACHE_HOME/enginesmith, else ~/.cache/enginesmith."""
-    if os.environ.get("ENGINESMITH_CACHE_DIR"):
-        return Path(os.environ["ENGINESMITH_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "enginesmith"
 
 
 def timing_cache_path(option: str, version: str, device: cuda.DeviceFacts) -> Path | None:

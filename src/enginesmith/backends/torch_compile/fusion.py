@@ -1,4 +1,4 @@
-"""cuDNN's fused convolution epilogues for the PyTorch backend (``torch_compile``).
+"""cuDNN's fused convolution epilogues for the PyTorch backend (``torch_compile`` package).
 
 Inductor hands convolutions to cuDNN (or to its own Triton templates), writes each result
 to memory and reads it back in a Triton kernel that adds the bias and the residual and

@@ -1,0 +1,512 @@
+"""Real architectures through the PyTorch backend (issue 15): torchvision, a YOLOv8-like detector, BERT encoders.
+
+Per model, in one process on one GPU, with seeded random weights:
+
+- eager fp16 (channels-last for CNNs), the baseline a PyTorch user runs by hand;
+- ``torch.compile`` fp16 with ``--baseline-mode`` (default ``reduce-overhead``: Inductor kernels and CUDA
+  graphs without autotuning, so every model compiles in under a minute; ``max-autotune`` costs minutes per
+  model and shape, too much for 10-minute device calls, pass it for a model at a time);
+- the enginesmith engine built from the module (``torch.export`` directly) and from its ONNX export
+  (``backend_options source="onnx"``: PyTorch -> ONNX -> onnx2torch -> PyTorch), both fp16 with the engine
+  mode ``--mode`` (default ``reduce-overhead``, the same compiler work as the baseline, so the comparison
+  is of what each path feeds Inductor), compiled for batch 1 and the large batch;
+
+at batch 1 and a large batch (CNNs 128, ViT 64, transformers 32 at sequence 128; 8 with ``--quick``):
+median latency (CUDA events) and throughput; accuracy vs fp32 eager (relative L2 of the outputs; for
+transformers the cosine of the pooled output too); cold build time, and the warm load time of the saved
+engine in a fresh process with empty compiler cache folders.
+
+    python benchmarks/gpu_zoo.py run --out $OUT/zoo --models resnet50,bert_base --deadline-s 520
+    python benchmarks/gpu_zoo.py table $OUT/zoo            # the table again from the JSON files
+    python benchmarks/gpu_zoo.py run --out /tmp/zoo --models yolo_tiny --device cpu --quick   # CPU dry run
+
+``run`` starts one process per model (``one``), as many at once as there are visible GPUs (each pinned to
+one with CUDA_VISIBLE_DEVICES), writes ``<model>.json`` per model as it finishes and skips the models
+that would start after ``--deadline-s``. scripts/gpu_zoo.sh is the plan for the GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import environment, rel_l2, time_cuda, time_host  # noqa: E402  (benchmarks/gpu.py: shared timing helpers)
+
+SEQ = 128
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _yolo_classes():
+    import torch
+    from torch import nn
+
+    def conv(c1: int, c2: int, k: int = 1, s: int = 1) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2), nn.SiLU())
+
+    class Bottleneck(nn.Module):
+        def __init__(self, c: int, shortcut: bool):
+            super().__init__()
+            self.cv1, self.cv2, self.add = conv(c, c, 3), conv(c, c, 3), shortcut
+
+        def forward(self, x):
+            y = self.cv2(self.cv1(x))
+            return x + y if self.add else y
+
+    class C2f(nn.Module):
+        def __init__(self, c1: int, c2: int, n: int, shortcut: bool = True):
+            super().__init__()
+            self.c = c2 // 2
+            self.cv1, self.cv2 = conv(c1, 2 * self.c), conv((2 + n) * self.c, c2)
+            self.m = nn.ModuleList(Bottleneck(self.c, shortcut) for _ in range(n))
+
+        def forward(self, x):
+            y = list(self.cv1(x).chunk(2, 1))
+            for block in self.m:
+                y.append(block(y[-1]))
+            return self.cv2(torch.cat(y, 1))
+
+    class SPPF(nn.Module):
+        def __init__(self, c1: int, c2: int):
+            super().__init__()
+            self.cv1, self.cv2 = conv(c1, c1 // 2), conv(c1 // 2 * 4, c2)
+            self.pool = nn.MaxPool2d(5, 1, 2)
+
+        def forward(self, x):
+            y = [self.cv1(x)]
+            for _ in range(3):
+                y.append(self.pool(y[-1]))
+            return self.cv2(torch.cat(y, 1))
+
+    class YoloV8Like(nn.Module):
+        """YOLOv8's layout (C2f backbone, SPPF, PAN neck, decoupled head with DFL box decoding), as exported
+        for inference: one tensor [batch, 4 + classes, anchors] (boxes as distances, class probabilities)."""
+
+        def __init__(self, width: float = 0.5, depth: float = 0.34, classes: int = 80, reg_max: int = 16):
+            super().__init__()
+
+            def ch(c: int) -> int:
+                return max(8, int(c * width) // 8 * 8)
+
+            def n(k: int) -> int:
+                return max(1, round(k * depth))
+
+            c1, c2, c3, c4, c5 = ch(64), ch(128), ch(256), ch(512), ch(1024)
+            self.stem = nn.Sequential(conv(3, c1, 3, 2), conv(c1, c2, 3, 2), C2f(c2, c2, n(3)))
+            self.p3 = nn.Sequential(conv(c2, c3, 3, 2), C2f(c3, c3, n(6)))
+            self.p4 = nn.Sequential(conv(c3, c4, 3, 2), C2f(c4, c4, n(6)))
+            self.p5 = nn.Sequential(conv(c4, c5, 3, 2), C2f(c5, c5, n(3)), SPPF(c5, c5))
+            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+            self.top4, self.top3 = C2f(c5 + c4, c4, n(3), False), C2f(c4 + c3, c3, n(3), False)
+            self.down3, self.bottom4 = conv(c3, c3, 3, 2), C2f(c3 + c4, c4, n(3), False)
+            self.down4, self.bottom5 = conv(c4, c4, 3, 2), C2f(c4 + c5, c5, n(3), False)
+            self.reg_max, self.classes = reg_max, classes
+            box_c, cls_c = max(16, c3 // 4, reg_max * 4), max(c3, min(classes, 100))
+            self.box = nn.ModuleList(nn.Sequential(conv(c, box_c, 3), conv(box_c, box_c, 3), nn.Conv2d(box_c, 4 * reg_max, 1))
+                                     for c in (c3, c4, c5))
+            self.cls = nn.ModuleList(nn.Sequential(conv(c, cls_c, 3), conv(cls_c, cls_c, 3), nn.Conv2d(cls_c, classes, 1))
+                                     for c in (c3, c4, c5))
+            self.register_buffer("bins", torch.arange(reg_max, dtype=torch.float32))
+
+        def forward(self, x):
+            p3 = self.p3(self.stem(x))
+            p4 = self.p4(p3)
+            p5 = self.p5(p4)
+            t4 = self.top4(torch.cat([self.up(p5), p4], 1))
+            t3 = self.top3(torch.cat([self.up(t4), p3], 1))
+            b4 = self.bottom4(torch.cat([self.down3(t3), t4], 1))
+            b5 = self.bottom5(torch.cat([self.down4(b4), p5], 1))
+            outs = []
+            for feature, box, cls in zip((t3, b4, b5), self.box, self.cls):
+                outs.append(torch.cat([box(feature), cls(feature)], 1).flatten(2))
+            y = torch.cat(outs, 2)
+            batch, anchors = y.shape[0], y.shape[2]
+            dist = y[:, : 4 * self.reg_max].reshape(batch, 4, self.reg_max, anchors).softmax(2)
+            boxes = (dist * self.bins.to(dist.dtype)[None, None, :, None]).sum(2)
+            return torch.cat([boxes, y[:, 4 * self.reg_max:].sigmoid()], 1)
+
+    return YoloV8Like
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    make: Callable[[], Any]
+    kind: str  # "vision" (one image input) or "text" (BERT inputs)
+    large_batch: int
+    image_size: int = 224
+    vocab: int = 30522
+
+
+def _torchvision(name: str) -> Callable[[], Any]:
+    def make():
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None)
+
+    return make
+
+
+def _bert(**config: int) -> Callable[[], Any]:
+    def make():
+        from transformers import BertConfig, BertModel
+
+        return BertModel(BertConfig(**config))
+
+    return make
+
+
+MODELS: dict[str, ModelSpec] = {
+    "resnet50": ModelSpec(_torchvision("resnet50"), "vision", 128),
+    "mobilenet_v3_large": ModelSpec(_torchvision("mobilenet_v3_large"), "vision", 128),
+    "efficientnet_b0": ModelSpec(_torchvision("efficientnet_b0"), "vision", 128),
+    "convnext_tiny": ModelSpec(_torchvision("convnext_tiny"), "vision", 128),
+    "vit_b_16": ModelSpec(_torchvision("vit_b_16"), "vision", 64),
+    "yolov8s_like": ModelSpec(lambda: _yolo_classes()(width=0.5, depth=0.34), "vision", 32, image_size=640),
+    "bert_base": ModelSpec(_bert(), "text", 32),  # BertConfig's defaults are BERT-base: 12 x 768, 12 heads
+    "minilm": ModelSpec(_bert(hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536), "text", 32),
+    # For CPU dry runs and CI: the same code paths at toy sizes.
+    "yolo_tiny": ModelSpec(lambda: _yolo_classes()(width=0.125, depth=0.34, classes=4), "vision", 4, image_size=64),
+    "bert_tiny": ModelSpec(_bert(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=500, max_position_embeddings=SEQ), "text", 4, vocab=500),
+}
+DEFAULT_MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "vit_b_16", "yolov8s_like",
+                  "bert_base", "minilm"]
+
+
+def model_inputs(spec: ModelSpec, batch: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if spec.kind == "vision":
+        return {"x": rng.standard_normal((batch, 3, spec.image_size, spec.image_size)).astype(np.float32)}
+    ids = rng.integers(min(1000, spec.vocab // 2), spec.vocab, (batch, SEQ)).astype(np.int64)
+    mask = np.ones((batch, SEQ), np.int64)
+    mask[:, SEQ - SEQ // 8:] = 0  # some padding, so the mask matters
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros((batch, SEQ), np.int64)}
+
+
+# --------------------------------------------------------------------------- one model
+
+
+def flat_outputs(result: Any) -> list:
+    from torch.utils import _pytree as pytree
+
+    return [leaf for leaf in pytree.tree_leaves(result) if hasattr(leaf, "dtype")]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return float(np.mean((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)))
+
+
+def accuracy(got: list, want: list, kind: str) -> dict[str, float]:
+    got = [np.asarray(g, np.float32) for g in got]
+    want = [np.asarray(w, np.float32) for w in want]
+    result = {"rel_l2": max(rel_l2(g, w) for g, w in zip(got, want))}
+    if kind == "text" and len(got) > 1:
+        result["pooled_cosine"] = cosine(got[1], want[1])
+    return result
+
+
+def warm_load_seconds(path: Path, device: str) -> dict[str, Any]:
+    """Load the engine in a fresh process with empty Inductor/Triton cache folders (the cache the engine carries is all)."""
+    script = ("import sys, time, enginesmith as es\nt = time.perf_counter()\n"
+              "engine = es.load(sys.argv[1], trust_code=True)\nprint('LOAD', time.perf_counter() - t)\n")
+    with tempfile.TemporaryDirectory(prefix="zoo-cache-") as tmp:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor", "TRITON_CACHE_DIR": f"{tmp}/triton"}
+        done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    for line in done.stdout.splitlines():
+        if line.startswith("LOAD "):
+            return {"warm_load_s": round(float(line.split()[1]), 2)}
+    return {"warm_load_error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+
+
+def run_one(name: str, args: argparse.Namespace, save: Callable[[dict], None] = lambda record: None) -> dict[str, Any]:
+    """One model's measurements; ``save`` is called with the record so far after each stage (a deadline may stop us)."""
+    import torch
+
+    import enginesmith as es
+    from enginesmith.importers import ImportOptions
+
+    spec = MODELS[name]
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    device = "cuda:0" if cuda else "cpu"
+    precision = "fp16" if cuda else "fp32"
+    half = torch.float16 if cuda else torch.float32
+    large = min(spec.large_batch, 8) if args.quick else spec.large_batch
+    batches = [1, large]
+    runs = 20 if args.quick else args.runs
+    torch.manual_seed(0)
+    module = spec.make().eval()
+    record: dict[str, Any] = {"model": name, "kind": spec.kind, "device": device, "precision": precision,
+                              "batches": batches, "mode": args.mode, "baseline_mode": args.baseline_mode, "rows": [],
+                              "builds": {}}
+    timer = time_cuda if cuda else time_host
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    feeds = {b: model_inputs(spec, b, seed=b) for b in batches}
+
+    def tensors(batch: int, dtype=None) -> dict[str, Any]:
+        out = {}
+        for key, value in feeds[batch].items():
+            t = torch.from_numpy(value).to(device)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+                if spec.kind == "vision" and cuda:
+                    t = t.contiguous(memory_format=torch.channels_last)
+            out[key] = t
+        return out
+
+    reference = {}
+    fp32 = module.to(device)
+    with torch.no_grad():
+        for b in batches:
+            reference[b] = [o.float().cpu().numpy() for o in flat_outputs(fp32(**tensors(b)))]
+    fp32.cpu()
+
+    eager = __import__("copy").deepcopy(module).to(device=device, dtype=half)
+    if spec.kind == "vision" and cuda:
+        eager = eager.to(memory_format=torch.channels_last)
+    variants: dict[str, Callable[[dict], list]] = {}
+
+    def eager_call(feeds_: dict) -> list:
+        with torch.no_grad():
+            return flat_outputs(eager(**feeds_))
+
+    variants["eager " + precision] = eager_call
+    if cuda and args.baseline_mode != "none":
+        compiled = torch.compile(eager, mode=args.baseline_mode)
+
+        def compiled_call(feeds_: dict) -> list:
+            with torch.no_grad():
+                return flat_outputs(compiled(**feeds_))
+
+        variants[f"torch.compile {args.baseline_mode} {precision}"] = compiled_call
+        started = time.perf_counter()
+        try:
+            for b in batches:
+                compiled_call(tensors(b, half))
+                compiled_call(tensors(b, half))
+            record["builds"]["torch.compile"] = {"compile_s": round(time.perf_counter() - started, 1)}
+        except Exception as exc:  # noqa: BLE001 - a failing baseline is a result too
+            record["builds"]["torch.compile"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+            variants.pop(f"torch.compile {args.baseline_mode} {precision}")
+
+    example = tuple(torch.from_numpy(v) for v in feeds[batches[-1]].values())
+    names = list(feeds[batches[-1]])
+    options = {"device": "cuda" if cuda else "cpu", "mode": args.mode, "batches": batches}
+    if not cuda:
+        options = {"device": "cpu", "compile": "eager"}
+    for label, source in (("engine (from module)", "auto"), ("engine (from ONNX)", "onnx")):
+        if source == "onnx" and args.skip_onnx:
+            continue
+        path = Path(args.workdir) / f"{name}-{source}.engine"
+        started = time.perf_counter()
+        try:
+            engine = es.build(module, backend="torch", precision=precision, verify=False,
+                              backend_options={**options, "source": source},
+                              import_options=ImportOptions(example_inputs=dict(zip(names, example))))
+        except Exception as exc:  # noqa: BLE001
+            record["builds"][label] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400]}"}
+            print(f"{name}: {label} failed: {record['builds'][label]['error']}", flush=True)
+            continue
+        build_s = time.perf_counter() - started
+        path.unlink(missing_ok=True)
+        engine.save(path)
+        build = {"cold_build_s": round(build_s, 1),
+                 "details": {k: engine.manifest.checks["build"].get(k) for k in
+                             ("source", "export_seconds", "compile_seconds", "served_shapes", "compiled_vs_exported_rel_l2")}}
+        if not args.skip_warm_load and source == "auto":  # the ONNX path loads the same way: timed once
+            build.update(warm_load_seconds(path, device))
+        record["builds"][label] = build
+        session = engine._session  # run_torch keeps inputs and outputs on the device
+        out_names = engine.signature.output_names
+
+        def engine_call(feeds_: dict, session=session, out_names=out_names) -> list:
+            result = session.run_torch(feeds_, clone=False)
+            return [result[n] for n in out_names]
+
+        variants[label] = engine_call
+        save(record)
+
+    for b in batches:
+        for label, call in variants.items():
+            dtype = None if label.startswith("engine") else half
+            feeds_b = tensors(b, dtype)
+            try:
+                outputs = [o.float().cpu().numpy() for o in call(feeds_b)]
+                stats = timer(lambda: call(feeds_b), args.warmup, runs if b == 1 else max(10, runs // 4))
+            except Exception as exc:  # noqa: BLE001
+                record["rows"].append({"batch": b, "variant": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                continue
+            per_s = b / (stats["p50_ms"] / 1e3)
+            record["rows"].append({"batch": b, "variant": label, **stats, "items_per_s": round(per_s, 1),
+                                   **accuracy(outputs, reference[b], spec.kind)})
+        save(record)
+        print(f"{name} b{b}: " + ", ".join(f"{r['variant']} {r['p50_ms']:.3f} ms" for r in record["rows"]
+                                          if r["batch"] == b and "p50_ms" in r), flush=True)
+    return record
+
+
+# --------------------------------------------------------------------------- driver and table
+
+
+def print_table(records: list[dict[str, Any]]) -> str:
+    lines = [f"{'model':<20} {'batch':>5}  {'variant':<38} {'p50 ms':>9} {'items/s':>10} {'rel L2':>9} {'cos':>8}"]
+    for record in records:
+        if "error" in record:
+            lines.append(f"{record['model']:<20} {'':>5}  {record['error'][:80]}")
+            continue
+        if record.get("stopped") or record.get("partial"):
+            lines.append(f"{record['model']:<20} {'':>5}  (incomplete: {record.get('stopped') or 'the process ended early'})")
+        for row in record["rows"]:
+            if "error" in row:
+                lines.append(f"{record['model']:<20} {row['batch']:>5}  {row['variant']:<38} error: {row['error'][:60]}")
+                continue
+            cos = f"{row['pooled_cosine']:.5f}" if "pooled_cosine" in row else ""
+            lines.append(f"{record['model']:<20} {row['batch']:>5}  {row['variant']:<38} {row['p50_ms']:>9.3f} "
+                         f"{row['items_per_s']:>10.1f} {row['rel_l2']:>9.2e} {cos:>8}")
+        for label, build in record.get("builds", {}).items():
+            text = build.get("error") or ", ".join(f"{k} {build[k]}" for k in ("compile_s", "cold_build_s", "warm_load_s",
+                                                                                "warm_load_error") if k in build)
+            lines.append(f"{record['model']:<20} {'':>5}  {label:<38} {text[:120]}")
+    table = "\n".join(lines)
+    print(table, flush=True)
+    return table
+
+
+def cmd_one(args: argparse.Namespace) -> None:
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def save(record: dict) -> None:
+        partial = {**record, "partial": True, "seconds": round(time.perf_counter() - started, 1)}
+        Path(args.json).write_text(json.dumps(partial, indent=1, default=str) + "\n")
+
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        record = run_one(args.model, args, save)
+    except Exception as exc:  # noqa: BLE001 - one model's failure is recorded, the plan goes on
+        record = {"model": args.model, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}"}
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    record["env"] = environment()
+    Path(args.json).write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+
+def visible_gpus(device: str) -> list[str]:
+    if device == "cpu":
+        return ["cpu"]
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        count = 0
+    return [str(i) for i in range(count)] or ["cpu"]
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """One process per model, as many at once as there are GPUs; models that would start past the deadline are skipped."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = [m for m in (args.models.split(",") if args.models else DEFAULT_MODELS) if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    started = time.monotonic()
+    slots = visible_gpus(args.device)
+    running: dict[str, tuple[subprocess.Popen, str]] = {}
+    pending = list(models)
+    skipped = []
+    while pending or running:
+        for slot in [s for s in slots if s not in running]:
+            if not pending:
+                break
+            left = args.deadline_s - (time.monotonic() - started)
+            if left < args.min_model_s:
+                skipped.extend(pending)
+                pending.clear()
+                break
+            model = pending.pop(0)
+            command = [sys.executable, __file__, "one", "--model", model, "--json", str(out / f"{model}.json"),
+                       "--workdir", str(Path(args.workdir) / model), *forwarded(args)]
+            env = dict(os.environ)
+            if slot != "cpu":
+                env["CUDA_VISIBLE_DEVICES"] = slot
+            log = open(out / f"{model}.log", "w")  # noqa: SIM115 - closed when the process ends
+            running[slot] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), model)
+            print(f"+{time.monotonic() - started:.0f}s {model} on {'GPU ' + slot if slot != 'cpu' else 'the CPU'}", flush=True)
+        time.sleep(1)
+        for slot, (process, model) in list(running.items()):
+            if process.poll() is not None:
+                print(f"+{time.monotonic() - started:.0f}s {model} done (exit {process.returncode})", flush=True)
+                del running[slot]
+            elif time.monotonic() - started > args.deadline_s + 30:
+                process.kill()
+                process.wait()
+                del running[slot]
+                path = out / f"{model}.json"
+                record = json.loads(path.read_text()) if path.exists() else {"model": model, "rows": [], "builds": {}}
+                record["error" if not record.get("rows") else "stopped"] = "stopped at the deadline"
+                path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+                print(f"{model} stopped at the deadline", flush=True)
+    for model in skipped:
+        (out / f"{model}.json").write_text(json.dumps({"model": model, "error": "skipped: the deadline came first"}) + "\n")
+    records = [json.loads((out / f"{m}.json").read_text()) for m in models if (out / f"{m}.json").exists()]
+    (out / "table.txt").write_text(print_table(records) + "\n")
+
+
+def forwarded(args: argparse.Namespace) -> list[str]:
+    flags = ["--device", args.device, "--mode", args.mode, "--baseline-mode", args.baseline_mode, "--runs", str(args.runs),
+             "--warmup", str(args.warmup)]
+    for name in ("quick", "skip_onnx", "skip_warm_load"):
+        if getattr(args, name):
+            flags.append("--" + name.replace("_", "-"))
+    return flags
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "one"):
+        p = sub.add_parser(name)
+        p.add_argument("--device", default="cuda", help="cuda or cpu (a dry run: fp32, engines uncompiled)")
+        p.add_argument("--mode", default="reduce-overhead", help="the engines' torch.compile mode")
+        p.add_argument("--baseline-mode", default="reduce-overhead", help="torch.compile mode of the baseline; none skips it")
+        p.add_argument("--runs", type=int, default=100)
+        p.add_argument("--warmup", type=int, default=10)
+        p.add_argument("--quick", action="store_true", help="large batch 8 and 20 timed runs")
+        p.add_argument("--skip-onnx", action="store_true", help="no engine from the ONNX export")
+        p.add_argument("--skip-warm-load", action="store_true")
+        p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gpu_zoo"))
+    run = sub.choices["run"]
+    run.add_argument("--models", default="", help=f"comma list (default: {','.join(DEFAULT_MODELS)})")
+    run.add_argument("--out", required=True)
+    run.add_argument("--deadline-s", type=float, default=520, help="no model starts after this many seconds")
+    run.add_argument("--min-model-s", type=float, default=120, help="a model needs at least this long left to start")
+    one = sub.choices["one"]
+    one.add_argument("--model", required=True, choices=sorted(MODELS))
+    one.add_argument("--json", required=True)
+    table = sub.add_parser("table")
+    table.add_argument("folder")
+    args = parser.parse_args()
+    if args.command == "run":
+        cmd_run(args)
+    elif args.command == "one":
+        cmd_one(args)
+    else:
+        print_table([json.loads(p.read_text()) for p in sorted(Path(args.folder).glob("*.json"))])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Inductor compilation and its caches: modes and options, process-wide CUDA math flags,
+warm-up of the compiled batch sizes, compiler-cache isolation, and AOTInductor packages."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from ...errors import BuildError
+from ...signature import Signature
+from .common import _first_line, _torch, example_inputs
+
+@contextmanager
+def _fresh_artifacts() -> Iterator[None]:
+    """Collect only the cache artifacts of the compile inside (not earlier ones in this process)."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+    except ImportError:  # pragma: no cover - torch without the mega-cache: nothing to isolate
+        yield
+        return
+    fresh = getattr(CacheArtifactManager, "with_fresh_cache", None)
+    if fresh is not None:
+        with fresh():
+            yield
+    else:  # pragma: no cover - older torch
+        CacheArtifactManager.clear()
+        yield
+
+
+@contextmanager
+def _cache_tag(tag: str) -> Iterator[None]:
+    """Key the compiler caches by this engine, so a build always compiles (and records) afresh."""
+    torch = _torch()
+    config = getattr(torch.compiler, "config", None)
+    if config is not None and hasattr(config, "cache_key_tag"):
+        with config.patch(cache_key_tag=tag):
+            yield
+    else:  # pragma: no cover - older torch
+        yield
+
+
+def _set_fp32_math(torch, tf32: bool) -> None:
+    """TF32 on or off for matmuls and cuDNN (process-wide, as PyTorch has it).
+
+    The legacy flags on purpose: torch 2.11-2.13 read ``cudnn.allow_tf32`` internally (in
+    torch.export, for one) and raise once the newer ``fp32_precision`` API has been used.
+    """
+    if torch.backends.cuda.matmul.allow_tf32 != tf32:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    if torch.backends.cudnn.allow_tf32 != tf32:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _set_cudnn_benchmark(torch, meta: Mapping[str, Any]) -> None:
+    """Turn cuDNN's per-shape algorithm search on for engines that ask for it (never off: other code may rely on it)."""
+    if not (meta["device"].startswith("cuda") and meta.get("cudnn_benchmark")):
+        return
+    if not torch.backends.cudnn.benchmark:
+        torch.backends.cudnn.benchmark = True
+    limit = meta.get("cudnn_benchmark_limit")
+    if limit is not None and hasattr(torch.backends.cudnn, "benchmark_limit"):
+        torch.backends.cudnn.benchmark_limit = int(limit)
+
+
+def _benchmark_limit(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        limit = int(value)
+    except (TypeError, ValueError):
+        limit = -1
+    if limit < 0 or str(value).strip() not in (str(limit), f"{limit}.0"):
+        raise BuildError(f"cudnn_benchmark_limit must be a whole number >= 0 (0 times every algorithm), not {value!r}")
+    return limit
+
+
+def inductor_options(meta: Mapping[str, Any]) -> dict[str, Any]:
+    torch = _torch()
+    options = dict(torch._inductor.list_mode_options(meta["mode"]))
+    if not meta["device"].startswith("cuda"):
+        options.pop("triton.cudagraphs", None)
+    options.update(meta.get("inductor") or {})
+    return options
+
+
+def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
+    """A fresh module of the program with cuDNN-fused convolution epilogues (``fusion``)."""
+    from .fusion import fuse_conv_epilogues
+
+    module = program.module()
+    counts = fuse_conv_epilogues(module)
+    log.append("cuDNN fused epilogues" + (" (on CUDA; unfused reference kernels elsewhere)" if not
+                                          meta["device"].startswith("cuda") else "") + ": "
+               + ", ".join(f"{pattern} x{n}" for pattern, n in counts.items()))
+    return module
+
+
+def compile_module(module, meta: Mapping[str, Any]):
+    """The callable a session runs: torch.compile'd (lazily compiled on first calls) or eager."""
+    torch = _torch()
+    if meta["compile"] == "eager":
+        return module
+    limit = len(meta.get("batches") or []) + 4
+    if torch._dynamo.config.recompile_limit < limit:
+        torch._dynamo.config.recompile_limit = limit
+    return torch.compile(module, backend="inductor", options=inductor_options(meta),
+                         dynamic=meta["dynamic"], fullgraph=True)
+
+
+def _warm(fn, meta: Mapping[str, Any], signature: Signature, device: str) -> dict[int, float]:
+    """Run every precompiled batch size (compiling, recording CUDA graphs); seconds per batch."""
+    torch = _torch()
+    seconds: dict[int, float] = {}
+    for batch in meta["warm_batches"]:
+        inputs = example_inputs(signature, batch, device, seed=batch, known=meta.get("example_shapes"))
+        started = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(3 if meta.get("cudagraphs") else 1):
+                fn(*inputs)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        seconds[batch] = round(time.perf_counter() - started, 2)
+    return seconds
+
+
+def _aoti_compile(program, meta: Mapping[str, Any], tmp: str) -> bytes:
+    """AOTInductor: the program compiled ahead of time into a .so inside a .pt2 package."""
+    torch = _torch()
+    options = {k: v for k, v in inductor_options(meta).items() if k != "triton.cudagraphs"}
+    path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(tmp, "aoti.pt2"),
+                                                    inductor_configs=options)
+    return Path(path).read_bytes()
+
+
+class _GraphedRunner:
+    """CUDA graphs around a runner (an AOTInductor model) for fixed batch sizes.
+
+    AOTInductor has no CUDA-graph support of its own, and at batch 1 kernel launches
+    dominate; each compiled batch size is captured once and replayed with its inputs
+    copied into the graph's static buffers. Other shapes call the runner directly.
+    """
+
+    def __init__(self, runner, signature: Signature, device: str, batches: list[int], log: list[str],
+                 known: Mapping[str, Any] | None = None):
+        torch = _torch()
+        self._runner = runner
+        self._graphs: dict[tuple, tuple] = {}
+        for batch in batches:
+            static = example_inputs(signature, batch, device, seed=batch, known=known)
+            try:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side), torch.no_grad():
+                    for _ in range(2):
+                        runner(*static)
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph), torch.no_grad():
+                    outputs = runner(*static)
+            except Exception as exc:  # noqa: BLE001 - capture is an optimization; run uncaptured instead
+                log.append(f"CUDA graph capture of the AOTInductor model failed at batch {batch}: "
+                           f"{_first_line(exc)[:200]}; it runs without CUDA graphs")
+                torch.cuda.synchronize(device)
+                self._graphs.clear()
+                return
+            outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+            self._graphs[tuple(tuple(t.shape) for t in static)] = (graph, static, outs)
+        if self._graphs:
+            log.append(f"AOTInductor model captured in CUDA graphs for batches {', '.join(map(str, batches))}")
+
+    @property
+    def captured(self) -> bool:
+        return bool(self._graphs)
+
+    def __call__(self, *inputs):
+        entry = self._graphs.get(tuple(tuple(t.shape) for t in inputs))
+        if entry is None:
+            return self._runner(*inputs)
+        graph, static, outs = entry
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value, non_blocking=True)
+        graph.replay()
+        return outs
+
+
+# Packages that loaded in a child process already (sha256), so each is probed once per process.
+_AOTI_PROBED: set[str] = set()
+AOTI_PROBE_ENV = "ENGINESMITH_TORCH_AOTI_PROBE"
+
+_AOTI_PROBE_SCRIPT = """
+import sys, torch
+index = int(sys.argv[2])
+if index >= 0:
+    torch.zeros(1, device=f"cuda:{index}")
+torch._inductor.aoti_load_package(sys.argv[1], run_single_threaded=True, device_index=index)
+print("aoti-load-ok")
+"""
+
+
+def _aoti_probe(path: str, index: int, digest: str) -> None:
+    """Load the package in a child process first: with PyTorch 2.11+cu130 on the H100 image, loading an
+    AOTInductor package in a process other than the one that compiled it died with SIGSEGV inside
+    AOTIModelPackageLoader (benchmarks/results/gpu_torch.json). A crash there must not take the caller
+    down, so it becomes a BuildError. ENGINESMITH_TORCH_AOTI_PROBE=0 skips the probe."""
+    import signal
+    import subprocess
+
+    if digest in _AOTI_PROBED or os.environ.get(AOTI_PROBE_ENV, "1") == "0":
+        return
+    try:
+        done = subprocess.run([sys.executable, "-c", _AOTI_PROBE_SCRIPT, path, str(index)], capture_output=True,
+                              text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise BuildError("loading the engine's AOTInductor package did not finish in 600 s; rebuild the engine "
+                         "with backend_options compile='inductor'") from None
+    if done.returncode == 0 and "aoti-load-ok" in done.stdout:
+        _AOTI_PROBED.add(digest)
+        return
+    if done.returncode < 0:
+        try:
+            why = f"it crashed with {signal.Signals(-done.returncode).name}"
+        except ValueError:
+            why = f"it was killed by signal {-done.returncode}"
+    else:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        why = f"it failed: {lines[-1][:300] if lines else f'exit status {done.returncode}'}"
+    raise BuildError(f"this PyTorch ({_torch().__version__}) cannot load the engine's AOTInductor package ({why} in a "
+                     "probe process); rebuild the engine with backend_options compile='inductor' (the default)")
+
+
+def _aoti_load(data: bytes, device: str, probe: bool = True):
+    torch = _torch()
+    with tempfile.NamedTemporaryFile(prefix="enginesmith-aoti-", suffix=".pt2", delete=False) as handle:
+        handle.write(data)
+    try:
+        index = int(device.split(":")[1]) if device.startswith("cuda:") else -1
+        if probe:
+            _aoti_probe(handle.name, index, hashlib.sha256(data).hexdigest())
+        # Calls are serialized by the session's lock, and the runner's own locking breaks CUDA-graph capture.
+        return torch._inductor.aoti_load_package(handle.name, run_single_threaded=True, device_index=index)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)

@@ -1,0 +1,173 @@
+"""The module torch.export traces: signature dtypes in and out, the engine's precision inside.
+
+``export_program`` marks the batch (and other non-fixed dims) dynamic and turns trace
+failures into one error naming the converted op they came from.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+import time
+from contextlib import redirect_stderr
+from typing import Mapping, Sequence
+
+from ...errors import MissingDependencyError, UnsupportedModelError
+from ...signature import Signature
+from .common import _example_shape, _first_line, _quiet_loggers, _torch, example_inputs
+
+def _wrapper_class():
+    torch = _torch()
+    from torch.utils import _pytree as pytree
+
+    class EngineModule(torch.nn.Module):
+        """Signature dtypes in and out, compute dtype and memory format inside."""
+
+        def __init__(self, inner, order: list[int], compute_dtype, float_inputs: list[bool],
+                     out_dtypes: list, channels_last: bool):
+            super().__init__()
+            self.inner = inner
+            self.order = order
+            self.compute_dtype = compute_dtype
+            self.float_inputs = float_inputs
+            self.out_dtypes = out_dtypes
+            self.channels_last = channels_last
+
+        def forward(self, *inputs):
+            xs = []
+            for x, is_float in zip(inputs, self.float_inputs):
+                if is_float:
+                    x = x.to(self.compute_dtype)
+                    if self.channels_last and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                xs.append(x)
+            ordered = [None] * len(xs)
+            for position, index in enumerate(self.order):
+                ordered[index] = xs[position]
+            # Dicts, dataclasses (transformers' ModelOutput) and nested tuples become a flat tuple.
+            outs = pytree.tree_leaves(self.inner(*ordered))
+            return tuple(o.to(d) if o.is_floating_point() and o.dtype != d else o for o, d in zip(outs, self.out_dtypes))
+
+    return EngineModule
+
+
+def _has_conv2d(module) -> bool:
+    torch = _torch()
+    return any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+
+
+def _export_failure_site(exc: BaseException) -> str:
+    """Which converted op torch.export failed in, read from its error text and traceback."""
+    import traceback
+
+    text = str(exc) + "".join(traceback.format_tb(exc.__traceback__))
+    converter = re.findall(r"onnx2torch/node_converters/(\w+)\.py", text)
+    executing = re.search(r"While executing %\S+ : .*?target=([^\]\s,]+)", text)
+    parts = []
+    if converter:
+        parts.append(f"onnx2torch's {converter[-1]} converter")
+    if executing:
+        parts.append(f"module '{executing.group(1)}'")
+    return f" (in {', '.join(parts)})" if parts else ""
+
+
+def _attempts(torch, signature: Signature, batch_dim, has_samples: bool) -> list[tuple[str, tuple | None]]:
+    """dynamic_shapes to try, most dynamic first: every open dim; the batch only; nothing (at the sample's shapes)."""
+    every, batch_only = [], []
+    for spec in signature.inputs:
+        _, axes = _example_shape(spec, 2)
+        every.append({axis: (batch_dim if axis == 0 else torch.export.Dim.AUTO) for axis in axes} or None)
+        batch_only.append({0: batch_dim} if 0 in axes else None)
+    attempts: list[tuple[str, tuple | None]] = []
+    if any(every):
+        attempts.append(("dynamic", tuple(every)))
+    if any(batch_only) and batch_only != every:
+        attempts.append(("batch", tuple(batch_only)))
+    if not attempts or has_samples:
+        attempts.append(("static", None))
+    return attempts
+
+
+def export_program(module, signature: Signature, device: str, log: list[str],
+                   sample_shapes: Mapping[str, Sequence[int]] | None = None):
+    """torch.export with the batch dim (and other open dims, where the model allows) dynamic.
+
+    Example sizes come from the build's samples (``sample_shapes``) where given: a model with a
+    pooling stage or a positional table may not run at the generic example size. Dims the model
+    cannot keep symbolic are fixed at those sizes (``Dim.AUTO``; then, when tracing still fails,
+    every dim but the batch; then all, at the sample's shapes): see :func:`served_shapes`.
+    """
+    torch = _torch()
+    # CUDA kernels such as batch norm guard the batch at 65535 (a grid dimension); without the
+    # bound, export of such models fails with "Constraints violated (batch)".
+    batch_dim = torch.export.Dim("batch", min=1, max=65535) if device.startswith("cuda") else torch.export.Dim("batch", min=1)
+    started = time.perf_counter()
+    first_error: BaseException | None = None
+    for label, dynamic_shapes in _attempts(torch, signature, batch_dim, bool(sample_shapes)):
+        if label == "static" and sample_shapes:
+            inputs = tuple(_sample_examples(signature, device, sample_shapes))
+        else:
+            inputs = tuple(example_inputs(signature, 2, device, known=sample_shapes))
+        # torch.export prints the partial graph of a failed trace straight to stderr (not through
+        # logging); it is caught here and shown only when the export succeeds (then it holds warnings).
+        printed = io.StringIO()
+        try:
+            with torch.no_grad(), _quiet_loggers("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export"), \
+                    redirect_stderr(printed):
+                program = torch.export.export(module, inputs, dynamic_shapes=(dynamic_shapes,) if dynamic_shapes else None,
+                                              strict=False)
+        except MissingDependencyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - export errors are model limitations
+            first_error = first_error or exc
+            continue
+        sys.stderr.write(printed.getvalue())
+        if first_error is not None:
+            log.append(f"torch.export could not keep every open dim symbolic ({_first_line(first_error)[:200]}); "
+                       f"exported with {'the batch dynamic' if label == 'batch' else 'the sample shapes fixed'}")
+        log.append(f"torch.export: {len(list(program.graph.nodes))} graph nodes, "
+                   f"{'static shapes' if label == 'static' else 'dynamic batch'}, {time.perf_counter() - started:.1f} s")
+        return program
+    assert first_error is not None
+    raise UnsupportedModelError(f"torch.export could not trace the model{_export_failure_site(first_error)}: "
+                                f"{_first_line(first_error)[:300]}; the PyTorch backend needs a model without data-dependent "
+                                "shapes (use --backend onnxruntime, or give the input sizes with --input NAME:SHAPE "
+                                "or --data)") from None
+
+
+def _sample_examples(signature: Signature, device: str, sample_shapes: Mapping[str, Sequence[int]]) -> list:
+    """Random inputs at exactly the samples' shapes (the signature's fixed dims where a sample is missing)."""
+    known = {name: list(shape) for name, shape in sample_shapes.items()}
+    batch = next((int(shape[0]) for shape in known.values() if shape), 2)
+    return example_inputs(signature, batch, device, known=known)
+
+
+def served_shapes(program, signature: Signature) -> dict[str, list[int | None]]:
+    """Per input, the shape the exported program accepts: an int where fixed, None where symbolic."""
+    torch = _torch()
+    user = list(program.graph_signature.user_inputs)
+    nodes = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    served: dict[str, list[int | None]] = {}
+    for spec, name in zip(signature.inputs, user):
+        value = nodes[name].meta.get("val")
+        if value is None:
+            served[spec.name] = [d if isinstance(d, int) else None for d in spec.shape]
+            continue
+        served[spec.name] = [None if isinstance(d, torch.SymInt) else int(d) for d in value.shape]
+    return served
+
+
+def specialized_dims(served: Mapping[str, Sequence[int | None]], signature: Signature) -> dict[str, list[int]]:
+    """Per input, the axes the signature leaves open but the program fixed."""
+    fixed: dict[str, list[int]] = {}
+    for spec in signature.inputs:
+        axes = [axis for axis, (want, got) in enumerate(zip(spec.shape, served.get(spec.name, [])))
+                if not (isinstance(want, int) and want >= 0) and got is not None]
+        if axes:
+            fixed[spec.name] = axes
+    return fixed
+
+
+def shape_text(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

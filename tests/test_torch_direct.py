@@ -1,0 +1,186 @@
+"""Torch sources built by the PyTorch backend directly (torch.export, no ONNX -> onnx2torch hop), flattened
+outputs, and dims that cannot stay symbolic fixed at the build's sample sizes (backends/torch_compile/native.py, export.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import run_plain
+from onnx import TensorProto, helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+if importlib.util.find_spec("onnx2torch") is None:
+    pytest.skip("onnx2torch is not installed", allow_module_level=True)
+
+import enginesmith as es  # noqa: E402
+from enginesmith.errors import InputError  # noqa: E402
+from enginesmith.importers import ImportOptions  # noqa: E402
+from torch_models import MeanHead, SelfAttention, StridedPoolNet, TinyEncoder, onnx_of  # noqa: E402
+
+# ENGINESMITH_TEST_DEVICE=cuda runs the same checks on the GPU (scripts/gpu_zoo.sh tests).
+EAGER = {"device": os.environ.get("ENGINESMITH_TEST_DEVICE", "cpu"), "compile": "eager"}
+
+
+def build_module(module, example, **kwargs):
+    return es.build(module.eval(), backend="torch", backend_options=kwargs.pop("backend_options", EAGER),
+                    import_options=ImportOptions(example_inputs=example, dynamic_axes=kwargs.pop("dynamic_axes", {})),
+                    **kwargs)
+
+
+def test_module_is_exported_directly_and_its_engine_loads_without_the_class(tmp_path):
+    torch.manual_seed(0)
+    module = MeanHead()
+    engine = build_module(module, (torch.randn(2, 3, 16, 16),))
+    assert engine.manifest.checks["build"]["source"] == "torch"
+    assert any("exported with torch.export directly" in line for line in engine.manifest.build_log)
+    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(engine(x=x)["output"], want, rtol=1e-5, atol=1e-5)
+    path = engine.save(tmp_path / "mean.engine")
+    np.save(tmp_path / "x.npy", x)
+    # A fresh interpreter that cannot import tests/torch_models.py: the payload must not need MeanHead.
+    script = ("import sys, numpy as np, enginesmith as es\n"
+              "out = es.load(sys.argv[1])(x=np.load(sys.argv[2]))['output']\nnp.save(sys.argv[3], out)\n")
+    src = str(Path(es.__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": src},
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dict_outputs_become_named_outputs_with_a_dynamic_sequence():
+    torch.manual_seed(0)
+    module = TinyEncoder()
+    ids = torch.randint(0, 50, (2, 7))
+    engine = build_module(module, (ids, torch.ones_like(ids)), dynamic_axes={"input_ids": [1], "attention_mask": [1]})
+    assert engine.signature.output_names == ["last_hidden_state", "pooler_output"]
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 50, (3, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0
+    got = engine(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        want = module(torch.from_numpy(ids), torch.from_numpy(mask))
+    for name in ("last_hidden_state", "pooler_output"):
+        np.testing.assert_allclose(got[name], want[name].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_multihead_attention_module_matches_eager():
+    torch.manual_seed(0)
+    module = SelfAttention()
+    engine = build_module(module, (torch.randn(2, 5, 16),))
+    x = np.random.default_rng(3).standard_normal((4, 5, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(engine(x=x)["output"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_source_onnx_option_builds_from_the_onnx_conversion():
+    torch.manual_seed(0)
+    module = MeanHead()
+    engine = build_module(module, (torch.randn(2, 3, 16, 16),), backend_options={**EAGER, "source": "onnx"})
+    assert engine.manifest.checks["build"]["source"] == "onnx"
+    assert any("onnx2torch" in line for line in engine.manifest.build_log)
+    with pytest.raises(es.errors.BuildError, match="source must be auto"):
+        build_module(module, (torch.randn(2, 3, 16, 16),), backend_options={**EAGER, "source": "tflite"})
+
+
+def test_pooling_model_with_dynamic_height_and_width_exports_at_the_sample_size():
+    """At the generic example size (32) the pool gets a 1x1 map and fails; the samples (128x256) trace symbolically."""
+    torch.manual_seed(0)
+    auto = torch.export.Dim.AUTO
+    model = onnx_of(StridedPoolNet(), (torch.randn(2, 3, 128, 256),), ({0: auto, 2: auto, 3: auto},))
+    name = model.graph.input[0].name
+    assert all(d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim[2:])
+    samples = np.random.default_rng(4).standard_normal((2, 3, 128, 256)).astype(np.float32)
+    engine = es.build(model, backend="torch", backend_options=EAGER, data={name: samples})
+    assert engine.manifest.checks["build"]["served_shapes"][name] == [None, 3, None, None]
+    x = np.random.default_rng(5).standard_normal((3, 3, 160, 192)).astype(np.float32)
+    np.testing.assert_allclose(engine(**{name: x})[engine.signature.output_names[0]],
+                               run_plain(model, {name: x})[model.graph.output[0].name], rtol=1e-4, atol=1e-5)
+
+
+def height_bound_model() -> onnx.ModelProto:
+    """x[batch, 3, h, w] -> mean over w -> Flatten -> MatMul(12x4): only h = 4 runs, though the input leaves h open."""
+    weight = numpy_helper.from_array(np.random.default_rng(6).standard_normal((12, 4)).astype(np.float32), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["m"], axes=[3], keepdims=0),
+         helper.make_node("Flatten", ["m"], ["f"], axis=1), helper.make_node("MatMul", ["f", "weight"], ["y"])], "flat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_dims_that_cannot_stay_symbolic_are_fixed_at_the_samples_and_other_sizes_refused():
+    model = height_bound_model()
+    samples = np.random.default_rng(7).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    engine = es.build(model, backend="torch", backend_options=EAGER, data={"x": samples})
+    assert engine.manifest.checks["build"]["served_shapes"]["x"] == [None, 3, 4, None]
+    assert any("the engine serves x: [?, 3, 4, ?]" in line for line in engine.manifest.build_log)
+    wide = np.random.default_rng(8).standard_normal((3, 3, 4, 9)).astype(np.float32)
+    np.testing.assert_allclose(engine(x=wide)["y"], run_plain(model, {"x": wide})["y"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match=r"serves x: \[\?, 3, 4, \?\].*--input x:2x3x6x5"):
+        engine(x=np.zeros((2, 3, 6, 5), np.float32))
+
+
+def test_exported_program_with_float32_constants_builds_in_fp16():
+    """A .pt2 traced in fp32 bakes dtype=float32 into ops (the mask here); an fp16 build retargets them."""
+
+    class MaskedScores(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x, mask):
+            bias = (1.0 - mask.float()) * -1e4
+            return self.proj(torch.softmax(self.proj(x) + bias[:, :, None], dim=1))
+
+    torch.manual_seed(0)
+    module = MaskedScores().eval()
+    x, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.int64)
+    program = torch.export.export(module, (x, mask), dynamic_shapes=({0: torch.export.Dim("batch")}, {0: torch.export.Dim("batch")}))
+    mask[1, 3:] = 0
+    engine = es.build(program, backend="torch", precision="fp16", force_precision=True, backend_options=EAGER,
+                      data={"x": x.numpy(), "mask": mask.numpy()})
+    assert engine.precision == "fp16"
+    assert any("float32 constants" in line for line in engine.manifest.build_log)
+    with torch.no_grad():
+        want = module(x, mask).numpy()
+    np.testing.assert_allclose(engine(x=x.numpy(), mask=mask.numpy())["output"], want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("source", ["auto", "onnx"])
+def test_transformers_bert_builds_from_the_module_and_from_its_onnx_export(source):
+    """The reported failure: a BERT encoder's ONNX (Reshape allowzero=1, mask built with Range/GatherND/Where)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=200, max_position_embeddings=64)
+    module = transformers.BertModel(config).eval()
+    rng = np.random.default_rng(10)
+    ids = rng.integers(0, 200, (2, 16)).astype(np.int64)
+    mask = np.ones_like(ids)
+    example = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    engine = build_module(module, example, backend_options={**EAGER, "source": source})
+    assert engine.manifest.checks["build"]["source"] == ("torch" if source == "auto" else "onnx")
+    assert engine.signature.output_names == ["last_hidden_state", "pooler_output"]
+    assert engine.manifest.checks["build"]["served_shapes"]["input_ids"][0] is None  # the batch stays dynamic
+    ids = rng.integers(0, 200, (3, 16)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[2, 10:] = 0
+    got = engine(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        want = module(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    np.testing.assert_allclose(got["last_hidden_state"], want.last_hidden_state.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["pooler_output"], want.pooler_output.numpy(), rtol=1e-4, atol=1e-4)

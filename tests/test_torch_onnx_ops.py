@@ -1,0 +1,187 @@
+"""The PyTorch backend's own ONNX converters (backends/torch_compile/onnx_ops.py), each against ONNX Runtime,
+and the ops torch.onnx's dynamo exporter writes for real layers (mean pooling, nn.MultiheadAttention, an encoder)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import onnx
+import pytest
+from conftest import run_plain
+from onnx import TensorProto, helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+if importlib.util.find_spec("onnx2torch") is None:
+    pytest.skip("onnx2torch is not installed", allow_module_level=True)
+
+from enginesmith.backends import BuildOptions, get_backend  # noqa: E402
+from enginesmith.graph.compat import compatibility_report  # noqa: E402
+from enginesmith.importers import import_model  # noqa: E402
+
+# ENGINESMITH_TEST_DEVICE=cuda runs the same checks on the GPU (scripts/gpu_zoo.sh tests).
+EAGER = BuildOptions(backend_options={"device": os.environ.get("ENGINESMITH_TEST_DEVICE", "cpu"), "compile": "eager"})
+
+
+def one_node(op: str, opset: int, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]],
+             inits: dict[str, np.ndarray] | None = None, **attrs) -> onnx.ModelProto:
+    inits = inits or {}
+    node = helper.make_node(op, [n for n, _ in inputs] + list(inits), [n for n, _ in outputs], name=op.lower(), **attrs)
+    graph = helper.make_graph(
+        [node], op, [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    # Output shapes as ONNX infers them (the importer wants every output typed and shaped).
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+def engine_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    imported = import_model(model)
+    backend = get_backend("torch")
+    result = backend.build(imported.model, imported.signature, EAGER)
+    return backend.load(result.payload, result.resolved_options, imported.signature).run(feeds)
+
+
+def assert_matches_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray], atol: float = 1e-5) -> None:
+    want = run_plain(model, feeds)
+    got = engine_outputs(model, feeds)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=atol)
+
+
+X = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceMax", "ReduceL2", "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_reduce_with_axes_as_an_input_at_opset_18(op, keepdims):
+    model = one_node(op, 18, [("x", ["b", 3, 4, 5])], [("y", None)], {"axes": np.array([2, -1], np.int64)}, keepdims=keepdims)
+    assert_matches_onnxruntime(model, {"x": np.abs(X) + 0.5 if op == "ReduceProd" else X})
+
+
+def test_reduce_without_axes_reduces_everything_or_nothing():
+    whole = one_node("ReduceMean", 18, [("x", [2, 3, 4, 5])], [("y", None)], keepdims=0)
+    assert_matches_onnxruntime(whole, {"x": X})
+    noop = one_node("ReduceMean", 18, [("x", [2, 3, 4, 5])], [("y", None)], noop_with_empty_axes=1)
+    assert_matches_onnxruntime(noop, {"x": X})
+
+
+def test_reshape_allowzero_takes_the_shape_literally():
+    model = one_node("Reshape", 19, [("x", ["b", 3, 4, 5])], [("y", None)], {"shape": np.array([-1, 20], np.int64)}, allowzero=1)
+    assert_matches_onnxruntime(model, {"x": X})
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_at_opset_20(approximate):
+    model = one_node("Gelu", 20, [("x", ["b", 3, 4, 5])], [("y", ["b", 3, 4, 5])], approximate=approximate)
+    assert_matches_onnxruntime(model, {"x": X})
+
+
+def test_split_into_num_outputs_with_a_smaller_last_chunk():
+    x = np.arange(2 * 7, dtype=np.float32).reshape(2, 7)
+    model = one_node("Split", 18, [("x", [2, 7])], [("a", None), ("b", None), ("c", None)], axis=1, num_outputs=3)
+    assert_matches_onnxruntime(model, {"x": x})
+    assert engine_outputs(model, {"x": x})["c"].shape == (2, 1)
+
+
+@pytest.mark.parametrize("mode,opset", [("nearest", 13), ("linear", 18)])
+def test_resize_with_constant_scales_exports_with_a_dynamic_batch(mode, opset):
+    """onnx2torch's Resize reads the scales tensor on every call, which torch.export cannot trace."""
+    model = one_node("Resize", opset, [("x", ["b", 3, 4, 5])], [("y", None)],
+                     {"roi": np.array([], np.float32), "scales": np.array([1, 1, 2, 2], np.float32)}, mode=mode)
+    assert_matches_onnxruntime(model, {"x": X})
+
+
+def test_gather_nd_keeps_the_batch_dynamic():
+    """onnx2torch's GatherND flattens by the indices' element count, which fixes the batch under torch.export."""
+    data = np.random.default_rng(9).standard_normal((3, 4, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("GatherND", ["data", "indices"], ["y"])], "g",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [3, 4, 5]),
+         helper.make_tensor_value_info("indices", TensorProto.INT64, ["b", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 9
+    indices = np.array([[0, 1], [2, 3], [1, 0], [2, 2]], np.int64)
+    assert_matches_onnxruntime(model, {"data": data, "indices": indices})
+    imported = import_model(model)
+    result = get_backend("torch").build(imported.model, imported.signature, EAGER)
+    assert result.details["served_shapes"]["indices"] == [None, 2]
+
+
+@pytest.mark.parametrize("axis", [-1, 2])
+def test_layer_normalization_at_opset_17(axis):
+    scale = np.random.default_rng(11).standard_normal(X.shape[axis:]).astype(np.float32)
+    model = one_node("LayerNormalization", 17, [("x", ["b", 3, 4, 5])], [("y", ["b", 3, 4, 5])],
+                     {"scale": scale, "bias": np.full(X.shape[axis:], 0.5, np.float32)}, axis=axis, epsilon=1e-5)
+    assert_matches_onnxruntime(model, {"x": X})
+
+
+def test_einsum_batched_matmul_with_a_weight():
+    weight = np.random.default_rng(12).standard_normal((5, 6)).astype(np.float32)
+    model = one_node("Einsum", 12, [("x", ["b", 3, 4, 5])], [("y", ["b", 3, 4, 6])], {"w": weight}, equation="bcij,jk->bcik")
+    assert_matches_onnxruntime(model, {"x": X})
+
+
+def test_type_only_version_bumps_at_opset_21():
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("Flatten", ["t"], ["f"], axis=1),
+             helper.make_node("Cast", ["f"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 12])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    assert_matches_onnxruntime(model, {"x": X[:, :, :, 0].copy()})
+
+
+def test_inspect_reports_new_converters_supported_and_refused_nodes_with_the_reason():
+    reduce18 = one_node("ReduceMean", 18, [("x", ["b", 3, 4, 5])], [("y", None)], {"axes": np.array([2, 3], np.int64)})
+    report = compatibility_report(reduce18, "torch")
+    assert report.counts.get("unsupported", 0) == 0 and report.counts.get("supported") == 1
+    padded = one_node("Pad", 18, [("x", [2, 3, 4, 5])], [("y", None)],
+                      {"pads": np.array([1, 1], np.int64), "value": np.array(0, np.float32),
+                       "axes": np.array([3], np.int64)})
+    report = compatibility_report(padded, "torch")
+    assert report.counts.get("unsupported") == 1
+    assert "axes" in report.summary() or any("axes" in str(row) for row in report.to_dict()["nodes"])
+
+
+# ----------------------------------------------------------------- layers as torch.onnx (dynamo) exports them
+
+
+def test_mean_pooling_head_exported_at_opset_18():
+    from torch_models import MeanHead, onnx_of
+
+    torch.manual_seed(0)
+    model = onnx_of(MeanHead(), (torch.randn(2, 3, 16, 16),), ({0: torch.export.Dim("batch")},))
+    assert any(n.op_type == "ReduceMean" for n in model.graph.node)
+    assert_matches_onnxruntime(model, {model.graph.input[0].name: np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)})
+
+
+def test_multihead_attention_exported_with_allowzero_reshapes():
+    from torch_models import SelfAttention, onnx_of
+
+    torch.manual_seed(0)
+    model = onnx_of(SelfAttention(), (torch.randn(2, 5, 16),), ({0: torch.export.Dim("batch")},))
+    assert any(a.name == "allowzero" and a.i == 1 for n in model.graph.node for a in n.attribute)
+    x = np.random.default_rng(2).standard_normal((3, 5, 16)).astype(np.float32)
+    assert_matches_onnxruntime(model, {model.graph.input[0].name: x})
+
+
+def test_encoder_with_layernorm_gelu_masked_attention_and_dynamic_sequence():
+    from torch_models import TinyEncoder, onnx_of
+
+    torch.manual_seed(0)
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=64)
+    ids = torch.randint(0, 50, (2, 7))
+    model = onnx_of(TinyEncoder(), (ids, torch.ones_like(ids)), ({0: batch, 1: length}, {0: batch, 1: length}))
+    rng = np.random.default_rng(3)
+    mask = np.ones((3, 9), np.int64)
+    mask[0, 6:] = 0
+    feeds = dict(zip([i.name for i in model.graph.input], [rng.integers(0, 50, (3, 9)).astype(np.int64), mask]))
+    assert_matches_onnxruntime(model, feeds, atol=1e-4)
