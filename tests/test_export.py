@@ -197,13 +197,16 @@ def test_onnxruntime_gpu_providers_become_triton_execution_accelerators(engines)
     assert config.optimization.graph.level == 2
 
 
-@pytest.mark.parametrize("backend, reason", [
-    ("torch", "compiler cache that only enginesmith's own loader reads"),
-    ("openvino", "OpenVINO compiled blob"),
-    ("mystery", "no Triton backend for 'mystery' payloads"),
+@pytest.mark.parametrize("backend, changes, reason", [
+    ("torch", {}, "compiler cache that only enginesmith's own loader reads"),
+    ("openvino", {"precision": "int8"}, "int8 precision exists only in the compiled blob"),
+    ("openvino", {"source_kind": "keras", "source_name": "cnn.keras"}, "carries no ONNX source"),
+    ("openvino", {"build_options": {"import_options": {"input_shapes": {"image": [1, 1, 8, 8]}}}},
+     "changed the source's input shapes"),
+    ("mystery", {}, "no Triton backend for 'mystery' payloads"),
 ])
-def test_engines_triton_cannot_load_are_refused_with_the_reason(engines, tmp_path, capsys, backend, reason):
-    engine = with_manifest(engines["cnn"], tmp_path / f"{backend}.engine", backend=backend)
+def test_engines_triton_cannot_load_are_refused_with_the_reason(engines, tmp_path, capsys, backend, changes, reason):
+    engine = with_manifest(engines["cnn"], tmp_path / f"{backend}.engine", backend=backend, **changes)
     with pytest.raises(NotExportableError, match=reason) as info:
         export_triton([engine], tmp_path / "repo")
     assert "--backend onnxruntime" in str(info.value)
@@ -211,6 +214,28 @@ def test_engines_triton_cannot_load_are_refused_with_the_reason(engines, tmp_pat
     assert main(["export", "triton", str(engine), "-o", str(tmp_path / "repo")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "cannot be exported to Triton" in err and "Traceback" not in err
+
+
+def test_openvino_engine_is_served_by_the_openvino_backend_from_its_onnx_source(engines, tmp_path):
+    pytest.importorskip("openvino")
+    source = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(image_size=8), source)
+    engine = es.build(source, backend="openvino", backend_options={"performance_hint": "throughput"})
+    engine.save(tmp_path / "ov.engine")
+    (model,) = export_triton([tmp_path / "ov.engine"], tmp_path / "repo")
+    folder = tmp_path / "repo" / "ov"
+    config = parse_config(folder / "config.pbtxt")
+    assert config.backend == "openvino" and not config.platform and config.default_model_filename == "model.onnx"
+    assert {k: v.string_value for k, v in config.parameters.items()} == {"PERFORMANCE_HINT": "THROUGHPUT"}
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_CPU"
+    assert config.max_batch_size == 32 and [list(t.dims) for t in config.input] == [[1, 8, 8]]
+    # The file is the bundle's source, and it computes what the OpenVINO engine computes.
+    assert (folder / "1" / "model.onnx").read_bytes() == read_bundle(tmp_path / "ov.engine", payload=False,
+                                                                     source=True).source
+    batch = np.random.default_rng(1).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["probs"], {"image": batch})[0], engine(image=batch)["probs"],
+                               rtol=1e-3, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- never replace without --force

@@ -65,11 +65,11 @@ def triton(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Write ENGINE bundles (one or more) as models of a Triton Inference Server repository:
-    REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx (ONNX Runtime engines) or model.plan
-    (TensorRT engines).
+    REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx (ONNX Runtime engines; OpenVINO engines
+    from their ONNX source) or model.plan (TensorRT engines).
 
-    OpenVINO and PyTorch engines are refused with the reason: their payloads are not model files
-    Triton loads. A model folder that is not empty is replaced only with --force.
+    PyTorch engines, and OpenVINO engines without a usable ONNX source, are refused with the
+    reason. A model folder that is not empty is replaced only with --force.
     """
     from ..export import export_triton
 

@@ -8,9 +8,13 @@ An engine bundle holds a payload that some servers can load without enginesmith:
   has them;
 - a TensorRT engine's payload is a serialized TensorRT plan: Triton's ``tensorrt_plan`` platform;
 - an OpenVINO engine's payload is a compiled blob (``CompiledModel.export_model``) that only the
-  same OpenVINO version on the same CPU imports, and a PyTorch engine's is a compiler cache read by
-  enginesmith's own loader: neither is a model file a server reads, so they are refused with the
-  reason and what to do (:class:`~enginesmith.errors.NotExportableError`).
+  same OpenVINO version on the same CPU imports: Triton's openvino backend gets the ONNX source the
+  bundle carries instead, where that source is the engine's model (an ONNX file built without shape
+  or name changes, at a precision OpenVINO picks at load: fp32, bf16);
+- a PyTorch engine's payload is a compiler cache read by enginesmith's own loader.
+
+What has no model file a server reads is refused with the reason and what to do
+(:class:`~enginesmith.errors.NotExportableError`).
 
 :func:`export_triton` writes ``REPO/<name>/config.pbtxt`` and ``REPO/<name>/1/<model file>`` (plus
 ``REPO/<name>/warmup/`` from the samples the bundle stores); :func:`export_kserve` writes KServe

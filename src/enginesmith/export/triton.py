@@ -98,14 +98,15 @@ class TritonModel:
 # --------------------------------------------------------------------------- what each backend becomes
 
 
-def _refuse(manifest: Manifest, name: str) -> NotExportableError:
+def _refuse(manifest: Manifest, name: str, reason: str = "") -> NotExportableError:
     backend = manifest.backend
     if backend == "torch":
         why = ("its payload is a PyTorch compiler cache that only enginesmith's own loader reads (no model file "
                "Triton's backends load)")
     elif backend == "openvino":
         why = ("its payload is an OpenVINO compiled blob (CompiledModel.export_model), tied to one OpenVINO "
-               "version and CPU; Triton's openvino backend reads an IR or ONNX model, not that blob")
+               "version and CPU, which Triton's openvino backend cannot read (it reads IR or ONNX files), "
+               f"and the embedded source cannot stand in for it: {reason}")
     else:
         why = f"enginesmith knows no Triton backend for '{backend}' payloads"
     return NotExportableError(
@@ -165,6 +166,62 @@ def _ort_settings(manifest: Manifest, caches: Sequence[str]) -> tuple[dict[str, 
                      "instruction sets, contrib ops): serve it on CPUs like the build machine's, with an ONNX "
                      f"Runtime at least as new as {manifest.backend_version}")
     return extra, kind, notes
+
+
+# Import options that change the model between the source file and the engine (shapes, names, opset).
+SHAPING_IMPORT_OPTIONS = ("input_shapes", "dynamic_axes", "input_names", "output_names", "opset")
+
+
+def openvino_source_problem(manifest: Manifest, source: bytes | None) -> str | None:
+    """Why the bundle's embedded source cannot be served as the OpenVINO engine's model, or None when it can.
+
+    Triton's openvino backend reads ONNX (``default_model_filename: "model.onnx"``) and compiles it at
+    load, so an engine built from an ONNX file without shape or name changes can be served from that
+    file: enginesmith's graph passes are checked to keep the outputs, and OpenVINO applies its own.
+    The precision must be one OpenVINO picks at compile time: NNCF's int8 lives only in the blob.
+    """
+    import onnx
+
+    if manifest.precision not in ("fp32", "bf16"):
+        return (f"the {manifest.precision} precision exists only in the compiled blob (Triton's openvino backend "
+                "has no parameter for it)")
+    if source is None or manifest.source_kind != "onnx" or not manifest.source_name.endswith(".onnx"):
+        return f"the bundle carries no ONNX source (source: {manifest.source_kind} '{manifest.source_name}')"
+    import_options = manifest.build_options.get("import_options") or {}
+    changed = [key for key in SHAPING_IMPORT_OPTIONS if import_options.get(key)]
+    if changed:
+        return f"the build changed the source's {', '.join(changed).replace('_', ' ')}"
+    try:
+        model = onnx.load_model_from_string(source)
+    except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others for a damaged file
+        return f"the embedded source does not parse as ONNX ({type(exc).__name__})"
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return "the embedded source keeps its weights in external data files"
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [v.name for v in model.graph.input if v.name not in weights]
+    outputs = [v.name for v in model.graph.output]
+    if inputs != manifest.signature.input_names or outputs != manifest.signature.output_names:
+        return "the embedded source's inputs or outputs differ from the engine's"
+    return None
+
+
+def _openvino_settings(manifest: Manifest) -> tuple[dict[str, Any], list[str]]:
+    """Triton's openvino backend parameters from the compile properties the engine was built with."""
+    backend_options = manifest.build_options.get("backend_options") or {}
+    params = {"PERFORMANCE_HINT": str(backend_options.get("performance_hint", "latency")).upper()}
+    if backend_options.get("num_streams") is not None:
+        params["NUM_STREAMS"] = str(backend_options["num_streams"]).upper()
+    if manifest.build_options.get("threads"):
+        params["INFERENCE_NUM_THREADS"] = str(int(manifest.build_options["threads"]))
+    notes = ["the model is the bundle's ONNX source, compiled by the server's OpenVINO at load (enginesmith's "
+             "checked graph passes are not in it; OpenVINO applies its own)"]
+    if manifest.precision == "bf16":
+        params["HINT_BF16"] = "YES"
+    else:
+        notes.append("Triton's openvino backend cannot ask for f32 inference: on CPUs with native bf16 (AVX512-BF16, "
+                     "AMX) OpenVINO runs it in bf16 by default, unlike this fp32 engine")
+    extra = {"parameters": [{"key": key, "value": {"string_value": value}} for key, value in params.items()]}
+    return extra, notes
 
 
 def _trt_profile_parameters(profiles: Mapping[str, Mapping[str, Sequence[int]]]) -> list[dict[str, str]]:
@@ -280,18 +337,29 @@ def warmup_from_samples(signature: Signature, samples: bytes, max_batch_size: in
 
 def plan_triton_model(
     manifest: Manifest,
-    payload: bytes,
+    payload: bytes | None,
     name: str,
     options: TritonOptions = TritonOptions(),
     samples: bytes | None = None,
     caches: Sequence[str] = (),
 ) -> TritonModel:
-    """The config and files of one engine as a Triton model; :class:`NotExportableError` when it cannot be one."""
+    """The config and files of one engine as a Triton model; :class:`NotExportableError` when it cannot be one.
+
+    ``payload`` is the model file's content: the engine's payload, or for an OpenVINO engine the ONNX
+    source the bundle carries (its payload is a compiled blob no server reads).
+    """
     check_model_name(name)
     if manifest.backend == "onnxruntime":
         head: dict[str, Any] = {"name": name, "platform": "onnxruntime_onnx"}
         extra, kind, notes = _ort_settings(manifest, caches)
         model_file = "model.onnx"
+    elif manifest.backend == "openvino":
+        problem = openvino_source_problem(manifest, payload)
+        if problem:
+            raise _refuse(manifest, name, problem)
+        head = {"name": name, "backend": "openvino"}
+        extra, notes = _openvino_settings(manifest)
+        kind, model_file = "KIND_CPU", "model.onnx"
     elif manifest.backend == "tensorrt":
         head = {"name": name, "platform": "tensorrt_plan"}
         extra, kind = {}, "KIND_GPU"
@@ -300,6 +368,8 @@ def plan_triton_model(
         model_file = "model.plan"
     else:
         raise _refuse(manifest, name)
+    if payload is None:
+        raise NotExportableError(f"engine '{name}' has no model file to export (its bundle was read without it)")
     signature = manifest.signature
     max_batch_size = resolve_max_batch(manifest, options)
     batched = max_batch_size > 0
@@ -416,10 +486,12 @@ def export_triton(
     for path, name in zip(paths, chosen):
         contents = read_bundle(path, payload=False, samples=options.warmup)
         manifest = contents.manifest
-        if manifest.backend not in ("onnxruntime", "tensorrt"):
+        if manifest.backend == "openvino":
+            payload = read_bundle(path, payload=False, source=True).source
+        elif manifest.backend in ("onnxruntime", "tensorrt"):
+            payload = read_bundle(path, payload=True).payload
+        else:
             raise _refuse(manifest, name)
-        payload = read_bundle(path, payload=True).payload
-        assert payload is not None
         cache_names = [entry.removeprefix("cache/") for entry in manifest.files if entry.startswith("cache/")]
         models.append(plan_triton_model(manifest, payload, name, options, contents.samples, cache_names))
     for model in models:
