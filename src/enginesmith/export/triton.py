@@ -86,13 +86,6 @@ class TritonModel:
     def max_batch_size(self) -> int:
         return int(self.config.get("max_batch_size", 0))
 
-    @property
-    def kind(self) -> str:
-        return str(self.config["instance_group"][0]["kind"])
-
-    @property
-    def uses_gpu(self) -> bool:
-        return self.kind == "KIND_GPU"
 
 
 # --------------------------------------------------------------------------- what each backend becomes
