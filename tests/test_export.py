@@ -365,3 +365,22 @@ def test_kserve_for_a_torch_engine_writes_the_serve_manifest_only_and_refuses_ov
     (container,) = yaml.safe_load((out / "tch-serve.yaml").read_text())["spec"]["predictor"]["containers"]
     assert container["resources"]["requests"]["cpu"] == "4"
 
+
+def test_usage_errors_name_the_export_command_to_look_up(engines, tmp_path, capsys):
+    assert main(["export", "triton", str(engines["cnn"]), "-o", str(tmp_path / "repo"), "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "No such option: --bogus" in err and "(see 'enginesmith export triton --help')" in err
+    assert main(["export", "kserve", str(engines["cnn"]), "-o", str(tmp_path / "k"), "--max-batch", "-1"]) == 2
+    assert "(see 'enginesmith export kserve --help')" in capsys.readouterr().err
+
+
+def test_int8_engine_on_the_tensorrt_provider_with_a_calibration_table_is_refused(engines):
+    manifest = read_bundle(engines["cnn"], payload=False).manifest
+    int8 = dataclasses.replace(manifest, precision="int8", build_options={**manifest.build_options, "backend_options": {
+        "providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}})
+    with pytest.raises(NotExportableError, match="calibration table"):
+        plan_triton_model(int8, b"onnx", "m", caches=["ort_tensorrt.calibration.flatbuffers"])
+    # Without a table (the model's Q/DQ nodes set the scales) it is exported with precision_mode INT8.
+    config = text_format.Parse(plan_triton_model(int8, b"onnx", "m").config_text, model_config_pb2.ModelConfig())
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.parameters["precision_mode"] == "INT8"
