@@ -190,7 +190,8 @@ def export_kserve(
     targets = [out / f"{isvc}-triton.yaml", out / f"{isvc}-serve.yaml", engine_copy]
     for target in targets:
         if target.exists() and not force:
-            raise OutputExistsError(f"refusing to overwrite the existing file '{target}'; give another folder, or add --force")
+            raise OutputExistsError(f"refusing to overwrite the existing file '{target}'; give another folder, "
+                                    "or add --force")
         if target.exists() and target.resolve() == engine_path.resolve():
             raise OutputExistsError(f"'{target}' is the engine being exported; export into another folder")
     check_model_folder(out / REPOSITORY_DIR / model_name, [engine_path], force)

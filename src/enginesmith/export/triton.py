@@ -140,7 +140,8 @@ def _ort_settings(manifest: Manifest, caches: Sequence[str]) -> tuple[dict[str, 
         if manifest.precision in ("fp16", "int8"):
             params.append({"key": "precision_mode", "value": manifest.precision.upper()})
         if backend_options.get("workspace_mb"):
-            params.append({"key": "max_workspace_size_bytes", "value": str(int(backend_options["workspace_mb"]) * 2**20)})
+            workspace = int(backend_options["workspace_mb"]) * 2**20
+            params.append({"key": "max_workspace_size_bytes", "value": str(workspace)})
         params.extend(_trt_profile_parameters(backend_options.get("profiles") or {}))
         accelerators["gpu_execution_accelerator"] = [{"name": "tensorrt", **({"parameters": params} if params else {})}]
         notes.append("TensorRT engines are built by the server at first load (the bundle's cached engines "
@@ -289,7 +290,9 @@ def _fits(shape: Sequence[int], dims: Sequence[int]) -> bool:
     return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims))
 
 
-def warmup_from_samples(signature: Signature, samples: bytes, max_batch_size: int) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+def warmup_from_samples(
+    signature: Signature, samples: bytes, max_batch_size: int
+) -> tuple[dict[str, Any], dict[str, bytes]] | None:
     """One warm-up request from the first stored sample: (the model_warmup entry, file name -> raw bytes).
 
     Triton reads each input's ``input_data_file`` (in the model's ``warmup/`` folder) as raw row-major
