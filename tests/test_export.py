@@ -7,6 +7,7 @@ model_config_pb2 that tritonclient ships); the exported model files are run with
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import io
 from pathlib import Path
 
@@ -288,7 +289,39 @@ PREDICTOR_EXTENSION_FIELDS = {"storageUri", "runtimeVersion", "protocolVersion",
 PROTOCOL_VERSIONS = {"v1", "v2", "grpc-v1", "grpc-v2"}  # pkg/constants InferenceServiceProtocol values
 
 
+# Every leaf the manifests may hold, as paths through those types ("[]": a list item, "*": a map key):
+# ObjectMeta name/annotations; PredictorExtensionSpec storageUri, runtimeVersion, protocolVersion and the
+# inline corev1.Container's resources (ResourceRequirements: requests, limits); corev1.Container name, image,
+# command, args, env (EnvVar: name, value), ports (ContainerPort: name, containerPort, protocol),
+# readinessProbe (Probe.httpGet: HTTPGetAction path, port), resources.
+ALLOWED_LEAF_PATHS = [
+    "apiVersion", "kind", "metadata.name", "metadata.annotations.*",
+    "spec.predictor.triton.storageUri", "spec.predictor.triton.runtimeVersion",
+    "spec.predictor.triton.protocolVersion", "spec.predictor.triton.resources.requests.*",
+    "spec.predictor.triton.resources.limits.*",
+    "spec.predictor.containers[].name", "spec.predictor.containers[].image", "spec.predictor.containers[].command[]",
+    "spec.predictor.containers[].args[]", "spec.predictor.containers[].env[].name",
+    "spec.predictor.containers[].env[].value", "spec.predictor.containers[].ports[].name",
+    "spec.predictor.containers[].ports[].containerPort", "spec.predictor.containers[].ports[].protocol",
+    "spec.predictor.containers[].readinessProbe.httpGet.path", "spec.predictor.containers[].readinessProbe.httpGet.port",
+    "spec.predictor.containers[].resources.requests.*", "spec.predictor.containers[].resources.limits.*",
+]
+
+
+def leaf_paths(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for key, value in node.items() for p in leaf_paths(value, f"{prefix}.{key}" if prefix else key)]
+    if isinstance(node, list):
+        return [p for item in node for p in leaf_paths(item, prefix + "[]")]
+    return [prefix]
+
+
 def check_inference_service(document: dict) -> dict:
+    # fnmatch reads "[]" as a character set: both sides spell list items "#" instead.
+    patterns = [allowed.replace("[]", "#") for allowed in ALLOWED_LEAF_PATHS]
+    unknown = [p for p in leaf_paths(document) if not any(fnmatch.fnmatchcase(p.replace("[]", "#"), pattern)
+                                                          for pattern in patterns)]
+    assert not unknown, f"fields outside KServe's v1beta1 types: {unknown}"
     assert document["apiVersion"] == "serving.kserve.io/v1beta1" and document["kind"] == "InferenceService"
     name = document["metadata"]["name"]
     # KServe's name rule (component.go InvalidISVCNameFormatError): lower case alphanumerics or '-', a letter first.
