@@ -260,6 +260,28 @@ def test_an_existing_model_folder_is_replaced_only_with_force(engines, tmp_path,
     assert parse_config(repo / "empty" / "config.pbtxt").name == "empty"
 
 
+def test_a_failed_write_leaves_the_old_model_whole_and_no_staging_folder(engines, tmp_path, monkeypatch):
+    import enginesmith.export.triton as triton_module
+
+    repo = tmp_path / "repo"
+    export_triton([engines["cnn"]], repo, options=TritonOptions(max_batch=4))
+    before = {p.relative_to(repo): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+
+    write_atomic = triton_module.write_atomic
+
+    def disk_full(path, data):
+        if str(path).endswith("model.onnx"):
+            raise OSError(28, "No space left on device")
+        return write_atomic(path, data)
+
+    monkeypatch.setattr(triton_module, "write_atomic", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_triton([engines["cnn"]], repo, options=TritonOptions(max_batch=16), force=True)
+    after = {p.relative_to(repo): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    assert after == before and [p.name for p in repo.iterdir()] == ["cnn"]
+    assert parse_config(repo / "cnn" / "config.pbtxt").max_batch_size == 4
+
+
 def test_an_engine_inside_the_folder_it_would_replace_is_refused_even_with_force(engines, tmp_path):
     repo = tmp_path / "repo"
     (repo / "cnn").mkdir(parents=True)

@@ -73,7 +73,9 @@ class TritonModel:
     name: str
     config: dict[str, Any]
     model_file: str
-    payload: bytes = field(repr=False)
+    # The model file's bytes where the plan holds them (an OpenVINO engine's source, or what was given to
+    # plan_triton_model); export_triton reads a payload just before writing it, since engines can be GBs.
+    payload: bytes | None = field(repr=False)
     warmup_files: dict[str, bytes] = field(default_factory=dict, repr=False)
     notes: list[str] = field(default_factory=list)
     folder: Path | None = None
@@ -85,7 +87,6 @@ class TritonModel:
     @property
     def max_batch_size(self) -> int:
         return int(self.config.get("max_batch_size", 0))
-
 
 
 # --------------------------------------------------------------------------- what each backend becomes
@@ -341,8 +342,9 @@ def plan_triton_model(
 ) -> TritonModel:
     """The config and files of one engine as a Triton model; :class:`NotExportableError` when it cannot be one.
 
-    ``payload`` is the model file's content: the engine's payload, or for an OpenVINO engine the ONNX
-    source the bundle carries (its payload is a compiled blob no server reads).
+    ``payload`` is the model file's content: the engine's payload (None: planned only, written later),
+    or for an OpenVINO engine the ONNX source the bundle carries (its payload is a compiled blob no
+    server reads), which the plan needs to check.
     """
     check_model_name(name)
     if manifest.backend == "onnxruntime":
@@ -364,8 +366,6 @@ def plan_triton_model(
         model_file = "model.plan"
     else:
         raise _refuse(manifest, name)
-    if payload is None:
-        raise NotExportableError(f"engine '{name}' has no model file to export (its bundle was read without it)")
     signature = manifest.signature
     max_batch_size = resolve_max_batch(manifest, options)
     batched = max_batch_size > 0
@@ -436,23 +436,31 @@ def check_model_folder(folder: Path, inputs: Sequence[Path], force: bool) -> Non
                                 "repository or --name, or add --force")
 
 
-def write_model_folder(repository: Path, model: TritonModel) -> Path:
-    """Write into a temporary folder beside the target, then swap it in: never a half-written model."""
+def write_model_folder(repository: Path, model: TritonModel, payload: bytes) -> Path:
+    """Write into a hidden folder beside the target, then swap it in: Triton never sees half a model."""
     repository.mkdir(parents=True, exist_ok=True)
     target = repository / model.name
     staging = Path(tempfile.mkdtemp(prefix=f".{model.name}.", dir=repository))
+    replaced: Path | None = None
     try:
         write_atomic(staging / "config.pbtxt", model.config_text.encode())
-        write_atomic(staging / VERSION_DIR / model.model_file, model.payload)
+        write_atomic(staging / VERSION_DIR / model.model_file, payload)
         for file_name, raw in model.warmup_files.items():
             write_atomic(staging / WARMUP_DIR / file_name, raw)
         os.chmod(staging, 0o777 & ~_umask())
         if target.exists():
-            shutil.rmtree(target)
+            replaced = Path(tempfile.mkdtemp(prefix=f".{model.name}.old.", dir=repository))
+            os.replace(target, replaced)
         os.replace(staging, target)
     except BaseException:
+        if replaced is not None and not target.exists():
+            os.replace(replaced, target)  # put the old model back
+            replaced = None
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     model.folder = target
     return target
 
@@ -482,14 +490,12 @@ def export_triton(
     for path, name in zip(paths, chosen):
         contents = read_bundle(path, payload=False, samples=options.warmup)
         manifest = contents.manifest
-        if manifest.backend == "openvino":
-            payload = read_bundle(path, payload=False, source=True).source
-        elif manifest.backend in ("onnxruntime", "tensorrt"):
-            payload = read_bundle(path, payload=True).payload
-        else:
-            raise _refuse(manifest, name)
+        # An OpenVINO engine's model file is its ONNX source; the others' payloads are read when written.
+        source = read_bundle(path, payload=False, source=True).source if manifest.backend == "openvino" else None
         cache_names = [entry.removeprefix("cache/") for entry in manifest.files if entry.startswith("cache/")]
-        models.append(plan_triton_model(manifest, payload, name, options, contents.samples, cache_names))
-    for model in models:
-        write_model_folder(repo, model)
+        models.append(plan_triton_model(manifest, source, name, options, contents.samples, cache_names))
+    for path, model in zip(paths, models):
+        payload = model.payload if model.payload is not None else read_bundle(path, payload=True).payload
+        assert payload is not None  # read_bundle(payload=True) reads it or raises
+        write_model_folder(repo, model, payload)
     return models
