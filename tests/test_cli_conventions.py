@@ -22,7 +22,8 @@ from enginesmith.cli import app
 from enginesmith.cli.app import main
 from conftest import make_mlp
 
-COMMANDS = ["", "build", "run", "validate", "bench", "info", "inspect", "surgeon", "demo", "serve"]
+COMMANDS = ["", "build", "run", "validate", "bench", "info", "inspect", "surgeon", "demo", "serve", "export",
+            "export triton", "export kserve"]
 BOX_CHARACTERS = set("╭╮╰╯│─┃━┏┓┗┛")
 
 
@@ -35,7 +36,7 @@ def _error_lines(text: str) -> list[str]:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_at_80_columns_has_no_truncation_bool_metavars_or_boxes(command):
-    args = [command, "--help"] if command else ["--help"]
+    args = [*command.split(), "--help"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     text = result.output

@@ -16,6 +16,7 @@ from .errors import (  # noqa: E402
     EnginesmithError,
     InputError,
     MissingDependencyError,
+    NotExportableError,
     PlatformMismatchError,
     UntrustedCodeError,
     SourceError,
@@ -23,6 +24,7 @@ from .errors import (  # noqa: E402
     ValidationDataError,
 )
 from .api import bench, build, info, layerwise, load, validate  # noqa: E402
+from .export import export_kserve, export_triton  # noqa: E402
 from .importers import ImportOptions  # noqa: E402
 from .runtime.engine import Engine  # noqa: E402
 from .serve import ServeError, ServerHandle, serve  # noqa: E402
@@ -38,6 +40,8 @@ __all__ = [
     "bench",
     "info",
     "serve",
+    "export_triton",
+    "export_kserve",
     "ServerHandle",
     "ServeError",
     "Engine",
@@ -52,6 +56,7 @@ __all__ = [
     "BundleError",
     "InputError",
     "MissingDependencyError",
+    "NotExportableError",
     "PlatformMismatchError",
     "UntrustedCodeError",
     "SourceError",

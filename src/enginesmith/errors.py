@@ -85,3 +85,7 @@ class ValidationDataError(EnginesmithError):
 
 class OutputExistsError(EnginesmithError):
     """A command would replace an existing file (or its own input) and was not told to (``--force``)."""
+
+
+class NotExportableError(EnginesmithError):
+    """An engine cannot be written in the asked serving format (its payload has no form that server loads)."""

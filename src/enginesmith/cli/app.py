@@ -118,7 +118,13 @@ def _first_line(text: str) -> str:
 def _command_name(argv: list[str]) -> str:
     """The subcommand in ``argv`` (for error hints), or '' when there is none."""
     commands = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
-    return next((a for a in argv if a in commands), "")
+    groups = {g.name: g.typer_instance for g in app.registered_groups if g.name}
+    found = next((a for a in argv if a in commands or a in groups), "")
+    if found in groups:  # 'export triton': the group's command too
+        sub = {c.name or (c.callback.__name__ if c.callback else "") for c in groups[found].registered_commands}
+        rest = argv[argv.index(found) + 1:]
+        found = " ".join([found] + [next((a for a in rest if a in sub), "")]).strip()
+    return found
 
 
 def usage_error_line(exc: UsageError, argv: list[str]) -> str:
