@@ -63,14 +63,18 @@ def try_candidates(state: BuildState, candidates: list[Candidate], strategy: Str
     :class:`BuildError` listing every candidate's reason.
     """
     passing = [c for c in candidates if _build_and_check(state, c)]
-    if passing:
+    # One engine left has nothing to be compared with: it is not timed, unless a latency budget must be checked.
+    timed = len(passing) > 1 or (len(passing) == 1 and strategy.kind == "throughput-within")
+    if timed:
         _time(state, passing, strategy, timer or measure_p50)
-    chosen = select([c.row for c in passing], strategy)
+        chosen = select([c.row for c in passing], strategy)
+    else:
+        chosen = 0 if passing else None
     for candidate in candidates:
         row = candidate.row
         row[chosen_key] = candidate is (passing[chosen] if chosen is not None else None)
         if row[chosen_key]:
-            row["reason"] = strategy.describe()
+            row["reason"] = strategy.describe() if timed else "the only one that passed"
             attach_report(candidate.engine, "build_verification", candidate.report)
         elif candidate in passing:
             row["reason"] = _not_chosen_reason(row, strategy)
@@ -111,7 +115,7 @@ def _build_and_check(state: BuildState, candidate: Candidate) -> bool:
         row.update(reason=f"the backend built {engine.precision} instead (see the build log)")
         return False
     started = time.perf_counter()
-    tolerance = budget.tolerance(precision) if budget else tolerance_for(precision)
+    tolerance = state.request.tolerance or (budget.tolerance(precision) if budget else tolerance_for(precision))
     report = check_engine(state, engine, tolerance)
     row["verify_s"] = round(time.perf_counter() - started, 3)
     row.update(
@@ -175,7 +179,7 @@ def build_best(state: BuildState, timer: Timer | None = None) -> Engine:
         raise BuildError(f"no precision stays within the accuracy budget ({table})") from None
     for row in rows:
         row.pop("backend", None)
-        if row["kept"]:
+        if row["kept"] and "p50_ms" in row:
             row["reason"] = "fastest within the budget"
         elif row["reason"] == "slower":
             row["reason"] = "within budget, but slower"

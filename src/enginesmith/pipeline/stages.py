@@ -138,8 +138,8 @@ def build_stage(state: BuildState) -> None:
     )
     # Made at first use, after the first engine is built, so an unbuildable model reports the backend's error.
     state.reference = lazy_reference(state.source, state.import_options, state.imported.kind)
-    if len(state.candidates) > 1:
-        state.engine = build_auto(state)
+    if len(state.candidates) > 1 or state.skipped:
+        state.engine = build_auto(state)  # with one candidate left, nothing is timed; the table says why
     elif options.precision == "best":
         state.engine = build_best(state, state.timer)
     else:
