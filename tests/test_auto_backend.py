@@ -208,7 +208,7 @@ def test_cli_prints_the_table_and_info_shows_it(tmp_path, capsys):
     onnx.save(make_mlp(), model)
     assert main(["build", str(model), "--candidates", "onnxruntime,openvino", "--select", "latency"]) == 0
     out = capsys.readouterr().out
-    assert "backend candidates (auto: lowest p50)" in out and "openvino" in out and "build / verify" in out
+    assert "backend candidates (auto: lowest p50; budget: default tolerances)" in out and "openvino" in out and "build / verify" in out
     assert main(["info", str(tmp_path / "mlp.engine")]) == 0
     assert "backend candidates" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "mlp.engine"), "--json", "-"]) == 0
@@ -217,3 +217,24 @@ def test_cli_prints_the_table_and_info_shows_it(tmp_path, capsys):
     assert main(["build", str(model), "-o", str(tmp_path / "x.engine"), "--select", "fastest"]) == 2
     assert "unknown selection 'fastest'" in capsys.readouterr().err
     assert not (tmp_path / "x.engine").exists()
+
+
+def test_cli_every_candidate_failing_is_one_error_naming_them(tmp_path, capsys, monkeypatch):
+    from enginesmith.cli.app import main
+    from enginesmith.validate import engine_checks
+
+    model = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp(), model)
+    impossible = Tolerance(max_rel_l2=-1.0, min_cosine=2.0, min_argmax_agreement=2.0)
+    monkeypatch.setattr(engine_checks, "tolerance_for", lambda *a, **k: impossible)
+    assert main(["build", str(model), "--backend", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: build failed at stage 'build': no candidate passed verification against the source")
+    assert "onnxruntime fp32: over the accuracy budget" in err and "openvino fp32: over the accuracy budget" in err
+    assert err.rstrip().endswith("(--no-verify)") and not (tmp_path / "mlp.engine").exists()
+    # Without verification the built candidates compete on speed alone, and the table says they were not verified.
+    engine = run_build(BuildRequest(model, backend="auto", verify=False),
+                       timer=fake_timer({"onnxruntime": 2.0, "openvino": 1.0}))
+    rows = engine.manifest.checks["backend_candidates"]
+    assert engine.backend == "openvino" and all(row["verified"] is False for row in rows)
+    assert "build_verification" not in engine.manifest.checks

@@ -270,7 +270,7 @@ def print_build(engine, target: Path) -> None:
         budget = AccuracyBudget.from_dict(manifest.accuracy_budget) if manifest.accuracy_budget else None
         print_candidates(manifest.checks["precision_candidates"], budget, calibration.get("resolution"))
     if "backend_candidates" in manifest.checks:
-        print_backend_candidates(manifest.checks["backend_candidates"], manifest.build_options.get("auto") or {})
+        print_backend_candidates(manifest.to_dict())
     line = stages_line(manifest.checks.get("stages"))
     if line:
         print_indented(line)
@@ -303,11 +303,15 @@ def calibration_line(check: dict) -> str:
     return f"calibration: {check['samples']} samples of {check['data']} ({check['method']}); {verified}"
 
 
-def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget], resolution: Optional[str] = None) -> None:
+def budget_rule(budget: Optional[AccuracyBudget], resolution: Optional[str]) -> str:
     rule = str(budget) if budget else "default tolerances"
     if budget is not None and budget.metric == "agreement" and resolution:
         rule += f"; {resolution}"  # what the agreement column can resolve
-    tbl = table(escape(f"precision candidates (budget: {rule})"))
+    return rule
+
+
+def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget], resolution: Optional[str] = None) -> None:
+    tbl = table(escape(f"precision candidates (budget: {budget_rule(budget, resolution)})"))
     add_columns(tbl, "precision", "p50 ms", "worst rel L2", "top-1 agreement", "kept", "why")
     for row in candidates:
         agreement = row.get("argmax_agreement")
@@ -322,10 +326,14 @@ def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget], r
     console.print(tbl)
 
 
-def print_backend_candidates(rows: list[dict], auto: dict) -> None:
+def print_backend_candidates(manifest_data: dict) -> None:
     """``--backend auto``'s table: each candidate's speed, accuracy, whether it was chosen and why, and its seconds."""
-    strategy = parse_strategy(auto.get("select"))
-    tbl = table(escape(f"backend candidates (auto: {strategy.describe()})"),
+    rows = manifest_data["checks"]["backend_candidates"]
+    strategy = parse_strategy((manifest_data["build_options"].get("auto") or {}).get("select"))
+    recorded = manifest_data.get("accuracy_budget")
+    budget = AccuracyBudget.from_dict(recorded) if recorded else None
+    rule = budget_rule(budget, (manifest_data["checks"].get("calibration") or {}).get("resolution"))
+    tbl = table(escape(f"backend candidates (auto: {strategy.describe()}; budget: {rule})"),
                 caption="seconds: build / verify / share of the timing")
     columns = ["backend", "precision", "p50 ms", *(["items/s"] if strategy.needs_throughput else []),
                "rel L2", "top-1", "chosen", "why", "seconds"]
@@ -580,7 +588,7 @@ def info(
     if stages:
         print_indented(f"build {stages}", 0)
     if data["checks"].get("backend_candidates"):
-        print_backend_candidates(data["checks"]["backend_candidates"], data["build_options"].get("auto") or {})
+        print_backend_candidates(data)
     for name, check in data["checks"].items():
         if isinstance(check, dict) and "summary" in check:
             when = f" ({check['at']})" if "at" in check else ""

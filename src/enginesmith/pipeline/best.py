@@ -20,10 +20,10 @@ import numpy as np
 from ..backends import Backend
 from ..bench import measure
 from ..build_inputs import BuildInputs
-from ..errors import BuildError, EnginesmithError, ValidationDataError
+from ..errors import BuildError, EnginesmithError, ValidationDataError, VerificationFailedError
 from ..runtime.engine import Engine
 from ..signature import Signature, random_inputs
-from ..validate import ValidationReport, failures_text, tolerance_for
+from ..validate import ValidationReport, failures_text
 from ..validate.engine_checks import attach_report
 from .engines import build_engine, check_engine
 from .selection import THROUGHPUT_BATCH, Strategy, select
@@ -75,16 +75,19 @@ def try_candidates(state: BuildState, candidates: list[Candidate], strategy: Str
         row[chosen_key] = candidate is (passing[chosen] if chosen is not None else None)
         if row[chosen_key]:
             row["reason"] = strategy.describe() if timed else "the only one that passed"
-            attach_report(candidate.engine, "build_verification", candidate.report)
+            if candidate.report is not None:
+                attach_report(candidate.engine, "build_verification", candidate.report)
         elif candidate in passing:
             row["reason"] = _not_chosen_reason(row, strategy)
+        if row.get("verified") is False:
+            row["reason"] += "; not verified"
     rows = [c.row for c in candidates]
     if chosen is None:
         table = "; ".join(f"{c.label}: {c.row['reason']}" for c in candidates)
         if passing:
             raise BuildError(f"no candidate has p50 <= {strategy.latency_budget_ms:g} ms at batch 1 ({table}); "
                              "raise the budget or select by latency")
-        raise BuildError(f"no candidate passed verification against the source ({table})")
+        raise VerificationFailedError(f"no candidate passed verification against the source ({table})")
     return passing[chosen].engine, rows
 
 
@@ -115,7 +118,13 @@ def _build_and_check(state: BuildState, candidate: Candidate) -> bool:
         row.update(reason=f"the backend built {engine.precision} instead (see the build log)")
         return False
     started = time.perf_counter()
-    tolerance = state.request.tolerance or (budget.tolerance(precision) if budget else tolerance_for(precision))
+    if not state.request.verify and state.auto is not None:
+        # auto without verification (--no-verify): built engines compete on speed alone; the row says so.
+        row.update(verified=False)
+        candidate.engine = engine
+        return True
+    # None: the engine's precision's default tolerance, as the verify stage uses.
+    tolerance = state.request.tolerance or (budget.tolerance(precision) if budget else None)
     report = check_engine(state, engine, tolerance)
     row["verify_s"] = round(time.perf_counter() - started, 3)
     row.update(
@@ -172,9 +181,7 @@ def build_best(state: BuildState, timer: Timer | None = None) -> Engine:
         c.row["precision"] = c.precision
     try:
         engine, rows = try_candidates(state, candidates, Strategy(), timer)
-    except BuildError as exc:
-        if "passed verification" not in str(exc):
-            raise
+    except VerificationFailedError:
         table = "; ".join(f"{c.precision}: {c.row['reason']}" for c in candidates)
         raise BuildError(f"no precision stays within the accuracy budget ({table})") from None
     for row in rows:
