@@ -78,18 +78,19 @@ def check_stage(state: BuildState) -> None:
     names = [spec if isinstance(spec, str) else spec[0] for spec in specs]
     if len(state.candidates) > 1:
         # auto: a backend that cannot build the model leaves the candidates, with its report's summary.
-        buildable, first_error = [], None
+        buildable, reports, first_error = [], [], None
         for backend in state.candidates:
             try:
-                check_buildable(state.imported.model, backend.name, state.options, passes=names)
+                reports.append(check_buildable(state.imported.model, backend.name, state.options, passes=names))
                 buildable.append(backend)
             except IncompatibleModelError as exc:
                 first_error = first_error or exc
                 state.skipped.append(skipped_row(backend.name, f"cannot build the model: {exc.report.summary()}"))
         if not buildable:
             raise first_error
-        state.candidates, state.backend = buildable, buildable[0]
-    report = check_buildable(state.imported.model, state.backend.name, state.options, passes=names)
+        state.candidates, state.backend, report = buildable, buildable[0], reports[0]
+    else:
+        report = check_buildable(state.imported.model, state.backend.name, state.options, passes=names)
     state.checks["compatibility"] = {"target": report.target_label, "source": report.source,
                                      "counts": report.counts, "summary": report.summary()}
 
