@@ -49,8 +49,12 @@ class Candidate:
 
 
 def measure_p50(targets: Mapping[str, Runner], feeds: dict[str, np.ndarray], batch: int) -> dict[str, float]:
-    """p50 of each target on ``feeds``, timed in interleaved rounds so a noisy moment hits them all."""
-    stats = measure(targets, feeds, batch, warmup=3, runs=30, rounds=3)
+    """p50 of each target on ``feeds``, timed in interleaved rounds so a noisy moment hits them all.
+
+    Short rounds (5 runs each): on a shared CPU the load changes within seconds, and ONNX Runtime's
+    spinning thread pool suffers from it more than OpenVINO's, so long rounds favour whoever ran in a quiet one.
+    """
+    stats = measure(targets, feeds, batch, warmup=3, runs=30, rounds=6)
     return {s.label: s.p50_ms for s in stats}
 
 
