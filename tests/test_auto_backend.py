@@ -238,3 +238,15 @@ def test_cli_every_candidate_failing_is_one_error_naming_them(tmp_path, capsys, 
     rows = engine.manifest.checks["backend_candidates"]
     assert engine.backend == "openvino" and all(row["verified"] is False for row in rows)
     assert "build_verification" not in engine.manifest.checks
+
+
+def test_no_candidate_building_is_a_build_error_not_a_verification_failure():
+    from conftest import make_unsupported_op_model
+
+    # Past the compatibility check, each backend's own conversion refuses the custom-domain node.
+    with pytest.raises(BuildError) as info:
+        auto_build(make_unsupported_op_model(), fake_timer({}), check_compatibility=False)
+    assert not isinstance(info.value, es.errors.VerificationFailedError)
+    message = str(info.value)
+    assert message.startswith("no candidate could be built")
+    assert "onnxruntime fp32: build failed" in message and "openvino fp32: build failed" in message

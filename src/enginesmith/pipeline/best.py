@@ -91,7 +91,9 @@ def try_candidates(state: BuildState, candidates: list[Candidate], strategy: Str
         if passing:
             raise BuildError(f"no candidate has p50 <= {strategy.latency_budget_ms:g} ms at batch 1 ({table}); "
                              "raise the budget or select by latency")
-        raise VerificationFailedError(f"no candidate passed verification against the source ({table})")
+        if any("worst_rel_l2" in c.row for c in candidates):
+            raise VerificationFailedError(f"no candidate passed verification against the source ({table})")
+        raise BuildError(f"no candidate could be built ({table})")
     return passing[chosen].engine, rows
 
 
@@ -185,7 +187,9 @@ def build_best(state: BuildState, timer: Timer | None = None) -> Engine:
         c.row["precision"] = c.precision
     try:
         engine, rows = try_candidates(state, candidates, Strategy(), timer)
-    except VerificationFailedError:
+    except BuildError as exc:
+        if not str(exc).startswith("no candidate"):
+            raise
         table = "; ".join(f"{c.precision}: {c.row['reason']}" for c in candidates)
         raise BuildError(f"no precision stays within the accuracy budget ({table})") from None
     for row in rows:
