@@ -208,7 +208,7 @@ def test_cli_prints_the_table_and_info_shows_it(tmp_path, capsys):
     onnx.save(make_mlp(), model)
     assert main(["build", str(model), "--candidates", "onnxruntime,openvino", "--select", "latency"]) == 0
     out = capsys.readouterr().out
-    assert "backend candidates (auto: lowest p50; budget: default tolerances)" in out and "openvino" in out and "build / verify" in out
+    assert "backend candidates (auto: lowest p50; budget: default tolerances)" in out and "openvino" in out and "s: seconds to build / verify / time it" in out and "chosen: lowest p50" in out
     assert main(["info", str(tmp_path / "mlp.engine")]) == 0
     assert "backend candidates" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "mlp.engine"), "--json", "-"]) == 0

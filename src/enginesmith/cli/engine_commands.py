@@ -333,27 +333,26 @@ def print_backend_candidates(manifest_data: dict) -> None:
     recorded = manifest_data.get("accuracy_budget")
     budget = AccuracyBudget.from_dict(recorded) if recorded else None
     rule = budget_rule(budget, (manifest_data["checks"].get("calibration") or {}).get("resolution"))
-    tbl = table(escape(f"backend candidates (auto: {strategy.describe()}; budget: {rule})"),
-                caption="seconds: build / verify / share of the timing")
-    columns = ["backend", "precision", "p50 ms", *(["items/s"] if strategy.needs_throughput else []),
-               "rel L2", "top-1", "chosen", "why", "seconds"]
-    add_columns(tbl, *columns)
+    batch = max((row.get("throughput_batch", 1) for row in rows), default=1)
+    how = strategy.describe() + (f", items/s at batch {batch}" if strategy.needs_throughput else "")
+    tbl = table(escape(f"backend candidates (auto: {how}; budget: {rule})"),
+                caption="s: seconds to build / verify / time it")
+    numeric = ("p50 ms", "items/s", "rel L2", "top-1", "s")
+    columns = ["candidate", "p50 ms", *(["items/s"] if strategy.needs_throughput else []), "rel L2", "top-1", "why", "s"]
+    add_columns(tbl, *columns, right=numeric)
     for row in rows:
         agreement = row.get("argmax_agreement")
         tput = row.get("throughput")
-        batch = row.get("throughput_batch", 1)
-        seconds = "/".join(f"{row[key]:.1f}" if key in row else "-" for key in ("build_s", "verify_s", "time_s"))
+        why = ("[green]chosen[/]: " if row.get("chosen") else "") + escape(row.get("reason", ""))
         tbl.add_row(
-            row["backend"],
-            row.get("precision", ""),
+            escape(f"{row['backend']} {row.get('precision', '')}".strip()),
             f"{row['p50_ms']:.2f}" if "p50_ms" in row else "",
-            *([("" if tput is None else f"{tput:.0f}" + (f" at {batch}" if batch > 1 else ""))]
-              if strategy.needs_throughput else []),
+            *([f"{tput:.0f}" if tput is not None else ""] if strategy.needs_throughput else []),
             f"{row['worst_rel_l2']:.0e}" if "worst_rel_l2" in row else "",
             "" if agreement is None else f"{agreement:.0%}",
-            "[green]yes[/]" if row.get("chosen") else "no",
-            escape(row.get("reason", "")),
-            seconds if "build_s" in row else "",
+            why,
+            "/".join(f"{row[key]:.1f}" if key in row else "-" for key in ("build_s", "verify_s", "time_s"))
+            if "build_s" in row else "",
         )
     console.print(tbl)
 
