@@ -250,3 +250,16 @@ def test_no_candidate_building_is_a_build_error_not_a_verification_failure():
     message = str(info.value)
     assert message.startswith("no candidate could be built")
     assert "onnxruntime fp32: build failed" in message and "openvino fp32: build failed" in message
+
+
+def test_the_build_log_says_what_auto_chose_and_that_torch_needs_naming():
+    import importlib.util
+
+    engine = auto_build(make_mlp(), fake_timer({"onnxruntime": 2.0, "openvino": 1.0}))
+    line = next(line for line in engine.manifest.build_log if line.startswith("auto: "))
+    assert line.startswith("auto: openvino fp32 chosen (lowest p50) among onnxruntime, openvino")
+    torch_installed = importlib.util.find_spec("torch") is not None
+    assert ("--candidates onnxruntime,openvino,torch" in line) == torch_installed
+    named = auto_build(make_mlp(), fake_timer({"onnxruntime": 2.0, "openvino": 1.0}),
+                       candidates=["openvino", "onnxruntime"])
+    assert not any("torch" in line for line in named.manifest.build_log if line.startswith("auto: "))

@@ -10,6 +10,7 @@ keeps one. With one candidate available nothing is timed: the build is the plain
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Sequence
 
 from ..backends import Backend, get_backend, pick_backend
@@ -73,5 +74,17 @@ def build_auto(state: BuildState) -> Engine:
         others = "; ".join(f"{row['backend']}: {row['reason']}" for row in state.skipped)
         raise BuildError(f"{exc}; not built: {others}") from None
     engine.manifest.checks["backend_candidates"] = state.skipped + rows
+    chosen = next(row for row in rows if row["chosen"])
+    tried = ", ".join(dict.fromkeys(c.backend.name for c in candidates))
+    engine.manifest.build_log.append(f"auto: {chosen['backend']} {chosen['precision']} chosen ({chosen['reason']}) "
+                                     f"among {tried}{left_out_note(state.auto.candidates)}")
     state.backend = get_backend(engine.manifest.backend)
     return engine
+
+
+def left_out_note(named: Sequence[str] | None) -> str:
+    """Why an installed slow-building backend is not among the default candidates, or nothing."""
+    if named is not None or importlib.util.find_spec("torch") is None:  # find_spec does not import torch
+        return ""
+    return ("; the torch backend is tried only when named (its CPU build, an Inductor compile, takes minutes): "
+            "--candidates onnxruntime,openvino,torch")
