@@ -77,14 +77,14 @@ def build_auto(state: BuildState) -> Engine:
     chosen = next(row for row in rows if row["chosen"])
     tried = ", ".join(dict.fromkeys(c.backend.name for c in candidates))
     engine.manifest.build_log.append(f"auto: {chosen['backend']} {chosen['precision']} chosen ({chosen['reason']}) "
-                                     f"among {tried}{left_out_note(state.auto.candidates)}")
+                                     f"among {tried}{left_out_note(state.auto.candidates, tried)}")
     state.backend = get_backend(engine.manifest.backend)
     return engine
 
 
-def left_out_note(named: Sequence[str] | None) -> str:
+def left_out_note(named: Sequence[str] | None, tried: str) -> str:
     """Why an installed slow-building backend is not among the default candidates, or nothing."""
-    if named is not None or importlib.util.find_spec("torch") is None:  # find_spec does not import torch
+    if named is not None or "torch" in tried or importlib.util.find_spec("torch") is None:  # find_spec imports nothing
         return ""
     return ("; the torch backend is tried only when named (its CPU build, an Inductor compile, takes minutes): "
             "--candidates onnxruntime,openvino,torch")
