@@ -9,6 +9,11 @@ the zoo manifest found in a local cache) this times, on the same inputs, in inte
   * engine bf16      - the same with ``--precision bf16`` (only where the CPU has native bf16)
   * engine int8      - with ``--int8``: NNCF on random calibration inputs (speed only: random-weight
                        and random-input accuracy means nothing)
+  * engine auto      - with ``--auto``: ``enginesmith build --backend auto`` (ONNX Runtime and OpenVINO
+                       built, verified, timed here; the faster kept), its build time and candidate table
+  * engine auto best - with ``--auto``: the same with ``--precision best --max-accuracy-drop 1%``, random
+                       calibration inputs (speed only), for the sample models (zoo models' random inputs
+                       cannot verify, and unverified int8 would win on speed alone)
 and reports p50 latency, the speed-up over plain ORT (median over rounds of the per-round
 ratios), each target's max abs difference and rel L2 from plain ORT, and load times: the
 engine (OpenVINO's exported compiled model), an IR (xml+bin read and compiled: the payload
@@ -16,7 +21,7 @@ not chosen), the ONNX read and compiled by OpenVINO, and ORT's session creation.
 Prints a table, writes JSON and one PNG, and records the machine's ISA flags.
 
     python benchmarks/cpu_backends.py [--rounds 10] [--runs 40] [--batches 1] [--models ...]
-        [--zoo-manifest benchmarks/zoo/models.toml] [--zoo-cache ~/.cache/enginesmith-zoo/models] [--int8]
+        [--zoo-manifest benchmarks/zoo/models.toml] [--zoo-cache ~/.cache/enginesmith-zoo/models] [--int8] [--auto]
 """
 
 from __future__ import annotations
@@ -209,6 +214,8 @@ def bench_model(name: str, model_path: Path, feeds: dict[str, np.ndarray], workd
             continue
         builds[precision] = time.perf_counter() - start
         engines[precision] = es.load(path)
+    if args.auto:
+        result["auto"] = build_auto_engines(name, model_path, workdir, engines, verify)
     fp32 = engines["fp32"]
     result["openvino_chose"] = fp32.manifest.checks["build"]["openvino_chose"]
     result["ops"] = fp32.manifest.checks["build"]["ops"]
@@ -246,6 +253,39 @@ def bench_model(name: str, model_path: Path, feeds: dict[str, np.ndarray], workd
     return result
 
 
+AUTO_BUILDS = {
+    "auto": {},
+    "auto best": {"precision": "best", "accuracy_budget": "1%", "calibration_random": True},
+}
+
+
+def build_auto_engines(name: str, model_path: Path, workdir: Path, engines: dict[str, es.Engine],
+                       verify: bool) -> dict[str, Any]:
+    """``--backend auto`` builds (fp32, and ``best`` where the build can verify): what each chose, its seconds, its table."""
+    facts: dict[str, Any] = {}
+    for label, kwargs in AUTO_BUILDS.items():
+        if label == "auto best" and not verify:
+            continue
+        path = workdir / f"{name}.{label.replace(' ', '_')}.engine"
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                es.build(model_path, backend="auto", output=path, verify=verify, **kwargs)
+        except es.EnginesmithError as exc:
+            facts[label] = {"error": str(exc)}
+            print(f"  {name}: engine {label} not built: {exc}", file=sys.stderr)
+            continue
+        seconds = time.perf_counter() - start
+        engine = engines[label] = es.load(path)
+        rows = engine.manifest.checks.get("backend_candidates", [])
+        keep = ("backend", "precision", "p50_ms", "chosen", "reason", "build_s", "verify_s", "time_s", "argmax_agreement")
+        facts[label] = {"backend": engine.backend, "precision": engine.precision, "build_s": seconds,
+                        "stages": engine.manifest.checks.get("stages"),
+                        "candidates": [{k: row[k] for k in keep if k in row} for row in rows]}
+    return facts
+
+
 def sample_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     from enginesmith.importers.onnx_importer import signature_of
 
@@ -263,6 +303,7 @@ def targets_met(results: list[dict[str, Any]]) -> dict[str, Any]:
     fp32_diff = max(row["vs plain ORT outputs"]["engine fp32"]["max_abs_diff"] for row in b1)
     load_ratio = max(r["load_s"]["compiled model import"] / r["load_s"]["IR xml+bin read + compile"] for r in timed)
     return {
+        **auto_targets(timed, b1),
         "engine fp32 speed-up over plain ORT, median over models >= 1.0": {"value": float(np.median(speedups)),
                                                                            "met": float(np.median(speedups)) >= 1.0},
         "engine fp32 p50 <= 1.05x plain OpenVINO fp32 (every model)": {"value": wrapper, "met": wrapper <= 1.05},
@@ -270,6 +311,29 @@ def targets_met(results: list[dict[str, Any]]) -> dict[str, Any]:
         "engine fp32 max abs diff vs plain ORT <= 2e-4 (every model)": {"value": fp32_diff, "met": fp32_diff <= 2e-4},
         "compiled-model import / IR read + compile <= 1.0 (every model)": {"value": load_ratio, "met": load_ratio <= 1.0},
     }
+
+
+def auto_targets(timed: list[dict[str, Any]], b1: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 17's goals for ``--backend auto``: as fast as the faster plain runtime, built within a minute."""
+    ratios = []
+    for row in b1:
+        if "engine auto" not in row["round p50 ms"]:
+            continue
+        # Per round, the auto engine against the faster of plain ORT and plain OpenVINO fp32 in that round.
+        rounds = row["round p50 ms"]
+        fastest_plain = np.minimum(rounds[BASELINE], rounds["plain OV fp32"])
+        ratios.append(float(np.median(np.asarray(rounds["engine auto"]) / fastest_plain)))
+    if not ratios:
+        return {}
+    # 5% for timing noise on a shared 2-core VM: a ratio over 1.05 is the wrong engine, not noise.
+    share = sum(r <= 1.05 for r in ratios) / len(ratios)
+    builds = {r["model"]: r["auto"]["auto"]["build_s"] for r in timed if "build_s" in r.get("auto", {}).get("auto", {})}
+    goals = {"engine auto fp32 p50 <= 1.05x min(plain ORT, plain OV fp32) on >= 90% of models":
+             {"value": share, "ratios": ratios, "met": share >= 0.9}}
+    if "resnet50_like" in builds:
+        goals["auto build <= 60 s for the ResNet-50-like sample"] = {"value": builds["resnet50_like"],
+                                                                      "met": builds["resnet50_like"] <= 60}
+    return goals
 
 
 def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -313,6 +377,8 @@ def main() -> None:
     parser.add_argument("--zoo-cache", type=Path,
                         default=Path(os.environ.get("ENGINESMITH_ZOO_CACHE", Path.home() / ".cache" / "enginesmith-zoo")) / "models")
     parser.add_argument("--int8", action="store_true", help="also an int8 engine (NNCF, random calibration data)")
+    parser.add_argument("--auto", action="store_true",
+                        help="also --backend auto engines: fp32, and --precision best --max-accuracy-drop 1%%")
     parser.add_argument("--json", type=Path, default=RESULTS / "cpu_backends.json")
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     args = parser.parse_args()
@@ -348,7 +414,8 @@ def main() -> None:
     print(f"machine: {facts['cpu']}, {facts['physical_cores']} cores; ISA {facts['cpu_flags']}; OpenVINO "
           f"{facts['openvino']} (capabilities {', '.join(facts['openvino_cpu_capabilities'])}), ONNX Runtime "
           f"{facts['onnxruntime']}")
-    columns = ["plain OV fp32", "plain OV default", "engine fp32", "engine bf16", "engine int8"]
+    columns = ["plain OV fp32", "plain OV default", "engine fp32", "engine bf16", "engine int8",
+               *(["engine auto", "engine auto best"] if args.auto else [])]
     header = f"{'model':<22}{'b':>3}{'ORT ms':>9}" + "".join(f"{c:>18}" for c in columns) + f"{'fp32 maxdiff':>14}{'load ms':>9}"
     print(header + "\n" + "-" * len(header))
     for res in results:
@@ -363,6 +430,10 @@ def main() -> None:
             print(f"{res['model']:<22}{row['batch']:>3}{row[f'{BASELINE} p50 ms']:>9.2f}{cells}"
                   f"{row['vs plain ORT outputs']['engine fp32']['max_abs_diff']:>14.1e}"
                   f"{res['load_s']['engine (compiled-model payload)'] * 1e3:>9.0f}")
+    for res in results:
+        for label, fact in res.get("auto", {}).items():
+            chose = fact.get("error") or f"chose {fact['backend']} {fact['precision']}, built in {fact['build_s']:.1f} s"
+            print(f"{res['model']:<22} engine {label}: {chose}")
     for note in notes:
         print(f"note: {note}")
     args.plot and plot(results, args.json.with_suffix(".png"),

@@ -147,7 +147,7 @@ def test_verification_failure_names_the_cli_flag_not_a_python_argument(mlp_path,
 
     impossible = Tolerance(max_rel_l2=-1.0, min_cosine=2.0, min_argmax_agreement=2.0)
     monkeypatch.setattr(engine_checks, "tolerance_for", lambda *a, **k: impossible)
-    assert main(["build", str(mlp_path), "-o", str(tmp_path / "m.engine")]) == 2
+    assert main(["build", str(mlp_path), "-o", str(tmp_path / "m.engine"), "--backend", "onnxruntime"]) == 2
     err = capsys.readouterr().err
     assert "does not match the source model" in err and "(--no-verify)" in err and "verify=False" not in err
     assert not (tmp_path / "m.engine").exists()

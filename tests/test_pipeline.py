@@ -67,7 +67,7 @@ def test_a_failed_verification_fails_in_the_verify_stage_and_writes_nothing(mlp_
     from enginesmith.validate import engine_checks
 
     monkeypatch.setattr(engine_checks, "tolerance_for", lambda *a, **k: impossible)
-    assert main(["build", str(mlp_path), "-o", str(tmp_path / "m.engine")]) == 2
+    assert main(["build", str(mlp_path), "-o", str(tmp_path / "m.engine"), "--backend", "onnxruntime"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: build failed at stage 'verify': the built fp32 engine does not match")
     assert err.rstrip().endswith("(--no-verify)")

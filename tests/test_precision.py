@@ -253,7 +253,8 @@ def test_bad_budget_and_method(digits):
 
 def test_cli_best_prints_candidates(digits, tmp_path, capsys):
     out = tmp_path / "best.engine"
-    assert main(["build", str(digits["model"]), "-o", str(out), "--precision", "best", "--calib", str(digits["train"]),
+    assert main(["build", str(digits["model"]), "-o", str(out), "--backend", "onnxruntime", "--precision", "best",
+                 "--calib", str(digits["train"]),
                  "--max-accuracy-drop", "1%"]) == 0
     printed = capsys.readouterr().out
     assert "precision candidates" in printed and "int8" in printed and "fp32" in printed

@@ -140,7 +140,7 @@ def test_a_budget_finer_than_the_holdout_resolves_is_warned_about(mlp):
 
 def test_best_prints_what_the_agreement_column_resolves(mlp, tmp_path, capsys):
     np.savez(tmp_path / "calib.npz", x=_samples(300))
-    assert main(["build", str(mlp), "-o", str(tmp_path / "best.engine"), "--precision", "best",
+    assert main(["build", str(mlp), "-o", str(tmp_path / "best.engine"), "--backend", "onnxruntime", "--precision", "best",
                  "--calib", str(tmp_path / "calib.npz"), "--max-accuracy-drop", "2%"]) == 0
     printed = _flat(capsys.readouterr().out)
     assert ("precision candidates (budget: at most 2% of top-1 decisions change; 60 samples: one changed answer "
@@ -229,7 +229,7 @@ def test_an_agreement_budget_still_bounds_outputs_that_are_not_class_scores():
 
 def test_cli_prints_tolerance_budget_and_rejections_in_words(mlp, tmp_path, capsys):
     np.savez(tmp_path / "calib.npz", x=_samples(300))
-    assert main(["build", str(mlp), "-o", str(tmp_path / "best.engine"), "--precision", "best",
+    assert main(["build", str(mlp), "-o", str(tmp_path / "best.engine"), "--backend", "onnxruntime", "--precision", "best",
                  "--calib", str(tmp_path / "calib.npz"), "--max-accuracy-drop", "rel_l2<=1e-7"]) == 0
     printed = _flat(capsys.readouterr().out)
     assert "budget: rel L2 <= 1e-07 on every output" in printed and "{'metric'" not in printed

@@ -76,8 +76,18 @@ def build(
     disabled_passes: Sequence[str] | None = None,
     check_compatibility: bool = True,
     data: str | Path | Mapping[str, np.ndarray] | None = None,
+    candidates: Sequence[str] | None = None,
+    select: str | None = None,
 ) -> Engine:
     """Build an engine for this machine from a model file, an in-memory model, or a bundle.
+
+    ``backend="auto"`` builds every candidate backend installed here (``candidates``, default
+    ONNX Runtime and OpenVINO), checks each against the source, times each, and keeps the one
+    ``select`` picks: ``"latency"`` (lowest p50 at batch 1, the default), ``"throughput"`` or
+    ``"throughput-within:MS"``; with ``precision="best"`` every precision of every candidate
+    competes. The table is ``checks["backend_candidates"]``. ``backend=None`` takes the
+    highest-priority backend without timing (on a rebuild: the bundle's, or auto again when
+    auto chose it).
 
     Given a bundle, the engine is rebuilt from the source model it carries with the
     options (and calibration cache) it was built with, unless overridden here.
@@ -116,6 +126,7 @@ def build(
         calibration_random=calibration_random, calibration_cache=calibration_cache, preprocess=preprocess,
         holdout=holdout, accuracy_budget=accuracy_budget, force_precision=force_precision, graph_passes=graph_passes,
         disabled_passes=disabled_passes, check_compatibility=check_compatibility, data=data,
+        candidates=candidates, select=select,
     )
     return run_build(request, progress)
 

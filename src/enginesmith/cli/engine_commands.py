@@ -22,6 +22,7 @@ from ..errors import BuildError, VerificationFailedError
 from ..graph.compat import IncompatibleModelError
 from ..importers import ImportOptions
 from ..pipeline import BUILD_STAGES
+from ..pipeline.selection import parse_strategy
 from ..signature import shape_text
 from ..runtime.preprocess import PreprocessSpec
 from ..validate import AccuracyBudget, ValidationReport, tolerance_for
@@ -69,7 +70,9 @@ def build(
     model: Path = typer.Argument(..., metavar="MODEL", help="Model file or folder (.onnx, ...), or an engine bundle to rebuild here."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE", help="Engine file to write (default: MODEL with .engine)."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    backend: str = typer.Option("auto", metavar="NAME", help="Backend to build with, or 'auto' for the best available."),
+    backend: Optional[str] = typer.Option(None, metavar="NAME", help="Backend to build with, or 'auto' (the default; a rebuild keeps the bundle's backend unless auto chose it): the fastest verified engine among --candidates."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", metavar="NAMES", help="Backends --backend auto builds and times, comma-separated (default: onnxruntime,openvino, those installed; add torch for its slow Inductor build)."),
+    select: Optional[str] = typer.Option(None, "--select", metavar="STRATEGY", help="How --backend auto picks: latency (lowest p50 at batch 1, default), throughput, or throughput-within:MS."),
     precision: Optional[str] = typer.Option(None, metavar="NAME", help="fp32 (default), fp16, int8 (needs --calib), bf16 or best (the fastest within --max-accuracy-drop; needs --calib)."),
     provider: list[str] = typer.Option([], metavar="NAME", help="ONNX Runtime execution provider (cpu, cuda, tensorrt, openvino); repeatable."),
     threads: Optional[int] = typer.Option(None, min=1, metavar="N", help="Intra-op threads (default: physical cores)."),
@@ -119,7 +122,10 @@ def build(
     if provider:
         backend_options["providers"] = provider
     build_args = dict(
-        backend=backend,
+        # A rebuild without --backend keeps the bundle's backend (or selects again if auto chose it).
+        backend=backend if backend is not None or is_bundle else "auto",
+        candidates=split_names(candidates),
+        select=select,
         precision=precision,
         threads=threads,
         backend_options=backend_options or None,
@@ -263,6 +269,8 @@ def print_build(engine, target: Path) -> None:
     if "precision_candidates" in manifest.checks:
         budget = AccuracyBudget.from_dict(manifest.accuracy_budget) if manifest.accuracy_budget else None
         print_candidates(manifest.checks["precision_candidates"], budget, calibration.get("resolution"))
+    if "backend_candidates" in manifest.checks:
+        print_backend_candidates(manifest.to_dict())
     line = stages_line(manifest.checks.get("stages"))
     if line:
         print_indented(line)
@@ -295,11 +303,15 @@ def calibration_line(check: dict) -> str:
     return f"calibration: {check['samples']} samples of {check['data']} ({check['method']}); {verified}"
 
 
-def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget], resolution: Optional[str] = None) -> None:
+def budget_rule(budget: Optional[AccuracyBudget], resolution: Optional[str]) -> str:
     rule = str(budget) if budget else "default tolerances"
     if budget is not None and budget.metric == "agreement" and resolution:
         rule += f"; {resolution}"  # what the agreement column can resolve
-    tbl = table(escape(f"precision candidates (budget: {rule})"))
+    return rule
+
+
+def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget], resolution: Optional[str] = None) -> None:
+    tbl = table(escape(f"precision candidates (budget: {budget_rule(budget, resolution)})"))
     add_columns(tbl, "precision", "p50 ms", "worst rel L2", "top-1 agreement", "kept", "why")
     for row in candidates:
         agreement = row.get("argmax_agreement")
@@ -310,6 +322,37 @@ def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget], r
             "" if agreement is None else f"{agreement:.2%}",
             "[green]yes[/]" if row["kept"] else "no",
             escape(row["reason"]),
+        )
+    console.print(tbl)
+
+
+def print_backend_candidates(manifest_data: dict) -> None:
+    """``--backend auto``'s table: each candidate's speed, accuracy, whether it was chosen and why, and its seconds."""
+    rows = manifest_data["checks"]["backend_candidates"]
+    strategy = parse_strategy((manifest_data["build_options"].get("auto") or {}).get("select"))
+    recorded = manifest_data.get("accuracy_budget")
+    budget = AccuracyBudget.from_dict(recorded) if recorded else None
+    rule = budget_rule(budget, (manifest_data["checks"].get("calibration") or {}).get("resolution"))
+    batch = max((row.get("throughput_batch", 1) for row in rows), default=1)
+    how = strategy.describe() + (f", items/s at batch {batch}" if strategy.needs_throughput else "")
+    tbl = table(escape(f"backend candidates (auto: {how}; budget: {rule})"),
+                caption="s: seconds to build / verify / time it")
+    numeric = ("p50 ms", "items/s", "rel L2", "top-1", "s")
+    columns = ["candidate", "p50 ms", *(["items/s"] if strategy.needs_throughput else []), "rel L2", "top-1", "why", "s"]
+    add_columns(tbl, *columns, right=numeric)
+    for row in rows:
+        agreement = row.get("argmax_agreement")
+        tput = row.get("throughput")
+        why = ("[green]chosen[/]: " if row.get("chosen") else "") + escape(row.get("reason", ""))
+        tbl.add_row(
+            escape(f"{row['backend']} {row.get('precision', '')}".strip()),
+            f"{row['p50_ms']:.2f}" if "p50_ms" in row else "",
+            *([f"{tput:.0f}" if tput is not None else ""] if strategy.needs_throughput else []),
+            f"{row['worst_rel_l2']:.0e}" if "worst_rel_l2" in row else "",
+            "" if agreement is None else f"{agreement:.0%}",
+            why,
+            "/".join(f"{row[key]:.1f}" if key in row else "-" for key in ("build_s", "verify_s", "time_s"))
+            if "build_s" in row else "",
         )
     console.print(tbl)
 
@@ -543,6 +586,8 @@ def info(
     stages = stages_line(data["checks"].get("stages"))
     if stages:
         print_indented(f"build {stages}", 0)
+    if data["checks"].get("backend_candidates"):
+        print_backend_candidates(data)
     for name, check in data["checks"].items():
         if isinstance(check, dict) and "summary" in check:
             when = f" ({check['at']})" if "at" in check else ""

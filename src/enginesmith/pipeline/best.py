@@ -1,81 +1,205 @@
-"""The build stage's ``best`` variant: every precision the backend has, validated, timed; the fastest within budget kept."""
+"""Candidate engines inside one build: each built, checked against the source, timed, one kept.
+
+A candidate is a (backend, precision) pair. ``--precision best`` tries every precision of one
+backend (:func:`build_best`, table ``checks["precision_candidates"]``); ``--backend auto`` tries
+several backends, each at the asked precision or, with ``best``, at every precision it offers
+(``auto.py``, table ``checks["backend_candidates"]``). Both go through :func:`try_candidates`:
+every candidate is built and checked on the held-out data (else the build's inputs) against the
+source, so the verify stage has nothing left to do; those that pass are timed together, in
+interleaved rounds, and a :class:`Strategy` picks one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ..backends import Backend
 from ..bench import measure
 from ..build_inputs import BuildInputs
-from ..errors import BuildError, EnginesmithError, ValidationDataError
+from ..errors import BuildError, EnginesmithError, ValidationDataError, VerificationFailedError
 from ..runtime.engine import Engine
 from ..signature import Signature, random_inputs
-from ..validate import failures_text, tolerance_for
+from ..validate import ValidationReport, failures_text
 from ..validate.engine_checks import attach_report
 from .engines import build_engine, check_engine
+from .selection import THROUGHPUT_BATCH, Strategy, select
 from .state import BuildState
 
+# label -> a function running the engine on feeds; the timer returns label -> p50 in milliseconds.
+Runner = Callable[[Mapping[str, np.ndarray]], Any]
+Timer = Callable[[Mapping[str, Runner], dict[str, np.ndarray], int], dict[str, float]]
+
+@dataclass
+class Candidate:
+    """One (backend, precision) pair: its table row, and its engine while it is still in the running."""
+
+    backend: Backend
+    precision: str
+    row: dict[str, Any] = field(default_factory=dict)
+    engine: Engine | None = None
+    report: ValidationReport | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend.name} {self.precision}"
 
 
-def build_best(state: BuildState) -> Engine:
+def measure_p50(targets: Mapping[str, Runner], feeds: dict[str, np.ndarray], batch: int) -> dict[str, float]:
+    """p50 of each target on ``feeds``, timed in interleaved rounds so a noisy moment hits them all.
+
+    Short rounds (5 runs each): on a shared CPU the load changes within seconds, and ONNX Runtime's
+    spinning thread pool suffers from it more than OpenVINO's, so long rounds favour whoever ran in a quiet one.
+    """
+    stats = measure(targets, feeds, batch, warmup=3, runs=30, rounds=6)
+    return {s.label: s.p50_ms for s in stats}
+
+
+def try_candidates(state: BuildState, candidates: list[Candidate], strategy: Strategy,
+                   timer: Timer | None = None, chosen_key: str = "kept") -> tuple[Engine, list[dict[str, Any]]]:
+    """Build, check and time ``candidates``; the one ``strategy`` picks among those that pass, and the table.
+
+    Each row says why its candidate was or was not chosen (under ``chosen_key``: yes/no), and the
+    seconds its build, check and share of the timing took. None passing raises a
+    :class:`BuildError` listing every candidate's reason.
+    """
+    passing = [c for c in candidates if _build_and_check(state, c)]
+    # One engine left has nothing to be compared with: it is not timed, unless a latency budget must be checked.
+    timed = len(passing) > 1 or (len(passing) == 1 and strategy.kind == "throughput-within")
+    if timed:
+        _time(state, passing, strategy, timer or measure_p50)
+        chosen = select([c.row for c in passing], strategy)
+    else:
+        chosen = 0 if passing else None
+    for candidate in candidates:
+        row = candidate.row
+        row[chosen_key] = candidate is (passing[chosen] if chosen is not None else None)
+        if row[chosen_key]:
+            row["reason"] = strategy.describe() if timed else "the only one that passed"
+            if candidate.report is not None:
+                attach_report(candidate.engine, "build_verification", candidate.report)
+        elif candidate in passing:
+            row["reason"] = _not_chosen_reason(row, strategy)
+        if row.get("verified") is False:
+            row["reason"] += "; not verified"
+    rows = [c.row for c in candidates]
+    if chosen is None:
+        table = "; ".join(f"{c.label}: {c.row['reason']}" for c in candidates)
+        if passing:
+            raise BuildError(f"no candidate has p50 <= {strategy.latency_budget_ms:g} ms at batch 1 ({table}); "
+                             "raise the budget or select by latency")
+        if any("worst_rel_l2" in c.row for c in candidates):
+            raise VerificationFailedError(f"no candidate passed verification against the source ({table})")
+        raise BuildError(f"no candidate could be built ({table})")
+    return passing[chosen].engine, rows
+
+
+def _not_chosen_reason(row: dict[str, Any], strategy: Strategy) -> str:
+    if strategy.kind == "throughput-within" and row["p50_ms"] > strategy.latency_budget_ms:
+        return f"p50 over {strategy.latency_budget_ms:g} ms"
+    return "slower" if strategy.kind == "latency" else "lower throughput"
+
+
+def _build_and_check(state: BuildState, candidate: Candidate) -> bool:
+    """Build ``candidate`` and check it against the source; its row says what happened."""
+    budget, data, precision = state.budget, state.data, candidate.precision
+    row = candidate.row
+    row.update(backend=candidate.backend.name, precision=precision)
+    if precision == "int8" and data.calibration is None:
+        row.update(reason="no calibration data (give --calib DATA)")
+        return False
+    started = time.perf_counter()
+    try:
+        engine = build_engine(state, replace(state.options, precision=precision),
+                              data.calibration if precision == "int8" else None, backend=candidate.backend)
+    except EnginesmithError as exc:
+        row.update(reason=f"build failed: {exc}", build_s=round(time.perf_counter() - started, 3))
+        return False
+    row["build_s"] = round(time.perf_counter() - started, 3)
+    if engine.precision != precision:
+        # The backend kept another precision (fp16 on a CPU provider): that engine is another candidate's.
+        row.update(reason=f"the backend built {engine.precision} instead (see the build log)")
+        return False
+    started = time.perf_counter()
+    if not state.request.verify and state.auto is not None:
+        # auto without verification (--no-verify): built engines compete on speed alone; the row says so.
+        row.update(verified=False)
+        candidate.engine = engine
+        return True
+    # None: the engine's precision's default tolerance, as the verify stage uses.
+    tolerance = state.request.tolerance or (budget.tolerance(precision) if budget else None)
+    report = check_engine(state, engine, tolerance)
+    row["verify_s"] = round(time.perf_counter() - started, 3)
+    row.update(
+        worst_rel_l2=max(o.rel_l2 for o in report.outputs),
+        min_cosine=min(o.cosine for o in report.outputs),
+        argmax_agreement=min((o.argmax_agreement for o in report.outputs if o.argmax_agreement is not None), default=None),
+    )
+    if budget and budget.metric == "agreement" and row["argmax_agreement"] is None:
+        raise ValidationDataError(
+            f"the accuracy budget '{budget}' needs an output of class scores (float, last axis of 2 or more, "
+            "a name that is not a box or regression); "
+            "use a rel_l2 budget such as 'rel_l2<=0.05'"
+        )
+    if not report.passed:
+        row.update(reason="over the accuracy budget: " + failures_text(report))
+        return False
+    candidate.engine, candidate.report = engine, report
+    return True
+
+
+def _time(state: BuildState, passing: list[Candidate], strategy: Strategy, timer: Timer) -> None:
+    """p50 at batch 1 for every passing candidate (and throughput where ``strategy`` needs it), interleaved."""
+    started = time.perf_counter()
+    signature = passing[0].engine.signature
+    feeds = timing_feeds(signature, state.inputs)
+    targets = {c.label: c.engine.infer for c in passing}
+    p50 = timer(targets, feeds, 1)
+    for c in passing:
+        c.row.update(p50_ms=p50[c.label], throughput=1000.0 / p50[c.label], throughput_batch=1)
+    batch = throughput_batch(signature)
+    if strategy.needs_throughput and batch > 1:
+        batched = {name: np.repeat(value, batch, axis=0) for name, value in feeds.items()}
+        at_batch = timer(targets, batched, batch)
+        for c in passing:
+            c.row.update(throughput=batch * 1000.0 / at_batch[c.label], throughput_batch=batch)
+    share = round((time.perf_counter() - started) / len(passing), 3)
+    for c in passing:
+        c.row["time_s"] = share
+
+
+def throughput_batch(signature: Signature) -> int:
+    """:data:`THROUGHPUT_BATCH` where every input's first axis is free, else 1 (the batch is fixed)."""
+    free = all(spec.shape and not isinstance(spec.shape[0], int) for spec in signature.inputs)
+    return THROUGHPUT_BATCH if free else 1
+
+
+def build_best(state: BuildState, timer: Timer | None = None) -> Engine:
     """Build each precision the backend supports; keep the fastest within the accuracy budget.
 
-    Every candidate is checked on the held-out data (else the build's inputs) against the
-    source, so the verify stage has nothing left to do. The table of candidates goes into
-    ``checks["precision_candidates"]``.
+    The table of candidates goes into ``checks["precision_candidates"]``.
     """
-    backend, options, data, budget = state.backend, state.options, state.data, state.budget
-    candidates: list[dict[str, Any]] = []
-    kept: Engine | None = None
-    kept_p50 = float("inf")
-    for precision in backend.precisions(options):
-        row: dict[str, Any] = {"precision": precision}
-        candidates.append(row)
-        if precision == "int8" and data.calibration is None:
-            row.update(kept=False, reason="no calibration data (give --calib DATA)")
-            continue
-        try:
-            engine = build_engine(state, replace(options, precision=precision),
-                                  data.calibration if precision == "int8" else None)
-        except EnginesmithError as exc:
-            row.update(kept=False, reason=f"build failed: {exc}")
-            continue
-        tolerance = budget.tolerance(precision) if budget else tolerance_for(precision)
-        report = check_engine(state, engine, tolerance)
-        feeds = timing_feeds(engine.signature, state.inputs)
-        p50 = measure({"engine": engine.infer}, feeds, 1, warmup=3, runs=20, rounds=2)[0].p50_ms
-        row.update(
-            p50_ms=p50,
-            worst_rel_l2=max(o.rel_l2 for o in report.outputs),
-            min_cosine=min(o.cosine for o in report.outputs),
-            argmax_agreement=min((o.argmax_agreement for o in report.outputs if o.argmax_agreement is not None), default=None),
-        )
-        if budget and budget.metric == "agreement" and row["argmax_agreement"] is None:
-            raise ValidationDataError(
-                f"the accuracy budget '{budget}' needs an output of class scores (float, last axis of 2 or more, "
-                "a name that is not a box or regression); "
-                "use a rel_l2 budget such as 'rel_l2<=0.05'"
-            )
-        if not report.passed:
-            row.update(kept=False, reason="over the accuracy budget: " + failures_text(report))
-            continue
-        row.update(kept=False, reason="within budget", report=report)
-        if p50 < kept_p50:
-            kept, kept_p50 = engine, p50
-    for row in candidates:
-        report = row.pop("report", None)
-        if kept is not None and row["precision"] == kept.precision and report is not None:
-            row.update(kept=True, reason="fastest within the budget")
-            attach_report(kept, "build_verification", report)
-        elif row["reason"] == "within budget":
+    candidates = [Candidate(state.backend, p) for p in state.backend.precisions(state.options)]
+    for c in candidates:
+        c.row["precision"] = c.precision
+    try:
+        engine, rows = try_candidates(state, candidates, Strategy(), timer)
+    except BuildError as exc:
+        if not str(exc).startswith("no candidate"):
+            raise
+        table = "; ".join(f"{c.precision}: {c.row['reason']}" for c in candidates)
+        raise BuildError(f"no precision stays within the accuracy budget ({table})") from None
+    for row in rows:
+        row.pop("backend", None)
+        if row["kept"] and "p50_ms" in row:
+            row["reason"] = "fastest within the budget"
+        elif row["reason"] == "slower":
             row["reason"] = "within budget, but slower"
-    if kept is None:
-        table = "; ".join(f"{r['precision']}: {r['reason']}" for r in candidates)
-        raise BuildError(f"no precision stays within the accuracy budget ({table})")
-    kept.manifest.checks["precision_candidates"] = candidates
-    return kept
+    engine.manifest.checks["precision_candidates"] = rows
+    return engine
 
 
 def timing_feeds(signature: Signature, inputs: BuildInputs | None) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .. import __version__
-from ..backends import BuildOptions, Calibration
+from ..backends import Backend, BuildOptions, Calibration
 from ..bundle import BundleContents
 from ..importers import ImportOptions, ReferenceRunner, reference_runner
 from ..manifest import Manifest
@@ -19,9 +19,10 @@ from ..validate.engine_checks import validate_engine, validation_batches
 from .state import BuildState
 
 
-def build_engine(state: BuildState, options: BuildOptions, calibration: Calibration | None) -> Engine:
-    """The backend's build of the imported model, as an engine with its manifest and bundle contents."""
-    backend, imported = state.backend, state.imported
+def build_engine(state: BuildState, options: BuildOptions, calibration: Calibration | None,
+                 backend: Backend | None = None) -> Engine:
+    """``backend``'s build (default: the state's) of the imported model, as an engine with its manifest and bundle contents."""
+    backend, imported = backend or state.backend, state.imported
     result = backend.build(imported.model, imported.signature, options, state.progress, calibration)
     resolved = result.resolved_options
     manifest = Manifest(

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..backends import Backend, BuildOptions, pick_backend
+from ..backends import BACKENDS, Backend, BuildOptions, pick_backend
 from ..backends.base import CALIBRATION_METHODS, PRECISIONS
 from ..bundle import looks_like_bundle, read_bundle
 from ..errors import BackendUnavailableError, BuildError, BundleError, ValidationDataError
@@ -28,6 +28,7 @@ from ..manifest import Manifest
 from ..precision_data import check_holdout
 from ..runtime.preprocess import PreprocessSpec, parse_spec
 from ..validate import AccuracyBudget, Tolerance, parse_budget
+from .selection import AutoSelection, Strategy, parse_strategy
 
 # The file name backends use for int8 calibration ranges inside a bundle's cache/ folder.
 CALIBRATION_CACHE_NAME = "calibration_cache.json"
@@ -65,8 +66,23 @@ class BuildRequest:
     disabled_passes: Sequence[str] | None = None
     check_compatibility: bool = True
     data: DataLike | None = None
+    candidates: Sequence[str] | None = None
+    select: Strategy | str | None = None
 
     def __post_init__(self) -> None:
+        if self.backend is None and (self.candidates is not None or self.select is not None):
+            object.__setattr__(self, "backend", "auto")
+        if self.backend != "auto" and (self.candidates is not None or self.select is not None):
+            raise BuildError(f"candidates and a selection strategy apply to the backend 'auto', not '{self.backend}'")
+        if self.candidates is not None:
+            names = tuple(name.strip() for name in self.candidates if name.strip())
+            unknown = [name for name in names if name not in BACKENDS]
+            if unknown or not names:
+                raise BuildError(f"unknown candidate backend '{unknown[0] if unknown else ''}': "
+                                 f"choose among {', '.join(sorted(BACKENDS))}")
+            object.__setattr__(self, "candidates", names)
+        if self.select is not None:
+            object.__setattr__(self, "select", parse_strategy(self.select))
         if self.precision is not None and self.precision not in PRECISIONS + ("best",):
             raise BuildError(f"unknown precision '{self.precision}': choose one of {', '.join(PRECISIONS)} or best")
         if self.calibration_method is not None and self.calibration_method not in CALIBRATION_METHODS:
@@ -127,9 +143,27 @@ class GraphSettings:
         return {"passes": self.enabled, "disabled": list(self.disabled)}
 
 
+def auto_selection(request: BuildRequest, previous: Manifest | None) -> AutoSelection | None:
+    """What ``auto`` selects among, or None for a named backend.
+
+    'auto' selects. No backend picks the highest ``auto_priority`` one without timing anything,
+    or on a rebuild keeps the bundle's backend, unless the bundle was itself chosen by auto: then
+    its candidates, strategy and precision apply again here (a value given wins).
+    """
+    recorded = previous.build_options.get("auto") if previous is not None else None
+    if not (request.backend == "auto" or (request.backend is None and recorded is not None)):
+        return None
+    base = AutoSelection.from_dict(recorded) if recorded else AutoSelection()
+    return AutoSelection(
+        candidates=request.candidates if request.candidates is not None else base.candidates,  # type: ignore[arg-type]
+        strategy=request.select if request.select is not None else base.strategy,  # type: ignore[arg-type]
+        precision=request.precision if request.precision is not None else base.precision,
+    )
+
+
 def choose_backend(name: str | None, previous: Manifest | None) -> Backend:
-    """The backend asked for; 'auto' on a rebuild keeps the bundle's backend where it is available here."""
-    if name in (None, "auto") and previous is not None:
+    """The backend asked for; none on a rebuild keeps the bundle's backend where it is available here."""
+    if name is None and previous is not None:
         try:
             return pick_backend(previous.backend)
         except BackendUnavailableError:
@@ -137,13 +171,17 @@ def choose_backend(name: str | None, previous: Manifest | None) -> Backend:
     return pick_backend(name or "auto")
 
 
-def build_options(request: BuildRequest, previous: Manifest | None, same_backend: bool = True) -> BuildOptions:
+def build_options(request: BuildRequest, previous: Manifest | None, same_backend: bool = True,
+                  auto: AutoSelection | None = None) -> BuildOptions:
     """The options asked for, laid over those a rebuilt bundle recorded."""
     recorded = (previous.build_options.get("requested") or previous.build_options) if previous else None
     base = BuildOptions.from_dict(recorded) if recorded else BuildOptions()
     if not same_backend:
         # Options of another backend (providers, TensorRT profiles) mean nothing to this one.
         base.backend_options = {}
+    if auto is not None and auto.precision is not None:
+        # What auto was asked for ('best'), not the precision its winner happened to have.
+        base.precision = auto.precision
     if request.precision is not None:
         base.precision = request.precision
     if request.threads is not None:

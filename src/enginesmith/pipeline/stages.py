@@ -23,7 +23,8 @@ from ..runtime.engine import Engine
 from ..validate import failures_text
 from ..validate.engine_checks import attach_report
 from . import request as req
-from .best import build_best
+from .auto import build_auto, candidate_backends, skipped_row
+from .best import Timer, build_best
 from .engines import build_engine, check_engine, lazy_reference
 from .request import BuildRequest
 from .runner import Stage, run_stages
@@ -46,13 +47,20 @@ def import_stage(state: BuildState) -> None:
         options = options.over(state.rebuild.import_options) if options is not None else state.rebuild.import_options
     options = options or ImportOptions()
     previous = state.previous
-    backend = req.choose_backend(request.backend, previous)
+    state.auto = req.auto_selection(request, previous)
+    if state.auto is not None:
+        state.candidates, state.skipped = candidate_backends(state.auto.candidates)
+        backend = state.candidates[0]
+    else:
+        backend = req.choose_backend(request.backend, previous)
     if options.opset is None:
         options = replace(options, default_opset=backend.converter_opset)
     state.imported = import_model(source, options, kind=previous.source_kind if previous else None)
     state.source, state.import_options, state.backend = source, options, backend
-    same_backend = previous is not None and previous.backend == backend.name
-    state.options = req.build_options(request, previous, same_backend=same_backend)
+    # An auto-built bundle recorded the options given for every candidate, not one backend's.
+    same_backend = previous is not None and (previous.backend == backend.name or
+                                             (state.auto is not None and "auto" in previous.build_options))
+    state.options = req.build_options(request, previous, same_backend=same_backend, auto=state.auto)
     state.options.previous_caches = req.reusable_caches(state.rebuild.caches if state.rebuild else {}, same_backend)
     state.graph = req.graph_settings(request, previous)
     state.preprocess = req.preprocess_spec(request, previous)
@@ -61,14 +69,28 @@ def import_stage(state: BuildState) -> None:
 
 def check_stage(state: BuildState) -> None:
     """The model against the backend's operator support; stops with IncompatibleModelError carrying the report."""
-    from ..graph.compat import check_buildable
+    from ..graph.compat import IncompatibleModelError, check_buildable
     from ..graph.passes import build_passes
 
     if not state.graph.check_compatibility:
         return
     specs = build_passes(state.import_options, state.graph.disabled) if state.graph.enabled else []
     names = [spec if isinstance(spec, str) else spec[0] for spec in specs]
-    report = check_buildable(state.imported.model, state.backend.name, state.options, passes=names)
+    if len(state.candidates) > 1:
+        # auto: a backend that cannot build the model leaves the candidates, with its report's summary.
+        buildable, reports, first_error = [], [], None
+        for backend in state.candidates:
+            try:
+                reports.append(check_buildable(state.imported.model, backend.name, state.options, passes=names))
+                buildable.append(backend)
+            except IncompatibleModelError as exc:
+                first_error = first_error or exc
+                state.skipped.append(skipped_row(backend.name, f"cannot build the model: {exc.report.summary()}"))
+        if not buildable:
+            raise first_error
+        state.candidates, state.backend, report = buildable, buildable[0], reports[0]
+    else:
+        report = check_buildable(state.imported.model, state.backend.name, state.options, passes=names)
     state.checks["compatibility"] = {"target": report.target_label, "source": report.source,
                                      "counts": report.counts, "summary": report.summary()}
 
@@ -112,21 +134,27 @@ def build_stage(state: BuildState) -> None:
     state.data = prepare_precision_data(
         state.imported.signature, options, request.calibration_data, request.calibration_random, state.preprocess,
         request.holdout, req.calibration_cache(request.calibration_cache, rebuild_caches),
-        budget=state.budget, best_tries_int8="int8" in state.backend.precisions(options),
+        budget=state.budget,
+        best_tries_int8=any("int8" in backend.precisions(options) for backend in state.candidates or [state.backend]),
     )
     # Made at first use, after the first engine is built, so an unbuildable model reports the backend's error.
     state.reference = lazy_reference(state.source, state.import_options, state.imported.kind)
-    if options.precision == "best":
-        state.engine = build_best(state)
+    if len(state.candidates) > 1 or state.skipped:
+        state.engine = build_auto(state)  # with one candidate left, nothing is timed; the table says why
+    elif options.precision == "best":
+        state.engine = build_best(state, state.timer)
     else:
         state.engine = build_engine(state, options, state.data.calibration)
+    if state.auto is not None:
+        # A rebuild elsewhere selects again (request.auto_selection), even with one candidate here.
+        state.engine.manifest.build_options["auto"] = state.auto.to_dict()
 
 
 def verify_stage(state: BuildState) -> None:
     """The engine against the source run by its own framework; a failure stops the build."""
     engine, data, inputs = state.engine, state.data, state.inputs
-    if not state.request.verify or "precision_candidates" in engine.manifest.checks:
-        return  # not asked for, or ``best`` verified every candidate while choosing
+    if not state.request.verify or {"precision_candidates", "backend_candidates"} & set(engine.manifest.checks):
+        return  # not asked for, or ``best`` / ``auto`` verified every candidate while choosing
     if engine.precision == "int8" and not data.holdout and not inputs.real:
         # Random inputs fall outside the calibrated ranges, so comparing on them says nothing.
         engine.manifest.build_log.append(
@@ -180,9 +208,12 @@ BUILD_STAGES: tuple[Stage[BuildState], ...] = (
 )
 
 
-def run_build(request: BuildRequest, progress: ProgressCallback | None = None) -> Engine:
-    """Run :data:`BUILD_STAGES` for ``request``; the engine is written to ``request.output`` when given."""
+def run_build(request: BuildRequest, progress: ProgressCallback | None = None, timer: Timer | None = None) -> Engine:
+    """Run :data:`BUILD_STAGES` for ``request``; the engine is written to ``request.output`` when given.
+
+    ``timer`` times candidate engines (``best``, ``auto``); the default measures them here.
+    """
     with tempfile.TemporaryDirectory(prefix="enginesmith-build-") as tmp:
-        state = BuildState(request, Path(tmp), progress)
+        state = BuildState(request, Path(tmp), progress, timer)
         run_stages(BUILD_STAGES, state, state.timings, progress)
     return state.engine

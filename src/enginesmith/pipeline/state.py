@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..backends import Backend, BuildOptions
 from ..backends.base import ProgressCallback
@@ -16,6 +16,7 @@ from ..runtime.engine import Engine
 from ..runtime.preprocess import PreprocessSpec
 from ..validate import AccuracyBudget
 from .request import BuildRequest, GraphSettings, Rebuild
+from .selection import AutoSelection
 
 
 @dataclass
@@ -25,11 +26,18 @@ class BuildState:
     request: BuildRequest
     workdir: Path
     progress: ProgressCallback | None = None
+    # times candidate engines (label -> run function, feeds, batch -> label -> p50 ms); None: really time them
+    timer: Callable[..., dict[str, float]] | None = None
     # import: the bundle being rebuilt, the settled settings, the imported model
     rebuild: Rebuild | None = None
     source: Any = None
     import_options: ImportOptions = field(default_factory=ImportOptions)
     backend: Backend | None = None
+    # ``--backend auto`` with more than one backend here: what was asked, the backends to try
+    # (``backend`` is the first until one is chosen), and table rows for those not tried
+    auto: AutoSelection | None = None
+    candidates: list[Backend] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     options: BuildOptions = field(default_factory=BuildOptions)
     graph: GraphSettings = field(default_factory=GraphSettings)
     preprocess: PreprocessSpec | None = None

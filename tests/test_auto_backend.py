@@ -1,0 +1,265 @@
+"""``--backend auto``: every candidate backend built, checked against the source, timed; one kept.
+
+Real builds with ONNX Runtime and OpenVINO (skipped only when ``import openvino`` fails);
+the timing function is injected where a test needs one candidate to be faster than another.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_mlp, run_plain
+from onnx import TensorProto, helper
+
+import enginesmith as es
+from enginesmith.backends import get_backend
+from enginesmith.backends.base import Availability
+from enginesmith.errors import BuildError
+from enginesmith.pipeline import BuildRequest, run_build
+from enginesmith.pipeline.selection import Strategy, parse_strategy, select
+from enginesmith.validate import Tolerance
+
+# --------------------------------------------------------------------------- selection alone (no backend)
+
+ROWS = [
+    {"p50_ms": 1.0, "throughput": 900.0},  # fastest at batch 1
+    {"p50_ms": 3.0, "throughput": 2500.0},  # most items per second, slower per call
+    {"p50_ms": 1.5, "throughput": 1500.0},
+]
+
+
+def test_strategies_pick_differently_on_the_same_timings():
+    assert select(ROWS, parse_strategy("latency")) == 0
+    assert select(ROWS, parse_strategy("throughput")) == 1
+    assert select(ROWS, parse_strategy("throughput-within:2")) == 2
+    assert select(ROWS, parse_strategy("throughput-within:0.5")) is None
+    assert select([], Strategy()) is None
+
+
+@pytest.mark.parametrize("text", ["fastest", "throughput-within:", "throughput-within:-3", "latency:5"])
+def test_unknown_or_malformed_strategy_is_refused(text):
+    with pytest.raises(BuildError, match="selection"):
+        parse_strategy(text)
+
+
+def test_candidates_and_select_need_backend_auto():
+    with pytest.raises(BuildError, match="apply to the backend 'auto', not 'onnxruntime'"):
+        BuildRequest(make_mlp(), backend="onnxruntime", select="throughput")
+    with pytest.raises(BuildError, match="unknown candidate backend 'tensorflow'"):
+        BuildRequest(make_mlp(), backend="auto", candidates=["onnxruntime", "tensorflow"])
+
+
+# --------------------------------------------------------------------------- real builds
+
+openvino = pytest.importorskip("openvino")
+
+FEEDS = {"x": np.random.default_rng(3).standard_normal((5, 6)).astype(np.float32)}
+
+
+def fake_timer(p50_at_batch_1: dict[str, float], p50_at_batch_8: dict[str, float] | None = None, calls: list | None = None):
+    """Timings by backend name (the label's first word), as ``measure_p50`` returns them."""
+    def timer(targets, feeds, batch):
+        if calls is not None:
+            calls.append((sorted(targets), batch))
+        for run in targets.values():
+            run(feeds)  # the engines really run on the feeds they would be timed on
+        table = p50_at_batch_1 if batch == 1 else p50_at_batch_8
+        return {label: table[label.split()[0]] for label in targets}
+    return timer
+
+
+def auto_build(source, timer=None, **kwargs):
+    return run_build(BuildRequest(source, backend="auto", **kwargs), timer=timer)
+
+
+def test_auto_builds_both_backends_keeps_one_and_records_the_table(tmp_path):
+    engine = es.build(make_mlp(), backend="auto", output=tmp_path / "m.engine")
+    rows = engine.manifest.checks["backend_candidates"]
+    assert [row["backend"] for row in rows] == ["onnxruntime", "openvino"]
+    chosen = [row for row in rows if row["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["backend"] == engine.backend and chosen[0]["reason"] == "lowest p50"
+    other = next(row for row in rows if not row["chosen"])
+    assert other["reason"] == "slower" and other["p50_ms"] >= chosen[0]["p50_ms"]
+    for row in rows:
+        assert row["precision"] == "fp32" and row["worst_rel_l2"] < 1e-5
+        assert row["build_s"] > 0 and row["verify_s"] > 0 and row["time_s"] > 0
+    # The chosen engine, read back from its file, computes what the source computes.
+    loaded = es.load(tmp_path / "m.engine")
+    assert loaded.backend == engine.backend
+    assert loaded.manifest.checks["backend_candidates"] == rows
+    assert loaded.manifest.build_options["auto"] == {"candidates": None, "select": "latency", "precision": None}
+    got, want = loaded(**FEEDS), run_plain(make_mlp(), FEEDS)
+    np.testing.assert_allclose(got["probs"], want["probs"], rtol=1e-4, atol=1e-5)
+    assert "build_verification" in loaded.manifest.checks
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    ("latency", "onnxruntime"), ("throughput", "openvino"), ("throughput-within:2", "onnxruntime"),
+])
+def test_strategies_choose_by_the_injected_timings(strategy, expected):
+    # onnxruntime: 1 ms at batch 1, 16 ms at batch 8 (500/s); openvino: 3 ms and 8 ms (1000/s).
+    calls: list = []
+    timer = fake_timer({"onnxruntime": 1.0, "openvino": 3.0}, {"onnxruntime": 16.0, "openvino": 8.0}, calls)
+    engine = auto_build(make_mlp(), timer, select=strategy)
+    assert engine.backend == expected
+    rows = {row["backend"]: row for row in engine.manifest.checks["backend_candidates"]}
+    assert rows[expected]["chosen"] and not rows[({"onnxruntime", "openvino"} - {expected}).pop()]["chosen"]
+    batches = [batch for _, batch in calls]
+    assert batches == ([1] if strategy == "latency" else [1, 8])
+    if strategy != "latency":
+        assert rows["openvino"]["throughput"] == pytest.approx(1000.0) and rows["openvino"]["throughput_batch"] == 8
+    if strategy == "throughput-within:2":
+        assert rows["openvino"]["reason"] == "p50 over 2 ms"
+
+
+def test_no_candidate_within_the_latency_budget_is_a_clear_error():
+    timer = fake_timer({"onnxruntime": 5.0, "openvino": 6.0}, {"onnxruntime": 8.0, "openvino": 8.0})
+    with pytest.raises(BuildError, match="no candidate has p50 <= 1 ms at batch 1 .*onnxruntime fp32: p50 over 1 ms"):
+        auto_build(make_mlp(), timer, select="throughput-within:1")
+
+
+def inverse_model() -> onnx.ModelProto:
+    """com.microsoft Inverse: ONNX Runtime runs it, OpenVINO's frontend has no conversion for it."""
+    graph = helper.make_graph(
+        [helper.make_node("Inverse", ["x"], ["y"], domain="com.microsoft", name="inverse")], "inverse",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("compat_check", [True, False])
+def test_a_candidate_that_cannot_build_is_skipped_with_its_reason(compat_check):
+    calls: list = []
+    engine = auto_build(inverse_model(), fake_timer({"onnxruntime": 1.0}, calls=calls), check_compatibility=compat_check)
+    assert engine.backend == "onnxruntime"
+    rows = {row["backend"]: row for row in engine.manifest.checks["backend_candidates"]}
+    assert rows["onnxruntime"]["chosen"] is True and rows["openvino"]["chosen"] is False
+    # Caught by the operator-support check, or else by OpenVINO's own conversion.
+    reason = "cannot build the model" if compat_check else "build failed: .*'inverse'"
+    assert __import__("re").search(reason, rows["openvino"]["reason"]), rows["openvino"]["reason"]
+    assert calls == []  # one candidate left: nothing to compare, nothing timed
+    x = np.array([[[2.0, 0, 0], [0, 4.0, 0], [1.0, 0, 1.0]]], dtype=np.float32)
+    np.testing.assert_allclose(engine(x=x)["y"], np.linalg.inv(x), rtol=1e-5)
+
+
+def test_every_candidate_failing_verification_lists_them_all():
+    impossible = Tolerance(max_rel_l2=-1.0, min_cosine=2.0, min_argmax_agreement=2.0)
+    with pytest.raises(BuildError) as info:
+        auto_build(make_mlp(), fake_timer({}), tolerance=impossible)
+    message = str(info.value)
+    assert "no candidate passed verification against the source" in message
+    assert "onnxruntime fp32: over the accuracy budget" in message and "openvino fp32: over the accuracy budget" in message
+
+
+def test_a_rebuild_of_an_auto_bundle_selects_again(tmp_path):
+    path = tmp_path / "m.engine"
+    first = auto_build(make_mlp(), fake_timer({"onnxruntime": 1.0, "openvino": 2.0}), output=path)
+    assert first.backend == "onnxruntime"
+    # "Another machine", where OpenVINO is the faster: the rebuild (no backend given) times both again.
+    calls: list = []
+    rebuilt = run_build(BuildRequest(path, output=tmp_path / "rebuilt.engine"),
+                        timer=fake_timer({"onnxruntime": 2.0, "openvino": 1.0}, calls=calls))
+    assert rebuilt.backend == "openvino" and len(calls) == 1
+    assert rebuilt.manifest.build_options["auto"]["select"] == "latency"
+    np.testing.assert_allclose(rebuilt(**FEEDS)["probs"], run_plain(make_mlp(), FEEDS)["probs"], rtol=1e-4, atol=1e-5)
+    # The strategy recorded in the bundle applies again; a value given wins.
+    again = run_build(BuildRequest(tmp_path / "rebuilt.engine", select="throughput", output=tmp_path / "t.engine"),
+                      timer=fake_timer({"onnxruntime": 2.0, "openvino": 1.0}, {"onnxruntime": 4.0, "openvino": 9.0}))
+    assert again.backend == "onnxruntime" and again.manifest.build_options["auto"]["select"] == "throughput"
+
+
+def test_a_rebuild_of_a_named_backend_bundle_keeps_its_backend_and_times_nothing(tmp_path):
+    path = es.build(make_mlp(), backend="openvino", output=tmp_path / "m.engine").path
+    calls: list = []
+    rebuilt = run_build(BuildRequest(path, output=tmp_path / "r.engine"), timer=fake_timer({}, calls=calls))
+    assert rebuilt.backend == "openvino" and calls == [] and "backend_candidates" not in rebuilt.manifest.checks
+
+
+def test_with_one_backend_installed_auto_is_the_plain_build(monkeypatch):
+    monkeypatch.setattr(type(get_backend("openvino")), "available", lambda self: Availability(False, "not installed"))
+    calls: list = []
+    engine = auto_build(make_mlp(), fake_timer({}, calls=calls))
+    assert engine.backend == "onnxruntime" and calls == []
+    assert "backend_candidates" not in engine.manifest.checks  # no table: one build, as before
+    assert engine.manifest.build_options["auto"]["select"] == "latency"  # a rebuild elsewhere still selects
+    assert "build_verification" in engine.manifest.checks
+
+
+def test_auto_with_best_competes_every_precision_of_every_backend():
+    engine = auto_build(make_mlp(), fake_timer({"onnxruntime": 2.0, "openvino": 1.0}), precision="best",
+                        calibration_random=True, accuracy_budget="rel_l2<=0.5")
+    rows = engine.manifest.checks["backend_candidates"]
+    pairs = {(row["backend"], row["precision"]) for row in rows}
+    assert {("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "int8")} <= pairs
+    assert engine.backend == "openvino" and sum(row["chosen"] for row in rows) == 1
+    assert engine.manifest.build_options["auto"]["precision"] == "best"
+
+
+def test_cli_prints_the_table_and_info_shows_it(tmp_path, capsys):
+    from enginesmith.cli.app import main
+
+    model = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp(), model)
+    assert main(["build", str(model), "--candidates", "onnxruntime,openvino", "--select", "latency"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the title may wrap
+    assert "backend candidates (auto: lowest p50; budget: default tolerances)" in out and "openvino" in out and "s: seconds to build / verify / time it" in out and "chosen:" in out
+    assert main(["info", str(tmp_path / "mlp.engine")]) == 0
+    assert "backend candidates" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "mlp.engine"), "--json", "-"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {row["backend"] for row in data["checks"]["backend_candidates"]} == {"onnxruntime", "openvino"}
+    assert main(["build", str(model), "-o", str(tmp_path / "x.engine"), "--select", "fastest"]) == 2
+    assert "unknown selection 'fastest'" in capsys.readouterr().err
+    assert not (tmp_path / "x.engine").exists()
+
+
+def test_cli_every_candidate_failing_is_one_error_naming_them(tmp_path, capsys, monkeypatch):
+    from enginesmith.cli.app import main
+    from enginesmith.validate import engine_checks
+
+    model = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp(), model)
+    impossible = Tolerance(max_rel_l2=-1.0, min_cosine=2.0, min_argmax_agreement=2.0)
+    monkeypatch.setattr(engine_checks, "tolerance_for", lambda *a, **k: impossible)
+    assert main(["build", str(model), "--backend", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: build failed at stage 'build': no candidate passed verification against the source")
+    assert "onnxruntime fp32: over the accuracy budget" in err and "openvino fp32: over the accuracy budget" in err
+    assert err.rstrip().endswith("(--no-verify)") and not (tmp_path / "mlp.engine").exists()
+    # Without verification the built candidates compete on speed alone, and the table says they were not verified.
+    engine = run_build(BuildRequest(model, backend="auto", verify=False),
+                       timer=fake_timer({"onnxruntime": 2.0, "openvino": 1.0}))
+    rows = engine.manifest.checks["backend_candidates"]
+    assert engine.backend == "openvino" and all(row["verified"] is False for row in rows)
+    assert "build_verification" not in engine.manifest.checks
+
+
+def test_no_candidate_building_is_a_build_error_not_a_verification_failure():
+    from conftest import make_unsupported_op_model
+
+    # Past the compatibility check, each backend's own conversion refuses the custom-domain node.
+    with pytest.raises(BuildError) as info:
+        auto_build(make_unsupported_op_model(), fake_timer({}), check_compatibility=False)
+    assert not isinstance(info.value, es.errors.VerificationFailedError)
+    message = str(info.value)
+    assert message.startswith("no candidate could be built")
+    assert "onnxruntime fp32: build failed" in message and "openvino fp32: build failed" in message
+
+
+def test_the_build_log_says_what_auto_chose_and_that_torch_needs_naming():
+    import importlib.util
+
+    engine = auto_build(make_mlp(), fake_timer({"onnxruntime": 2.0, "openvino": 1.0}))
+    line = next(line for line in engine.manifest.build_log if line.startswith("auto: "))
+    assert line.startswith("auto: openvino fp32 chosen (lowest p50) among onnxruntime, openvino")
+    torch_installed = importlib.util.find_spec("torch") is not None
+    assert ("--candidates onnxruntime,openvino,torch" in line) == torch_installed
+    named = auto_build(make_mlp(), fake_timer({"onnxruntime": 2.0, "openvino": 1.0}),
+                       candidates=["openvino", "onnxruntime"])
+    assert not any("torch" in line for line in named.manifest.build_log if line.startswith("auto: "))
