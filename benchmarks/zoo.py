@@ -29,14 +29,16 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import tomllib
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
@@ -48,7 +50,7 @@ DEFAULT_CACHE = Path(os.environ.get("ENGINESMITH_ZOO_CACHE", Path.home() / ".cac
 # that PYTHONPATH and the virtual environment are the caller's.
 CLI = [sys.executable, "-c", "import sys; sys.argv[0] = 'enginesmith'; from enginesmith.cli import main; main()"]
 TRACEBACK = "Traceback (most recent call last)"
-# (path prefix, how the report shows it): the reproducing commands read the same on any machine.
+# (pattern, replacement): the reproducing commands read the same on any machine.
 DISPLAY_PATHS: list[tuple[str, str]] = []
 STEP_TIMEOUT_S = 900
 
@@ -139,24 +141,46 @@ def select(models: list[ZooModel], ids: str | None, tier: str) -> list[ZooModel]
 
 
 class RegistryError(RuntimeError):
-    """pip could not download a package (registry unreachable, or the version is gone)."""
+    """pip (or npm) could not download a package (registry unreachable, or the version is gone)."""
+
+
+NPM = "npm:"  # a package name with this prefix is an npm package: its tarball, not a wheel
 
 
 def download_wheel(package: str, version: str, cache: Path) -> Path:
-    """The package's wheel, downloaded once into ``cache/wheels/<package>-<version>/``."""
-    folder = cache / "wheels" / f"{package}-{version}"
-    found = sorted(folder.glob("*.whl"))
+    """The package's wheel (or npm tarball), downloaded once into ``cache/wheels/<package>-<version>/``."""
+    folder = cache / "wheels" / f"{package.removeprefix(NPM).replace('/', '+')}-{version}"
+    pattern = "*.tgz" if package.startswith(NPM) else "*.whl"
+    found = sorted(folder.glob(pattern))
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "-q", "-d", str(folder), f"{package}=={version}"]
+    if package.startswith(NPM):
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RegistryError(f"{package}: npm is not installed")
+        cmd = [npm, "pack", f"{package.removeprefix(NPM)}@{version}", "--pack-destination", str(folder), "--silent"]
+    else:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+               "-q", "-d", str(folder), f"{package}=={version}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    found = sorted(folder.glob("*.whl"))
+    found = sorted(folder.glob(pattern))
     if proc.returncode != 0 or not found:
-        last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise RegistryError(f"pip download {package}=={version} failed: {last}")
+        last = (proc.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
+        raise RegistryError(f"download of {package}=={version} failed: {last}")
     return found[0]
+
+
+@contextmanager
+def open_archive(path: Path) -> Iterator[tuple[list[str], Callable[[str], IO[bytes]]]]:
+    """(regular-file member names, open member) of a wheel (zip) or an npm tarball (.tgz)."""
+    if path.suffix == ".tgz":
+        with tarfile.open(path, "r:gz") as archive:
+            files = {m.name: m for m in archive.getmembers() if m.isfile()}  # no links, devices
+            yield list(files), lambda name: archive.extractfile(files[name])
+    else:
+        with zipfile.ZipFile(path) as archive:
+            yield [n for n in archive.namelist() if not n.endswith("/")], archive.open
 
 
 def _sha256_file(path: Path) -> str:
@@ -194,11 +218,11 @@ def extract_model(wheel: Path, member: str, dest: Path) -> Path:
     """
     name = PurePosixPath(member.rstrip("/")).name
     final = dest / name
-    with zipfile.ZipFile(wheel) as archive:
+    with open_archive(wheel) as (names, open_member):
         if member.endswith("/"):
-            members = [n for n in archive.namelist() if n.startswith(member) and not n.endswith("/")]
+            members = [n for n in names if n.startswith(member)]
         else:
-            members = [member] if member in archive.namelist() else []
+            members = [member] if member in names else []
         if not members:
             raise FileNotFoundError(f"'{member}' is not in {wheel.name}")
         dest.mkdir(parents=True, exist_ok=True)
@@ -208,7 +232,7 @@ def extract_model(wheel: Path, member: str, dest: Path) -> Path:
                 relative = item[len(member):] if member.endswith("/") else name
                 target = _safe_target(staging / name if member.endswith("/") else staging, relative)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(item) as src, target.open("wb") as out:
+                with open_member(item) as src, target.open("wb") as out:
                     shutil.copyfileobj(src, out)
             if final.exists():
                 shutil.rmtree(final) if final.is_dir() else final.unlink()
@@ -291,8 +315,8 @@ def cli_supports(command: str, option: str) -> bool:
 def shown(argv: list[str]) -> str:
     """The command as the report shows it: the cache and work folders by their short names."""
     text = "enginesmith " + " ".join(argv)
-    for prefix, short in DISPLAY_PATHS:
-        text = text.replace(prefix, short)
+    for pattern, short in DISPLAY_PATHS:
+        text = re.sub(pattern, short, text)
     return text
 
 
@@ -312,14 +336,17 @@ SHAPE_HINT = re.compile(r"--input\s+'?([^\s':=]+(?::[^\s':=x]+)*):(\d+(?:x\d+)*)
 
 
 def suggested_flags(step: Step, sample_path: Path | None) -> list[str]:
-    """The flags the error message itself suggests: ``--input NAME:SHAPE`` and ``--data``."""
-    text = step.error_line or step.stderr
+    """The flags the CLI's error line itself suggests: ``--input NAME:SHAPE``, ``--data`` (with
+    the manifest's sample) and ``--no-verify``. Never ``--trust-code``: that is the user's call."""
+    text = step.error_line or ""
     flags: list[str] = []
     for name, shape in SHAPE_HINT.findall(text):
         if name != "NAME" and ["--input", f"{name}:{shape}"] not in [flags[i:i + 2] for i in range(0, len(flags), 2)]:
             flags += ["--input", f"{name}:{shape}"]
     if sample_path is not None and re.search(r"--data\b", text):
         flags += ["--data", str(sample_path)]
+    if re.search(r"--no-verify\b", text):
+        flags.append("--no-verify")
     return flags
 
 
@@ -445,7 +472,14 @@ def time_model(model: ZooModel, result: ZooResult, source: Path, engine: Path, w
                                             "--json", str(bench_json)]))
     result.bench_cli = "ok" if bench.ok else "error"
     if model.source_format != "onnx":
-        result.baseline = f"none: the source is {model.source_format}, not ONNX (see bench --vs in the JSON)"
+        # No ONNX file to open a plain session on: the baseline is the source run by its own
+        # framework, as `bench --vs` timed it (one block per target, not interleaved rounds).
+        if bench.ok and bench_json.is_file():
+            report = json.loads(bench_json.read_text())
+            p50 = {r["label"]: r["p50_ms"] for r in report["results"] if r["batch"] == 1}
+            result.p50_plain_ms = p50.pop(report["baseline"], None)
+            result.p50_engine_ms = next(iter(p50.values()), None)
+            result.baseline = f"{model.source_format} source in its own framework (enginesmith bench --vs, one block each)"
         return
     import onnxruntime as ort
 
@@ -472,6 +506,8 @@ COLUMNS = ["model", "task", "status", "build s", "validate", "p50 engine ms", "p
 def row_cells(r: ZooResult) -> list[str]:
     status = r.status + (f" ({' '.join(r.flags)})" if r.flags else "")
     ratio = f"{r.ratio['median']:.3f}x" if r.ratio else "-"
+    if r.ratio is None and r.p50_engine_ms and r.p50_plain_ms:  # vs the source's own framework, see baseline
+        ratio = f"{r.p50_engine_ms / r.p50_plain_ms:.3f}x vs {r.format}"
     return [r.model, r.task, status, f"{r.build_s:.1f}" if r.build_s is not None else "-", r.validate,
             f"{r.p50_engine_ms:.2f}" if r.p50_engine_ms is not None else "-",
             f"{r.p50_plain_ms:.2f}" if r.p50_plain_ms is not None else "-", ratio,
@@ -539,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     models = select(load_manifest(args.manifest), args.models, args.tier)
     facts = machine({"cache": str(args.cache)})
     with tempfile.TemporaryDirectory(prefix="enginesmith-zoo-") as tmp, LoadMonitor() as load:
-        DISPLAY_PATHS[:] = [(tmp + "/", ""), (str(args.cache), "$ZOO_CACHE")]
+        DISPLAY_PATHS[:] = [(re.escape(tmp) + r"/[^/ ]+/", ""), (re.escape(str(args.cache)), "$ZOO_CACHE")]
         def one(model: ZooModel) -> tuple[ZooResult, Path | None, Path | None]:
             print(f"[zoo] {model.id} ...", file=sys.stderr, flush=True)
             out = check_model(model, args.cache, Path(tmp) / model.id)

@@ -118,6 +118,9 @@ def test_suggested_flags_come_from_the_error_line(tmp_path: Path) -> None:
     sample = tmp_path / "s.npz"
     assert zoo.suggested_flags(step, sample) == ["--input", "x:1x3x320x320", "--data", str(sample)]
     assert zoo.suggested_flags(step, None) == ["--input", "x:1x3x320x320"]
+    refused = zoo.Step("build", ["build", "q.tflite"], 2, 1.0, "", "error: the built fp32 engine does not match the "
+                       "source model (...); pass verify=False / --no-verify to keep it anyway\n")
+    assert zoo.suggested_flags(refused, sample) == ["--no-verify"]
     crashed = zoo.Step("build", ["build", "m.onnx"], 1, 1.0, "",
                        "Traceback (most recent call last):\n  File \"x.py\"\nValueError: boom\n")
     assert crashed.traceback and not crashed.clear_error and crashed.failure_text() == "ValueError: boom"
