@@ -391,7 +391,11 @@ def main(argv: list[str] | None = None) -> int:
             for model, (result, source, engine) in zip(models, checked):
                 if engine is not None:
                     print(f"[zoo] timing {model.id} ...", file=sys.stderr, flush=True)
-                    time_model(model, result, source, engine, Path(tmp) / model.id, args)
+                    try:
+                        time_model(model, result, source, engine, Path(tmp) / model.id, args)
+                    except Exception as exc:  # noqa: BLE001  one model's failure is a row of the report, not the end of the run
+                        result.problems.append({"step": "timing (Python API)", "message": f"{type(exc).__name__}: {exc}",
+                                                "command": f"es.load('{model.id}.engine').infer(sample)", "traceback": False})
     results = [r for r, _, _ in checked]
     counts = {status: sum(r.status == status for r in results) for status in
               ["built by default", "built with suggested flag", "built with known flag", "clear error", "FAILED"]}
