@@ -102,6 +102,9 @@ class Step:
             after = lines[max(i for i, ln in enumerate(lines) if TRACEBACK in ln):]
             return next((ln.strip() for ln in reversed(after) if re.match(r"^[\w.]+(Error|Exception|Exit)\b", ln.strip())),
                         after[-1].strip())
+        verdicts = [ln.strip() for ln in self.stdout.splitlines() if ln.strip().startswith("FAIL")]
+        if self.error_line is None and verdicts:  # validate's "FAIL (...)" verdict, exit code 1
+            return verdicts[-1]
         return self.error_line or (self.stderr.strip().splitlines() or [f"exit code {self.returncode}"])[-1][:300]
 
     def summary(self) -> dict[str, Any]:

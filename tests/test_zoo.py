@@ -143,6 +143,8 @@ def test_suggested_flags_come_from_the_error_line(tmp_path: Path) -> None:
     refused = zoo.Step("build", ["build", "q.tflite"], 2, 1.0, "", "error: the built fp32 engine does not match the "
                        "source model (...); pass verify=False / --no-verify to keep it anyway\n")
     assert zoo.suggested_flags(refused, sample) == ["--no-verify"]
+    failed = zoo.Step("validate", ["validate", "m.engine"], 1, 1.0, "table\nFAIL (fp32 tolerance: {...})\n", "INFO: noise\n")
+    assert failed.failure_text() == "FAIL (fp32 tolerance: {...})" and not failed.clear_error
     crashed = zoo.Step("build", ["build", "m.onnx"], 1, 1.0, "",
                        "Traceback (most recent call last):\n  File \"x.py\"\nValueError: boom\n")
     assert crashed.traceback and not crashed.clear_error and crashed.failure_text() == "ValueError: boom"
