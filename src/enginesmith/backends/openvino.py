@@ -391,7 +391,7 @@ class OpenVinoSession(Session):
 class OpenVinoBackend(Backend):
     name = "openvino"
     display_name = "OpenVINO"
-    # Below ONNX Runtime (10) for now: `--backend auto` keeps picking ONNX Runtime.
+    # Below ONNX Runtime (10): a build without selection takes ONNX Runtime; `--backend auto` times both.
     auto_priority = 5
 
     def available(self) -> Availability:
