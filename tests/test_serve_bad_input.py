@@ -261,14 +261,19 @@ def test_full_queue_answers_503_with_retry_after(engines):
 def test_request_timeout_in_the_queue(engines):
     # each call takes tens of milliseconds: of 12 requests sent at once, the last ones wait far past 50 ms
     with es.serve([engines["slow"]], max_batch=1, timeout_ms=50, **PORTS) as handle:
+        # Binary tensors, one body for all: JSON bodies take the server about as long to decode as the
+        # engine takes to run them, so requests would reach the queue spaced out and none would wait long.
         x = np.zeros((256, 512), np.float32)
+        header = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+        request, headers = header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
 
         def send(_: int):
-            status, _, body = post(handle.url, "/v2/models/slow/infer", json_request({"x": x}), timeout=60)
-            return status, json.loads(body)
+            status, _, body = post(handle.url, "/v2/models/slow/infer", request, headers=headers, timeout=60)
+            return status, json.loads(body) if status != 200 else {}
 
-        with ThreadPoolExecutor(12) as pool:
-            answers = list(pool.map(send, range(12)))
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(send, range(16)))
         timed_out = [b for s, b in answers if s == 503]
         assert timed_out and all("longer than its timeout" in b["error"] for b in timed_out)
         assert any(s == 200 for s, _ in answers)
