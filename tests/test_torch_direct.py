@@ -184,3 +184,36 @@ def test_transformers_bert_builds_from_the_module_and_from_its_onnx_export(sourc
         want = module(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
     np.testing.assert_allclose(got["last_hidden_state"], want.last_hidden_state.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got["pooler_output"], want.pooler_output.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_native_source_is_handed_over_in_the_build_options_not_in_the_onnx_model():
+    """The importer's module reaches the backend only through BuildOptions.native_source: no tag in the ONNX
+    (so none in any payload or bundle), nothing kept in module globals, nothing stored in the manifest."""
+    from enginesmith.backends import BuildOptions, get_backend
+    from enginesmith.importers import import_model
+
+    torch.manual_seed(0)
+    module = MeanHead().eval()
+    imported = import_model(module, ImportOptions(example_inputs=(torch.randn(2, 3, 16, 16),)))
+    assert imported.native is not None and imported.native.model is module
+    assert not any("native" in prop.key for prop in imported.model.metadata_props)
+    backend = get_backend("torch")
+    handed = BuildOptions(backend_options=EAGER, native_source=imported.native)
+    assert "native_source" not in handed.to_dict()
+    direct = backend.build(imported.model, imported.signature, handed)
+    assert direct.details["source"] == "torch"
+    assert set(backend.op_support(imported.model, handed).values()) == {("supported", "")}
+    # The same ONNX without the handoff (as read from a file) builds from the conversion.
+    assert backend.build(imported.model, imported.signature, BuildOptions(backend_options=EAGER)).details["source"] == "onnx"
+    # A signature whose names the graph passes changed falls back to the ONNX, saying why.
+    from enginesmith.importers.onnx_importer import signature_of
+
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(imported.model)
+    old = renamed.graph.output[0].name
+    renamed.graph.output[0].name = "renamed"
+    for node in renamed.graph.node:
+        node.output[:] = ["renamed" if name == old else name for name in node.output]
+    fallback = backend.build(renamed, signature_of(renamed), handed)
+    assert fallback.details["source"] == "onnx"
+    assert any("graph passes changed its inputs or outputs" in line for line in fallback.log)

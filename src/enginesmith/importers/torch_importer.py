@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 
 from ..errors import EnginesmithError, SourceError, UnsupportedModelError
-from ..native_source import NativeSource, attach
+from ..native_source import NativeSource
 from . import ImportedModel, ImportOptions, ReferenceRunner
 from . import _convert as cv
 
@@ -479,9 +479,8 @@ def _import_program(program: Any, options: ImportOptions, label: str, log: list[
 
 
 def _with_native(imported: ImportedModel, native: NativeSource | None) -> ImportedModel:
-    """The imported model tagged with its torch source, for the PyTorch backend to build from directly."""
-    if native is not None:
-        attach(imported.model, native)
+    """The imported model carrying its torch source, for the PyTorch backend to build from directly."""
+    imported.native = native
     return imported
 
 

@@ -16,7 +16,7 @@ import onnx
 
 from ...errors import BuildError, UnsupportedModelError
 from ...host import host_fingerprint
-from ...native_source import NativeSource, native_source
+from ...native_source import NativeSource
 from ...signature import Signature
 from ..base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session, node_names
 from .common import (CACHES_ENV, EXTRA_HINT, PAYLOAD_FORMAT, PAYLOAD_NAME, TORCH_PRECISIONS, _cxx_compiler,
@@ -97,7 +97,10 @@ class TorchCompileBackend(Backend):
         return ["fp32", "bf16", "fp16"] if bf16 else ["fp32", "fp16"]
 
     def op_support(self, model: onnx.ModelProto, options: BuildOptions) -> dict[str, tuple[str, str]]:
-        if options.backend_options.get("source", "auto") != "onnx" and native_source(model) is not None:
+        initializers = {tensor.name for tensor in model.graph.initializer}
+        inputs = [value.name for value in model.graph.input if value.name not in initializers]
+        outputs = [value.name for value in model.graph.output]
+        if usable_source(options.native_source, inputs, outputs, str(options.backend_options.get("source", "auto")), []):
             # Built from the torch source itself: the ONNX conversion's ops do not matter.
             return {label: ("supported", "") for label in node_names(model)}
         status = op_status(model)
@@ -202,7 +205,8 @@ class TorchCompileBackend(Backend):
         if source_choice not in ("auto", "onnx"):
             raise BuildError(f"source must be auto (build a torch source directly) or onnx (from its ONNX conversion), "
                              f"not {source_choice!r}")
-        native = usable_source(model, signature, source_choice, log) if isinstance(model, onnx.ModelProto) else None
+        native = (usable_source(options.native_source, signature.input_names, signature.output_names, source_choice, log)
+                  if isinstance(model, onnx.ModelProto) else None)
         if native is None and not isinstance(model, onnx.ModelProto):
             if not isinstance(model, (torch.export.ExportedProgram, torch.nn.Module)):
                 raise BuildError(f"the PyTorch backend cannot build from a {type(model).__name__}")

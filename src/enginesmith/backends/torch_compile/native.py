@@ -9,21 +9,19 @@ the engine needs neither the user's Python classes nor the source.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-from ...native_source import NativeSource, native_source
-from ...signature import Signature
+from ...native_source import NativeSource
 from .common import _torch
 
 
-def usable_source(model: Any, signature: Signature, requested: str, log: list[str]) -> NativeSource | None:
-    """The torch source of ``model`` when the build may use it (else None, with the reason logged when it matters)."""
-    if requested == "onnx":
+def usable_source(source: Any, input_names: Sequence[str], output_names: Sequence[str], requested: str,
+                  log: list[str]) -> NativeSource | None:
+    """``source`` (the build's ``options.native_source``) when a build for these inputs and outputs may use it,
+    else None (the reason logged when it matters)."""
+    if requested == "onnx" or not isinstance(source, NativeSource) or source.framework != "torch":
         return None
-    source = native_source(model)
-    if source is None or source.framework != "torch":
-        return None
-    if tuple(signature.input_names) != source.input_names or tuple(signature.output_names) != source.output_names:
+    if tuple(input_names) != source.input_names or tuple(output_names) != source.output_names:
         log.append(f"{source.description}: the graph passes changed its inputs or outputs, so the engine is built from "
                    "the converted ONNX")
         return None
