@@ -217,3 +217,29 @@ def test_native_source_is_handed_over_in_the_build_options_not_in_the_onnx_model
     fallback = backend.build(renamed, signature_of(renamed), handed)
     assert fallback.details["source"] == "onnx"
     assert any("graph passes changed its inputs or outputs" in line for line in fallback.log)
+
+
+@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="Inductor's CPU code needs a C++ compiler")
+def test_integer_inputs_the_compiler_warms_with_stay_in_range_of_a_two_row_table():
+    """The H200 run's BERT builds died with 'index out of bounds: 0 <= tmp11 < 2' (a device-side assert): the
+    warm-up and compiled-vs-exported check fed token_type_ids in [0, 4) to a 2-row embedding. Inductor checks
+    indirect indices on the CPU too, so the same build fails here without the fix."""
+
+    class TypedEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.types = torch.nn.Embedding(2, 8)
+            self.proj = torch.nn.Linear(8, 3)
+
+        def forward(self, x, token_type_ids):
+            return self.proj(x + self.types(token_type_ids))
+
+    torch.manual_seed(0)
+    module = TypedEmbedding().eval()
+    example = {"x": torch.randn(2, 5, 8), "token_type_ids": torch.zeros(2, 5, dtype=torch.int64)}
+    engine = build_module(module, example, backend_options={"device": "cpu", "compile": "inductor"})
+    types = np.array([[0, 1, 1, 0, 1]] * 3, np.int64)
+    x = np.random.default_rng(12).standard_normal((3, 5, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x), torch.from_numpy(types)).numpy()
+    np.testing.assert_allclose(engine(x=x, token_type_ids=types)["output"], want, rtol=1e-4, atol=1e-5)

@@ -30,6 +30,13 @@ from .onnx_convert import onnx_to_torch, op_status
 from .payload import _load_program, _save_program, pack_payload, unpack_payload
 from .session import TorchSession
 
+def _compile_failure(exc: BaseException) -> str:
+    """The telling line of a torch.compile error (the last one is often a link to the graph-break docs)."""
+    hints = ("For more details", "Set TORCHDYNAMO", "Set TORCH_LOGS", "Developer debug context", "Explanation:", "Hint:")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().startswith(hints)]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
 # The session compiled by the last build, handed to the load() that api.build does right after.
 _HANDOFF: dict[str, TorchSession] = {}
 
@@ -293,7 +300,7 @@ class TorchCompileBackend(Backend):
                 try:
                     warm_s = _warm(compiled, meta, signature, device)
                 except Exception as exc:  # noqa: BLE001 - Inductor failures are build failures
-                    raise BuildError(f"Inductor could not compile the model: {str(exc).strip().splitlines()[-1][:300]}") from None
+                    raise BuildError(f"Inductor could not compile the model: {_compile_failure(exc)}") from None
                 saved = torch.compiler.save_cache_artifacts()
             cache = saved[0] if saved else None
             where = "CUDA, fixed batches " + ", ".join(map(str, meta["batches"])) if cuda else (
