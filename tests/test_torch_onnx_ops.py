@@ -185,3 +185,39 @@ def test_encoder_with_layernorm_gelu_masked_attention_and_dynamic_sequence():
     mask[0, 6:] = 0
     feeds = dict(zip([i.name for i in model.graph.input], [rng.integers(0, 50, (3, 9)).astype(np.int64), mask]))
     assert_matches_onnxruntime(model, feeds, atol=1e-4)
+
+
+def range_of_length_model() -> onnx.ModelProto:
+    """y = x + Range(0, x.shape[1]) + bias: position ids as exporters write them (BERT's, from its dynamo ONNX)."""
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+             helper.make_node("Range", ["zero", "length", "step"], ["positions"]),
+             helper.make_node("Cast", ["positions"], ["positions_f"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "positions_f"], ["shifted"]),
+             helper.make_node("Add", ["shifted", "bias"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("one", 1), ("zero", 0), ("step", 1))]
+    inits.append(numpy_helper.from_array(np.linspace(-1, 1, 6).astype(np.float32), "bias"))
+    graph = helper.make_graph(nodes, "positions", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_range_of_a_shape_is_made_on_the_device_of_the_inputs():
+    """The H200 run: BERT's and ConvNeXt's ONNX failed with 'Tensor on device cuda:0 is not on the expected device
+    cpu!' (a Range lowered to torch.arange landed on the CPU). Exported on the meta device, the stand-in for CUDA
+    here, a CPU tensor in the graph fails the same way."""
+    from enginesmith.backends.torch_compile.export import _wrapper_class, export_program
+    from enginesmith.backends.torch_compile.onnx_convert import onnx_to_torch
+
+    model = range_of_length_model()
+    x = np.random.default_rng(12).standard_normal((3, 6)).astype(np.float32)
+    assert_matches_onnxruntime(model, {"x": x})
+    imported = import_model(model)
+    log: list[str] = []
+    inner, order = onnx_to_torch(imported.model, imported.signature, log)
+    assert any("OnnxRange" in line for line in log)
+    wrapper = _wrapper_class()(inner.to("meta"), order, torch.float32, [True], [torch.float32], False)
+    program = export_program(wrapper, imported.signature, "meta", log, None)
+    assert {str(node.meta["val"].device) for node in program.graph.nodes if hasattr(node.meta.get("val"), "device")} == {"meta"}

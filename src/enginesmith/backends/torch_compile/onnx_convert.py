@@ -261,10 +261,12 @@ def _sv_tile(x, repeats):
     return x.repeat(repeats)
 
 
-def _sv_range(start, limit, delta, dtype):
+def _sv_range(start, limit, delta, dtype, like):
     import torch
 
-    return torch.arange(start, limit, delta, dtype=dtype)
+    # On ``like``'s device (a graph input): a plain arange lands on the CPU, and the engine on CUDA then mixes
+    # devices ("Tensor on device cuda:0 is not on the expected device cpu!", BERT's position ids on the H200).
+    return torch.arange(start, limit, delta, dtype=dtype, device=like.device)
 
 
 def _sv_slice_values(values, starts, ends):
@@ -410,7 +412,8 @@ def _specialize_constants(gm, log: list[str]) -> None:
                     replace(node, _sv_slice, [args[0], starts, ends, axes, steps or [1] * count])
         elif kind == "OnnxRange" and len(args) == 3 and any(a in lowered for a in args) \
                 and all(value(a) is not None for a in args):
-            replace(node, _sv_range, [value(args[0]), value(args[1]), value(args[2]), _range_dtype(gm, args)])
+            anchor = next(n for n in graph.nodes if n.op == "placeholder")
+            replace(node, _sv_range, [value(args[0]), value(args[1]), value(args[2]), _range_dtype(gm, args), anchor])
         elif kind == "OnnxReduceSumDynamicAxes" and len(args) == 2 and (axes := const(args[1])) is not None:
             axes = axes if isinstance(axes, list) else [axes]
             replace(node, _sv_reduce_sum, [args[0], axes, bool(module._keepdims), bool(module._noop_with_empty_axes)])
