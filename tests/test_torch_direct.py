@@ -243,3 +243,26 @@ def test_integer_inputs_the_compiler_warms_with_stay_in_range_of_a_two_row_table
     with torch.no_grad():
         want = module(torch.from_numpy(x), torch.from_numpy(types)).numpy()
     np.testing.assert_allclose(engine(x=x, token_type_ids=types)["output"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_program_traced_on_the_cpu_is_retargeted_to_the_build_device():
+    """The H200 run failed test_exported_program_with_float32_constants_builds_in_fp16: a program exported on the
+    CPU asserts its inputs' device (aten._assert_tensor_metadata(mask, device=cpu)) and bakes device=cpu into
+    factory ops. The meta device stands in for CUDA here."""
+    from enginesmith.backends.torch_compile.native import retarget_program, source_module
+    from enginesmith.native_source import NativeSource
+
+    class MaskedOnes(torch.nn.Module):
+        def forward(self, x, mask):
+            keep = mask.float() * torch.ones(x.shape[1], dtype=torch.float32, device="cpu")
+            return x * keep[:, :, None]
+
+    x, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.int64)
+    program = torch.export.export(MaskedOnes(), (x, mask))
+    baked = [n for n in program.graph.nodes if "_assert_tensor_metadata" in str(n.target) or
+             n.kwargs.get("device") == torch.device("cpu")]
+    assert baked  # what the traced program holds: without it this test shows nothing
+    module = source_module(NativeSource("torch", program, ("x", "mask"), ("output",)))
+    assert retarget_program(module, torch.float16, "meta") >= 1
+    out = module.to("meta")(x.to("meta", torch.float16), mask.to("meta"))[0]
+    assert out.device.type == "meta" and out.dtype == torch.float16 and tuple(out.shape) == (2, 5, 8)

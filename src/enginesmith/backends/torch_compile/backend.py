@@ -25,7 +25,7 @@ from .common import (CACHES_ENV, EXTRA_HINT, PAYLOAD_FORMAT, PAYLOAD_NAME, TORCH
 from .compile import (_aoti_compile, _aoti_load, _benchmark_limit, _cache_tag, _fresh_artifacts, _fused_module,
                       _GraphedRunner, _set_cudnn_benchmark, _set_fp32_math, _warm, compile_module)
 from .export import _has_conv2d, _wrapper_class, export_program, served_shapes, shape_text, specialized_dims
-from .native import retarget_float_constants, source_module, usable_source
+from .native import retarget_program, source_module, usable_source
 from .onnx_convert import onnx_to_torch, op_status
 from .payload import _load_program, _save_program, pack_payload, unpack_payload
 from .session import TorchSession
@@ -237,7 +237,7 @@ class TorchCompileBackend(Backend):
                        f"Triton {facts['triton_version']}, driver {facts['driver']}")
         dtype = _torch_dtype(meta["precision"])
         inner = inner.to(device=device, dtype=dtype)
-        if native is not None and retarget_float_constants(inner, dtype):
+        if native is not None and retarget_program(inner, dtype, device):
             log.append(f"float32 constants of the exported program made {meta['precision']}")
         if meta["channels_last"]:
             inner = inner.to(memory_format=torch.channels_last)
