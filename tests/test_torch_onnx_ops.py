@@ -221,3 +221,30 @@ def test_range_of_a_shape_is_made_on_the_device_of_the_inputs():
     wrapper = _wrapper_class()(inner.to("meta"), order, torch.float32, [True], [torch.float32], False)
     program = export_program(wrapper, imported.signature, "meta", log, None)
     assert {str(node.meta["val"].device) for node in program.graph.nodes if hasattr(node.meta.get("val"), "device")} == {"meta"}
+
+
+def test_gather_of_a_constant_scalar_index_is_a_static_select():
+    """ViT's class token (Gather(x, 0, axis=1)) and packed q/k/v splits: onnx2torch reads the index with .item() on
+    every call (a host sync, a CUDA graph break; ViT's ONNX failed on the H200 'in onnx2torch's gather converter').
+    The engine's program holds a plain select instead and runs on the meta device (no value read)."""
+    from enginesmith.backends.torch_compile.common import example_inputs
+    from enginesmith.backends.torch_compile.export import _wrapper_class, export_program
+    from enginesmith.backends.torch_compile.onnx_convert import onnx_to_torch
+
+    nodes = [helper.make_node("Gather", ["x", "index"], ["token"], axis=1), helper.make_node("Add", ["token", "bias"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "index"),
+             numpy_helper.from_array(np.linspace(-1, 1, 8).astype(np.float32), "bias")]
+    graph = helper.make_graph(nodes, "cls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    x = np.random.default_rng(13).standard_normal((3, 5, 8)).astype(np.float32)
+    assert_matches_onnxruntime(model, {"x": x})
+    imported = import_model(model)
+    log: list[str] = []
+    inner, order = onnx_to_torch(imported.model, imported.signature, log)
+    wrapper = _wrapper_class()(inner.to("meta"), order, torch.float32, [True], [torch.float32], False)
+    program = export_program(wrapper, imported.signature, "meta", log, None)
+    assert not [n for n in program.graph.nodes if "item" in str(n.target)]
+    out = program.module()(*example_inputs(imported.signature, 3, "meta"))
+    assert tuple(out[0].shape) == (3, 8)

@@ -261,6 +261,10 @@ def _sv_tile(x, repeats):
     return x.repeat(repeats)
 
 
+def _sv_select(x, axis: int, index: int):
+    return x.select(axis, index)
+
+
 def _sv_range(start, limit, delta, dtype, like):
     import torch
 
@@ -368,6 +372,10 @@ def _specialize_constants(gm, log: list[str]) -> None:
             lowered.add(replace(node, _sv_shape, [args[0], module._start, module._end]))
         elif kind == "OnnxGather" and first_lowered and module._axis == 0 and (idx := const(args[1])) is not None:
             lowered.add(replace(node, _sv_gather, [args[0], idx]))
+        elif kind == "OnnxGather" and not first_lowered and isinstance(const(args[1]), int):
+            # A tensor indexed by a constant scalar (ViT's class token x[:, 0], a packed q/k/v split): onnx2torch
+            # reads the index with .item() on every call, which torch.export and CUDA graphs handle badly.
+            replace(node, _sv_select, [args[0], int(module._axis), const(args[1])])
         elif kind == "OnnxUnsqueezeStaticAxes" and first_lowered and list(module._axes) == [0]:
             lowered.add(replace(node, _sv_unsqueeze, [args[0]]))
         elif kind == "OnnxSqueezeStaticAxes" and first_lowered and list(module.axes or [0]) == [0]:
