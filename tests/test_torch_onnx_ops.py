@@ -248,3 +248,34 @@ def test_gather_of_a_constant_scalar_index_is_a_static_select():
     assert not [n for n in program.graph.nodes if "item" in str(n.target)]
     out = program.module()(*example_inputs(imported.signature, 3, "meta"))
     assert tuple(out[0].shape) == (3, 8)
+
+
+@pytest.mark.parametrize("name", ["attention", "encoder"])
+def test_attention_graphs_convert_export_and_run_on_the_meta_device(name):
+    """The meta device stands in for CUDA (the H200 run failed these two graphs there, cause not in its log): a tensor
+    pinned to the CPU fails here as on a GPU, and so does a value read with .item() (on a GPU a host sync per call
+    and a CUDA-graph break)."""
+    from torch_models import SelfAttention, TinyEncoder, onnx_of
+
+    from enginesmith.backends.torch_compile.common import example_inputs
+    from enginesmith.backends.torch_compile.export import _wrapper_class, export_program
+    from enginesmith.backends.torch_compile.onnx_convert import onnx_to_torch
+
+    torch.manual_seed(0)
+    if name == "attention":
+        model, known = onnx_of(SelfAttention(), (torch.randn(2, 5, 16),), ({0: torch.export.Dim("batch")},)), None
+    else:
+        batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=64)
+        ids = torch.randint(0, 50, (2, 7))
+        model = onnx_of(TinyEncoder(), (ids, torch.ones_like(ids)), ({0: batch, 1: length}, {0: batch, 1: length}))
+        known = {i.name: [3, 9] for i in model.graph.input}
+    imported = import_model(model)
+    signature = imported.signature
+    log: list[str] = []
+    inner, order = onnx_to_torch(imported.model, signature, log)
+    wrapper = _wrapper_class()(inner.to("meta"), order, torch.float32,
+                               [np.dtype(s.dtype).kind == "f" for s in signature.inputs],
+                               [torch.float32 for _ in signature.outputs], False)
+    program = export_program(wrapper, signature, "meta", log, None)
+    outputs = program.module()(*example_inputs(signature, 3, "meta", known=known))
+    assert all(out.device.type == "meta" and out.shape[0] == 3 for out in outputs)
