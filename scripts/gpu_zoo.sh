@@ -35,9 +35,10 @@ zoo() {  # zoo MODELS [DEADLINE]
     --workdir /tmp/gpu_zoo/work $ARGS 2>&1 | tee -a "$OUT/zoo.log"
 }
 
-cuda_tests() {
+cuda_tests() {  # the whole report in tests_cuda.txt (tracebacks, no captured DEBUG logs); its end on the console
   timeout -k 10 "${1:-240}" env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_direct.py \
-    tests/test_torch_onnx_ops.py -q -p no:cacheprovider -rfE 2>&1 | tail -n 40 | tee "$OUT/tests_cuda.txt"
+    tests/test_torch_onnx_ops.py -q -p no:cacheprovider -p no:logging --tb=short -rfE > "$OUT/tests_cuda.txt" 2>&1
+  tail -n 40 "$OUT/tests_cuda.txt"
 }
 
 case "$WHAT" in

@@ -37,3 +37,58 @@ def test_cpu_dry_run_of_one_model(tmp_path):
             assert row["p50_ms"] > 0 and row["rel_l2"] < 1e-4
     assert record["builds"]["engine (from module)"]["details"]["source"] == "torch"
     assert record["builds"]["engine (from ONNX)"]["details"]["source"] == "onnx"
+
+
+def _zoo():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_zoo
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu_zoo
+
+
+def test_random_weights_are_made_non_degenerate_before_accuracy_is_measured():
+    """The H200 run read rel L2 1.0 for EfficientNet-B0/MobileNetV3 (outputs underflowing fp16 through BatchNorm
+    layers with untrained statistics) and 0.0 for ViT (a zero-initialised head): both models stand-ins here."""
+    import numpy as np
+    import torch
+
+    zoo = _zoo()
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(8):
+        conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        torch.nn.init.normal_(conv.weight, std=0.01)
+        layers += [conv, torch.nn.BatchNorm2d(8), torch.nn.ReLU()]
+    head = torch.nn.Linear(8, 4)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.body = torch.nn.Sequential(*layers)
+            self.head = head
+
+        def forward(self, x):
+            features = self.body(self.stem(x))
+            return features, self.head(features.mean((2, 3)))
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32))
+    net = Net().eval()
+    with torch.no_grad():
+        features, logits = net(x)
+    assert not torch.any(logits) and not torch.any(features.half())  # degenerate: all zero, all zero in fp16
+    assert zoo.accuracy([logits.numpy()], [logits.numpy()], "vision")["degenerate_reference"]
+    zoo.non_degenerate(net, {"x": x.numpy()})
+    assert not net.training
+    with torch.no_grad():
+        features, logits = net(x)
+    assert float(features.std()) > 0.1 and float(logits.abs().mean()) > 1e-4
+    half = net.half()
+    with torch.no_grad():
+        got = [t.float().numpy() for t in half(x.half())]
+    result = zoo.accuracy(got, [features.numpy(), logits.numpy()], "vision")
+    assert result["rel_l2"] < 2e-2 and result["cosine"] > 0.999 and "degenerate_reference" not in result

@@ -219,3 +219,24 @@ def test_references_name_their_inputs_so_a_wrong_against_is_refused_before_runni
     assert reference_runner(pt2_path).input_names == ["left", "right"]
     with pytest.raises(es.ValidationDataError, match=r"the engine's inputs \(x\) and the reference's inputs \(left, right\)"):
         es.validate(mlp_engine_path, pt2_path)
+
+
+def test_when_both_onnx_exporters_fail_the_dynamo_failure_is_named_first(monkeypatch) -> None:
+    """The H200 run reported only the TorchScript fallback's 'BertModel.forward() got multiple values for argument
+    use_cache' (that exporter cannot trace transformers' BERT at all), hiding why the dynamo exporter failed."""
+    transformers = pytest.importorskip("transformers")
+    from enginesmith.errors import UnsupportedModelError
+    from enginesmith.importers import import_model, torch_importer
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("dynamo could not lower aten.frobnicate")
+
+    monkeypatch.setattr(torch_importer, "_dynamo_onnx", failing)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=32)
+    module = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    with pytest.raises(UnsupportedModelError,
+                       match=r"dynamo exporter failed \(dynamo could not lower aten.frobnicate\), then the TorchScript"):
+        import_model(module, ImportOptions(example_inputs=example))

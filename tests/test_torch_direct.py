@@ -184,3 +184,85 @@ def test_transformers_bert_builds_from_the_module_and_from_its_onnx_export(sourc
         want = module(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
     np.testing.assert_allclose(got["last_hidden_state"], want.last_hidden_state.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got["pooler_output"], want.pooler_output.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_native_source_is_handed_over_in_the_build_options_not_in_the_onnx_model():
+    """The importer's module reaches the backend only through BuildOptions.native_source: no tag in the ONNX
+    (so none in any payload or bundle), nothing kept in module globals, nothing stored in the manifest."""
+    from enginesmith.backends import BuildOptions, get_backend
+    from enginesmith.importers import import_model
+
+    torch.manual_seed(0)
+    module = MeanHead().eval()
+    imported = import_model(module, ImportOptions(example_inputs=(torch.randn(2, 3, 16, 16),)))
+    assert imported.native is not None and imported.native.model is module
+    assert not any("native" in prop.key for prop in imported.model.metadata_props)
+    backend = get_backend("torch")
+    handed = BuildOptions(backend_options=EAGER, native_source=imported.native)
+    assert "native_source" not in handed.to_dict()
+    direct = backend.build(imported.model, imported.signature, handed)
+    assert direct.details["source"] == "torch"
+    assert set(backend.op_support(imported.model, handed).values()) == {("supported", "")}
+    # The same ONNX without the handoff (as read from a file) builds from the conversion.
+    assert backend.build(imported.model, imported.signature, BuildOptions(backend_options=EAGER)).details["source"] == "onnx"
+    # A signature whose names the graph passes changed falls back to the ONNX, saying why.
+    from enginesmith.importers.onnx_importer import signature_of
+
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(imported.model)
+    old = renamed.graph.output[0].name
+    renamed.graph.output[0].name = "renamed"
+    for node in renamed.graph.node:
+        node.output[:] = ["renamed" if name == old else name for name in node.output]
+    fallback = backend.build(renamed, signature_of(renamed), handed)
+    assert fallback.details["source"] == "onnx"
+    assert any("graph passes changed its inputs or outputs" in line for line in fallback.log)
+
+
+@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="Inductor's CPU code needs a C++ compiler")
+def test_integer_inputs_the_compiler_warms_with_stay_in_range_of_a_two_row_table():
+    """The H200 run's BERT builds died with 'index out of bounds: 0 <= tmp11 < 2' (a device-side assert): the
+    warm-up and compiled-vs-exported check fed token_type_ids in [0, 4) to a 2-row embedding. Inductor checks
+    indirect indices on the CPU too, so the same build fails here without the fix."""
+
+    class TypedEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.types = torch.nn.Embedding(2, 8)
+            self.proj = torch.nn.Linear(8, 3)
+
+        def forward(self, x, token_type_ids):
+            return self.proj(x + self.types(token_type_ids))
+
+    torch.manual_seed(0)
+    module = TypedEmbedding().eval()
+    example = {"x": torch.randn(2, 5, 8), "token_type_ids": torch.zeros(2, 5, dtype=torch.int64)}
+    engine = build_module(module, example, backend_options={"device": "cpu", "compile": "inductor"})
+    types = np.array([[0, 1, 1, 0, 1]] * 3, np.int64)
+    x = np.random.default_rng(12).standard_normal((3, 5, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x), torch.from_numpy(types)).numpy()
+    np.testing.assert_allclose(engine(x=x, token_type_ids=types)["output"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_program_traced_on_the_cpu_is_retargeted_to_the_build_device():
+    """The H200 run failed test_exported_program_with_float32_constants_builds_in_fp16: a program exported on the
+    CPU asserts its inputs' device (aten._assert_tensor_metadata(mask, device=cpu)) and bakes device=cpu into
+    factory ops. The meta device stands in for CUDA here."""
+    from enginesmith.backends.torch_compile.native import retarget_program, source_module
+    from enginesmith.native_source import NativeSource
+
+    class MaskedOnes(torch.nn.Module):
+        def forward(self, x, mask):
+            keep = mask.float() * torch.ones(x.shape[1], dtype=torch.float32, device="cpu")
+            return x * keep[:, :, None]
+
+    x, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.int64)
+    program = torch.export.export(MaskedOnes(), (x, mask))
+    baked = [n for n in program.graph.nodes if "_assert_tensor_metadata" in str(n.target) or
+             n.kwargs.get("device") == torch.device("cpu")]
+    assert baked  # what the traced program holds: without it this test shows nothing
+    module = source_module(NativeSource("torch", program, ("x", "mask"), ("output",)))
+    assert retarget_program(module, torch.float16, "meta") >= 1
+    out = module.to("meta")(x.to("meta", torch.float16), mask.to("meta"))[0]
+    assert out.device.type == "meta" and out.dtype == torch.float16 and tuple(out.shape) == (2, 5, 8)

@@ -185,3 +185,97 @@ def test_encoder_with_layernorm_gelu_masked_attention_and_dynamic_sequence():
     mask[0, 6:] = 0
     feeds = dict(zip([i.name for i in model.graph.input], [rng.integers(0, 50, (3, 9)).astype(np.int64), mask]))
     assert_matches_onnxruntime(model, feeds, atol=1e-4)
+
+
+def range_of_length_model() -> onnx.ModelProto:
+    """y = x + Range(0, x.shape[1]) + bias: position ids as exporters write them (BERT's, from its dynamo ONNX)."""
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+             helper.make_node("Range", ["zero", "length", "step"], ["positions"]),
+             helper.make_node("Cast", ["positions"], ["positions_f"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "positions_f"], ["shifted"]),
+             helper.make_node("Add", ["shifted", "bias"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("one", 1), ("zero", 0), ("step", 1))]
+    inits.append(numpy_helper.from_array(np.linspace(-1, 1, 6).astype(np.float32), "bias"))
+    graph = helper.make_graph(nodes, "positions", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_range_of_a_shape_is_made_on_the_device_of_the_inputs():
+    """The H200 run: BERT's and ConvNeXt's ONNX failed with 'Tensor on device cuda:0 is not on the expected device
+    cpu!' (a Range lowered to torch.arange landed on the CPU). Exported on the meta device, the stand-in for CUDA
+    here, a CPU tensor in the graph fails the same way."""
+    from enginesmith.backends.torch_compile.export import _wrapper_class, export_program
+    from enginesmith.backends.torch_compile.onnx_convert import onnx_to_torch
+
+    model = range_of_length_model()
+    x = np.random.default_rng(12).standard_normal((3, 6)).astype(np.float32)
+    assert_matches_onnxruntime(model, {"x": x})
+    imported = import_model(model)
+    log: list[str] = []
+    inner, order = onnx_to_torch(imported.model, imported.signature, log)
+    assert any("OnnxRange" in line for line in log)
+    wrapper = _wrapper_class()(inner.to("meta"), order, torch.float32, [True], [torch.float32], False)
+    program = export_program(wrapper, imported.signature, "meta", log, None)
+    assert {str(node.meta["val"].device) for node in program.graph.nodes if hasattr(node.meta.get("val"), "device")} == {"meta"}
+
+
+def test_gather_of_a_constant_scalar_index_is_a_static_select():
+    """ViT's class token (Gather(x, 0, axis=1)) and packed q/k/v splits: onnx2torch reads the index with .item() on
+    every call (a host sync, a CUDA graph break; ViT's ONNX failed on the H200 'in onnx2torch's gather converter').
+    The engine's program holds a plain select instead and runs on the meta device (no value read)."""
+    from enginesmith.backends.torch_compile.common import example_inputs
+    from enginesmith.backends.torch_compile.export import _wrapper_class, export_program
+    from enginesmith.backends.torch_compile.onnx_convert import onnx_to_torch
+
+    nodes = [helper.make_node("Gather", ["x", "index"], ["token"], axis=1), helper.make_node("Add", ["token", "bias"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "index"),
+             numpy_helper.from_array(np.linspace(-1, 1, 8).astype(np.float32), "bias")]
+    graph = helper.make_graph(nodes, "cls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    x = np.random.default_rng(13).standard_normal((3, 5, 8)).astype(np.float32)
+    assert_matches_onnxruntime(model, {"x": x})
+    imported = import_model(model)
+    log: list[str] = []
+    inner, order = onnx_to_torch(imported.model, imported.signature, log)
+    wrapper = _wrapper_class()(inner.to("meta"), order, torch.float32, [True], [torch.float32], False)
+    program = export_program(wrapper, imported.signature, "meta", log, None)
+    assert not [n for n in program.graph.nodes if "item" in str(n.target)]
+    out = program.module()(*example_inputs(imported.signature, 3, "meta"))
+    assert tuple(out[0].shape) == (3, 8)
+
+
+@pytest.mark.parametrize("name", ["attention", "encoder"])
+def test_attention_graphs_convert_export_and_run_on_the_meta_device(name):
+    """The meta device stands in for CUDA (the H200 run failed these two graphs there, cause not in its log): a tensor
+    pinned to the CPU fails here as on a GPU, and so does a value read with .item() (on a GPU a host sync per call
+    and a CUDA-graph break)."""
+    from torch_models import SelfAttention, TinyEncoder, onnx_of
+
+    from enginesmith.backends.torch_compile.common import example_inputs
+    from enginesmith.backends.torch_compile.export import _wrapper_class, export_program
+    from enginesmith.backends.torch_compile.onnx_convert import onnx_to_torch
+
+    torch.manual_seed(0)
+    if name == "attention":
+        model, known = onnx_of(SelfAttention(), (torch.randn(2, 5, 16),), ({0: torch.export.Dim("batch")},)), None
+    else:
+        batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=64)
+        ids = torch.randint(0, 50, (2, 7))
+        model = onnx_of(TinyEncoder(), (ids, torch.ones_like(ids)), ({0: batch, 1: length}, {0: batch, 1: length}))
+        known = {i.name: [3, 9] for i in model.graph.input}
+    imported = import_model(model)
+    signature = imported.signature
+    log: list[str] = []
+    inner, order = onnx_to_torch(imported.model, signature, log)
+    wrapper = _wrapper_class()(inner.to("meta"), order, torch.float32,
+                               [np.dtype(s.dtype).kind == "f" for s in signature.inputs],
+                               [torch.float32 for _ in signature.outputs], False)
+    program = export_program(wrapper, signature, "meta", log, None)
+    outputs = program.module()(*example_inputs(signature, 3, "meta", known=known))
+    assert all(out.device.type == "meta" and out.shape[0] == 3 for out in outputs)

@@ -47,6 +47,9 @@ class BuildOptions:
 
     ``sample_feeds`` holds inputs the model runs on, for backends that run it while building.
 
+    ``native_source`` holds the source in its own framework (a torch module) for the backend
+    of that framework to build from directly.
+
     ``previous_caches`` holds the cache entries of the bundle being rebuilt (TensorRT
     timing caches, ONNX Runtime's TensorRT engines), so a rebuild reuses them. Each
     backend reads only the names it writes. It is never stored in the manifest.
@@ -62,6 +65,9 @@ class BuildOptions:
     # Inputs the source model is known to run on (the build's samples or generated plan), for backends
     # that run the model once while building (ONNX Runtime's node-placement profile). Never stored.
     sample_feeds: dict[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
+    # The source in its own framework (an enginesmith.native_source.NativeSource, from ImportedModel.native),
+    # for a backend of that framework to build from instead of the ONNX. Never stored.
+    native_source: Any = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

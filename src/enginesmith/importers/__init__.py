@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from ..errors import SourceError
+from ..native_source import NativeSource
 from ..signature import Signature
 
 ReferenceRunner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -101,6 +102,9 @@ class ImportedModel:
     source_filename: str
     source_bytes: bytes
     log: list[str] = field(default_factory=list)
+    # The source in its own framework, for a backend of that framework to build from directly
+    # (handed on as BuildOptions.native_source; never stored).
+    native: NativeSource | None = field(default=None, compare=False, repr=False)
 
     @property
     def source_sha256(self) -> str:

@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 
 from ..errors import EnginesmithError, SourceError, UnsupportedModelError
-from ..native_source import NativeSource, attach
+from ..native_source import NativeSource
 from . import ImportedModel, ImportOptions, ReferenceRunner
 from . import _convert as cv
 
@@ -424,13 +424,15 @@ def _to_onnx(
     log: list[str],
 ) -> onnx.ModelProto:
     proto = None
+    dynamo_failure = ""
     if program is not None:
         try:
             proto = _dynamo_onnx(program, in_names, out_names, options, log)
         except EnginesmithError:
             raise
         except Exception as exc:  # noqa: BLE001
-            log.append(f"the dynamo exporter failed ({cv.first_line(exc, 200)}); falling back to the TorchScript-based exporter")
+            dynamo_failure = cv.first_line(exc, 200)
+            log.append(f"the dynamo exporter failed ({dynamo_failure}); falling back to the TorchScript-based exporter")
             if module is None:
                 module = program.module()
             if tensors is None:
@@ -443,7 +445,10 @@ def _to_onnx(
         except EnginesmithError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise UnsupportedModelError(f"torch.onnx cannot export the model: {cv.first_line(exc, 300)}") from None
+            # The dynamo exporter's failure is usually the one to fix (the fallback cannot trace e.g. transformers'
+            # models at all), so it comes first.
+            first = f"the dynamo exporter failed ({dynamo_failure}), then the TorchScript-based one: " if dynamo_failure else ""
+            raise UnsupportedModelError(f"torch.onnx cannot export the model: {first}{cv.first_line(exc, 300)}") from None
     _name_dims(proto, in_names)
     return proto
 
@@ -479,9 +484,8 @@ def _import_program(program: Any, options: ImportOptions, label: str, log: list[
 
 
 def _with_native(imported: ImportedModel, native: NativeSource | None) -> ImportedModel:
-    """The imported model tagged with its torch source, for the PyTorch backend to build from directly."""
-    if native is not None:
-        attach(imported.model, native)
+    """The imported model carrying its torch source, for the PyTorch backend to build from directly."""
+    imported.native = native
     return imported
 
 

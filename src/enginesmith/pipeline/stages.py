@@ -62,6 +62,8 @@ def import_stage(state: BuildState) -> None:
                                              (state.auto is not None and "auto" in previous.build_options))
     state.options = req.build_options(request, previous, same_backend=same_backend, auto=state.auto)
     state.options.previous_caches = req.reusable_caches(state.rebuild.caches if state.rebuild else {}, same_backend)
+    # Set here, not with sample_feeds, because the check stage's operator report depends on it too.
+    state.options.native_source = state.imported.native
     state.graph = req.graph_settings(request, previous)
     state.preprocess = req.preprocess_spec(request, previous)
     state.budget = req.accuracy_budget(request, previous)

@@ -16,7 +16,7 @@ import onnx
 
 from ...errors import BuildError, UnsupportedModelError
 from ...host import host_fingerprint
-from ...native_source import NativeSource, native_source
+from ...native_source import NativeSource
 from ...signature import Signature
 from ..base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session, node_names
 from .common import (CACHES_ENV, EXTRA_HINT, PAYLOAD_FORMAT, PAYLOAD_NAME, TORCH_PRECISIONS, _cxx_compiler,
@@ -25,10 +25,17 @@ from .common import (CACHES_ENV, EXTRA_HINT, PAYLOAD_FORMAT, PAYLOAD_NAME, TORCH
 from .compile import (_aoti_compile, _aoti_load, _benchmark_limit, _cache_tag, _fresh_artifacts, _fused_module,
                       _GraphedRunner, _set_cudnn_benchmark, _set_fp32_math, _warm, compile_module)
 from .export import _has_conv2d, _wrapper_class, export_program, served_shapes, shape_text, specialized_dims
-from .native import retarget_float_constants, source_module, usable_source
+from .native import retarget_program, source_module, usable_source
 from .onnx_convert import onnx_to_torch, op_status
 from .payload import _load_program, _save_program, pack_payload, unpack_payload
 from .session import TorchSession
+
+def _compile_failure(exc: BaseException) -> str:
+    """The telling line of a torch.compile error (the last one is often a link to the graph-break docs)."""
+    hints = ("For more details", "Set TORCHDYNAMO", "Set TORCH_LOGS", "Developer debug context", "Explanation:", "Hint:")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().startswith(hints)]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
 
 # The session compiled by the last build, handed to the load() that api.build does right after.
 _HANDOFF: dict[str, TorchSession] = {}
@@ -97,7 +104,10 @@ class TorchCompileBackend(Backend):
         return ["fp32", "bf16", "fp16"] if bf16 else ["fp32", "fp16"]
 
     def op_support(self, model: onnx.ModelProto, options: BuildOptions) -> dict[str, tuple[str, str]]:
-        if options.backend_options.get("source", "auto") != "onnx" and native_source(model) is not None:
+        initializers = {tensor.name for tensor in model.graph.initializer}
+        inputs = [value.name for value in model.graph.input if value.name not in initializers]
+        outputs = [value.name for value in model.graph.output]
+        if usable_source(options.native_source, inputs, outputs, str(options.backend_options.get("source", "auto")), []):
             # Built from the torch source itself: the ONNX conversion's ops do not matter.
             return {label: ("supported", "") for label in node_names(model)}
         status = op_status(model)
@@ -202,7 +212,8 @@ class TorchCompileBackend(Backend):
         if source_choice not in ("auto", "onnx"):
             raise BuildError(f"source must be auto (build a torch source directly) or onnx (from its ONNX conversion), "
                              f"not {source_choice!r}")
-        native = usable_source(model, signature, source_choice, log) if isinstance(model, onnx.ModelProto) else None
+        native = (usable_source(options.native_source, signature.input_names, signature.output_names, source_choice, log)
+                  if isinstance(model, onnx.ModelProto) else None)
         if native is None and not isinstance(model, onnx.ModelProto):
             if not isinstance(model, (torch.export.ExportedProgram, torch.nn.Module)):
                 raise BuildError(f"the PyTorch backend cannot build from a {type(model).__name__}")
@@ -226,7 +237,7 @@ class TorchCompileBackend(Backend):
                        f"Triton {facts['triton_version']}, driver {facts['driver']}")
         dtype = _torch_dtype(meta["precision"])
         inner = inner.to(device=device, dtype=dtype)
-        if native is not None and retarget_float_constants(inner, dtype):
+        if native is not None and retarget_program(inner, dtype, device):
             log.append(f"float32 constants of the exported program made {meta['precision']}")
         if meta["channels_last"]:
             inner = inner.to(memory_format=torch.channels_last)
@@ -289,7 +300,7 @@ class TorchCompileBackend(Backend):
                 try:
                     warm_s = _warm(compiled, meta, signature, device)
                 except Exception as exc:  # noqa: BLE001 - Inductor failures are build failures
-                    raise BuildError(f"Inductor could not compile the model: {str(exc).strip().splitlines()[-1][:300]}") from None
+                    raise BuildError(f"Inductor could not compile the model: {_compile_failure(exc)}") from None
                 saved = torch.compiler.save_cache_artifacts()
             cache = saved[0] if saved else None
             where = "CUDA, fixed batches " + ", ".join(map(str, meta["batches"])) if cuda else (

@@ -9,21 +9,19 @@ the engine needs neither the user's Python classes nor the source.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-from ...native_source import NativeSource, native_source
-from ...signature import Signature
+from ...native_source import NativeSource
 from .common import _torch
 
 
-def usable_source(model: Any, signature: Signature, requested: str, log: list[str]) -> NativeSource | None:
-    """The torch source of ``model`` when the build may use it (else None, with the reason logged when it matters)."""
-    if requested == "onnx":
+def usable_source(source: Any, input_names: Sequence[str], output_names: Sequence[str], requested: str,
+                  log: list[str]) -> NativeSource | None:
+    """``source`` (the build's ``options.native_source``) when a build for these inputs and outputs may use it,
+    else None (the reason logged when it matters)."""
+    if requested == "onnx" or not isinstance(source, NativeSource) or source.framework != "torch":
         return None
-    source = native_source(model)
-    if source is None or source.framework != "torch":
-        return None
-    if tuple(signature.input_names) != source.input_names or tuple(signature.output_names) != source.output_names:
+    if tuple(input_names) != source.input_names or tuple(output_names) != source.output_names:
         log.append(f"{source.description}: the graph passes changed its inputs or outputs, so the engine is built from "
                    "the converted ONNX")
         return None
@@ -79,29 +77,41 @@ def source_module(source: NativeSource) -> Any:
     return by_name(module, source.argument_names)
 
 
-def retarget_float_constants(module: Any, dtype: Any) -> int:
-    """In graph modules (an ExportedProgram's), ops told to make float32 tensors make ``dtype`` tensors instead.
+def retarget_program(module: Any, dtype: Any, device: Any) -> int:
+    """Make graph modules (an ExportedProgram's) run in ``dtype`` on ``device``, as their weights will.
 
-    Casting the weights alone leaves such ops (masks built with ``full``, ``_to_copy`` to float32)
-    producing float32, and the next matmul with half weights fails. Returns the number changed.
+    A program traced on the CPU in fp32 bakes both into its ops: ``full``/``_to_copy`` told to make
+    float32 tensors (with half weights the next matmul fails), ``device=cpu`` factory arguments, and
+    ``_assert_tensor_metadata`` checks that each input is on the CPU (every CUDA build of such a
+    program failed them). Those checks are dropped (the build moves and casts on purpose); float32
+    becomes ``dtype`` and the CPU becomes ``device``. Returns the number of float32 ops changed.
     """
     torch = _torch()
-    if dtype == torch.float32:
-        return 0
+    target = torch.device(device)
+    assert_metadata = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
     changed = 0
     for sub in module.modules():
         graph = getattr(sub, "graph", None)
         if not isinstance(graph, torch.fx.Graph):
             continue
-        for node in graph.nodes:
+        edited = False
+        for node in list(graph.nodes):
             if node.op != "call_function":
                 continue
-            if node.kwargs.get("dtype") == torch.float32:
+            if assert_metadata is not None and node.target in (assert_metadata, getattr(assert_metadata, "default", None)):
+                graph.erase_node(node)
+                edited = True
+                continue
+            if dtype != torch.float32 and node.kwargs.get("dtype") == torch.float32:
                 node.kwargs = {**node.kwargs, "dtype": dtype}
                 changed += 1
-            if any(arg is torch.float32 for arg in node.args):  # aten.to.dtype(x, torch.float32)
+            if dtype != torch.float32 and any(arg is torch.float32 for arg in node.args):  # aten.to.dtype(x, torch.float32)
                 node.args = tuple(dtype if arg is torch.float32 else arg for arg in node.args)
                 changed += 1
-        if changed:
+            baked = node.kwargs.get("device")
+            if isinstance(baked, torch.device) and baked != target:
+                node.kwargs = {**node.kwargs, "device": target}
+                edited = True
+        if edited or changed:
             sub.recompile()
     return changed

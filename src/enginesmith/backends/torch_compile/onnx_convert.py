@@ -261,10 +261,16 @@ def _sv_tile(x, repeats):
     return x.repeat(repeats)
 
 
-def _sv_range(start, limit, delta, dtype):
+def _sv_select(x, axis: int, index: int):
+    return x.select(axis, index)
+
+
+def _sv_range(start, limit, delta, dtype, like):
     import torch
 
-    return torch.arange(start, limit, delta, dtype=dtype)
+    # On ``like``'s device (a graph input): a plain arange lands on the CPU, and the engine on CUDA then mixes
+    # devices ("Tensor on device cuda:0 is not on the expected device cpu!", BERT's position ids on the H200).
+    return torch.arange(start, limit, delta, dtype=dtype, device=like.device)
 
 
 def _sv_slice_values(values, starts, ends):
@@ -366,6 +372,10 @@ def _specialize_constants(gm, log: list[str]) -> None:
             lowered.add(replace(node, _sv_shape, [args[0], module._start, module._end]))
         elif kind == "OnnxGather" and first_lowered and module._axis == 0 and (idx := const(args[1])) is not None:
             lowered.add(replace(node, _sv_gather, [args[0], idx]))
+        elif kind == "OnnxGather" and not first_lowered and isinstance(const(args[1]), int):
+            # A tensor indexed by a constant scalar (ViT's class token x[:, 0], a packed q/k/v split): onnx2torch
+            # reads the index with .item() on every call, which torch.export and CUDA graphs handle badly.
+            replace(node, _sv_select, [args[0], int(module._axis), const(args[1])])
         elif kind == "OnnxUnsqueezeStaticAxes" and first_lowered and list(module._axes) == [0]:
             lowered.add(replace(node, _sv_unsqueeze, [args[0]]))
         elif kind == "OnnxSqueezeStaticAxes" and first_lowered and list(module.axes or [0]) == [0]:
@@ -410,7 +420,8 @@ def _specialize_constants(gm, log: list[str]) -> None:
                     replace(node, _sv_slice, [args[0], starts, ends, axes, steps or [1] * count])
         elif kind == "OnnxRange" and len(args) == 3 and any(a in lowered for a in args) \
                 and all(value(a) is not None for a in args):
-            replace(node, _sv_range, [value(args[0]), value(args[1]), value(args[2]), _range_dtype(gm, args)])
+            anchor = next(n for n in graph.nodes if n.op == "placeholder")
+            replace(node, _sv_range, [value(args[0]), value(args[1]), value(args[2]), _range_dtype(gm, args), anchor])
         elif kind == "OnnxReduceSumDynamicAxes" and len(args) == 2 and (axes := const(args[1])) is not None:
             axes = axes if isinstance(axes, list) else [axes]
             replace(node, _sv_reduce_sum, [args[0], axes, bool(module._keepdims), bool(module._noop_with_empty_axes)])
