@@ -68,11 +68,14 @@ class InputChoice:
     low: int = 0
     high: int = 10
     why: str = ""
+    # Other axes that are the batch too (a recurrent state's [directions, batch, hidden]).
+    batch_axes: tuple[int, ...] = ()
 
     def generate(self, rng: np.random.Generator, batch: int | None = None) -> np.ndarray:
         shape = self.shape
-        if batch is not None and self.batch_axis and shape:
-            shape = (batch,) + tuple(shape[1:])
+        if batch is not None and shape:
+            axes = ((0,) if self.batch_axis else ()) + self.batch_axes
+            shape = tuple(batch if axis in axes else size for axis, size in enumerate(shape))
         dtype = np.dtype(self.dtype)
         if self.value is not None:
             return np.full(shape, self.value, dtype=dtype)
@@ -99,13 +102,16 @@ class InputChoice:
             data["value"] = self.value
         if self.why:
             data["why"] = self.why
+        if self.batch_axes:
+            data["batch_axes"] = list(self.batch_axes)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "InputChoice":
         return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=tuple(int(d) for d in data["shape"]),
                    batch_axis=bool(data.get("batch_axis", False)), value=data.get("value"),
-                   low=int(data.get("low", 0)), high=int(data.get("high", 10)), why=str(data.get("why", "")))
+                   low=int(data.get("low", 0)), high=int(data.get("high", 10)), why=str(data.get("why", "")),
+                   batch_axes=tuple(int(a) for a in data.get("batch_axes", ())))
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,7 @@ class _Hints:
     value_why: str = ""
     high: int | None = None
     high_why: str = ""
+    batch_axes: set[int] = field(default_factory=set)  # axes past 0 that are the batch
 
 
 def candidate_plans(
@@ -162,6 +169,7 @@ def candidate_plans(
             rnn = _feeds_recurrent_state(spec.name, all_uses)
             if rnn is not None:
                 hints[spec.name].sizes[1] = (batch, f"the batch of the initial state of '{rnn}'")
+                hints[spec.name].batch_axes.add(1)
     symbols: dict[str, int] = {}
     # Named symbols resolved by any hint are shared by every input that uses them.
     for spec in signature.inputs:
@@ -172,9 +180,11 @@ def candidate_plans(
             if is_named_symbol(dim) and fixed is not None and len(fixed) == spec.rank:
                 symbols[dim] = int(fixed[axis])
     # A named batch axis is the batch in every input that names it, unless a hint says otherwise.
+    batch_symbols = {spec.shape[0] for spec in signature.inputs if spec.rank >= 2 and is_named_symbol(spec.shape[0])}
     for spec in signature.inputs:
-        if spec.rank >= 2 and is_named_symbol(spec.shape[0]):
-            symbols.setdefault(spec.shape[0], batch)
+        hints[spec.name].batch_axes.update(a for a, d in enumerate(spec.shape) if a and d in batch_symbols)
+    for symbol in batch_symbols:
+        symbols.setdefault(symbol, batch)
     image_sizes = _metadata_image_sizes(model)
     grids = [_choices(spec, hints[spec.name], symbols, overrides.get(spec.name), batch, image_sizes)
              for spec in signature.inputs]
@@ -399,7 +409,8 @@ def _choices(
     why = "; ".join(reasons)
     grid: list[list[InputChoice]] = []
     for shape in shapes:
-        row = [InputChoice(spec.name, spec.dtype, tuple(shape), batch_axis, v, low, high, why) for v in values]
+        row = [InputChoice(spec.name, spec.dtype, tuple(shape), batch_axis, v, low, high, why,
+                           tuple(sorted(hints.batch_axes))) for v in values]
         if row not in grid:
             grid.append(row)
     return grid
