@@ -331,3 +331,12 @@ def test_recurrent_state_gets_the_batch_on_axis_1_and_audio_a_window_the_padding
     sr = np.array(16000, np.int64)
     expected = run_plain(recurrent_state_vad(named), {"audio": audio, "state": state, "sr": sr})["y"]
     np.testing.assert_allclose(engine(audio=audio, state=state, sr=sr)["y"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_error_for_a_window_no_generated_size_takes_suggests_a_flag_for_every_shaped_input():
+    # The reflect padding of 600 needs more than 512 samples: no generated size runs.
+    with pytest.raises(es.BuildError) as info:
+        es.build(recurrent_state_vad(named=True, pad=600))
+    text = str(info.value)
+    assert "node 'stft_pad' (Pad) failed" in text
+    assert "fix the shapes with --input audio:1x? --input state:2x1x4 (a size the model takes for each ?)" in text
