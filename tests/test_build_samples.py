@@ -15,7 +15,7 @@ import onnx
 import pytest
 from conftest import make_mlp, run_plain
 from onnx import TensorProto, helper
-from wild_models import framed_rate_branch, rate_branch, recurrent_state_vad, strided_concat
+from wild_models import framed_rate_branch, rate_branch, recurrent_state_vad, strided_concat, text_line_recognizer
 
 import enginesmith as es
 from enginesmith.bundle import SAMPLES_ENTRY, read_bundle
@@ -340,3 +340,11 @@ def test_error_for_a_window_no_generated_size_takes_suggests_a_flag_for_every_sh
     text = str(info.value)
     assert "node 'stft_pad' (Pad) failed" in text
     assert "fix the shapes with --input audio:1x? --input state:2x1x4 (a size the model takes for each ?)" in text
+
+
+def test_an_ocr_recognizer_gets_a_text_line_crop_after_the_square_sizes():
+    engine = es.build(text_line_recognizer())
+    assert engine.manifest.checks["samples"]["plan"]["inputs"][0]["shape"] == [2, 3, 48, 320]
+    assert engine.manifest.checks["build_verification"]["passed"]
+    x = np.random.default_rng(4).standard_normal((1, 3, 48, 320)).astype(np.float32)
+    np.testing.assert_allclose(engine(x=x)["y"], run_plain(text_line_recognizer(), {"x": x})["y"], rtol=1e-4, atol=1e-4)

@@ -146,3 +146,26 @@ def recurrent_state_vad(named: bool = True, hidden: int = 4, pad: int = 32, seed
         consts,
     )
     return _finish(graph)
+
+
+def text_line_recognizer(seed: int = 0) -> onnx.ModelProto:
+    """x[?, 3, ?, ?] -> Conv over the full 48-pixel height -> Squeeze(height) -> [N, W, 8] per-column scores.
+
+    Like an OCR recognizer (PP-OCR's SVTR, a CRNN): the height must pool down to exactly 1, so no
+    square size runs and only a text-line crop (height 48) does.
+    """
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 3, 48, 1)).astype(np.float32), "w")
+    axes = numpy_helper.from_array(np.array([2], np.int64), "height_axis")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["columns"], name="height_conv", kernel_shape=[48, 1], strides=[48, 1]),
+        helper.make_node("Squeeze", ["columns", "height_axis"], ["sequence"], name="drop_height"),
+        helper.make_node("Transpose", ["sequence"], ["y"], name="to_time_major", perm=[0, 2, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "text_line_recognizer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, "?", "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", "?", 8])],
+        [weight, axes],
+    )
+    return _finish(graph)

@@ -17,7 +17,8 @@ What is read from the graph:
 - an input that feeds a recurrent layer's initial state (LSTM/GRU/RNN ``initial_h``/``initial_c``,
   also inside ``If`` branches) has the batch on axis 1 (``[directions, batch, hidden]``);
 - image-like inputs (rank 4, 1/3/4 channels) get spatial sizes that strided CNNs take
-  (multiples of 32: 224, then 192, 256); other unknown dims 16, then 512, then 1;
+  (multiples of 32: 224, then 192, 256), then a text line (48 x 320, an OCR recognizer's crop);
+  other unknown dims 16, then 512, then 1;
 - integer scalars compared (through Cast/Squeeze/Reshape) with constants get those constants
   (a sample rate: 16000, 8000); a boolean that chooses an ``If`` branch gets True, then False;
 - integer indices into a constant (Gather) stay within its size.
@@ -38,6 +39,9 @@ from ._onnx import TensorTypes, dims_of, infer_shapes
 
 # Spatial sizes for image-like inputs, and sizes for other unknown dims, in the order they are tried.
 IMAGE_SIZES = (224, 192, 256)
+# Tried after the square sizes: a text-line crop (height, width), as OCR recognizers (PP-OCR's
+# SVTR/CRNN) take; their height must pool down to 1 for the sequence head.
+TEXT_LINE = (48, 320)
 OTHER_SIZES = (16, 512, 1)
 DEFAULT_BATCH = 2
 MAX_PLANS = 6
@@ -378,7 +382,7 @@ def _choices(
         shape = tuple(int(d) for d in override)
         return [[InputChoice(spec.name, spec.dtype, shape, False, v, why="the shape given with --input") for v in values]]
     image = _image_axes(spec, hints.sizes)
-    levels = max(len(image_sizes), len(OTHER_SIZES))
+    levels = max(len(image_sizes) + 1, len(OTHER_SIZES))
     shapes: list[list[int]] = [[] for _ in range(levels)]
     reasons: list[str] = []
     for axis, dim in enumerate(spec.shape):
@@ -392,7 +396,7 @@ def _choices(
         elif axis == 0 and spec.rank >= 2:
             sizes = [batch]
         elif image is not None and axis in image:
-            sizes = list(image_sizes)
+            sizes = list(image_sizes) + [TEXT_LINE[image.index(axis)]]
         elif image is not None and axis == 1 and image == (2, 3):
             sizes = [3]
         else:
