@@ -139,7 +139,8 @@ def run_cli(name: str, argv: list[str], timeout: float = STEP_TIMEOUT_S) -> Step
         return Step(name, argv, None, time.perf_counter() - start, out, err)
 
 
-SHAPE_HINT = re.compile(r"--input\s+'?([^\s':=]+(?::[^\s':=x]+)*):(\d+(?:x\d+)*)'?")
+# A shape with a '?' left in it (``--input x:1x?``) is a template for the user, not a flag to try.
+SHAPE_HINT = re.compile(r"--input\s+'?([^\s':=]+(?::[^\s':=x]+)*):(\d+(?:x\d+)*)(?![\dx?])'?")
 
 
 def suggested_flags(step: Step, sample_path: Path | None) -> list[str]:

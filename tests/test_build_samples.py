@@ -15,11 +15,12 @@ import onnx
 import pytest
 from conftest import make_mlp, run_plain
 from onnx import TensorProto, helper
-from wild_models import framed_rate_branch, rate_branch, strided_concat
+from wild_models import framed_rate_branch, rate_branch, recurrent_state_vad, strided_concat, text_line_recognizer
 
 import enginesmith as es
 from enginesmith.bundle import SAMPLES_ENTRY, read_bundle
 from enginesmith.cli.app import main
+from enginesmith.graph.input_plan import InputPlan
 from enginesmith.runtime.inputs import prepare_inputs
 from enginesmith.signature import Signature, TensorSpec, normalize_dim
 
@@ -311,3 +312,39 @@ def test_histogram_calibration_batches_keep_scalar_settings_whole():
     assert [b["x"].shape[0] for b in recut] == [3, 3]
     assert all(b["sr"].ndim == 0 and b["sr"] == 16000 for b in recut)
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in recut]), np.concatenate([b["x"] for b in batches]))
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named-batch", "unnamed-dims"])
+def test_recurrent_state_gets_the_batch_on_axis_1_and_audio_a_window_the_padding_takes(named):
+    # Silero VAD: state[2, batch, 128] reaches an LSTM's initial_h through a nested If; a state of
+    # another batch than the audio does not run, nor does audio shorter than the reflect padding.
+    engine = es.build(recurrent_state_vad(named))
+    plan = {c["name"]: c for c in engine.manifest.checks["samples"]["plan"]["inputs"]}
+    assert plan["audio"]["shape"] == [2, 512] and plan["state"]["shape"] == [2, 2, 4] and plan["sr"]["value"] == 16000
+    assert plan["state"]["batch_axes"] == [1]
+    assert engine.manifest.checks["build_verification"]["passed"]
+    # The plan resized to another batch resizes the state's batch axis with it.
+    feeds = InputPlan.from_dict(engine.manifest.checks["samples"]["plan"]).generate(batch=3)
+    assert feeds["audio"].shape == (3, 512) and feeds["state"].shape == (2, 3, 4)
+    audio = np.random.default_rng(2).standard_normal((3, 512)).astype(np.float32)
+    state = np.random.default_rng(3).standard_normal((2, 3, 4)).astype(np.float32)
+    sr = np.array(16000, np.int64)
+    expected = run_plain(recurrent_state_vad(named), {"audio": audio, "state": state, "sr": sr})["y"]
+    np.testing.assert_allclose(engine(audio=audio, state=state, sr=sr)["y"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_error_for_a_window_no_generated_size_takes_suggests_a_flag_for_every_shaped_input():
+    # The reflect padding of 600 needs more than 512 samples: no generated size runs.
+    with pytest.raises(es.BuildError) as info:
+        es.build(recurrent_state_vad(named=True, pad=600))
+    text = str(info.value)
+    assert "node 'stft_pad' (Pad) failed" in text
+    assert "fix the shapes with --input audio:1x? --input state:2x1x4 (a size the model takes for each ?)" in text
+
+
+def test_an_ocr_recognizer_gets_a_text_line_crop_after_the_square_sizes():
+    engine = es.build(text_line_recognizer())
+    assert engine.manifest.checks["samples"]["plan"]["inputs"][0]["shape"] == [2, 3, 48, 320]
+    assert engine.manifest.checks["build_verification"]["passed"]
+    x = np.random.default_rng(4).standard_normal((1, 3, 48, 320)).astype(np.float32)
+    np.testing.assert_allclose(engine(x=x)["y"], run_plain(text_line_recognizer(), {"x": x})["y"], rtol=1e-4, atol=1e-4)

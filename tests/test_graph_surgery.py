@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from graph_models import _model, conv_bn_model, feeds_for, matmul_model, run
 from onnx import TensorProto, helper, numpy_helper
@@ -155,3 +156,26 @@ def test_surgery_does_not_modify_its_argument():
     make_dynamic(model, {"x": [2]})
     cut_subgraph(model, ["r1"], ["sum"])
     assert model.SerializeToString() == before
+
+
+def test_fix_shapes_keeps_the_declared_shape_of_an_output_inference_cannot_find():
+    # If(c): x[None] (rank 3) else |x| (rank 2): ONNX inference leaves y without a shape, which is not
+    # a valid model (Silero VAD's state output); y keeps its declared dims, with 'batch' and 'time' fixed.
+    then_branch = helper.make_graph([helper.make_node("Unsqueeze", ["x", "axis0"], ["y_then"])], "then", [],
+                                    [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph([helper.make_node("Abs", ["x"], ["y_else"])], "else", [],
+                                    [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)], "rank_branch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time"]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "batch", "time"])],
+        [numpy_helper.from_array(np.array([0], np.int64), "axis0")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    fixed = fix_shapes(model, {"x": [1, 512]})
+    onnx.checker.check_model(fixed)
+    assert [d.dim_param or d.dim_value for d in fixed.graph.output[0].type.tensor_type.shape.dim] == ["n", 1, 512]
+    x = np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32)
+    out = run(fixed, {"x": x, "c": np.array(True)})
+    np.testing.assert_array_equal(out["y"], x[None])

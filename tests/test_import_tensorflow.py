@@ -234,3 +234,40 @@ def test_references_name_their_inputs_so_a_wrong_against_is_refused_before_runni
     for other in (sources["saved"], sources["frozen"]):
         with pytest.raises(es.ValidationDataError, match=r"the engine's inputs \(x\) and the reference's inputs \(feat\) do not match"):
             es.validate(mlp_engine_path, other)
+
+
+class _Dense(tf.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = tf.Variable(np.arange(8, dtype=np.float32).reshape(4, 2) / 8)
+        # An optimizer-like object with a slot for w: TF2 revives it as a plain object and cannot add the slot.
+        self.opt = tf.Module()
+        self.opt.m = tf.Variable(np.zeros((4, 2), np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+    def serve(self, x):
+        return {"y": tf.nn.relu(tf.matmul(x, self.w))}
+
+
+def test_saved_model_tf2_cannot_revive_is_read_with_the_tf1_loader(tmp_path: Path) -> None:
+    # Basic Pitch's SavedModel: an old Keras optimizer's slot variables make tf.saved_model.load fail
+    # with "'_UserObject' object has no attribute 'add_slot'"; its signature graph is still whole.
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    module, folder = _Dense(), tmp_path / "slotted"
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((folder / "saved_model.pb").read_bytes())
+    graph = saved.meta_graphs[0].object_graph_def
+    ids = {child.local_name: child.node_id for node in graph.nodes for child in node.children}
+    slot = graph.nodes[ids["opt"]].slot_variables.add()
+    slot.original_variable_node_id, slot.slot_name, slot.slot_variable_node_id = ids["w"], "m", ids["m"]
+    (folder / "saved_model.pb").write_bytes(saved.SerializeToString())
+    with pytest.raises(AttributeError, match="add_slot"):
+        tf.saved_model.load(str(folder))
+
+    engine = es.build(folder, backend="onnxruntime")
+    assert engine.manifest.checks["build_verification"]["passed"]
+    assert any("through the TF1 loader" in line for line in engine.manifest.build_log)
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_allclose(engine(x=x)["y"], np.maximum(x @ module.w.numpy(), 0), rtol=1e-5, atol=1e-6)

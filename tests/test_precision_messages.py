@@ -210,7 +210,8 @@ def test_failures_name_their_output():
     tol = parse_budget("1%").tolerance("int8")
     outputs = [compare("probs", scores, changed, tol), compare("box", scores, changed, tol)]
     report = ValidationReport(False, "int8", "ref", "data", 20, tol.to_dict(), outputs)
-    assert failures_text(report) == ("probs: argmax agreement 95.00% < 99%; "
+    # Rows 5..19 are all 0.1: ties without a top-1, left out of the agreement (1 of 5 decided rows flips).
+    assert failures_text(report) == ("probs: argmax agreement 80.00% < 99%; "
                                     "box: relative L2 error 5.345e-01 > 0.15, cosine similarity 0.857143 < 0.98")
     assert report.tolerance_text() == str(tol)
 

@@ -49,6 +49,45 @@ def test_argmax_agreement_counts_changed_decisions():
     assert any("argmax agreement" in f for f in m.failures)
 
 
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+
+
+def test_saturated_probability_map_is_judged_on_the_probability_scale():
+    # A text detector's sigmoid map on random inputs: logits near -15, so every value is ~3e-7 and a
+    # logit difference of 0.02 from reordered fp32 kernels is a 2% "relative" error of nothing.
+    rng = np.random.default_rng(0)
+    logits = -15.0 + rng.standard_normal((2, 1, 32, 32))
+    ref, got = _sigmoid(logits), _sigmoid(logits + 0.02 * rng.standard_normal(logits.shape))
+    m = compare("sigmoid_0.tmp_0", ref, got, tolerance_for("fp32"))
+    assert m.passed, m.failures
+    assert m.max_abs < 1e-6 and m.rel_l2 < 1e-4
+    # Every row of the map is below the floor: no top-1 to agree on.
+    assert m.argmax_agreement is None
+    # A real error on the same map still fails: one pixel that turns into a detection.
+    wrong = got.copy()
+    wrong[0, 0, 5, 7] = 0.4
+    bad = compare("sigmoid_0.tmp_0", ref, wrong, tolerance_for("fp32"))
+    assert not bad.passed and any("relative L2" in f for f in bad.failures)
+
+
+def test_probability_map_with_detections_keeps_the_fp32_limits():
+    # Above the floor the usual relative metrics apply: a 1e-3 relative error fails fp32.
+    rng = np.random.default_rng(1)
+    ref = _sigmoid(rng.standard_normal((2, 1, 32, 32)) * 3)
+    got = ref * (1 + 1e-3 * rng.standard_normal(ref.shape)).astype(np.float32)
+    m = compare("prob", ref, got, tolerance_for("fp32"))
+    assert not m.passed and any("relative L2" in f for f in m.failures)
+
+
+def test_argmax_agreement_leaves_out_rows_whose_top_scores_tie():
+    # Rows saturated at 1.0 have no top-1; the decided row that flips is counted.
+    ref = np.array([[1.0, 1.0, 0.2], [0.9, 0.1, 0.0], [0.2, 0.7, 0.1]], np.float32)
+    got = np.array([[0.99, 1.0, 0.2], [0.1, 0.9, 0.0], [0.2, 0.7, 0.1]], np.float32)
+    m = compare("probs", ref, got, tolerance_for("int8"))
+    assert m.argmax_agreement == 0.5
+
+
 def test_validate_against_a_different_model_fails(tmp_path, mlp_engine_path):
     other = tmp_path / "other.onnx"
     onnx.save(make_mlp(seed=123), other)

@@ -148,6 +148,10 @@ def test_suggested_flags_come_from_the_error_line(tmp_path: Path) -> None:
     refused = zoo.Step("build", ["build", "q.tflite"], 2, 1.0, "", "error: the built fp32 engine does not match the "
                        "source model (...); pass verify=False / --no-verify to keep it anyway\n")
     assert zoo.suggested_flags(refused, sample) == ["--no-verify"]
+    # A template with '?' (a size the user must choose) is not cut down to a wrong flag like --input input:1.
+    template = zoo.Step("build", ["build", "vad.onnx"], 2, 1.0, "", "error: ... fix the shapes with --input input:1x? "
+                        "(a size the model takes for each ?) or give real inputs with --data FILE\n")
+    assert zoo.suggested_flags(template, sample) == ["--data", str(sample)]
     failed = zoo.Step("validate", ["validate", "m.engine"], 1, 1.0, "table\nFAIL (fp32 tolerance: {...})\n", "INFO: noise\n")
     assert failed.failure_text() == "FAIL (fp32 tolerance: {...})" and not failed.clear_error
     crashed = zoo.Step("build", ["build", "m.onnx"], 1, 1.0, "",

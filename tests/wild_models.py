@@ -97,3 +97,75 @@ def framed_rate_branch() -> onnx.ModelProto:
         [rate, frames, bad_shape],
     )
     return _finish(graph)
+
+
+def recurrent_state_vad(named: bool = True, hidden: int = 4, pad: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """audio[B, T], state[2, B, hidden], sr -> If(sr == 16000): an LSTM step whose initial_h is a layer
+    of ``state`` picked inside a nested If, on the mean of the reflect-padded audio (T must exceed ``pad``).
+
+    Like Silero VAD: the state's batch is axis 1, and with ``named`` off every dynamic dim is unnamed,
+    so nothing but the LSTM says that axis 1 of ``state`` is the batch.
+    """
+    rng = np.random.default_rng(seed)
+    consts = [
+        numpy_helper.from_array(np.array(16000, np.int64), "rate"),
+        numpy_helper.from_array(np.array([0, pad, 0, pad], np.int64), "pads"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        numpy_helper.from_array(np.array(0, np.int64), "layer0"),
+        numpy_helper.from_array(np.array(1, np.int64), "layer1"),
+        numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, 1)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "R"),
+    ]
+
+    def branch(name: str, nodes: list, output: str) -> onnx.GraphProto:
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, [None, None])])
+
+    pick = helper.make_node("If", ["is_16k"], ["h_layer"], name="pick_layer",
+                            then_branch=branch("first", [helper.make_node("Gather", ["state", "layer0"], ["h_first"])], "h_first"),
+                            else_branch=branch("second", [helper.make_node("Gather", ["state", "layer1"], ["h_second"])], "h_second"))
+    step = [
+        helper.make_node("Pad", ["audio", "pads"], ["padded"], name="stft_pad", mode="reflect"),
+        helper.make_node("ReduceMean", ["padded"], ["level"], axes=[1], keepdims=1),
+        helper.make_node("Unsqueeze", ["level", "axis0"], ["x_seq"]),
+        pick,
+        helper.make_node("Unsqueeze", ["h_layer", "axis0"], ["h0"]),
+        helper.make_node("LSTM", ["x_seq", "W", "R", "", "", "h0"], ["", "h_n"], name="rnn", hidden_size=hidden),
+        helper.make_node("Squeeze", ["h_n", "axis0"], ["y_then"]),
+    ]
+    fallback = [helper.make_node("Gather", ["state", "layer0"], ["y_else"])]
+    batch, time = ("batch", "sequence") if named else ("?", "?")
+    graph = helper.make_graph(
+        [helper.make_node("Equal", ["sr", "rate"], ["is_16k"], name="is_16k"),
+         helper.make_node("If", ["is_16k"], ["y"], name="rate_if",
+                          then_branch=branch("then", step, "y_then"), else_branch=branch("else", fallback, "y_else"))],
+        "recurrent_state_vad",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [batch, time]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, batch if named else "?", hidden]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
+        consts,
+    )
+    return _finish(graph)
+
+
+def text_line_recognizer(seed: int = 0) -> onnx.ModelProto:
+    """x[?, 3, ?, ?] -> Conv over the full 48-pixel height -> Squeeze(height) -> [N, W, 8] per-column scores.
+
+    Like an OCR recognizer (PP-OCR's SVTR, a CRNN): the height must pool down to exactly 1, so no
+    square size runs and only a text-line crop (height 48) does.
+    """
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 3, 48, 1)).astype(np.float32), "w")
+    axes = numpy_helper.from_array(np.array([2], np.int64), "height_axis")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["columns"], name="height_conv", kernel_shape=[48, 1], strides=[48, 1]),
+        helper.make_node("Squeeze", ["columns", "height_axis"], ["sequence"], name="drop_height"),
+        helper.make_node("Transpose", ["sequence"], ["y"], name="to_time_major", perm=[0, 2, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "text_line_recognizer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, "?", "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", "?", 8])],
+        [weight, axes],
+    )
+    return _finish(graph)

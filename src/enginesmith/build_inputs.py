@@ -268,9 +268,14 @@ def fix_hint(signature: Signature) -> str:
     # --input helps only where sizes beyond the batch axis are free.
     shaped = [spec for spec in signature.inputs if any(not isinstance(d, int) for d in spec.shape[1:])]
     if shaped:
-        spec = shaped[0]
-        dims = [str(d) if isinstance(d, int) else ("1" if axis == 0 else "?") for axis, d in enumerate(spec.shape)]
-        hint = f"fix the shapes with --input {spec.name}:{'x'.join(dims)} (a size the model takes for each ?) or " + hint
+        # A named batch dim is the batch (1) wherever it appears: state[2, batch, 128] -> 2x1x128.
+        batch_symbols = {spec.shape[0] for spec in signature.inputs if spec.rank >= 2 and is_named_symbol(spec.shape[0])}
+        flags = []
+        for spec in shaped:
+            dims = [str(d) if isinstance(d, int) else ("1" if axis == 0 or d in batch_symbols else "?")
+                    for axis, d in enumerate(spec.shape)]
+            flags.append(f"--input {spec.name}:{'x'.join(dims)}")
+        hint = f"fix the shapes with {' '.join(flags)} (a size the model takes for each ?) or " + hint
     return hint
 
 

@@ -12,9 +12,13 @@ What is read from the graph:
   states (Ultralytics' ``imgsz``, ``image_size``);
 - dims consumers imply: a Conv's input channels, a MatMul/Gemm's inner size, the size of a
   constant an input is added to or multiplied with (a positional embedding);
-- equal named symbols get equal sizes;
+- equal named symbols get equal sizes; a named symbol on a batch axis (axis 0) is the batch
+  wherever it appears (a voice model's ``state[2, batch, 128]``);
+- an input that feeds a recurrent layer's initial state (LSTM/GRU/RNN ``initial_h``/``initial_c``,
+  also inside ``If`` branches) has the batch on axis 1 (``[directions, batch, hidden]``);
 - image-like inputs (rank 4, 1/3/4 channels) get spatial sizes that strided CNNs take
-  (multiples of 32: 224, then 192, 256); other unknown dims 16, then 512, then 1;
+  (multiples of 32: 224, then 192, 256), then a text line (48 x 320, an OCR recognizer's crop);
+  other unknown dims 16, then 512, then 1;
 - integer scalars compared (through Cast/Squeeze/Reshape) with constants get those constants
   (a sample rate: 16000, 8000); a boolean that chooses an ``If`` branch gets True, then False;
 - integer indices into a constant (Gather) stay within its size.
@@ -35,6 +39,9 @@ from ._onnx import TensorTypes, dims_of, infer_shapes
 
 # Spatial sizes for image-like inputs, and sizes for other unknown dims, in the order they are tried.
 IMAGE_SIZES = (224, 192, 256)
+# Tried after the square sizes: a text-line crop (height, width), as OCR recognizers (PP-OCR's
+# SVTR/CRNN) take; their height must pool down to 1 for the sequence head.
+TEXT_LINE = (48, 320)
 OTHER_SIZES = (16, 512, 1)
 DEFAULT_BATCH = 2
 MAX_PLANS = 6
@@ -44,6 +51,10 @@ _IMAGE_SIZE_KEYS = ("imgsz", "image_size", "img_size", "input_size", "imagesize"
 _PASS_THROUGH = ("Cast", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Flatten", "Neg", "Abs")
 _COMPARISONS = ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual")
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min")
+_RECURRENT = ("LSTM", "GRU", "RNN")
+# Ops a recurrent state passes through on its way from a graph input to initial_h/initial_c
+# (picking a layer's slice, adding the directions axis).
+_STATE_PATH = ("Gather", "Slice", "Split", "Squeeze", "Unsqueeze", "Cast", "Identity", "Reshape")
 
 
 @dataclass(frozen=True)
@@ -61,11 +72,14 @@ class InputChoice:
     low: int = 0
     high: int = 10
     why: str = ""
+    # Other axes that are the batch too (a recurrent state's [directions, batch, hidden]).
+    batch_axes: tuple[int, ...] = ()
 
     def generate(self, rng: np.random.Generator, batch: int | None = None) -> np.ndarray:
         shape = self.shape
-        if batch is not None and self.batch_axis and shape:
-            shape = (batch,) + tuple(shape[1:])
+        if batch is not None and shape:
+            axes = ((0,) if self.batch_axis else ()) + self.batch_axes
+            shape = tuple(batch if axis in axes else size for axis, size in enumerate(shape))
         dtype = np.dtype(self.dtype)
         if self.value is not None:
             return np.full(shape, self.value, dtype=dtype)
@@ -92,13 +106,16 @@ class InputChoice:
             data["value"] = self.value
         if self.why:
             data["why"] = self.why
+        if self.batch_axes:
+            data["batch_axes"] = list(self.batch_axes)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "InputChoice":
         return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=tuple(int(d) for d in data["shape"]),
                    batch_axis=bool(data.get("batch_axis", False)), value=data.get("value"),
-                   low=int(data.get("low", 0)), high=int(data.get("high", 10)), why=str(data.get("why", "")))
+                   low=int(data.get("low", 0)), high=int(data.get("high", 10)), why=str(data.get("why", "")),
+                   batch_axes=tuple(int(a) for a in data.get("batch_axes", ())))
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,7 @@ class _Hints:
     value_why: str = ""
     high: int | None = None
     high_why: str = ""
+    batch_axes: set[int] = field(default_factory=set)  # axes past 0 that are the batch
 
 
 def candidate_plans(
@@ -149,6 +167,13 @@ def candidate_plans(
     uses = _uses(inferred.graph)
     declared = {v.name: dims_of(v.type) for v in model.graph.value_info}
     hints = {spec.name: _hints_for(spec, types, uses, declared.get(spec.name)) for spec in signature.inputs}
+    all_uses = _DeepUses.of(inferred.graph)
+    for spec in signature.inputs:
+        if spec.rank == 3 and not isinstance(spec.shape[1], int) and 1 not in hints[spec.name].sizes:
+            rnn = _feeds_recurrent_state(spec.name, all_uses)
+            if rnn is not None:
+                hints[spec.name].sizes[1] = (batch, f"the batch of the initial state of '{rnn}'")
+                hints[spec.name].batch_axes.add(1)
     symbols: dict[str, int] = {}
     # Named symbols resolved by any hint are shared by every input that uses them.
     for spec in signature.inputs:
@@ -158,6 +183,12 @@ def candidate_plans(
             fixed = overrides.get(spec.name)
             if is_named_symbol(dim) and fixed is not None and len(fixed) == spec.rank:
                 symbols[dim] = int(fixed[axis])
+    # A named batch axis is the batch in every input that names it, unless a hint says otherwise.
+    batch_symbols = {spec.shape[0] for spec in signature.inputs if spec.rank >= 2 and is_named_symbol(spec.shape[0])}
+    for spec in signature.inputs:
+        hints[spec.name].batch_axes.update(a for a, d in enumerate(spec.shape) if a and d in batch_symbols)
+    for symbol in batch_symbols:
+        symbols.setdefault(symbol, batch)
     image_sizes = _metadata_image_sizes(model)
     grids = [_choices(spec, hints[spec.name], symbols, overrides.get(spec.name), batch, image_sizes)
              for spec in signature.inputs]
@@ -188,6 +219,54 @@ def _uses(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]
             if name:
                 found.setdefault(name, []).append((node, position))
     return found
+
+
+@dataclass
+class _DeepUses:
+    """Readers of each tensor in the graph and in ``If``/``Loop`` bodies (which read outer tensors by
+    name), and where a body's output leaves its node (body output -> the node's outputs)."""
+
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = field(default_factory=dict)
+    lifted: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> "_DeepUses":
+        found = cls()
+
+        def walk(body: onnx.GraphProto) -> None:
+            for node in body.node:
+                for position, name in enumerate(node.input):
+                    if name:
+                        found.readers.setdefault(name, []).append((node, position))
+                for attr in node.attribute:
+                    for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                        # A Loop's body outputs start with its condition; an If's map one to one.
+                        skip = 1 if node.op_type == "Loop" else 0
+                        for index, out in enumerate(sub.output[skip:]):
+                            if index < len(node.output) and node.output[index]:
+                                found.lifted.setdefault(out.name, []).append(node.output[index])
+                        walk(sub)
+
+        walk(graph)
+        return found
+
+
+def _feeds_recurrent_state(name: str, uses: _DeepUses, depth: int = 8) -> str | None:
+    """The recurrent node whose initial_h/initial_c ``name`` reaches through :data:`_STATE_PATH` ops
+    (and out of ``If`` branches), if any."""
+    frontier, seen = [name], {name}
+    for _ in range(depth):
+        following: list[str] = []
+        for tensor in frontier:
+            following += [out for out in uses.lifted.get(tensor, []) if out not in seen]
+            for node, position in uses.readers.get(tensor, []):
+                if node.op_type in _RECURRENT and position in (5, 6):
+                    return node.name or node.op_type
+                if node.op_type in _STATE_PATH and position == 0:
+                    following += [out for out in node.output if out and out not in seen]
+        seen.update(following)
+        frontier = following
+    return None
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -303,7 +382,7 @@ def _choices(
         shape = tuple(int(d) for d in override)
         return [[InputChoice(spec.name, spec.dtype, shape, False, v, why="the shape given with --input") for v in values]]
     image = _image_axes(spec, hints.sizes)
-    levels = max(len(image_sizes), len(OTHER_SIZES))
+    levels = max(len(image_sizes) + 1, len(OTHER_SIZES))
     shapes: list[list[int]] = [[] for _ in range(levels)]
     reasons: list[str] = []
     for axis, dim in enumerate(spec.shape):
@@ -317,7 +396,7 @@ def _choices(
         elif axis == 0 and spec.rank >= 2:
             sizes = [batch]
         elif image is not None and axis in image:
-            sizes = list(image_sizes)
+            sizes = list(image_sizes) + [TEXT_LINE[image.index(axis)]]
         elif image is not None and axis == 1 and image == (2, 3):
             sizes = [3]
         else:
@@ -334,7 +413,8 @@ def _choices(
     why = "; ".join(reasons)
     grid: list[list[InputChoice]] = []
     for shape in shapes:
-        row = [InputChoice(spec.name, spec.dtype, tuple(shape), batch_axis, v, low, high, why) for v in values]
+        row = [InputChoice(spec.name, spec.dtype, tuple(shape), batch_axis, v, low, high, why,
+                           tuple(sorted(hints.batch_axes))) for v in values]
         if row not in grid:
             grid.append(row)
     return grid

@@ -240,7 +240,9 @@ def _graphsurgeon():
 
 def _via_graphsurgeon(model: onnx.ModelProto, edit: Callable[[Any], Any]) -> onnx.ModelProto:
     gs = _graphsurgeon()
-    graph = gs.import_onnx(model)
+    # graph-surgeon edits the protos of If/Loop bodies in place: give it a copy, so a pass that is
+    # rolled back leaves the model before it intact.
+    graph = gs.import_onnx(_copy(model))
     edit(graph)
     exported = gs.export_onnx(graph, do_type_check=False)
     return copy_model_frame(model, exported.graph)

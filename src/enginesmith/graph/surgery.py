@@ -75,10 +75,16 @@ def _set_dims(value: onnx.ValueInfoProto, dims) -> None:
             entry.dim_param = d
 
 
-def _reinfer(model: onnx.ModelProto, what: str) -> onnx.ModelProto:
-    """Drop inferred shapes (and output dims) and infer again strictly; contradictions raise."""
+def _reinfer(model: onnx.ModelProto, what: str, bindings: Mapping[str, int] | None = None) -> onnx.ModelProto:
+    """Drop inferred shapes (and output dims) and infer again strictly; contradictions raise.
+
+    An output inference leaves without a shape (an ``If`` whose branches have different ranks, as in
+    Silero VAD) gets its declared dims back, with the symbols ``bindings`` fixed: a graph output
+    without a shape is not a valid model.
+    """
     graph = model.graph
     del graph.value_info[:]
+    declared = {out.name: dims_of(out.type) for out in graph.output}
     for out in graph.output:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
@@ -87,6 +93,10 @@ def _reinfer(model: onnx.ModelProto, what: str) -> onnx.ModelProto:
     except Exception as exc:  # onnx raises InferenceError / RuntimeError with the failing node
         first = " ".join(str(exc).split())[:300]
         raise ShapeMismatchError(f"{what} contradicts the model: {first}") from None
+    for out in inferred.graph.output:
+        dims = declared.get(out.name)
+        if out.type.HasField("tensor_type") and not out.type.tensor_type.HasField("shape") and dims is not None:
+            _set_dims(out, [(bindings or {}).get(d, d) if isinstance(d, str) else d for d in dims])
     _check_conv_channels(inferred, what)
     return inferred
 
@@ -138,7 +148,7 @@ def fix_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> o
         if dims and any(isinstance(d, str) and d in bindings for d in dims):
             _set_dims(value, [bindings.get(d, d) if isinstance(d, str) else d for d in dims])
     given = ", ".join(f"{n}:{_shape_text(s)}" for n, s in shapes.items())
-    return _reinfer(out, f"input shape {given}")
+    return _reinfer(out, f"input shape {given}", bindings)
 
 
 def make_dynamic(model: onnx.ModelProto, axes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:

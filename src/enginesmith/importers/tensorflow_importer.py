@@ -351,7 +351,11 @@ def _convert_saved_model(path: Path, options: ImportOptions) -> tuple[onnx.Model
     from tf2onnx.convert import _convert_common
 
     key = options.signature_key or "serving_default"
-    func = _signature(_load_saved_model(path), key, path)
+    try:
+        loaded = _load_saved_model(path)
+    except SourceError as exc:
+        return _convert_saved_model_v1(path, options, key, exc)
+    func = _signature(loaded, key, path)
     _, out_names = _signature_names(func)
     opset = cv.opset_for(options)
     with cv.quiet(cv.TF_LOGGERS, streams=True) as records:
@@ -419,7 +423,10 @@ def _saved_model_override(func: Any, inputs: list[str], renames: dict, options: 
 def _saved_model_reference(path: Path, options: ImportOptions) -> ReferenceRunner:
     tf = cv.tensorflow()
     key = options.signature_key or "serving_default"
-    loaded = _load_saved_model(path)
+    try:
+        loaded = _load_saved_model(path)
+    except SourceError as exc:
+        return _v1_reference(path, key, exc)
     func = _signature(loaded, key, path)
     arg_names, out_names = _signature_names(func)
     specs = func.structured_input_signature[1]
@@ -435,6 +442,98 @@ def _saved_model_reference(path: Path, options: ImportOptions) -> ReferenceRunne
         return {name: np.asarray(value) for name, value in zip(out_names, flat)}
 
     run.input_names = list(arg_names)  # type: ignore[attr-defined]  # validate checks them before running
+    return run
+
+
+# --------------------------------------------------------------------------- SavedModels TF2 cannot revive
+# A SavedModel whose object graph tf.saved_model.load cannot rebuild (a Keras optimizer saved by an
+# older Keras comes back as a plain object: "'_UserObject' object has no attribute 'add_slot'") still
+# has its signature's graph and variables; the TF1 loader reads those, as a TF Serving server would.
+
+
+def _v1_session(path: Path, key: str, error: SourceError) -> tuple[Any, Any, Any]:
+    """(graph, session, signature_def) of ``key``, loaded with the TF1 loader; ``error`` if that fails too."""
+    tf = cv.tensorflow()
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
+    try:
+        with graph.as_default(), cv.quiet(cv.TF_LOGGERS, streams=True):
+            meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(path))
+    except Exception:  # noqa: BLE001 - the first error says more than the fallback's
+        session.close()
+        raise error from None
+    if key not in meta.signature_def:
+        session.close()
+        raise SourceError(f"SavedModel '{path.name}' has no signature '{key}' (it has {', '.join(meta.signature_def) or 'none'})")
+    return graph, session, meta.signature_def[key]
+
+
+def _convert_saved_model_v1(path: Path, options: ImportOptions, key: str, error: SourceError) -> tuple[onnx.ModelProto, list[str]]:
+    tf2onnx = cv.tf2onnx()
+    from tf2onnx import tf_loader
+    from tf2onnx.convert import _convert_common
+
+    graph, session, signature = _v1_session(path, key, error)
+    # What tf2onnx's TF1 SavedModel path does (its own loader call is TF1-only): freeze the session
+    # on the signature's tensors, named after the signature's keys.
+    inputs = [info.name for info in signature.inputs.values()]
+    outputs = [info.name for info in signature.outputs.values()]
+    renames = {info.name: key_name for key_name, info in [*signature.inputs.items(), *signature.outputs.items()]}
+    opset = cv.opset_for(options)
+    with cv.quiet(cv.TF_LOGGERS, streams=True) as records:
+        try:
+            graph_def = _freeze_v1(graph, session, inputs, outputs)
+            tables = {}
+            proto, _ = _convert_common(
+                graph_def, name=path.name, continue_on_error=True, opset=opset, input_names=inputs,
+                output_names=outputs, tensors_to_rename=renames, initialized_tables=tables,
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise UnsupportedModelError(
+                f"tf2onnx cannot convert signature '{key}' of '{path.name}': {cv.first_line(exc, 240)}"
+            ) from None
+    log = [f"converted SavedModel '{path.name}' signature '{key}' with tf2onnx {tf2onnx.__version__}, opset {opset}, "
+           f"through the TF1 loader (TF2 cannot rebuild its objects: {error})"]
+    log += cv.converter_errors(records)
+    _raise_unknown(proto, path.name)
+    if cv.name_batch_dims(proto):
+        log.append("dynamic batch dimension 'batch'")
+    return proto, log
+
+
+def _freeze_v1(graph: Any, session: Any, inputs: list[str], outputs: list[str]) -> Any:
+    """The signature's graph with its function calls inlined and its variables as constants.
+
+    Grappler inlines the StatefulPartitionedCall a TF2-saved signature is made of first; freezing
+    before would turn the resource handles the call takes into float constants it cannot inline.
+    Lookup tables are not read (tf2onnx reads them with TF1-only calls).
+    """
+    tf = cv.tensorflow()
+    from tf2onnx import tf_loader
+
+    with graph.as_default():
+        graph_def = graph.as_graph_def(add_shapes=True)
+    keep = [name.split(":")[0] for name in outputs]
+    keep += [node.name for node in graph_def.node if node.op in ("VarHandleOp", "VariableV2")]
+    with tf.Graph().as_default():
+        inlined = tf_loader.tf_optimize(inputs, keep, graph_def)
+    with graph.as_default():
+        frozen = tf.compat.v1.graph_util.convert_variables_to_constants(session, inlined, [n.split(":")[0] for n in outputs])
+    with tf.Graph().as_default():
+        return tf_loader.tf_optimize(inputs, outputs, frozen)
+
+
+def _v1_reference(path: Path, key: str, error: SourceError) -> ReferenceRunner:
+    _, session, signature = _v1_session(path, key, error)
+    inputs = {name: info.name for name, info in signature.inputs.items()}
+    outputs = {name: info.name for name, info in signature.outputs.items()}
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with cv.quiet(cv.TF_LOGGERS):
+            result = session.run(outputs, {tensor: np.asarray(feeds[name]) for name, tensor in inputs.items()})
+        return {name: np.asarray(value) for name, value in result.items()}
+
+    run.input_names = list(inputs)  # type: ignore[attr-defined]  # validate checks them before running
     return run
 
 
