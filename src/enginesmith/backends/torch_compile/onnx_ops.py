@@ -138,8 +138,8 @@ def _modules() -> dict[str, Any]:
     }
 
 
-def _const_ints(name: str, graph: Any) -> list[int] | None:
-    """The integer values of a constant input (initializer or Constant node); None when computed at run time."""
+def _const_values(name: str, graph: Any, kind: type = int) -> list | None:
+    """The values of a constant input (initializer or Constant node) as ``kind``; None when computed at run time."""
     from onnx2torch.utils.common import get_const_value
 
     try:
@@ -148,8 +148,16 @@ def _const_ints(name: str, graph: Any) -> list[int] | None:
         return None
     torch = _torch()
     if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.reshape(-1).tolist()]
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        return [kind(v) for v in value.reshape(-1).tolist()]
+    return [kind(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _const_ints(name: str, graph: Any) -> list[int] | None:
+    return _const_values(name, graph, int)
+
+
+def _const_floats(name: str, graph: Any) -> list[float] | None:
+    return _const_values(name, graph, float)
 
 
 def _result(module: Any, node: Any, inputs: tuple[str, ...] | None = None) -> Any:
@@ -238,18 +246,6 @@ def _resize_refusal(node: Any) -> str | None:
 _RESIZE_MODES = {("nearest", 1): "nearest", ("nearest", 2): "nearest", ("nearest", 3): "nearest", ("linear", 1): "linear",
                  ("linear", 2): "bilinear", ("linear", 3): "trilinear", ("cubic", 2): "bicubic"}
 
-
-def _const_floats(name: str, graph: Any) -> list[float] | None:
-    from onnx2torch.utils.common import get_const_value
-
-    try:
-        value = get_const_value(name, graph)
-    except KeyError:
-        return None
-    torch = _torch()
-    if isinstance(value, torch.Tensor):
-        return [float(v) for v in value.reshape(-1).tolist()]
-    return None
 
 
 def _resize_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
