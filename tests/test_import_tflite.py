@@ -18,6 +18,7 @@ pytest.importorskip("tf2onnx")
 import enginesmith as es  # noqa: E402
 from enginesmith.errors import SourceError, UnsupportedModelError  # noqa: E402
 from enginesmith.importers import detect_kind  # noqa: E402
+from enginesmith.validate import tolerance_for  # noqa: E402
 
 pytestmark = pytest.mark.tensorflow
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -117,3 +118,23 @@ def test_reference_names_its_inputs_so_a_wrong_against_is_refused_before_running
     assert reference_runner(sources["path"]).input_names == ["feat"]
     with pytest.raises(es.ValidationDataError, match=r"the engine's inputs \(x\) and the reference's inputs \(feat\) do not match"):
         es.validate(mlp_engine_path, sources["path"])
+
+
+def test_quantized_tflite_is_judged_with_int8_tolerances_and_a_float_one_with_fp32(sources, tmp_path: Path) -> None:
+    # Full-integer quantization: the interpreter computes in int8, so an fp32 engine differs from it by int8
+    # rounding; the build says so and judges it with int8's tolerance, recorded for later validations too.
+    rng = np.random.default_rng(5)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(sources["path"].parent / "heads"))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([rng.standard_normal((1, 6)).astype("f4")] for _ in range(64))
+    quantized = tmp_path / "heads_int8.tflite"
+    quantized.write_bytes(converter.convert())
+
+    engine = es.build(quantized, output=tmp_path / "q.engine")
+    assert engine.precision == "fp32" and engine.manifest.build_options["source_precision"] == "int8"
+    assert any("quantized TFLite model" in line for line in engine.manifest.build_log)
+    report = es.validate(tmp_path / "q.engine", store=False)
+    assert report.passed and report.tolerance_text() == str(tolerance_for("int8"))
+
+    plain = es.build(sources["path"])
+    assert "source_precision" not in plain.manifest.build_options

@@ -25,7 +25,8 @@ from ..pipeline import BUILD_STAGES
 from ..pipeline.selection import parse_strategy
 from ..signature import shape_text
 from ..runtime.preprocess import PreprocessSpec
-from ..validate import AccuracyBudget, ValidationReport, tolerance_for
+from ..validate import AccuracyBudget, ValidationReport
+from ..validate.engine_checks import engine_tolerance
 from .app import (
     add_columns,
     app,
@@ -450,8 +451,8 @@ def validate(
         layer_path = check_output(json_path.with_name(json_path.stem + ".layerwise.json"), inputs=inputs,
                                   force=force, flag="--json")
     engine = api.load(engine_path, trust_code=trust_code)
-    tolerance = tolerance_for(engine.precision, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
-                              min_argmax_agreement=min_argmax, max_abs=max_abs)
+    tolerance = engine_tolerance(engine, max_rel_l2=max_rel_l2, min_cosine=min_cosine,
+                                 min_argmax_agreement=min_argmax, max_abs=max_abs)
     options = ImportOptions(trust_code=True) if trust_code else None
     with tempfile.TemporaryDirectory(prefix="enginesmith-data-") as scratch:
         data_source = data_path(data, engine.signature, Path(scratch))

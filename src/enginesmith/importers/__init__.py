@@ -105,6 +105,9 @@ class ImportedModel:
     # The source in its own framework, for a backend of that framework to build from directly
     # (handed on as BuildOptions.native_source; never stored).
     native: NativeSource | None = field(default=None, compare=False, repr=False)
+    # The precision the source itself computes in: "int8" for a quantized TFLite model. Engines of it
+    # are judged by the looser of this and their own precision (validate.judged_precision).
+    source_precision: str = "fp32"
 
     @property
     def source_sha256(self) -> str:

@@ -125,7 +125,26 @@ def import_source(source: Any, options: ImportOptions) -> ImportedModel:
         _order_outputs(proto, list(interpreter.get_signature_list()[key]["outputs"]))
     if cv.name_batch_dims(proto):
         log.append("dynamic batch dimension 'batch'")
-    return cv.finish(proto, kind="tflite", source_filename=path.name, source_bytes=raw, log=log)
+    imported = cv.finish(proto, kind="tflite", source_filename=path.name, source_bytes=raw, log=log)
+    quantized = quantized_tensors(interpreter)
+    if quantized:
+        imported.source_precision = "int8"
+        imported.log.append(
+            f"quantized TFLite model ({quantized} integer tensors with scales): the interpreter computes in int8, "
+            "so engines are verified against it with int8 tolerances"
+        )
+    return imported
+
+
+def quantized_tensors(interpreter: Any) -> int:
+    """How many tensors hold quantized integers (int8/uint8/int16 with scales): activations or weights that the
+    interpreter computes with in integer arithmetic (full-integer and dynamic-range quantization alike)."""
+    count = 0
+    for detail in interpreter.get_tensor_details():
+        scales = (detail.get("quantization_parameters") or {}).get("scales")
+        if np.dtype(detail["dtype"]) in (np.int8, np.uint8, np.int16) and scales is not None and len(scales):
+            count += 1
+    return count
 
 
 def reference(source: Any, options: ImportOptions) -> ReferenceRunner:

@@ -37,7 +37,8 @@ def build_engine(state: BuildState, options: BuildOptions, calibration: Calibrat
         # "requested" is what a rebuild starts from: values the backend derived from this machine
         # (threads, a workspace sized to this GPU, default profiles) are derived again on the next one.
         build_options={**resolved.to_dict(), "import_options": state.import_options.to_dict(),
-                       "requested": options.to_dict()},
+                       "requested": options.to_dict(),
+                       **({"source_precision": imported.source_precision} if imported.source_precision != "fp32" else {})},
         payload_name=result.payload_name,
         fingerprint=backend.fingerprint(resolved),
         fingerprint_must_match=backend.must_match(),

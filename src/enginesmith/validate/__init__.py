@@ -89,6 +89,21 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+# From the tightest tolerance to the loosest.
+PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
+
+
+def judged_precision(engine_precision: str, source_precision: str | None = None) -> str:
+    """The precision whose tolerance judges an engine: its own, or its source's where that is looser.
+
+    A quantized source (an int8 TFLite model) computes in int8 itself, so even an fp32 engine of it
+    differs from it by int8 rounding: judging that against fp32's 1e-4 would fail every faithful engine.
+    """
+    rank = {p: i for i, p in enumerate(PRECISION_ORDER)}
+    source = source_precision or "fp32"
+    return max(engine_precision, source, key=lambda p: rank.get(p, 0))
+
+
 def tolerance_for(precision: str, **overrides: float | None) -> Tolerance:
     base = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
     changes = {k: v for k, v in overrides.items() if v is not None}

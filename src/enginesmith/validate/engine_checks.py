@@ -18,7 +18,7 @@ from ..errors import ValidationDataError
 from ..runtime.engine import Engine
 from ..runtime.preprocess import PreprocessSpec
 from ..signature import Signature, random_inputs
-from . import Tolerance, ValidationReport, run_validation, tolerance_for
+from . import Tolerance, ValidationReport, judged_precision, run_validation, tolerance_for
 from .data import load_dataset
 
 Batches = list[dict[str, np.ndarray]]
@@ -58,6 +58,12 @@ def default_validation_batches(engine: Engine, batch: int | None, batches: int, 
     return generated, label, False
 
 
+def engine_tolerance(engine: Engine, **overrides: float | None) -> Tolerance:
+    """The default tolerance for ``engine``: its precision's, or its source's where the source is quantized."""
+    source = engine.manifest.build_options.get("source_precision")
+    return tolerance_for(judged_precision(engine.precision, source), **overrides)
+
+
 def validate_engine(
     engine: Engine,
     reference: ReferenceRunner,
@@ -67,13 +73,14 @@ def validate_engine(
     reference_label: str,
     tolerance: Tolerance | None = None,
 ) -> ValidationReport:
-    """The engine and the reference run on the same batches; ``tolerance`` defaults to the engine's precision's."""
+    """The engine and the reference run on the same batches; ``tolerance`` defaults to :func:`engine_tolerance`."""
     return run_validation(
         engine_run=engine.infer,
         reference_run=reference,
         batches=batches,
-        tolerance=tolerance or tolerance_for(engine.precision),
-        precision=engine.precision,
+        tolerance=tolerance or engine_tolerance(engine),
+        # The precision that judged it: a quantized source's where that is looser than the engine's own.
+        precision=judged_precision(engine.precision, engine.manifest.build_options.get("source_precision")),
         reference_label=reference_label,
         inputs_label=inputs_label,
         output_names=engine.signature.output_names,
