@@ -411,3 +411,10 @@ def test_demo_folder_is_recognised_by_its_report(tmp_path):
     assert is_demo_folder(tmp_path)
     (tmp_path / "demo.json").write_text("not json")
     assert not is_demo_folder(tmp_path)
+
+
+def test_python_dash_m_enginesmith_is_the_command_line():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "enginesmith", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Usage: enginesmith" in done.stdout and "Traceback" not in done.stderr
