@@ -106,6 +106,13 @@ def import_source(source: Any, options: ImportOptions) -> ImportedModel:
         except EnginesmithError:
             raise
         except Exception as exc:  # noqa: BLE001
+            sparse = sparse_tensors(interpreter)
+            if sparse:
+                raise UnsupportedModelError(
+                    f"'{path.name}' stores {len(sparse)} weight tensor(s) in TFLite's sparse format (e.g. '{sparse[0]}'), "
+                    "which tf2onnx cannot convert; export the model without sparsity (a dense .tflite, or the "
+                    f"original Keras/SavedModel model); tf2onnx said: {cv.first_line(exc, 160)}"
+                ) from None
             raise UnsupportedModelError(f"tf2onnx cannot convert '{path.name}': {cv.first_line(exc, 240)}") from None
     log += cv.converter_errors(records)
     unknown = cv.unknown_ops(proto)
@@ -134,6 +141,11 @@ def import_source(source: Any, options: ImportOptions) -> ImportedModel:
             "so engines are verified against it with int8 tolerances"
         )
     return imported
+
+
+def sparse_tensors(interpreter: Any) -> list[str]:
+    """Names of tensors stored in TFLite's sparse format (``sparsity_parameters`` set)."""
+    return [d["name"] for d in interpreter.get_tensor_details() if d.get("sparsity_parameters")]
 
 
 def quantized_tensors(interpreter: Any) -> int:
