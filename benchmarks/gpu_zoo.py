@@ -341,14 +341,17 @@ def run_one(name: str, args: argparse.Namespace, save: Callable[[dict], None] = 
     options = {"device": "cuda" if cuda else "cpu", "mode": args.mode, "batches": batches}
     if not cuda:
         options = {"device": "cpu", "compile": "eager"}
-    for label, source in (("engine (from module)", "auto"), ("engine (from ONNX)", "onnx")):
+    engines = [("engine (from module)", "auto", {}), ("engine (from ONNX)", "onnx", {})]
+    for text in args.extra_engine or []:  # same-run comparisons of backend options, e.g. fuse_conv=false
+        engines.append((f"engine (from module, {text})", "auto", parse_options(text)))
+    for index, (label, source, extra) in enumerate(engines):
         if source == "onnx" and args.skip_onnx:
             continue
-        path = Path(args.workdir) / f"{name}-{source}.engine"
+        path = Path(args.workdir) / f"{name}-{source}-{index}.engine"
         started = time.perf_counter()
         try:
             engine = es.build(module, backend="torch", precision=precision, verify=False,
-                              backend_options={**options, "source": source},
+                              backend_options={**options, "source": source, **extra},
                               import_options=ImportOptions(example_inputs=dict(zip(names, example))))
         except Exception as exc:  # noqa: BLE001
             record["builds"][label] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400]}"}
@@ -359,8 +362,9 @@ def run_one(name: str, args: argparse.Namespace, save: Callable[[dict], None] = 
         engine.save(path)
         build = {"cold_build_s": round(build_s, 1),
                  "details": {k: engine.manifest.checks["build"].get(k) for k in
-                             ("source", "export_seconds", "compile_seconds", "served_shapes", "compiled_vs_exported_rel_l2")}}
-        if not args.skip_warm_load and source == "auto":  # the ONNX path loads the same way: timed once
+                             ("source", "export_seconds", "compile_seconds", "served_shapes", "compiled_vs_exported_rel_l2",
+                              "fuse_conv")}}
+        if not args.skip_warm_load and source == "auto" and not extra:  # the other engines load the same way: timed once
             build.update(warm_load_seconds(path, device))
         record["builds"][label] = build
         session = engine._session  # run_torch keeps inputs and outputs on the device
@@ -500,9 +504,23 @@ def cmd_run(args: argparse.Namespace) -> None:
     (out / "table.txt").write_text(print_table(records) + "\n")
 
 
+def parse_options(text: str) -> dict[str, Any]:
+    """``fuse_conv=false,mode=max-autotune`` -> {"fuse_conv": False, "mode": "max-autotune"} (values read as JSON when they parse)."""
+    options: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return options
+
+
 def forwarded(args: argparse.Namespace) -> list[str]:
     flags = ["--device", args.device, "--mode", args.mode, "--baseline-mode", args.baseline_mode, "--runs", str(args.runs),
              "--warmup", str(args.warmup)]
+    for text in args.extra_engine or []:
+        flags += ["--extra-engine", text]
     for name in ("quick", "skip_onnx", "skip_warm_load"):
         if getattr(args, name):
             flags.append("--" + name.replace("_", "-"))
@@ -522,6 +540,8 @@ def main() -> None:
         p.add_argument("--quick", action="store_true", help="large batch 8 and 20 timed runs")
         p.add_argument("--skip-onnx", action="store_true", help="no engine from the ONNX export")
         p.add_argument("--skip-warm-load", action="store_true")
+        p.add_argument("--extra-engine", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
+                       help="one more engine from the module with these backend options (repeatable), e.g. fuse_conv=false")
         p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gpu_zoo"))
     run = sub.choices["run"]
     run.add_argument("--models", default="", help=f"comma list (default: {','.join(DEFAULT_MODELS)})")

@@ -114,10 +114,38 @@ def test_fuse_conv_is_off_by_default_on_the_cpu_and_checked():
     module = Chains().eval()
     eager = {"device": "cpu", "compile": "eager"}
     assert backend.build(module, SIGNATURE, BuildOptions(backend_options=eager)).details["fuse_conv"] is False
-    with pytest.raises(BuildError, match="fuse_conv must be auto, true or false"):
+    with pytest.raises(BuildError, match="fuse_conv must be auto, dense, all, true or false"):
         backend.build(module, SIGNATURE, BuildOptions(backend_options={**eager, "fuse_conv": "yes"}))
     with pytest.raises(BuildError, match="fuse_conv cannot be combined with compile=aoti"):
         backend.build(module, SIGNATURE, BuildOptions(backend_options={"device": "cpu", "compile": "aoti", "fuse_conv": True}))
+
+
+class DepthwiseBlock(torch.nn.Module):
+    """A MobileNet block: depthwise conv -> ReLU, then a dense 1x1 conv -> ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.depthwise = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pointwise = torch.nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        return torch.relu(self.pointwise(torch.relu(self.depthwise(x))))
+
+
+def test_dense_mode_leaves_grouped_convolutions_alone():
+    module = DepthwiseBlock().eval()
+    x = torch.randn(2, 8, 10, 10)
+    dense = torch.export.export(module, (x,)).module()
+    assert fuse_conv_epilogues(dense, grouped=False)["conv+relu"] == 1
+    targets = _targets(dense)
+    assert targets.count("aten.conv2d.default") == 1 and targets.count("enginesmith.conv2d_relu.default") == 1
+    every = torch.export.export(module, (x,)).module()
+    assert fuse_conv_epilogues(every)["conv+relu"] == 2
+    with torch.no_grad():
+        want = module(x).numpy()
+        np.testing.assert_allclose(dense(x).numpy(), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(every(x).numpy(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["Chains", "BatchNormBlock"])
@@ -130,7 +158,7 @@ def test_fused_engine_compiles_loads_again_and_matches_the_module(name):
                "mode": "reduce-overhead" if CUDA else "default"}
     result = backend.build(module, signature, BuildOptions(backend_options=options))
     assert "cuDNN fused epilogues" in " ".join(result.log) and "conv+add+relu x1" in " ".join(result.log)
-    assert result.details["fuse_conv"] is True
+    assert result.details["fuse_conv"] == "all"  # true: every convolution
     assert all(err < 1e-2 for err in result.details["compiled_vs_exported_rel_l2"].values())
     tc._HANDOFF.clear()  # load for real: the rewrite is applied again before compiling
     session = backend.load(result.payload, result.resolved_options, signature)

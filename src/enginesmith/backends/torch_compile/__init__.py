@@ -47,10 +47,12 @@ Backend options (``BuildOptions.backend_options``)
                    possibly slower algorithm than cuDNN can run
     ``cudnn_benchmark_limit``  how many cuDNN algorithms that search times per shape (PyTorch's
                    default 10; 0 times every one): recorded, and set again at load
-    ``fuse_conv``  "auto" (on CUDA for convolutional models), true or false: conv2d -> ReLU and
-                   conv2d -> add -> ReLU run as cuDNN convolutions with fused epilogues
-                   (``fusion``); the rewrite is applied before compiling, at build and
-                   at load, so the saved program stays plain ATen. Not with compile="aoti".
+    ``fuse_conv``  "auto" (= "dense" on CUDA for convolutional models, else false), "dense"
+                   (ungrouped convolutions only), "all" (also grouped/depthwise ones; true means
+                   "all") or false: conv2d -> ReLU and conv2d -> add -> ReLU run as cuDNN
+                   convolutions with fused epilogues (``fusion``); the rewrite is applied before
+                   compiling, at build and at load, so the saved program stays plain ATen. Not
+                   with compile="aoti".
     ``source``     "auto" (a torch source is built directly) or "onnx" (from its ONNX conversion)
 
 Modules

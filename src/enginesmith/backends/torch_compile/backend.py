@@ -162,10 +162,12 @@ class TorchCompileBackend(Backend):
         benchmark_limit = _benchmark_limit(bo.get("cudnn_benchmark_limit"))  # checked on every device
         fuse_conv = bo.get("fuse_conv", "auto")
         if fuse_conv == "auto":
-            fuse_conv = cuda and kind != "aoti" and _has_conv2d(module)
-        elif not isinstance(fuse_conv, bool):
-            raise BuildError(f"fuse_conv must be auto, true or false, not {fuse_conv!r}")
-        elif fuse_conv and kind == "aoti":
+            fuse_conv = "dense" if cuda and kind != "aoti" and _has_conv2d(module) else False
+        elif fuse_conv is True:
+            fuse_conv = "all"
+        elif fuse_conv not in (False, "dense", "all"):
+            raise BuildError(f"fuse_conv must be auto, dense, all, true or false, not {fuse_conv!r}")
+        if fuse_conv and kind == "aoti":
             raise BuildError("fuse_conv cannot be combined with compile=aoti (an AOTInductor package cannot call "
                              "enginesmith's fused operators): pass fuse_conv=false")
         return {

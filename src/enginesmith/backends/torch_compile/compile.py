@@ -94,7 +94,8 @@ def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
     from .fusion import fuse_conv_epilogues
 
     module = program.module()
-    counts = fuse_conv_epilogues(module)
+    # Engines built before "dense" existed stored True: every convolution.
+    counts = fuse_conv_epilogues(module, grouped=meta["fuse_conv"] != "dense")
     log.append("cuDNN fused epilogues" + (" (on CUDA; unfused reference kernels elsewhere)" if not
                                           meta["device"].startswith("cuda") else "") + ": "
                + ", ".join(f"{pattern} x{n}" for pattern, n in counts.items()))

@@ -216,12 +216,13 @@ def fold_batch_norms(gm) -> int:
     return folded
 
 
-def fuse_conv_epilogues(gm) -> dict[str, int]:
+def fuse_conv_epilogues(gm, grouped: bool = True) -> dict[str, int]:
     """Rewrite conv2d -> ReLU and conv2d -> add -> ReLU chains of ``gm`` in place; counts per pattern.
 
     A chain is rewritten only where each intermediate has one user (nothing else reads the
     unfused value) and the residual has the convolution's exact shape and dtype (cuDNN's
-    epilogue does not broadcast).
+    epilogue does not broadcast). ``grouped=False`` leaves grouped (depthwise) convolutions
+    alone: cuDNN's fused-epilogue path has no fast kernels for them.
     """
     torch = _torch()
     register_ops()
@@ -238,6 +239,8 @@ def fuse_conv_epilogues(gm) -> dict[str, int]:
         if args is None or user is None:
             continue
         x, weight, bias, stride, padding, dilation, groups = args
+        if groups != 1 and not grouped:
+            continue
         if user.target in relus:
             last, fused, new_args, pattern = user, ops.conv2d_relu.default, (x, weight, bias, stride, padding, dilation,
                                                                                 groups), "conv+relu"
