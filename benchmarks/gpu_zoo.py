@@ -254,14 +254,23 @@ def non_degenerate(module: Any, feeds: dict[str, np.ndarray]) -> Any:
 
 def warm_load_seconds(path: Path, device: str) -> dict[str, Any]:
     """Load the engine in a fresh process with empty Inductor/Triton cache folders (the cache the engine carries is all)."""
-    script = ("import sys, time, enginesmith as es\nt = time.perf_counter()\n"
-              "engine = es.load(sys.argv[1], trust_code=True)\nprint('LOAD', time.perf_counter() - t)\n")
+    script = ("import json, sys, time\nt0 = time.perf_counter()\nimport torch, enginesmith as es\n"
+              "t = time.perf_counter()\nprint('IMPORT', t - t0)\n"
+              "engine = es.load(sys.argv[1], trust_code=True)\nprint('LOAD', time.perf_counter() - t)\n"
+              "print('STEPS', json.dumps(getattr(engine._session, 'load_steps', {})))\n")
     with tempfile.TemporaryDirectory(prefix="zoo-cache-") as tmp:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor", "TRITON_CACHE_DIR": f"{tmp}/triton"}
         done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    found: dict[str, Any] = {}
     for line in done.stdout.splitlines():
         if line.startswith("LOAD "):
-            return {"warm_load_s": round(float(line.split()[1]), 2)}
+            found["warm_load_s"] = round(float(line.split()[1]), 2)
+        elif line.startswith("IMPORT "):
+            found["import_s"] = round(float(line.split()[1]), 2)  # torch + enginesmith, before the load timed above
+        elif line.startswith("STEPS "):
+            found["load_steps"] = json.loads(line[6:])
+    if "warm_load_s" in found:
+        return found
     return {"warm_load_error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
 
 
