@@ -384,6 +384,13 @@ def run_one(name: str, args: argparse.Namespace, save: Callable[[dict], None] = 
             return [result[n] for n in out_names]
 
         variants[label] = engine_call
+        if args.engine_raw and source == "auto" and not extra:  # the session's own cost, apart from the kernels'
+            def raw_call(feeds_: dict, session=session, names=tuple(names)) -> list:
+                with torch.no_grad():
+                    result = session._compiled(*(feeds_[n] for n in names))
+                return list(result) if isinstance(result, (tuple, list)) else [result]
+
+            variants[label + " compiled callable"] = raw_call
         save(record)
 
     for b in batches:
@@ -530,7 +537,7 @@ def forwarded(args: argparse.Namespace) -> list[str]:
              "--warmup", str(args.warmup)]
     for text in args.extra_engine or []:
         flags += ["--extra-engine", text]
-    for name in ("quick", "skip_onnx", "skip_warm_load"):
+    for name in ("quick", "skip_onnx", "skip_warm_load", "engine_raw"):
         if getattr(args, name):
             flags.append("--" + name.replace("_", "-"))
     return flags
@@ -549,6 +556,8 @@ def main() -> None:
         p.add_argument("--quick", action="store_true", help="large batch 8 and 20 timed runs")
         p.add_argument("--skip-onnx", action="store_true", help="no engine from the ONNX export")
         p.add_argument("--skip-warm-load", action="store_true")
+        p.add_argument("--engine-raw", action="store_true",
+                       help="also time the module engine's compiled callable without its session (its overhead apart)")
         p.add_argument("--extra-engine", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
                        help="one more engine from the module with these backend options (repeatable), e.g. fuse_conv=false")
         p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gpu_zoo"))
