@@ -422,9 +422,11 @@ class TorchCompileBackend(Backend):
 
         meta, program_bytes, cache, aoti = unpack_payload(data)
         cuda = meta["device"].startswith("cuda")
+        mark = started
         if cuda:
             resolve_device(meta["device"])  # raises a clear error without a GPU
             _set_cudnn_benchmark(torch, meta)
+            mark = lap("device", started)
         eager = None
         if meta["compile"] != "aoti":  # an AOTInductor model serves every batch size itself
             try:
@@ -434,7 +436,7 @@ class TorchCompileBackend(Backend):
             except Exception as exc:  # noqa: BLE001
                 raise BuildError(f"PyTorch could not load the engine's program: {str(exc).splitlines()[0][:300]}") from None
             eager = _fused_module(program, meta, []) if meta.get("fuse_conv") else program.module()
-        mark = lap("program", started)
+        mark = lap("program", mark)
         info = ""
         if meta["compile"] == "eager":
             compiled = eager
