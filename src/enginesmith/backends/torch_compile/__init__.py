@@ -53,6 +53,9 @@ Backend options (``BuildOptions.backend_options``)
                    convolutions with fused epilogues (``fusion``); the rewrite is applied before
                    compiling, at build and at load, so the saved program stays plain ATen. Not
                    with compile="aoti".
+    ``fuse_linear``  "auto" (on CUDA), true or false: linear layers that read the same tensor
+                   (attention's query/key/value projections) run as one product over concatenated
+                   weights, then a split (``linear_fusion``); applied like ``fuse_conv``.
     ``source``     "auto" (a torch source is built directly) or "onnx" (from its ONNX conversion)
 
 Modules
@@ -64,6 +67,7 @@ Modules
     ``payload``       the payload zip and its pickle-free program check
     ``compile``       Inductor options, compiler caches, warm-up, AOTInductor
     ``fusion``        cuDNN-fused convolution epilogues
+    ``linear_fusion`` sibling linear layers merged into one product
     ``session``       the runtime session
     ``backend``       ``TorchCompileBackend``: build and load
 """

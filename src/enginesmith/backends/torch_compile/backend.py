@@ -23,7 +23,7 @@ from .common import (CACHES_ENV, EXTRA_HINT, PAYLOAD_FORMAT, PAYLOAD_NAME, TORCH
                      _nvidia_present, _torch, _torch_dtype, _triton_version, device_facts, example_inputs,
                      resolve_device)
 from .compile import (_aoti_compile, _aoti_load, _benchmark_limit, _cache_tag, _fresh_artifacts, _fused_module,
-                      _GraphedRunner, _set_cudnn_benchmark, _set_fp32_math, _warm, compile_module)
+                      _GraphedRunner, _set_cudnn_benchmark, _set_fp32_math, _warm, compile_module, needs_rewrite)
 from .export import _has_conv2d, _wrapper_class, export_program, served_shapes, shape_text, specialized_dims
 from .native import retarget_program, source_module, usable_source
 from .onnx_convert import onnx_to_torch, op_status
@@ -170,6 +170,11 @@ class TorchCompileBackend(Backend):
         if fuse_conv and kind == "aoti":
             raise BuildError("fuse_conv cannot be combined with compile=aoti (an AOTInductor package cannot call "
                              "enginesmith's fused operators): pass fuse_conv=false")
+        fuse_linear = bo.get("fuse_linear", "auto")
+        if fuse_linear == "auto":
+            fuse_linear = cuda and kind != "aoti"
+        elif not isinstance(fuse_linear, bool):
+            raise BuildError(f"fuse_linear must be auto, true or false, not {fuse_linear!r}")
         return {
             "format": PAYLOAD_FORMAT,
             "device": device,
@@ -186,6 +191,7 @@ class TorchCompileBackend(Backend):
             "cudnn_benchmark": bool(bo.get("cudnn_benchmark", True)) and cuda,
             "cudnn_benchmark_limit": benchmark_limit if cuda else None,
             "fuse_conv": fuse_conv,
+            "fuse_linear": fuse_linear,
             "tag": f"enginesmith-{uuid.uuid4().hex}",
             "torch": self.version(),
             "triton": _triton_version() if cuda else "n/a",
@@ -270,7 +276,7 @@ class TorchCompileBackend(Backend):
         # Read off the reloaded program: in the traced one a fixed dim can still be a symbol with a one-value range.
         self._record_served_shapes(program, signature, meta, sample_shapes, log)
         eager = program.module()
-        runnable = _fused_module(program, meta, log) if meta["fuse_conv"] else eager
+        runnable = _fused_module(program, meta, log) if needs_rewrite(meta) else eager
         cache: bytes | None = None
         aoti: bytes | None = None
         warm_s: dict[int, float] = {}
@@ -339,6 +345,7 @@ class TorchCompileBackend(Backend):
             "cudnn_benchmark": meta["cudnn_benchmark"],
             "cudnn_benchmark_limit": meta["cudnn_benchmark_limit"],
             "fuse_conv": meta["fuse_conv"],
+            "fuse_linear": meta["fuse_linear"],
             "inductor_options": meta["inductor"],
             "convert_seconds": round(convert_s, 2),
             "export_seconds": round(export_s, 2),
@@ -435,7 +442,7 @@ class TorchCompileBackend(Backend):
                 raise
             except Exception as exc:  # noqa: BLE001
                 raise BuildError(f"PyTorch could not load the engine's program: {str(exc).splitlines()[0][:300]}") from None
-            eager = _fused_module(program, meta, []) if meta.get("fuse_conv") else program.module()
+            eager = _fused_module(program, meta, []) if needs_rewrite(meta) else program.module()
         mark = lap("program", mark)
         info = ""
         if meta["compile"] == "eager":

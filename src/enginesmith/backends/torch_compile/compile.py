@@ -90,16 +90,26 @@ def inductor_options(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
-    """A fresh module of the program with cuDNN-fused convolution epilogues (``fusion``)."""
-    from .fusion import fuse_conv_epilogues
-
+    """A fresh module of the program with the rewrites the engine asked for: cuDNN-fused convolution
+    epilogues (``fusion``), sibling linear layers as one product (``linear_fusion``)."""
     module = program.module()
-    # Engines built before "dense" existed stored True: every convolution.
-    counts = fuse_conv_epilogues(module, grouped=meta["fuse_conv"] != "dense")
-    log.append("cuDNN fused epilogues" + (" (on CUDA; unfused reference kernels elsewhere)" if not
-                                          meta["device"].startswith("cuda") else "") + ": "
-               + ", ".join(f"{pattern} x{n}" for pattern, n in counts.items()))
+    if meta.get("fuse_conv"):
+        from .fusion import fuse_conv_epilogues
+
+        # Engines built before "dense" existed stored True: every convolution.
+        counts = fuse_conv_epilogues(module, grouped=meta["fuse_conv"] != "dense")
+        log.append("cuDNN fused epilogues" + (" (on CUDA; unfused reference kernels elsewhere)" if not
+                                              meta["device"].startswith("cuda") else "") + ": "
+                   + ", ".join(f"{pattern} x{n}" for pattern, n in counts.items()))
+    if meta.get("fuse_linear"):
+        from .linear_fusion import concat_sibling_linears
+
+        log.append(f"linear layers sharing an input merged into one product: {concat_sibling_linears(module)} merged away")
     return module
+
+
+def needs_rewrite(meta: Mapping[str, Any]) -> bool:
+    return bool(meta.get("fuse_conv") or meta.get("fuse_linear"))
 
 
 def compile_module(module, meta: Mapping[str, Any]):

@@ -1,0 +1,113 @@
+"""One matrix product for linear layers that read the same tensor (``torch_compile`` package).
+
+Attention's query, key and value projections are three linear layers over one input. At
+small batches each product fills a few of the GPU's multiprocessors (BERT at batch 1 and
+sequence 128: a 128x768 by 768x768 product is six 128x128 tiles on an H200's 132 SMs),
+and Inductor, without ``freezing``, keeps them apart. Concatenating their weights makes one
+product three times as wide, followed by a split:
+
+    linear(x, Wq, bq), linear(x, Wk, bk), linear(x, Wv, bv)
+        -> split(linear(x, cat(Wq, Wk, Wv), cat(bq, bk, bv)), [q, k, v], -1)
+
+Like ``fusion``, the rewrite runs on the module of an exported program just before
+``torch.compile``, at build and again at load, so the saved program stays as exported.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _attribute(gm, node):
+    """The tensor behind a get_attr node, else None."""
+    if getattr(node, "op", None) != "get_attr":
+        return None
+    value = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _linear_operands(gm, node):
+    """(weight, bias or None) tensors of an ``aten.linear`` node whose weight and bias are constants, else None."""
+    torch = _torch()
+    if node.op != "call_function" or node.target is not torch.ops.aten.linear.default or node.kwargs:
+        return None
+    weight = _attribute(gm, node.args[1]) if len(node.args) > 1 else None
+    bias_node = node.args[2] if len(node.args) > 2 else None
+    bias = _attribute(gm, bias_node) if bias_node is not None else None
+    if weight is None or weight.dim() != 2 or (bias_node is not None and bias is None):
+        return None
+    return weight, bias
+
+
+def concat_sibling_linears(gm) -> int:
+    """Merge linear layers of ``gm`` that share their input into one product each; how many products were merged away."""
+    torch = _torch()
+    aten = torch.ops.aten
+    graph = gm.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    merged = 0
+    for source in list(graph.nodes):
+        groups: dict[tuple, list] = defaultdict(list)
+        for user in source.users:
+            operands = _linear_operands(gm, user)
+            if operands is None or user.args[0] is not source:
+                continue
+            weight, bias = operands
+            groups[(weight.shape[1], weight.dtype, weight.device, bias is None)].append((user, weight, bias))
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            members.sort(key=lambda m: order[m[0]])
+            first = members[0][0]
+            sizes = [int(weight.shape[0]) for _, weight, _ in members]
+            with torch.no_grad():
+                weight = torch.cat([w for _, w, _ in members]).contiguous()
+                bias = None if members[0][2] is None else torch.cat([b for _, _, b in members]).contiguous()
+            prefix = f"_enginesmith_siblings_{merged}"
+            gm.register_buffer(f"{prefix}_weight", weight)
+            if bias is not None:
+                gm.register_buffer(f"{prefix}_bias", bias)
+            with graph.inserting_before(first):
+                args = [source, graph.get_attr(f"{prefix}_weight")]
+                if bias is not None:
+                    args.append(graph.get_attr(f"{prefix}_bias"))
+                product = graph.call_function(aten.linear.default, tuple(args))
+                parts = graph.call_function(aten.split_with_sizes.default, (product, sizes, -1))
+                pieces = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+            for (user, _, _), piece in zip(members, pieces):
+                user.replace_all_uses_with(piece)
+                graph.erase_node(user)
+            merged += len(members) - 1
+    if merged:
+        _drop_unused_constants(gm)
+        gm.recompile()
+    return merged
+
+
+def _drop_unused_constants(gm) -> None:
+    """Remove get_attr nodes nothing reads any more, and their tensors (the separate weights the merge replaced)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or node.users:
+            continue
+        target = str(node.target)
+        gm.graph.erase_node(node)
+        if any(other.op == "get_attr" and str(other.target) == target for other in gm.graph.nodes):
+            continue
+        owner_path, _, name = target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        for table in (owner._parameters, owner._buffers):
+            if name in table:
+                del table[name]
+                break
+        else:
+            if hasattr(owner, name):
+                delattr(owner, name)

@@ -1,0 +1,106 @@
+"""Sibling linear layers merged into one product (backends/torch_compile/linear_fusion.py).
+
+The rewrite is device-independent, so the CPU checks which layers merge (those sharing an
+input, with constant weights of one width and dtype), that outputs stay the same, and that
+engines built with it load again with the rewrite reapplied. ENGINESMITH_TEST_DEVICE=cuda
+runs the engine test on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from enginesmith.backends import BuildOptions, get_backend  # noqa: E402
+from enginesmith.backends import torch_compile as tc  # noqa: E402
+from enginesmith.backends.torch_compile.linear_fusion import concat_sibling_linears  # noqa: E402
+from enginesmith.errors import BuildError  # noqa: E402
+from enginesmith.signature import Signature, TensorSpec  # noqa: E402
+
+DEVICE = os.environ.get("ENGINESMITH_TEST_DEVICE", "cpu")
+if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    pytest.skip("ENGINESMITH_TEST_DEVICE=cuda but CUDA is not available", allow_module_level=True)
+
+
+class Siblings(torch.nn.Module):
+    """Q/K/V projections of one input (merged), a bias-free pair (merged apart from them), and layers left alone."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
+        self.a, self.b = torch.nn.Linear(16, 4, bias=False), torch.nn.Linear(16, 4, bias=False)
+        self.other_input = torch.nn.Linear(8, 16)  # reads another tensor: alone
+        self.wide = torch.nn.Linear(32, 16)  # another input width: alone
+
+    def forward(self, x, y):
+        attn = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x)
+        gate = self.a(x) * self.b(x)
+        return torch.cat([attn, self.other_input(attn), gate, self.wide(torch.cat([x, x], -1))], -1) + y.mean()
+
+
+def _linears(module) -> int:
+    return sum(1 for n in module.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default)
+
+
+def test_layers_sharing_an_input_become_one_product_with_the_same_outputs():
+    module = Siblings().eval()
+    x, y = torch.randn(2, 5, 16), torch.randn(3)
+    merged = torch.export.export(module, (x, y)).module()
+    assert _linears(merged) == 7
+    assert concat_sibling_linears(merged) == 3  # q, k, v -> 1 (two fewer); a, b -> 1 (one fewer)
+    assert _linears(merged) == 4
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(x, y).numpy(), module(x, y).numpy(), rtol=1e-5, atol=1e-6)
+    assert concat_sibling_linears(merged) == 0  # nothing left to merge
+    names = {name for name, _ in merged.named_parameters()} | {name for name, _ in merged.named_buffers()}
+    assert not any(name.startswith(("q.", "k.", "v.", "a.", "b.")) for name in names)  # the separate weights are gone
+
+
+def test_a_real_transformers_encoder_merges_query_key_value_in_every_layer():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=50)
+    model = transformers.BertModel(config).eval()
+    ids, mask = torch.randint(0, 50, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    merged = torch.export.export(model, (ids, mask)).module()
+    assert concat_sibling_linears(merged) == 2 * 2  # per layer: three projections -> one
+    with torch.no_grad():
+        got = merged(ids, mask)
+        got = got.last_hidden_state if hasattr(got, "last_hidden_state") else got[0]
+        np.testing.assert_allclose(got.numpy(), model(ids, mask).last_hidden_state.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_engines_built_with_the_merge_load_again_and_match_the_module():
+    module = Siblings().eval()
+    signature = Signature((TensorSpec("x", "float32", ("batch", 5, 16)), TensorSpec("y", "float32", (3,))),
+                          (TensorSpec("out", "float32", ("batch", 5, 40)),))
+    backend = get_backend("torch")
+    options = {"device": DEVICE, "fuse_linear": True, "batches": [2],
+               "mode": "reduce-overhead" if DEVICE.startswith("cuda") else "default"}
+    if not DEVICE.startswith("cuda"):
+        options["compile"] = "eager"
+    result = backend.build(module, signature, BuildOptions(backend_options=options))
+    assert result.details["fuse_linear"] is True
+    assert "merged into one product: 3 merged away" in " ".join(result.log)
+    tc._HANDOFF.clear()  # load for real: the merge is applied again
+    session = backend.load(result.payload, result.resolved_options, signature)
+    x = np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32)
+    y = np.random.default_rng(2).standard_normal(3).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    np.testing.assert_allclose(session.run({"x": x, "y": y})["out"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_linear_is_off_on_the_cpu_by_default_and_checked():
+    backend = get_backend("torch")
+    signature = Signature((TensorSpec("x", "float32", ("batch", 5, 16)), TensorSpec("y", "float32", (3,))),
+                          (TensorSpec("out", "float32", ("batch", 5, 40)),))
+    eager = {"device": "cpu", "compile": "eager"}
+    assert backend.build(Siblings().eval(), signature, BuildOptions(backend_options=eager)).details["fuse_linear"] is False
+    with pytest.raises(BuildError, match="fuse_linear must be auto, true or false"):
+        backend.build(Siblings().eval(), signature, BuildOptions(backend_options={**eager, "fuse_linear": "yes"}))
