@@ -66,6 +66,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, verbose:
     quiet_ray_loggers(verbose)
     if ray.is_initialized():
         context = ray.get_runtime_context()
+        if address not in (None, "auto", context.gcs_address):
+            raise RayConnectionError(f"this process is already connected to the Ray cluster at {context.gcs_address}, "
+                                     f"not '{address}': one process talks to one cluster")
         return RaySession(context.gcs_address, False, False, dict(ray.cluster_resources()))
     # Ray's workers inherit the environment: no usage statistics from them either.
     options: dict[str, Any] = {
