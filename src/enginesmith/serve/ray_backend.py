@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import tempfile
 import uuid
@@ -348,11 +349,21 @@ def replica_resources(manifest: Manifest, options: RayOptions) -> dict[str, floa
     return {"num_cpus": options.cpus_per_replica, "num_gpus": gpus}
 
 
-def _deploy_error(name: str, exc: BaseException) -> str:
-    """The line that says why a replica could not start, out of Ray Serve's long message."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    ours = [line for line in lines if line.startswith("enginesmith.errors.") or "Error:" in line]
-    reason = (ours[-1] if ours else lines[-1] if lines else type(exc).__name__).removeprefix("enginesmith.errors.")
+def _deploy_error(name: str, app: str, exc: BaseException) -> str:
+    """The line that says why a replica could not start, out of Ray Serve's deployment status (a traceback)."""
+    from ray import serve
+
+    text = str(exc)
+    try:
+        status = serve.status().applications.get(app)
+        if status is not None:
+            text = "\n".join([text, status.message, *(d.message for d in status.deployments.values())])
+    except Exception:  # noqa: BLE001 - the exception's own text is the fallback
+        pass
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("enginesmith.errors.")]
+    raised = ours or [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    reason = (raised[-1] if raised else lines[-1] if lines else type(exc).__name__).removeprefix("enginesmith.errors.")
     return f"model '{name}' could not start on Ray: {reason}"
 
 
@@ -395,7 +406,7 @@ def deploy(models: Sequence[tuple[str, Path]], batching: Callable[[RemoteEngine]
                                    name=app, route_prefix=None)
             except Exception as exc:  # noqa: BLE001 - Ray Serve's message holds the replica's traceback
                 deployments.apps.append(app)
-                raise ServeError(_deploy_error(name, exc)) from None
+                raise ServeError(_deploy_error(name, app, exc)) from None
             deployments.apps.append(app)
             dispatcher = ReplicaDispatcher(name, handle, settings, options, app)
             served.append(RayServedModel(name, engine, dispatcher, timeout_ms))
