@@ -211,6 +211,8 @@ def test_a_replica_killed_mid_load_loses_no_request(server, reference):
     # a failed request says why (503, the replica failed); none is a bare 500 from a lost connection
     assert all("replica failed" in text or "did not answer" in text for text in errors), errors[:3]
     assert dispatcher.retried - retried_before + len(errors) > 0  # the kill did hit requests in flight
+    if dispatcher.retried > retried_before:  # said once, not once per request
+        assert len([line for line in server.log_lines if line.startswith("slow: a replica failed")]) == 1
     # Ray Serve starts a replacement; the model keeps answering
     client = httpclient.InferenceServerClient(_host(server.url))
     given = httpclient.InferInput("x", [1, SLOW_WIDTH], "FP32")

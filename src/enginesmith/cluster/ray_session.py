@@ -55,8 +55,12 @@ def import_ray() -> Any:
 
 
 def quiet_ray_loggers(verbose: bool = False) -> None:
+    """INFO and up with ``verbose``; else warnings, and from Ray Serve errors only: its router warns once
+    per request when a replica dies, and the server says so itself, once."""
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False) -> RaySession:

@@ -47,6 +47,7 @@ from .models import VERSION, ServedModel, failure_answer
 from .protocol import InferRequest, InferResponse, ProtocolError
 
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
+FAILURE_LOG_INTERVAL_S = 10.0
 # Counters a replica keeps (the engine calls); the front end keeps the request counters.
 REPLICA_COUNTERS = ("inference_count", "exec_count", "queue_duration_ns", "compute_infer_duration_ns")
 
@@ -236,8 +237,11 @@ def _first_line(exc: BaseException) -> str:
 class ReplicaDispatcher:
     """Sends a model's requests to its Ray Serve deployment; what ServedModel holds as its ``batcher``."""
 
-    def __init__(self, name: str, handle: Any, batching: BatchingOptions, options: RayOptions, app: str):
+    def __init__(self, name: str, handle: Any, batching: BatchingOptions, options: RayOptions, app: str,
+                 log: Callable[[str], None] | None = None):
         self.name = name
+        self._log = log
+        self._last_failure_logged = float("-inf")
         self.options = batching
         self.ray = options
         self.app = app
@@ -279,6 +283,7 @@ class ReplicaDispatcher:
                         raise ProtocolError(503, f"model '{self.name}': its replica failed ({_first_line(exc)}) "
                                                  f"{attempt + 1} times; retry later", retry_after_s=1) from None
                     self.retried += 1
+                    self._note_failure(exc, loop.time())
                     await asyncio.sleep(min(0.05 * 2 ** attempt, max(deadline - loop.time(), 0)))
                     continue
                 except Exception as exc:  # noqa: BLE001 - e.g. a RayTaskError: this request fails alone
@@ -292,6 +297,12 @@ class ReplicaDispatcher:
                                      "(its replicas are busy or restarting); retry later", retry_after_s=1)
         finally:
             self._in_flight -= 1
+
+    def _note_failure(self, exc: BaseException, now: float) -> None:
+        """One line per failure burst (a dying replica fails every request it holds at once)."""
+        if self._log is not None and now - self._last_failure_logged >= FAILURE_LOG_INTERVAL_S:
+            self._last_failure_logged = now
+            self._log(f"{self.name}: a replica failed ({_first_line(exc)}); its requests are sent to another replica")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Nothing runs here; the deployment is deleted with the server (RayDeployments.close)."""
@@ -408,7 +419,7 @@ def deploy(models: Sequence[tuple[str, Path]], batching: Callable[[RemoteEngine]
                 deployments.apps.append(app)
                 raise ServeError(_deploy_error(name, app, exc)) from None
             deployments.apps.append(app)
-            dispatcher = ReplicaDispatcher(name, handle, settings, options, app)
+            dispatcher = ReplicaDispatcher(name, handle, settings, options, app, log)
             served.append(RayServedModel(name, engine, dispatcher, timeout_ms))
             if log is not None:
                 log(f"{name}: {options.replicas} replica(s) on Ray at {session.address} "
