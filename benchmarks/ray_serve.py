@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
             disconnect(session)
     target = 1.8 if args.gpus else 1.6
     report = {"benchmark": "ray_serve", "plan": plan, "machine": facts, "target_speedup": target,
+              "note": "load.other_cpu_share counts the replicas and the front end as 'other' (they are not "
+                      "children of this process); loadavg is the machine's",
               "in_process_one_thread": baseline, **results}
     print(f"\n{'mode':8} {'1 replica':>14} {'2 replicas':>14} {'speedup':>8}  (target >= {target}x)")
     for mode, row in results["summary"].items():

@@ -146,10 +146,12 @@ class EngineReplica:
 
         # A list, so Ray hands the reference over instead of resolving it into the constructor's arguments.
         data = ray.get(bundle[0])
-        self._folder = tempfile.TemporaryDirectory(prefix="enginesmith-replica-")
-        path = Path(self._folder.name) / f"{name}.engine"
-        path.write_bytes(data)
-        self.engine = load_or_rebuild(path, trust_code, rebuild, log=print)
+        # The file only lives while the engine loads (the session holds what it needs): a replica
+        # killed later leaves no copy of the bundle behind.
+        with tempfile.TemporaryDirectory(prefix="enginesmith-replica-") as folder:
+            path = Path(folder) / f"{name}.engine"
+            path.write_bytes(data)
+            self.engine = load_or_rebuild(path, trust_code, rebuild, log=print)
         self.name = name
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.stats = ModelStats(name, VERSION, pending=lambda: self.batcher.pending)
