@@ -3,6 +3,7 @@ two-node local Ray cluster started here (a head and a second node, each its own 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 import enginesmith as es  # noqa: E402
 from enginesmith.cli.app import main  # noqa: E402
+from enginesmith.serve.protocol import ProtocolError  # noqa: E402
 from enginesmith.serve.ray_backend import RayOptions  # noqa: E402
 from serve_models import build_engine, get, json_request, make_gather, make_slow, metric, mlp_model, post  # noqa: E402
 
@@ -310,3 +312,86 @@ def test_a_replica_rebuilds_a_bundle_for_another_platform(monkeypatch, engines, 
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(es.PlatformMismatchError, match="arch is aarch64"):
         load_or_rebuild(path, trust_code=False, rebuild=False, log=said.append)
+
+
+# ---------------------------------------------------------------- the dispatcher's deadline and retries, alone
+
+
+class _FakeHandle:
+    """Stands in for a DeploymentHandle: each call's answer comes from ``script`` (an exception to raise,
+    "hang" to never answer, or outputs)."""
+
+    def __init__(self, script: list):
+        self.script = list(script)
+        self.responses: list = []
+
+    def options(self, **kwargs):
+        return self
+
+    def remote(self, feeds, timeout_s):
+        response = _FakeResponse(self.script.pop(0) if self.script else "hang", feeds)
+        self.responses.append(response)
+        return response
+
+
+class _FakeResponse:
+    def __init__(self, step, feeds):
+        self.step, self.feeds, self.cancelled = step, feeds, False
+
+    async def _answer(self):
+        from enginesmith.serve.metrics import ModelCounters
+        from enginesmith.serve.ray_backend import ReplicaAnswer
+
+        if self.step == "hang":
+            await asyncio.sleep(3600)
+        if isinstance(self.step, BaseException):
+            raise self.step
+        return ReplicaAnswer(replica="r1", counters=ModelCounters(exec_count=1, inference_count=2),
+                             outputs={"y": self.feeds["x"] * 2})
+
+    def __await__(self):
+        return self._answer().__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _dispatcher(script: list, **options):
+    from enginesmith.serve.batcher import BatchingOptions
+    from enginesmith.serve.ray_backend import ReplicaDispatcher
+
+    handle = _FakeHandle(script)
+    return ReplicaDispatcher("m", handle, BatchingOptions(), RayOptions(**options), "app"), handle
+
+
+def test_a_request_whose_replica_dies_is_sent_again():
+    from ray.exceptions import ActorDiedError
+
+    lines: list[str] = []
+    dispatcher, handle = _dispatcher([ActorDiedError(), ActorDiedError(), "ok"], retries=2)
+    dispatcher._log = lines.append
+    x = np.ones((2, 3), np.float32)
+    outputs = asyncio.run(dispatcher.run({"x": x}, None))
+    np.testing.assert_array_equal(outputs["y"], x * 2)
+    assert dispatcher.retried == 2 and len(handle.responses) == 3 and len(lines) == 1
+    assert dispatcher.stats.snapshot().exec_count == 1 and dispatcher.pending == 0
+
+
+def test_a_request_is_answered_503_when_every_attempt_fails():
+    from ray.exceptions import ActorDiedError
+
+    dispatcher, handle = _dispatcher([ActorDiedError()] * 3, retries=2)
+    with pytest.raises(ProtocolError) as info:
+        asyncio.run(dispatcher.run({"x": np.ones((1, 3), np.float32)}, None))
+    assert info.value.status == 503 and info.value.retry_after_s == 1
+    assert "its replica failed" in str(info.value) and "3 times" in str(info.value) and len(handle.responses) == 3
+
+
+def test_no_request_waits_past_its_deadline():
+    dispatcher, handle = _dispatcher(["hang"], request_timeout_s=30)
+    started = time.perf_counter()
+    with pytest.raises(ProtocolError) as info:
+        asyncio.run(dispatcher.run({"x": np.ones((1, 3), np.float32)}, 0.3))
+    assert 0.25 < time.perf_counter() - started < 5
+    assert info.value.status == 503 and "did not answer within 0.3 s" in str(info.value)
+    assert handle.responses[0].cancelled and dispatcher.pending == 0
