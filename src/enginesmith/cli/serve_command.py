@@ -47,6 +47,11 @@ def serve(
     log_every: float = typer.Option(60.0, "--log-every", min=0.1, metavar="SECONDS", help="Print request rates this often."),
     duration: Optional[float] = typer.Option(None, "--duration", min=0.1, metavar="SECONDS", help="Stop by itself after this long (default: until interrupted)."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Load engines whose payload runs code (the torch backend's compiler cache); only from builders you trust."),
+    ray: bool = typer.Option(False, "--ray", help="Run the engines in Ray Serve replicas (batching per replica); the protocol stays in this process. Needs the 'ray' extra."),
+    replicas: int = typer.Option(1, "--replicas", min=1, metavar="N", help="With --ray: replicas per model (one GPU each when the engine runs on CUDA)."),
+    address: Optional[str] = typer.Option(None, "--address", metavar="ADDR", help="With --ray: the Ray cluster (HOST:6379, 'auto', ray://HOST:10001); default: a local Ray instance started for the server."),
+    replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0, metavar="N", help="With --ray: CPUs Ray reserves per replica."),
+    replica_gpus: Optional[float] = typer.Option(None, "--replica-gpus", min=0, metavar="N", help="With --ray: GPUs per replica (default: 1 for an engine that runs on CUDA, else 0)."),
 ) -> None:
     """Serve ENGINE bundles (one or more) over KServe's Open Inference Protocol (v2): REST, gRPC and
     Prometheus metrics.
@@ -58,12 +63,13 @@ def serve(
     from ..serve import serve as start_server
 
     quiet_server_loggers(STATE.verbose)
+    ray_options = _ray_options(ray, replicas, address, replica_cpus, replica_gpus)
 
     server = start_server(
         engine_paths, names=name, trust_code=trust_code, log=lambda line: print_indented(line, 0),
         host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch=max_batch,
         max_queue_delay_us=max_queue_delay_us, max_queue=max_queue, instances=instances, timeout_ms=timeout_ms,
-        max_request_bytes=max_request_bytes, log_interval_s=log_every,
+        max_request_bytes=max_request_bytes, log_interval_s=log_every, ray=ray_options,
     )
     try:
         print_endpoints(server)
@@ -73,6 +79,23 @@ def serve(
     finally:
         server.stop()
     console.print("stopped", highlight=False)
+
+
+def _ray_options(ray: bool, replicas: int, address: Optional[str], replica_cpus: float,
+                 replica_gpus: Optional[float]):
+    """RayOptions for --ray, after checking Ray is installed; None without --ray (its flags then refused)."""
+    if not ray:
+        given = [flag for flag, value in (("--replicas", replicas != 1), ("--address", address is not None),
+                                          ("--replica-cpus", replica_cpus != 1.0), ("--replica-gpus", replica_gpus is not None))
+                 if value]
+        if given:
+            raise typer.BadParameter(f"{given[0]} is for serving on Ray: add --ray")
+        return None
+    from ..cluster import import_ray
+    from ..serve.ray_backend import RayOptions
+
+    import_ray()
+    return RayOptions(address=address, replicas=replicas, cpus_per_replica=replica_cpus, gpus_per_replica=replica_gpus)
 
 
 # aiohttp logs a traceback for every malformed HTTP request it answers 400 to; clients' mistakes

@@ -20,6 +20,8 @@ The pieces, each usable alone:
   messages from ``tritonclient``): the wire formats only; both hand decoded requests to a model.
 - ``server``: :func:`serve` starts everything on an event loop in its own thread and returns a
   :class:`ServerHandle`.
+- ``ray_backend`` (``serve(..., ray=RayOptions(...))``, ``enginesmith serve --ray``): the same front
+  ends with each engine in a Ray Serve deployment, batching in each replica (optional ``ray`` extra).
 
 Depends on ``runtime`` (the Engine and its input checks) and on the optional ``serve`` extra
 (aiohttp, grpcio, tritonclient's generated protocol modules).
@@ -27,6 +29,7 @@ Depends on ``runtime`` (the Engine and its input checks) and on the optional ``s
 
 from .batcher import BatchingOptions, DynamicBatcher, QueueFullError, QueueTimeoutError
 from .protocol import InferRequest, InferResponse, ProtocolError
+from .ray_backend import RayOptions
 from .server import ServeError, ServeOptions, ServerHandle, serve
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "ServerHandle",
     "ServeOptions",
     "ServeError",
+    "RayOptions",
     "BatchingOptions",
     "DynamicBatcher",
     "QueueFullError",

@@ -42,6 +42,16 @@ class ServedModel:
     """One engine behind the protocol: metadata, request checks, batching, counters."""
 
     def __init__(self, name: str, engine: Engine, batching: BatchingOptions, timeout_ms: float | None = None):
+        self._describe(name, engine, timeout_ms)
+        self.stats = ModelStats(name, VERSION, pending=lambda: self.batcher.pending)
+        self.batcher = DynamicBatcher(
+            engine.infer, batching, name=name,
+            on_execution=lambda record: self.stats.executed(record.items, record.compute_ns),
+            on_dequeue=self.stats.queued,
+        )
+
+    def _describe(self, name: str, engine: Engine, timeout_ms: float | None) -> None:
+        """What the protocol shows of the model and checks requests against (engine: anything with a signature)."""
         self.name = name
         self.version = VERSION
         self.engine = engine
@@ -49,12 +59,6 @@ class ServedModel:
         self.inputs = [TensorMetadata(s.name, datatype_of(s.dtype), _dims(s.shape)) for s in engine.signature.inputs]
         self.outputs = [TensorMetadata(s.name, datatype_of(s.dtype), _dims(s.shape)) for s in engine.signature.outputs]
         self._input_types = {t.name: t.datatype for t in self.inputs}
-        self.stats = ModelStats(name, VERSION, pending=lambda: self.batcher.pending)
-        self.batcher = DynamicBatcher(
-            engine.infer, batching, name=name,
-            on_execution=lambda record: self.stats.executed(record.items, record.compute_ns),
-            on_dequeue=self.stats.queued,
-        )
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -118,15 +122,11 @@ class ServedModel:
             raise ProtocolError(503, str(exc)) from None
         try:
             outputs = await asyncio.wrap_future(future)
-        except QueueTimeoutError as exc:
-            raise ProtocolError(503, f"model '{self.name}' is busy: {exc}", retry_after_s=1) from None
-        except BatcherStoppedError as exc:
-            raise ProtocolError(503, str(exc)) from None
-        except InputError as exc:
-            raise bad_request(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the engine failed on this request; the server keeps serving
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise ProtocolError(500, f"model '{self.name}' failed on this request: {type(exc).__name__}: {detail}") from None
+            raise failure_answer(self.name, exc) from None
+        return self._response(request, selected, outputs)
+
+    def _response(self, request: InferRequest, selected: dict[str, bool], outputs: dict[str, np.ndarray]) -> InferResponse:
         return InferResponse(
             model_name=self.name,
             model_version=self.version,
@@ -135,6 +135,18 @@ class ServedModel:
             binary=selected,
             id=request.id,
         )
+
+
+def failure_answer(model: str, exc: Exception) -> ProtocolError:
+    """The protocol's answer to a request whose batch (or engine call) raised ``exc``."""
+    if isinstance(exc, QueueTimeoutError):
+        return ProtocolError(503, f"model '{model}' is busy: {exc}", retry_after_s=1)
+    if isinstance(exc, BatcherStoppedError):
+        return ProtocolError(503, str(exc))
+    if isinstance(exc, InputError):
+        return bad_request(str(exc))
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ProtocolError(500, f"model '{model}' failed on this request: {type(exc).__name__}: {detail}")
 
 
 class Repository:

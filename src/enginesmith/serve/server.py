@@ -14,13 +14,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import EnginesmithError
 from ..runtime.engine import Engine
 from .batcher import BatchingOptions
 from .metrics import prometheus_text, rate_line
 from .models import Repository, ServedModel
+
+if TYPE_CHECKING:
+    from .ray_backend import RayOptions
 
 DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -47,6 +50,7 @@ class ServeOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     log_interval_s: float = 60.0
     grpc: bool = True
+    ray: RayOptions | None = None  # run the engines in Ray Serve replicas (serve --ray)
 
     def __post_init__(self) -> None:
         for name in ("http_port", "grpc_port", "metrics_port"):
@@ -109,11 +113,8 @@ def _engine_name(engine: Engine | str | Path, index: int) -> str:
     return Path(engine).stem
 
 
-def load_engines(engines: Sequence[Engine | str | Path], names: Sequence[str] | None,
-                 trust_code: bool) -> tuple[list[tuple[str, Engine]], list[Engine]]:
-    """(name, engine) pairs in order, and the engines loaded here (closed by stop())."""
-    from ..api import load
-
+def model_names(engines: Sequence[Engine | str | Path], names: Sequence[str] | None) -> list[str]:
+    """The name each engine is served as: ``names`` in order, then the files' stems; checked."""
     if not engines:
         raise ServeError("give at least one engine to serve")
     names = list(names or [])
@@ -126,6 +127,15 @@ def load_engines(engines: Sequence[Engine | str | Path], names: Sequence[str] | 
     duplicates = sorted({n for n in chosen if chosen.count(n) > 1})
     if duplicates:
         raise ServeError(f"two engines would be served as '{duplicates[0]}': name them with --name")
+    return chosen
+
+
+def load_engines(engines: Sequence[Engine | str | Path], names: Sequence[str] | None,
+                 trust_code: bool) -> tuple[list[tuple[str, Engine]], list[Engine]]:
+    """(name, engine) pairs in order, and the engines loaded here (closed by stop())."""
+    from ..api import load
+
+    chosen = model_names(engines, names)
     loaded: list[Engine] = []
     pairs: list[tuple[str, Engine]] = []
     try:
@@ -170,6 +180,8 @@ def serve(
     settings = ServeOptions(**options)  # type: ignore[arg-type]
     if isinstance(engines, (Engine, str, Path)):
         engines = [engines]
+    if settings.ray is not None:
+        return _serve_on_ray(list(engines), names, trust_code, log, settings)
     pairs, owned = load_engines(list(engines), names, trust_code)
     models: list[ServedModel] = []
     try:
@@ -182,6 +194,31 @@ def serve(
         return _start(models, settings, owned, log)
     except BaseException:
         _release(models, owned)
+        raise
+
+
+def _bundle_path(engine: Engine | str | Path, name: str) -> Path:
+    if isinstance(engine, Engine):
+        if engine.path is None:
+            raise ServeError(f"engine '{name}' has no file to send to Ray: save it first (engine.save('{name}.engine'))")
+        return engine.path
+    return Path(engine)
+
+
+def _serve_on_ray(engines: list[Engine | str | Path], names: Sequence[str] | None, trust_code: bool,
+                  log: Callable[[str], None] | None, settings: ServeOptions) -> ServerHandle:
+    """The same front ends, with each engine in a Ray Serve deployment (see ray_backend)."""
+    from .ray_backend import deploy
+
+    chosen = model_names(engines, names)
+    paths = [_bundle_path(engine, name) for name, engine in zip(chosen, engines)]
+    assert settings.ray is not None
+    models, deployments = deploy(list(zip(chosen, paths)), lambda engine: batching_for(engine, settings),
+                                 settings.ray, settings.timeout_ms, trust_code, log)
+    try:
+        return _start(models, settings, [deployments], log)  # type: ignore[list-item]
+    except BaseException:
+        deployments.close()
         raise
 
 

@@ -1,0 +1,433 @@
+"""``serve --ray``: the engines run in Ray Serve replicas; the protocol stays in this process.
+
+The front ends (REST, gRPC), the request checks and the metrics page are the ones of
+``enginesmith serve``; only the engine call moves. Each engine becomes one Ray Serve application
+with one deployment of ``replicas`` :class:`EngineReplica` actors, and each replica batches on
+its own with the same :class:`DynamicBatcher` as a local server (items merged along axis 0, only
+compatible shapes, a failing batch rerun request by request). The front end awaits the
+deployment's handle instead of a local batcher.
+
+Why not ``@serve.batch``: it counts requests, not items (a 64-row request weighs as much as a
+1-row one), merges whatever arrives (a request of another shape would spoil the batch), and runs
+the batch on the replica's event loop; the DynamicBatcher already does the right thing on a
+worker thread, and is tested.
+
+The engine reaches the replicas as bytes in Ray's object store (``ray.put`` of the bundle file),
+so a cluster whose nodes share no disk works. A replica on a GPU node asks for ``num_gpus=1``;
+Ray sets ``CUDA_VISIBLE_DEVICES`` so it sees its own GPU as device 0 and loads the engine there.
+A bundle built for another platform is rebuilt in the replica from the source it carries.
+
+A request whose replica dies is sent again (engines are pure functions of their inputs), up to
+``retries`` more times within its deadline; after that it is answered 503. No request waits past
+its deadline (the request's ``timeout``, ``--timeout-ms``, else ``request_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..bundle import read_bundle
+from ..errors import PlatformMismatchError
+from ..export.kserve import engine_needs_gpu
+from ..manifest import Manifest
+from ..signature import Signature
+from .batcher import BatchingOptions, DynamicBatcher, QueueFullError
+from .metrics import ModelCounters, ModelStats
+from .models import VERSION, ServedModel, failure_answer
+from .protocol import InferRequest, InferResponse, ProtocolError
+
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+FAILURE_LOG_INTERVAL_S = 10.0
+# Counters a replica keeps (the engine calls); the front end keeps the request counters.
+REPLICA_COUNTERS = ("inference_count", "exec_count", "queue_duration_ns", "compute_infer_duration_ns")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how the engines run on Ray.
+
+    ``address`` None starts a local Ray instance for the server (and stops it with the server);
+    ``gpus_per_replica`` None gives each replica one GPU when the engine runs on CUDA, else none.
+    """
+
+    address: str | None = None
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float | None = None
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    retries: int = 2
+    rebuild: bool = True
+    local_cpus: int | None = None  # CPUs of a local instance (None: Ray's count of this machine's)
+
+    def __post_init__(self) -> None:
+        from .server import ServeError
+
+        if self.replicas < 1:
+            raise ServeError("--replicas must be at least 1")
+        if self.cpus_per_replica < 0 or (self.gpus_per_replica is not None and self.gpus_per_replica < 0):
+            raise ServeError("CPUs and GPUs per replica must be 0 or more")
+        if self.request_timeout_s <= 0:
+            raise ServeError("the request timeout must be more than 0 seconds")
+        if self.retries < 0:
+            raise ServeError("retries must be 0 or more")
+
+
+class RemoteEngine:
+    """An engine as the front end knows it: its manifest. It runs in the replicas, never here."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.manifest: Manifest = read_bundle(path, payload=False).manifest
+
+    @property
+    def signature(self) -> Signature:
+        return self.manifest.signature
+
+    @property
+    def backend(self) -> str:
+        return self.manifest.backend
+
+    @property
+    def max_batch(self) -> int | None:
+        # as Engine.max_batch: the payload's fixed batch, else the backend's limit
+        return self.signature.fixed_batch() or self.manifest.build_options.get("backend_options", {}).get("max_batch")
+
+    def infer(self, feeds: Any) -> dict[str, np.ndarray]:
+        raise RuntimeError("a served-on-Ray engine runs in its replicas, not in the front end")
+
+
+# ------------------------------------------------------------------------------------------ replicas
+
+
+@dataclass(frozen=True)
+class ReplicaAnswer:
+    """What a replica sends back for one request: outputs, or the protocol status and message."""
+
+    replica: str
+    counters: ModelCounters
+    outputs: dict[str, np.ndarray] | None = None
+    status: int = 200
+    message: str = ""
+    retry_after_s: int | None = None
+
+
+def load_or_rebuild(path: Path, trust_code: bool, rebuild: bool, log: Callable[[str], None]) -> Any:
+    """The engine for this machine: the bundle's own, or rebuilt from its source where the platform differs."""
+    from ..api import build, load
+
+    try:
+        return load(path, trust_code=trust_code)
+    except PlatformMismatchError as exc:
+        manifest = read_bundle(path, payload=False).manifest
+        if not (rebuild and manifest.has_source):
+            raise
+        log(f"{path.name}: {exc}; rebuilding it here from the source it carries")
+        return build(path)
+
+
+class EngineReplica:
+    """One Ray Serve replica: the engine loaded from the bytes it was given, behind a DynamicBatcher.
+
+    Ray Serve wraps this class in a deployment (:func:`deploy`); each replica is a Ray actor.
+    """
+
+    def __init__(self, bundle: list, name: str, batching: BatchingOptions, trust_code: bool, rebuild: bool):
+        import ray
+
+        # A list, so Ray hands the reference over instead of resolving it into the constructor's arguments.
+        data = ray.get(bundle[0])
+        # The file only lives while the engine loads (the session holds what it needs): a replica
+        # killed later leaves no copy of the bundle behind.
+        with tempfile.TemporaryDirectory(prefix="enginesmith-replica-") as folder:
+            path = Path(folder) / f"{name}.engine"
+            path.write_bytes(data)
+            self.engine = load_or_rebuild(path, trust_code, rebuild, log=print)
+        self.name = name
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.stats = ModelStats(name, VERSION, pending=lambda: self.batcher.pending)
+        self.batcher = DynamicBatcher(
+            self.engine.infer, batching, name=name,
+            on_execution=lambda record: self.stats.executed(record.items, record.compute_ns),
+            on_dequeue=self.stats.queued,
+        )
+
+    def _answer(self, **fields_: Any) -> ReplicaAnswer:
+        return ReplicaAnswer(replica=self.replica, counters=self.stats.snapshot(), **fields_)
+
+    async def infer(self, feeds: dict[str, np.ndarray], timeout_s: float | None) -> ReplicaAnswer:
+        try:
+            future = self.batcher.submit(feeds, timeout_s)
+        except QueueFullError as exc:
+            return self._answer(status=503, message=f"model '{self.name}' is busy: {exc}; retry later", retry_after_s=1)
+        try:
+            outputs = await asyncio.wrap_future(future)
+        except Exception as exc:  # noqa: BLE001 - answered with its status; the replica keeps serving
+            answer = failure_answer(self.name, exc)
+            return self._answer(status=answer.status, message=str(answer), retry_after_s=answer.retry_after_s)
+        return self._answer(outputs=outputs)
+
+    def describe(self) -> dict[str, Any]:
+        """Where this replica runs (for logs and tests)."""
+        return {"replica": self.replica, "pid": os.getpid(), "node": socket.gethostname(),
+                "backend": self.engine.backend, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+    def __del__(self) -> None:
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            batcher.stop(timeout_s=1.0)
+
+
+# ------------------------------------------------------------------------------------------ front end
+
+
+class ClusterStats(ModelStats):
+    """Request counters kept here, engine-call counters summed over the replicas' latest reports.
+
+    Each answer carries its replica's cumulative counters; answers may arrive out of order, so each
+    field keeps its largest value seen. A replica that dies keeps its last counts (counters never go down).
+    """
+
+    def __init__(self, model: str, pending: Callable[[], int]):
+        super().__init__(model, VERSION, pending)
+        self._replicas: dict[str, ModelCounters] = {}
+
+    def absorb(self, replica: str, counters: ModelCounters) -> None:
+        with self._lock:
+            seen = self._replicas.get(replica)
+            if seen is None:
+                self._replicas[replica] = counters
+                return
+            for name in REPLICA_COUNTERS:
+                setattr(seen, name, max(getattr(seen, name), getattr(counters, name)))
+
+    def snapshot(self) -> ModelCounters:
+        merged = super().snapshot()
+        with self._lock:
+            for name in REPLICA_COUNTERS:
+                setattr(merged, name, sum(getattr(c, name) for c in self._replicas.values()))
+        return merged
+
+    @property
+    def replicas_seen(self) -> int:
+        with self._lock:
+            return len(self._replicas)
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    """Errors that mean the replica (not the request) failed: the request goes to another one."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    return RayActorError, ReplicaUnavailableError, DeploymentUnavailableError
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+class ReplicaDispatcher:
+    """Sends a model's requests to its Ray Serve deployment; what ServedModel holds as its ``batcher``."""
+
+    def __init__(self, name: str, handle: Any, batching: BatchingOptions, options: RayOptions, app: str,
+                 log: Callable[[str], None] | None = None):
+        self.name = name
+        self._log = log
+        self._last_failure_logged = float("-inf")
+        self.options = batching
+        self.ray = options
+        self.app = app
+        self._handle = handle.options(method_name="infer")
+        self._in_flight = 0
+        self.stats = ClusterStats(name, pending=lambda: self._in_flight)
+        self.retried = 0  # requests sent again after their replica failed
+
+    @property
+    def pending(self) -> int:
+        return self._in_flight
+
+    async def run(self, feeds: dict[str, np.ndarray], timeout_s: float | None) -> dict[str, np.ndarray]:
+        """The outputs, or a ProtocolError; never waits past the deadline."""
+        from ray.serve.exceptions import BackPressureError
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout_s or self.ray.request_timeout_s)
+        self._in_flight += 1
+        try:
+            for attempt in range(self.ray.retries + 1):
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                response = self._handle.remote(feeds, left)
+                try:
+                    answer: ReplicaAnswer = await asyncio.wait_for(_awaited(response), left)
+                except asyncio.TimeoutError:
+                    response.cancel()
+                    break
+                except asyncio.CancelledError:  # the client hung up
+                    response.cancel()
+                    raise
+                except BackPressureError as exc:
+                    raise ProtocolError(503, f"model '{self.name}' is busy: {_first_line(exc)}; retry later",
+                                        retry_after_s=1) from None
+                except _retryable() as exc:
+                    if attempt == self.ray.retries:
+                        raise ProtocolError(503, f"model '{self.name}': its replica failed ({_first_line(exc)}) "
+                                                 f"{attempt + 1} times; retry later", retry_after_s=1) from None
+                    self.retried += 1
+                    self._note_failure(exc, loop.time())
+                    await asyncio.sleep(min(0.05 * 2 ** attempt, max(deadline - loop.time(), 0)))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - e.g. a RayTaskError: this request fails alone
+                    raise ProtocolError(500, f"model '{self.name}' failed on this request: {_first_line(exc)}") from None
+                self.stats.absorb(answer.replica, answer.counters)
+                if answer.outputs is None:
+                    raise ProtocolError(answer.status, answer.message, retry_after_s=answer.retry_after_s)
+                return answer.outputs
+            waited = (timeout_s or self.ray.request_timeout_s)
+            raise ProtocolError(503, f"model '{self.name}' did not answer within {waited:.1f} s "
+                                     "(its replicas are busy or restarting); retry later", retry_after_s=1)
+        finally:
+            self._in_flight -= 1
+
+    def _note_failure(self, exc: BaseException, now: float) -> None:
+        """One line per failure burst (a dying replica fails every request it holds at once)."""
+        if self._log is not None and now - self._last_failure_logged >= FAILURE_LOG_INTERVAL_S:
+            self._last_failure_logged = now
+            self._log(f"{self.name}: a replica failed ({_first_line(exc)}); its requests are sent to another replica")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Nothing runs here; the deployment is deleted with the server (RayDeployments.close)."""
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+class RayServedModel(ServedModel):
+    """A ServedModel whose engine calls go to Ray Serve replicas."""
+
+    def __init__(self, name: str, engine: RemoteEngine, dispatcher: ReplicaDispatcher, timeout_ms: float | None):
+        self._describe(name, engine, timeout_ms)  # type: ignore[arg-type]
+        self.batcher = dispatcher  # type: ignore[assignment]
+        self.stats = dispatcher.stats
+
+    async def _infer(self, request: InferRequest) -> InferResponse:
+        feeds = self.check_inputs(request)
+        selected = self._selected_outputs(request)
+        timeout_ms = request.timeout_us / 1000 if request.timeout_us else self.timeout_ms
+        outputs = await self.batcher.run(feeds, None if timeout_ms is None else timeout_ms / 1000)  # type: ignore[attr-defined]
+        return self._response(request, selected, outputs)
+
+
+# ------------------------------------------------------------------------------------------ deploying
+
+
+class RayDeployments:
+    """The Ray Serve applications of one server; ``close()`` deletes them and leaves the cluster."""
+
+    def __init__(self, session: Any):
+        self.session = session
+        self.apps: list[str] = []
+
+    def close(self) -> None:
+        from ray import serve
+
+        from ..cluster import disconnect
+
+        try:
+            for app in self.apps:
+                try:
+                    serve.delete(app)
+                except Exception:  # noqa: BLE001 - the cluster may already be gone; nothing left to free
+                    pass
+        finally:  # a local instance stops here with everything in it (the Serve controller too)
+            disconnect(self.session)
+
+
+def replica_resources(manifest: Manifest, options: RayOptions) -> dict[str, float]:
+    gpus = options.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if engine_needs_gpu(manifest) else 0.0
+    return {"num_cpus": options.cpus_per_replica, "num_gpus": gpus}
+
+
+def _deploy_error(name: str, app: str, exc: BaseException) -> str:
+    """The line that says why a replica could not start, out of Ray Serve's deployment status (a traceback)."""
+    from ray import serve
+
+    text = str(exc)
+    try:
+        status = serve.status().applications.get(app)
+        if status is not None:
+            text = "\n".join([text, status.message, *(d.message for d in status.deployments.values())])
+    except Exception:  # noqa: BLE001 - the exception's own text is the fallback
+        pass
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("enginesmith.errors.")]
+    raised = ours or [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    reason = (raised[-1] if raised else lines[-1] if lines else type(exc).__name__).removeprefix("enginesmith.errors.")
+    return f"model '{name}' could not start on Ray: {reason}"
+
+
+def deploy(models: Sequence[tuple[str, Path]], batching: Callable[[RemoteEngine], BatchingOptions],
+           options: RayOptions, timeout_ms: float | None, trust_code: bool,
+           log: Callable[[str], None] | None) -> tuple[list[RayServedModel], RayDeployments]:
+    """Connect to Ray, start one application per engine and wait until its replicas are ready."""
+    from ..cluster import connect, import_ray
+    from .server import ServeError
+
+    ray = import_ray()
+    from ray import serve
+
+    session = connect(options.address, num_cpus=options.local_cpus)
+    deployments = RayDeployments(session)
+    served: list[RayServedModel] = []
+    try:
+        serve.start(proxy_location="Disabled")  # the front ends are ours: no Ray HTTP proxy
+        token = uuid.uuid4().hex[:8]
+        for name, path in models:
+            engine = RemoteEngine(path)
+            settings = batching(engine)
+            resources = replica_resources(engine.manifest, options)
+            if resources["num_gpus"] and session.gpus < resources["num_gpus"] * options.replicas:
+                raise ServeError(f"model '{name}' runs on CUDA and asks for {resources['num_gpus']:g} GPU per replica "
+                                 f"x {options.replicas} replicas, but the Ray cluster has {session.gpus} GPUs; "
+                                 "use fewer --replicas or add GPU nodes")
+            deployment = serve.deployment(
+                EngineReplica, name=name, num_replicas=options.replicas, ray_actor_options=resources,
+                # the replica's batcher queue is the limit; Serve may hand it that many requests at once
+                max_ongoing_requests=settings.max_queue + settings.instances,
+                max_queued_requests=settings.max_queue * options.replicas,
+                max_constructor_retry_count=max(2, options.replicas),
+                health_check_period_s=2.0, graceful_shutdown_timeout_s=5.0,
+            )
+            bundle = ray.put(path.read_bytes())
+            app = f"enginesmith-{name}-{token}"
+            try:
+                handle = serve.run(deployment.bind([bundle], name, settings, trust_code, options.rebuild),
+                                   name=app, route_prefix=None)
+            except Exception as exc:  # noqa: BLE001 - Ray Serve's message holds the replica's traceback
+                deployments.apps.append(app)
+                raise ServeError(_deploy_error(name, app, exc)) from None
+            deployments.apps.append(app)
+            dispatcher = ReplicaDispatcher(name, handle, settings, options, app, log)
+            served.append(RayServedModel(name, engine, dispatcher, timeout_ms))
+            if log is not None:
+                log(f"{name}: {options.replicas} replica(s) on Ray at {session.address} "
+                    f"({resources['num_cpus']:g} CPU, {resources['num_gpus']:g} GPU each)")
+    except BaseException:
+        deployments.close()
+        raise
+    return served, deployments
+
