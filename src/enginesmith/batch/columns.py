@@ -63,26 +63,28 @@ def check_column(name: str, t: pa.DataType, spec: TensorSpec) -> ColumnLayout:
             f"column '{name}' holds {layout.dtype} but engine input '{spec.name}' takes {_describe(spec)}; "
             f"a {layout.dtype} -> {target} cast would change values: convert the column first"
         )
-    if layout.row_dims is not None:
-        row_spec = spec.shape[1:]
-        declared = all(d is not None for d in layout.row_dims)
-        if len(layout.row_dims) != len(row_spec) and not (declared and _fixed(row_spec)):
-            raise InputError(
-                f"column '{name}' holds rank-{len(layout.row_dims)} rows ({_dims_text(layout.row_dims)}) but engine "
-                f"input '{spec.name}' takes {_describe(spec)}: one row is {shape_text(row_spec)}"
-            )
-        if len(layout.row_dims) == len(row_spec):
-            for axis, (got, want) in enumerate(zip(layout.row_dims, row_spec), start=1):
-                if got is not None and isinstance(want, int) and want >= 0 and got != want:
-                    raise InputError(
-                        f"column '{name}' rows are {_dims_text(layout.row_dims)} but engine input '{spec.name}' "
-                        f"takes {_describe(spec)} (axis {axis} is {got}, the engine needs {want})"
-                    )
-        elif _size(layout.row_dims) != _size(row_spec):
-            raise InputError(
-                f"column '{name}' rows hold {_size(layout.row_dims)} values ({_dims_text(layout.row_dims)}) but engine "
-                f"input '{spec.name}' takes {_describe(spec)}: {_size(row_spec)} values per row"
-            )
+    row_spec = spec.shape[1:]
+    dims = layout.row_dims
+    if dims is None:
+        return layout
+    if len(dims) == len(row_spec):
+        for axis, (got, want) in enumerate(zip(dims, row_spec), start=1):
+            if got is not None and isinstance(want, int) and want >= 0 and got != want:
+                raise InputError(
+                    f"column '{name}' rows are {_dims_text(dims)} but engine input '{spec.name}' takes "
+                    f"{_describe(spec)} (axis {axis} is {got}, the engine needs {want})"
+                )
+    elif not _fixed(row_spec) or len(dims) > len(row_spec):
+        raise InputError(
+            f"column '{name}' holds rank-{len(dims)} rows ({_dims_text(dims)}) but engine input '{spec.name}' takes "
+            f"{_describe(spec)}: one row is {shape_text(row_spec)}"
+        )
+    elif None not in dims and _size(dims) != _size(row_spec):
+        # fewer levels than the engine's row rank: a flattened tensor (Ray's tensor storage), same count of values
+        raise InputError(
+            f"column '{name}' rows hold {_size(dims)} values ({_dims_text(dims)}) but engine input '{spec.name}' "
+            f"takes {_describe(spec)}: {_size(row_spec)} values per row"
+        )
     return layout
 
 

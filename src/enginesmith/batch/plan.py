@@ -304,7 +304,9 @@ def _what_changed(previous: RunRecord, record: RunRecord) -> str:
         return f"engine '{previous.engine}' was another file"
     if previous.input_fingerprint != record.input_fingerprint:
         return f"input '{previous.input}' has changed"
-    diffs = [f"{key} was {previous.settings.get(key)}" for key in sorted(set(previous.settings) | set(record.settings))
+    labels = {"part_rows": "rows per part", "id_column": "id column"}
+    diffs = [f"{labels.get(key, key)} was {previous.settings.get(key)}, now {record.settings.get(key)}"
+             for key in sorted(set(previous.settings) | set(record.settings))
              if previous.settings.get(key) != record.settings.get(key)]
     return ", ".join(diffs)
 

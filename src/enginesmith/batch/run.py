@@ -21,7 +21,8 @@ from ..bundle import read_bundle
 from ..errors import EnginesmithError, InputError, MissingDependencyError
 from ..runtime.preprocess import PreprocessSpec, parse_spec
 from .plan import (
-    DEFAULT_ID_COLUMN, InputPlan, MapError, RunRecord, default_part_rows, plan_input, prepare_output, write_record,
+    DEFAULT_ID_COLUMN, InputPlan, MapError, RunRecord, default_part_rows, plan_input, prepare_output, remove_temporary_files,
+    write_record,
 )
 
 RAY_EXTRA = "pip install 'enginesmith[ray]'"
@@ -117,6 +118,7 @@ def map_dataset(
     missing = [p.name for p in plan.parts if not (output / p.name).is_file()]
     if missing:
         raise MapError(f"{len(missing)} parts were not written ({missing[0]}, ...); run the same command again to finish")
+    remove_temporary_files(output)  # what a killed worker was writing when it died
     record.complete = True
     write_record(output, record)
     seconds = time.perf_counter() - started
@@ -141,7 +143,7 @@ def _run_parts(plan: InputPlan, todo, engine_bytes: bytes, output: Path, *, addr
     ray = _import_ray()
     from ray.data import ActorPoolStrategy
 
-    from .worker import PartWriter, WorkerSettings, part_to_json
+    from .worker import PartWriter, WorkerSettings, error_from_summary, part_to_json
 
     started_here = _connect(ray, address)
     try:
@@ -161,11 +163,16 @@ def _run_parts(plan: InputPlan, todo, engine_bytes: bytes, output: Path, *, addr
         computed, pids = 0, set()
         try:
             for summary in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                failed = [text for text in summary["error"] if text]
+                if failed:
+                    raise error_from_summary(str(failed[0]))
                 computed += int(summary["rows"].sum())
                 pids.update(int(p) for p in summary["pid"])
                 if progress:
                     progress("map", done + computed, plan.rows)
-        except Exception as exc:  # noqa: BLE001 - a worker's error arrives wrapped by Ray: re-raise ours
+        except EnginesmithError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray's own failures (a worker that cannot start): one line
             raise _worker_error(exc) from exc
         return computed, pids, layout
     finally:
@@ -195,7 +202,7 @@ def _connect(ray, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    quiet = logging.WARNING
+    quiet = logging.ERROR  # Ray's start-up notes and Ray Data's plans are not the caller's business
     try:
         if address:
             ray.init(address=address, logging_level=quiet, log_to_driver=False)
@@ -207,7 +214,7 @@ def _connect(ray, address: str | None) -> bool:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the caller's progress callback shows rows instead
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     return True
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import EnginesmithError
 from ..files import atomic_writer
 from ..runtime.engine import Engine
 from ..runtime.inputs import InputCastWarning
@@ -71,19 +72,46 @@ class PartWriter:
         data = engine_ref[0]
         if isinstance(data, ray.ObjectRef):
             data = ray.get(data)
-        self.engine = load_engine_bytes(data, threads=settings.threads, trust_code=settings.trust_code)
         self.settings = settings
+        self.engine: Engine | None = None
+        self.load_error: EnginesmithError | None = None
+        try:
+            self.engine = load_engine_bytes(data, threads=settings.threads, trust_code=settings.trust_code)
+        except EnginesmithError as exc:  # another platform, untrusted code: said once per part, not as a crash
+            self.load_error = exc
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names, rows, seconds = [], [], []
+        names, rows, seconds, errors = [], [], [], []
         for text in batch["part"]:
             part = _part_from_json(str(text))
             started = time.perf_counter()
-            rows.append(write_part(self.engine, part, self.settings))
+            try:
+                if self.load_error is not None:
+                    raise self.load_error
+                rows.append(write_part(self.engine, part, self.settings))
+                errors.append("")
+            except EnginesmithError as exc:
+                # Returned, not raised: Ray would wrap it in its own exception with a remote traceback,
+                # and the driver re-raises it as the one-line error it is.
+                rows.append(0)
+                errors.append(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
             names.append(part.name)
             seconds.append(time.perf_counter() - started)
         return {"name": np.array(names), "rows": np.array(rows, np.int64), "seconds": np.array(seconds),
-                "pid": np.full(len(names), os.getpid(), np.int64)}
+                "pid": np.full(len(names), os.getpid(), np.int64), "error": np.array(errors)}
+
+
+def error_from_summary(text: str) -> EnginesmithError:
+    """The error a worker returned, as the same class when it is one of enginesmith.errors'."""
+    from .. import errors
+
+    data = json.loads(text)
+    kind = getattr(errors, data["type"], None)
+    if not (isinstance(kind, type) and issubclass(kind, EnginesmithError)):
+        from .plan import MapError
+
+        kind = MapError
+    return kind(data["message"])
 
 
 def part_to_json(part: Part) -> str:
