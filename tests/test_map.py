@@ -306,3 +306,15 @@ def test_cli_map_and_its_one_line_errors(tmp_path, engines, capsys):
         err = capsys.readouterr().err
         assert code == 2, err
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_worker_layout_places_one_engine_per_gpu_or_per_cpus():
+    from enginesmith.batch.run import _worker_layout
+
+    # a GPU engine: one worker per GPU, each reserving one GPU (Ray gives each its own CUDA_VISIBLE_DEVICES)
+    assert vars(_worker_layout({"CPU": 32, "GPU": 2}, None, True, None, None, parts=50)) == {"workers": 2, "cpus": 1.0, "gpus": 1.0}
+    # a CPU engine: one worker per --cpus-per-worker CPUs, never more workers than parts
+    assert vars(_worker_layout({"CPU": 8}, None, False, None, 2, parts=50)) == {"workers": 4, "cpus": 2, "gpus": 0.0}
+    assert _worker_layout({"CPU": 8}, None, False, None, None, parts=3).workers == 3
+    with pytest.raises(MapError, match="the engine runs on a GPU but the Ray cluster has 0 GPUs"):
+        _worker_layout({"CPU": 8}, None, True, None, None, parts=5)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..bundle import read_bundle
 from ..errors import EnginesmithError, InputError, MissingDependencyError
@@ -162,14 +163,15 @@ def _run_parts(plan: InputPlan, todo, engine_bytes: bytes, output: Path, *, addr
         done = plan.rows - sum(p.rows for p in todo)
         computed, pids = 0, set()
         try:
-            for summary in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                failed = [text for text in summary["error"] if text]
-                if failed:
-                    raise error_from_summary(str(failed[0]))
-                computed += int(summary["rows"].sum())
-                pids.update(int(p) for p in summary["pid"])
-                if progress:
-                    progress("map", done + computed, plan.rows)
+            with _quiet_ray_data(ray):
+                for summary in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    failed = [text for text in summary["error"] if text]
+                    if failed:
+                        raise error_from_summary(str(failed[0]))
+                    computed += int(summary["rows"].sum())
+                    pids.update(int(p) for p in summary["pid"])
+                    if progress:
+                        progress("map", done + computed, plan.rows)
         except EnginesmithError:
             raise
         except Exception as exc:  # noqa: BLE001 - Ray's own failures (a worker that cannot start): one line
@@ -211,11 +213,22 @@ def _connect(ray, address: str | None) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at '{address}'" if address else "a local Ray instance"
         raise MapError(f"cannot start or join {where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the caller's progress callback shows rows instead
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     return True
+
+
+@contextmanager
+def _quiet_ray_data(ray) -> Iterator[None]:
+    """Ray Data's progress bars and execution logs off for the run (the progress callback shows rows), then restored."""
+    context = ray.data.DataContext.get_current()
+    logger = logging.getLogger("ray.data")
+    saved = context.enable_progress_bars, logger.level
+    context.enable_progress_bars = False
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = saved[0]
+        logger.setLevel(saved[1])
 
 
 def _worker_error(exc: BaseException) -> EnginesmithError:
