@@ -169,9 +169,12 @@ def test_rerun_refuses_results_of_another_input_or_engine(tmp_path, engines):
     with pytest.raises(OutputExistsError, match="input .* has changed.*--force"):
         map_dataset(engines["mlp"], tmp_path / "in.parquet", out, part_rows=50)
     report = map_dataset(engines["mlp"], tmp_path / "in.parquet", out, part_rows=20, force=True)
-    # a part never splits a row group (50 rows here): 50 + 10 rows
+    # a part never splits a row group (50 rows here): 50 + 10 rows, and the report says so
     assert report.parts_computed == 2 and sorted(p.name for p in out.glob("part-*")) == [
         "part-000000000000.parquet", "part-000000000050.parquet"]
+    assert report.notes == ["'in.parquet' has row groups of up to 50 rows, more than a part's 20; a part never splits a "
+                            "row group, so these parts are larger (fewer to share among workers, more to redo after a "
+                            "crash): write the file with smaller row groups, e.g. pyarrow's row_group_size=4096"]
 
 
 def _worker_writing_a_part():

@@ -61,7 +61,7 @@ class InputPlan:
     id_from_input: bool  # the id column is read from the input (else row numbers or image paths)
     fingerprint: str
     preprocess: dict[str, Any] | None = None
-    casts: list[str] = field(default_factory=list)  # input columns cast to the engine's dtype
+    notes: list[str] = field(default_factory=list)  # for the user: columns cast to the engine's dtype, large row groups
 
 
 def part_name(first_row: int) -> str:
@@ -121,6 +121,7 @@ def _plan_parquet(root: Path, files: list[Path], signature: Signature, id_column
     parts: list[Part] = []
     facts: list[Any] = []
     casts: set[str] = set()
+    notes: list[str] = []
     id_present: bool | None = None
     total = 0
     for path in files:
@@ -147,12 +148,18 @@ def _plan_parquet(root: Path, files: list[Path], signature: Signature, id_column
             raise InputError(f"some input files have an '{wanted_id}' column and some do not; the ids must come from one place")
         id_present = has_id
         groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        if groups and max(groups) > part_rows:
+            notes.append(
+                f"'{where}' has row groups of up to {max(groups)} rows, more than a part's {part_rows}; a part never "
+                "splits a row group, so these parts are larger (fewer to share among workers, more to redo after a "
+                "crash): write the file with smaller row groups, e.g. pyarrow's row_group_size=4096"
+            )
         facts.append([where, path.stat().st_size, path.stat().st_mtime_ns, groups, str(schema)])
         parts.extend(_group_row_groups(path, groups, total, part_rows))
         total += metadata.num_rows
     plan = InputPlan(
         kind="parquet", root=root, parts=parts, rows=total, id_column=wanted_id, id_from_input=bool(id_present),
-        fingerprint=_digest(facts), casts=sorted(casts),
+        fingerprint=_digest(facts), notes=sorted(casts) + notes,
     )
     _check_output_names(signature, plan.id_column)
     return plan

@@ -128,7 +128,7 @@ def map_dataset(
         parts_skipped=len(plan.parts) - len(todo), rows_computed=computed, seconds=seconds,
         rows_per_second=computed / seconds if seconds > 0 else 0.0, workers=layout.workers,
         cpus_per_worker=layout.cpus, gpus_per_worker=layout.gpus, batch_size=batch, part_rows=rows_per_part,
-        input_kind=plan.kind, id_column=plan.id_column, worker_processes=len(pids), notes=list(plan.casts),
+        input_kind=plan.kind, id_column=plan.id_column, worker_processes=len(pids), notes=list(plan.notes),
     )
 
 
