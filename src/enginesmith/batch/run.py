@@ -22,7 +22,7 @@ from ..bundle import read_bundle
 from ..errors import EnginesmithError, InputError, MissingDependencyError
 from ..runtime.preprocess import PreprocessSpec, parse_spec
 from .plan import (
-    DEFAULT_ID_COLUMN, InputPlan, MapError, RunRecord, default_part_rows, plan_input, prepare_output, remove_temporary_files,
+    InputPlan, MapError, RunRecord, default_part_rows, plan_input, prepare_output, remove_temporary_files,
     write_record,
 )
 
@@ -282,4 +282,4 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["DEFAULT_ID_COLUMN", "MapReport", "map_dataset"]
+__all__ = ["MapReport", "map_dataset"]

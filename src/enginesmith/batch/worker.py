@@ -1,8 +1,7 @@
 """The worker side of a map run: one engine per worker, each part read, run and written as one file.
 
 :class:`PartWriter` is the callable class Ray Data runs in an actor pool; :func:`write_part` is its
-work without Ray (the tests and the benchmark's in-process baseline call it directly). A part is
-streamed: read ``batch_size`` rows, run them, append them to the part's temporary file; the file
+work, which needs no Ray. A part is streamed: read ``batch_size`` rows, run them, append them to the part's temporary file; the file
 gets its final name only when the part is complete, so a worker killed mid-part leaves no rows.
 """
 

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from ..errors import MissingDependencyError
 from .app import STATE, add_columns, app, console, print_json, print_note, progress_bar, table
 from .output_paths import check_output
 
@@ -38,7 +39,10 @@ def map_command(
     resumes where it was when started again with the same arguments (finished parts are not
     recomputed); a worker that dies is restarted and its part redone. Docs: docs/scaling-out.md.
     """
-    from ..batch import map_dataset
+    try:
+        from ..batch import map_dataset
+    except ImportError as exc:  # pyarrow, which the ray extra brings
+        raise MissingDependencyError(f"enginesmith map needs {exc.name or 'pyarrow'}: pip install 'enginesmith[ray]'") from None
 
     check_output(json_path, flag="--json", force=force)
     if not STATE.verbose:
