@@ -11,7 +11,7 @@
    rows: it should not grow with the dataset.
 3. A worker killed mid-run (SIGKILL to the worker that has a part's temporary file open): the
    output must hold every row id exactly once, with the outputs the in-process engine gives.
-4. Images (``--images``, default 1,000; 0 skips): JPEGs of 256x256 through a MobileNetV2-like
+4. Images (``--images``, default 500; 0 skips): JPEGs of 256x256 through a MobileNetV2-like
    engine at 224 (the bundle's preprocessing: resize 256, crop 224), in-process vs map.
 
 ``--gpus N`` (on a GPU machine): the engine is built with ``--backend`` (default tensorrt), the
@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--small-rows", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--images", type=int, default=1000, help="images for part 4 (0: skip)")
+    parser.add_argument("--images", type=int, default=500, help="images for part 4 (0: skip)")
     parser.add_argument("--gpus", type=int, default=0, help="GPU mode: map on N workers with one GPU each")
     parser.add_argument("--backend", default=None, help="engine backend (default: auto on CPU, tensorrt with --gpus)")
     parser.add_argument("--json", type=Path, default=RESULTS / "map_cpu.json")
@@ -255,7 +255,7 @@ def main() -> None:
             "map_rows_per_s": [round(v) for v in mapped],
             "in_process_median": round(statistics.median(baseline)), "map_median": round(statistics.median(mapped)),
             "ratio": round(statistics.median(mapped) / statistics.median(baseline), 3),
-            "map_report": report.to_dict(), "in_process_peak_rss_mb": round(base_rss.peak / 2**20),
+            "map_report": report.to_dict(), "in_process_driver_peak_rss_mb": round(base_rss.peak_driver / 2**20),
         }
         results["memory"] = {
             f"{args.small_rows}_rows": {"tree_peak_rss_mb": round(rss_small.peak / 2**20),
