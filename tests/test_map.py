@@ -321,3 +321,17 @@ def test_worker_layout_places_one_engine_per_gpu_or_per_cpus():
     assert _worker_layout({"CPU": 8}, None, False, None, None, parts=3).workers == 3
     with pytest.raises(MapError, match="the engine runs on a GPU but the Ray cluster has 0 GPUs"):
         _worker_layout({"CPU": 8}, None, True, None, None, parts=5)
+
+
+def test_default_parts_split_the_input_evenly_within_size_bounds():
+    from enginesmith.batch.plan import default_part_rows
+    from enginesmith.runtime.preprocess import PreprocessSpec
+    from enginesmith.signature import Signature
+
+    vectors = Signature((TensorSpec("x", "float32", ("batch", 512)),), (TensorSpec("y", "float32", ("batch", 16)),))
+    assert default_part_rows(vectors, 100_000) == 1563  # about 64 parts
+    assert default_part_rows(vectors, 1000) == 512  # but at least 1 MB of input per part
+    assert default_part_rows(vectors, 10**9) == 16384  # and at most 16384 rows
+    images = Signature((TensorSpec("image", "float32", ("batch", 3, 224, 224)),), vectors.outputs)
+    assert default_part_rows(images, 500, PreprocessSpec(resize=256, center_crop=(224, 224))) == 8
+    assert default_part_rows(images, 10**7) == 111  # 64 MB of 224x224x3 float32

@@ -27,9 +27,13 @@ from .columns import check_column, output_type
 PROGRESS_FILE = "_enginesmith_map.json"
 PROGRESS_FORMAT = 1
 DEFAULT_ID_COLUMN = "id"
-# A part is the unit of retry and resume: big enough that per-part costs (a task, a file) vanish,
-# small enough that a lost worker loses little and every worker gets several.
-DEFAULT_PART_BYTES = 64 * 1024 * 1024
+# A part is the unit of retry and resume. By default an input is cut into about TARGET_PARTS parts:
+# enough that workers share them evenly (the last part of one worker is the idle tail of another),
+# each between 1 MB and 64 MB of input so that per-part costs (a task, a file) stay small and a lost
+# worker loses little.
+TARGET_PARTS = 64
+MIN_PART_BYTES = 1024 * 1024
+MAX_PART_BYTES = 64 * 1024 * 1024
 MAX_PART_ROWS = 16384
 
 
@@ -57,6 +61,7 @@ class InputPlan:
     root: Path
     parts: list[Part]
     rows: int
+    part_rows: int  # the most rows of a part (one larger row group makes a larger part)
     id_column: str  # the output's id column (an input column, or "id" for row numbers / image paths)
     id_from_input: bool  # the id column is read from the input (else row numbers or image paths)
     fingerprint: str
@@ -68,8 +73,8 @@ def part_name(first_row: int) -> str:
     return f"part-{first_row:012d}.parquet"
 
 
-def default_part_rows(signature: Signature, preprocess: PreprocessSpec | None = None) -> int:
-    """Rows per part from the bytes one row of the inputs takes (dims left open count as 1)."""
+def default_part_rows(signature: Signature, total_rows: int, preprocess: PreprocessSpec | None = None) -> int:
+    """Rows per part: the input in about TARGET_PARTS parts, each 1-64 MB of input (dims left open count as 1)."""
     row_bytes = 0
     for spec in signature.inputs:
         size = 1
@@ -80,7 +85,9 @@ def default_part_rows(signature: Signature, preprocess: PreprocessSpec | None = 
         side = preprocess.center_crop or (preprocess.resize if isinstance(preprocess.resize, tuple) else
                                           (preprocess.resize, preprocess.resize))
         row_bytes = max(row_bytes, side[0] * side[1] * preprocess.channels * _itemsize(preprocess.dtype))
-    return int(min(MAX_PART_ROWS, max(1, DEFAULT_PART_BYTES // max(row_bytes, 1))))
+    row_bytes = max(row_bytes, 1)
+    smallest, largest = max(1, MIN_PART_BYTES // row_bytes), max(1, min(MAX_PART_ROWS, MAX_PART_BYTES // row_bytes))
+    return int(min(largest, max(smallest, -(-total_rows // TARGET_PARTS))))
 
 
 def _itemsize(dtype: str) -> int:
@@ -90,9 +97,12 @@ def _itemsize(dtype: str) -> int:
 
 
 def plan_input(
-    source: Path, signature: Signature, *, id_column: str | None, part_rows: int, preprocess: PreprocessSpec | None,
+    source: Path, signature: Signature, *, id_column: str | None, part_rows: int | None, preprocess: PreprocessSpec | None,
 ) -> InputPlan:
-    """Parts of a Parquet file or folder, or of an image folder; the columns are checked against the engine."""
+    """Parts of a Parquet file or folder, or of an image folder; the columns are checked against the engine.
+
+    ``part_rows`` None: :func:`default_part_rows` for the input's size (the same input gets the same parts).
+    """
     if not source.exists():
         raise ValidationDataError(f"input not found: '{source}'")
     if source.is_file():
@@ -116,14 +126,13 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith((".", "_")) for part in relative.parts)
 
 
-def _plan_parquet(root: Path, files: list[Path], signature: Signature, id_column: str | None, part_rows: int) -> InputPlan:
+def _plan_parquet(root: Path, files: list[Path], signature: Signature, id_column: str | None,
+                  part_rows: int | None) -> InputPlan:
     wanted_id = id_column or DEFAULT_ID_COLUMN
-    parts: list[Part] = []
     facts: list[Any] = []
     casts: set[str] = set()
-    notes: list[str] = []
     id_present: bool | None = None
-    total = 0
+    layouts: list[tuple[Path, str, list[int]]] = []
     for path in files:
         where = path.name if path == root else str(path.relative_to(root))
         try:
@@ -148,18 +157,25 @@ def _plan_parquet(root: Path, files: list[Path], signature: Signature, id_column
             raise InputError(f"some input files have an '{wanted_id}' column and some do not; the ids must come from one place")
         id_present = has_id
         groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        facts.append([where, path.stat().st_size, path.stat().st_mtime_ns, groups, str(schema)])
+        layouts.append((path, where, groups))
+    total = sum(sum(groups) for _, _, groups in layouts)
+    part_rows = part_rows or default_part_rows(signature, total)
+    parts: list[Part] = []
+    notes: list[str] = []
+    offset = 0
+    for path, where, groups in layouts:
         if groups and max(groups) > part_rows:
             notes.append(
                 f"'{where}' has row groups of up to {max(groups)} rows, more than a part's {part_rows}; a part never "
                 "splits a row group, so these parts are larger (fewer to share among workers, more to redo after a "
                 "crash): write the file with smaller row groups, e.g. pyarrow's row_group_size=4096"
             )
-        facts.append([where, path.stat().st_size, path.stat().st_mtime_ns, groups, str(schema)])
-        parts.extend(_group_row_groups(path, groups, total, part_rows))
-        total += metadata.num_rows
+        parts.extend(_group_row_groups(path, groups, offset, part_rows))
+        offset += sum(groups)
     plan = InputPlan(
-        kind="parquet", root=root, parts=parts, rows=total, id_column=wanted_id, id_from_input=bool(id_present),
-        fingerprint=_digest(facts), notes=sorted(casts) + notes,
+        kind="parquet", root=root, parts=parts, rows=total, part_rows=part_rows, id_column=wanted_id,
+        id_from_input=bool(id_present), fingerprint=_digest(facts), notes=sorted(casts) + notes,
     )
     _check_output_names(signature, plan.id_column)
     return plan
@@ -183,7 +199,7 @@ def _group_row_groups(path: Path, groups: list[int], offset: int, part_rows: int
     return parts
 
 
-def _plan_images(root: Path, images: list[Path], signature: Signature, id_column: str | None, part_rows: int,
+def _plan_images(root: Path, images: list[Path], signature: Signature, id_column: str | None, part_rows: int | None,
                  preprocess: PreprocessSpec | None) -> InputPlan:
     from ..validate.data import check_against_signature, default_image_spec
 
@@ -196,13 +212,15 @@ def _plan_images(root: Path, images: list[Path], signature: Signature, id_column
     first = load_image(images[0], spec)  # a spec that does not fit the engine fails here, before any worker starts
     check_against_signature({signature.input_names[0]: first[None]}, signature, f"image '{images[0].name}'")
     relative = [p.relative_to(root).as_posix() for p in images]
+    part_rows = part_rows or default_part_rows(signature, len(relative), spec)
     facts = [[rel, p.stat().st_size, p.stat().st_mtime_ns] for rel, p in zip(relative, images)]
     parts = [
         Part(part_name(start), start, len(relative[start:start + part_rows]), images=tuple(relative[start:start + part_rows]))
         for start in range(0, len(relative), part_rows)
     ]
     plan = InputPlan(
-        kind="images", root=root, parts=parts, rows=len(relative), id_column=id_column or DEFAULT_ID_COLUMN,
+        kind="images", root=root, parts=parts, rows=len(relative), part_rows=part_rows,
+        id_column=id_column or DEFAULT_ID_COLUMN,
         id_from_input=False, fingerprint=_digest([facts, spec.to_dict()]), preprocess=spec.to_dict(),
     )
     _check_output_names(signature, plan.id_column)

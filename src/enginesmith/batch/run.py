@@ -22,7 +22,7 @@ from ..bundle import read_bundle
 from ..errors import EnginesmithError, InputError, MissingDependencyError
 from ..runtime.preprocess import PreprocessSpec, parse_spec
 from .plan import (
-    InputPlan, MapError, RunRecord, default_part_rows, plan_input, prepare_output, remove_temporary_files,
+    InputPlan, MapError, RunRecord, plan_input, prepare_output, remove_temporary_files,
     write_record,
 )
 
@@ -96,12 +96,11 @@ def map_dataset(
         raise InputError(f"engine not found: '{engine_path}'")
     manifest = read_bundle(engine_path, payload=False).manifest
     spec = _preprocess_spec(preprocess, manifest.preprocess)
-    rows_per_part = part_rows or default_part_rows(manifest.signature, spec)
-    plan = plan_input(source, manifest.signature, id_column=id_column, part_rows=rows_per_part, preprocess=spec)
+    plan = plan_input(source, manifest.signature, id_column=id_column, part_rows=part_rows, preprocess=spec)
     engine_bytes = engine_path.read_bytes()
     record = RunRecord(
         input=str(source), input_fingerprint=plan.fingerprint, engine=engine_path.name,
-        engine_sha256=_sha256(engine_bytes), settings={"part_rows": rows_per_part, "id_column": plan.id_column},
+        engine_sha256=_sha256(engine_bytes), settings={"part_rows": plan.part_rows, "id_column": plan.id_column},
         parts=len(plan.parts), rows=plan.rows,
     )
     done = prepare_output(output, record, force=force, inputs=(source, engine_path))
@@ -127,7 +126,7 @@ def map_dataset(
         output=str(output), rows=plan.rows, parts=len(plan.parts), parts_computed=len(todo),
         parts_skipped=len(plan.parts) - len(todo), rows_computed=computed, seconds=seconds,
         rows_per_second=computed / seconds if seconds > 0 else 0.0, workers=layout.workers,
-        cpus_per_worker=layout.cpus, gpus_per_worker=layout.gpus, batch_size=batch, part_rows=rows_per_part,
+        cpus_per_worker=layout.cpus, gpus_per_worker=layout.gpus, batch_size=batch, part_rows=plan.part_rows,
         input_kind=plan.kind, id_column=plan.id_column, worker_processes=len(pids), notes=list(plan.notes),
     )
 
