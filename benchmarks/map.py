@@ -212,17 +212,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=500, help="images for part 4 (0: skip)")
     parser.add_argument("--gpus", type=int, default=0, help="GPU mode: map on N workers with one GPU each")
-    parser.add_argument("--backend", default=None, help="engine backend (default: auto on CPU, tensorrt with --gpus)")
+    parser.add_argument("--backend", default=None, help="engine backend (default: onnxruntime, tensorrt with --gpus)")
     parser.add_argument("--json", type=Path, default=RESULTS / "map_cpu.json")
     args = parser.parse_args()
 
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    backend = args.backend or ("tensorrt" if args.gpus else None)
+    backend = args.backend or ("tensorrt" if args.gpus else "onnxruntime")
     cpus = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="enginesmith-map-bench-"))
-    results: dict = {"machine": machine({"gpus": args.gpus, "backend": backend or "auto"}), "settings": vars(args) | {
+    results: dict = {"machine": machine({"gpus": args.gpus, "backend": backend}), "settings": vars(args) | {
         "json": str(args.json), "features": FEATURES, "hidden": HIDDEN, "row_group": ROW_GROUP, "batch": BATCH}}
     map_args = {"workers": args.gpus, "gpus_per_worker": 1} if args.gpus else {}
     try:

@@ -25,7 +25,7 @@ def map_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help="Rows per engine call (default: the engine's batch, else 256)."),
     cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker", min=0.01, metavar="N", help="CPUs each worker reserves; a CPU engine runs that many intra-op threads (default 1)."),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", min=0, metavar="N", help="GPUs each worker reserves (default: 1 for GPU engines, else 0)."),
-    part_rows: Optional[int] = typer.Option(None, "--part-rows", min=1, metavar="N", help="Most rows per output part file, the unit of retry and resume (default: about 64 MB of input)."),
+    part_rows: Optional[int] = typer.Option(None, "--part-rows", min=1, metavar="N", help="Most rows per output part file, the unit of retry and resume (default: the input in about 64 parts of 1-64 MB)."),
     id_column: Optional[str] = typer.Option(None, "--id-column", metavar="NAME", help="The input's row id column (default: 'id' when present, else the row number; images: their relative path)."),
     preprocess: Optional[str] = typer.Option(None, metavar="SPEC|FILE", help="Image preprocessing (default: the engine's own, else resize to its input): 'resize=256;crop=224;...' or a .toml file."),
     json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the run's summary as JSON ('-': print it)."),
