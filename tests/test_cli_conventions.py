@@ -23,7 +23,7 @@ from enginesmith.cli.app import main
 from conftest import make_mlp
 
 COMMANDS = ["", "build", "run", "validate", "bench", "info", "inspect", "surgeon", "demo", "serve", "export",
-            "export triton", "export kserve"]
+            "export triton", "export kserve", "map"]
 BOX_CHARACTERS = set("╭╮╰╯│─┃━┏┓┗┛")
 
 

@@ -134,16 +134,19 @@ def build(
 # --------------------------------------------------------------------------- load
 
 
-def load(path: str | Path, *, check_platform: bool = True, trust_code: bool = False) -> Engine:
+def load(path: str | Path, *, check_platform: bool = True, trust_code: bool = False, threads: int | None = None) -> Engine:
     """Open a bundle: verify checksums, check it was built for this platform, load the payload.
 
     Engines whose payload runs code when loaded (the PyTorch backend's compiler cache) are
     refused unless ``trust_code``: say so only for engines from builders you trust.
+    ``threads`` overrides the intra-op threads the build recorded (several engines sharing a machine).
     """
     path = Path(path)
     manifest = read_bundle(path, payload=False).manifest
     backend = _backend_for(manifest, path)
     options = BuildOptions.from_dict(manifest.build_options)
+    if threads is not None:
+        options.threads = threads
     if check_platform:
         check_platform_compatible(manifest, backend, path)
     reason = backend.payload_runs_code(options)
