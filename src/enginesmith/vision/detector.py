@@ -15,7 +15,7 @@ from .heads import Candidates, Head, choose_head
 from .labels import check_names, label_for, names_from_metadata, read_names_file
 from .nms import nms
 from .records import Detection
-from .transform import Placement, detector_spec, input_size, to_tensor
+from .transform import Placement, detector_spec, input_size, to_batch
 
 # Candidates kept (best scores) before NMS: NMS is quadratic in the worst case.
 MAX_CANDIDATES = 30000
@@ -51,6 +51,7 @@ class Detector:
         self._infer = infer or engine.infer
         blank = np.zeros((self.input_hw[0], self.input_hw[1], 3), np.uint8)
         feeds, _ = self.preprocess([blank])
+        self._feeds_shape, self._feeds_dtype = feeds[self.input_name].shape, feeds[self.input_name].dtype
         outputs = self.infer(feeds)
         shapes = {name: tuple(np.asarray(v).shape) for name, v in outputs.items()}
         self.head: Head = choose_head(shapes, self.input_hw, settings.head, values=outputs)
@@ -69,9 +70,15 @@ class Detector:
             check_names(names, self.head.classes, self.head.first_class, where)
         return names
 
-    def preprocess(self, frames: Sequence[np.ndarray]) -> tuple[dict[str, np.ndarray], list[Placement]]:
-        tensors, placements = zip(*(to_tensor(f, self.spec, self.input_hw) for f in frames))
-        return {self.input_name: np.stack(tensors)}, list(placements)
+    def preprocess(self, frames: Sequence[np.ndarray], out: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list[Placement]]:
+        """The input batch and where each frame landed; ``out`` (see :meth:`batch_buffer`) is filled when given."""
+        batch, placements = to_batch(frames, self.spec, self.input_hw, out)
+        return {self.input_name: batch}, placements
+
+    def batch_buffer(self, frames: int) -> np.ndarray:
+        """An input batch buffer for up to ``frames`` frames, to reuse across :meth:`preprocess` calls
+        (fresh multi-megabyte arrays cost page faults on every batch)."""
+        return np.empty((frames, *self._feeds_shape[1:]), self._feeds_dtype)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(self._infer(feeds))
@@ -85,7 +92,7 @@ class Detector:
         return self.postprocess(self.infer(feeds), placements)
 
     def _one_image(self, outputs: Mapping[str, np.ndarray], image: int, place: Placement) -> tuple[Detection, ...]:
-        found = self.head.decode(outputs, image, self.input_hw)
+        found = self.head.decode(outputs, image, self.input_hw, self.settings.conf)
         return select_detections(found, self.settings, place, self.names, self.head.first_class)
 
 

@@ -141,7 +141,12 @@ def run_pipeline(
     frame_queues = [StageQueue(LIVE_QUEUE if s.live else FILE_QUEUE, drop_oldest=s.live) for s in sources]
     batch_queue = StageQueue(STAGE_QUEUE, drop_oldest=False)
     output_queue = StageQueue(STAGE_QUEUE, drop_oldest=False)
-    queues = [*frame_queues, batch_queue, output_queue]
+    # Input batch buffers go round: preprocessing fills a free one, inference hands it back after the engine
+    # call. One per batch that can be in flight (queued, being filled, in the engine) so nobody waits on them.
+    free_buffers = StageQueue(STAGE_QUEUE + 2, drop_oldest=False)
+    for _ in range(STAGE_QUEUE + 2):
+        free_buffers.put(detector.batch_buffer(len(sources)))
+    queues = [*frame_queues, batch_queue, output_queue, free_buffers]
     errors: list[BaseException] = []
 
     def stop() -> None:
@@ -188,16 +193,20 @@ def run_pipeline(
                     taken.append(item)
             if not taken:
                 continue
+            buffer = free_buffers.get()
+            if buffer is None:
+                return
             start = time.perf_counter()
-            feeds, placements = detector.preprocess([frame.pixels for frame, _, _ in taken])
-            if not batch_queue.put((taken, feeds, placements, time.perf_counter() - start)):
+            feeds, placements = detector.preprocess([frame.pixels for frame, _, _ in taken], out=buffer)
+            if not batch_queue.put((taken, feeds, placements, buffer, time.perf_counter() - start)):
                 return
 
     def infer() -> None:
         while (item := batch_queue.get()) is not None:
-            taken, feeds, placements, pre = item
+            taken, feeds, placements, buffer, pre = item
             start = time.perf_counter()
             outputs = detector.infer(feeds)
+            free_buffers.put(buffer)
             if not output_queue.put((taken, outputs, placements, pre, time.perf_counter() - start)):
                 return
 
