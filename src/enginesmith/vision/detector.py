@@ -10,12 +10,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..runtime.engine import Engine
+from ..runtime.engine import DeviceOps, Engine, ImageGeometry
 from .heads import Candidates, Head, choose_head
 from .labels import check_names, label_for, names_from_metadata, read_names_file
 from .nms import nms
 from .records import Detection
-from .transform import Placement, detector_spec, input_size, to_batch
+from .transform import Placement, detector_spec, input_size, placement_for, to_batch
 
 # Candidates kept (best scores) before NMS: NMS is quadratic in the worst case.
 MAX_CANDIDATES = 30000
@@ -31,6 +31,9 @@ class DetectorSettings:
     iou: float = 0.45
     max_detections: int = 300
     size: tuple[int, int] | None = None  # input (height, width) for engines with dynamic image dims
+    # Pre- and post-processing on the engine's device (frames go up as uint8, only kept boxes come back).
+    # None: when the engine runs on a GPU and its backend offers device ops (the PyTorch backend on CUDA).
+    on_device: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.conf <= 1.0 or not 0.0 <= self.iou <= 1.0:
@@ -56,6 +59,24 @@ class Detector:
         shapes = {name: tuple(np.asarray(v).shape) for name, v in outputs.items()}
         self.head: Head = choose_head(shapes, self.input_hw, settings.head, values=outputs)
         self.names = self._class_names()
+        self.device_ops = self._pick_device_ops(engine, settings.on_device, infer is None)
+
+    def _pick_device_ops(self, engine: Engine, wanted: bool | None, own_infer: bool) -> DeviceOps | None:
+        ops = engine.device_ops if own_infer else None
+        if wanted and ops is None:
+            raise InputError(
+                f"pre- and post-processing on the device needs an engine with device I/O and device ops (the "
+                f"PyTorch backend: build with --backend torch); this is a {engine.backend} engine"
+            )
+        if wanted is None:
+            wanted = ops is not None and ops.device.startswith("cuda")
+        return ops if wanted else None
+
+    @property
+    def _device_preprocess(self) -> bool:
+        spec = self.spec
+        return (self.device_ops is not None and spec.color != "GRAY" and np.dtype(spec.dtype).kind == "f"
+                and not spec.center_crop and isinstance(spec.resize, tuple))
 
     def _class_names(self) -> list[str] | None:
         given = self.settings.names
@@ -71,19 +92,53 @@ class Detector:
         return names
 
     def preprocess(self, frames: Sequence[np.ndarray], out: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list[Placement]]:
-        """The input batch and where each frame landed; ``out`` (see :meth:`batch_buffer`) is filled when given."""
+        """The input batch and where each frame landed; ``out`` (see :meth:`batch_buffer`) is filled when given.
+        On the device the batch is a device tensor."""
+        if getattr(self, "device_ops", None) is not None and self._device_preprocess:
+            return self._preprocess_on_device(frames)
         batch, placements = to_batch(frames, self.spec, self.input_hw, out)
         return {self.input_name: batch}, placements
 
-    def batch_buffer(self, frames: int) -> np.ndarray:
+    def _preprocess_on_device(self, frames: Sequence[np.ndarray]) -> tuple[dict, list[Placement]]:
+        spec, target = self.spec, self.input_hw
+        placements = [placement_for(f.shape[0], f.shape[1], spec, target) for f in frames]
+        places = [ImageGeometry(round(p.height * p.scale_y), round(p.width * p.scale_x), int(p.offset_y), int(p.offset_x))
+                  for p in placements]
+        batch = self.device_ops.images_to_batch(
+            frames, places, target, pad_value=spec.pad_value if spec.letterbox else 0.0, swap_rb=spec.color == "RGB",
+            scale=spec.scale, mean=spec.mean, std=spec.std, layout=spec.layout, dtype=spec.dtype)
+        return {self.input_name: batch}, placements
+
+    def batch_buffer(self, frames: int) -> np.ndarray | None:
         """An input batch buffer for up to ``frames`` frames, to reuse across :meth:`preprocess` calls
-        (fresh multi-megabyte arrays cost page faults on every batch)."""
+        (fresh multi-megabyte arrays cost page faults on every batch); None when batches are made on the device."""
+        if self.device_ops is not None and self._device_preprocess:
+            return None
         return np.empty((frames, *self._feeds_shape[1:]), self._feeds_dtype)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(self._infer(feeds))
+        ops = getattr(self, "device_ops", None)
+        if ops is None:
+            return dict(self._infer(feeds))
+        # infer_device does not split batches: a batch larger than the engine's runs in pieces here.
+        rows, step = len(feeds[self.input_name]), self.engine.max_batch or len(feeds[self.input_name])
+        if rows <= step:
+            return dict(self.engine.infer_device(feeds))
+        pieces = [self.engine.infer_device({n: v[start : start + step] for n, v in feeds.items()}) for start in range(0, rows, step)]
+        return {name: ops.concat([piece[name] for piece in pieces]) for name in pieces[0]}
 
     def postprocess(self, outputs: Mapping[str, np.ndarray], placements: Sequence[Placement]) -> list[tuple[Detection, ...]]:
+        ops = self.device_ops
+        if ops is not None and self.head.name == "yolov8":
+            # Score floor, top-k and NMS where the outputs are; only the boxes kept cross to the host.
+            settings = self.settings
+            found = ops.select_boxes(outputs[self.head.outputs[0]], "channels_cxcywh", settings.conf, settings.iou,
+                                     settings.max_detections, MAX_CANDIDATES)
+            return [select_detections(Candidates(boxes, scores, classes, suppressed=True), settings, place, self.names,
+                                      self.head.first_class)
+                    for (boxes, scores, classes), place in zip(found, placements)]
+        if ops is not None:
+            outputs = {name: ops.to_host(value) for name, value in outputs.items()}
         return [self._one_image(outputs, i, place) for i, place in enumerate(placements)]
 
     def __call__(self, frames: Sequence[np.ndarray]) -> list[tuple[Detection, ...]]:

@@ -143,8 +143,10 @@ def run_pipeline(
     output_queue = StageQueue(STAGE_QUEUE, drop_oldest=False)
     # Input batch buffers go round: preprocessing fills a free one, inference hands it back after the engine
     # call. One per batch that can be in flight (queued, being filled, in the engine) so nobody waits on them.
+    # (None: the detector makes its batches on the device.)
     free_buffers = StageQueue(STAGE_QUEUE + 2, drop_oldest=False)
-    for _ in range(STAGE_QUEUE + 2):
+    pooled = detector.batch_buffer(len(sources)) is not None
+    for _ in range(STAGE_QUEUE + 2 if pooled else 0):
         free_buffers.put(detector.batch_buffer(len(sources)))
     queues = [*frame_queues, batch_queue, output_queue, free_buffers]
     errors: list[BaseException] = []
@@ -193,8 +195,8 @@ def run_pipeline(
                     taken.append(item)
             if not taken:
                 continue
-            buffer = free_buffers.get()
-            if buffer is None:
+            buffer = free_buffers.get() if pooled else None
+            if pooled and buffer is None:
                 return
             start = time.perf_counter()
             feeds, placements = detector.preprocess([frame.pixels for frame, _, _ in taken], out=buffer)
@@ -206,7 +208,8 @@ def run_pipeline(
             taken, feeds, placements, buffer, pre = item
             start = time.perf_counter()
             outputs = detector.infer(feeds)
-            free_buffers.put(buffer)
+            if buffer is not None:
+                free_buffers.put(buffer)
             if not output_queue.put((taken, outputs, placements, pre, time.perf_counter() - start)):
                 return
 

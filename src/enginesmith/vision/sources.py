@@ -217,9 +217,9 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpe
 
 def open_source(text: str, settings: CaptureSettings = CaptureSettings()) -> Source:
     """A source from its command-line spelling; an unusable one raises :class:`InputError` naming it."""
-    cv2 = cv2_module()
     if text == "synthetic" or text.startswith("synthetic:"):
-        return Synthetic(text, parse_synthetic(text))
+        return Synthetic(text, parse_synthetic(text))  # needs no OpenCV
+    cv2 = cv2_module()
     if re.fullmatch(r"\d+", text) or re.fullmatch(r"/dev/video\d+", text):
         target = int(text) if text.isdigit() else text
         return VideoCapture(text, target, live=True, backend=cv2.CAP_V4L2 if text.startswith("/dev/") else None,
