@@ -1,7 +1,12 @@
 """Detection with pre- and post-processing on the engine's device (the PyTorch backend's device ops):
-the same boxes as the host path. Run here on the CPU device; the GPU run is scripts/gpu_detect.sh."""
+the same boxes as the host path. Run here on the CPU device; with ENGINESMITH_TEST_DEVICE=cuda
+(scripts/gpu_detect.sh tests) on the GPU, where NMS is torchvision's."""
 
 from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,14 +26,19 @@ from enginesmith.vision.transform import Placement, to_batch
 from test_vision_fast_paths import crowded_yolov8
 from vision_models import make_colour_yolov8
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from detect import colour_yolov8_batch  # noqa: E402
+
 pytestmark = pytest.mark.torch
+DEVICE = os.environ.get("ENGINESMITH_TEST_DEVICE", "cpu")
+EAGER = {"compile": "eager", "device": DEVICE}
 
 
 @pytest.fixture(scope="module")
 def torch_engine(tmp_path_factory):
     folder = tmp_path_factory.mktemp("device")
     onnx.save(make_colour_yolov8(160, ["red", "green", "blue"]), folder / "colour.onnx")
-    return es.build(folder / "colour.onnx", backend="torch", backend_options={"compile": "eager"})
+    return es.build(folder / "colour.onnx", backend="torch", backend_options=EAGER)
 
 
 def as_rows(detections) -> list[tuple]:
@@ -83,16 +93,30 @@ def test_device_score_floor_top_k_and_nms_keep_what_the_host_keeps(torch_engine,
     place = Placement(1.0, 1.0, 0.0, 0.0, 320, 320)
     head = choose_head({"output0": raw.shape}, (320, 320))
     expected = select_detections(head.decode({"output0": raw}, 0, (320, 320), conf), settings, place, None)
-    (boxes, scores, classes), = ops.select_boxes(torch.from_numpy(raw), "channels_cxcywh", conf, 0.5, 40, 30000)
+    (boxes, scores, classes), = ops.select_boxes(torch.from_numpy(raw).to(DEVICE), "channels_cxcywh", conf, 0.5, 40, 30000)
     got = select_detections(Candidates(boxes, scores, classes, suppressed=True), settings, place, None)
     assert len(got) == len(expected) > 5
     np.testing.assert_allclose([d.box for d in got], [d.box for d in expected], atol=1e-4)
     np.testing.assert_allclose([d.score for d in got], [d.score for d in expected], atol=1e-6)
     assert [d.class_id for d in got] == [d.class_id for d in expected]
     # top-k cuts before NMS: with k=1 only the best box can survive
-    (one, _, _), = ops.select_boxes(torch.from_numpy(raw), "channels_cxcywh", conf, 0.5, 40, 1)
+    (one, _, _), = ops.select_boxes(torch.from_numpy(raw).to(DEVICE), "channels_cxcywh", conf, 0.5, 40, 1)
     assert len(one) == 1
     np.testing.assert_allclose(place.to_frame(one), [expected[0].box], atol=1e-4)
+
+
+def test_a_short_batch_for_a_fixed_batch_engine_is_padded_on_the_device(tmp_path) -> None:
+    onnx.save(colour_yolov8_batch(160, 4), tmp_path / "colour4.onnx")
+    engine = es.build(tmp_path / "colour4.onnx", backend="torch", backend_options=EAGER)
+    assert engine.signature.fixed_batch() == 4
+    scene = vision.SyntheticScene(width=640, height=480, objects=4, seed=8)
+    frames = [scene.render(i)[0] for i in range(6)]
+    host = vision.Detector(engine, DetectorSettings(conf=0.5, on_device=False))
+    device = vision.Detector(engine, DetectorSettings(conf=0.5, on_device=True))
+    for batch in (frames[:1], frames):  # 1 -> padded to 4; 6 -> 4 + 2 padded to 4
+        got, expected = device(batch), host(batch)
+        assert len(got) == len(batch)
+        assert [as_rows(g) for g in got] == [as_rows(e) for e in expected]
 
 
 def test_asking_for_the_device_with_a_host_only_engine_is_one_clear_error(tmp_path) -> None:

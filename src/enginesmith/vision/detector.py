@@ -52,14 +52,16 @@ class Detector:
         self.input_hw = input_size(engine.signature, self.spec)
         self.input_name = engine.signature.input_names[0]
         self._infer = infer or engine.infer
+        self.device_ops = self._pick_device_ops(engine, settings.on_device, infer is None)
         blank = np.zeros((self.input_hw[0], self.input_hw[1], 3), np.uint8)
         feeds, _ = self.preprocess([blank])
-        self._feeds_shape, self._feeds_dtype = feeds[self.input_name].shape, feeds[self.input_name].dtype
+        self._feeds_shape, self._feeds_dtype = tuple(feeds[self.input_name].shape), np.dtype(self.spec.dtype)
         outputs = self.infer(feeds)
+        if self.device_ops is not None:
+            outputs = {name: self.device_ops.to_host(value) for name, value in outputs.items()}
         shapes = {name: tuple(np.asarray(v).shape) for name, v in outputs.items()}
         self.head: Head = choose_head(shapes, self.input_hw, settings.head, values=outputs)
         self.names = self._class_names()
-        self.device_ops = self._pick_device_ops(engine, settings.on_device, infer is None)
 
     def _pick_device_ops(self, engine: Engine, wanted: bool | None, own_infer: bool) -> DeviceOps | None:
         ops = engine.device_ops if own_infer else None
@@ -94,7 +96,7 @@ class Detector:
     def preprocess(self, frames: Sequence[np.ndarray], out: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list[Placement]]:
         """The input batch and where each frame landed; ``out`` (see :meth:`batch_buffer`) is filled when given.
         On the device the batch is a device tensor."""
-        if getattr(self, "device_ops", None) is not None and self._device_preprocess:
+        if self._device_preprocess:
             return self._preprocess_on_device(frames)
         batch, placements = to_batch(frames, self.spec, self.input_hw, out)
         return {self.input_name: batch}, placements
@@ -117,15 +119,23 @@ class Detector:
         return np.empty((frames, *self._feeds_shape[1:]), self._feeds_dtype)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ops = getattr(self, "device_ops", None)
+        ops = self.device_ops
         if ops is None:
             return dict(self._infer(feeds))
-        # infer_device does not split batches: a batch larger than the engine's runs in pieces here.
-        rows, step = len(feeds[self.input_name]), self.engine.max_batch or len(feeds[self.input_name])
-        if rows <= step:
-            return dict(self.engine.infer_device(feeds))
-        pieces = [self.engine.infer_device({n: v[start : start + step] for n, v in feeds.items()}) for start in range(0, rows, step)]
-        return {name: ops.concat([piece[name] for piece in pieces]) for name in pieces[0]}
+        # infer_device neither splits nor pads batches: a batch larger than the engine's runs in pieces here,
+        # and a short one for a fixed-batch engine is padded with copies of its last frame (as Engine.infer does).
+        rows = len(feeds[self.input_name])
+        step, fixed = self.engine.max_batch or rows, self.engine.signature.fixed_batch()
+        pieces = []
+        for start in range(0, rows, step):
+            piece = {n: v[start : start + step] for n, v in feeds.items()}
+            real = len(piece[self.input_name])
+            if fixed and real < fixed:
+                piece = {n: ops.concat([v] + [v[-1:]] * (fixed - real)) for n, v in piece.items()}
+            pieces.append((real, self.engine.infer_device(piece)))
+        if len(pieces) == 1 and pieces[0][0] == rows and not (fixed and rows < fixed):
+            return dict(pieces[0][1])
+        return {name: ops.concat([outputs[name][:real] for real, outputs in pieces]) for name in pieces[0][1]}
 
     def postprocess(self, outputs: Mapping[str, np.ndarray], placements: Sequence[Placement]) -> list[tuple[Detection, ...]]:
         ops = self.device_ops
