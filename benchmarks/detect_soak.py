@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -120,8 +120,9 @@ def all_found(truth: np.ndarray, detections, smallest: float = 80.0) -> bool:
 
 
 def soak(frames: int, seconds: float | None = None, warmup_seconds: float = 60.0, sample_every: float = 5.0,
-         size: int = 160, workdir: Path | None = None) -> dict:
-    """Run the soak and return its record (see the module's docstring)."""
+         size: int = 160, workdir: Path | None = None, checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Run the soak and return its record (see the module's docstring); ``checkpoint`` gets the progress
+    so far once a minute (so a run stopped early still leaves its figures)."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         model = Path(tmp) / "colour.onnx"
         onnx.save(make_colour_yolov8(size, ["red", "green", "blue"]), model)
@@ -130,21 +131,25 @@ def soak(frames: int, seconds: float | None = None, warmup_seconds: float = 60.0
         # Rectangles at least 1/6 of the frame across, so the 160-pixel detector sees them whole.
         scene = vision.SyntheticScene(width=640, height=480, frames=frames, objects=3, seed=1)
         source = TimedSynthetic("synthetic", scene, seconds)
-        numbers: list[int] = []
-        found = [0]
-        gaps = [0]
+        # Counters only: the soak must not grow its own memory with the frames it counts.
+        counts = {"out": 0, "found": 0, "out_of_order": 0}
         error = None
         began = time.perf_counter()
+        last = [began]
         with open(os.devnull, "w") as devnull, MemorySampler(sample_every) as sampler:
             sink = JsonLines(devnull)
 
             def deliver(frame: Frame, result) -> None:
                 sink.write(frame, result)
-                if result.source_index != len(numbers):
-                    gaps[0] += 1
-                numbers.append(result.source_index)
-                found[0] += all_found(frame.truth, result.detections)
-                sampler.frames[0] = len(numbers)
+                counts["out_of_order"] += result.source_index != counts["out"] or result.frame != counts["out"]
+                counts["out"] += 1
+                counts["found"] += all_found(frame.truth, result.detections)
+                sampler.frames[0] = counts["out"]
+                if checkpoint is not None and time.perf_counter() - last[0] >= 60:
+                    last[0] = time.perf_counter()
+                    checkpoint({"frames_out": counts["out"], "seconds": round(last[0] - began, 1),
+                                "rss_samples": [{"s": s[0], "frames": s[1], "rss_mb": round(s[2] / 2**20, 2)}
+                                                for s in list(sampler.samples)]})
 
             try:
                 summary = vision.run_pipeline(detector, [source], deliver)
@@ -156,24 +161,25 @@ def soak(frames: int, seconds: float | None = None, warmup_seconds: float = 60.0
     end = samples[-1]
     growth = 100.0 * (end[2] - after_warmup[2]) / after_warmup[2]
     late = [s[2] for s in samples if s[0] >= after_warmup[0]]
-    counts = summary.to_dict() if summary else {}
+    totals = summary.to_dict() if summary else {}
     record = {
         "benchmark": "detect_soak",
         "frames_asked": frames,
         "seconds_limit": seconds,
-        "frames_read": counts.get("sources", [{}])[0].get("read") if summary else None,
-        "frames_out": len(numbers),
+        "frames_read": totals["sources"][0]["read"] if summary else None,
+        "frames_out": counts["out"],
         "errors": int(error is not None),
         "error": error,
-        "dropped": counts.get("dropped"),
-        "corrupt": counts.get("corrupt"),
-        "out_of_order": gaps[0],
-        "every_frame_accounted": bool(summary and numbers == list(range(len(numbers)))
-                                      and counts["sources"][0]["read"] == len(numbers) == counts["frames"]),
-        "all_boxes_found_share": round(found[0] / max(1, len(numbers)), 4),
+        "dropped": totals.get("dropped"),
+        "corrupt": totals.get("corrupt"),
+        "out_of_order": counts["out_of_order"],
+        # Results numbered 0..N-1 in order, and as many as the source gave.
+        "every_frame_accounted": bool(summary and counts["out_of_order"] == 0 and totals["dropped"] == 0
+                                      and totals["sources"][0]["read"] == counts["out"] == totals["frames"]),
+        "all_boxes_found_share": round(counts["found"] / max(1, counts["out"]), 4),
         "seconds": round(elapsed, 1),
-        "fps": round(len(numbers) / elapsed, 1),
-        "stages": counts.get("stages"),
+        "fps": round(counts["out"] / elapsed, 1),
+        "stages": totals.get("stages"),
         "rss_mb": {"after_warmup": round(after_warmup[2] / 2**20, 1), "end": round(end[2] / 2**20, 1),
                    "peak_after_warmup": round(max(late) / 2**20, 1), "warmup_seconds": after_warmup[0]},
         "rss_growth_percent": round(growth, 2),
@@ -193,7 +199,12 @@ def main() -> None:
     parser.add_argument("--sample-every", type=float, default=5.0)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "detect_soak.json")
     args = parser.parse_args()
-    record = soak(args.frames, args.seconds, args.warmup_seconds, args.sample_every)
+    def checkpoint(progress: dict) -> None:
+        write_atomic(args.json, json.dumps({"benchmark": "detect_soak", "complete": False, "frames_asked": args.frames,
+                                            **progress}, indent=1).encode())
+
+    record = soak(args.frames, args.seconds, args.warmup_seconds, args.sample_every, checkpoint=checkpoint)
+    record["complete"] = True
     record["machine"] = machine_facts()
     record["load_average_end"] = os.getloadavg()
     write_atomic(args.json, json.dumps(record, indent=2).encode())

@@ -27,6 +27,9 @@ from .sources import Source
 LIVE_QUEUE = 2
 FILE_QUEUE = 8
 STAGE_QUEUE = 2
+# Per-stage times kept for the percentiles: the most recent frames only, so a run of days holds no more
+# memory than a run of minutes (means are over every frame).
+STAGE_WINDOW = 10_000
 
 
 class StageQueue:
@@ -92,7 +95,10 @@ class RunSummary:
     seconds: float = 0.0
     interrupted: bool = False
     sources: list[SourceCounts] = field(default_factory=list)
-    stage_seconds: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in StageTimes.STAGES})
+    # The last STAGE_WINDOW frames' seconds per stage (p50, p95), and every frame's total (the mean).
+    stage_seconds: dict[str, deque] = field(
+        default_factory=lambda: {s: deque(maxlen=STAGE_WINDOW) for s in StageTimes.STAGES})
+    stage_totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(StageTimes.STAGES, 0.0))
     # Seconds the inference thread spent in engine calls; engine-only FPS is frames over this.
     inference_busy: float = 0.0
     batches: int = 0
@@ -102,12 +108,13 @@ class RunSummary:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        def stats(values: list[float]) -> dict:
+        def stats(stage: str) -> dict:
+            values = self.stage_seconds[stage]
             if not values:
                 return {"mean_ms": None, "p50_ms": None, "p95_ms": None}
             ms = np.asarray(values) * 1e3
-            return {"mean_ms": round(float(ms.mean()), 3), "p50_ms": round(float(np.percentile(ms, 50)), 3),
-                    "p95_ms": round(float(np.percentile(ms, 95)), 3)}
+            return {"mean_ms": round(self.stage_totals[stage] / self.frames * 1e3, 3),
+                    "p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3)}
 
         return {
             "frames": self.frames,
@@ -118,7 +125,7 @@ class RunSummary:
             "interrupted": self.interrupted,
             "dropped": sum(s.dropped for s in self.sources),
             "corrupt": sum(s.corrupt for s in self.sources),
-            "stages": {name: stats(values) for name, values in self.stage_seconds.items()},
+            "stages": {name: stats(name) for name in self.stage_seconds},
             "sources": [vars(s).copy() for s in self.sources],
         }
 
@@ -236,7 +243,9 @@ def run_pipeline(
                                      found, times)
                 on_result(frame, result)
                 for stage in StageTimes.STAGES:
-                    summary.stage_seconds[stage].append(getattr(times, stage))
+                    seconds = getattr(times, stage)
+                    summary.stage_seconds[stage].append(seconds)
+                    summary.stage_totals[stage] += seconds
                 summary.frames += 1
                 summary.sources[position].processed += 1
                 if max_frames is not None and summary.frames >= max_frames:
