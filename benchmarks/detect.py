@@ -312,7 +312,7 @@ def run_cpu(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- device mode
 
 
-def device_engines(models: list[Path] | None, device: str, sources: int, dry_run: bool,
+def device_engines(models: list[Path] | None, device: str, sources: int, dry_run: bool, mode: str,
                    workdir: Path) -> list[tuple[str, es.Engine, es.Engine]]:
     """(name, engine for one source, engine for ``sources`` batched) to measure: given engines loaded as they are,
     given ONNX / frozen graphs built for the device, or the defaults: the colour detector at 640 with a dynamic
@@ -320,7 +320,8 @@ def device_engines(models: list[Path] | None, device: str, sources: int, dry_run
     precision = "fp32" if dry_run else "fp16"
 
     def build(path: Path, batches: list[int] | None = None, shape: tuple[int, ...] | None = None) -> es.Engine:
-        options = {"device": device, **({"compile": "eager"} if dry_run else {}), **({"batches": batches} if batches else {})}
+        options = {"device": device, **({"compile": "eager"} if dry_run else {"mode": mode}),
+                   **({"batches": batches} if batches else {})}
         imports = es.ImportOptions(input_shapes={"images": shape}) if shape else None
         return es.build(path, backend="torch", precision=precision, backend_options=options, import_options=imports)
 
@@ -382,13 +383,13 @@ def run_device(args: argparse.Namespace) -> dict:
     frames = min(args.frames, 40) if args.dry_run else args.frames
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, engine, batched in device_engines(args.model, device, args.sources, args.dry_run, Path(tmp)):
+        for name, engine, batched in device_engines(args.model, device, args.sources, args.dry_run, args.mode, Path(tmp)):
             rows.append(measure_device(name, engine, batched, frames, args.sources))
             r = rows[-1]
             print(f"{name:40} latency p50 {r['latency_batch1']['p50_ms']:.2f} ms (engine {r['engine_only_batch1']['p50_ms']:.2f})  "
                   f"1 source {r['pipeline_1_sources']['fps']:.1f} FPS  {args.sources} sources "
                   f"{r[f'pipeline_{args.sources}_sources']['fps']:.1f} FPS ({r['batched_over_single']}x)", flush=True)
-    return {"device": device, "dry_run": args.dry_run, "sources": args.sources, "results": rows,
+    return {"device": device, "dry_run": args.dry_run, "sources": args.sources, "compile_mode": args.mode, "results": rows,
             "targets": {"latency_batch1_p50_ms": 3.0, "batched_over_single": 3.0}}
 
 
@@ -409,6 +410,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, action="append", help="Device mode: an engine, ONNX or frozen-graph detector (repeatable).")
     parser.add_argument("--sources", type=int, default=4, help="Device mode: sources batched into one engine call.")
     parser.add_argument("--dry-run", action="store_true", help="Device mode on this CPU: fp32, eager, few frames.")
+    parser.add_argument("--mode", default="reduce-overhead",
+                        help="Device mode: torch.compile mode of the engines (reduce-overhead: CUDA graphs, builds of "
+                             "seconds; max-autotune takes minutes per batch size).")
     args = parser.parse_args()
     load_before = os.getloadavg()
     device_mode = args.device != "cpu" or args.dry_run
