@@ -65,20 +65,19 @@ class Detector:
 
     def _pick_device_ops(self, engine: Engine, wanted: bool | None, own_infer: bool) -> DeviceOps | None:
         ops = engine.device_ops if own_infer else None
-        if wanted and ops is None:
+        spec = self.spec
+        # The device makes colour float batches by resizing or letterboxing; crops and gray stay on the host.
+        fits = (spec.color != "GRAY" and np.dtype(spec.dtype).kind == "f" and not spec.center_crop
+                and isinstance(spec.resize, tuple))
+        if wanted and (ops is None or not fits):
             raise InputError(
                 f"pre- and post-processing on the device needs an engine with device I/O and device ops (the "
-                f"PyTorch backend: build with --backend torch); this is a {engine.backend} engine"
+                f"PyTorch backend: build with --backend torch; this is a {engine.backend} engine) and a colour, "
+                "float input made by an exact resize or letterbox (no crop); pass on_device=False"
             )
         if wanted is None:
-            wanted = ops is not None and ops.device.startswith("cuda")
+            wanted = ops is not None and fits and ops.device.startswith("cuda")
         return ops if wanted else None
-
-    @property
-    def _device_preprocess(self) -> bool:
-        spec = self.spec
-        return (self.device_ops is not None and spec.color != "GRAY" and np.dtype(spec.dtype).kind == "f"
-                and not spec.center_crop and isinstance(spec.resize, tuple))
 
     def _class_names(self) -> list[str] | None:
         given = self.settings.names
@@ -96,7 +95,7 @@ class Detector:
     def preprocess(self, frames: Sequence[np.ndarray], out: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list[Placement]]:
         """The input batch and where each frame landed; ``out`` (see :meth:`batch_buffer`) is filled when given.
         On the device the batch is a device tensor."""
-        if self._device_preprocess:
+        if self.device_ops is not None:
             return self._preprocess_on_device(frames)
         batch, placements = to_batch(frames, self.spec, self.input_hw, out)
         return {self.input_name: batch}, placements
@@ -114,7 +113,7 @@ class Detector:
     def batch_buffer(self, frames: int) -> np.ndarray | None:
         """An input batch buffer for up to ``frames`` frames, to reuse across :meth:`preprocess` calls
         (fresh multi-megabyte arrays cost page faults on every batch); None when batches are made on the device."""
-        if self.device_ops is not None and self._device_preprocess:
+        if self.device_ops is not None:
             return None
         return np.empty((frames, *self._feeds_shape[1:]), self._feeds_dtype)
 
