@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -115,6 +115,51 @@ class BuildResult:
     caches: dict[str, bytes] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where one picture goes in an input image: resized to (height, width), placed at (top, left)."""
+
+    height: int
+    width: int
+    top: int
+    left: int
+
+
+class DeviceOps(ABC):
+    """Array work next to an engine whose tensors live on a device (a GPU), done with the backend's own
+    library, for callers above ``backends/`` that must not import it (live detection, ``vision/``).
+
+    Tensors in and out are the backend's device tensors, which :meth:`Engine.infer_device` takes and
+    returns; numpy comes out only where a method says so.
+    """
+
+    device: str
+
+    @abstractmethod
+    def images_to_batch(self, frames: Sequence[np.ndarray], places: Sequence[ImageGeometry], size: tuple[int, int],
+                        *, pad_value: float, swap_rb: bool, scale: float, mean: Sequence[float], std: Sequence[float],
+                        layout: str, dtype: str) -> Any:
+        """HWC uint8 host pictures -> one [N, C, H, W] (or NHWC) batch on the device: each resized (bilinear,
+        antialiased when shrinking) into its place on a ``pad_value`` canvas, channels reversed when
+        ``swap_rb``, then ``x * scale``, ``(x - mean) / std`` per channel, cast to ``dtype``."""
+
+    @abstractmethod
+    def select_boxes(self, output: Any, layout: str, min_score: float, iou: float, max_boxes: int,
+                     top_k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per image of a box-and-scores output: (boxes [K, 4] x1,y1,x2,y2, scores [K], classes [K]) as numpy,
+        best first, after the score floor, the ``top_k`` best, and class-aware NMS at ``iou`` (at most
+        ``max_boxes``). Layouts: ``"channels_cxcywh"``, [N, 4 + C, A]: centre x, y, width, height, then one
+        score per class (YOLOv8's)."""
+
+    @abstractmethod
+    def to_host(self, value: Any) -> np.ndarray:
+        """A device tensor as a numpy array."""
+
+    @abstractmethod
+    def concat(self, values: Sequence[Any]) -> Any:
+        """Device tensors joined along their first axis (outputs of a batch run in pieces)."""
+
+
 class Session(ABC):
     """A loaded engine ready to run. Must be safe to call from several threads."""
 
@@ -128,6 +173,10 @@ class Session(ABC):
     def run_device(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Run on device tensors without host copies; only where ``supports_device_io`` is true."""
         raise NotImplementedError(f"{type(self).__name__} runs on host memory only")
+
+    def device_ops(self) -> DeviceOps | None:
+        """Pre- and post-processing on the device this session's tensors live on; None where there is none."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free resources early; the default relies on garbage collection."""

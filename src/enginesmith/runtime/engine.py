@@ -8,11 +8,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..backends import Session
+from ..backends.base import DeviceOps, ImageGeometry
 from ..bundle import SAMPLES_ENTRY, BundleContents, read_bundle, write_bundle
 from ..errors import EnginesmithError, InputError
 from ..manifest import Manifest
 from ..signature import Signature
 from .inputs import SymbolSizes, check_shape, describe_inputs, prepare_inputs
+
+
+__all__ = ["DeviceIOUnsupportedError", "DeviceOps", "Engine", "ImageGeometry"]
 
 
 class DeviceIOUnsupportedError(EnginesmithError):
@@ -92,6 +96,12 @@ class Engine:
             )
         self._check_device_feeds(inputs, outputs or {})
         return self._session.run_device(dict(inputs), dict(outputs) if outputs else None)
+
+    @property
+    def device_ops(self) -> DeviceOps | None:
+        """Pre- and post-processing on the engine's device with its backend's array library (see
+        :class:`~enginesmith.backends.base.DeviceOps`), for engines that support device I/O; else None."""
+        return self._session.device_ops() if self.supports_device_io else None
 
     def _check_device_feeds(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
         """Names, ranks and dims from the tensors' ``shape`` alone: nothing on the device is touched."""

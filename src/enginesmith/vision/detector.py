@@ -10,12 +10,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..runtime.engine import Engine
+from ..runtime.engine import DeviceOps, Engine, ImageGeometry
 from .heads import Candidates, Head, choose_head
 from .labels import check_names, label_for, names_from_metadata, read_names_file
 from .nms import nms
 from .records import Detection
-from .transform import Placement, detector_spec, input_size, to_tensor
+from .transform import Placement, detector_spec, input_size, placement_for, to_batch
 
 # Candidates kept (best scores) before NMS: NMS is quadratic in the worst case.
 MAX_CANDIDATES = 30000
@@ -31,6 +31,9 @@ class DetectorSettings:
     iou: float = 0.45
     max_detections: int = 300
     size: tuple[int, int] | None = None  # input (height, width) for engines with dynamic image dims
+    # Pre- and post-processing on the engine's device (frames go up as uint8, only kept boxes come back).
+    # None: when the engine runs on a GPU and its backend offers device ops (the PyTorch backend on CUDA).
+    on_device: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.conf <= 1.0 or not 0.0 <= self.iou <= 1.0:
@@ -49,12 +52,32 @@ class Detector:
         self.input_hw = input_size(engine.signature, self.spec)
         self.input_name = engine.signature.input_names[0]
         self._infer = infer or engine.infer
+        self.device_ops = self._pick_device_ops(engine, settings.on_device, infer is None)
         blank = np.zeros((self.input_hw[0], self.input_hw[1], 3), np.uint8)
         feeds, _ = self.preprocess([blank])
+        self._feeds_shape, self._feeds_dtype = tuple(feeds[self.input_name].shape), np.dtype(self.spec.dtype)
         outputs = self.infer(feeds)
+        if self.device_ops is not None:
+            outputs = {name: self.device_ops.to_host(value) for name, value in outputs.items()}
         shapes = {name: tuple(np.asarray(v).shape) for name, v in outputs.items()}
         self.head: Head = choose_head(shapes, self.input_hw, settings.head, values=outputs)
         self.names = self._class_names()
+
+    def _pick_device_ops(self, engine: Engine, wanted: bool | None, own_infer: bool) -> DeviceOps | None:
+        ops = engine.device_ops if own_infer else None
+        spec = self.spec
+        # The device makes colour float batches by resizing or letterboxing; crops and gray stay on the host.
+        fits = (spec.color != "GRAY" and np.dtype(spec.dtype).kind == "f" and not spec.center_crop
+                and isinstance(spec.resize, tuple))
+        if wanted and (ops is None or not fits):
+            raise InputError(
+                f"pre- and post-processing on the device needs an engine with device I/O and device ops (the "
+                f"PyTorch backend: build with --backend torch; this is a {engine.backend} engine) and a colour, "
+                "float input made by an exact resize or letterbox (no crop); pass on_device=False"
+            )
+        if wanted is None:
+            wanted = ops is not None and fits and ops.device.startswith("cuda")
+        return ops if wanted else None
 
     def _class_names(self) -> list[str] | None:
         given = self.settings.names
@@ -69,14 +92,62 @@ class Detector:
             check_names(names, self.head.classes, self.head.first_class, where)
         return names
 
-    def preprocess(self, frames: Sequence[np.ndarray]) -> tuple[dict[str, np.ndarray], list[Placement]]:
-        tensors, placements = zip(*(to_tensor(f, self.spec, self.input_hw) for f in frames))
-        return {self.input_name: np.stack(tensors)}, list(placements)
+    def preprocess(self, frames: Sequence[np.ndarray], out: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list[Placement]]:
+        """The input batch and where each frame landed; ``out`` (see :meth:`batch_buffer`) is filled when given.
+        On the device the batch is a device tensor."""
+        if self.device_ops is not None:
+            return self._preprocess_on_device(frames)
+        batch, placements = to_batch(frames, self.spec, self.input_hw, out)
+        return {self.input_name: batch}, placements
+
+    def _preprocess_on_device(self, frames: Sequence[np.ndarray]) -> tuple[dict, list[Placement]]:
+        spec, target = self.spec, self.input_hw
+        placements = [placement_for(f.shape[0], f.shape[1], spec, target) for f in frames]
+        places = [ImageGeometry(round(p.height * p.scale_y), round(p.width * p.scale_x), int(p.offset_y), int(p.offset_x))
+                  for p in placements]
+        batch = self.device_ops.images_to_batch(
+            frames, places, target, pad_value=spec.pad_value if spec.letterbox else 0.0, swap_rb=spec.color == "RGB",
+            scale=spec.scale, mean=spec.mean, std=spec.std, layout=spec.layout, dtype=spec.dtype)
+        return {self.input_name: batch}, placements
+
+    def batch_buffer(self, frames: int) -> np.ndarray | None:
+        """An input batch buffer for up to ``frames`` frames, to reuse across :meth:`preprocess` calls
+        (fresh multi-megabyte arrays cost page faults on every batch); None when batches are made on the device."""
+        if self.device_ops is not None:
+            return None
+        return np.empty((frames, *self._feeds_shape[1:]), self._feeds_dtype)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(self._infer(feeds))
+        ops = self.device_ops
+        if ops is None:
+            return dict(self._infer(feeds))
+        # infer_device neither splits nor pads batches: a batch larger than the engine's runs in pieces here,
+        # and a short one for a fixed-batch engine is padded with copies of its last frame (as Engine.infer does).
+        rows = len(feeds[self.input_name])
+        step, fixed = self.engine.max_batch or rows, self.engine.signature.fixed_batch()
+        pieces = []
+        for start in range(0, rows, step):
+            piece = {n: v[start : start + step] for n, v in feeds.items()}
+            real = len(piece[self.input_name])
+            if fixed and real < fixed:
+                piece = {n: ops.concat([v] + [v[-1:]] * (fixed - real)) for n, v in piece.items()}
+            pieces.append((real, self.engine.infer_device(piece)))
+        if len(pieces) == 1 and pieces[0][0] == rows and not (fixed and rows < fixed):
+            return dict(pieces[0][1])
+        return {name: ops.concat([outputs[name][:real] for real, outputs in pieces]) for name in pieces[0][1]}
 
     def postprocess(self, outputs: Mapping[str, np.ndarray], placements: Sequence[Placement]) -> list[tuple[Detection, ...]]:
+        ops = self.device_ops
+        if ops is not None and self.head.name == "yolov8":
+            # Score floor, top-k and NMS where the outputs are; only the boxes kept cross to the host.
+            settings = self.settings
+            found = ops.select_boxes(outputs[self.head.outputs[0]], "channels_cxcywh", settings.conf, settings.iou,
+                                     settings.max_detections, MAX_CANDIDATES)
+            return [select_detections(Candidates(boxes, scores, classes, suppressed=True), settings, place, self.names,
+                                      self.head.first_class)
+                    for (boxes, scores, classes), place in zip(found, placements)]
+        if ops is not None:
+            outputs = {name: ops.to_host(value) for name, value in outputs.items()}
         return [self._one_image(outputs, i, place) for i, place in enumerate(placements)]
 
     def __call__(self, frames: Sequence[np.ndarray]) -> list[tuple[Detection, ...]]:
@@ -85,7 +156,7 @@ class Detector:
         return self.postprocess(self.infer(feeds), placements)
 
     def _one_image(self, outputs: Mapping[str, np.ndarray], image: int, place: Placement) -> tuple[Detection, ...]:
-        found = self.head.decode(outputs, image, self.input_hw)
+        found = self.head.decode(outputs, image, self.input_hw, self.settings.conf)
         return select_detections(found, self.settings, place, self.names, self.head.first_class)
 
 

@@ -17,6 +17,7 @@ where the model did not, and maps boxes back to the frame.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Mapping
 
 import numpy as np
@@ -51,9 +52,12 @@ class Head:
     classes: int | None
     first_class: int = 0  # TensorFlow label maps count from 1
 
-    def decode(self, outputs: Mapping[str, np.ndarray], image: int, input_hw: tuple[int, int]) -> Candidates:
+    def decode(self, outputs: Mapping[str, np.ndarray], image: int, input_hw: tuple[int, int],
+               min_score: float = 0.0) -> Candidates:
+        """Candidates scoring at least ``min_score``: the score is found first, so boxes and classes are
+        decoded only for the few that pass (a 640 YOLO has 8400 anchors and keeps a handful)."""
         slices = [np.asarray(outputs[name][image]) for name in self.outputs]
-        return _DECODERS[self.name](slices, input_hw)
+        return _DECODERS[self.name](slices, input_hw, min_score)
 
 
 def describe_outputs(shapes: Mapping[str, tuple[int, ...]]) -> str:
@@ -150,12 +154,16 @@ def _cxcywh(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([boxes[:, :2] - half, boxes[:, :2] + half], axis=1)
 
 
-def _best_class(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    classes = scores.argmax(axis=1)
-    return scores[np.arange(len(scores)), classes], classes
+def _best_class(scores: np.ndarray, min_score: float, class_axis: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows kept, their best score, its class) for a score matrix whose classes lie along ``class_axis``;
+    the best score is a max over classes for every row, the argmax only for the rows kept."""
+    best = scores.max(axis=class_axis) if scores.shape[class_axis] else np.zeros(scores.shape[1 - class_axis])
+    keep = np.flatnonzero(best >= min_score)
+    kept = scores[keep] if class_axis == 1 else scores[:, keep]
+    return keep, best[keep], kept.argmax(axis=class_axis) if keep.size else np.zeros(0, np.int64)
 
 
-def _decode_ssd(slices: list[np.ndarray], input_hw: tuple[int, int]) -> Candidates:
+def _decode_ssd(slices: list[np.ndarray], input_hw: tuple[int, int], min_score: float) -> Candidates:
     boxes, scores, classes, count = slices
     n = int(np.asarray(count).reshape(-1)[0]) if np.asarray(count).size else len(scores)
     n = max(0, min(n, len(scores)))
@@ -163,52 +171,58 @@ def _decode_ssd(slices: list[np.ndarray], input_hw: tuple[int, int]) -> Candidat
                       np.round(classes[:n]).astype(np.int64), suppressed=True)
 
 
-def _decode_ssd_raw(slices: list[np.ndarray], input_hw: tuple[int, int]) -> Candidates:
+def _decode_ssd_raw(slices: list[np.ndarray], input_hw: tuple[int, int], min_score: float) -> Candidates:
     boxes, scores = slices
-    best, classes = _best_class(scores[:, 1:])
-    return Candidates(_yxyx_normalized(boxes.astype(np.float64), input_hw), best, classes + 1, suppressed=False)
+    keep, best, classes = _best_class(scores[:, 1:], min_score)
+    return Candidates(_yxyx_normalized(boxes[keep].astype(np.float64), input_hw), best, classes + 1, suppressed=False)
 
 
-def _decode_yolov8(slices: list[np.ndarray], input_hw: tuple[int, int]) -> Candidates:
-    rows = slices[0].T  # [A, 4+C]
-    best, classes = _best_class(rows[:, 4:])
-    return Candidates(_cxcywh(rows[:, :4].astype(np.float64)), best, classes, suppressed=False)
+def _decode_yolov8(slices: list[np.ndarray], input_hw: tuple[int, int], min_score: float) -> Candidates:
+    channels = slices[0]  # [4+C, A]: reduced over its class rows as laid out, never transposed whole
+    keep, best, classes = _best_class(channels[4:], min_score, class_axis=0)
+    return Candidates(_cxcywh(channels[:4, keep].T.astype(np.float64)), best, classes, suppressed=False)
 
 
-def _decode_yolov5(slices: list[np.ndarray], input_hw: tuple[int, int]) -> Candidates:
+def _decode_yolov5(slices: list[np.ndarray], input_hw: tuple[int, int], min_score: float) -> Candidates:
     rows = slices[0]
-    best, classes = _best_class(rows[:, 5:] * rows[:, 4:5])
-    return Candidates(_cxcywh(rows[:, :4].astype(np.float64)), best, classes, suppressed=False)
+    keep, best, classes = _best_class(rows[:, 5:] * rows[:, 4:5], min_score)
+    return Candidates(_cxcywh(rows[keep, :4].astype(np.float64)), best, classes, suppressed=False)
 
 
+@lru_cache(maxsize=8)
 def yolox_grid(input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Cell corners [A, 2] (x, y) and strides [A, 1], in YOLOX's order: stride by stride, row by row."""
+    """Cell corners [A, 2] (x, y) and strides [A, 1], in YOLOX's order: stride by stride, row by row
+    (made once per input size and shared, so read-only)."""
     grids, strides = [], []
     for stride in YOLO_STRIDES:
         rows, cols = -(-input_hw[0] // stride), -(-input_hw[1] // stride)
         ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
         grids.append(np.stack([xs.ravel(), ys.ravel()], axis=1))
         strides.append(np.full((rows * cols, 1), stride))
-    return np.concatenate(grids).astype(np.float64), np.concatenate(strides).astype(np.float64)
+    grid, stride = np.concatenate(grids).astype(np.float64), np.concatenate(strides).astype(np.float64)
+    grid.flags.writeable = stride.flags.writeable = False
+    return grid, stride
 
 
-def _decode_yolox(slices: list[np.ndarray], input_hw: tuple[int, int]) -> Candidates:
-    rows = slices[0].astype(np.float64)
+def _decode_yolox(slices: list[np.ndarray], input_hw: tuple[int, int], min_score: float) -> Candidates:
+    keep, best, classes = _best_class(slices[0][:, 5:] * slices[0][:, 4:5], min_score)
+    rows = slices[0][keep].astype(np.float64)
     grid, stride = yolox_grid(input_hw)
+    grid, stride = grid[keep], stride[keep]
     centres = (rows[:, :2] + grid) * stride
     sizes = np.exp(np.minimum(rows[:, 2:4], 20.0)) * stride
-    best, classes = _best_class(rows[:, 5:] * rows[:, 4:5])
     return Candidates(_cxcywh(np.concatenate([centres, sizes], axis=1)), best, classes, suppressed=False)
 
 
-def _decode_boxes_scores(slices: list[np.ndarray], input_hw: tuple[int, int]) -> Candidates:
+def _decode_boxes_scores(slices: list[np.ndarray], input_hw: tuple[int, int], min_score: float) -> Candidates:
     boxes, scores = slices[0].astype(np.float64), slices[1]
     if scores.shape[0] != boxes.shape[0]:
         scores = scores.T
+    # Normalized or pixels is judged on every box, not only those kept, so the filter cannot change it.
     if boxes.size and boxes.min() >= 0 and boxes.max() <= 1.0:
         boxes = boxes * np.array([input_hw[1], input_hw[0], input_hw[1], input_hw[0]], dtype=np.float64)
-    best, classes = _best_class(scores)
-    return Candidates(boxes, best, classes, suppressed=False)
+    keep, best, classes = _best_class(scores, min_score)
+    return Candidates(boxes[keep], best, classes, suppressed=False)
 
 
 _DECODERS = {

@@ -30,11 +30,18 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, 
     boxes = boxes.astype(np.float64, copy=False)
     offset = (boxes.max() - boxes.min() + 1.0) * classes.astype(np.float64)
     shifted = boxes + offset[:, None]
+    x1, y1, x2, y2 = (np.ascontiguousarray(shifted[:, i]) for i in range(4))
+    areas = (x2 - x1) * (y2 - y1)  # once, not per comparison
     order = np.argsort(-scores, kind="stable")
     keep: list[int] = []
     while order.size and len(keep) < max_detections:
         best = order[0]
         keep.append(int(best))
         rest = order[1:]
-        order = rest[box_iou(shifted[best], shifted[rest]) <= iou]
+        if not rest.size:
+            break
+        inter = (np.clip(np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]), 0, None)
+                 * np.clip(np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]), 0, None))
+        overlap = inter / np.maximum(areas[best] + areas[rest] - inter, 1e-12)
+        order = rest[overlap <= iou]
     return np.asarray(keep, dtype=np.int64)

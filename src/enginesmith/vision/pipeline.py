@@ -27,6 +27,9 @@ from .sources import Source
 LIVE_QUEUE = 2
 FILE_QUEUE = 8
 STAGE_QUEUE = 2
+# Per-stage times kept for the percentiles: the most recent frames only, so a run of days holds no more
+# memory than a run of minutes (means are over every frame).
+STAGE_WINDOW = 10_000
 
 
 class StageQueue:
@@ -92,7 +95,10 @@ class RunSummary:
     seconds: float = 0.0
     interrupted: bool = False
     sources: list[SourceCounts] = field(default_factory=list)
-    stage_seconds: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in StageTimes.STAGES})
+    # The last STAGE_WINDOW frames' seconds per stage (p50, p95), and every frame's total (the mean).
+    stage_seconds: dict[str, deque] = field(
+        default_factory=lambda: {s: deque(maxlen=STAGE_WINDOW) for s in StageTimes.STAGES})
+    stage_totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(StageTimes.STAGES, 0.0))
     # Seconds the inference thread spent in engine calls; engine-only FPS is frames over this.
     inference_busy: float = 0.0
     batches: int = 0
@@ -102,12 +108,13 @@ class RunSummary:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        def stats(values: list[float]) -> dict:
+        def stats(stage: str) -> dict:
+            values = self.stage_seconds[stage]
             if not values:
                 return {"mean_ms": None, "p50_ms": None, "p95_ms": None}
             ms = np.asarray(values) * 1e3
-            return {"mean_ms": round(float(ms.mean()), 3), "p50_ms": round(float(np.percentile(ms, 50)), 3),
-                    "p95_ms": round(float(np.percentile(ms, 95)), 3)}
+            return {"mean_ms": round(self.stage_totals[stage] / self.frames * 1e3, 3),
+                    "p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3)}
 
         return {
             "frames": self.frames,
@@ -118,7 +125,7 @@ class RunSummary:
             "interrupted": self.interrupted,
             "dropped": sum(s.dropped for s in self.sources),
             "corrupt": sum(s.corrupt for s in self.sources),
-            "stages": {name: stats(values) for name, values in self.stage_seconds.items()},
+            "stages": {name: stats(name) for name in self.stage_seconds},
             "sources": [vars(s).copy() for s in self.sources],
         }
 
@@ -141,7 +148,14 @@ def run_pipeline(
     frame_queues = [StageQueue(LIVE_QUEUE if s.live else FILE_QUEUE, drop_oldest=s.live) for s in sources]
     batch_queue = StageQueue(STAGE_QUEUE, drop_oldest=False)
     output_queue = StageQueue(STAGE_QUEUE, drop_oldest=False)
-    queues = [*frame_queues, batch_queue, output_queue]
+    # Input batch buffers go round: preprocessing fills a free one, inference hands it back after the engine
+    # call. One per batch that can be in flight (queued, being filled, in the engine) so nobody waits on them.
+    # (None: the detector makes its batches on the device.)
+    free_buffers = StageQueue(STAGE_QUEUE + 2, drop_oldest=False)
+    pooled = detector.batch_buffer(len(sources)) is not None
+    for _ in range(STAGE_QUEUE + 2 if pooled else 0):
+        free_buffers.put(detector.batch_buffer(len(sources)))
+    queues = [*frame_queues, batch_queue, output_queue, free_buffers]
     errors: list[BaseException] = []
 
     def stop() -> None:
@@ -188,16 +202,21 @@ def run_pipeline(
                     taken.append(item)
             if not taken:
                 continue
+            buffer = free_buffers.get() if pooled else None
+            if pooled and buffer is None:
+                return
             start = time.perf_counter()
-            feeds, placements = detector.preprocess([frame.pixels for frame, _, _ in taken])
-            if not batch_queue.put((taken, feeds, placements, time.perf_counter() - start)):
+            feeds, placements = detector.preprocess([frame.pixels for frame, _, _ in taken], out=buffer)
+            if not batch_queue.put((taken, feeds, placements, buffer, time.perf_counter() - start)):
                 return
 
     def infer() -> None:
         while (item := batch_queue.get()) is not None:
-            taken, feeds, placements, pre = item
+            taken, feeds, placements, buffer, pre = item
             start = time.perf_counter()
             outputs = detector.infer(feeds)
+            if buffer is not None:
+                free_buffers.put(buffer)
             if not output_queue.put((taken, outputs, placements, pre, time.perf_counter() - start)):
                 return
 
@@ -224,7 +243,9 @@ def run_pipeline(
                                      found, times)
                 on_result(frame, result)
                 for stage in StageTimes.STAGES:
-                    summary.stage_seconds[stage].append(getattr(times, stage))
+                    seconds = getattr(times, stage)
+                    summary.stage_seconds[stage].append(seconds)
+                    summary.stage_totals[stage] += seconds
                 summary.frames += 1
                 summary.sources[position].processed += 1
                 if max_frames is not None and summary.frames >= max_frames:

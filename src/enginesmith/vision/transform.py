@@ -8,6 +8,7 @@ boxes found in input pixels map back to the frame exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -99,7 +100,9 @@ def placement_for(height: int, width: int, spec: PreprocessSpec, target: tuple[i
 
 
 def to_tensor(pixels: np.ndarray, spec: PreprocessSpec, target: tuple[int, int]) -> tuple[np.ndarray, Placement]:
-    """One BGR uint8 frame -> an input tensor without the batch axis, and where the frame landed in it."""
+    """One BGR uint8 frame -> an input tensor without the batch axis, and where the frame landed in it.
+
+    The plain step-by-step reference; :func:`to_batch` is what the detector runs, and gives the same numbers."""
     cv2 = cv2_module()
     height, width = pixels.shape[:2]
     place = placement_for(height, width, spec, target)
@@ -109,23 +112,7 @@ def to_tensor(pixels: np.ndarray, spec: PreprocessSpec, target: tuple[int, int])
         image = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
     else:
         image = pixels
-    interpolation = cv2.INTER_AREA if place.scale_x < 1 and place.scale_y < 1 else cv2.INTER_LINEAR
-    new_w, new_h = round(width * place.scale_x), round(height * place.scale_y)
-    if (new_h, new_w) != (height, width):
-        image = cv2.resize(image, (new_w, new_h), interpolation=interpolation).reshape(new_h, new_w, -1)
-    if spec.letterbox:
-        canvas = np.full((target[0], target[1], image.shape[2]), spec.pad_value, dtype=image.dtype)
-        top, left = int(place.offset_y), int(place.offset_x)
-        canvas[top : top + new_h, left : left + new_w] = image
-        image = canvas
-    else:
-        top, left = int(-place.offset_y), int(-place.offset_x)
-        image = image[top : top + target[0], left : left + target[1]]
-        if image.shape[:2] != tuple(target):
-            raise InputError(
-                f"a {height}x{width} frame resized to {new_h}x{new_w} cannot give the {target[0]}x{target[1]} input "
-                "the engine takes; fix the preprocessing spec (resize/crop)"
-            )
+    image = _fit(image, place, spec, target, cv2)
     tensor = image.astype(np.float32)
     if spec.scale != 1.0:
         tensor *= np.float32(spec.scale)
@@ -135,3 +122,71 @@ def to_tensor(pixels: np.ndarray, spec: PreprocessSpec, target: tuple[int, int])
     if spec.layout == "NCHW":
         tensor = tensor.transpose(2, 0, 1)
     return np.ascontiguousarray(tensor.astype(spec.dtype, copy=False)), place
+
+
+def to_batch(frames: Sequence[np.ndarray], spec: PreprocessSpec, target: tuple[int, int],
+             out: np.ndarray | None = None) -> tuple[np.ndarray, list[Placement]]:
+    """BGR uint8 frames -> one input batch and where each frame landed: the same numbers as stacking
+    :func:`to_tensor`, in fewer passes over the pixels.
+
+    Each frame is resized once while still BGR uint8 (a channel swap commutes with resizing), letterboxed
+    with one ``copyMakeBorder`` and split into contiguous planes; each plane is scaled straight into its
+    place in the batch (float32 throughout). ``out``, a batch buffer of at least ``len(frames)`` rows with
+    the input's shape and dtype, is filled and a view of it returned; without it a new one is made."""
+    cv2 = cv2_module()
+    if spec.color == "GRAY" or np.dtype(spec.dtype).kind != "f":
+        # Gray conversion does not commute with resizing, and integer inputs take raw pixels: the reference path.
+        tensors, placements = zip(*(to_tensor(f, spec, target) for f in frames))
+        return np.stack(tensors), list(placements)
+    shape = (len(frames), 3, *target) if spec.layout == "NCHW" else (len(frames), *target, 3)
+    if out is None or out.shape[1:] != shape[1:] or out.shape[0] < len(frames) or out.dtype != np.dtype(spec.dtype):
+        out = np.empty(shape, spec.dtype)
+    batch = out[: len(frames)]
+    scale = np.float32(spec.scale)
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    mean, std = np.broadcast_to(mean, 3), np.broadcast_to(std, 3)
+    normalize = bool(mean.any() or (std != 1).any())
+    # float16 inputs are computed in float32 and cast once, as the reference does.
+    scratch = None if batch.dtype == np.float32 else np.empty(target, np.float32)
+    placements = []
+    for row, pixels in enumerate(frames):
+        place = placement_for(pixels.shape[0], pixels.shape[1], spec, target)
+        planes = cv2.split(_fit(pixels, place, spec, target, cv2))
+        if spec.color == "RGB":
+            planes = planes[::-1]
+        for channel, plane in enumerate(planes):
+            into = batch[row, channel] if spec.layout == "NCHW" else batch[row, :, :, channel]
+            work = into if scratch is None else scratch
+            np.multiply(plane, scale, out=work, dtype=np.float32)
+            if normalize:
+                work -= mean[channel]
+                work /= std[channel]
+            if work is not into:
+                into[...] = work
+        placements.append(place)
+    return batch, placements
+
+
+def _fit(image: np.ndarray, place: Placement, spec: PreprocessSpec, target: tuple[int, int], cv2) -> np.ndarray:
+    """Resize (area when shrinking both ways, else bilinear), then letterbox or crop to ``target``; uint8 HWC out."""
+    height, width = image.shape[:2]
+    interpolation = cv2.INTER_AREA if place.scale_x < 1 and place.scale_y < 1 else cv2.INTER_LINEAR
+    new_w, new_h = round(width * place.scale_x), round(height * place.scale_y)
+    if (new_h, new_w) != (height, width):
+        image = cv2.resize(image, (new_w, new_h), interpolation=interpolation).reshape(new_h, new_w, -1)
+    if spec.letterbox:
+        top, left = int(place.offset_y), int(place.offset_x)
+        bottom, right = target[0] - new_h - top, target[1] - new_w - left
+        if top or bottom or left or right:
+            pad = round(spec.pad_value)
+            image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT,
+                                       value=(pad,) * image.shape[2]).reshape(target[0], target[1], -1)
+        return image
+    top, left = int(-place.offset_y), int(-place.offset_x)
+    cropped = image[top : top + target[0], left : left + target[1]]
+    if cropped.shape[:2] != tuple(target):
+        raise InputError(
+            f"a {height}x{width} frame resized to {new_h}x{new_w} cannot give the {target[0]}x{target[1]} input "
+            "the engine takes; fix the preprocessing spec (resize/crop)"
+        )
+    return cropped

@@ -41,6 +41,7 @@ class TorchSession(Session):
         self.load_seconds = load_seconds
         self.cache_info = cache_info
         self.load_steps: dict[str, float] = {}
+        self._ops = None
 
     @property
     def device(self) -> str:
@@ -153,6 +154,13 @@ class TorchSession(Session):
                 target.copy_(value)
                 filled[name] = target
             return filled
+
+    def device_ops(self):
+        from .device_ops import TorchDeviceOps
+
+        if self._ops is None:
+            self._ops = TorchDeviceOps(self._device)
+        return self._ops
 
     def _device_tensors(self, feeds: Mapping[str, Any]) -> list:
         torch = self._torch

@@ -1,0 +1,119 @@
+"""Pre- and post-processing with torch on the engine's device, so frames go up as uint8 and only the
+boxes kept come back (see :class:`~enginesmith.backends.base.DeviceOps`).
+
+NMS is torchvision's ``batched_nms`` where torchvision is installed; without it, the same greedy
+class-aware NMS from an IoU matrix computed on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..base import DeviceOps, ImageGeometry
+from .common import _torch, _torch_dtype
+
+LAYOUTS = ("channels_cxcywh",)
+
+
+class TorchDeviceOps(DeviceOps):
+    def __init__(self, device: Any):
+        self._torch = _torch()
+        self._device = self._torch.device(device)
+        self.device = str(self._device)
+        try:
+            from torchvision.ops import batched_nms
+        except ImportError:
+            batched_nms = None
+        self._batched_nms = batched_nms
+        self._pinned: dict[tuple, Any] = {}
+
+    def _upload(self, frame: np.ndarray):
+        """A uint8 frame on the device, through a pinned buffer (per frame shape) when the device is a GPU."""
+        torch = self._torch
+        host = torch.from_numpy(np.ascontiguousarray(frame))
+        if self._device.type != "cuda":
+            return host
+        staging = self._pinned.get(frame.shape)
+        if staging is None:
+            if len(self._pinned) > 8:
+                self._pinned.clear()
+            staging = self._pinned[frame.shape] = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True)
+        staging.copy_(host)
+        # Synchronous on purpose: the staging buffer is reused by the next frame.
+        return staging.to(self._device)
+
+    def images_to_batch(self, frames: Sequence[np.ndarray], places: Sequence[ImageGeometry], size: tuple[int, int],
+                        *, pad_value: float, swap_rb: bool, scale: float, mean: Sequence[float], std: Sequence[float],
+                        layout: str, dtype: str):
+        torch = self._torch
+        functional = torch.nn.functional
+        channels = frames[0].shape[2] if frames[0].ndim == 3 else 1
+        batch = torch.full((len(frames), channels, *size), float(pad_value), dtype=torch.float32, device=self._device)
+        for row, (frame, place) in enumerate(zip(frames, places)):
+            image = self._upload(frame.reshape(frame.shape[0], frame.shape[1], -1)).permute(2, 0, 1)[None].float()
+            if (place.height, place.width) != tuple(frame.shape[:2]):
+                shrinking = place.height < frame.shape[0] and place.width < frame.shape[1]
+                image = functional.interpolate(image, size=(place.height, place.width), mode="bilinear",
+                                               align_corners=False, antialias=shrinking)
+            batch[row, :, place.top : place.top + place.height, place.left : place.left + place.width] = image[0]
+        if swap_rb:
+            batch = batch.flip(1)
+        batch.mul_(float(scale))
+        mean_t = torch.tensor(np.broadcast_to(np.asarray(mean, np.float32), channels).copy(), device=self._device)
+        std_t = torch.tensor(np.broadcast_to(np.asarray(std, np.float32), channels).copy(), device=self._device)
+        if bool((mean_t != 0).any()) or bool((std_t != 1).any()):
+            batch = (batch - mean_t[:, None, None]) / std_t[:, None, None]
+        if layout.upper() == "NHWC":
+            batch = batch.permute(0, 2, 3, 1)
+        return batch.to(_torch_dtype(dtype)).contiguous()
+
+    def select_boxes(self, output: Any, layout: str, min_score: float, iou: float, max_boxes: int,
+                     top_k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown box layout '{layout}'; the layouts are {', '.join(LAYOUTS)}")
+        torch = self._torch
+        found = []
+        for image in output:  # [4 + C, A]
+            scores, classes = image[4:].max(dim=0)
+            keep = torch.nonzero(scores >= min_score).squeeze(1)
+            if keep.numel() > top_k:
+                keep = keep[scores[keep].topk(top_k).indices]
+            centres = image[:4, keep].T.double()
+            half = centres[:, 2:4] / 2
+            boxes = torch.cat([centres[:, :2] - half, centres[:, :2] + half], dim=1)
+            kept_scores, kept_classes = scores[keep].float(), classes[keep]
+            order = self._nms(boxes, kept_scores, kept_classes, iou)[:max_boxes]
+            found.append((boxes[order].cpu().numpy(), kept_scores[order].cpu().numpy(),
+                          kept_classes[order].cpu().numpy().astype(np.int64)))
+        return found
+
+    def _nms(self, boxes, scores, classes, iou: float):
+        torch = self._torch
+        if boxes.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+        if self._batched_nms is not None:
+            return self._batched_nms(boxes, scores.double(), classes, iou)
+        # Classes apart by more than the boxes' extent never overlap: one pass does every class.
+        shifted = boxes + ((boxes.max() - boxes.min() + 1.0) * classes.double())[:, None]
+        order = torch.sort(scores, descending=True, stable=True).indices
+        ordered = shifted[order]
+        lows = torch.maximum(ordered[:, None, :2], ordered[None, :, :2])
+        highs = torch.minimum(ordered[:, None, 2:], ordered[None, :, 2:])
+        inter = (highs - lows).clamp(min=0).prod(dim=2)
+        areas = (ordered[:, 2:] - ordered[:, :2]).prod(dim=1)
+        overlap = (inter / (areas[:, None] + areas[None, :] - inter).clamp(min=1e-12)).cpu().numpy() > iou
+        alive = np.ones(len(order), bool)
+        kept = []
+        for i in range(len(order)):
+            if alive[i]:
+                kept.append(i)
+                alive &= ~overlap[i]
+        return order[torch.as_tensor(kept, dtype=torch.int64, device=order.device)]
+
+    def to_host(self, value: Any) -> np.ndarray:
+        return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+    def concat(self, values: Sequence[Any]):
+        return self._torch.cat(list(values), dim=0)
