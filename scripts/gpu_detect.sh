@@ -55,7 +55,9 @@ sys.path.insert(0, "tests")
 import enginesmith as es
 from vision_models import fetch_real_detector
 prep = Path(sys.argv[1])
-shutil.copy(fetch_real_detector("nudenet_yolov8n_320"), prep / "cache" / "nudenet_yolov8n_320.onnx")
+nudenet, kept = fetch_real_detector("nudenet_yolov8n_320"), prep / "cache" / "nudenet_yolov8n_320.onnx"
+if Path(nudenet).resolve() != kept.resolve():  # a second prepare finds it in the cache already
+    shutil.copy(nudenet, kept)
 for given in map(Path, sys.argv[2:]):
     if given.suffix in (".onnx", ".engine"):
         shutil.copy(given, prep / "models" / given.name)
