@@ -70,7 +70,8 @@ def _print_report(report) -> None:
     tbl.add_row(str(report.rows), str(report.parts_computed), str(report.parts_skipped), _workers_text(report),
                 f"{report.seconds:.1f}", f"{report.rows_per_second:.0f}" if report.rows_computed else "-")
     console.print(tbl)
-    console.print(escape(f"wrote {report.output} ({report.parts} part files; ids in column '{report.id_column}')"),
+    files = f"{report.parts} part file{'s' if report.parts != 1 else ''}"
+    console.print(escape(f"wrote {report.output} ({files}; ids in column '{report.id_column}')"),
                   highlight=False, soft_wrap=True)
 
 
