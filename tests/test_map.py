@@ -348,3 +348,9 @@ def test_default_parts_split_the_input_evenly_within_size_bounds():
     images = Signature((TensorSpec("image", "float32", ("batch", 3, 224, 224)),), vectors.outputs)
     assert default_part_rows(images, 500, PreprocessSpec(resize=256, center_crop=(224, 224))) == 8
     assert default_part_rows(images, 10**7) == 111  # 64 MB of 224x224x3 float32
+
+
+def test_load_threads_override_sizes_each_worker_engine(engines):
+    # map's workers load their engine with as many intra-op threads as CPUs they reserve
+    engine = es.load(engines["mlp"], threads=1)
+    assert engine._session._session.get_session_options().intra_op_num_threads == 1
