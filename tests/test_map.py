@@ -354,3 +354,15 @@ def test_load_threads_override_sizes_each_worker_engine(engines):
     # map's workers load their engine with as many intra-op threads as CPUs they reserve
     engine = es.load(engines["mlp"], threads=1)
     assert engine._session._session.get_session_options().intra_op_num_threads == 1
+
+
+@pytest.mark.parametrize("shape, dtype", [(("batch", 2, 3), "float32"), (("batch", "n", 3), "float16"),
+                                          (("batch",), "int64"), (("batch", 4), "bool")])
+def test_output_columns_read_back_as_the_arrays_written(shape, dtype):
+    from enginesmith.batch.columns import column_to_array, output_type
+
+    spec = TensorSpec("t", dtype, shape)
+    value = (np.random.default_rng(0).standard_normal((5, *[3 if d == "n" else d for d in shape[1:]])) * 4).astype(dtype)
+    column = array_to_column(value, spec)
+    assert column.type == output_type(spec)  # every part gets the schema known before anything runs
+    np.testing.assert_array_equal(column_to_array("t", column, spec), value)
