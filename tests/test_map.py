@@ -45,8 +45,18 @@ def engines(tmp_path_factory) -> dict[str, Path]:
     return {
         "mlp": build_engine(make_mlp(), folder, "mlp"),
         "two": build_engine(make_two_in_two_out(), folder, "two"),
-        "cnn": build_engine(small_cnn(image_size=16, channels=3), folder, "cnn"),
+        "cnn": _engine_with_preprocessing(folder),
     }
+
+
+def _engine_with_preprocessing(folder: Path) -> Path:
+    """A CNN whose bundle carries its preprocessing: shorter side to 18, centre crop 16, ImageNet mean/std."""
+    import onnx
+
+    onnx.save(small_cnn(image_size=16, channels=3), folder / "cnn.onnx")
+    es.build(folder / "cnn.onnx", verify=False, graph_passes=False, check_compatibility=False,
+             preprocess="resize=18;crop=16;mean=0.485/0.456/0.406;std=0.229/0.224/0.225").save(folder / "cnn.engine")
+    return folder / "cnn.engine"
 
 
 def tensor_column(values: np.ndarray) -> pa.Array:
@@ -74,8 +84,9 @@ def by_id(table: pa.Table, column: str) -> dict:
 def test_parquet_folder_rows_equal_the_in_process_engine(tmp_path, engines):
     x1 = write_mlp_input(tmp_path / "in" / "a.parquet", 230, seed=1)
     x2 = write_mlp_input(tmp_path / "in" / "sub" / "b.parquet", 170, seed=2, start=230)
+    seen = []
     report = map_dataset(engines["mlp"], tmp_path / "in", tmp_path / "out.parquet", part_rows=100, batch_size=32,
-                         workers=2)
+                         workers=2, progress=lambda stage, done, total: seen.append((stage, done, total)))
 
     table = read_output(tmp_path / "out.parquet")
     assert table.column_names == ["id", "probs"]
@@ -90,6 +101,7 @@ def test_parquet_folder_rows_equal_the_in_process_engine(tmp_path, engines):
     assert sorted(p.name for p in (tmp_path / "out.parquet").glob("part-*")) == [
         f"part-{n:012d}.parquet" for n in (0, 100, 200, 230, 330)]
     assert json.loads((tmp_path / "out.parquet" / "_enginesmith_map.json").read_text())["complete"] is True
+    assert seen[0] == ("map", 0, 400) and seen[-1] == ("map", 400, 400) and len(seen) == 6  # once per part
 
 
 def test_list_and_tensor_columns_with_row_numbers_as_ids(tmp_path, engines):
@@ -126,7 +138,8 @@ def test_image_folder_uses_relative_paths_as_ids(tmp_path, engines):
 
     table = read_output(tmp_path / "out")
     engine = es.load(engines["cnn"])
-    expected = engine(es.api.image_inputs(engine, paths))["probs"]
+    assert engine.manifest.preprocess["center_crop"] == [16, 16]
+    expected = engine(es.api.image_inputs(engine, paths))["probs"]  # the bundle's preprocessing, in-process
     got = by_id(table, "probs")
     assert sorted(got) == sorted(p.relative_to(tmp_path / "images").as_posix() for p in paths)
     for path, row in zip(paths, expected):
@@ -335,3 +348,21 @@ def test_default_parts_split_the_input_evenly_within_size_bounds():
     images = Signature((TensorSpec("image", "float32", ("batch", 3, 224, 224)),), vectors.outputs)
     assert default_part_rows(images, 500, PreprocessSpec(resize=256, center_crop=(224, 224))) == 8
     assert default_part_rows(images, 10**7) == 111  # 64 MB of 224x224x3 float32
+
+
+def test_load_threads_override_sizes_each_worker_engine(engines):
+    # map's workers load their engine with as many intra-op threads as CPUs they reserve
+    engine = es.load(engines["mlp"], threads=1)
+    assert engine._session._session.get_session_options().intra_op_num_threads == 1
+
+
+@pytest.mark.parametrize("shape, dtype", [(("batch", 2, 3), "float32"), (("batch", "n", 3), "float16"),
+                                          (("batch",), "int64"), (("batch", 4), "bool")])
+def test_output_columns_read_back_as_the_arrays_written(shape, dtype):
+    from enginesmith.batch.columns import column_to_array, output_type
+
+    spec = TensorSpec("t", dtype, shape)
+    value = (np.random.default_rng(0).standard_normal((5, *[3 if d == "n" else d for d in shape[1:]])) * 4).astype(dtype)
+    column = array_to_column(value, spec)
+    assert column.type == output_type(spec)  # every part gets the schema known before anything runs
+    np.testing.assert_array_equal(column_to_array("t", column, spec), value)

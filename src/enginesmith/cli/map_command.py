@@ -33,7 +33,7 @@ def map_command(
     trust_code: bool = typer.Option(False, "--trust-code", help="Load engines whose payload runs code (the torch backend's compiler cache); only from builders you trust."),
 ) -> None:
     """Score every row of a dataset with ENGINE on a Ray cluster (Ray Data, one engine per worker)
-    into OUT.parquet, a folder of Parquet part files that pyarrow, pandas and Ray read as one table.
+    into OUT.parquet, a folder of Parquet part files that pyarrow and pandas read as one table.
 
     Rows keep their ids. Each part is written whole or not at all, so a run that was stopped
     resumes where it was when started again with the same arguments (finished parts are not
@@ -70,7 +70,8 @@ def _print_report(report) -> None:
     tbl.add_row(str(report.rows), str(report.parts_computed), str(report.parts_skipped), _workers_text(report),
                 f"{report.seconds:.1f}", f"{report.rows_per_second:.0f}" if report.rows_computed else "-")
     console.print(tbl)
-    console.print(escape(f"wrote {report.output} ({report.parts} part files; ids in column '{report.id_column}')"),
+    files = f"{report.parts} part file{'s' if report.parts != 1 else ''}"
+    console.print(escape(f"wrote {report.output} ({files}; ids in column '{report.id_column}')"),
                   highlight=False, soft_wrap=True)
 
 
