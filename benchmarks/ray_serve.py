@@ -116,6 +116,43 @@ async def handle_clients(dispatcher: Any, input_name: str, x: np.ndarray, client
     return {**counts, "seconds": wall, "items_per_s": counts["ok"] * x.shape[0] / wall}
 
 
+def replica_pids(app_prefix: str = "enginesmith-m-") -> list[int]:
+    """The process ids of the replicas serving model "m" (asked through the deployment's handle)."""
+    from ray import serve
+
+    pids: set[int] = set()
+    for app in (name for name in serve.status().applications if name.startswith(app_prefix)):
+        handle = serve.get_app_handle(app).options(method_name="describe")
+        pids |= {handle.remote().result(timeout_s=60)["pid"] for _ in range(16)}
+    return sorted(pids)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (/proc/PID/stat; Linux)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the line)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class CpuShare:
+    """CPU seconds per wall second that the given processes got during a ``with`` block."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+
+    def __enter__(self) -> "CpuShare":
+        self._cpu, self._wall = cpu_seconds(self.pids), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cores = round((cpu_seconds(self.pids) - self._cpu) / (time.perf_counter() - self._wall), 2)
+
+
 def server_flags(args: argparse.Namespace, address: str, replicas: int, x: np.ndarray) -> list[str]:
     flags = ["--ray", "--address", address, "--replicas", str(replicas), "--replica-cpus", str(args.replica_cpus),
              "--max-request-bytes", str(max(64 << 20, 2 * x.nbytes + (1 << 20))), "--log-every", "3600"]
@@ -153,9 +190,11 @@ def measure(args: argparse.Namespace, engine_path: Path, address: str) -> dict:
                 if mode == "http":
                     with ServerProcess(engine_path, "m", *server_flags(args, address, replicas, x)) as server:
                         asyncio.run(http_clients(server.http, input_name, output, x, args.clients, args.warmup))
-                        with LoadMonitor() as load:
+                        replicas_cpu, front_cpu = CpuShare(replica_pids()), CpuShare([server.process.pid])
+                        with LoadMonitor() as load, replicas_cpu, front_cpu:
                             result = asyncio.run(http_clients(server.http, input_name, output, x, args.clients,
                                                               args.duration))
+                        result["cores_used"] = {"replicas": replicas_cpu.cores, "front_end": front_cpu.cores}
                 else:
                     options = RayOptions(address=address, replicas=replicas, cpus_per_replica=args.replica_cpus,
                                          gpus_per_replica=1.0 if args.gpus else None)
@@ -164,12 +203,15 @@ def measure(args: argparse.Namespace, engine_path: Path, address: str) -> dict:
                                                  None, args.trust_code, None)
                     try:
                         dispatcher = served[0].batcher
+                        pids = replica_pids()
 
                         async def drive() -> dict:
                             await handle_clients(dispatcher, input_name, x, args.clients, args.warmup)
-                            with LoadMonitor() as load:
+                            replicas_cpu, own_cpu = CpuShare(pids), CpuShare([os.getpid()])
+                            with LoadMonitor() as load, replicas_cpu, own_cpu:
                                 outcome = await handle_clients(dispatcher, input_name, x, args.clients, args.duration)
-                            return {**outcome, "load": load.facts}
+                            return {**outcome, "load": load.facts,
+                                    "cores_used": {"replicas": replicas_cpu.cores, "benchmark_process": own_cpu.cores}}
 
                         result = asyncio.run(drive())
                         load_facts = result.pop("load")
@@ -178,14 +220,16 @@ def measure(args: argparse.Namespace, engine_path: Path, address: str) -> dict:
                 if mode == "http":
                     load_facts = load.facts
                 runs[mode][replicas].append({**result, "load": load_facts})
-                print(f"    {result['items_per_s']:.1f} items/s ({result['ok']} requests, {result['failed']} failed)",
-                      flush=True)
+                print(f"    {result['items_per_s']:.1f} items/s ({result['ok']} requests, {result['failed']} failed; "
+                      f"cores used {result['cores_used']})", flush=True)
     summary = {}
     for mode, by_replicas in runs.items():
         one = statistics.median(r["items_per_s"] for r in by_replicas[1])
         two = statistics.median(r["items_per_s"] for r in by_replicas[2])
+        cores = {n: statistics.median(r["cores_used"]["replicas"] for r in by_replicas[n]) for n in (1, 2)}
         summary[mode] = {"one_replica_items_per_s": one, "two_replicas_items_per_s": two,
-                         "speedup": two / one if one else None}
+                         "speedup": two / one if one else None,
+                         "replica_cores_used": {"one_replica": cores[1], "two_replicas": cores[2]}}
     return {"input": {"name": input_name, "shape": list(x.shape), "dtype": str(x.dtype)}, "runs": runs,
             "summary": summary}
 
@@ -250,12 +294,15 @@ def main(argv: list[str] | None = None) -> None:
     target = 1.8 if args.gpus else 1.6
     report = {"benchmark": "ray_serve", "plan": plan, "machine": facts, "target_speedup": target,
               "note": "load.other_cpu_share counts the replicas and the front end as 'other' (they are not "
-                      "children of this process); loadavg is the machine's",
+                      "children of this process); cores_used is the CPU seconds per second the replica processes "
+                      "(and the front end, or this process in handle mode) got, from /proc",
               "in_process_one_thread": baseline, **results}
-    print(f"\n{'mode':8} {'1 replica':>14} {'2 replicas':>14} {'speedup':>8}  (target >= {target}x)")
+    print(f"\n{'mode':8} {'1 replica':>14} {'2 replicas':>14} {'speedup':>8}  {'replica cores used (1 / 2)':>28}"
+          f"  (target >= {target}x)")
     for mode, row in results["summary"].items():
+        used = row["replica_cores_used"]
         print(f"{mode:8} {row['one_replica_items_per_s']:>10.1f}/s   {row['two_replicas_items_per_s']:>10.1f}/s "
-              f"{row['speedup']:>7.2f}x")
+              f"{row['speedup']:>7.2f}x  {used['one_replica']:>13.2f} / {used['two_replicas']:.2f}")
     if baseline:
         print(f"in-process, one call at a time: {baseline['items_per_s']:.1f} items/s (p50 {baseline['p50_ms']:.1f} ms)")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,19 @@ def _rows(rows: int, seed: int, width: int = 6) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
 
 
+def test_an_address_where_no_cluster_answers_is_one_line_at_once(engines, capsys):
+    """First in the file: this process is not connected to Ray yet (ray.init would wait for minutes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    started = time.perf_counter()
+    assert main(["serve", str(engines["mlp"]), "--ray", "--address", f"127.0.0.1:{port}", "--duration", "1"]) == 2
+    err = capsys.readouterr().err
+    assert time.perf_counter() - started < 15 and not ray.is_initialized()
+    assert f"cannot connect to Ray at '127.0.0.1:{port}': nothing answers there" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_replicas_run_on_the_cluster(server, cluster):
     assert any(f"mlp: 2 replica(s) on Ray at {cluster.address}" in line for line in server.log_lines)
     from ray import serve

@@ -42,7 +42,7 @@ def serve(
     max_queue_delay_us: int = typer.Option(0, "--max-queue-delay-us", min=0, metavar="US", help="How long a batch waits for more requests before it runs (default 0: it takes what is queued)."),
     max_queue: int = typer.Option(256, "--max-queue", min=1, metavar="N", help="Requests waiting per model; beyond it requests get 503 with Retry-After."),
     instances: int = typer.Option(1, "--instances", min=1, metavar="N", help="Engine calls running at once per model (worker threads)."),
-    timeout_ms: Optional[float] = typer.Option(None, "--timeout-ms", min=0.001, metavar="MS", help="A request still queued after this long gets 503 (default: none; a request's 'timeout' parameter overrides)."),
+    timeout_ms: Optional[float] = typer.Option(None, "--timeout-ms", min=0.001, metavar="MS", help="A request still queued after this long gets 503 (default: none; a request's 'timeout' parameter overrides). With --ray: the longest a request waits for its answer (default 60 s)."),
     max_request_bytes: int = typer.Option(64 * 1024 * 1024, "--max-request-bytes", min=1, metavar="BYTES", help="Largest request body; larger ones get 413."),
     log_every: float = typer.Option(60.0, "--log-every", min=0.1, metavar="SECONDS", help="Print request rates this often."),
     duration: Optional[float] = typer.Option(None, "--duration", min=0.1, metavar="SECONDS", help="Stop by itself after this long (default: until interrupted)."),
@@ -58,6 +58,9 @@ def serve(
 
     Requests for the same model are merged into batches (--max-batch, --max-queue-delay-us);
     tritonclient.http and tritonclient.grpc work against it. Stops on Ctrl-C or SIGTERM.
+
+    With --ray the engines run in Ray Serve replicas (--replicas, one GPU each on CUDA), on a local
+    Ray instance or the cluster at --address; the protocol, checks and metrics stay here.
     """
     check_serve_dependencies()
     from ..serve import serve as start_server

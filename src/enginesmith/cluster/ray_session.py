@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, verbose:
         options["num_cpus"] = num_cpus
     elif num_cpus is not None:
         raise RayConnectionError("num_cpus is for a local instance; a cluster at an address has its own resources")
+    else:
+        check_reachable(address)
     try:
         ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -96,6 +99,20 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, verbose:
         raise RayConnectionError(f"cannot connect to Ray {where}: {first}{hint}") from None
     context = ray.get_runtime_context()
     return RaySession(context.gcs_address, True, address is None, dict(ray.cluster_resources()))
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when nothing listens at HOST:PORT: ray.init would wait for minutes, printing warnings."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "auto", ray://: Ray finds or reaches them its own way
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise RayConnectionError(f"cannot connect to Ray at '{address}': nothing answers there ({reason}); start a "
+                                 "cluster with 'ray start --head' and pass its address (HOST:6379), or leave "
+                                 "--address out to start a local instance") from None
 
 
 def disconnect(session: RaySession) -> None:

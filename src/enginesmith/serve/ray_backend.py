@@ -315,7 +315,11 @@ async def _awaited(response: Any) -> Any:
 
 
 class RayServedModel(ServedModel):
-    """A ServedModel whose engine calls go to Ray Serve replicas."""
+    """A ServedModel whose engine calls go to Ray Serve replicas.
+
+    It shares the metadata, request checks and response building; it has no local batcher (ServedModel's
+    constructor would start one), its ``batcher`` is the dispatcher and its counters the cluster's.
+    """
 
     def __init__(self, name: str, engine: RemoteEngine, dispatcher: ReplicaDispatcher, timeout_ms: float | None):
         self._describe(name, engine, timeout_ms)  # type: ignore[arg-type]

@@ -69,7 +69,8 @@ class ServeOptions:
 
 @dataclass
 class ServerHandle:
-    """A running server. ``stop()`` (or leaving a ``with`` block) shuts it down and closes the engines it loaded."""
+    """A running server. ``stop()`` (or leaving a ``with`` block) shuts it down and closes the engines it loaded
+    (with ``ray``: deletes its Ray Serve applications and leaves the cluster)."""
 
     url: str
     grpc_address: str | None
