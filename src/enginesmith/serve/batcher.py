@@ -135,6 +135,29 @@ class DynamicBatcher:
             self._cond.notify()
         return pending.future
 
+    def run_if_idle(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Run a request on the calling thread at once when nothing is queued or running; else None (submit it).
+
+        The fast path for a lone request: no hand-off to a worker and back, no gathering window (there
+        is nothing to merge it with). While it runs it counts as running, so the workers and ``pending``
+        see it. The engine's errors are raised here.
+        """
+        with self._cond:
+            if self._stopping:
+                raise BatcherStoppedError("the server is stopping")
+            if self._queue or self._running:
+                return None
+            self._running += 1
+        try:
+            self._on_dequeue(0)
+            started = time.perf_counter_ns()
+            outputs = self._run(feeds)
+            self._on_execution(ExecutionRecord(1, merge_key(feeds)[0] or 1, time.perf_counter_ns() - started))
+            return outputs
+        finally:
+            with self._cond:
+                self._running -= 1
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Refuse new requests, fail the queued ones, let running batches finish, join the workers."""
         with self._cond:
