@@ -261,7 +261,7 @@ def test_a_lone_request_on_an_idle_server_does_not_wait_for_the_queue_delay(engi
 def test_requests_begun_together_are_batched_not_run_one_by_one(engines, reference):
     """Two requests in flight at once on the same loop: neither takes the fast path, the batcher merges them."""
     from enginesmith.serve.batcher import BatchingOptions
-    from enginesmith.serve.models import InFlight, ServedModel
+    from enginesmith.serve.models import LOOP_CALL_LIMIT_NS, InFlight, ServedModel
     from enginesmith.serve.protocol import InferRequest
 
     engine = es.load(engines["mlp"])
@@ -280,8 +280,13 @@ def test_requests_begun_together_are_batched_not_run_one_by_one(engines, referen
             np.testing.assert_allclose(response.outputs["probs"], reference(x=x)["probs"], rtol=1e-6, atol=1e-7)
         counters = model.stats.snapshot()
         assert (counters.exec_count, counters.inference_count) == (1, 3)  # one merged call
-        asyncio.run(one(xs[0]))  # alone again: the fast path, one more call of its own
-        assert model.stats.snapshot().exec_count == 2
+        queued_ns = model.stats.snapshot().queue_duration_ns
+        asyncio.run(one(xs[0]))  # alone again: the fast path, one more call of its own, no time queued
+        assert model.stats.snapshot().exec_count == 2 and model.stats.snapshot().queue_duration_ns == queued_ns
+        # an engine whose latest call took longer than the limit is not run on the event loop
+        model.batcher.last_call_ns = LOOP_CALL_LIMIT_NS + 1
+        asyncio.run(one(xs[0]))
+        assert model.stats.snapshot().exec_count == 3 and model.stats.snapshot().queue_duration_ns > queued_ns
     finally:
         model.batcher.stop()
         engine.close()

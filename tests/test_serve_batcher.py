@@ -258,3 +258,14 @@ def test_binary_outputs_are_written_with_the_header_in_one_body():
     assert sizes == [24, 6]
     np.testing.assert_array_equal(np.frombuffer(body[length:length + 24], np.float32).reshape(2, 3), y)
     np.testing.assert_array_equal(np.frombuffer(body[length + 24:], np.bool_).reshape(2, 3), y > 2)
+
+
+def test_a_request_is_no_longer_running_once_its_answer_is_out():
+    """A client that sends again as soon as it has its answer must find the batcher idle (the fast path)."""
+    batcher = DynamicBatcher(lambda feeds: {"y": feeds["x"]}, BatchingOptions())
+    seen: list[int] = []
+    future = batcher.submit(_rows(1, 1.0))
+    future.add_done_callback(lambda _: seen.append(batcher.pending))  # runs as the worker resolves it
+    future.result(10)
+    batcher.stop()
+    assert seen == [0]

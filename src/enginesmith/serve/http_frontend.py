@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-import numpy as np
 from aiohttp import web
 
 from .. import __version__
+from .bodies import BodyBuffers, read_body
 from .models import Repository
 from .protocol import HEADER_LENGTH, ProtocolError, decode_http_request, encode_http_response
 
@@ -41,56 +41,13 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
 
 
-async def read_body(request: web.Request, max_request_bytes: int) -> bytes | memoryview:
-    """The request body, read once. With a Content-Length, into one buffer placed so that the binary
-    tensor data after the JSON header starts 64-byte aligned: inputs become views of it, and the
-    chunks are copied once (aiohttp's ``read()`` copies twice and leaves the tensors misaligned)."""
-    length = request.content_length
-    if length is None or request.headers.get("Content-Encoding", "identity") != "identity":
-        try:  # chunked or compressed: the size is known only once read; aiohttp counts against the limit
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise ProtocolError(413, f"the request body is larger than the server's limit of {max_request_bytes} "
-                                     "bytes (--max-request-bytes)") from None
-    body = memoryview(_aligned_buffer(length, _binary_offset(request.headers.get(HEADER_LENGTH), length)))
-    stream = request.content
-    if hasattr(stream, "set_read_chunk_size"):  # aiohttp >= 3.13: no pause/resume of the socket per 128 KiB
-        stream.set_read_chunk_size(length)
-    filled = 0
-    while filled < length:
-        chunk = await stream.readany()
-        if not chunk:
-            raise ProtocolError(400, f"the request body ended after {filled} of its {length} bytes (Content-Length)")
-        body[filled:filled + len(chunk)] = chunk
-        filled += len(chunk)
-    return body
-
-
-ALIGNMENT = 64  # bytes; what SIMD loads and ONNX Runtime's own allocations use
-
-
-def _binary_offset(header_length: str | None, body_length: int) -> int:
-    """Where the binary tensor data starts in the body (0: no usable header length; decoding reports it)."""
-    try:
-        offset = int(header_length) if header_length is not None else 0
-    except ValueError:
-        return 0
-    return offset if 0 <= offset <= body_length else 0
-
-
-def _aligned_buffer(size: int, aligned_at: int) -> np.ndarray:
-    """``size`` writable bytes whose byte ``aligned_at`` sits on an ALIGNMENT boundary."""
-    storage = np.empty(size + ALIGNMENT, np.uint8)
-    start = -(storage.ctypes.data + aligned_at) % ALIGNMENT
-    return storage[start:start + size]
-
-
 def _version(request: web.Request) -> str:
     return request.match_info.get("version", "")
 
 
 def inference_app(repository: Repository, max_request_bytes: int) -> web.Application:
     app = web.Application(client_max_size=max_request_bytes, middlewares=[json_errors])
+    buffers = BodyBuffers()
 
     async def live(request: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -116,12 +73,13 @@ def inference_app(repository: Repository, max_request_bytes: int) -> web.Applica
         # counted from here, before the body is read: a request still arriving keeps others off the fast path
         with model.in_flight:
             try:
-                body = await read_body(request, max_request_bytes)
+                body, storage = await read_body(request, max_request_bytes, buffers)
             except ConnectionError:
                 return web.Response(status=499)  # the client is gone; nobody reads this
             parsed = decode_http_request(body, request.headers.get(HEADER_LENGTH))
             response = await model.infer(parsed)
         payload, header_length = encode_http_response(response)
+        buffers.give_back(storage)  # the inputs (views of it) are no longer read: the response is a copy
         if header_length is None:
             return web.Response(body=payload, content_type="application/json")
         return web.Response(body=payload, content_type="application/octet-stream",
