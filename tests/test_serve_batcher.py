@@ -269,3 +269,26 @@ def test_a_request_is_no_longer_running_once_its_answer_is_out():
     future.result(10)
     batcher.stop()
     assert seen == [0]
+
+
+def test_body_buffers_are_reused_within_their_limits_and_views_aligned():
+    from enginesmith.serve.bodies import ALIGNMENT, POOLED_FROM, BodyBuffers, aligned_view
+
+    buffers = BodyBuffers(keep=2, largest=4 * POOLED_FROM)
+    first = buffers.take(2 * POOLED_FROM)
+    assert first.nbytes == 2 * POOLED_FROM
+    buffers.give_back(first)
+    assert buffers.take(POOLED_FROM + 1) is first  # the idle one that fits
+    assert buffers.take(POOLED_FROM + 1) is not first  # taken: a new one
+    for size in (POOLED_FROM // 2, 8 * POOLED_FROM):  # too small to keep, larger than the limit
+        buffers.give_back(np.empty(size, np.uint8))
+    assert buffers._idle == []  # noqa: SLF001 - what the pool holds
+    kept = [np.empty(n * POOLED_FROM, np.uint8) for n in (1, 2, 3)]
+    for storage in kept:
+        buffers.give_back(storage)
+    buffers.give_back(np.empty(POOLED_FROM, np.uint8))
+    assert [b.nbytes for b in buffers._idle] == [2 * POOLED_FROM, 3 * POOLED_FROM]  # noqa: SLF001 - the largest two
+    storage = np.empty(1000 + ALIGNMENT, np.uint8)
+    for at in (0, 1, 37, 63, 1000):
+        view = aligned_view(storage, 1000, at)
+        assert view.nbytes == 1000 and (view.ctypes.data + at) % ALIGNMENT == 0

@@ -46,8 +46,11 @@ class BodyBuffers:
     def give_back(self, storage: np.ndarray | None) -> None:
         if storage is None or storage.nbytes < POOLED_FROM or storage.nbytes > self.largest:
             return
-        if len(self._idle) >= self.keep:
-            self._idle.remove(min(self._idle, key=lambda b: b.nbytes))
+        if len(self._idle) >= self.keep:  # full: keep the largest ones
+            smallest = min(self._idle, key=lambda b: b.nbytes)
+            if smallest.nbytes >= storage.nbytes:
+                return
+            self._idle.remove(smallest)
         self._idle.append(storage)
 
 
