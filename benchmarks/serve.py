@@ -94,6 +94,11 @@ class ServerProcess:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS in /proc/PID/status")
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used, all threads, user + system (Linux /proc)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -279,6 +284,9 @@ def low_load_latency(engine: es.Engine, server: ServerProcess, x: np.ndarray, ro
     }
     samples_ms: dict[str, list[float]] = {label: [] for label in targets}
     per_round: dict[str, list[float]] = {label: [] for label in targets}
+    # CPU seconds per target (this process: the engine in-process, else the client; the server's),
+    # which the machine's load moves far less than wall time: the work each side does per request
+    cpu_s = {label: {"here": 0.0, "server": 0.0} for label in targets}
     per_block = max(runs // rounds, 3)
     with LoadMonitor() as load:
         for round_index in range(rounds):
@@ -290,10 +298,13 @@ def low_load_latency(engine: es.Engine, server: ServerProcess, x: np.ndarray, ro
                 time.sleep(0.3)
                 targets[label]()  # one untimed call after switching
                 block = []
+                here, there = time.process_time(), server.cpu_s()
                 for _ in range(per_block):
                     start = time.perf_counter()
                     targets[label]()
                     block.append((time.perf_counter() - start) * 1e3)
+                cpu_s[label]["here"] += time.process_time() - here
+                cpu_s[label]["server"] += server.cpu_s() - there
                 samples_ms[label] += block
                 per_round[label].append(statistics.median(block))
     costs = client_costs(http_input, grpc_input, output, raw.last_answer, grpc_result.get_response().SerializeToString())
@@ -319,6 +330,8 @@ def low_load_latency(engine: es.Engine, server: ServerProcess, x: np.ndarray, ro
             "tritonclient_http_extra": over("http (tritonclient)", "http (minimal client)"),
         },
         "client_cost_ms": costs,
+        "cpu_ms_per_request": {label: {side: round(value / (per_block * rounds) * 1e3, 3) for side, value in sides.items()}
+                               for label, sides in cpu_s.items() if label != "tcp echo floor"},
         "bytes": {"request": raw.request_bytes(), "answer": answer_bytes},
         "runs_per_target": per_block * rounds,
         "load": load.facts,
@@ -453,6 +466,7 @@ def report_latency(args: argparse.Namespace, latency: dict, latency_tiny: dict) 
 
 def latency_rows(model: str, latency: dict) -> list[tuple[str, str]]:
     p50, over, split, cost = latency["p50_ms"], latency["overhead_ms"], latency["split_ms"], latency["client_cost_ms"]
+    cpu = latency["cpu_ms_per_request"]
     http = over["http (tritonclient)"]
     verdict = "met" if http <= TARGET_MS else "NOT met"
     return [
@@ -465,6 +479,10 @@ def latency_rows(model: str, latency: dict) -> list[tuple[str, str]]:
         ("  of which tritonclient.http's extra over a minimal client",
          f"{split['tritonclient_http_extra']:.2f} ms (encode {cost['http_encode']:.3f} + decode {cost['http_decode']:.3f} ms "
          "alone; the rest is its HTTP client, geventhttpclient)"),
+        (f"  CPU per request, {model}: in-process engine / server (HTTP) / tritonclient.http",
+         f"{cpu['in-process']['here']:.2f} / {cpu['http (tritonclient)']['server']:.2f} / "
+         f"{cpu['http (tritonclient)']['here']:.2f} ms (minimal client: server {cpu['http (minimal client)']['server']:.2f}, "
+         f"client {cpu['http (minimal client)']['here']:.2f} ms)"),
         (f"low-load p50, {model}, HTTP binary (minimal client)",
          f"{p50['http (minimal client)']:.3f} ms (+{over['http (minimal client)']:.2f} ms)"),
         (f"low-load p50, {model}, gRPC (tritonclient)",
