@@ -11,8 +11,10 @@ sending binary tensors.
    over rounds of (served p50 - in-process p50). The tritonclient.http overhead (issue 18's target:
    <= 1 ms) is split into the bytes' trip (echo floor), the server's own work (minimal client -
    floor) and tritonclient's extra (tritonclient - minimal client); tritonclient's encoding and
-   decoding alone are timed in this process too. The same on a tiny MLP, where the engine's own
-   time is near zero.
+   decoding alone are timed in this process too. Also per target: the CPU each side used per
+   request, and the served mean minus the server's own engine time for the same requests. The
+   same on an I/O probe (MobileNetV2-like's tensors around next to no compute: what everything
+   but the engine costs, blurred far less by the machine's load) and on a tiny MLP.
 2. Throughput with 16 concurrent clients (tritonclient.http.aio, batch 1 each) for
    ``--duration`` seconds: the server with batching (defaults) and the same server with
    ``--max-batch 1``; the batch the batcher formed (from the server's own metrics), and the
@@ -464,6 +466,28 @@ def long_run(engine_path: Path, requests: int) -> dict:
     }
 
 
+def image_io_probe(image_size: int, classes: int = 1000):
+    """MobileNetV2-like's tensors (1x3xSxS in, 1x1000 out) around next to no compute (a mean per channel
+    and a 3x1000 MatMul): served through it, everything but the engine costs what it costs the real model."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, classes)).astype(np.float32), "w")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input", "axes"], ["mean"], keepdims=0),
+         helper.make_node("MatMul", ["mean", "w"], ["logits"])],
+        "image_io_probe",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, image_size, image_size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [weight, axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
 # --------------------------------------------------------------------------- report
 
 TARGET_MS = 1.0  # issue 18: served p50 - in-process p50 at low load
@@ -475,11 +499,12 @@ def print_table(rows: list[tuple[str, str]]) -> None:
         print(f"{label:<{width}}  {value}")
 
 
-def report_latency(args: argparse.Namespace, latency: dict, latency_tiny: dict) -> None:
-    rows = [*latency_rows("MobileNetV2-like", latency), *latency_rows("tiny MLP", latency_tiny)]
+def report_latency(args: argparse.Namespace, latency: dict, latency_tiny: dict, latency_probe: dict) -> None:
+    rows = [*latency_rows("MobileNetV2-like", latency), *latency_rows("MobileNetV2-sized I/O probe", latency_probe),
+            *latency_rows("tiny MLP", latency_tiny)]
     print_table(rows)
     report = {"benchmark": "serve (latency only)", "machine": machine({}), "args": {k: str(v) for k, v in vars(args).items()},
-              "latency": latency, "latency_tiny_mlp": latency_tiny, "table": dict(rows)}
+              "latency": latency, "latency_io_probe": latency_probe, "latency_tiny_mlp": latency_tiny, "table": dict(rows)}
     write_atomic(args.json, json.dumps(report, indent=2).encode())
     print(f"wrote {args.json}")
 
@@ -545,9 +570,17 @@ def main() -> None:
         with ServerProcess(mlp_path, "m") as server:
             latency_tiny = low_load_latency(mlp, server, np.ones((1, 16), np.float32), args.rounds, args.runs * 3)
         mlp.close()
+        # MobileNetV2-sized tensors, engine ~0: the I/O and protocol share of the MobileNetV2 overhead,
+        # which the machine's load blurs far less than the real engine's milliseconds
+        samples.save(image_io_probe(args.image_size), folder / "probe.onnx")
+        probe_path = es.build(folder / "probe.onnx", verify=False).save(folder / "probe.engine")
+        probe = es.load(probe_path)
+        with ServerProcess(probe_path, "m") as server:
+            latency_probe = low_load_latency(probe, server, x, args.rounds, args.runs * 3)
+        probe.close()
         if args.latency_only:
             engine.close()
-            report_latency(args, latency, latency_tiny)
+            report_latency(args, latency, latency_tiny, latency_probe)
             return
         batched = served_throughput(mobilenet_path, engine, x, args.duration)
         unbatched = served_throughput(mobilenet_path, engine, x, args.duration, "--max-batch", "1")
@@ -559,6 +592,7 @@ def main() -> None:
 
     rows = [
         *latency_rows("MobileNetV2-like", latency),
+        *latency_rows("MobileNetV2-sized I/O probe", latency_probe),
         *latency_rows("tiny MLP", latency_tiny),
         (f"{CLIENTS} clients, batching on", f"{batched['requests_per_s']:.1f} images/s, average batch "
                                            f"{batched['average_batch']:.1f}, p50 {batched['p50_ms']:.1f} ms"),
@@ -573,13 +607,15 @@ def main() -> None:
     ]
     gain, share = batched["requests_per_s"] / unbatched["requests_per_s"], batched["requests_per_s"] / in_process["items_per_s"]
     rows.append(("batching: with / without; served with it / in-process at the batch formed",
-                 f"{gain:.2f}x (target >= 1.5x), {share:.0%} (target >= 80%)"))
+                 f"{gain:.2f}x (target >= 1.5x), {share:.0%} (target >= 80%); in-process, batch {formed} gives "
+                 f"{in_process['items_per_s'] / in_process_1['items_per_s']:.2f}x batch 1 now"))
     print_table(rows)
     report = {
         "benchmark": "serve",
         "machine": machine({"clients": CLIENTS}),
         "args": {k: str(v) for k, v in vars(args).items()},
         "latency": latency,
+        "latency_io_probe": latency_probe,
         "latency_tiny_mlp": latency_tiny,
         "throughput": {"batching": batched, "no_batching": unbatched, "in_process_at_formed_batch": in_process,
                        "in_process_batch_1": in_process_1},
