@@ -491,6 +491,7 @@ def image_io_probe(image_size: int, classes: int = 1000):
 # --------------------------------------------------------------------------- report
 
 TARGET_MS = 1.0  # issue 18: served p50 - in-process p50 at low load
+QUIET_SHARE = 0.3  # above this share of the CPUs used by other processes, the target is not judged
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:
@@ -513,8 +514,11 @@ def latency_rows(model: str, latency: dict) -> list[tuple[str, str]]:
     p50, over, split, cost = latency["p50_ms"], latency["overhead_ms"], latency["split_ms"], latency["client_cost_ms"]
     cpu, beyond = latency["cpu_ms_per_request"], latency["beyond_engine_ms"]
     http = over["http (tritonclient)"]
-    verdict = "met" if http <= TARGET_MS else "NOT met"
     load = latency["load"]
+    if (load["other_cpu_share"] or 0) > QUIET_SHARE:  # the rounds swing by more than the target then
+        verdict = f"not judged: other processes used {load['other_cpu_share']:.0%} of the CPUs"
+    else:
+        verdict = "met" if http <= TARGET_MS else "NOT met"
     return [
         (f"low-load p50, {model}, in-process", f"{p50['in-process']:.3f} ms (load average {load['loadavg_start'][0]:.1f}, "
                                                f"other processes used {load['other_cpu_share'] or 0:.0%} of the CPUs)"),
