@@ -274,7 +274,7 @@ def test_a_request_is_no_longer_running_once_its_answer_is_out():
 def test_body_buffers_are_reused_within_their_limits_and_views_aligned():
     from enginesmith.serve.bodies import ALIGNMENT, POOLED_FROM, BodyBuffers, aligned_view
 
-    buffers = BodyBuffers(keep=2, largest=4 * POOLED_FROM)
+    buffers = BodyBuffers(budget=5 * POOLED_FROM, largest=4 * POOLED_FROM)
     first = buffers.take(2 * POOLED_FROM)
     assert first.nbytes == 2 * POOLED_FROM
     buffers.give_back(first)
@@ -287,7 +287,7 @@ def test_body_buffers_are_reused_within_their_limits_and_views_aligned():
     for storage in kept:
         buffers.give_back(storage)
     buffers.give_back(np.empty(POOLED_FROM, np.uint8))
-    assert [b.nbytes for b in buffers._idle] == [2 * POOLED_FROM, 3 * POOLED_FROM]  # noqa: SLF001 - the largest two
+    assert [b.nbytes for b in buffers._idle] == [2 * POOLED_FROM, 3 * POOLED_FROM]  # noqa: SLF001 - the largest within the budget
     storage = np.empty(1000 + ALIGNMENT, np.uint8)
     for at in (0, 1, 37, 63, 1000):
         view = aligned_view(storage, 1000, at)

@@ -23,14 +23,15 @@ POOLED_FROM = 64 * 1024  # smaller bodies are not worth keeping a buffer for
 
 
 class BodyBuffers:
-    """Up to ``keep`` idle buffers of at most ``largest`` bytes each, for bodies of POOLED_FROM bytes or more.
+    """Idle buffers for bodies of POOLED_FROM bytes or more, at most ``largest`` bytes each and
+    ``budget`` bytes together (the largest are kept), so that concurrent requests find one too.
 
     A buffer is given back only once nothing reads the request's tensors any more (its response is
     encoded); a request that fails or is cancelled drops its buffer instead.
     """
 
-    def __init__(self, keep: int = 8, largest: int = 16 * 2**20):
-        self.keep = keep
+    def __init__(self, budget: int = 64 * 2**20, largest: int = 16 * 2**20):
+        self.budget = budget
         self.largest = largest
         self._idle: list[np.ndarray] = []
 
@@ -46,10 +47,10 @@ class BodyBuffers:
     def give_back(self, storage: np.ndarray | None) -> None:
         if storage is None or storage.nbytes < POOLED_FROM or storage.nbytes > self.largest:
             return
-        if len(self._idle) >= self.keep:  # full: keep the largest ones
+        while sum(b.nbytes for b in self._idle) + storage.nbytes > self.budget:
             smallest = min(self._idle, key=lambda b: b.nbytes)
             if smallest.nbytes >= storage.nbytes:
-                return
+                return  # the idle ones are all at least as large: keep them
             self._idle.remove(smallest)
         self._idle.append(storage)
 
