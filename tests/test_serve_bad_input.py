@@ -281,10 +281,12 @@ def test_request_timeout_in_the_queue(engines):
     # the request's own 'timeout' parameter (microseconds), without a server-wide one
     with es.serve([engines["slow"]], max_batch=1, **PORTS) as handle:
         body = json.loads(json_request({"x": np.zeros((64, 512), np.float32)}))
+        # encoded before sending: encoding in each thread (one at a time, under the GIL) spaces the
+        # requests out so that each could arrive after the previous one is answered, with no queue
+        timed, untimed = json.dumps({**body, "parameters": {"timeout": 1}}).encode(), json.dumps(body).encode()
 
         def send_with_timeout(index: int):
-            request = {**body, "parameters": {"timeout": 1}} if index else body
-            status, _, answer = post(handle.url, "/v2/models/slow/infer", json.dumps(request).encode(), timeout=60)
+            status, _, answer = post(handle.url, "/v2/models/slow/infer", timed if index else untimed, timeout=60)
             return status, json.loads(answer)
 
         with ThreadPoolExecutor(8) as pool:

@@ -190,3 +190,105 @@ def test_instances_run_engine_calls_at_the_same_time():
     with pytest.raises(threading.BrokenBarrierError):
         stuck[0].result(10)  # alone, the first call never sees a second one start
     single.stop()
+
+
+def test_run_if_idle_runs_a_lone_request_on_the_calling_thread():
+    threads: list[str] = []
+    executions: list[int] = []
+    queued: list[int] = []
+
+    def runner(feeds):
+        threads.append(threading.current_thread().name)
+        return {"y": feeds["x"] * 2}
+
+    batcher = DynamicBatcher(runner, BatchingOptions(max_queue_delay_us=5_000_000),
+                             on_execution=lambda record: executions.append(record.items), on_dequeue=queued.append)
+    started = time.monotonic()
+    out = batcher.run_if_idle(_rows(2, 3.0))
+    assert time.monotonic() - started < 1.0  # the 5 s gathering window is not waited for
+    np.testing.assert_array_equal(out["y"], np.full((2, 3), 6.0, np.float32))
+    assert threads == [threading.current_thread().name]  # no hand-off to a worker
+    assert executions == [2] and queued == [0] and batcher.pending == 0
+    batcher.stop()
+    with pytest.raises(BatcherStoppedError):
+        batcher.run_if_idle(_rows(1, 0.0))
+
+
+def test_run_if_idle_declines_while_a_request_runs_or_waits_and_keeps_errors():
+    runner = RecordingRunner()
+    batcher, first = _held_batcher(runner, max_batch=8)
+    assert batcher.run_if_idle(_rows(1, 1.0)) is None  # one running: the caller must queue
+    queued = batcher.submit(_rows(1, 2.0))
+    runner.release.set()
+    first.result(10)
+    np.testing.assert_array_equal(queued.result(10)["y"], np.full((1, 3), 4.0, np.float32))
+    deadline = time.monotonic() + 5
+    while batcher.pending and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with pytest.raises(RuntimeError, match="NaN"):  # the engine's error reaches the caller
+        batcher.run_if_idle(_rows(1, float("nan")))
+    assert batcher.pending == 0
+    batcher.stop()
+    assert runner.calls == [1, 1, 1]
+
+
+def test_binary_inputs_are_aligned_views_of_the_body_or_aligned_copies():
+    import json
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for pad in range(4):  # JSON headers of every length modulo 4
+        header = json.dumps({"inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}], "id": "a" * pad}).encode()
+        body = np.frombuffer(header + x.tobytes(), np.uint8)
+        got = decode_http_request(memoryview(body), str(len(header)))
+        np.testing.assert_array_equal(got.inputs["x"], x)
+        assert got.inputs["x"].flags.aligned
+        shares = np.shares_memory(got.inputs["x"], body)
+        assert shares == (len(header) % 4 == 0 and body.ctypes.data % 4 == 0)  # a view exactly when aligned
+
+
+def test_binary_outputs_are_written_with_the_header_in_one_body():
+    y = np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::-1]  # not contiguous: laid out in the body
+    body, length = encode_http_response(InferResponse("m", "1", {"y": y, "b": y > 2}, {"y": "FP32", "b": "BOOL"},
+                                                      {"y": True, "b": True}))
+    import json
+
+    header = json.loads(body[:length])
+    sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
+    assert sizes == [24, 6]
+    np.testing.assert_array_equal(np.frombuffer(body[length:length + 24], np.float32).reshape(2, 3), y)
+    np.testing.assert_array_equal(np.frombuffer(body[length + 24:], np.bool_).reshape(2, 3), y > 2)
+
+
+def test_a_request_is_no_longer_running_once_its_answer_is_out():
+    """A client that sends again as soon as it has its answer must find the batcher idle (the fast path)."""
+    batcher = DynamicBatcher(lambda feeds: {"y": feeds["x"]}, BatchingOptions())
+    seen: list[int] = []
+    future = batcher.submit(_rows(1, 1.0))
+    future.add_done_callback(lambda _: seen.append(batcher.pending))  # runs as the worker resolves it
+    future.result(10)
+    batcher.stop()
+    assert seen == [0]
+
+
+def test_body_buffers_are_reused_within_their_limits_and_views_aligned():
+    from enginesmith.serve.bodies import ALIGNMENT, POOLED_FROM, BodyBuffers, aligned_view
+
+    buffers = BodyBuffers(budget=5 * POOLED_FROM, largest=4 * POOLED_FROM)
+    first = buffers.take(2 * POOLED_FROM)
+    assert first.nbytes == 2 * POOLED_FROM
+    buffers.give_back(first)
+    assert buffers.take(POOLED_FROM + 1) is first  # the idle one that fits
+    assert buffers.take(POOLED_FROM + 1) is not first  # taken: a new one
+    for size in (POOLED_FROM // 2, 8 * POOLED_FROM):  # too small to keep, larger than the limit
+        buffers.give_back(np.empty(size, np.uint8))
+    assert buffers._idle == []  # noqa: SLF001 - what the pool holds
+    kept = [np.empty(n * POOLED_FROM, np.uint8) for n in (1, 2, 3)]
+    for storage in kept:
+        buffers.give_back(storage)
+    buffers.give_back(np.empty(POOLED_FROM, np.uint8))
+    assert [b.nbytes for b in buffers._idle] == [2 * POOLED_FROM, 3 * POOLED_FROM]  # noqa: SLF001 - the largest within the budget
+    storage = np.empty(1000 + ALIGNMENT, np.uint8)
+    for at in (0, 1, 37, 63, 1000):
+        view = aligned_view(storage, 1000, at)
+        assert view.nbytes == 1000 and (view.ctypes.data + at) % ALIGNMENT == 0

@@ -75,6 +75,7 @@ class _Pending:
     deadline_ns: int | None
     started_ns: int = 0
     queue_ns: int = field(default=0)
+    answered: bool = False
 
 
 def merge_key(feeds: Mapping[str, np.ndarray]) -> tuple[int | None, tuple]:
@@ -108,6 +109,7 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._running = 0
+        self.last_call_ns = 0  # how long the latest engine call took (0: none yet)
         self._workers = [
             threading.Thread(target=self._work, name=f"enginesmith-serve-{name}-{i}", daemon=True)
             for i in range(options.instances)
@@ -135,6 +137,29 @@ class DynamicBatcher:
             self._cond.notify()
         return pending.future
 
+    def run_if_idle(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Run a request on the calling thread at once when nothing is queued or running; else None (submit it).
+
+        The fast path for a lone request: no hand-off to a worker and back, no gathering window (there
+        is nothing to merge it with). While it runs it counts as running, so the workers and ``pending``
+        see it. The engine's errors are raised here.
+        """
+        with self._cond:
+            if self._stopping:
+                raise BatcherStoppedError("the server is stopping")
+            if self._queue or self._running:
+                return None
+            self._running += 1
+        try:
+            self._on_dequeue(0)
+            started = time.perf_counter_ns()
+            outputs = self._run(feeds)
+            self._executed(ExecutionRecord(1, merge_key(feeds)[0] or 1, time.perf_counter_ns() - started))
+            return outputs
+        finally:
+            with self._cond:
+                self._running -= 1
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Refuse new requests, fail the queued ones, let running batches finish, join the workers."""
         with self._cond:
@@ -159,7 +184,19 @@ class DynamicBatcher:
                 self._execute(batch)
             finally:
                 with self._cond:
-                    self._running -= len(batch)
+                    self._running -= sum(not pending.answered for pending in batch)
+
+    def _answer(self, pending: _Pending, outputs: dict[str, np.ndarray] | None = None,
+                error: BaseException | None = None) -> None:
+        """Stop counting the request as running, then resolve its future: a client that sends its next
+        request as soon as it has this answer finds the batcher idle (and can take the fast path)."""
+        with self._cond:
+            self._running -= 1
+            pending.answered = True
+        if error is not None:
+            pending.future.set_exception(error)
+        else:
+            pending.future.set_result(outputs)
 
     def _take(self, pending: _Pending, now: int) -> bool:
         """Claim a request for running (False: cancelled by its client, or expired and answered)."""
@@ -213,6 +250,10 @@ class DynamicBatcher:
         self._queue.extendleft(reversed(kept))
         return rows
 
+    def _executed(self, record: ExecutionRecord) -> None:
+        self.last_call_ns = record.compute_ns
+        self._on_execution(record)
+
     def _execute(self, batch: list[_Pending]) -> None:
         if len(batch) == 1:
             self._run_alone(batch[0])
@@ -228,19 +269,19 @@ class DynamicBatcher:
             for pending in batch:
                 self._run_alone(pending)
             return
-        self._on_execution(ExecutionRecord(len(batch), total, time.perf_counter_ns() - started))
+        self._executed(ExecutionRecord(len(batch), total, time.perf_counter_ns() - started))
         for pending, result in zip(batch, split):
-            pending.future.set_result(result)
+            self._answer(pending, result)
 
     def _run_alone(self, pending: _Pending) -> None:
         started = time.perf_counter_ns()
         try:
             outputs = self._run(pending.feeds)
         except Exception as exc:  # noqa: BLE001 - handed to the request's future, the worker keeps serving
-            pending.future.set_exception(exc)
+            self._answer(pending, error=exc)
             return
-        self._on_execution(ExecutionRecord(1, pending.rows or 1, time.perf_counter_ns() - started))
-        pending.future.set_result(outputs)
+        self._executed(ExecutionRecord(1, pending.rows or 1, time.perf_counter_ns() - started))
+        self._answer(pending, outputs)
 
 
 def _split(outputs: Mapping[str, np.ndarray], rows: list[int], total: int) -> list[dict[str, np.ndarray]]:

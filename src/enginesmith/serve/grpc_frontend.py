@@ -141,7 +141,8 @@ def make_servicer(repository: Repository) -> Any:
         async def ModelInfer(self, request, context):  # noqa: N802
             try:
                 model = repository.get(request.model_name, request.model_version)
-                result = await model.infer(decode_grpc_request(request))
+                with model.in_flight:
+                    result = await model.infer(decode_grpc_request(request))
             except ProtocolError as exc:
                 if exc.retry_after_s is not None:
                     context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))

@@ -11,6 +11,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .. import __version__
+from .bodies import BodyBuffers, read_body
 from .models import Repository
 from .protocol import HEADER_LENGTH, ProtocolError, decode_http_request, encode_http_response
 
@@ -46,6 +47,7 @@ def _version(request: web.Request) -> str:
 
 def inference_app(repository: Repository, max_request_bytes: int) -> web.Application:
     app = web.Application(client_max_size=max_request_bytes, middlewares=[json_errors])
+    buffers = BodyBuffers()
 
     async def live(request: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -68,16 +70,16 @@ def inference_app(repository: Repository, max_request_bytes: int) -> web.Applica
         if request.content_length is not None and request.content_length > max_request_bytes:
             raise ProtocolError(413, f"the request body is {request.content_length} bytes, larger than the server's "
                                      f"limit of {max_request_bytes} bytes (--max-request-bytes)")
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:  # no Content-Length (chunked): aiohttp counts as it reads
-            raise ProtocolError(413, f"the request body is larger than the server's limit of {max_request_bytes} "
-                                     "bytes (--max-request-bytes)") from None
-        except ConnectionError:
-            return web.Response(status=499)  # the client is gone; nobody reads this
-        parsed = decode_http_request(body, request.headers.get(HEADER_LENGTH))
-        response = await model.infer(parsed)
+        # counted from here, before the body is read: a request still arriving keeps others off the fast path
+        with model.in_flight:
+            try:
+                body, storage = await read_body(request, max_request_bytes, buffers)
+            except ConnectionError:
+                return web.Response(status=499)  # the client is gone; nobody reads this
+            parsed = decode_http_request(body, request.headers.get(HEADER_LENGTH))
+            response = await model.infer(parsed)
         payload, header_length = encode_http_response(response)
+        buffers.give_back(storage)  # the inputs (views of it) are no longer read: the response is a copy
         if header_length is None:
             return web.Response(body=payload, content_type="application/json")
         return web.Response(body=payload, content_type="application/octet-stream",

@@ -2,7 +2,9 @@
 
 The event loop runs in a thread of its own, so :func:`serve` returns a :class:`ServerHandle` at
 once and a test (or a notebook) goes on in the calling thread. Engine calls happen on the
-batchers' worker threads, never on the loop.
+batchers' worker threads, except for a request alone in flight on an idle server, which runs on
+the loop's thread at once (the fast path: no thread hand-offs; other requests wait at most that
+one engine call).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..errors import EnginesmithError
 from ..runtime.engine import Engine
 from .batcher import BatchingOptions
 from .metrics import prometheus_text, rate_line
-from .models import Repository, ServedModel
+from .models import InFlight, Repository, ServedModel
 
 if TYPE_CHECKING:
     from .ray_backend import RayOptions
@@ -185,9 +187,10 @@ def serve(
         return _serve_on_ray(list(engines), names, trust_code, log, settings)
     pairs, owned = load_engines(list(engines), names, trust_code)
     models: list[ServedModel] = []
+    in_flight = InFlight()  # one count for the whole server: any request in flight keeps the others batching
     try:
         for name, engine in pairs:
-            models.append(ServedModel(name, engine, batching_for(engine, settings), settings.timeout_ms))
+            models.append(ServedModel(name, engine, batching_for(engine, settings), settings.timeout_ms, in_flight))
     except ValueError as exc:  # a dtype the protocol has no datatype for
         _release(models, owned)
         raise ServeError(f"model '{name}' cannot be served: {exc}") from None
