@@ -213,7 +213,11 @@ def test_a_replica_killed_mid_load_loses_no_request(server, reference):
     with ThreadPoolExecutor(24) as pool:
         futures = [pool.submit(one, i) for i in range(requests)]
         started.wait(10)
-        time.sleep(0.5)  # requests queued in both replicas
+        # Kill once answers flow (both replicas busy) and while most requests are still to come, so the
+        # kill always meets requests in flight, however fast this machine is.
+        deadline = time.monotonic() + 60
+        while sum(len(got) for got in answers.values()) < 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
         victim = ray.get_actor(replicas[0][0], namespace=replicas[0][1])
         ray.kill(victim, no_restart=True)
         for future in futures:
