@@ -109,3 +109,17 @@ class Manifest:
 
 def _canonical_sha256(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ONNX Runtime providers that put an engine on a GPU.
+ORT_GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+
+
+def engine_needs_gpu(manifest: Manifest) -> bool:
+    """Whether the engine runs on an NVIDIA GPU (what schedulers must give it: Kubernetes, Ray)."""
+    options = manifest.build_options.get("backend_options") or {}
+    if manifest.backend == "tensorrt":
+        return True
+    if manifest.backend == "onnxruntime":
+        return bool(ORT_GPU_PROVIDERS & set(options.get("providers") or []))
+    return str(manifest.fingerprint.get("device", "")).startswith("cuda")

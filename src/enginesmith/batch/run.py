@@ -11,7 +11,6 @@ written again under the same name, so every row lands exactly once.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,8 @@ from typing import Any, Callable, Iterator
 
 from ..bundle import read_bundle
 from ..errors import EnginesmithError, InputError, MissingDependencyError
+from ..cluster.ray_session import connect, disconnect
+from ..manifest import engine_needs_gpu
 from ..runtime.preprocess import PreprocessSpec, parse_spec
 from .plan import (
     InputPlan, MapError, RunRecord, plan_input, prepare_output, remove_temporary_files,
@@ -105,7 +106,7 @@ def map_dataset(
     )
     done = prepare_output(output, record, force=force, inputs=(source, engine_path))
     todo = [part for part in plan.parts if part.name not in done]
-    gpu_engine = _engine_needs_gpu(manifest)
+    gpu_engine = engine_needs_gpu(manifest)
     batch = batch_size or _default_batch(manifest)
     computed, pids, layout = 0, set(), _Layout(0, cpus_per_worker or 1.0, gpus_per_worker or 0.0)
     if progress:
@@ -145,7 +146,7 @@ def _run_parts(plan: InputPlan, todo, engine_bytes: bytes, output: Path, *, addr
 
     from .worker import PartWriter, WorkerSettings, error_from_summary, part_to_json
 
-    started_here = _connect(ray, address)
+    session = connect(address)
     try:
         layout = _worker_layout(ray.cluster_resources(), workers, gpu_engine, gpus_per_worker, cpus_per_worker, len(todo))
         threads = None if layout.gpus else max(1, int(layout.cpus))
@@ -177,8 +178,7 @@ def _run_parts(plan: InputPlan, todo, engine_bytes: bytes, output: Path, *, addr
             raise _worker_error(exc) from exc
         return computed, pids, layout
     finally:
-        if started_here:
-            ray.shutdown()
+        disconnect(session)
 
 
 def _worker_layout(resources: dict[str, float], workers: int | None, gpu_engine: bool, gpus_per_worker: float | None,
@@ -196,23 +196,6 @@ def _worker_layout(resources: dict[str, float], workers: int | None, gpu_engine:
     if workers is None:
         workers = int(cluster_gpus // gpus) if gpus else int(cluster_cpus // cpus)
     return _Layout(max(1, min(workers, parts)), cpus, gpus)
-
-
-def _connect(ray, address: str | None) -> bool:
-    """Join the given cluster, reuse this process's Ray, or start a local one; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    quiet = logging.ERROR  # Ray's start-up notes and Ray Data's plans are not the caller's business
-    try:
-        if address:
-            ray.init(address=address, logging_level=quiet, log_to_driver=False)
-        else:  # "local": never join another user's instance on this machine by accident
-            ray.init(address="local", include_dashboard=False, logging_level=quiet, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"the Ray cluster at '{address}'" if address else "a local Ray instance"
-        raise MapError(f"cannot start or join {where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
-    return True
 
 
 @contextmanager
@@ -261,12 +244,6 @@ def _preprocess_spec(given: PreprocessSpec | str | None, stored: dict | None) ->
     if given is not None:
         return given
     return PreprocessSpec.from_dict(stored) if stored else None
-
-
-def _engine_needs_gpu(manifest) -> bool:
-    from ..export.kserve import engine_needs_gpu
-
-    return engine_needs_gpu(manifest)
 
 
 def _default_batch(manifest) -> int:

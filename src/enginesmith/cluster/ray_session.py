@@ -84,13 +84,15 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, verbose:
         "runtime_env": {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
     }
     if address is None:
+        # "local" starts an instance of our own: a bare ray.init() would join whatever `ray start` left on
+        # this machine (another user's cluster) without a word.
         options["num_cpus"] = num_cpus
     elif num_cpus is not None:
         raise RayConnectionError("num_cpus is for a local instance; a cluster at an address has its own resources")
     else:
         check_reachable(address)
     try:
-        ray.init(address=address, **options)
+        ray.init(address=address or "local", **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"at '{address}'" if address else "locally"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

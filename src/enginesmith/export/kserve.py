@@ -28,8 +28,8 @@ from typing import Any
 from ..bundle import read_bundle
 from ..errors import MissingDependencyError, NotExportableError, OutputExistsError
 from ..files import atomic_writer, write_atomic
-from ..manifest import Manifest
-from .triton import ORT_GPU_PROVIDERS, TritonModel, TritonOptions, check_model_folder, check_model_name, export_triton
+from ..manifest import Manifest, engine_needs_gpu
+from .triton import TritonModel, TritonOptions, check_model_folder, check_model_name, export_triton
 
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
@@ -76,13 +76,6 @@ def service_name(model_name: str) -> str:
     return text[:45].rstrip("-")
 
 
-def engine_needs_gpu(manifest: Manifest) -> bool:
-    options = manifest.build_options.get("backend_options") or {}
-    if manifest.backend == "tensorrt":
-        return True
-    if manifest.backend == "onnxruntime":
-        return bool(ORT_GPU_PROVIDERS & set(options.get("providers") or []))
-    return str(manifest.fingerprint.get("device", "")).startswith("cuda")
 
 
 def _yaml():

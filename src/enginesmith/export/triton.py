@@ -27,7 +27,7 @@ import numpy as np
 from ..bundle import read_bundle
 from ..errors import InputError, NotExportableError, OutputExistsError
 from ..files import write_atomic
-from ..manifest import Manifest
+from ..manifest import ORT_GPU_PROVIDERS, Manifest
 from ..signature import Signature, TensorSpec
 from .pbtxt import EnumValue, to_text
 
@@ -47,7 +47,6 @@ TRITON_TYPES = {
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 # ONNX Runtime execution providers -> how Triton's onnxruntime backend is told to use them.
-ORT_GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
 # Providers that compile subgraphs at load: enginesmith keeps only basic optimizations in their payload
 # and lets ONNX Runtime do the rest at load, so Triton's default (all optimizations) stays.
 ORT_COMPILING_PROVIDERS = {"TensorrtExecutionProvider", "OpenVINOExecutionProvider"}

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..bundle import read_bundle
 from ..errors import PlatformMismatchError
-from ..export.kserve import engine_needs_gpu
+from ..manifest import engine_needs_gpu
 from ..manifest import Manifest
 from ..signature import Signature
 from .batcher import BatchingOptions, DynamicBatcher, QueueFullError
