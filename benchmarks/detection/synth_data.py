@@ -7,7 +7,7 @@ them, at random size, contrast and rotation; their COCO boxes are the tight boun
 pixels, so a perfect detector scores mAP 1.0. Everything follows from the seed: the same call
 writes the same bytes.
 
-    python benchmarks/detection/synth_data.py out/ --train 2000 --val 200 --size 256 --seed 0
+    python benchmarks/detection/synth_data.py out/ --train 2000 --val 200 --size 160 --seed 0
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 CLASSES = ("circle", "square", "triangle", "cross")
-MIN_SIDE, MAX_SIDE = 14, 72  # object size in pixels (bounding box side, before rotation)
+MIN_SIDE, MAX_SIDE = 10, 48  # object size in pixels (bounding box side, before rotation)
 MAX_OVERLAP = 0.2  # an object is redrawn elsewhere when it covers more than this of another's box
 
 
@@ -64,10 +64,10 @@ def _clutter(rng: np.random.Generator, image: np.ndarray) -> None:
         kind = rng.integers(3)
         if kind == 0:
             p1, p2 = rng.integers(0, size, 2), rng.integers(0, size, 2)
-            cv2.line(image, tuple(int(v) for v in p1), tuple(int(v) for v in p2), value, int(rng.integers(1, 4)))
+            cv2.line(image, tuple(int(v) for v in p1), tuple(int(v) for v in p2), value, int(rng.integers(1, 3)))
         elif kind == 1:
             centre = tuple(int(v) for v in rng.integers(0, size, 2))
-            axes = (int(rng.integers(10, 50)), int(rng.integers(2, 6)))  # elongated: never a circle
+            axes = (int(rng.integers(8, 32)), int(rng.integers(1, 4)))  # elongated: never a circle
             cv2.ellipse(image, centre, axes, float(rng.uniform(0, 180)), 0, 360, value, -1)
         else:
             for _ in range(rng.integers(5, 30)):
@@ -113,7 +113,7 @@ def _overlap(a: Box, b: Box) -> float:
     return w * h / smaller
 
 
-def render_scene(seed: int, size: int = 256, objects: tuple[int, int] = (2, 7)) -> tuple[np.ndarray, list[Box]]:
+def render_scene(seed: int, size: int = 160, objects: tuple[int, int] = (2, 7)) -> tuple[np.ndarray, list[Box]]:
     """One grayscale uint8 [size, size] image and its object boxes, from ``seed`` alone."""
     cv2 = _cv2()
     rng = np.random.default_rng(seed)
@@ -151,7 +151,7 @@ def coco_categories() -> list[dict]:
     return [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
 
 
-def write_split(folder: Path, count: int, seed: int, size: int = 256) -> Path:
+def write_split(folder: Path, count: int, seed: int, size: int = 160) -> Path:
     """``count`` PNG images under ``folder/images`` and ``folder/annotations.json``; returns the JSON path.
 
     Image i is rendered from seed ``seed * 1_000_003 + i``, so splits with different seeds never share a scene."""
@@ -177,7 +177,7 @@ def write_split(folder: Path, count: int, seed: int, size: int = 256) -> Path:
     return path
 
 
-def scenes_in_memory(count: int, seed: int, size: int = 256) -> tuple[np.ndarray, list[list[Box]]]:
+def scenes_in_memory(count: int, seed: int, size: int = 160) -> tuple[np.ndarray, list[list[Box]]]:
     """Images [count, size, size] uint8 and their boxes, rendered like :func:`write_split` (same seeds)."""
     pixels = np.empty((count, size, size), np.uint8)
     labels = []
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--val", type=int, default=200)
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0, help="train uses seed, val seed + 1")
     args = parser.parse_args()
     for split, count, seed in (("train", args.train, args.seed), ("val", args.val, args.seed + 1)):
