@@ -41,7 +41,7 @@ DETECTORS = (
 def file_digests(root: Path = MODELS) -> dict[str, str]:
     """sha256 of every shipped model file, keyed by its path under models/ (SavedModel files included)."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "SHA256SUMS" and not p.name.endswith(".json")}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix not in (".json", ".log", ".md") and p.name != "SHA256SUMS"}
 
 
 def read_sums(root: Path = MODELS) -> dict[str, str]:
