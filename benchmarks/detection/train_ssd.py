@@ -174,7 +174,23 @@ def write_frozen_graph(function, path: Path) -> None:
     del tf
 
 
-def train(epochs: int, train_count: int, seed: int, batch: int, out: Path) -> dict:
+def export(network, out: Path) -> None:
+    """The frozen graphs (with and without NMS) and the SavedModel of a trained network, into ``out``."""
+    import tensorflow as tf
+
+    # A fresh copy without the optimizer: the SavedModel would otherwise carry Adam's slots (3x the weights).
+    trained, network = network, build_network()
+    network.set_weights(trained.get_weights())
+    with_nms, without_nms = export_functions(network)
+    write_frozen_graph(with_nms, out / "ssd_mobilenet_v2_synth.pb")
+    write_frozen_graph(without_nms, out / "ssd_mobilenet_v2_synth_raw.pb")
+    module = tf.Module()
+    module.network = network
+    module.detect = with_nms
+    tf.saved_model.save(module, str(out / "ssd_mobilenet_v2_synth_savedmodel"), signatures={"serving_default": with_nms})
+
+
+def train(epochs: int, train_count: int, seed: int, batch: int, out: Path, keras_copy: Path | None = None) -> dict:
     import keras
     import tensorflow as tf
 
@@ -191,21 +207,24 @@ def train(epochs: int, train_count: int, seed: int, batch: int, out: Path) -> di
     data = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(train_count, seed=seed)
             .batch(batch, drop_remainder=True).map(to_input).prefetch(2))
     network = build_network()
+    for layer in network.layers:
+        # keras.applications' MobileNetV2 averages batch statistics with momentum 0.999: a few hundred
+        # steps leave the inference-time statistics mostly at their initial values (the exported model
+        # then finds nothing), so they follow the batches faster here.
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.9
     steps = epochs * (train_count // batch)
     schedule = keras.optimizers.schedules.CosineDecay(2e-3, steps, warmup_target=None, alpha=0.02)
     network.compile(optimizer=keras.optimizers.Adam(schedule), loss=detection_loss)
     history = network.fit(data, epochs=epochs, verbose=2)
     seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
-    with_nms, without_nms = export_functions(network)
-    write_frozen_graph(with_nms, out / "ssd_mobilenet_v2_synth.pb")
-    write_frozen_graph(without_nms, out / "ssd_mobilenet_v2_synth_raw.pb")
-    module = tf.Module()
-    module.network = network
-    module.detect = with_nms
-    tf.saved_model.save(module, str(out / "ssd_mobilenet_v2_synth_savedmodel"), signatures={"serving_default": with_nms})
+    if keras_copy is not None:
+        network.save(keras_copy)
+    export(network, out)
     return {"epochs": epochs, "train_images": train_count, "seed": seed, "batch": batch,
             "train_seconds": round(seconds, 1), "final_loss": round(float(history.history["loss"][-1]), 4),
+            "loss_per_epoch": [round(float(v), 4) for v in history.history["loss"]],
             "params": int(network.count_params())}
 
 
@@ -217,13 +236,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads TensorFlow may use")
     parser.add_argument("--out", type=Path, default=MODELS)
+    parser.add_argument("--keras", type=Path, help="also save the trained Keras model here (.keras)")
+    parser.add_argument("--export-only", type=Path, metavar="KERAS", help="export this saved .keras model, no training")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    record = train(args.epochs, args.train, args.seed, args.batch, args.out)
+    if args.export_only:
+        import keras
+
+        export(keras.models.load_model(args.export_only, compile=False), args.out)
+        return
+    record = train(args.epochs, args.train, args.seed, args.batch, args.out, args.keras)
     (args.out / "ssd_training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record))
 
