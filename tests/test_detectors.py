@@ -33,7 +33,7 @@ import synth_data  # noqa: E402
 
 VAL_IMAGES = 50
 # What the shipped models reach on these 50 scenes (see benchmarks/detection/models/README.md), with margin.
-MIN_MAP50 = {"ssd": 0.5, "yolov8": 0.5}
+MIN_MAP50 = {"ssd": 0.25, "yolov8": 0.8}
 SAME_MAP_POINTS = 0.5  # engine vs source, fp32: the target
 INT8_BUDGET_POINTS = 2.0
 
@@ -69,7 +69,10 @@ def test_shipped_models_are_the_ones_their_checksums_name():
 
 
 @pytest.mark.tensorflow
-@pytest.mark.parametrize("key", ["ssd_frozen_graph", "ssd_raw_frozen_graph", "ssd_savedmodel"])
+@pytest.mark.parametrize("key", ["ssd_frozen_graph",
+                                 # the same network again (~30 s each on 2 cores): -m 'not slow' leaves them out
+                                 pytest.param("ssd_raw_frozen_graph", marks=pytest.mark.slow),
+                                 pytest.param("ssd_savedmodel", marks=pytest.mark.slow)])
 def test_ssd_engines_score_the_mAP_of_their_tensorflow_source(key, val_set, calib_images, tmp_path):
     pytest.importorskip("tensorflow")
     detector = next(d for d in scoring.DETECTORS if d.key == key)
