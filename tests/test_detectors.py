@@ -83,6 +83,13 @@ def test_ssd_engines_score_the_mAP_of_their_tensorflow_source(key, val_set, cali
     assert scores["source"]["map50"] > MIN_MAP50["ssd"]
     assert abs(scores["engine"]["map"] - scores["source"]["map"]) * 100 <= SAME_MAP_POINTS
     assert abs(scores["engine"]["map50"] - scores["source"]["map50"]) * 100 <= SAME_MAP_POINTS
+    if key == "ssd_frozen_graph":
+        # int8 with NMS in the graph: ONNX Runtime's quantizer once failed on the converted NMS (its own shape
+        # inference). Element-wise checks of NMS lists fail whenever near-ties swap places, so mAP judges it.
+        int8_engine = _build(detector.source, tmp_path / "int8.engine", "--precision", "int8", "--calib",
+                             str(calib_images), "--no-verify")
+        int8 = _eval(int8_engine, detector.source, val_set, tmp_path / "int8.json")
+        assert (int8["source"]["map"] - int8["engine"]["map"]) * 100 <= INT8_BUDGET_POINTS
 
 
 def test_yolo_engine_scores_the_mAP_of_its_onnx_source_and_int8_stays_in_budget(val_set, calib_images, tmp_path):

@@ -243,15 +243,23 @@ def quantize_int8(model: onnx.ModelProto, calibration: Calibration, tmp: str, lo
     The cache holds the activation ranges; given one (from an earlier build of the same
     model), calibration inference is skipped and the ranges are reused exactly.
     """
-    from onnxruntime import quantization
+    from onnxruntime import InferenceSession, quantization
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = os.path.join(tmp, "prepared.onnx")
+    # ONNX Runtime logs a traceback of its own when its optimizer rejects the pre-processed model.
+    quiet = logging.getLogger("onnxruntime.quantization.shape_inference")
+    was_disabled, quiet.disabled = quiet.disabled, True
     try:
         quant_pre_process(model, prepared)
+        # Symbolic shape inference can record shapes ONNX Runtime then refuses to load (the Concat of a
+        # converted TensorFlow NMS); calibration would fail on them, the model itself quantizes fine.
+        InferenceSession(prepared, providers=["CPUExecutionProvider"])
     except Exception as exc:  # symbolic shape inference fails on some graphs; quantize without it
         log.append(f"quantization pre-processing skipped: {str(exc).splitlines()[0][:160]}")
         onnx.save(model, prepared)
+    finally:
+        quiet.disabled = was_disabled
     prepared_model = onnx.load(prepared)
     kept_float = float_tail(prepared_model)
     if kept_float:
