@@ -209,21 +209,62 @@ def _equal_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.nd
             for i in range(0, total, size)]
 
 
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+
+def float_tail(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes between the last weighted op and the graph outputs, which int8 leaves in float.
+
+    They cost little, and one int8 scale per tensor cannot hold what such tails join: a YOLO head
+    concatenates boxes in pixels (0-640) with class scores (0-1), so a quantized concat rounds every
+    score below one step (640 / 255) to zero. Unnamed nodes are named here so they can be left out.
+    """
+    producers = {}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"enginesmith_node_{index}"
+        for output in node.output:
+            producers[output] = node
+    tail, seen, pending = [], set(), [o.name for o in model.graph.output]
+    while pending:
+        node = producers.get(pending.pop())
+        if node is None or node.name in seen or node.op_type in WEIGHTED_OPS:
+            continue
+        seen.add(node.name)
+        tail.append(node.name)
+        if node.op_type not in ("Shape", "Size"):  # they read no values: what feeds them is not the tail
+            pending.extend(node.input)
+    return tail
+
+
 def quantize_int8(model: onnx.ModelProto, calibration: Calibration, tmp: str, log: list[str]) -> tuple[onnx.ModelProto, bytes]:
     """Static QDQ quantization, per-channel weights; returns the model and the calibration cache.
 
     The cache holds the activation ranges; given one (from an earlier build of the same
     model), calibration inference is skipped and the ranges are reused exactly.
     """
-    from onnxruntime import quantization
+    from onnxruntime import InferenceSession, quantization
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = os.path.join(tmp, "prepared.onnx")
+    # ONNX Runtime logs a traceback of its own when its optimizer rejects the pre-processed model.
+    quiet = logging.getLogger("onnxruntime.quantization.shape_inference")
+    was_disabled, quiet.disabled = quiet.disabled, True
     try:
         quant_pre_process(model, prepared)
+        # Symbolic shape inference can record shapes ONNX Runtime then refuses to load (the Concat of a
+        # converted TensorFlow NMS); calibration would fail on them, the model itself quantizes fine.
+        InferenceSession(prepared, providers=["CPUExecutionProvider"])
     except Exception as exc:  # symbolic shape inference fails on some graphs; quantize without it
         log.append(f"quantization pre-processing skipped: {str(exc).splitlines()[0][:160]}")
         onnx.save(model, prepared)
+    finally:
+        quiet.disabled = was_disabled
+    prepared_model = onnx.load(prepared)
+    kept_float = float_tail(prepared_model)
+    if kept_float:
+        onnx.save(prepared_model, prepared)
+        log.append(f"int8: {len(kept_float)} nodes after the last weighted layer stay in float")
     cache_path = os.path.join(tmp, CALIBRATION_CACHE)
     if calibration.cache is not None:
         Path(cache_path).write_bytes(calibration.cache)
@@ -256,6 +297,7 @@ def quantize_int8(model: onnx.ModelProto, calibration: Calibration, tmp: str, lo
             weight_type=quantization.QuantType.QInt8,
             calibrate_method=methods[calibration.method],
             calibration_cache_path=cache_path,
+            nodes_to_exclude=kept_float,
         )
     except Exception as exc:
         raise BuildError(f"int8 quantization failed: {str(exc).splitlines()[0]}") from None

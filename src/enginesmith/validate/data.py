@@ -102,7 +102,8 @@ def cast_to_signature(feeds: dict[str, np.ndarray], signature: Signature, where:
 
 
 def default_image_spec(signature: Signature):
-    """A spec that fits the single image input: its layout, size and channels, pixels scaled to [0, 1]."""
+    """A spec that fits the single image input: its layout, size and channels; pixels scaled to [0, 1] for a
+    float input, raw 0-255 for an integer one (TensorFlow detection models take uint8 pixels)."""
     from ..runtime.preprocess import PreprocessSpec
 
     spec = signature.inputs[0]
@@ -113,7 +114,8 @@ def default_image_spec(signature: Signature):
     h, w, c = (dims[2], dims[3], dims[1]) if layout == "NCHW" else (dims[1], dims[2], dims[3])
     if not all(isinstance(d, int) for d in (h, w)):
         raise ValidationDataError("the model's image size is dynamic: give a preprocessing spec with resize/crop")
-    return PreprocessSpec(resize=(h, w), layout=layout, color="GRAY" if c == 1 else "RGB", dtype=spec.dtype)
+    scale = 1.0 if np.dtype(spec.dtype).kind in "iu" else 1.0 / 255.0
+    return PreprocessSpec(resize=(h, w), layout=layout, color="GRAY" if c == 1 else "RGB", scale=scale, dtype=spec.dtype)
 
 
 def load_dataset(path: str | Path, signature: Signature, preprocess=None, limit: int | None = None) -> dict[str, np.ndarray]:
