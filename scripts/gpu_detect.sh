@@ -48,7 +48,7 @@ mkdir -p "$OUT"
 case "$WHAT" in
   prepare)
     mkdir -p "$PREP/cache" "$PREP/models" "$PREP/whl"
-    $PY - "$PREP" "$@" <<'PY'
+    env -u ENGINESMITH_VISION_CACHE $PY - "$PREP" "$@" <<'PY'
 import shutil, sys
 from pathlib import Path
 sys.path.insert(0, "tests")

@@ -61,10 +61,13 @@ class TorchDeviceOps(DeviceOps):
         if swap_rb:
             batch = batch.flip(1)
         batch.mul_(float(scale))
-        mean_t = torch.tensor(np.broadcast_to(np.asarray(mean, np.float32), channels).copy(), device=self._device)
-        std_t = torch.tensor(np.broadcast_to(np.asarray(std, np.float32), channels).copy(), device=self._device)
-        if bool((mean_t != 0).any()) or bool((std_t != 1).any()):
-            batch = (batch - mean_t[:, None, None]) / std_t[:, None, None]
+        # Judged on the host: asking the device whether to normalize would wait for it.
+        mean_np = np.broadcast_to(np.asarray(mean, np.float32), channels)
+        std_np = np.broadcast_to(np.asarray(std, np.float32), channels)
+        if mean_np.any() or (std_np != 1).any():
+            mean_t = torch.from_numpy(mean_np.copy()).to(self._device)[:, None, None]
+            std_t = torch.from_numpy(std_np.copy()).to(self._device)[:, None, None]
+            batch = (batch - mean_t) / std_t
         if layout.upper() == "NHWC":
             batch = batch.permute(0, 2, 3, 1)
         return batch.to(_torch_dtype(dtype)).contiguous()
