@@ -7,6 +7,7 @@ class-aware NMS from an IoU matrix computed on the device.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ class TorchDeviceOps(DeviceOps):
             batched_nms = None
         self._batched_nms = batched_nms
         self._pinned: dict[tuple, Any] = {}
+        self._pinned_lock = threading.Lock()  # one staging buffer per shape, shared by the threads that upload
 
     def _upload(self, frame: np.ndarray):
         """A uint8 frame on the device, through a pinned buffer (per frame shape) when the device is a GPU."""
@@ -35,14 +37,15 @@ class TorchDeviceOps(DeviceOps):
         host = torch.from_numpy(np.ascontiguousarray(frame))
         if self._device.type != "cuda":
             return host
-        staging = self._pinned.get(frame.shape)
-        if staging is None:
-            if len(self._pinned) > 8:
-                self._pinned.clear()
-            staging = self._pinned[frame.shape] = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True)
-        staging.copy_(host)
-        # Synchronous on purpose: the staging buffer is reused by the next frame.
-        return staging.to(self._device)
+        with self._pinned_lock:
+            staging = self._pinned.get(frame.shape)
+            if staging is None:
+                if len(self._pinned) > 8:
+                    self._pinned.clear()
+                staging = self._pinned[frame.shape] = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True)
+            staging.copy_(host)
+            # Synchronous on purpose: the staging buffer is reused by the next frame.
+            return staging.to(self._device)
 
     def images_to_batch(self, frames: Sequence[np.ndarray], places: Sequence[ImageGeometry], size: tuple[int, int],
                         *, pad_value: float, swap_rb: bool, scale: float, mean: Sequence[float], std: Sequence[float],
