@@ -168,6 +168,8 @@ def soak(frames: int, seconds: float | None = None, warmup_seconds: float = 60.0
         "seconds_limit": seconds,
         "frames_read": totals["sources"][0]["read"] if summary else None,
         "frames_out": counts["out"],
+        # Ctrl-C (SIGINT) ends a run early and cleanly: frames still queued at that moment are read, not out.
+        "interrupted": totals.get("interrupted"),
         "errors": int(error is not None),
         "error": error,
         "dropped": totals.get("dropped"),
@@ -201,7 +203,7 @@ def main() -> None:
     args = parser.parse_args()
     def checkpoint(progress: dict) -> None:
         write_atomic(args.json, json.dumps({"benchmark": "detect_soak", "complete": False, "frames_asked": args.frames,
-                                            **progress}, indent=1).encode())
+                                            "note": "progress so far; the run has not ended", **progress}, indent=1).encode())
 
     record = soak(args.frames, args.seconds, args.warmup_seconds, args.sample_every, checkpoint=checkpoint)
     record["complete"] = True

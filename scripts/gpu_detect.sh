@@ -12,8 +12,9 @@
 # Then on the GPU machine, carrying .gpu_detect (carry [".gpu_detect"]):
 #   scripts/gpu_detect.sh dry      the same plan on the CPU, small (seconds: a check before device time)
 #   scripts/gpu_detect.sh tests    tests/test_vision_device.py on CUDA (torchvision's batched_nms)
-#   scripts/gpu_detect.sh run      the benchmark: every model in .gpu_detect/models (default: the colour
-#                                  detector at 640 and nudenet), 200 frames each -> $OUT/detect_cuda.json
+#   scripts/gpu_detect.sh run [MODEL ...]   the benchmark on the MODELs given (an .engine, or an ONNX built here
+#                                  with --backend torch --precision fp16), else every model in .gpu_detect/models,
+#                                  else the colour detector at 640 and nudenet; 200 frames each -> $OUT/detect_cuda.json
 #   scripts/gpu_detect.sh all      tests, then run
 # Output: $OUT/detect_cuda.json (copy to benchmarks/results/), $OUT/log.txt, $OUT/tests_cuda.txt.
 # Extra flags for benchmarks/detect.py in DETECT_ARGS (e.g. "--frames 400 --sources 8").
@@ -37,8 +38,12 @@ site() {  # carried wheels the machine lacks, into a private folder on the path
   return 0
 }
 
-models() {  # --model flags for every prepared model
+models() {  # --model flags for every model named on the command line, else every prepared one
   local m
+  if [ $# -gt 0 ]; then
+    for m in "$@"; do printf -- '--model %s ' "$m"; done
+    return
+  fi
   for m in "$PREP"/models/*; do
     [ -e "$m" ] && printf -- '--model %s ' "$m"
   done
@@ -48,7 +53,7 @@ mkdir -p "$OUT"
 case "$WHAT" in
   prepare)
     mkdir -p "$PREP/cache" "$PREP/models" "$PREP/whl"
-    $PY - "$PREP" "$@" <<'PY'
+    env -u ENGINESMITH_VISION_CACHE $PY - "$PREP" "$@" <<'PY'
 import shutil, sys
 from pathlib import Path
 sys.path.insert(0, "tests")
@@ -73,7 +78,7 @@ PY
     ;;
   dry)
     site
-    $PY benchmarks/detect.py --dry-run --frames 20 $(models) ${DETECT_ARGS:-} --json "$OUT/detect_dry_run.json" 2>&1 \
+    $PY benchmarks/detect.py --dry-run --frames 20 $(models "$@") ${DETECT_ARGS:-} --json "$OUT/detect_dry_run.json" 2>&1 \
       | grep -v -e '^W[0-9]' -e 'Warning' | tee -a "$OUT/log.txt"
     ;;
   tests|run|all)
@@ -91,7 +96,7 @@ except ImportError: print('no OpenCV: fine for the device path (synthetic frames
       tail -n 15 "$OUT/tests_cuda.txt"
     fi
     if [ "$WHAT" != tests ]; then
-      timeout -k 10 ${DETECT_TIMEOUT:-480} $PY benchmarks/detect.py --device cuda $(models) ${DETECT_ARGS:-} \
+      timeout -k 10 ${DETECT_TIMEOUT:-480} $PY benchmarks/detect.py --device cuda $(models "$@") ${DETECT_ARGS:-} \
         --json "$OUT/detect_cuda.json" 2>&1 | grep -v -e '^W[0-9]' -e 'Warning' | tee -a "$OUT/log.txt"
     fi
     ;;

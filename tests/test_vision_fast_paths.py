@@ -128,14 +128,14 @@ def test_score_first_yolov8_decode_and_nms_keep_the_boxes_the_old_code_kept(conf
 
 def test_nms_keeps_what_the_old_nms_kept_on_random_crowds() -> None:
     rng = np.random.default_rng(5)
-    for _ in range(20):
-        n = int(rng.integers(1, 400))
+    for n in [*rng.integers(1, 400, 20), 2000]:  # the NMS walks in blocks of 64: one block, several, many
+        n = int(n)
         corner = rng.uniform(0, 600, (n, 2))
         boxes = np.concatenate([corner, corner + rng.uniform(1, 120, (n, 2))], axis=1).astype(np.float32)
         scores = rng.uniform(0, 1, n).round(2)  # ties
         classes = rng.integers(0, 4, n)
-        for iou in (0.3, 0.7):
-            np.testing.assert_array_equal(nms(boxes, scores, classes, iou, 50), reference_nms(boxes, scores, classes, iou, 50))
+        for iou, most in ((0.3, 50), (0.7, 50), (0.5, 300)):
+            np.testing.assert_array_equal(nms(boxes, scores, classes, iou, most), reference_nms(boxes, scores, classes, iou, most))
 
 
 @pytest.mark.parametrize("head", ["yolov5", "yolox", "boxes-scores", "ssd-raw"])

@@ -22,9 +22,14 @@ def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area + areas - inter, 1e-12)
 
 
+# Boxes taken from the top of the score order at a time: their overlaps with each other and with every box
+# left are one vectorized step, and only the greedy walk through the block is a Python loop.
+BLOCK = 64
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, max_detections: int = 300) -> np.ndarray:
     """Indices of the boxes kept, best score first: a box is dropped when it overlaps a better one
-    of the same class by more than ``iou``."""
+    of the same class by more than ``iou``. Exactly the one-box-at-a-time greedy walk, in blocks."""
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
     boxes = boxes.astype(np.float64, copy=False)
@@ -32,16 +37,30 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, 
     shifted = boxes + offset[:, None]
     x1, y1, x2, y2 = (np.ascontiguousarray(shifted[:, i]) for i in range(4))
     areas = (x2 - x1) * (y2 - y1)  # once, not per comparison
+
+    def overlaps(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """IoU of every box in ``rows`` with every box in ``columns`` [len(rows), len(columns)]."""
+        r, c = rows[:, None], columns[None, :]
+        inter = (np.clip(np.minimum(x2[r], x2[c]) - np.maximum(x1[r], x1[c]), 0, None)
+                 * np.clip(np.minimum(y2[r], y2[c]) - np.maximum(y1[r], y1[c]), 0, None))
+        return inter / np.maximum(areas[r] + areas[c] - inter, 1e-12)
+
     order = np.argsort(-scores, kind="stable")
     keep: list[int] = []
     while order.size and len(keep) < max_detections:
-        best = order[0]
-        keep.append(int(best))
-        rest = order[1:]
-        if not rest.size:
-            break
-        inter = (np.clip(np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]), 0, None)
-                 * np.clip(np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]), 0, None))
-        overlap = inter / np.maximum(areas[best] + areas[rest] - inter, 1e-12)
-        order = rest[overlap <= iou]
+        block, rest = order[:BLOCK], order[BLOCK:]
+        within = overlaps(block, block) > iou
+        alive = np.ones(len(block), dtype=bool)
+        kept = []
+        for i in range(len(block)):
+            if not alive[i]:
+                continue
+            kept.append(i)
+            if len(keep) + len(kept) == max_detections:
+                break
+            alive &= ~within[i]
+        keep.extend(int(b) for b in block[kept])
+        if rest.size and len(keep) < max_detections:
+            rest = rest[~(overlaps(block[kept], rest) > iou).any(axis=0)]
+        order = rest
     return np.asarray(keep, dtype=np.int64)

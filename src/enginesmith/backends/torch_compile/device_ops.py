@@ -7,6 +7,7 @@ class-aware NMS from an IoU matrix computed on the device.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ class TorchDeviceOps(DeviceOps):
             batched_nms = None
         self._batched_nms = batched_nms
         self._pinned: dict[tuple, Any] = {}
+        self._pinned_lock = threading.Lock()  # one staging buffer per shape, shared by the threads that upload
 
     def _upload(self, frame: np.ndarray):
         """A uint8 frame on the device, through a pinned buffer (per frame shape) when the device is a GPU."""
@@ -35,14 +37,15 @@ class TorchDeviceOps(DeviceOps):
         host = torch.from_numpy(np.ascontiguousarray(frame))
         if self._device.type != "cuda":
             return host
-        staging = self._pinned.get(frame.shape)
-        if staging is None:
-            if len(self._pinned) > 8:
-                self._pinned.clear()
-            staging = self._pinned[frame.shape] = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True)
-        staging.copy_(host)
-        # Synchronous on purpose: the staging buffer is reused by the next frame.
-        return staging.to(self._device)
+        with self._pinned_lock:
+            staging = self._pinned.get(frame.shape)
+            if staging is None:
+                if len(self._pinned) > 8:
+                    self._pinned.clear()
+                staging = self._pinned[frame.shape] = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True)
+            staging.copy_(host)
+            # Synchronous on purpose: the staging buffer is reused by the next frame.
+            return staging.to(self._device)
 
     def images_to_batch(self, frames: Sequence[np.ndarray], places: Sequence[ImageGeometry], size: tuple[int, int],
                         *, pad_value: float, swap_rb: bool, scale: float, mean: Sequence[float], std: Sequence[float],
@@ -61,10 +64,13 @@ class TorchDeviceOps(DeviceOps):
         if swap_rb:
             batch = batch.flip(1)
         batch.mul_(float(scale))
-        mean_t = torch.tensor(np.broadcast_to(np.asarray(mean, np.float32), channels).copy(), device=self._device)
-        std_t = torch.tensor(np.broadcast_to(np.asarray(std, np.float32), channels).copy(), device=self._device)
-        if bool((mean_t != 0).any()) or bool((std_t != 1).any()):
-            batch = (batch - mean_t[:, None, None]) / std_t[:, None, None]
+        # Judged on the host: asking the device whether to normalize would wait for it.
+        mean_np = np.broadcast_to(np.asarray(mean, np.float32), channels)
+        std_np = np.broadcast_to(np.asarray(std, np.float32), channels)
+        if mean_np.any() or (std_np != 1).any():
+            mean_t = torch.from_numpy(mean_np.copy()).to(self._device)[:, None, None]
+            std_t = torch.from_numpy(std_np.copy()).to(self._device)[:, None, None]
+            batch = (batch - mean_t) / std_t
         if layout.upper() == "NHWC":
             batch = batch.permute(0, 2, 3, 1)
         return batch.to(_torch_dtype(dtype)).contiguous()
