@@ -82,6 +82,21 @@ def test_device_ops_normalize_swap_channels_and_lay_out_like_the_spec(torch_engi
     np.testing.assert_allclose(batch[0].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
 
 
+def test_uint8_pictures_for_tensorflow_detectors_are_made_on_the_device_like_on_the_host(torch_engine) -> None:
+    ops = torch_engine.device_ops
+    frame = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+
+    def made(dtype: str) -> np.ndarray:
+        return ops.to_host(ops.images_to_batch([frame], [ImageGeometry(15, 20, 0, 0)], (15, 20), pad_value=0,
+                                               swap_rb=True, scale=1.0, mean=[0, 0, 0], std=[1, 1, 1], layout="NHWC",
+                                               dtype=dtype))
+
+    batch, exact = made("uint8"), made("float32")
+    assert batch.dtype == np.uint8 and batch.shape == (1, 15, 20, 3)
+    np.testing.assert_array_equal(batch, np.clip(np.round(exact), 0, 255).astype(np.uint8))  # rounded, not truncated
+    assert (exact != np.round(exact)).any()  # the resize made fractions: truncation would have shown
+
+
 @pytest.mark.parametrize("conf", [0.05, 0.4])
 def test_device_score_floor_top_k_and_nms_keep_what_the_host_keeps(torch_engine, conf) -> None:
     import torch

@@ -67,13 +67,13 @@ class Detector:
         ops = engine.device_ops if own_infer else None
         spec = self.spec
         # The device makes colour float batches by resizing or letterboxing; crops and gray stay on the host.
-        fits = (spec.color != "GRAY" and np.dtype(spec.dtype).kind == "f" and not spec.center_crop
+        fits = (spec.color != "GRAY" and np.dtype(spec.dtype).kind in "fu" and not spec.center_crop
                 and isinstance(spec.resize, tuple))
         if wanted and (ops is None or not fits):
             raise InputError(
                 f"pre- and post-processing on the device needs an engine with device I/O and device ops (the "
                 f"PyTorch backend: build with --backend torch; this is a {engine.backend} engine) and a colour, "
-                "float input made by an exact resize or letterbox (no crop); pass on_device=False"
+                "float or uint8 input made by an exact resize or letterbox (no crop); pass on_device=False"
             )
         if wanted is None:
             wanted = ops is not None and fits and ops.device.startswith("cuda")

@@ -73,7 +73,11 @@ class TorchDeviceOps(DeviceOps):
             batch = (batch - mean_t) / std_t
         if layout.upper() == "NHWC":
             batch = batch.permute(0, 2, 3, 1)
-        return batch.to(_torch_dtype(dtype)).contiguous()
+        target = _torch_dtype(dtype)
+        if not target.is_floating_point:  # uint8 pictures (TensorFlow detectors): rounded like the host's resize
+            info = torch.iinfo(target)
+            batch = batch.round().clamp_(info.min, info.max)
+        return batch.to(target).contiguous()
 
     def select_boxes(self, output: Any, layout: str, min_score: float, iou: float, max_boxes: int,
                      top_k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
