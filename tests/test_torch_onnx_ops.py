@@ -279,3 +279,26 @@ def test_attention_graphs_convert_export_and_run_on_the_meta_device(name):
     program = export_program(wrapper, signature, "meta", log, None)
     outputs = program.module()(*example_inputs(signature, 3, "meta", known=known))
     assert all(out.device.type == "meta" and out.shape[0] == 3 for out in outputs)
+
+
+def test_a_uint8_image_cast_to_float_inside_the_graph_feeds_a_half_precision_engine():
+    """TensorFlow detectors take uint8 pictures and Cast them to float inside the graph: in an fp16/bf16
+    engine that Cast must make the engine's type, or the first convolution sees float32 beside half weights."""
+    weight = np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.1
+    nodes = [helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "uint8_conv", [helper.make_tensor_value_info("image", TensorProto.UINT8, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    image = np.random.default_rng(2).integers(0, 256, (1, 3, 6, 6), dtype=np.uint8)
+    imported = import_model(model)
+    backend = get_backend("torch")
+    options = BuildOptions(precision="bf16", force_precision=True,
+                           backend_options={"device": os.environ.get("ENGINESMITH_TEST_DEVICE", "cpu"), "compile": "eager"})
+    result = backend.build(imported.model, imported.signature, options)
+    assert "1 casts to float32 in the graph cast to bfloat16 instead" in " ".join(result.log)
+    got = backend.load(result.payload, result.resolved_options, imported.signature).run({"image": image})["y"]
+    want = run_plain(model, {"image": image})["y"]
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=0.2)  # bf16 keeps 8 bits of mantissa

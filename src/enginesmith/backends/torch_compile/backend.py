@@ -26,7 +26,7 @@ from .compile import (_aoti_compile, _aoti_load, _benchmark_limit, _cache_tag, _
                       _GraphedRunner, _set_cudnn_benchmark, _set_fp32_math, _warm, compile_module, needs_rewrite)
 from .export import _has_conv2d, _wrapper_class, export_program, served_shapes, shape_text, specialized_dims
 from .native import retarget_program, source_module, usable_source
-from .onnx_convert import onnx_to_torch, op_status
+from .onnx_convert import onnx_to_torch, op_status, retarget_casts
 from .payload import _load_program, _save_program, pack_payload, unpack_payload
 from .session import TorchSession
 
@@ -245,6 +245,8 @@ class TorchCompileBackend(Backend):
                        f"Triton {facts['triton_version']}, driver {facts['driver']}")
         dtype = _torch_dtype(meta["precision"])
         inner = inner.to(device=device, dtype=dtype)
+        if native is None and dtype != torch.float32:
+            retarget_casts(inner, dtype, log)
         if native is not None and retarget_program(inner, dtype, device):
             log.append(f"float32 constants of the exported program made {meta['precision']}")
         if meta["channels_last"]:

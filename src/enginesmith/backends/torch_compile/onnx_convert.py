@@ -498,3 +498,20 @@ def _dist_version(name: str) -> str:
         return version(name)
     except Exception:  # noqa: BLE001
         return "?"
+
+
+def retarget_casts(module, dtype, log: list[str]) -> int:
+    """Casts to float32 inside a converted graph cast to the engine's ``dtype`` instead.
+
+    The module's weights follow ``module.to(dtype)``, but an ONNX ``Cast(to=FLOAT)`` (a uint8 image
+    made float inside a TensorFlow detector) would still hand float32 to fp16 convolutions.
+    """
+    torch = _torch()
+    changed = 0
+    for sub in module.modules():
+        if type(sub).__name__ == "OnnxCast" and getattr(sub, "torch_dtype", None) is torch.float32:
+            sub.torch_dtype = dtype
+            changed += 1
+    if changed:
+        log.append(f"{changed} casts to float32 in the graph cast to {str(dtype).replace('torch.', '')} instead")
+    return changed
