@@ -20,6 +20,8 @@ Only this module imports ``openvino`` and ``nncf``, and only inside functions.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import queue
 import tempfile
@@ -49,6 +51,8 @@ PERFORMANCE_HINTS = ("latency", "throughput")
 UNCONVERTED_NODE_TYPES = ("ONNXFrameworkNode", "NotSupportedONNXNode", "FrameworkNode")
 # Calibration methods -> NNCF's activation range estimators (None: NNCF's defaults, min/max based).
 NNCF_RANGE_ESTIMATORS = {"minmax": None, "percentile": "MEAN_QUANTILE"}
+# The bundle's cache entry holding the model NNCF quantized (see :func:`pack_int8_model`).
+INT8_MODEL_CACHE = "openvino_int8_model.npz"
 
 
 def _ov():
@@ -345,6 +349,68 @@ def quantize_int8(ov_model: Any, calibration: Calibration | None, settings: Open
     return quantized
 
 
+# The int8 model is kept as OpenVINO IR rather than as the calibration samples: the IR (weights
+# already int8, FakeQuantize nodes holding every range) compiles on any CPU and OpenVINO version
+# that reads IR v11, needs neither NNCF nor data, and gives the same engine the original build
+# gave. Samples would be cut to a bounded size and re-quantized by whatever NNCF is installed
+# there, so the rebuilt engine's ranges, and accuracy, could differ from the one that was verified.
+
+
+def int8_record(signature: Signature, method: str, settings: OpenVinoSettings) -> dict[str, Any]:
+    """What a stored int8 model was quantized for: reused only where a rebuild asks for the same."""
+    return {"signature": signature.to_dict(), "calibration_method": method,
+            "int8_preset": settings.int8_preset, "subset_size": settings.subset_size}
+
+
+def pack_int8_model(ov_model: Any, record: Mapping[str, Any]) -> bytes:
+    """The quantized model as one cache entry: IR xml and bin, and its record, in an .npz (no pickles)."""
+    with tempfile.TemporaryDirectory(prefix="enginesmith-ov-") as tmp:
+        xml = Path(tmp) / "int8.xml"
+        # fp16 compression would change the fp32 weights of the layers NNCF left unquantized.
+        _ov().save_model(ov_model, str(xml), compress_to_fp16=False)
+        parts = {"xml": xml.read_bytes(), "bin": xml.with_suffix(".bin").read_bytes(),
+                 "record": json.dumps(record, sort_keys=True).encode()}
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.frombuffer(data, np.uint8) for name, data in parts.items()})
+    return buffer.getvalue()
+
+
+def unpack_int8_model(data: bytes) -> tuple[Any, dict[str, Any]]:
+    """(openvino.Model, record) from :func:`pack_int8_model`'s bytes; BuildError when they do not read."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as parts:
+            xml, weights, record = (parts[name] for name in ("xml", "bin", "record"))
+        model = core().read_model(xml.tobytes(), _ov().Tensor(np.ascontiguousarray(weights)))
+        return model, json.loads(record.tobytes())
+    except Exception as exc:  # noqa: BLE001 - a damaged entry, or IR this OpenVINO cannot read
+        raise BuildError(f"the bundle's int8 model ({INT8_MODEL_CACHE}) cannot be read by OpenVINO "
+                         f"{core_version()} ({_first_line(exc)}): rebuild with --calib DATA to quantize again") from None
+
+
+def stored_int8_model(caches: Mapping[str, bytes], record: Mapping[str, Any], calibration: Calibration | None,
+                      log: list[str]) -> Any | None:
+    """The int8 model a rebuilt bundle carries, when it was quantized for what this build asks.
+
+    None when there is none, or it differs and calibration data is given (then NNCF runs again);
+    differing with no data to quantize anew is an error that says what differs.
+    """
+    if INT8_MODEL_CACHE not in caches:
+        return None
+    model, stored = unpack_int8_model(caches[INT8_MODEL_CACHE])
+    differs = sorted(key for key in record if stored.get(key) != record[key])
+    if not differs:
+        log.append(f"int8: the bundle's quantized model reused (NNCF not run; {stored['calibration_method']} "
+                   f"ranges, preset {stored['int8_preset']})")
+        return model
+    if calibration is not None and calibration.batches:
+        log.append(f"int8: the bundle's quantized model was made for another {', '.join(differs)}: quantizing again")
+        return None
+    raise ValidationDataError(
+        f"the bundle's int8 model was quantized for another {', '.join(differs)} than this build asks for: "
+        "give --calib DATA to quantize again, or rebuild with the options it was built with"
+    )
+
+
 # --------------------------------------------------------------------------- session
 
 
@@ -393,6 +459,7 @@ class OpenVinoBackend(Backend):
     display_name = "OpenVINO"
     # Below ONNX Runtime (10): a build without selection takes ONNX Runtime; `--backend auto` times both.
     auto_priority = 5
+    int8_cache_names = (INT8_MODEL_CACHE,)
 
     def available(self) -> Availability:
         try:
@@ -466,18 +533,13 @@ class OpenVinoBackend(Backend):
         settings = OpenVinoSettings.parse(options.backend_options)
         log = [f"OpenVINO {self.version()}, device {DEVICE} ({core().get_property(DEVICE, 'FULL_DEVICE_NAME')})"]
         precision = _resolve_precision(options, log)
-        with tempfile.TemporaryDirectory(prefix="enginesmith-ov-") as tmp:
-            if progress:
-                progress("converting ONNX to OpenVINO", 0, 1)
-            ov_model = read_onnx(model, Path(tmp))
-            if progress:
-                progress("converting ONNX to OpenVINO", 1, 1)
+        caches: dict[str, bytes] = {}
         if precision == "int8":
-            if progress:
-                progress("calibrating int8 (NNCF)", 0, 1)
-            ov_model = quantize_int8(ov_model, calibration, settings, log)
-            if progress:
-                progress("calibrating int8 (NNCF)", 1, 1)
+            ov_model = self._int8_model(model, signature, options, settings, calibration, log, progress)
+            caches[INT8_MODEL_CACHE] = pack_int8_model(ov_model, int8_record(signature, options.calibration_method,
+                                                                             settings))
+        else:
+            ov_model = self._convert(model, progress)
         config = compile_config(precision, settings, options.threads)
         if progress:
             progress("compiling for the CPU", 0, 1)
@@ -502,7 +564,32 @@ class OpenVinoBackend(Backend):
             "ops": _op_histogram(ov_model),
             "cpu_capabilities": list(core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")),
         }
-        return BuildResult(payload, PAYLOAD_NAME, resolved, log, details)
+        return BuildResult(payload, PAYLOAD_NAME, resolved, log, details, caches)
+
+    def _convert(self, model: onnx.ModelProto, progress: ProgressCallback | None) -> Any:
+        with tempfile.TemporaryDirectory(prefix="enginesmith-ov-") as tmp:
+            if progress:
+                progress("converting ONNX to OpenVINO", 0, 1)
+            ov_model = read_onnx(model, Path(tmp))
+            if progress:
+                progress("converting ONNX to OpenVINO", 1, 1)
+        return ov_model
+
+    def _int8_model(self, model: onnx.ModelProto, signature: Signature, options: BuildOptions,
+                    settings: OpenVinoSettings, calibration: Calibration | None, log: list[str],
+                    progress: ProgressCallback | None) -> Any:
+        """The rebuilt bundle's quantized model where it fits this build, else NNCF's quantization of ``model``."""
+        record = int8_record(signature, options.calibration_method, settings)
+        stored = stored_int8_model(options.previous_caches, record, calibration, log)
+        if stored is not None:
+            return stored
+        ov_model = self._convert(model, progress)
+        if progress:
+            progress("calibrating int8 (NNCF)", 0, 1)
+        quantized = quantize_int8(ov_model, calibration, settings, log)
+        if progress:
+            progress("calibrating int8 (NNCF)", 1, 1)
+        return quantized
 
     def load(self, payload: bytes | Path, options: BuildOptions, signature: Signature) -> Session:
         settings = OpenVinoSettings.parse(options.backend_options)
