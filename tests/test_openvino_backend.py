@@ -18,6 +18,7 @@ pytest.importorskip("openvino")
 
 import enginesmith as es  # noqa: E402
 import enginesmith.backends.openvino as ov_backend  # noqa: E402
+import enginesmith.backends.openvino_int8 as ov_int8  # noqa: E402
 from enginesmith import samples  # noqa: E402
 from enginesmith.backends import get_backend, pick_backend  # noqa: E402
 from enginesmith.backends.base import BuildOptions  # noqa: E402
@@ -300,7 +301,7 @@ def test_int8_engine_rebuilds_from_the_bundle_alone(digits_model, tmp_path, monk
     def no_nncf(*args, **kwargs):
         raise AssertionError("NNCF ran on a rebuild that carries its quantized model")
 
-    monkeypatch.setattr(ov_backend, "quantize_int8", no_nncf)
+    monkeypatch.setattr(ov_int8, "quantize_int8", no_nncf)
     rebuilt = es.build(path, output=tmp_path / "rebuilt.engine")
     assert rebuilt.precision == "int8" and rebuilt.manifest.fingerprint["cpu_flags"] == "avx avx2 fma"
     assert any("quantized model reused (NNCF not run" in line for line in rebuilt.manifest.build_log)
@@ -326,7 +327,7 @@ def test_int8_rebuild_asking_for_other_quantization_needs_data(digits_model, tmp
 
 def test_damaged_int8_model_entry_is_a_clear_error():
     with pytest.raises(es.BuildError, match="openvino_int8_model.npz.* rebuild with --calib DATA"):
-        ov_backend.unpack_int8_model(b"not an npz")
+        ov_int8.unpack_int8_model(b"not an npz")
 
 
 def test_best_considers_every_precision_this_cpu_has(digits_model):
