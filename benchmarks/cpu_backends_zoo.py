@@ -28,6 +28,7 @@ auto build of the ResNet-50-like sample with where its time went.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -387,6 +388,8 @@ def run_corpus(args: argparse.Namespace, facts: dict[str, Any]) -> tuple[dict[st
                 results.append(bench_model(model, args, work))
             except Exception as exc:  # noqa: BLE001 - one model's failure is a row of the report
                 results.append({"model": model.id, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            # What is done so far, so that an interrupted run still leaves its numbers.
+            write_atomic(args.json.with_suffix(".partial.json"), json.dumps(results, default=float).encode())
         if args.accuracy:
             print("accuracy: the demo's digits CNN at best vs fp32 ...", file=sys.stderr, flush=True)
             accuracy.append(digits_accuracy(Path(tmp)))

@@ -325,6 +325,19 @@ def test_int8_rebuild_asking_for_other_quantization_needs_data(digits_model, tmp
     assert any("NNCF" in line and "percentile" in line for line in again.manifest.build_log)
 
 
+def test_auto_int8_bundle_won_by_openvino_rebuilds_without_data(digits_model, tmp_path):
+    path = tmp_path / "auto.engine"
+    es.build(digits_model["model"], backend="auto", candidates=["openvino"], precision="int8",
+             calibration_data={"image": digits_model["x_train"]}, output=path)
+    # Both backends again on the rebuild: ONNX Runtime has no data to calibrate with, OpenVINO its kept model.
+    rebuilt = es.build(path, candidates=["onnxruntime", "openvino"])
+    rows = {row["backend"]: row for row in rebuilt.manifest.checks["backend_candidates"]}
+    assert rebuilt.backend == "openvino" and rebuilt.precision == "int8"
+    assert "calibration data" in rows["onnxruntime"]["reason"]
+    x = digits_model["x_test"]
+    np.testing.assert_allclose(rebuilt(image=x)["logits"], es.load(path)(image=x)["logits"], rtol=0, atol=1e-5)
+
+
 def test_damaged_int8_model_entry_is_a_clear_error():
     with pytest.raises(es.BuildError, match="openvino_int8_model.npz.* rebuild with --calib DATA"):
         ov_int8.unpack_int8_model(b"not an npz")
