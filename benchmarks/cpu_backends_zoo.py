@@ -178,7 +178,8 @@ def build_best(prepared: Prepared, model: ZooModel, work: Path) -> tuple[es.Engi
 
 
 def engine_runner(engine: es.Engine) -> Runner:
-    return lambda feeds: engine.infer({k: v for k, v in feeds.items() if k in engine.signature.input_names})
+    names = set(engine.signature.input_names)  # feeds filtered the way the plain runners filter them
+    return lambda feeds: engine.infer({k: v for k, v in feeds.items() if k in names})
 
 
 # --------------------------------------------------------------------------- one model

@@ -125,7 +125,7 @@ class InputChecker:
 
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         arrays = self._plain_arrays(inputs)
-        key = tuple((a.dtype, a.shape) for a in arrays) if arrays is not None else None
+        key = tuple([(a.dtype, a.shape) for a in arrays]) if arrays is not None else None
         if key is not None and key in self._accepted:
             return dict(zip(self._names, arrays))
         feeds = prepare_inputs(self._signature, inputs, self._batch_flexible)
@@ -139,7 +139,10 @@ class InputChecker:
         """The inputs in signature order when they are exactly its names, as C-contiguous numpy arrays."""
         if len(inputs) != len(self._names):
             return None
-        arrays = [inputs.get(name) for name in self._names]
-        if all(type(a) is np.ndarray and a.flags.c_contiguous for a in arrays):
-            return arrays  # type: ignore[return-value]
-        return None
+        arrays = []
+        for name in self._names:
+            array = inputs.get(name)
+            if type(array) is not np.ndarray or not array.flags.c_contiguous:
+                return None
+            arrays.append(array)
+        return arrays
