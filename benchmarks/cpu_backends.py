@@ -27,7 +27,7 @@ With ``--corpus zoo`` it runs issue 17's targets over the whole real-model corpu
 (plain ORT, plain OpenVINO fp32 and defaults, auto fp32, auto best 1%; see cpu_backends_zoo.py):
 
     python benchmarks/cpu_backends.py --corpus zoo [--tier test|bench|all] [--models ID,ID] [--max-model-mb N]
-        [--rounds 6] [--runs 60] [--trained DIR] [--no-best] [--no-accuracy] [--no-resnet50]
+        [--rounds 6] [--runs 60] [--best-samples 200] [--trained DIR] [--no-best] [--no-accuracy] [--no-resnet50]
 """
 
 from __future__ import annotations
@@ -385,6 +385,8 @@ def main() -> None:
     corpus.add_argument("--tier", choices=["test", "bench", "all"], default="all")
     corpus.add_argument("--max-model-mb", type=float, default=None, help="leave out larger model files")
     corpus.add_argument("--no-best", dest="best", action="store_false", help="no --precision best engines")
+    corpus.add_argument("--best-samples", type=int, default=200,
+                        help="draws of each model's inputs for best: half calibrate, half judge the 1%% budget")
     corpus.add_argument("--no-accuracy", dest="accuracy", action="store_false",
                         help="no accuracy of the trained digits CNN at the best precision")
     corpus.add_argument("--trained", type=Path, default=None,

@@ -50,7 +50,6 @@ from enginesmith.files import write_atomic  # noqa: E402
 
 BASELINE = "plain ORT"
 TARGETS = ("plain ORT", "plain OV fp32", "plain OV default", "auto fp32", "auto best")
-BEST_SAMPLES = 200  # drawn from the manifest's input distribution; half calibrate, half judge the budget
 BEST_HOLDOUT = 0.5
 CLASS_BUDGET, REGRESSION_BUDGET = "1%", "rel_l2<=0.01"
 Runner = Callable[[dict[str, np.ndarray]], Any]
@@ -162,8 +161,8 @@ def build_auto(prepared: Prepared, work: Path, label: str, **kwargs: Any) -> tup
                     "candidates": [{k: row[k] for k in keep if k in row} for row in rows]}
 
 
-def build_best(prepared: Prepared, model: ZooModel, work: Path) -> tuple[es.Engine | None, dict[str, Any]]:
-    calib = stacked_samples(prepared.signature, model, BEST_SAMPLES)
+def build_best(prepared: Prepared, model: ZooModel, work: Path, samples: int) -> tuple[es.Engine | None, dict[str, Any]]:
+    calib = stacked_samples(prepared.signature, model, samples)
     if calib is None:
         return None, {"error": "inputs without a batch axis of 1 (a scalar, a state batched on another axis): "
                                "calibration samples cannot be stacked"}
@@ -209,7 +208,7 @@ def bench_model(model: ZooModel, args: argparse.Namespace, work: Path) -> dict[s
     if auto is None:
         result["error"] = f"auto fp32: {result['auto']['error']}"
         return result
-    best, result["auto best"] = build_best(prepared, model, work) if args.best else (None, {"error": "--no-best"})
+    best, result["auto best"] = build_best(prepared, model, work, args.best_samples) if args.best else (None, {"error": "--no-best"})
     targets: dict[str, Runner] = {BASELINE: plain_ort(prepared.onnx_path)}
     for label, config in (("plain OV fp32", {"INFERENCE_PRECISION_HINT": "f32"}), ("plain OV default", {})):
         try:
