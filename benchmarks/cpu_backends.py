@@ -22,6 +22,12 @@ Prints a table, writes JSON and one PNG, and records the machine's ISA flags.
 
     python benchmarks/cpu_backends.py [--rounds 10] [--runs 40] [--batches 1] [--models ...]
         [--zoo-manifest benchmarks/zoo/models.toml] [--zoo-cache ~/.cache/enginesmith-zoo/models] [--int8] [--auto]
+
+With ``--corpus zoo`` it runs issue 17's targets over the whole real-model corpus instead
+(plain ORT, plain OpenVINO fp32 and defaults, auto fp32, auto best 1%; see cpu_backends_zoo.py):
+
+    python benchmarks/cpu_backends.py --corpus zoo [--tier test|bench|all] [--models ID,ID] [--max-model-mb N]
+        [--rounds 6] [--runs 60] [--best-samples 200] [--trained DIR] [--no-best] [--no-accuracy] [--no-resnet50]
 """
 
 from __future__ import annotations
@@ -371,17 +377,34 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40, help="timed runs per target and batch, over all rounds")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     parser.add_argument("--batches", type=lambda t: [int(b) for b in t.split(",")], default=[1])
-    parser.add_argument("--models", default=",".join(list(SAMPLES) + ZOO_DEFAULT),
-                        help="sample models and zoo ids, comma-separated")
+    parser.add_argument("--models", default=None,
+                        help="sample models and zoo ids, comma-separated (default: both samples and "
+                             f"{', '.join(ZOO_DEFAULT)}; with --corpus: every model of --tier)")
+    corpus = parser.add_argument_group("--corpus zoo: issue 17's targets over the real-model corpus")
+    corpus.add_argument("--corpus", choices=["zoo"], default=None)
+    corpus.add_argument("--tier", choices=["test", "bench", "all"], default="all")
+    corpus.add_argument("--max-model-mb", type=float, default=None, help="leave out larger model files")
+    corpus.add_argument("--no-best", dest="best", action="store_false", help="no --precision best engines")
+    corpus.add_argument("--best-samples", type=int, default=200,
+                        help="draws of each model's inputs for best: half calibrate, half judge the 1%% budget")
+    corpus.add_argument("--no-accuracy", dest="accuracy", action="store_false",
+                        help="no accuracy of the trained digits CNN at the best precision")
+    corpus.add_argument("--trained", type=Path, default=None,
+                        help="trained_classifiers.py's unpacked models: their accuracy at the best precision too")
+    corpus.add_argument("--trained-holdout", type=int, default=500)
+    corpus.add_argument("--no-resnet50", dest="resnet50", action="store_false",
+                        help="no timed auto build of the ResNet-50-like sample")
     parser.add_argument("--zoo-manifest", type=Path, default=HERE / "zoo" / "models.toml")
     parser.add_argument("--zoo-cache", type=Path,
                         default=Path(os.environ.get("ENGINESMITH_ZOO_CACHE", Path.home() / ".cache" / "enginesmith-zoo")) / "models")
     parser.add_argument("--int8", action="store_true", help="also an int8 engine (NNCF, random calibration data)")
     parser.add_argument("--auto", action="store_true",
                         help="also --backend auto engines: fp32, and --precision best --max-accuracy-drop 1%%")
-    parser.add_argument("--json", type=Path, default=RESULTS / "cpu_backends.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default: results/cpu_backends.json (results/cpu_backends_zoo.json with --corpus zoo)")
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     args = parser.parse_args()
+    args.json = args.json or RESULTS / ("cpu_backends_zoo.json" if args.corpus else "cpu_backends.json")
     args.image_size = 224  # recorded by write_report; the samples run at 224x224
     import nncf
     import openvino as ov
@@ -392,7 +415,10 @@ def main() -> None:
     facts = machine({"openvino": ov.__version__, "nncf": nncf.__version__,
                      "openvino_cpu_capabilities": list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
                      "native_bf16": bf16})
-    wanted = args.models.split(",")
+    if args.corpus:
+        run_corpus_report(args, facts)
+        return
+    wanted = (args.models or ",".join(list(SAMPLES) + ZOO_DEFAULT)).split(",")
     zoo, notes = zoo_models(args.zoo_manifest, args.zoo_cache, [m for m in wanted if m not in SAMPLES])
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="enginesmith-cpu-backends-") as tmp:
@@ -440,6 +466,19 @@ def main() -> None:
                        f"OpenVINO {facts['openvino'].split('-')[0]} vs ONNX Runtime {facts['onnxruntime']}, {facts['cpu']}")
     facts["skipped"] = notes
     write_report("cpu_backends", args, facts, targets_met(results), results)
+
+
+def run_corpus_report(args: argparse.Namespace, facts: dict[str, Any]) -> None:
+    from cpu_backends_zoo import run_corpus  # sibling script
+
+    args.models_zoo = args.models
+    args.zoo_cache = args.zoo_cache.parent  # the corpus' cache root (models/ and wheels/ under it)
+    targets, results = run_corpus(args, facts)
+    timed = [r for r in results if r.get("rows")]
+    if args.plot and timed:
+        plot(timed, args.json.with_suffix(".png"), f"zoo corpus: speed-up over plain ONNX Runtime {facts['onnxruntime']}, "
+             f"OpenVINO {facts['openvino'].split('-')[0]}, {facts['cpu']}")
+    write_report("cpu_backends_zoo", args, facts, targets, results)
 
 
 if __name__ == "__main__":

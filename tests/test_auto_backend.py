@@ -263,3 +263,30 @@ def test_the_build_log_says_what_auto_chose_and_that_torch_needs_naming():
     named = auto_build(make_mlp(), fake_timer({"onnxruntime": 2.0, "openvino": 1.0}),
                        candidates=["openvino", "onnxruntime"])
     assert not any("torch" in line for line in named.manifest.build_log if line.startswith("auto: "))
+
+
+def test_candidates_are_timed_in_rotating_blocks_that_start_settled():
+    """Each round's order rotates and each block starts with an untimed call, so a runtime whose
+    threads spin on after its calls does not always slow the same candidate; fast ones run more."""
+    import itertools
+    import time
+
+    from enginesmith.pipeline import best
+
+    calls: list[str] = []
+
+    def fast(feeds):
+        calls.append("fast")
+
+    def slow(feeds):
+        calls.append("slow")
+        time.sleep(0.01)
+
+    p50 = best.measure_p50({"fast": fast, "slow": slow}, {}, 1)
+    assert p50["slow"] > 9.5 > p50["fast"]
+    timed = calls[6:]  # after 3 warm-up calls each
+    blocks = [(label, len(list(group))) for label, group in itertools.groupby(timed)]
+    # fast, slow | slow, fast | fast, slow ...: with a fixed order the blocks would alternate 12 times.
+    assert [label for label, _ in blocks] == ["fast", "slow"] * 3 + ["fast"]
+    fast_runs, slow_runs = blocks[0][1] - 1, blocks[1][1] // 2 - 1  # one untimed call opens each block
+    assert slow_runs == best.MIN_BLOCK_RUNS < fast_runs

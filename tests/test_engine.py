@@ -129,6 +129,33 @@ def test_torch_tensors_go_in_when_torch_is_installed(mlp_path):
     np.testing.assert_array_equal(engine(x=x)["probs"], engine(x=x.numpy())["probs"])
 
 
+def test_an_input_layout_accepted_once_is_not_checked_again(mlp_path, monkeypatch, tmp_path):
+    import enginesmith.runtime.inputs as inputs
+
+    engine = es.load(es.build(onnx.load(mlp_path), output=tmp_path / "m.engine").path)  # never called yet
+    x = np.random.default_rng(3).standard_normal((4, 6)).astype(np.float32)
+    want = run_plain(onnx.load(mlp_path), {"x": x})["probs"]
+    checked = []
+    real = inputs.check_shape
+    monkeypatch.setattr(inputs, "check_shape", lambda *a, **k: (checked.append(a[0]), real(*a, **k))[1])
+    for _ in range(3):
+        np.testing.assert_allclose(engine(x=x)["probs"], want, rtol=1e-5, atol=1e-6)
+    assert checked == ["x"]  # the first call only
+    # Other layouts are still checked: a new batch size, a wrong shape, a dtype to cast (every time).
+    engine(x=x[:2])
+    assert checked == ["x", "x"]
+    with pytest.raises(es.InputError, match="axis 1 is 5, the engine needs 6"):
+        engine(x=np.zeros((4, 5), np.float32))
+    for _ in range(2):
+        with pytest.warns(InputCastWarning):
+            np.testing.assert_allclose(engine(x=x.astype(np.float64))["probs"], want, rtol=1e-5, atol=1e-6)
+    # A view that is not C-contiguous is copied by the checks, never passed on as it is.
+    strided = np.ascontiguousarray(np.repeat(x, 2, axis=1))[:, ::2]
+    np.testing.assert_allclose(engine(x=strided)["probs"], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(es.InputError, match="unknown input 'y'"):
+        engine(y=x)
+
+
 def test_concurrent_calls_from_threads_match_serial(mlp_path):
     engine = es.build(mlp_path)
     rng = np.random.default_rng(6)

@@ -18,6 +18,7 @@ pytest.importorskip("openvino")
 
 import enginesmith as es  # noqa: E402
 import enginesmith.backends.openvino as ov_backend  # noqa: E402
+import enginesmith.backends.openvino_int8 as ov_int8  # noqa: E402
 from enginesmith import samples  # noqa: E402
 from enginesmith.backends import get_backend, pick_backend  # noqa: E402
 from enginesmith.backends.base import BuildOptions  # noqa: E402
@@ -283,6 +284,63 @@ def test_int8_refuses_entropy_and_missing_data(digits_model):
                  calibration_data={"image": digits_model["x_train"]})
     with pytest.raises(es.ValidationDataError, match="int8 needs calibration data"):
         es.build(digits_model["model"], backend="openvino", precision="int8")
+
+
+def test_int8_engine_rebuilds_from_the_bundle_alone(digits_model, tmp_path, monkeypatch):
+    model, x = digits_model["model"], digits_model["x_test"]
+    path = tmp_path / "int8.engine"
+    original = es.build(model, backend="openvino", precision="int8",
+                        calibration_data={"image": digits_model["x_train"]}, output=path)
+    assert ov_backend.INT8_MODEL_CACHE in read_bundle(path, payload=False, caches=True).caches
+    want = original(image=x)["logits"]
+
+    # Another machine: another CPU, and no NNCF to calibrate with (nor --calib data).
+    real = ov_backend.host_fingerprint
+    monkeypatch.setattr(ov_backend, "host_fingerprint", lambda: {**real(), "cpu_flags": "avx avx2 fma"})
+
+    def no_nncf(*args, **kwargs):
+        raise AssertionError("NNCF ran on a rebuild that carries its quantized model")
+
+    monkeypatch.setattr(ov_int8, "quantize_int8", no_nncf)
+    rebuilt = es.build(path, output=tmp_path / "rebuilt.engine")
+    assert rebuilt.precision == "int8" and rebuilt.manifest.fingerprint["cpu_flags"] == "avx avx2 fma"
+    assert any("quantized model reused (NNCF not run" in line for line in rebuilt.manifest.build_log)
+    assert rebuilt.manifest.checks["build_verification"]["passed"]
+    got = rebuilt(image=x)["logits"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # Still the int8 engine, not fp32 rebuilt from the source.
+    assert not np.allclose(got, run_plain(model, {"image": x})["logits"], atol=1e-5)
+    # The rebuilt bundle keeps the quantized model, so it rebuilds again.
+    assert ov_backend.INT8_MODEL_CACHE in read_bundle(rebuilt.path, payload=False, caches=True).caches
+
+
+def test_int8_rebuild_asking_for_other_quantization_needs_data(digits_model, tmp_path):
+    path = tmp_path / "int8.engine"
+    es.build(digits_model["model"], backend="openvino", precision="int8",
+             calibration_data={"image": digits_model["x_train"]}, output=path)
+    with pytest.raises(es.ValidationDataError, match="quantized for another calibration_method .* give --calib DATA"):
+        es.build(path, calibration_method="percentile")
+    again = es.build(path, calibration_method="percentile", calibration_data={"image": digits_model["x_train"]})
+    assert any("made for another calibration_method: quantizing again" in line for line in again.manifest.build_log)
+    assert any("NNCF" in line and "percentile" in line for line in again.manifest.build_log)
+
+
+def test_auto_int8_bundle_won_by_openvino_rebuilds_without_data(digits_model, tmp_path):
+    path = tmp_path / "auto.engine"
+    es.build(digits_model["model"], backend="auto", candidates=["openvino"], precision="int8",
+             calibration_data={"image": digits_model["x_train"]}, output=path)
+    # Both backends again on the rebuild: ONNX Runtime has no data to calibrate with, OpenVINO its kept model.
+    rebuilt = es.build(path, candidates=["onnxruntime", "openvino"])
+    rows = {row["backend"]: row for row in rebuilt.manifest.checks["backend_candidates"]}
+    assert rebuilt.backend == "openvino" and rebuilt.precision == "int8"
+    assert "calibration data" in rows["onnxruntime"]["reason"]
+    x = digits_model["x_test"]
+    np.testing.assert_allclose(rebuilt(image=x)["logits"], es.load(path)(image=x)["logits"], rtol=0, atol=1e-5)
+
+
+def test_damaged_int8_model_entry_is_a_clear_error():
+    with pytest.raises(es.BuildError, match="openvino_int8_model.npz.* rebuild with --calib DATA"):
+        ov_int8.unpack_int8_model(b"not an npz")
 
 
 def test_best_considers_every_precision_this_cpu_has(digits_model):

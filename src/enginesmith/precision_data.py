@@ -86,18 +86,21 @@ def prepare_precision_data(
     *,
     budget: AccuracyBudget | None = None,
     best_tries_int8: bool = True,
+    stored_int8: bool = False,
 ) -> PrecisionData:
     """Calibration batches (int8, best) and the held-out part used to validate every precision.
 
     ``holdout`` is the share kept aside, in [0, 1). For fp32/fp16 builds given data, nothing is
     calibrated: all of it verifies the engine. Small sets, and agreement budgets finer than the
     hold-out can resolve, are warned about (:class:`PrecisionDataWarning`) and listed in
-    ``check["warnings"]``.
+    ``check["warnings"]``. ``stored_int8`` says the bundle being rebuilt carries a backend's own
+    int8 model or ranges (``Backend.int8_cache_names``), which stand in for data like ``cache``.
     """
     check_holdout(holdout)
     needs_calibration = options.precision == "int8" or (options.precision == "best" and best_tries_int8)
     if data is None and not random_data:
-        if needs_calibration and cache is None:
+        stored = cache is not None or stored_int8
+        if needs_calibration and not stored:
             if options.precision == "best":
                 raise ValidationDataError(
                     "--precision best also tries int8, which needs calibration data: give --calib DATA (its held-out "
@@ -108,7 +111,7 @@ def prepare_precision_data(
                 "int8 needs calibration data: give --calib DATA (.npy/.npz keyed by input name, a folder of images "
                 "or .npy files), or --calib-random for a smoke test on random data"
             )
-        calibration = Calibration([], options.calibration_method, cache) if cache is not None and needs_calibration else None
+        calibration = Calibration([], options.calibration_method, cache) if stored and needs_calibration else None
         check = {"cache_reused": True, "method": options.calibration_method} if calibration else {}
         return PrecisionData(calibration, None, "", check)
     if not needs_calibration:

@@ -190,6 +190,9 @@ class Backend(ABC):
     # The ONNX opset converters (Keras, TensorFlow, TFLite, PyTorch) target for this backend
     # unless the user asks for another: the newest one its parser or runtime runs fully.
     converter_opset: ClassVar[int] = 17
+    # Cache entries (BuildResult.caches) from which this backend rebuilds an int8 engine with no
+    # calibration data, besides ONNX Runtime's JSON ranges ("calibration_cache.json") every int8 backend reads.
+    int8_cache_names: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def available(self) -> Availability:

@@ -15,12 +15,12 @@ again (without them an fp32 engine would come back as bf16 on a CPU that has bf1
 Precisions: ``fp32`` (``INFERENCE_PRECISION_HINT=f32``), ``bf16`` where the CPU has native
 bf16 (AVX512-BF16 or AMX-BF16; OpenVINO's default on such CPUs), ``fp16`` where the plugin
 has fp16 kernels (AVX512-FP16/AMX-FP16 x86 CPUs, Arm), ``int8`` through ``nncf.quantize``.
-Only this module imports ``openvino`` and ``nncf``, and only inside functions.
+int8 (NNCF, and the quantized model kept for rebuilds) lives in :mod:`.openvino_int8`. Only these
+two modules import ``openvino`` and ``nncf``, and only inside functions.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 import tempfile
 from dataclasses import dataclass, replace
@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from ..errors import BuildError, InputError, MissingDependencyError, UnsupportedModelError, ValidationDataError
+from ..errors import BuildError, InputError, MissingDependencyError, UnsupportedModelError
 from ..host import cpu_flags, host_fingerprint
 from ..signature import Signature
 from .base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session, node_names
@@ -47,8 +47,8 @@ NATIVE_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx512_fp
 PERFORMANCE_HINTS = ("latency", "throughput")
 # OpenVINO types of frontend nodes that stand for ONNX nodes it could not convert.
 UNCONVERTED_NODE_TYPES = ("ONNXFrameworkNode", "NotSupportedONNXNode", "FrameworkNode")
-# Calibration methods -> NNCF's activation range estimators (None: NNCF's defaults, min/max based).
-NNCF_RANGE_ESTIMATORS = {"minmax": None, "percentile": "MEAN_QUANTILE"}
+# The bundle's cache entry holding the model NNCF quantized (see openvino_int8.pack_int8_model).
+INT8_MODEL_CACHE = "openvino_int8_model.npz"
 
 
 def _ov():
@@ -299,52 +299,6 @@ def core_version() -> str:
     return _ov().__version__.split("-")[0]
 
 
-# --------------------------------------------------------------------------- int8
-
-
-def quantize_int8(ov_model: Any, calibration: Calibration | None, settings: OpenVinoSettings,
-                  log: list[str]) -> Any:
-    """NNCF post-training quantization over the calibration batches (FakeQuantize nodes, int8 kernels)."""
-    if calibration is None or not calibration.batches:
-        raise ValidationDataError(
-            "int8 with OpenVINO needs calibration data: give --calib DATA (a calibration cache from another "
-            "backend cannot be reused: NNCF calibrates on the data itself)"
-        )
-    if calibration.method not in NNCF_RANGE_ESTIMATORS:
-        raise BuildError(f"calibration method '{calibration.method}' is not offered by NNCF: use "
-                         f"{' or '.join(NNCF_RANGE_ESTIMATORS)} with the OpenVINO backend")
-    try:
-        import nncf
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-    except ImportError:
-        raise MissingDependencyError(f"int8 with OpenVINO needs NNCF: {INSTALL_HINT}") from None
-    advanced = None
-    estimator = NNCF_RANGE_ESTIMATORS[calibration.method]
-    if estimator is not None:
-        advanced = AdvancedQuantizationParameters(
-            activations_range_estimator_params=getattr(RangeEstimatorParametersSet, estimator))
-    samples = sum(next(iter(b.values())).shape[0] for b in calibration.batches)
-    # NNCF counts subset_size in dataset items (our batches), not samples.
-    batch = max(1, samples // len(calibration.batches))
-    items = max(1, min(len(calibration.batches), -(-settings.subset_size // batch)))
-    preset = nncf.QuantizationPreset.MIXED if settings.int8_preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
-    logging.getLogger("nncf").setLevel(logging.ERROR)
-    try:
-        quantized = nncf.quantize(ov_model, nncf.Dataset(calibration.batches), preset=preset, subset_size=items,
-                                  advanced_parameters=advanced)
-    except Exception as exc:  # NNCF raises many types; a failed quantization fails the build
-        raise BuildError(f"int8 quantization (NNCF {nncf.__version__}) failed: {_last_line(exc)}") from None
-    fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ordered_ops())
-    log.append(f"int8: NNCF {nncf.__version__} post-training quantization, preset {settings.int8_preset}, "
-               f"{calibration.method} ranges{' (NNCF defaults)' if estimator is None else ' (' + estimator + ')'}, "
-               f"{min(samples, items * batch)} of {samples} calibration samples; {fake_quantize} FakeQuantize nodes")
-    if fake_quantize == 0:
-        raise BuildError("int8: NNCF found nothing to quantize in this model (no convolutions or matrix "
-                         "multiplications): build it fp32")
-    return quantized
-
-
 # --------------------------------------------------------------------------- session
 
 
@@ -393,6 +347,7 @@ class OpenVinoBackend(Backend):
     display_name = "OpenVINO"
     # Below ONNX Runtime (10): a build without selection takes ONNX Runtime; `--backend auto` times both.
     auto_priority = 5
+    int8_cache_names = (INT8_MODEL_CACHE,)
 
     def available(self) -> Availability:
         try:
@@ -466,18 +421,12 @@ class OpenVinoBackend(Backend):
         settings = OpenVinoSettings.parse(options.backend_options)
         log = [f"OpenVINO {self.version()}, device {DEVICE} ({core().get_property(DEVICE, 'FULL_DEVICE_NAME')})"]
         precision = _resolve_precision(options, log)
-        with tempfile.TemporaryDirectory(prefix="enginesmith-ov-") as tmp:
-            if progress:
-                progress("converting ONNX to OpenVINO", 0, 1)
-            ov_model = read_onnx(model, Path(tmp))
-            if progress:
-                progress("converting ONNX to OpenVINO", 1, 1)
+        caches: dict[str, bytes] = {}
         if precision == "int8":
-            if progress:
-                progress("calibrating int8 (NNCF)", 0, 1)
-            ov_model = quantize_int8(ov_model, calibration, settings, log)
-            if progress:
-                progress("calibrating int8 (NNCF)", 1, 1)
+            ov_model, caches[INT8_MODEL_CACHE] = self._int8_model(model, signature, options, settings, calibration,
+                                                                   log, progress)
+        else:
+            ov_model = self._convert(model, progress)
         config = compile_config(precision, settings, options.threads)
         if progress:
             progress("compiling for the CPU", 0, 1)
@@ -502,7 +451,34 @@ class OpenVinoBackend(Backend):
             "ops": _op_histogram(ov_model),
             "cpu_capabilities": list(core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")),
         }
-        return BuildResult(payload, PAYLOAD_NAME, resolved, log, details)
+        return BuildResult(payload, PAYLOAD_NAME, resolved, log, details, caches)
+
+    def _convert(self, model: onnx.ModelProto, progress: ProgressCallback | None) -> Any:
+        with tempfile.TemporaryDirectory(prefix="enginesmith-ov-") as tmp:
+            if progress:
+                progress("converting ONNX to OpenVINO", 0, 1)
+            ov_model = read_onnx(model, Path(tmp))
+            if progress:
+                progress("converting ONNX to OpenVINO", 1, 1)
+        return ov_model
+
+    def _int8_model(self, model: onnx.ModelProto, signature: Signature, options: BuildOptions,
+                    settings: OpenVinoSettings, calibration: Calibration | None, log: list[str],
+                    progress: ProgressCallback | None) -> tuple[Any, bytes]:
+        """The rebuilt bundle's quantized model where it fits this build, else NNCF's quantization
+        of ``model``; and the cache entry that keeps it for the next rebuild."""
+        from . import openvino_int8 as int8
+
+        record = int8.int8_record(signature, options.calibration_method, settings)
+        quantized = int8.stored_int8_model(options.previous_caches, record, calibration, log)
+        if quantized is None:
+            ov_model = self._convert(model, progress)
+            if progress:
+                progress("calibrating int8 (NNCF)", 0, 1)
+            quantized = int8.quantize_int8(ov_model, calibration, settings, log)
+            if progress:
+                progress("calibrating int8 (NNCF)", 1, 1)
+        return quantized, int8.pack_int8_model(quantized, record)
 
     def load(self, payload: bytes | Path, options: BuildOptions, signature: Signature) -> Session:
         settings = OpenVinoSettings.parse(options.backend_options)

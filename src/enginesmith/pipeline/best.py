@@ -18,7 +18,6 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..backends import Backend
-from ..bench import measure
 from ..build_inputs import BuildInputs
 from ..errors import BuildError, EnginesmithError, ValidationDataError, VerificationFailedError
 from ..runtime.engine import Engine
@@ -48,14 +47,45 @@ class Candidate:
         return f"{self.backend.name} {self.precision}"
 
 
-def measure_p50(targets: Mapping[str, Runner], feeds: dict[str, np.ndarray], batch: int) -> dict[str, float]:
-    """p50 of each target on ``feeds``, timed in interleaved rounds so a noisy moment hits them all.
+# The candidates' timing: interleaved rounds, each candidate run for about BLOCK_S per round (at
+# least MIN_BLOCK_RUNS calls, at most MAX_BLOCK_RUNS), after SETTLE_S of quiet and one untimed call.
+ROUNDS, BLOCK_S, MIN_BLOCK_RUNS, MAX_BLOCK_RUNS, SETTLE_S = 6, 0.03, 5, 200, 0.02
 
-    Short rounds (5 runs each): on a shared CPU the load changes within seconds, and ONNX Runtime's
-    spinning thread pool suffers from it more than OpenVINO's, so long rounds favour whoever ran in a quiet one.
+
+def measure_p50(targets: Mapping[str, Runner], feeds: dict[str, np.ndarray], batch: int) -> dict[str, float]:
+    """p50 of each target on ``feeds`` (ms): the median of its per-round medians over interleaved rounds.
+
+    Short rounds: on a shared CPU the load changes within seconds, so every candidate gets a share
+    of each moment. The order rotates from round to round, and each block starts after a pause and
+    one untimed call: ONNX Runtime's worker threads keep spinning after a call, and on a 2-core
+    machine they slowed the first calls of whichever candidate came next, with a fixed order always
+    the same one's (a plain session, as users time it, shares its cores with no other runtime).
+    Runs per block follow each candidate's speed, so a model of a tenth of a millisecond is timed
+    over hundreds of calls rather than a burst of a few, and a slow one still over a few per round.
     """
-    stats = measure(targets, feeds, batch, warmup=3, runs=30, rounds=6)
-    return {s.label: s.p50_ms for s in stats}
+    labels = list(targets)
+    runs = {}
+    for label in labels:
+        fn = targets[label]
+        for _ in range(2):  # warm-up: first calls allocate and pick kernels
+            fn(feeds)
+        start = time.perf_counter()
+        fn(feeds)
+        runs[label] = int(min(MAX_BLOCK_RUNS, max(MIN_BLOCK_RUNS, BLOCK_S / max(time.perf_counter() - start, 1e-7))))
+    round_p50: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(ROUNDS):
+        shift = r % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            fn = targets[label]
+            time.sleep(SETTLE_S)
+            fn(feeds)
+            times = []
+            for _ in range(runs[label]):
+                start = time.perf_counter()
+                fn(feeds)
+                times.append(time.perf_counter() - start)
+            round_p50[label].append(float(np.median(times)))
+    return {label: float(np.median(values)) * 1e3 for label, values in round_p50.items()}
 
 
 def try_candidates(state: BuildState, candidates: list[Candidate], strategy: Strategy,

@@ -133,11 +133,13 @@ def build_stage(state: BuildState) -> None:
     """Calibration data, then the backend's build; ``best`` builds every precision and keeps the fastest that passes."""
     request, options = state.request, state.options
     rebuild_caches = state.options.previous_caches
+    backends = state.candidates or [state.backend]
     state.data = prepare_precision_data(
         state.imported.signature, options, request.calibration_data, request.calibration_random, state.preprocess,
         request.holdout, req.calibration_cache(request.calibration_cache, rebuild_caches),
         budget=state.budget,
-        best_tries_int8=any("int8" in backend.precisions(options) for backend in state.candidates or [state.backend]),
+        best_tries_int8=any("int8" in backend.precisions(options) for backend in backends),
+        stored_int8=any(name in rebuild_caches for backend in backends for name in backend.int8_cache_names),
     )
     # Made at first use, after the first engine is built, so an unbuildable model reports the backend's error.
     state.reference = lazy_reference(state.source, state.import_options, state.imported.kind)

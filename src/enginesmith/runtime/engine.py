@@ -13,7 +13,7 @@ from ..bundle import SAMPLES_ENTRY, BundleContents, read_bundle, write_bundle
 from ..errors import EnginesmithError, InputError
 from ..manifest import Manifest
 from ..signature import Signature
-from .inputs import SymbolSizes, check_shape, describe_inputs, prepare_inputs
+from .inputs import InputChecker, SymbolSizes, check_shape, describe_inputs
 
 
 __all__ = ["DeviceIOUnsupportedError", "DeviceOps", "Engine", "ImageGeometry"]
@@ -37,6 +37,7 @@ class Engine:
         # one only remembers its file, so the payload is not held twice in memory.
         self._contents = contents
         self._path = path
+        self._checker: tuple[int | None, InputChecker] | None = None  # made at the first call
 
     @property
     def manifest(self) -> Manifest:
@@ -67,8 +68,11 @@ class Engine:
         return self.infer({**(inputs or {}), **named})
 
     def infer(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        max_batch = self.max_batch
-        feeds = prepare_inputs(self.signature, inputs, batch_flexible=max_batch is not None)
+        if self._checker is None:
+            max_batch = self.max_batch
+            self._checker = (max_batch, InputChecker(self.signature, batch_flexible=max_batch is not None))
+        max_batch, checker = self._checker
+        feeds = checker(inputs)
         if max_batch is None:
             return self._session.run(feeds)
         batch = _common_batch(feeds)

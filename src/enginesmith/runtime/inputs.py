@@ -104,3 +104,45 @@ def prepare_inputs(signature: Signature, inputs: Mapping[str, Any], batch_flexib
         check_shape(spec.name, array, spec, symbols, batch_flexible)
         feeds[spec.name] = np.asarray(array, order="C")  # keeps 0-d scalars 0-d (ascontiguousarray makes them 1-d)
     return feeds
+
+
+class InputChecker:
+    """:func:`prepare_inputs` for one signature, remembering the input layouts it accepted.
+
+    A layout is each input's dtype and shape. The checks depend on nothing else, so a call whose
+    arrays have a layout accepted before (already the engine's dtypes, C-contiguous: nothing to
+    cast or copy) skips them. On models that run in a tenth of a millisecond the checks cost
+    several percent of the call; serving and benchmarks call with the same layout again and again.
+    """
+
+    REMEMBERED = 64  # layouts kept; a model fed ever-new shapes is checked each time
+
+    def __init__(self, signature: Signature, batch_flexible: bool):
+        self._signature = signature
+        self._names = tuple(signature.input_names)
+        self._batch_flexible = batch_flexible
+        self._accepted: set[tuple[tuple[np.dtype, tuple[int, ...]], ...]] = set()
+
+    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        arrays = self._plain_arrays(inputs)
+        key = tuple([(a.dtype, a.shape) for a in arrays]) if arrays is not None else None
+        if key is not None and key in self._accepted:
+            return dict(zip(self._names, arrays))
+        feeds = prepare_inputs(self._signature, inputs, self._batch_flexible)
+        # Remembered only when the checks passed them as they were (no cast, no copy).
+        if key is not None and len(self._accepted) < self.REMEMBERED and all(
+                feeds[name] is array for name, array in zip(self._names, arrays)):
+            self._accepted.add(key)
+        return feeds
+
+    def _plain_arrays(self, inputs: Mapping[str, Any]) -> list[np.ndarray] | None:
+        """The inputs in signature order when they are exactly its names, as C-contiguous numpy arrays."""
+        if len(inputs) != len(self._names):
+            return None
+        arrays = []
+        for name in self._names:
+            array = inputs.get(name)
+            if type(array) is not np.ndarray or not array.flags.c_contiguous:
+                return None
+            arrays.append(array)
+        return arrays
