@@ -18,21 +18,8 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 
-
-def _torch():
-    import torch
-
-    return torch
-
-
-def _attribute(gm, node):
-    """The tensor behind a get_attr node, else None."""
-    if getattr(node, "op", None) != "get_attr":
-        return None
-    value = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
-    return value
+from .common import _torch
+from .fusion import _attribute
 
 
 def _linear_operands(gm, node):
