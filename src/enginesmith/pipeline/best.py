@@ -26,6 +26,8 @@ from ..signature import Signature, random_inputs
 from ..validate import ValidationReport, failures_text
 from ..validate.engine_checks import attach_report
 from .engines import build_engine, check_engine
+from .map_budget import map_check
+from .map_budget import summary as map_summary
 from .selection import THROUGHPUT_BATCH, Strategy, select
 from .state import BuildState
 
@@ -147,6 +149,14 @@ def _build_and_check(state: BuildState, candidate: Candidate) -> bool:
     if not report.passed:
         row.update(reason="over the accuracy budget: " + failures_text(report))
         return False
+    if state.coco is not None:
+        record = map_check(state, engine)
+        engine.manifest.checks["map_budget"] = record
+        row.update(source_map=record["source"], engine_map=record["engine"], map_drop_points=record["drop_points"],
+                   verify_s=round(time.perf_counter() - started, 3))
+        if not record["passed"]:
+            row.update(reason="over the accuracy budget: " + map_summary(record))
+            return False
     candidate.engine, candidate.report = engine, report
     return True
 
