@@ -152,8 +152,27 @@ def test_best_keeps_the_fastest_precision_within_the_map_budget_and_records_the_
     tight = best(TIGHT_BUDGET)
     rows = {row["precision"]: row for row in tight.manifest.checks["precision_candidates"]}
     assert tight.precision == "fp32" and rows["fp32"]["kept"] and not rows["int8"]["kept"]
-    assert rows["int8"]["reason"].startswith("over the accuracy budget: mAP@[.5:.95]")
+    assert rows["int8"]["reason"] == f"over the accuracy budget: {rows['int8']['map_drop_points']:.2f} points of mAP@[.5:.95] lost > 0.1"
     assert rows["int8"]["map_drop_points"] > 0.1
+
+
+def test_backend_auto_judges_every_candidate_by_map(tmp_path, val_set, calib_images, capsys):
+    pytest.importorskip("openvino")
+    engine = tmp_path / "auto.engine"
+    args = _build_args(engine, calib_images, INT8_BUDGET, val_set)
+    args.remove("--backend"), args.remove("onnxruntime")  # the CLI's default: auto
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    manifest = es.load(engine).manifest
+    rows = manifest.checks["backend_candidates"]
+    assert {row["backend"] for row in rows} >= {"onnxruntime", "openvino"} and "mAP drop" in out
+    scored = [row for row in rows if "map_drop_points" in row]
+    assert len(scored) >= 2 and any(row["chosen"] for row in scored)
+    for row in scored:
+        assert row["source_map"] == scored[0]["source_map"]  # the source is scored once, for all of them
+        if row["map_drop_points"] > 2.0:
+            assert not row["chosen"] and row["reason"].startswith("over the accuracy budget")
+    assert manifest.checks["map_budget"]["drop_points"] <= 2.0
 
 
 # --------------------------------------------------------------------------- bad input, one line each

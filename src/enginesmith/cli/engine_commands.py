@@ -318,24 +318,31 @@ def budget_rule(budget: Optional[AccuracyBudget], resolution: Optional[str]) -> 
     return rule
 
 
+def judged_by_map(rows: list[dict]) -> bool:
+    """Candidates checked against a map budget: their mAP columns replace top-1 agreement (meaningless for detectors)."""
+    return any("map_drop_points" in row for row in rows)
+
+
+def quality_cells(row: dict, budget: Optional[AccuracyBudget], by_map: bool, agreement_format: str) -> list[str]:
+    """A candidate's accuracy cells: engine mAP and points lost, or its top-1 agreement."""
+    if by_map:
+        key = "map50" if budget is not None and budget.metric == "map50" else "map"
+        return [f"{row['engine_map'][key]:.4f}", f"{row['map_drop_points']:.2f}"] if "engine_map" in row else ["", ""]
+    agreement = row.get("argmax_agreement")
+    return ["" if agreement is None else agreement_format.format(agreement)]
+
+
 def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget], resolution: Optional[str] = None) -> None:
     tbl = table(escape(f"precision candidates (budget: {budget_rule(budget, resolution)})"))
-    # A map budget judges by mAP: its columns replace top-1 agreement, which means nothing for detector heads.
-    by_map = any("map_drop_points" in row for row in candidates)
+    by_map = judged_by_map(candidates)
     quality = ["engine mAP", "mAP drop (points)"] if by_map else ["top-1 agreement"]
     add_columns(tbl, "precision", "p50 ms", "worst rel L2", *quality, "kept", "why")
     for row in candidates:
-        agreement = row.get("argmax_agreement")
-        if by_map:
-            key = "map50" if budget is not None and budget.metric == "map50" else "map"
-            scores = [f"{row['engine_map'][key]:.4f}", f"{row['map_drop_points']:.2f}"] if "engine_map" in row else ["", ""]
-        else:
-            scores = ["" if agreement is None else f"{agreement:.2%}"]
         tbl.add_row(
             row["precision"],
             f"{row['p50_ms']:.3f}" if "p50_ms" in row else "",
             f"{row['worst_rel_l2']:.2e}" if "worst_rel_l2" in row else "",
-            *scores,
+            *quality_cells(row, budget, by_map, "{:.2%}"),
             "[green]yes[/]" if row["kept"] else "no",
             escape(row["reason"]),
         )
@@ -353,11 +360,12 @@ def print_backend_candidates(manifest_data: dict) -> None:
     how = strategy.describe() + (f", items/s at batch {batch}" if strategy.needs_throughput else "")
     tbl = table(escape(f"backend candidates (auto: {how}; budget: {rule})"),
                 caption="s: seconds to build / verify / time it")
-    numeric = ("p50 ms", "items/s", "rel L2", "top-1", "s")
-    columns = ["candidate", "p50 ms", *(["items/s"] if strategy.needs_throughput else []), "rel L2", "top-1", "why", "s"]
+    by_map = judged_by_map(rows)
+    quality = ["mAP", "mAP drop"] if by_map else ["top-1"]
+    numeric = ("p50 ms", "items/s", "rel L2", *quality, "s")
+    columns = ["candidate", "p50 ms", *(["items/s"] if strategy.needs_throughput else []), "rel L2", *quality, "why", "s"]
     add_columns(tbl, *columns, right=numeric)
     for row in rows:
-        agreement = row.get("argmax_agreement")
         tput = row.get("throughput")
         why = ("[green]chosen[/]: " if row.get("chosen") else "") + escape(row.get("reason", ""))
         tbl.add_row(
@@ -365,7 +373,7 @@ def print_backend_candidates(manifest_data: dict) -> None:
             f"{row['p50_ms']:.2f}" if "p50_ms" in row else "",
             *([f"{tput:.0f}" if tput is not None else ""] if strategy.needs_throughput else []),
             f"{row['worst_rel_l2']:.0e}" if "worst_rel_l2" in row else "",
-            "" if agreement is None else f"{agreement:.0%}",
+            *quality_cells(row, budget, by_map, "{:.0%}"),
             why,
             "/".join(f"{row[key]:.1f}" if key in row else "-" for key in ("build_s", "verify_s", "time_s"))
             if "build_s" in row else "",

@@ -27,7 +27,6 @@ from ..validate import ValidationReport, failures_text
 from ..validate.engine_checks import attach_report
 from .engines import build_engine, check_engine
 from .map_budget import map_check
-from .map_budget import summary as map_summary
 from .selection import THROUGHPUT_BATCH, Strategy, select
 from .state import BuildState
 
@@ -155,7 +154,8 @@ def _build_and_check(state: BuildState, candidate: Candidate) -> bool:
         row.update(source_map=record["source"], engine_map=record["engine"], map_drop_points=record["drop_points"],
                    verify_s=round(time.perf_counter() - started, 3))
         if not record["passed"]:
-            row.update(reason="over the accuracy budget: " + map_summary(record))
+            row.update(reason=f"over the accuracy budget: {record['drop_points']:.2f} points of {record['metric']} "
+                              f"lost > {record['budget_points']:g}")
             return False
     candidate.engine, candidate.report = engine, report
     return True
