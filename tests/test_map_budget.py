@@ -75,7 +75,7 @@ def test_map_budgets_read_as_points_of_map(text, metric, points):
     budget = parse_budget(text)
     assert (budget.metric, budget.value) == (metric, points) and budget.is_map
     assert AccuracyBudget.from_dict(json.loads(json.dumps(budget.to_dict()))) == budget
-    assert f"{points:g} points" in str(budget)
+    assert f"drops at most {points:g} point" in str(budget)
 
 
 @pytest.mark.parametrize("text", ["map:", "map:-1%", "map:abc", "map:101", "mAP>=0.5"])
@@ -208,6 +208,17 @@ def test_annotations_that_do_not_match_the_images_are_refused_before_building(tm
     err = _one_line_error(capsys, _build_args(tmp_path / "x.engine", calib_images, "map:1%",
                                               (tmp_path / "missing.json", calib_images)))
     assert "missing.json" in err and "--coco" in err
+
+
+def test_a_map_budget_on_a_model_that_is_not_a_detector_says_so(tmp_path, val_set):
+    import onnx
+    from conftest import make_mlp
+
+    model = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp(), model)
+    annotations, images = val_set
+    with pytest.raises(ValidationDataError, match=r"'mAP@\[\.5:\.95\] drops at most 1 point' needs a detector: .*rank 4"):
+        es.build(model, backend="onnxruntime", accuracy_budget="map:1", coco_annotations=annotations, coco_images=images)
 
 
 def test_rebuilding_a_map_budget_bundle_asks_for_the_labelled_images_again(int8_engine, tmp_path, calib_images, capsys):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ValidationDataError, VerificationFailedError
+from ..errors import EnginesmithError, ValidationDataError, VerificationFailedError
 from ..runtime.engine import Engine
 from ..validate import MAP_METRICS, AccuracyBudget
 from .state import BuildState
@@ -75,10 +75,15 @@ def map_check(state: BuildState, engine: Engine) -> dict[str, Any]:
     # metadata), and COCO categories are matched by name when there are names.
     metadata = {prop.key: prop.value for prop in state.imported.model.metadata_props}
     settings = DetectorSettings(names=names_from_metadata(metadata), conf=MAP_CONF, iou=MAP_IOU)
+    try:
+        on_engine = Detector(engine, settings)
+    except EnginesmithError as exc:  # not an image model, or outputs no detector head decodes
+        raise ValidationDataError(f"the accuracy budget '{budget}' needs a detector: {exc}; "
+                                  "judge other models by '1%' or 'rel_l2<=0.05'") from None
     if state.source_map is None:
         source_detector = Detector(engine, settings, infer=state.reference)
         state.source_map = evaluate(source_detector, labelled.annotations, labelled.images)
-    got = evaluate(Detector(engine, settings), labelled.annotations, labelled.images)
+    got = evaluate(on_engine, labelled.annotations, labelled.images)
     want = state.source_map
     key = "map" if budget.metric == "map" else "map50"
     drop = 100.0 * (getattr(want, key) - getattr(got, key))

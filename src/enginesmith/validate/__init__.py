@@ -375,7 +375,7 @@ class AccuracyBudget:
         if self.metric == "agreement":
             return f"at most {_percent(1.0 - self.value)} of top-1 decisions change"
         if self.is_map:
-            return f"{MAP_METRICS[self.metric]} drops at most {self.value:g} points"
+            return f"{MAP_METRICS[self.metric]} drops at most {self.value:g} point{'' if self.value == 1 else 's'}"
         return f"rel L2 <= {self.value:g} on every output"
 
 
