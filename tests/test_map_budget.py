@@ -227,13 +227,23 @@ def test_rebuilding_a_map_budget_bundle_asks_for_the_labelled_images_again(int8_
     assert "mAP@[.5:.95] drops at most 2 points" in err and "--coco" in err
 
 
-def test_without_pycocotools_a_map_budget_names_the_extra(tmp_path, val_set, calib_images, monkeypatch):
-    monkeypatch.setitem(sys.modules, "pycocotools", None)
-    monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
+@pytest.mark.parametrize("module", ["pycocotools", "cv2"])
+def test_without_the_vision_extra_a_map_budget_names_it_before_building(module, tmp_path, val_set, calib_images,
+                                                                          monkeypatch):
+    for name in [name for name in sys.modules if name.split(".")[0] == module] + [module]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed, submodules already imported included
     annotations, images = val_set
-    with pytest.raises(MissingDependencyError, match=r"pip install 'enginesmith\[vision\]'"):
+    with pytest.raises(MissingDependencyError, match=r"pip install 'enginesmith\[vision\]'") as failure:
         es.build(SOURCE, backend="onnxruntime", precision="int8", calibration_data=calib_images,
                  accuracy_budget="map:1%", coco_annotations=annotations, coco_images=images)
+    assert failure.value.stage == "import"  # before anything is built
+
+
+def test_labelled_images_without_a_map_budget_are_refused(tmp_path, val_set, capsys):
+    annotations, images = val_set
+    err = _one_line_error(capsys, ["build", str(SOURCE), "-o", str(tmp_path / "x.engine"), "--backend", "onnxruntime",
+                                   "--coco", str(annotations), "--images", str(images)])
+    assert "--max-accuracy-drop map:1%" in err
 
 
 def test_building_without_a_map_budget_does_not_import_opencv():

@@ -35,14 +35,21 @@ def coco_set(budget: AccuracyBudget | None, annotations: str | Path | None, imag
     Every image the annotations name must be in the folder, so a mismatched pair fails here, not after the build.
     """
     if budget is None or not budget.is_map:
+        if annotations is not None or images is not None:
+            # Given for nothing would look like a check that never ran.
+            raise ValidationDataError(
+                "--coco and --images judge a mAP budget: add --max-accuracy-drop map:1% (or map50:1%), or leave them out"
+            )
         return None
     if annotations is None or images is None:
         raise ValidationDataError(
             f"the accuracy budget '{budget}' needs labelled images: give --coco ANNOTATIONS.json and --images DIR "
             "(coco_annotations= and coco_images= in the API)"
         )
+    from ..vision._cv import cv2_module
     from ..vision.evaluate import load_annotations
 
+    cv2_module()  # both extras' errors come before the build, not after it
     annotations, images = Path(annotations), Path(images)
     if not annotations.is_file():
         raise ValidationDataError(f"COCO annotations '{annotations}' not found (--coco)")
