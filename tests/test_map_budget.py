@@ -221,10 +221,15 @@ def test_a_map_budget_on_a_model_that_is_not_a_detector_says_so(tmp_path, val_se
         es.build(model, backend="onnxruntime", accuracy_budget="map:1", coco_annotations=annotations, coco_images=images)
 
 
-def test_rebuilding_a_map_budget_bundle_asks_for_the_labelled_images_again(int8_engine, tmp_path, calib_images, capsys):
-    err = _one_line_error(capsys, ["build", str(int8_engine), "-o", str(tmp_path / "again.engine"),
-                                   "--calib", str(calib_images)])
+def test_rebuilding_a_map_budget_bundle_asks_for_the_labelled_images_again(int8_engine, tmp_path, val_set,
+                                                                          calib_images, capsys):
+    again = ["build", str(int8_engine), "-o", str(tmp_path / "again.engine"), "--calib", str(calib_images)]
+    err = _one_line_error(capsys, again)
     assert "mAP@[.5:.95] drops at most 2 points" in err and "--coco" in err
+    annotations, images = val_set
+    assert main([*again, "--coco", str(annotations), "--images", str(images)]) == 0
+    rebuilt = es.load(tmp_path / "again.engine").manifest
+    assert rebuilt.accuracy_budget == {"metric": "map", "max": 2.0} and rebuilt.checks["map_budget"]["passed"]
 
 
 @pytest.mark.parametrize("module", ["pycocotools", "cv2"])
