@@ -208,6 +208,12 @@ def test_annotations_that_do_not_match_the_images_are_refused_before_building(tm
     err = _one_line_error(capsys, _build_args(tmp_path / "x.engine", calib_images, "map:1%",
                                               (tmp_path / "missing.json", calib_images)))
     assert "missing.json" in err and "--coco" in err
+    escaping = json.loads(annotations.read_text())
+    escaping["images"][0]["file_name"] = "../" + escaping["images"][0]["file_name"]
+    (tmp_path / "escaping.json").write_text(json.dumps(escaping))
+    err = _one_line_error(capsys, _build_args(tmp_path / "x.engine", calib_images, "map:1%",
+                                              (tmp_path / "escaping.json", images)))
+    assert "not a file name inside the image folder" in err
 
 
 def test_a_map_budget_on_a_model_that_is_not_a_detector_says_so(tmp_path, val_set):

@@ -56,9 +56,16 @@ def coco_set(budget: AccuracyBudget | None, annotations: str | Path | None, imag
     if not images.is_dir():
         raise ValidationDataError(f"image folder '{images}' not found (--images)")
     coco = load_annotations(annotations)
-    names = [info["file_name"] for info in coco.dataset["images"]]
+    names = [info.get("file_name") if isinstance(info, dict) else None for info in coco.dataset["images"]]
     if not names:
         raise ValidationDataError(f"COCO annotations '{annotations}' list no images")
+    folder = images.resolve()
+    for name in names:
+        # A name is read as a path under the folder: one that is not (absent, absolute, '..') is refused.
+        if not isinstance(name, str) or not name or not (folder / name).resolve().is_relative_to(folder):
+            raise ValidationDataError(
+                f"'{annotations.name}' names an image '{name}' that is not a file name inside the image folder"
+            )
     missing = [name for name in names if not (images / name).is_file()]
     if missing:
         raise ValidationDataError(
