@@ -78,6 +78,8 @@ def build(
     data: str | Path | Mapping[str, np.ndarray] | None = None,
     candidates: Sequence[str] | None = None,
     select: str | None = None,
+    coco_annotations: str | Path | None = None,
+    coco_images: str | Path | None = None,
 ) -> Engine:
     """Build an engine for this machine from a model file, an in-memory model, or a bundle.
 
@@ -96,7 +98,11 @@ def build(
     (an .npy/.npz file, a folder of images or arrays, or a dict of arrays) and keeps
     ``holdout`` of it aside to validate on. ``best`` builds every precision the backend
     supports and keeps the fastest that stays within ``accuracy_budget`` (``"1%"``,
-    ``"agreement>=0.99"``, ``"rel_l2<=0.05"``).
+    ``"agreement>=0.99"``, ``"rel_l2<=0.05"``), or, for detectors, ``"map:1%"``: the engine
+    may lose at most 1 point (100 x mAP) of COCO mAP@[.5:.95] (``map50:`` for mAP@.5) against the
+    source on ``coco_images`` labelled by ``coco_annotations`` (COCO instances JSON; needs
+    ``enginesmith[vision]``); the verify stage and ``best``'s candidates are then judged by mAP,
+    recorded in ``checks["map_budget"]`` (and the candidates' rows).
 
     Before building, the model is checked against the backend's operator support
     (``check_compatibility``; an unbuildable model raises
@@ -126,7 +132,7 @@ def build(
         calibration_random=calibration_random, calibration_cache=calibration_cache, preprocess=preprocess,
         holdout=holdout, accuracy_budget=accuracy_budget, force_precision=force_precision, graph_passes=graph_passes,
         disabled_passes=disabled_passes, check_compatibility=check_compatibility, data=data,
-        candidates=candidates, select=select,
+        candidates=candidates, select=select, coco_annotations=coco_annotations, coco_images=coco_images,
     )
     return run_build(request, progress)
 

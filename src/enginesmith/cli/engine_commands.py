@@ -22,7 +22,7 @@ from ..errors import BuildError, VerificationFailedError
 from ..graph.compat import IncompatibleModelError
 from ..importers import ImportOptions
 from ..pipeline import BUILD_STAGES
-from ..pipeline.selection import parse_strategy
+from ..pipeline.map_budget import summary as map_summary
 from ..signature import shape_text
 from ..runtime.preprocess import PreprocessSpec
 from ..validate import AccuracyBudget, ValidationReport
@@ -43,6 +43,7 @@ from .app import (
 )
 from .data_args import DATA_HELP, data_path, read_data_args, split_data_spec
 from .output_paths import FORCE_HELP, check_output
+from .candidate_tables import print_backend_candidates, print_candidates
 from .graph_commands import print_compat, print_layerwise
 
 
@@ -93,7 +94,9 @@ def build(
     calib_cache: Optional[Path] = typer.Option(None, metavar="FILE", help="Reuse int8 ranges from this engine or calibration cache file."),
     preprocess: Optional[str] = typer.Option(None, metavar="SPEC|FILE", help="Image preprocessing: 'resize=256;crop=224;layout=NCHW;color=RGB;scale=0.00392;mean=0.485/0.456/0.406;std=0.229/0.224/0.225' or a .toml file."),
     holdout: float = typer.Option(0.2, metavar="SHARE", help="Share of the calibration data kept aside to verify on, in [0, 1)."),
-    max_accuracy_drop: Optional[str] = typer.Option(None, metavar="BUDGET", help="Accuracy budget: '1%' (top-1 decisions that may change), 'agreement>=0.99' or 'rel_l2<=0.05'."),
+    max_accuracy_drop: Optional[str] = typer.Option(None, metavar="BUDGET", help="Accuracy budget: '1%' (top-1 decisions that may change), 'agreement>=0.99', 'rel_l2<=0.05', or for detectors 'map:1%' (points of COCO mAP@[.5:.95], 100 x mAP, the engine may lose against the source on --coco/--images; 'map50:1%' for mAP@.5)."),
+    coco: Optional[Path] = typer.Option(None, "--coco", metavar="FILE", help="COCO instances JSON labelling --images: what a 'map:' budget is judged on."),
+    images: Optional[Path] = typer.Option(None, "--images", metavar="DIR", help="Folder with the images --coco labels."),
     force_precision: bool = typer.Option(False, "--force-precision", help="Build the precision even where it does not pay (fp16 on a CPU)."),
     no_pass: list[str] = typer.Option([], "--no-pass", metavar="PASS", help="Turn off one graph pass (see 'enginesmith surgeon --list-passes'); repeatable."),
     no_passes: bool = typer.Option(False, "--no-passes", help="Run no graph passes (build the model as imported)."),
@@ -112,7 +115,7 @@ def build(
     """Build an engine for this machine (or rebuild a bundle from the source it carries)."""
     is_bundle = model.is_file() and looks_like_bundle(model)
     target = check_output(output or (model if is_bundle else model.with_suffix(".engine")),
-                          inputs=[model, calib, calib_cache, *(split_data_spec(spec)[1] for spec in data)],
+                          inputs=[model, calib, calib_cache, coco, *(split_data_spec(spec)[1] for spec in data)],
                           force=force, writes_engine=True)
     options = import_options_from_args(trust_code, input_shape, dynamic, inputs, outputs, signature, opset)
     backend_options = parse_backend_options(option)
@@ -145,6 +148,8 @@ def build(
         graph_passes=False if no_passes else None,
         disabled_passes=no_pass or None,
         check_compatibility=not no_compat_check,
+        coco_annotations=coco,
+        coco_images=images,
     )
     try:
         with progress_bar() as progress, warnings.catch_warnings(), \
@@ -261,6 +266,8 @@ def print_build(engine, target: Path) -> None:
     check = manifest.checks.get("build_verification")
     if check:
         print_indented(f"verification: {check['summary']}")
+    if "map_budget" in manifest.checks:
+        print_indented(f"mAP budget: {map_summary(manifest.checks['map_budget'])}")
     calibration = manifest.checks.get("calibration", {})
     line = calibration_line(calibration)
     if line:
@@ -302,60 +309,6 @@ def calibration_line(check: dict) -> str:
     held = check.get("holdout_samples", 0)
     verified = f"{held} held out to verify on ({check['resolution']})" if held else "none held out to verify on"
     return f"calibration: {check['samples']} samples of {check['data']} ({check['method']}); {verified}"
-
-
-def budget_rule(budget: Optional[AccuracyBudget], resolution: Optional[str]) -> str:
-    rule = str(budget) if budget else "default tolerances"
-    if budget is not None and budget.metric == "agreement" and resolution:
-        rule += f"; {resolution}"  # what the agreement column can resolve
-    return rule
-
-
-def print_candidates(candidates: list[dict], budget: Optional[AccuracyBudget], resolution: Optional[str] = None) -> None:
-    tbl = table(escape(f"precision candidates (budget: {budget_rule(budget, resolution)})"))
-    add_columns(tbl, "precision", "p50 ms", "worst rel L2", "top-1 agreement", "kept", "why")
-    for row in candidates:
-        agreement = row.get("argmax_agreement")
-        tbl.add_row(
-            row["precision"],
-            f"{row['p50_ms']:.3f}" if "p50_ms" in row else "",
-            f"{row['worst_rel_l2']:.2e}" if "worst_rel_l2" in row else "",
-            "" if agreement is None else f"{agreement:.2%}",
-            "[green]yes[/]" if row["kept"] else "no",
-            escape(row["reason"]),
-        )
-    console.print(tbl)
-
-
-def print_backend_candidates(manifest_data: dict) -> None:
-    """``--backend auto``'s table: each candidate's speed, accuracy, whether it was chosen and why, and its seconds."""
-    rows = manifest_data["checks"]["backend_candidates"]
-    strategy = parse_strategy((manifest_data["build_options"].get("auto") or {}).get("select"))
-    recorded = manifest_data.get("accuracy_budget")
-    budget = AccuracyBudget.from_dict(recorded) if recorded else None
-    rule = budget_rule(budget, (manifest_data["checks"].get("calibration") or {}).get("resolution"))
-    batch = max((row.get("throughput_batch", 1) for row in rows), default=1)
-    how = strategy.describe() + (f", items/s at batch {batch}" if strategy.needs_throughput else "")
-    tbl = table(escape(f"backend candidates (auto: {how}; budget: {rule})"),
-                caption="s: seconds to build / verify / time it")
-    numeric = ("p50 ms", "items/s", "rel L2", "top-1", "s")
-    columns = ["candidate", "p50 ms", *(["items/s"] if strategy.needs_throughput else []), "rel L2", "top-1", "why", "s"]
-    add_columns(tbl, *columns, right=numeric)
-    for row in rows:
-        agreement = row.get("argmax_agreement")
-        tput = row.get("throughput")
-        why = ("[green]chosen[/]: " if row.get("chosen") else "") + escape(row.get("reason", ""))
-        tbl.add_row(
-            escape(f"{row['backend']} {row.get('precision', '')}".strip()),
-            f"{row['p50_ms']:.2f}" if "p50_ms" in row else "",
-            *([f"{tput:.0f}" if tput is not None else ""] if strategy.needs_throughput else []),
-            f"{row['worst_rel_l2']:.0e}" if "worst_rel_l2" in row else "",
-            "" if agreement is None else f"{agreement:.0%}",
-            why,
-            "/".join(f"{row[key]:.1f}" if key in row else "-" for key in ("build_s", "verify_s", "time_s"))
-            if "build_s" in row else "",
-        )
-    console.print(tbl)
 
 
 @app.command(short_help="Run an engine once and show its outputs.")

@@ -25,6 +25,7 @@ from ..signature import Signature, random_inputs
 from ..validate import ValidationReport, failures_text
 from ..validate.engine_checks import attach_report
 from .engines import build_engine, check_engine
+from .map_budget import map_check
 from .selection import THROUGHPUT_BATCH, Strategy, select
 from .state import BuildState
 
@@ -177,6 +178,15 @@ def _build_and_check(state: BuildState, candidate: Candidate) -> bool:
     if not report.passed:
         row.update(reason="over the accuracy budget: " + failures_text(report))
         return False
+    if state.coco is not None:
+        record = map_check(state, engine)
+        engine.manifest.checks["map_budget"] = record
+        row.update(source_map=record["source"], engine_map=record["engine"], map_drop_points=record["drop_points"],
+                   verify_s=round(time.perf_counter() - started, 3))
+        if not record["passed"]:
+            row.update(reason=f"over the accuracy budget: {record['drop_points']:.2f} points of {record['metric']} "
+                              f"lost > {record['budget_points']:g}")
+            return False
     candidate.engine, candidate.report = engine, report
     return True
 

@@ -68,6 +68,8 @@ class BuildRequest:
     data: DataLike | None = None
     candidates: Sequence[str] | None = None
     select: Strategy | str | None = None
+    coco_annotations: str | Path | None = None
+    coco_images: str | Path | None = None
 
     def __post_init__(self) -> None:
         if self.backend is None and (self.candidates is not None or self.select is not None):

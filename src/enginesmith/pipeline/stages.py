@@ -26,6 +26,7 @@ from . import request as req
 from .auto import build_auto, candidate_backends, skipped_row
 from .best import Timer, build_best
 from .engines import build_engine, check_engine, lazy_reference
+from .map_budget import check_map_budget, coco_set
 from .request import BuildRequest
 from .runner import Stage, run_stages
 from .state import BuildState
@@ -67,6 +68,7 @@ def import_stage(state: BuildState) -> None:
     state.graph = req.graph_settings(request, previous)
     state.preprocess = req.preprocess_spec(request, previous)
     state.budget = req.accuracy_budget(request, previous)
+    state.coco = coco_set(state.budget, request.coco_annotations, request.coco_images)
 
 
 def check_stage(state: BuildState) -> None:
@@ -159,14 +161,14 @@ def verify_stage(state: BuildState) -> None:
     engine, data, inputs = state.engine, state.data, state.inputs
     if not state.request.verify or {"precision_candidates", "backend_candidates"} & set(engine.manifest.checks):
         return  # not asked for, or ``best`` / ``auto`` verified every candidate while choosing
-    if engine.precision == "int8" and not data.holdout and not inputs.real:
+    budget = state.budget
+    if engine.precision == "int8" and not data.holdout and not inputs.real and not state.coco:
         # Random inputs fall outside the calibrated ranges, so comparing on them says nothing.
         engine.manifest.build_log.append(
             f"int8 engine not verified: {data.unverified_reason}; "
             "run 'enginesmith validate ENGINE --data DATA' on real inputs"
         )
         return
-    budget = state.budget
     tolerance = state.request.tolerance or (budget.tolerance(engine.precision) if budget else None)
     report = check_engine(state, engine, tolerance)
     attach_report(engine, "build_verification", report)
@@ -175,6 +177,8 @@ def verify_stage(state: BuildState) -> None:
             f"the built {engine.precision} engine does not match the source model ({failures_text(report)}); "
             "build without verification to keep it anyway"
         )
+    if state.coco is not None:
+        check_map_budget(state, engine)
 
 
 def package_stage(state: BuildState) -> None:

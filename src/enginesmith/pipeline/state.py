@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..backends import Backend, BuildOptions
 from ..backends.base import ProgressCallback
@@ -17,6 +17,10 @@ from ..runtime.preprocess import PreprocessSpec
 from ..validate import AccuracyBudget
 from .request import BuildRequest, GraphSettings, Rebuild
 from .selection import AutoSelection
+
+if TYPE_CHECKING:
+    from ..vision.evaluate import CocoScores
+    from .map_budget import CocoSet
 
 
 @dataclass
@@ -42,6 +46,7 @@ class BuildState:
     graph: GraphSettings = field(default_factory=GraphSettings)
     preprocess: PreprocessSpec | None = None
     budget: AccuracyBudget | None = None
+    coco: CocoSet | None = None  # the labelled images a map budget is judged on
     imported: ImportedModel | None = None
     # check, passes: records for the manifest's checks
     checks: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +56,7 @@ class BuildState:
     data: PrecisionData | None = None
     reference: ReferenceRunner | None = None
     engine: Engine | None = None
+    source_map: CocoScores | None = None  # the source's mAP, scored once for every candidate
     # stage name -> seconds, filled by the runner
     timings: dict[str, float] = field(default_factory=dict)
 

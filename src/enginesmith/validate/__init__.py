@@ -339,7 +339,9 @@ class AccuracyBudget:
     """The rule a reduced-precision engine must keep against the fp32 reference.
 
     ``agreement``: the smallest share of samples whose top-1 class stays the same
-    (classifiers); ``rel_l2``: the largest relative L2 error of every output.
+    (classifiers); ``rel_l2``: the largest relative L2 error of every output; ``map`` / ``map50``:
+    the most points (100 x mAP) of COCO mAP@[.5:.95] / mAP@.5 the engine may lose against the
+    source on labelled images (detectors; the build needs COCO annotations and their images).
     """
 
     metric: str
@@ -359,12 +361,26 @@ class AccuracyBudget:
         if self.metric == "agreement":
             others = replace(tolerance_for(precision), min_argmax_agreement=0.0)
             return Tolerance(max_rel_l2=NO_LIMIT, min_cosine=-1.0, min_argmax_agreement=self.value, other_outputs=others)
+        if self.is_map:
+            # Raw detector outputs are not compared: near-tied boxes swap places under int8; the mAP judges.
+            return Tolerance(max_rel_l2=NO_LIMIT, min_cosine=-1.0, min_argmax_agreement=0.0)
         return Tolerance(max_rel_l2=self.value, min_cosine=-1.0, min_argmax_agreement=0.0)
+
+    @property
+    def is_map(self) -> bool:
+        """Judged by COCO mAP on labelled images rather than by the raw outputs."""
+        return self.metric in MAP_METRICS
 
     def __str__(self) -> str:
         if self.metric == "agreement":
             return f"at most {_percent(1.0 - self.value)} of top-1 decisions change"
+        if self.is_map:
+            return f"{MAP_METRICS[self.metric]} drops at most {self.value:g} point{'' if self.value == 1 else 's'}"
         return f"rel L2 <= {self.value:g} on every output"
+
+
+# Budget metric -> what it measures; its value is the most points (100 x mAP) the engine may lose.
+MAP_METRICS = {"map": "mAP@[.5:.95]", "map50": "mAP@.5"}
 
 
 def one_change(samples: int) -> str:
@@ -373,9 +389,16 @@ def one_change(samples: int) -> str:
 
 
 def parse_budget(text: str) -> AccuracyBudget:
-    """``1%`` (at most 1% of top-1 decisions change), ``agreement>=0.99`` or ``rel_l2<=0.05``."""
+    """``1%`` (at most 1% of top-1 decisions change), ``agreement>=0.99``, ``rel_l2<=0.05``, or
+    ``map:1%`` / ``map:1`` / ``map50:0.5`` (the most points of mAP, 100 x mAP, the engine may lose)."""
     cleaned = text.replace(" ", "").lower()
     try:
+        metric, colon, points = cleaned.partition(":")
+        if colon and metric in MAP_METRICS:
+            value = float(points[:-1] if points.endswith("%") else points)
+            if not 0 <= value <= 100:
+                raise ValueError
+            return AccuracyBudget(metric, value)
         if cleaned.endswith("%"):
             drop = float(cleaned[:-1]) / 100
             if not 0 <= drop < 1:
@@ -391,5 +414,5 @@ def parse_budget(text: str) -> AccuracyBudget:
         pass
     raise ValidationDataError(
         f"cannot read accuracy budget '{text}': use '1%' (top-1 decisions that may change), "
-        "'agreement>=0.99' or 'rel_l2<=0.05'"
+        "'agreement>=0.99', 'rel_l2<=0.05' or 'map:1%' (points of COCO mAP@[.5:.95] the engine may lose; map50:1% for mAP@.5)"
     )
