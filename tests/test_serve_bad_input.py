@@ -280,17 +280,26 @@ def test_request_timeout_in_the_queue(engines):
 
     # the request's own 'timeout' parameter (microseconds), without a server-wide one
     with es.serve([engines["slow"]], max_batch=1, **PORTS) as handle:
-        body = json.loads(json_request({"x": np.zeros((64, 512), np.float32)}))
-        # encoded before sending: encoding in each thread (one at a time, under the GIL) spaces the
-        # requests out so that each could arrive after the previous one is answered, with no queue
-        timed, untimed = json.dumps({**body, "parameters": {"timeout": 1}}).encode(), json.dumps(body).encode()
+        # Binary bodies again, encoded before sending, so the requests reach the queue together (JSON bodies
+        # are decoded on the server's loop one at a time: each could be answered, alone and on the idle
+        # server's fast path, before the next arrives, and a request that never queues never times out).
+        x = np.zeros((256, 512), np.float32)
+
+        def binary(parameters: dict) -> tuple[bytes, dict]:
+            header = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                             "parameters": {"binary_data_size": x.nbytes}}],
+                                 **({"parameters": parameters} if parameters else {})}).encode()
+            return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+        timed, untimed = binary({"timeout": 1}), binary({})
 
         def send_with_timeout(index: int):
-            status, _, answer = post(handle.url, "/v2/models/slow/infer", timed if index else untimed, timeout=60)
-            return status, json.loads(answer)
+            body, headers = timed if index else untimed
+            status, _, answer = post(handle.url, "/v2/models/slow/infer", body, headers=headers, timeout=60)
+            return status, json.loads(answer) if status != 200 else {}
 
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(send_with_timeout, range(8)))
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(send_with_timeout, range(16)))
         assert answers[0][0] == 200  # no timeout: always answered
         assert any(s == 503 and "longer than its timeout" in b["error"] for s, b in answers[1:])
 
