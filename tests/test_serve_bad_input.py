@@ -259,11 +259,12 @@ def test_full_queue_answers_503_with_retry_after(engines):
 
 
 def test_request_timeout_in_the_queue(engines):
-    # each call takes tens of milliseconds: of 12 requests sent at once, the last ones wait far past 50 ms
+    # each call takes well over the fast path's 20 ms (1024 rows through eight 512x512 layers), so after the
+    # first call every request goes through the queue; of 16 sent at once the last ones wait far past 50 ms
     with es.serve([engines["slow"]], max_batch=1, timeout_ms=50, **PORTS) as handle:
         # Binary tensors, one body for all: JSON bodies take the server about as long to decode as the
         # engine takes to run them, so requests would reach the queue spaced out and none would wait long.
-        x = np.zeros((256, 512), np.float32)
+        x = np.zeros((1024, 512), np.float32)
         header = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
                                          "parameters": {"binary_data_size": x.nbytes}}]}).encode()
         request, headers = header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
@@ -283,7 +284,7 @@ def test_request_timeout_in_the_queue(engines):
         # Binary bodies again, encoded before sending, so the requests reach the queue together (JSON bodies
         # are decoded on the server's loop one at a time: each could be answered, alone and on the idle
         # server's fast path, before the next arrives, and a request that never queues never times out).
-        x = np.zeros((256, 512), np.float32)
+        x = np.zeros((1024, 512), np.float32)
 
         def binary(parameters: dict) -> tuple[bytes, dict]:
             header = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
