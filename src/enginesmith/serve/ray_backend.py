@@ -38,8 +38,7 @@ import numpy as np
 
 from ..bundle import read_bundle
 from ..errors import PlatformMismatchError
-from ..manifest import engine_needs_gpu
-from ..manifest import Manifest
+from ..manifest import Manifest, engine_needs_gpu
 from ..signature import Signature
 from .batcher import BatchingOptions, DynamicBatcher, QueueFullError
 from .metrics import ModelCounters, ModelStats
