@@ -23,9 +23,10 @@ import re
 import sys
 import tempfile
 from collections import Counter
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -237,6 +238,31 @@ def float_tail(model: onnx.ModelProto) -> list[str]:
     return tail
 
 
+# ONNX Runtime's symbolic shape inference saves the model it could not finish as this file (and its
+# weights beside it, in files named by uuids) in the current directory, for debugging.
+SHAPE_INFERENCE_LEFTOVER = "sym_shape_infer_temp.onnx"
+
+
+@contextmanager
+def _no_shape_inference_leftovers() -> Iterator[None]:
+    """Remove the debugging copy ONNX Runtime leaves in the user's working directory (only one it wrote now)."""
+    existed = os.path.exists(SHAPE_INFERENCE_LEFTOVER)
+    try:
+        yield
+    finally:
+        if not existed and os.path.exists(SHAPE_INFERENCE_LEFTOVER):
+            try:
+                leftover = onnx.load(SHAPE_INFERENCE_LEFTOVER, load_external_data=False)
+                locations = {entry.value for tensor in onnx.external_data_helper._get_all_tensors(leftover)
+                             for entry in tensor.external_data if entry.key == "location"}
+            except Exception:  # noqa: BLE001 - an unreadable leftover is still ours to remove
+                locations = set()
+            for name in [SHAPE_INFERENCE_LEFTOVER, *locations]:
+                if os.path.basename(name) == name:  # only plain names in this directory
+                    with suppress(OSError):
+                        os.remove(name)
+
+
 def quantize_int8(model: onnx.ModelProto, calibration: Calibration, tmp: str, log: list[str]) -> tuple[onnx.ModelProto, bytes]:
     """Static QDQ quantization, per-channel weights; returns the model and the calibration cache.
 
@@ -251,7 +277,8 @@ def quantize_int8(model: onnx.ModelProto, calibration: Calibration, tmp: str, lo
     quiet = logging.getLogger("onnxruntime.quantization.shape_inference")
     was_disabled, quiet.disabled = quiet.disabled, True
     try:
-        quant_pre_process(model, prepared)
+        with _no_shape_inference_leftovers():
+            quant_pre_process(model, prepared)
         # Symbolic shape inference can record shapes ONNX Runtime then refuses to load (the Concat of a
         # converted TensorFlow NMS); calibration would fail on them, the model itself quantizes fine.
         InferenceSession(prepared, providers=["CPUExecutionProvider"])
