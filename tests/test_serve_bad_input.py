@@ -224,10 +224,12 @@ def test_engine_that_raises_fails_only_that_request(server):
 
 
 def test_full_queue_answers_503_with_retry_after(engines):
-    """One slow engine call at a time, a queue of 2: a burst of 16 requests is partly refused at once."""
+    """One slow engine call at a time, a queue of 2: a burst of 16 requests is partly refused at once. Each call
+    takes well over the idle fast path's 20 ms (1024 rows through eight 512x512 layers), so after the first call
+    requests always go through the queue instead of running one by one on the server's loop."""
     with es.serve([engines["slow"]], max_queue=2, max_batch=1, **PORTS) as handle:
-        x = np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32)
-        body = json.dumps({"inputs": [{"name": "x", "shape": [256, 512], "datatype": "FP32",
+        x = np.random.default_rng(0).standard_normal((1024, 512)).astype(np.float32)
+        body = json.dumps({"inputs": [{"name": "x", "shape": [1024, 512], "datatype": "FP32",
                                        "parameters": {"binary_data_size": x.nbytes}}]}).encode()
         headers = {"Inference-Header-Content-Length": str(len(body))}
 
@@ -246,7 +248,7 @@ def test_full_queue_answers_503_with_retry_after(engines):
         errors = []
 
         def grpc_send(_: int):
-            given = grpcclient.InferInput("x", [256, 512], "FP32")
+            given = grpcclient.InferInput("x", [1024, 512], "FP32")
             given.set_data_from_numpy(x)
             try:
                 client.infer("slow", [given])
