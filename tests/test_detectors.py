@@ -45,9 +45,7 @@ def val_set(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def calib_images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("calib")
-    synth_data.write_split(folder, 32, scoring.CALIB_SEED)
-    return folder / "images"
+    return scoring.write_calib_images(tmp_path_factory.mktemp("calib"))
 
 
 def _build(source: Path, engine: Path, *extra: str) -> Path:

@@ -26,7 +26,6 @@ from enginesmith.vision.evaluate import evaluate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "detection"))
 import scoring  # noqa: E402
-import synth_data  # noqa: E402
 
 SOURCE = scoring.MODELS / "yolov8_synth.onnx"
 VAL_IMAGES = 30
@@ -42,9 +41,7 @@ def val_set(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def calib_images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("calib")
-    synth_data.write_split(folder, 32, scoring.CALIB_SEED)
-    return folder / "images"
+    return scoring.write_calib_images(tmp_path_factory.mktemp("calib"))
 
 
 def _build_args(engine: Path, calib: Path, budget: str, val_set: tuple[Path, Path], precision: str = "int8") -> list[str]:

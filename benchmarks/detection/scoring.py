@@ -60,6 +60,14 @@ def write_val_set(folder: Path, count: int, seed: int = VAL_SEED) -> tuple[Path,
     return annotations, folder / "images"
 
 
+def write_calib_images(folder: Path, count: int = 32) -> Path:
+    """A folder of ``count`` scenes for int8 calibration, apart from the training and validation ones."""
+    import synth_data
+
+    synth_data.write_split(folder, count, CALIB_SEED)
+    return folder / "images"
+
+
 def detectors_for(engine, source: Path | None):
     """(engine detector, source detector or None) with eval's settings; the source runs by its own framework."""
     from enginesmith import vision
