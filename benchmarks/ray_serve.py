@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
@@ -73,6 +73,25 @@ def example_input(engine_path: Path, batch: int, image_size: int) -> tuple[str, 
     return first["name"], signature["outputs"][0]["name"], x
 
 
+async def closed_loop(call: Callable[[], Awaitable[Any]], items_per_call: int, clients: int, seconds: float) -> dict:
+    """``clients`` loops each awaiting ``call`` back to back for ``seconds``: answers, failures, items/s."""
+    counts = {"ok": 0, "failed": 0}
+    stop_at = time.perf_counter() + seconds
+
+    async def one_client() -> None:
+        while time.perf_counter() < stop_at:
+            try:
+                await call()
+                counts["ok"] += 1
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                counts["failed"] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    wall = time.perf_counter() - started
+    return {**counts, "seconds": wall, "items_per_s": counts["ok"] * items_per_call / wall}
+
+
 async def http_clients(port: int, input_name: str, output: str, x: np.ndarray, clients: int, seconds: float) -> dict:
     import tritonclient.http.aio as aioclient
 
@@ -80,40 +99,14 @@ async def http_clients(port: int, input_name: str, output: str, x: np.ndarray, c
     given = aioclient.InferInput(input_name, list(x.shape), datatype_of(x.dtype.name))
     given.set_data_from_numpy(x, binary_data=True)
     wanted = [aioclient.InferRequestedOutput(output, binary_data=True)]
-    counts = {"ok": 0, "failed": 0}
-    stop_at = time.perf_counter() + seconds
-
-    async def one_client() -> None:
-        while time.perf_counter() < stop_at:
-            try:
-                await client.infer("m", [given], outputs=wanted)
-                counts["ok"] += 1
-            except Exception:  # noqa: BLE001 - counted, the run goes on
-                counts["failed"] += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(clients)))
-    wall = time.perf_counter() - started
-    await client.close()
-    return {**counts, "seconds": wall, "items_per_s": counts["ok"] * x.shape[0] / wall}
+    try:
+        return await closed_loop(lambda: client.infer("m", [given], outputs=wanted), x.shape[0], clients, seconds)
+    finally:
+        await client.close()
 
 
 async def handle_clients(dispatcher: Any, input_name: str, x: np.ndarray, clients: int, seconds: float) -> dict:
-    counts = {"ok": 0, "failed": 0}
-    stop_at = time.perf_counter() + seconds
-
-    async def one_client() -> None:
-        while time.perf_counter() < stop_at:
-            try:
-                await dispatcher.run({input_name: x}, None)
-                counts["ok"] += 1
-            except Exception:  # noqa: BLE001 - counted, the run goes on
-                counts["failed"] += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(clients)))
-    wall = time.perf_counter() - started
-    return {**counts, "seconds": wall, "items_per_s": counts["ok"] * x.shape[0] / wall}
+    return await closed_loop(lambda: dispatcher.run({input_name: x}, None), x.shape[0], clients, seconds)
 
 
 def replica_pids(app_prefix: str = "enginesmith-m-") -> list[int]:
