@@ -373,6 +373,21 @@ def measure_device(name: str, engine: es.Engine, batched_engine: es.Engine, fram
     record = {"detector": name, "backend": engine.backend, "precision": engine.precision, "device": detector.device_ops.device,
               "input": list(detector.input_hw), "head": detector.head.name,
               "latency_batch1": ms(latency[10:]), "engine_only_batch1": ms(engine_only[10:])}
+    # The stages of one batched call apart (each synchronized): where the time of N sources goes.
+    group = [pictures[i % len(pictures)] for i in range(sources)]
+    many_feeds, _ = batched.preprocess(group)
+    stages: dict[str, list[float]] = {"preprocess": [], "engine": [], "whole": []}
+    for i in range(frames // 2 + 10):
+        start = time.perf_counter()
+        batched.preprocess(group)  # returns once the batch is on the device
+        stages["preprocess"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        batched.device_ops.to_host(next(iter(batched.infer(many_feeds).values())))
+        stages["engine"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        batched(group)
+        stages["whole"].append(time.perf_counter() - start)
+    record[f"batch{sources}_alone"] = {stage: ms(values[10:]) for stage, values in stages.items()}
     with open(os.devnull, "w") as devnull:
         sink = JsonLines(devnull)
         for count, runner in ((1, detector), (sources, batched)):

@@ -28,24 +28,36 @@ class TorchDeviceOps(DeviceOps):
         except ImportError:
             batched_nms = None
         self._batched_nms = batched_nms
-        self._pinned: dict[tuple, Any] = {}
-        self._pinned_lock = threading.Lock()  # one staging buffer per shape, shared by the threads that upload
+        self._local = threading.local()  # per thread: pinned staging buffers
 
-    def _upload(self, frame: np.ndarray):
-        """A uint8 frame on the device, through a pinned buffer (per frame shape) when the device is a GPU."""
+    def _staging(self, shape: tuple) -> Any:
+        """This thread's pinned host buffer for a batch of frames of one shape (reused call after call)."""
+        buffers = self._local.__dict__.setdefault("pinned", {})
+        staging = buffers.get(shape)
+        if staging is None:
+            if len(buffers) > 8:
+                buffers.clear()
+            staging = buffers[shape] = self._torch.empty(shape, dtype=self._torch.uint8, pin_memory=True)
+        return staging
+
+    def _upload(self, frames: Sequence[np.ndarray]) -> list[tuple[list[int], Any]]:
+        """(rows, [n, C, H, W] float32 on the device) per frame shape: frames of one shape go up in one copy."""
         torch = self._torch
-        host = torch.from_numpy(np.ascontiguousarray(frame))
-        if self._device.type != "cuda":
-            return host
-        with self._pinned_lock:
-            staging = self._pinned.get(frame.shape)
-            if staging is None:
-                if len(self._pinned) > 8:
-                    self._pinned.clear()
-                staging = self._pinned[frame.shape] = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True)
-            staging.copy_(host)
-            # Synchronous on purpose: the staging buffer is reused by the next frame.
-            return staging.to(self._device)
+        groups: dict[tuple, list[int]] = {}
+        for row, frame in enumerate(frames):
+            groups.setdefault(frame.shape, []).append(row)
+        uploaded = []
+        for shape, rows in groups.items():
+            if self._device.type == "cuda":
+                staging = self._staging((len(rows), *shape))
+                host = staging.numpy()
+                for slot, row in enumerate(rows):
+                    np.copyto(host[slot], frames[row], casting="no")
+                on_device = staging.to(self._device)  # synchronous: the staging buffer is reused by the next call
+            else:
+                on_device = torch.from_numpy(np.stack([frames[row] for row in rows]))
+            uploaded.append((rows, on_device.reshape(len(rows), shape[0], shape[1], -1).permute(0, 3, 1, 2).float()))
+        return uploaded
 
     def images_to_batch(self, frames: Sequence[np.ndarray], places: Sequence[ImageGeometry], size: tuple[int, int],
                         *, pad_value: float, swap_rb: bool, scale: float, mean: Sequence[float], std: Sequence[float],
@@ -54,13 +66,22 @@ class TorchDeviceOps(DeviceOps):
         functional = torch.nn.functional
         channels = frames[0].shape[2] if frames[0].ndim == 3 else 1
         batch = torch.full((len(frames), channels, *size), float(pad_value), dtype=torch.float32, device=self._device)
-        for row, (frame, place) in enumerate(zip(frames, places)):
-            image = self._upload(frame.reshape(frame.shape[0], frame.shape[1], -1)).permute(2, 0, 1)[None].float()
-            if (place.height, place.width) != tuple(frame.shape[:2]):
-                shrinking = place.height < frame.shape[0] and place.width < frame.shape[1]
-                image = functional.interpolate(image, size=(place.height, place.width), mode="bilinear",
-                                               align_corners=False, antialias=shrinking)
-            batch[row, :, place.top : place.top + place.height, place.left : place.left + place.width] = image[0]
+        for rows, images in self._upload(frames):
+            height, width = images.shape[2:]
+            # Pictures of one size placed alike (a camera's frames) are resized together, in one call.
+            runs = [rows] if len({places[row] for row in rows}) == 1 else [[row] for row in rows]
+            for run in runs:
+                place = places[run[0]]
+                image = images if len(run) == len(rows) else images[rows.index(run[0])][None]
+                if (place.height, place.width) != (height, width):
+                    shrinking = place.height < height and place.width < width
+                    image = functional.interpolate(image, size=(place.height, place.width), mode="bilinear",
+                                                   align_corners=False, antialias=shrinking)
+                ys, xs = slice(place.top, place.top + place.height), slice(place.left, place.left + place.width)
+                if run == list(range(run[0], run[0] + len(run))):
+                    batch[run[0] : run[0] + len(run), :, ys, xs] = image
+                else:
+                    batch[torch.as_tensor(run, device=self._device), :, ys, xs] = image
         if swap_rb:
             batch = batch.flip(1)
         batch.mul_(float(scale))
