@@ -34,7 +34,14 @@ from serve_models import build_engine, make_slow  # noqa: E402
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    for attempt in range(3):  # Ray waits a fixed 30 s for its raylet to register: a busy CI host can miss it once
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            break
+        except Exception:  # noqa: BLE001 - Ray raises plain Exception for a node that timed out
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield
     ray.shutdown()
 
