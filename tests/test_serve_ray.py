@@ -146,6 +146,9 @@ def test_replicas_run_on_the_cluster(server, cluster):
     handle = serve.get_app_handle(next(name for name in apps if name.startswith("enginesmith-mlp-")))
     pids = {handle.describe.remote().result(timeout_s=30)["pid"] for _ in range(20)}
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    # no access log line per call in the replicas' logs: it cost them CPU on every request
+    logs = list((Path(cluster.head_node.get_session_dir_path()) / "logs" / "serve").glob("replica_enginesmith-mlp-*.log"))
+    assert logs and not any("CALL describe" in log.read_text(errors="replace") for log in logs)
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
