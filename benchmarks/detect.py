@@ -6,7 +6,9 @@ CPU mode (the default), three parts:
                  source (a raw frame made in memory), a camera's raw YUYV converted to BGR, an MJPEG .avi,
                  an MPEG-4 part 2 .mp4, an H.264 .mp4 (written with PyAV when it is installed), a folder
                  of JPEGs; read with OpenCV (default threads, and cv2.setNumThreads(1)) and, for the
-                 videos, PyAV with frame threading when it is installed
+                 videos, PyAV with frame threading when it is installed; then the same kinds of file for a
+                 slow pan across a real photograph shipped in an installed package (scikit-learn's china.jpg,
+                 else matplotlib's grace_hopper.jpg; recorded with its sha256): camera-like footage
   * per stage  - one frame at a time, sequentially, per detector: preprocessing (letterbox, normalize,
                  layout, into a reused batch buffer), head decode with the score floor, NMS + boxes to
                  frame pixels, the JSON Lines record; "outside the engine" per source kind is the
@@ -90,18 +92,63 @@ def ms(values: list[float]) -> dict:
 # --------------------------------------------------------------------------- decoders
 
 
-def write_inputs(folder: Path, frames: int) -> dict[str, Path]:
-    """The scene as every kind of file source; H.264 only where PyAV can write it."""
+# Real photographs shipped inside installed packages, for camera-like content: (package, member, license).
+PHOTOS = (("scikit-learn", "sklearn/datasets/images/china.jpg", "CC BY 2.0 (see sklearn.datasets.load_sample_images)"),
+          ("matplotlib", "matplotlib/mpl-data/sample_data/grace_hopper.jpg", "public domain (US Navy photograph)"))
+PHOTO_SUFFIX = " (photo pan)"
+
+
+def find_photo() -> dict | None:
+    """The first of PHOTOS installed here: where it lies and what it is (sha256 recorded)."""
+    import hashlib
+    import importlib.metadata
+    import sysconfig
+
+    for package, member, license_text in PHOTOS:
+        path = Path(sysconfig.get_paths()["purelib"]) / member
+        if path.is_file():
+            return {"package": package, "version": importlib.metadata.version(package), "member": member,
+                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "license": license_text, "path": str(path)}
+    return None
+
+
+def photo_pan(photo: Path, frames: int) -> list[np.ndarray]:
+    """640x480 windows panning slowly across a photograph enlarged to 2x the frame: footage a codec meets
+    from a camera that moves (smooth areas, edges, small motion), unlike the noise scene's worst case."""
     import cv2
 
-    pictures = [SCENE.render(i)[0] for i in range(frames)]
+    big = cv2.resize(cv2.imread(str(photo)), (2 * FRAME_W, 2 * FRAME_H), interpolation=cv2.INTER_CUBIC)
+    room_y, room_x = big.shape[0] - FRAME_H, big.shape[1] - FRAME_W
+    pictures = []
+    for i in range(frames):
+        y, x = (2 * i) % (2 * room_y), (3 * i) % (2 * room_x)
+        y, x = (2 * room_y - y if y > room_y else y), (2 * room_x - x if x > room_x else x)
+        pictures.append(np.ascontiguousarray(big[y : y + FRAME_H, x : x + FRAME_W]))
+    return pictures
+
+
+def write_inputs(folder: Path, frames: int) -> dict[str, Path]:
+    """The scene as every kind of file source (H.264 only where PyAV can write it), and the same kinds of
+    file for a pan over a real photograph where one is installed (keys ending in PHOTO_SUFFIX)."""
+    paths = write_media(folder, [SCENE.render(i)[0] for i in range(frames)], "")
+    photo = find_photo()
+    if photo is not None:
+        paths.update(write_media(folder, photo_pan(Path(photo["path"]), frames), PHOTO_SUFFIX))
+    return paths
+
+
+def write_media(folder: Path, pictures: list[np.ndarray], suffix: str) -> dict[str, Path]:
+    import cv2
+
+    folder = folder / ("photo" if suffix else "scene")
+    folder.mkdir()
     paths = {}
     for kind, name, fourcc in (("MJPEG .avi", "scene.avi", "MJPG"), ("MPEG-4 .mp4", "scene.mp4", "mp4v")):
         writer = cv2.VideoWriter(str(folder / name), cv2.VideoWriter_fourcc(*fourcc), 30, (FRAME_W, FRAME_H))
         for picture in pictures:
             writer.write(picture)
         writer.release()
-        paths[kind] = folder / name
+        paths[kind + suffix] = folder / name
     try:
         import av
     except ImportError:
@@ -113,11 +160,11 @@ def write_inputs(folder: Path, frames: int) -> dict[str, Path]:
             for picture in pictures:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="bgr24")))
             container.mux(stream.encode())
-        paths["H.264 .mp4"] = folder / "scene_h264.mp4"
+        paths["H.264 .mp4" + suffix] = folder / "scene_h264.mp4"
     (folder / "jpegs").mkdir()
     for i, picture in enumerate(pictures):
         cv2.imwrite(str(folder / "jpegs" / f"{i:05d}.jpg"), picture)
-    paths["JPEG folder"] = folder / "jpegs"
+    paths["JPEG folder" + suffix] = folder / "jpegs"
     return paths
 
 
@@ -174,12 +221,12 @@ def measure_decoders(paths: dict[str, Path], frames: int) -> list[dict]:
                 source = vision.open_source(str(path))
                 add(kind, f"enginesmith source (OpenCV, {label})", lambda: (f.pixels for f in source.frames()))
                 source.close()
-        if kind != "JPEG folder" and _has_pyav():
+        if not kind.startswith("JPEG folder") and _has_pyav():
             add(kind, "PyAV, frame threading", lambda: pyav_frames(path))
             add(kind, "PyAV, frame threading, scaled to 320x240 (reference only)", lambda: pyav_frames(path, (320, 240)))
     # Decoding straight to a model's size (a 320 input takes 320x240 of a 640x480 frame): libjpeg's DCT scaling.
     # Not what the pipeline does (boxes would have to be scaled back); here to say what it would save.
-    jpegs = sorted(paths["JPEG folder"].iterdir())
+    jpegs = sorted(paths["JPEG folder"].glob("*.jpg"))
     add("JPEG folder", "cv2.imread IMREAD_REDUCED_COLOR_2 (reference only)",
         lambda: (cv2.imread(str(p), cv2.IMREAD_REDUCED_COLOR_2) for p in jpegs))
     return rows
@@ -289,9 +336,12 @@ def print_cpu(decoders: list[dict], rows: list[dict]) -> None:
     keys = ["synthetic (raw, in memory)", "camera raw YUYV", "MJPEG .avi", "MPEG-4 .mp4", "H.264 .mp4", "JPEG folder"]
     for r in rows:
         s, o = r["stages_p50_excluding_decode"], r["outside_engine_per_source"]
-        cells = " ".join(f"{o[k]['total_ms']:>6.2f}" if k in o else f"{'-':>6}" for k in keys)
-        print(f"{r['detector']:26} {r['conf']:>5} {s['preprocess']['p50_ms']:>6.2f} {s['head']['p50_ms']:>6.2f} "
-              f"{s['nms']['p50_ms']:>6.2f} {s['json']['p50_ms']:>6.2f} |             {cells}")
+        for content, suffix in (("noise scene", ""), ("photo pan", PHOTO_SUFFIX)):
+            cells = " ".join(f"{o[k + suffix]['total_ms']:>6.2f}" if k + suffix in o else f"{'-':>6}" for k in keys)
+            if suffix and all(k + suffix not in o for k in keys):
+                continue
+            print(f"{r['detector']:26} {r['conf']:>5} {s['preprocess']['p50_ms']:>6.2f} {s['head']['p50_ms']:>6.2f} "
+                  f"{s['nms']['p50_ms']:>6.2f} {s['json']['p50_ms']:>6.2f} | {content:11} {cells}")
     print(f"\n{'detector':26} {'conf':>5} {'engine ms':>9} {'engine fps':>10} {'e2e synth':>9} {'ratio':>6} {'e2e mjpeg':>9} {'ratio':>6}")
     for r in rows:
         a, b = r["end_to_end_synthetic"], r["end_to_end_mjpeg"]
@@ -314,7 +364,8 @@ def run_cpu(args: argparse.Namespace) -> dict:
         rows = [measure_cpu(name, engine, conf, paths["MJPEG .avi"], decoders, args.frames, args.rounds)
                 for name, engine, conf in models]
     print_cpu(decoders, rows)
-    return {"decoders": decoders, "results": rows,
+    photo = find_photo()
+    return {"decoders": decoders, "results": rows, "photo": {k: v for k, v in photo.items() if k != "path"} if photo else None,
             "targets": {"outside_engine_ms": OUTSIDE_BUDGET_MS, "end_to_end_over_engine_only": RATIO_TARGET}}
 
 
