@@ -399,28 +399,81 @@ def test_show_without_a_gui_opencv_is_one_clear_error(colour_engine, capsys) -> 
     assert "needs an OpenCV with a GUI" in error_line(capsys)
 
 
-def test_an_http_stream_is_read_as_a_live_source(detector, tmp_path) -> None:
-    import functools
-    import http.server
-    import threading
+class _ClipServer:
+    """An HTTP server on 127.0.0.1 with one 10-frame MJPEG clip: a stream that ends after 10 frames."""
 
-    writer = cv2.VideoWriter(str(tmp_path / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
-    for i in range(10):
-        writer.write(np.full((64, 96, 3), i * 20, np.uint8))
-    writer.release()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    def __init__(self, folder: Path):
+        import functools
+        import http.server
+        import threading
+
+        writer = cv2.VideoWriter(str(folder / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
+        for i in range(10):
+            writer.write(np.full((64, 96, 3), i * 20, np.uint8))
+        writer.release()
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *args: None
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/clip.avi"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_http_stream_is_read_as_a_live_source(detector, tmp_path) -> None:
+    server = _ClipServer(tmp_path)
     try:
-        source = open_source(f"http://127.0.0.1:{server.server_address[1]}/clip.avi")
+        source = open_source(server.url, vision.CaptureSettings(reconnect=0))
         assert source.live
         summary = vision.run_pipeline(detector, [source], lambda frame, result: None)
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
     counts = summary.sources[0]
     assert counts.read == 10 and counts.processed + counts.dropped == 10 and counts.processed > 0
+    assert counts.reconnects == 0 and not counts.lost  # told not to reconnect: its end is the end
+
+
+def test_a_stream_that_stops_delivering_is_opened_again_and_counted(detector, tmp_path) -> None:
+    server = _ClipServer(tmp_path)
+    try:
+        source = open_source(server.url, vision.CaptureSettings(reconnect=2, reconnect_delay_s=0.01))
+        summary = vision.run_pipeline(detector, [source], lambda frame, result: None, max_frames=25)
+    finally:
+        server.stop()
+    counts = summary.sources[0]
+    # each time the clip ends the stream is opened again (the attempts count failures in a row, and
+    # every one succeeds here), so 25 frames take three plays of the 10-frame clip
+    assert summary.frames == 25 and counts.reconnects >= 2 and not counts.lost
+
+
+def test_a_stream_whose_server_is_gone_ends_as_lost_after_its_attempts(detector, tmp_path, capsys) -> None:
+    server = _ClipServer(tmp_path)
+    source = open_source(server.url, vision.CaptureSettings(reconnect=3, reconnect_delay_s=0.02))
+    frames = source.frames()
+    first = [next(frames) for _ in range(10)]
+    server.stop()  # the camera is unplugged: nothing answers at that address any more
+    started = time.perf_counter()
+    assert next(frames, None) is None
+    # three attempts with waits of 0.02, 0.04 and 0.08 s, each refused at once
+    assert 0.1 < time.perf_counter() - started < 5
+    assert len(first) == 10 and source.reconnects == 0 and source.lost
+
+
+def test_a_stop_asked_for_during_the_wait_before_reconnecting_ends_the_source_at_once(tmp_path) -> None:
+    import threading
+
+    server = _ClipServer(tmp_path)
+    source = open_source(server.url, vision.CaptureSettings(reconnect=5, reconnect_delay_s=30))
+    frames = source.frames()
+    for _ in range(10):
+        next(frames)
+    server.stop()
+    threading.Timer(0.2, source.request_stop).start()
+    started = time.perf_counter()
+    assert next(frames, None) is None  # not after the 30 s wait
+    assert time.perf_counter() - started < 5 and not source.lost and source.reconnects == 0
 
 
 @pytest.mark.parametrize("text, message", [

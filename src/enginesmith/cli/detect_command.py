@@ -82,6 +82,10 @@ def _print_summary(summary) -> None:
             line += f", {source.dropped} dropped (the pipeline fell behind the live source)"
         if source.corrupt:
             line += f", {source.corrupt} unreadable frames skipped"
+        if source.reconnects:
+            line += f", reconnected {source.reconnects} time(s) after it stopped delivering"
+        if source.lost:
+            line += ", then lost: it stopped delivering and could not be opened again (see --reconnect)"
         err_console.print(escape(line), highlight=False)
     if summary.interrupted:
         err_console.print("interrupted: the summary covers the frames processed until then")
@@ -99,6 +103,7 @@ def detect(
     width: Optional[int] = typer.Option(None, "--width", min=1, metavar="PX", help="Camera frame width to ask for."),
     height: Optional[int] = typer.Option(None, "--height", min=1, metavar="PX", help="Camera frame height to ask for."),
     fps: Optional[float] = typer.Option(None, "--fps", min=0.1, metavar="N", help="Camera frame rate to ask for (also the --save video's rate)."),
+    reconnect: int = typer.Option(5, "--reconnect", min=0, metavar="N", help="A camera or stream that stops delivering is opened again up to N times in a row, waiting 0.5 s, then twice as long each time (0: its end ends the source)."),
     jsonl: Optional[Path] = typer.Option(None, "--jsonl", metavar="FILE", help="Write JSON Lines here ('-': stdout, the default when no other output is chosen)."),
     udp: Optional[str] = typer.Option(None, "--udp", metavar="HOST:PORT", help="Send each frame as ROS 2 Detection2DArray-shaped JSON over UDP (never blocks)."),
     zmq: Optional[str] = typer.Option(None, "--zmq", metavar="ENDPOINT", help="Publish the same on a ZeroMQ PUB socket, e.g. tcp://*:5556 (needs pyzmq)."),
@@ -128,7 +133,7 @@ def detect(
     elif save is not None:
         check_output(save, inputs=inputs, force=force, flag="--save")
     detector = _detector(engine_path, trust_code, head, names, conf, iou, size)
-    settings = CaptureSettings(width, height, fps)
+    settings = CaptureSettings(width, height, fps, reconnect=reconnect)
     with ExitStack() as stack:
         sources = []
         for text in source:

@@ -86,6 +86,8 @@ class SourceCounts:
     read: int = 0  # frames taken from the source
     dropped: int = 0  # live frames dropped because the pipeline fell behind
     corrupt: int = 0  # frames that could not be decoded and were skipped
+    reconnects: int = 0  # times the live source stopped delivering and was opened again
+    lost: bool = False  # it stopped delivering and every attempt to open it again failed
     processed: int = 0
 
 
@@ -159,6 +161,8 @@ def run_pipeline(
     errors: list[BaseException] = []
 
     def stop() -> None:
+        for source in sources:
+            source.request_stop()
         for q in queues:
             q.discard()
 
@@ -186,7 +190,7 @@ def run_pipeline(
                     if not queue.put((frame, time.perf_counter() - start, position)):
                         return
             finally:
-                counts.corrupt = source.corrupt
+                counts.corrupt, counts.reconnects, counts.lost = source.corrupt, source.reconnects, source.lost
                 source.close()
         return work
 
@@ -272,4 +276,4 @@ def run_pipeline(
 
 def _refresh_counts(summary: RunSummary, sources: Sequence[Source], queues: Sequence[StageQueue]) -> None:
     for counts, source, queue in zip(summary.sources, sources, queues):
-        counts.dropped, counts.corrupt = queue.dropped, source.corrupt
+        counts.dropped, counts.corrupt, counts.reconnects = queue.dropped, source.corrupt, source.reconnects

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import re
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -27,21 +28,34 @@ from .records import Frame
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 # How many unreadable frames in a row end a video rather than being skipped one by one.
 MAX_CORRUPT_RUN = 50
+# The longest wait between two attempts to open a lost live source again.
+MAX_RECONNECT_DELAY_S = 8.0
 # How far the synthetic scene's background noise moves between frames.
 NOISE_MARGIN = 61
 
 
 class Source(ABC):
-    """An iterator of frames; ``corrupt`` counts frames that could not be decoded and were skipped."""
+    """An iterator of frames; ``corrupt`` counts frames that could not be decoded and were skipped,
+    ``reconnects`` the times a live source that stopped delivering was opened again."""
 
     name: str
     live: bool = False
+    corrupt: int = 0
+    reconnects: int = 0
+    lost: bool = False
 
     def __init__(self) -> None:
         self.corrupt = 0
+        self.reconnects = 0
+        self.lost = False  # a live source that stopped delivering and could not be opened again
+        self._stopping = threading.Event()
 
     @abstractmethod
     def frames(self) -> Iterator[Frame]: ...
+
+    def request_stop(self) -> None:
+        """Ask ``frames`` to end soon (a wait before reconnecting ends at once); any thread may call it."""
+        self.__dict__.setdefault("_stopping", threading.Event()).set()
 
     def close(self) -> None:
         """Release the device or file; called once the pipeline is done with the source."""
@@ -49,11 +63,16 @@ class Source(ABC):
 
 @dataclass(frozen=True)
 class CaptureSettings:
-    """What to ask a camera for; None leaves the driver's choice."""
+    """What to ask a camera for (None leaves the driver's choice), and how a live source that stops
+    delivering (a camera unplugged, a stream that drops) is opened again: up to ``reconnect`` attempts in
+    a row, waiting ``reconnect_delay_s`` before the first and twice as long before each next one (at most
+    MAX_RECONNECT_DELAY_S); 0 attempts end the source at once."""
 
     width: int | None = None
     height: int | None = None
     fps: float | None = None
+    reconnect: int = 5
+    reconnect_delay_s: float = 0.5
 
 
 class ImageFiles(Source):
@@ -114,14 +133,36 @@ class VideoCapture(Source):
                 yield Frame(self.name, index, time.time(), pixels)
                 index += 1
                 continue
+            if self.live:
+                if not self._reopen():
+                    return
+                capture = self._capture
+                continue
             # A read that fails before the known end is a damaged frame: skip it, count it, go on.
             position = int(capture.get(cv2.CAP_PROP_POS_FRAMES))
-            if self.live or total <= 0 or max(position, index) >= total - 1 or failures >= MAX_CORRUPT_RUN:
+            if total <= 0 or max(position, index) >= total - 1 or failures >= MAX_CORRUPT_RUN:
                 return
             failures += 1
             self.corrupt += 1
             index += 1
             capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+
+    def _reopen(self) -> bool:
+        """Open a live source that stopped delivering again, with growing waits; False: it stays lost."""
+        self.close()
+        delay = self.settings.reconnect_delay_s
+        for _ in range(self.settings.reconnect):
+            if self._stopping.wait(delay):
+                return False
+            try:
+                self.open()
+            except InputError:
+                delay = min(2 * delay, MAX_RECONNECT_DELAY_S)
+                continue
+            self.reconnects += 1
+            return True
+        self.lost = self.settings.reconnect > 0 and not self._stopping.is_set()
+        return False
 
     def close(self) -> None:
         if self._capture is not None:
@@ -225,9 +266,9 @@ def open_source(text: str, settings: CaptureSettings = CaptureSettings()) -> Sou
         return VideoCapture(text, target, live=True, backend=cv2.CAP_V4L2 if text.startswith("/dev/") else None,
                             settings=settings).open()
     if text.startswith(STREAM_SCHEMES):
-        return VideoCapture(text, text, live=True, backend=cv2.CAP_FFMPEG).open()
+        return VideoCapture(text, text, live=True, backend=cv2.CAP_FFMPEG, settings=settings).open()
     if "!" in text:
-        return VideoCapture(text, text, live=True, backend=cv2.CAP_GSTREAMER).open()
+        return VideoCapture(text, text, live=True, backend=cv2.CAP_GSTREAMER, settings=settings).open()
     path = Path(text)
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
