@@ -16,7 +16,7 @@ the per-round ratios) and the difference in microseconds (median of the per-roun
 Models: a 2-layer MLP and a small conv (built in code), and the tiny real ONNX models of the
 zoo manifest found in the local cache (run benchmarks/zoo.py to fetch them).
 
-    python benchmarks/engine_overhead.py [--rounds 30] [--runs 6000] [--models mlp,conv,silero_vad_op18_ifless]
+    python benchmarks/engine_overhead.py [--rounds 20] [--runs 3000] [--models mlp,conv,silero_vad_op18_ifless]
         [--backends onnxruntime,openvino] [--json benchmarks/results/engine_overhead.json]
 """
 
@@ -167,8 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join([*BUILT_IN, *ZOO_DEFAULT]))
     parser.add_argument("--backends", default="onnxruntime,openvino")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--runs", type=int, default=6000, help="calls per target, over all rounds")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3000, help="calls per target, over all rounds")
     parser.add_argument("--zoo-manifest", type=Path, default=HERE / "zoo" / "models.toml")
     parser.add_argument("--zoo-cache", type=Path, default=Path.home() / ".cache" / "enginesmith-zoo" / "models")
     parser.add_argument("--json", type=Path, default=RESULTS / "engine_overhead.json")
