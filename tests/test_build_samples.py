@@ -355,9 +355,12 @@ def test_data_for_a_state_batched_on_axis_1_is_cut_along_that_axis(tmp_path):
     cycled = take_rows(data, 7, sample_axes(engine.signature))
     assert cycled["state"].shape == (2, 7, 4)
     np.testing.assert_array_equal(cycled["state"][:, 5], data["state"][:, 0])
-    # validate re-reads the stored samples and cuts them the same way.
+    # validate re-reads the stored samples and cuts them the same way; an .npz given as --data too.
     report = es.validate(tmp_path / "vad.engine", batch=2)
     assert report.passed
+    np.savez(tmp_path / "vad.npz", **data)
+    es.build(model, data=tmp_path / "vad.npz", output=tmp_path / "vad2.engine")
+    assert es.validate(tmp_path / "vad2.engine", data=tmp_path / "vad.npz", batch=2).passed
 
 
 def test_error_for_a_window_no_generated_size_takes_suggests_a_flag_for_every_shaped_input():
