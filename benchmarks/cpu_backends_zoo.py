@@ -200,8 +200,8 @@ def bench_model(model: ZooModel, args: argparse.Namespace, work: Path) -> dict[s
     result["plain_model"] = "source" if prepared.onnx_path == prepared.source else "the ONNX enginesmith converted it to"
     auto, result["auto"] = build_auto(prepared, work, "auto fp32", data=prepared.feeds)
     if auto is None:
-        # The sample as --data can fail where the generated inputs do not (enginesmith cuts --data samples
-        # along axis 0, also for a recurrent state batched on axis 1): time and verify on those instead.
+        # The sample as --data can fail where the generated inputs do not (a recurrent state batched on axis 1
+        # whose batch dim the signature leaves unnamed is cut along axis 0): time and verify on those instead.
         note = f"the sample as --data failed ({result['auto']['error'][:200]}): built on the generated inputs"
         auto, result["auto"] = build_auto(prepared, work, "auto fp32")
         result["auto"]["note"] = note

@@ -19,7 +19,7 @@ from enginesmith.backends import get_backend
 from enginesmith.backends.base import Availability
 from enginesmith.errors import BuildError
 from enginesmith.pipeline import BuildRequest, run_build
-from enginesmith.pipeline.selection import Strategy, parse_strategy, select
+from enginesmith.pipeline.selection import Strategy, clearly_faster, parse_strategy, select, timing_noise
 from enginesmith.validate import Tolerance
 
 # --------------------------------------------------------------------------- selection alone (no backend)
@@ -37,6 +37,29 @@ def test_strategies_pick_differently_on_the_same_timings():
     assert select(ROWS, parse_strategy("throughput-within:2")) == 2
     assert select(ROWS, parse_strategy("throughput-within:0.5")) is None
     assert select([], Strategy()) is None
+
+
+def test_timing_noise_is_half_the_iqr_of_the_rounds_over_their_median():
+    assert timing_noise([1.0, 1.0, 1.0, 1.0]) == 0.0
+    assert timing_noise([0.9, 1.0, 1.0, 1.1, 1.0]) == pytest.approx(0.0, abs=1e-12)  # the IQR is 1.0-1.0
+    assert timing_noise([0.8, 0.9, 1.0, 1.1, 1.2]) == pytest.approx(0.1)  # (1.1 - 0.9) / 2 / 1.0
+    assert timing_noise([2.0]) == 0.0
+
+
+def test_a_candidate_replaces_the_baseline_only_when_faster_beyond_the_noise():
+    baseline = {"p50_ms": 0.100, "p50_noise": 0.04}
+    within_noise = {"p50_ms": 0.097, "p50_noise": 0.01}  # 3% faster, the baseline's timing wobbles 4%
+    clearly = {"p50_ms": 0.080, "p50_noise": 0.02}
+    noisy = {"p50_ms": 0.090, "p50_noise": 0.15}  # its own timing is too noisy to tell
+    latency = parse_strategy("latency")
+    assert not clearly_faster(within_noise, baseline) and clearly_faster(clearly, baseline)
+    assert select([baseline, within_noise], latency, baseline=0) == 0
+    assert select([baseline, noisy], latency, baseline=0) == 0
+    assert select([baseline, within_noise, clearly], latency, baseline=0) == 2
+    assert select([within_noise, baseline], latency, baseline=1) == 1
+    # Without a baseline (it failed its checks), or without measured noise: the lowest p50, as before.
+    assert select([baseline, within_noise], latency) == 1
+    assert select([{"p50_ms": 0.100}, {"p50_ms": 0.099}], latency, baseline=0) == 1
 
 
 @pytest.mark.parametrize("text", ["fastest", "throughput-within:", "throughput-within:-3", "latency:5"])
@@ -80,9 +103,14 @@ def test_auto_builds_both_backends_keeps_one_and_records_the_table(tmp_path):
     rows = engine.manifest.checks["backend_candidates"]
     assert [row["backend"] for row in rows] == ["onnxruntime", "openvino"]
     chosen = [row for row in rows if row["chosen"]]
-    assert len(chosen) == 1 and chosen[0]["backend"] == engine.backend and chosen[0]["reason"] == "lowest p50"
+    assert len(chosen) == 1 and chosen[0]["backend"] == engine.backend and chosen[0]["reason"].startswith("lowest p50")
     other = next(row for row in rows if not row["chosen"])
-    assert other["reason"] == "slower" and other["p50_ms"] >= chosen[0]["p50_ms"]
+    # Slower, or (when the default engine is kept) faster by less than the measured noise.
+    if other["p50_ms"] >= chosen[0]["p50_ms"]:
+        assert other["reason"] == "slower"
+    else:
+        assert chosen[0]["backend"] == "onnxruntime" and "within the timing noise" in other["reason"]
+        assert chosen[0]["p50_ms"] - other["p50_ms"] <= chosen[0]["p50_ms"] * max(r["p50_noise"] for r in rows)
     for row in rows:
         assert row["precision"] == "fp32" and row["worst_rel_l2"] < 1e-5
         assert row["build_s"] > 0 and row["verify_s"] > 0 and row["time_s"] > 0
@@ -113,6 +141,27 @@ def test_strategies_choose_by_the_injected_timings(strategy, expected):
         assert rows["openvino"]["throughput"] == pytest.approx(1000.0) and rows["openvino"]["throughput_batch"] == 8
     if strategy == "throughput-within:2":
         assert rows["openvino"]["reason"] == "p50 over 2 ms"
+
+
+def test_noise_in_the_timing_does_not_flip_the_choice_to_another_backend():
+    # OpenVINO looks 3% faster, but the rounds of the timing spread 10%: the default engine stays.
+    def timer(targets, feeds, batch):
+        rounds = {"onnxruntime": [0.90, 1.00, 1.00, 1.10, 1.20, 0.95], "openvino": [0.97, 0.97, 0.97, 0.97, 0.97, 0.97]}
+        return {label: rounds[label.split()[0]] for label in targets}
+
+    engine = auto_build(make_mlp(), timer)
+    rows = {row["backend"]: row for row in engine.manifest.checks["backend_candidates"]}
+    assert engine.backend == "onnxruntime" and rows["onnxruntime"]["chosen"]
+    assert rows["onnxruntime"]["reason"] == "lowest p50 within the timing noise"
+    assert rows["onnxruntime"]["p50_ms"] == pytest.approx(1.0) and rows["onnxruntime"]["p50_noise"] > 0.03
+    assert rows["openvino"]["reason"].startswith("faster by 3.0%, within the timing noise")
+
+    # Faster beyond the noise: it wins.
+    def clear(targets, feeds, batch):
+        rounds = {"onnxruntime": [0.90, 1.00, 1.00, 1.10, 1.20, 0.95], "openvino": [0.70, 0.71, 0.69, 0.70, 0.72, 0.70]}
+        return {label: rounds[label.split()[0]] for label in targets}
+
+    assert auto_build(make_mlp(), clear).backend == "openvino"
 
 
 def test_no_candidate_within_the_latency_budget_is_a_clear_error():

@@ -333,6 +333,36 @@ def test_recurrent_state_gets_the_batch_on_axis_1_and_audio_a_window_the_padding
     np.testing.assert_allclose(engine(audio=audio, state=state, sr=sr)["y"], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_data_for_a_state_batched_on_axis_1_is_cut_along_that_axis(tmp_path):
+    # --data with 5 samples: audio[5, 512], state[2, 5, 4] (the signature's 'batch' is its axis 1),
+    # sr[]. Cutting the state along axis 0 refused the data, or fed it to the wrong samples.
+    from enginesmith.build_inputs import sample_axes, split_samples, take_rows
+
+    model = recurrent_state_vad(named=True)
+    rng = np.random.default_rng(5)
+    data = {"audio": rng.standard_normal((5, 512)).astype(np.float32),
+            "state": rng.standard_normal((2, 5, 4)).astype(np.float32), "sr": np.array(16000, np.int64)}
+    engine = es.build(model, data=data, output=tmp_path / "vad.engine")
+    assert sample_axes(engine.signature) == {"state": 1}
+    assert engine.manifest.checks["build_verification"]["passed"]
+    assert engine.manifest.checks["samples"]["samples"] == 5
+    batches = split_samples(data, engine.signature, 2)
+    assert [b["state"].shape for b in batches] == [(2, 2, 4), (2, 2, 4), (2, 1, 4)]
+    assert [b["audio"].shape[0] for b in batches] == [2, 2, 1] and all(b["sr"].ndim == 0 for b in batches)
+    # Each batch is the same samples of every input: its outputs are the rows of the whole run's.
+    whole = run_plain(model, data)["y"]
+    np.testing.assert_allclose(np.concatenate([engine(**b)["y"] for b in batches]), whole, rtol=1e-5, atol=1e-5)
+    cycled = take_rows(data, 7, sample_axes(engine.signature))
+    assert cycled["state"].shape == (2, 7, 4)
+    np.testing.assert_array_equal(cycled["state"][:, 5], data["state"][:, 0])
+    # validate re-reads the stored samples and cuts them the same way; an .npz given as --data too.
+    report = es.validate(tmp_path / "vad.engine", batch=2)
+    assert report.passed
+    np.savez(tmp_path / "vad.npz", **data)
+    es.build(model, data=tmp_path / "vad.npz", output=tmp_path / "vad2.engine")
+    assert es.validate(tmp_path / "vad2.engine", data=tmp_path / "vad.npz", batch=2).passed
+
+
 def test_error_for_a_window_no_generated_size_takes_suggests_a_flag_for_every_shaped_input():
     # The reflect padding of 600 needs more than 512 samples: no generated size runs.
     with pytest.raises(es.BuildError) as info:

@@ -156,6 +156,54 @@ def test_an_input_layout_accepted_once_is_not_checked_again(mlp_path, monkeypatc
         engine(y=x)
 
 
+def test_feeds_of_an_accepted_layout_reach_the_session_as_they_are(mlp_path, monkeypatch):
+    # No copy of the arrays nor of the dict once a layout is known; other mappings still work.
+    from types import MappingProxyType
+
+    engine = es.build(mlp_path)
+    x = np.random.default_rng(4).standard_normal((2, 6)).astype(np.float32)
+    want = run_plain(onnx.load(mlp_path), {"x": x})["probs"]
+    seen = []
+    real = engine._session.run
+    monkeypatch.setattr(engine._session, "run", lambda feeds: (seen.append(feeds), real(feeds))[1])
+    feeds = {"x": x}
+    for _ in range(2):
+        np.testing.assert_allclose(engine.infer(feeds)["probs"], want, rtol=1e-5, atol=1e-6)
+    assert seen[1] is feeds and seen[1]["x"] is x and feeds == {"x": x}
+    np.testing.assert_allclose(engine.infer(MappingProxyType(feeds))["probs"], want, rtol=1e-5, atol=1e-6)
+    assert seen[2]["x"] is x
+    # A same-shaped array of another dtype, or a missing name, is checked again (not taken as known).
+    with pytest.warns(InputCastWarning):
+        engine.infer({"x": x.astype(np.float64)})
+    with pytest.raises(es.InputError, match="missing input 'x'"):
+        engine.infer({})
+
+
+def test_onnxruntime_cpu_session_calls_the_compiled_run(mlp_path):
+    from enginesmith.backends.onnxruntime import OnnxRuntimeSession
+
+    engine = es.build(mlp_path)
+    session = engine._session
+    assert session._run == session._session._sess.run  # the Python wrapper's re-checks are skipped
+
+    class WrapperOnly:  # an ONNX Runtime whose wrapper keeps its compiled session elsewhere
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+        def run(self, names, feeds, run_options=None):
+            self.calls += 1
+            return self.inner.run(names, feeds, run_options)
+
+    wrapper = WrapperOnly(session._session)
+    fallback = OnnxRuntimeSession(wrapper, ["probs"])
+    x = np.ones((1, 6), np.float32)
+    np.testing.assert_array_equal(fallback.run({"x": x})["probs"], engine(x=x)["probs"])
+    assert wrapper.calls == 1
+
+
 def test_concurrent_calls_from_threads_match_serial(mlp_path):
     engine = es.build(mlp_path)
     rng = np.random.default_rng(6)

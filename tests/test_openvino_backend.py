@@ -149,6 +149,44 @@ def test_concurrent_calls_from_threads_match_serial():
         np.testing.assert_array_equal(got, want)
 
 
+def test_outputs_handed_out_are_not_overwritten_by_later_calls():
+    # The session reads outputs as views of the infer request's buffers and reuses the request:
+    # what a call returned must be the caller's own copy.
+    model = make_two_in_two_out()
+    engine = es.build(model, backend="openvino", verify=False)
+    rng = np.random.default_rng(12)
+    first_feeds = {k: rng.standard_normal((2, 3)).astype(np.float32) for k in ("left", "right")}
+    first = engine(**first_feeds)
+    kept = {k: v.copy() for k, v in first.items()}
+    for _ in range(3):
+        engine(left=rng.standard_normal((2, 3)).astype(np.float32), right=rng.standard_normal((2, 3)).astype(np.float32))
+    for name in kept:
+        np.testing.assert_array_equal(first[name], kept[name])
+        assert first[name].flags.owndata or first[name].base is not None and first[name].base.flags.owndata
+    np.testing.assert_allclose(first["score"], run_plain(model, first_feeds)["score"], atol=1e-5)
+
+
+def test_read_only_and_scalar_inputs_run():
+    # OpenVINO cannot share the memory of a read-only array (the session copies it); a 0-d input
+    # (a sample rate, a threshold) goes in as a scalar tensor.
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["y"])], "scaled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    engine = es.build(model, backend="openvino", verify=False)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    x.flags.writeable = False
+    for scale in (2.0, 3.0):
+        got = engine(x=x, scale=np.array(scale, np.float32))["y"]
+        np.testing.assert_array_equal(got, x * scale)
+
+
 # --------------------------------------------------------------------------- options and precisions
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from .backends import Backend, BuildOptions, get_backend
 from .backends.base import ProgressCallback
 from .bench import BenchReport, machine_facts, measure
-from .build_inputs import sample_feeds, take_rows
+from .build_inputs import sample_axes, sample_feeds, take_rows
 from .bundle import extract_verified_entry, read_bundle
 from .errors import (
     BackendUnavailableError,
@@ -346,7 +346,7 @@ def _bench_feeds(engine: Engine, data: str | Path | None, batch: int, seed: int)
     if data is None:
         return engine_inputs(engine, batch, seed)[0]
     spec = PreprocessSpec.from_dict(engine.manifest.preprocess) if engine.manifest.preprocess else None
-    return take_rows(load_dataset(data, engine.signature, spec), batch)
+    return take_rows(load_dataset(data, engine.signature, spec), batch, sample_axes(engine.signature))
 
 
 def engine_inputs(engine: Engine, batch: int = 1, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:

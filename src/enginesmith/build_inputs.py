@@ -46,6 +46,8 @@ class BuildInputs:
     log: list[str] = field(default_factory=list)
     # The model's fixed batch, when it has one: checks feed at most that many samples at once.
     fixed_batch: int | None = None
+    # Inputs whose samples lie along another axis than 0 (see :func:`sample_axes`).
+    axes: dict[str, int] = field(default_factory=dict)
 
     @property
     def real(self) -> bool:
@@ -54,7 +56,7 @@ class BuildInputs:
     def check_feeds(self, limit: int = CHECK_SAMPLES) -> dict[str, np.ndarray] | None:
         """A few inputs for the graph-pass checks (no more than a fixed batch takes)."""
         if self.feeds is not None:
-            return first_samples(self.feeds, min(limit, self.fixed_batch or limit))
+            return first_samples(self.feeds, min(limit, self.fixed_batch or limit), self.axes)
         if self.plan is not None:
             return self.plan.generate(seed=0)
         return None
@@ -70,7 +72,7 @@ class BuildInputs:
     def manifest_record(self, stored: int | None, note: str | None) -> dict[str, Any]:
         record: dict[str, Any] = {"kind": self.kind, "label": self.label}
         if self.feeds is not None:
-            record["samples"] = sample_count(self.feeds)
+            record["samples"] = sample_count(self.feeds, self.axes)
         if stored is not None:
             record["stored"] = stored
         if note:
@@ -80,35 +82,70 @@ class BuildInputs:
         return record
 
 
-def sample_count(feeds: Mapping[str, np.ndarray]) -> int:
-    """Samples along axis 0: the longest leading axis (a scalar or [1]-shaped input is shared by all)."""
-    return max((int(v.shape[0]) for v in feeds.values() if v.ndim), default=1)
+# Input name -> the axis its samples lie along, for inputs where that is not axis 0.
+SampleAxes = Mapping[str, int]
 
 
-def _per_sample(feeds: Mapping[str, np.ndarray]) -> set[str]:
-    """Inputs that hold one entry per sample; the others (an int64 sample rate) go whole with every batch."""
-    total = sample_count(feeds)
-    return {name for name, v in feeds.items() if v.ndim and v.shape[0] == total}
+def sample_axes(signature: Signature) -> dict[str, int]:
+    """Inputs batched along another axis than 0: a recurrent state ``[2, batch, 128]`` -> 1.
+
+    The batch is the named dim that leads the other inputs (``input[batch, 512]``); an input
+    that holds it on a later axis, and not first, has its samples along that axis.
+    """
+    leading = {spec.shape[0] for spec in signature.inputs if spec.rank >= 2 and is_named_symbol(spec.shape[0])}
+    axes = {}
+    for spec in signature.inputs:
+        if not spec.rank or spec.shape[0] in leading:
+            continue
+        axis = next((axis for axis, dim in enumerate(spec.shape) if axis and dim in leading), None)
+        if axis is not None:
+            axes[spec.name] = axis
+    return axes
 
 
-def first_samples(feeds: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
-    split = _per_sample(feeds)
-    return {name: value[:count] if name in split else value for name, value in feeds.items()}
+def _length(value: np.ndarray, axis: int) -> int | None:
+    return int(value.shape[axis]) if value.ndim > axis else None
 
 
-def take_rows(feeds: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+def sample_count(feeds: Mapping[str, np.ndarray], axes: SampleAxes | None = None) -> int:
+    """Samples: the longest sample axis (axis 0 unless ``axes`` says otherwise; a scalar or
+    [1]-shaped input is shared by all)."""
+    axes = axes or {}
+    return max((n for name, v in feeds.items() if (n := _length(v, axes.get(name, 0))) is not None), default=1)
+
+
+def _per_sample(feeds: Mapping[str, np.ndarray], axes: SampleAxes | None = None) -> dict[str, int]:
+    """Inputs that hold one entry per sample, with their sample axis; the others (an int64 sample
+    rate) go whole with every batch."""
+    axes = axes or {}
+    total = sample_count(feeds, axes)
+    return {name: axes.get(name, 0) for name, v in feeds.items() if _length(v, axes.get(name, 0)) == total}
+
+
+def _cut(value: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    return value[(slice(None),) * axis + (slice(start, stop),)]
+
+
+def first_samples(feeds: Mapping[str, np.ndarray], count: int, axes: SampleAxes | None = None) -> dict[str, np.ndarray]:
+    split = _per_sample(feeds, axes)
+    return {name: _cut(value, split[name], 0, count) if name in split else value for name, value in feeds.items()}
+
+
+def take_rows(feeds: Mapping[str, np.ndarray], rows: int, axes: SampleAxes | None = None) -> dict[str, np.ndarray]:
     """``rows`` samples of every per-sample input, cycled when there are fewer; the others whole."""
-    split = _per_sample(feeds)
-    return {name: np.take(value, np.arange(rows) % len(value), axis=0) if name in split else value
-            for name, value in feeds.items()}
+    split = _per_sample(feeds, axes)
+    return {name: np.take(value, np.arange(rows) % value.shape[split[name]], axis=split[name]) if name in split
+            else value for name, value in feeds.items()}
 
 
 def split_samples(feeds: Mapping[str, np.ndarray], signature: Signature, size: int) -> list[dict[str, np.ndarray]]:
-    """Batches of ``size`` samples; inputs without a sample axis are repeated in each."""
-    del signature  # the data's own lengths say which inputs are per sample
-    split = _per_sample(feeds)
-    total = sample_count(feeds)
-    return [{name: value[start:start + size] if name in split else value for name, value in feeds.items()}
+    """Batches of ``size`` samples, each input cut along its sample axis (:func:`sample_axes`);
+    inputs without one are repeated in each."""
+    axes = sample_axes(signature)
+    split = _per_sample(feeds, axes)
+    total = sample_count(feeds, axes)
+    return [{name: _cut(value, split[name], start, start + size) if name in split else value
+             for name, value in feeds.items()}
             for start in range(0, total, size)]
 
 
@@ -161,22 +198,25 @@ def _cast_and_check(feeds: dict[str, np.ndarray], signature: Signature, where: s
                         f"{size} (input '{name}' axis {first_axis})"
                     )
         out[spec.name] = np.asarray(value, order="C")
-    total = sample_count(out)
-    uneven = {n: v.shape[0] for n, v in out.items() if v.ndim and v.shape[0] not in (1, total)}
-    if uneven:
-        lengths = {n: v.shape[0] for n, v in out.items() if v.ndim}
-        raise ValidationDataError(f"{where}: inputs hold different numbers of samples along axis 0: {lengths}")
+    axes = sample_axes(signature)
+    total = sample_count(out, axes)
+    lengths = {n: length for n, v in out.items() if (length := _length(v, axes.get(n, 0))) is not None}
+    if any(length not in (1, total) for length in lengths.values()):
+        along = ", ".join(f"'{n}' along axis {a}" for n, a in axes.items())
+        raise ValidationDataError(f"{where}: inputs hold different numbers of samples along axis 0"
+                                  f"{f' ({along})' if along else ''}: {lengths}")
     return out
 
 
 # --------------------------------------------------------------------------- stored samples
 
 
-def encode_samples(feeds: Mapping[str, np.ndarray], limit_bytes: int = MAX_STORED_BYTES) -> tuple[bytes | None, int, str | None]:
+def encode_samples(feeds: Mapping[str, np.ndarray], limit_bytes: int = MAX_STORED_BYTES,
+                   axes: SampleAxes | None = None) -> tuple[bytes | None, int, str | None]:
     """The first samples that fit in ``limit_bytes`` as .npz bytes, how many, and a note when not all fit."""
-    total = sample_count(feeds)
-    split = _per_sample(feeds)
-    per_sample = sum(v[:1].nbytes if name in split else v.nbytes for name, v in feeds.items())
+    total = sample_count(feeds, axes)
+    split = _per_sample(feeds, axes)
+    per_sample = sum(_cut(v, split[name], 0, 1).nbytes if name in split else v.nbytes for name, v in feeds.items())
     # .npy headers and the zip directory: a little room for each array.
     room = limit_bytes - 4096 * (len(feeds) + 1)
     fits = total if per_sample == 0 else min(total, max(room, 0) // per_sample)
@@ -184,7 +224,7 @@ def encode_samples(feeds: Mapping[str, np.ndarray], limit_bytes: int = MAX_STORE
         return None, 0, (f"samples not stored: one sample is {per_sample / 2**20:.1f} MB, over the "
                          f"{limit_bytes / 2**20:.0f} MB limit for samples in a bundle")
     buffer = io.BytesIO()
-    np.savez(buffer, **first_samples(feeds, fits))
+    np.savez(buffer, **first_samples(feeds, fits, axes))
     note = None
     if fits < total:
         note = (f"stored the first {fits} of {total} samples in the bundle ({limit_bytes / 2**20:.0f} MB limit); "
@@ -339,6 +379,7 @@ def resolve_build_inputs(
     else:
         inputs = BuildInputs("none", "")
     inputs.fixed_batch = signature.fixed_batch()
+    inputs.axes = sample_axes(signature)
     if not needed:
         return inputs
     try:
@@ -388,8 +429,8 @@ def samples_to_store(
         kind, label = "calibration", holdout_label
     if feeds is None:
         return None, inputs.manifest_record(None, None) if inputs.plan is not None else None, None
-    raw, count, note = encode_samples(feeds)
-    record = BuildInputs(kind, label, feeds, inputs.plan).manifest_record(count, note)
+    raw, count, note = encode_samples(feeds, axes=inputs.axes)
+    record = BuildInputs(kind, label, feeds, inputs.plan, axes=inputs.axes).manifest_record(count, note)
     return raw, record, note or f"{count} samples ({label}) stored in the bundle for validate and rebuilds"
 
 
@@ -435,7 +476,8 @@ def sample_feeds(
     record = record or {}
     if raw is not None:
         feeds = decode_samples(raw, signature, where)
-        return take_rows(feeds, batch), f"samples stored in the bundle ({record.get('label', 'build samples')})"
+        return (take_rows(feeds, batch, sample_axes(signature)),
+                f"samples stored in the bundle ({record.get('label', 'build samples')})")
     plan = plan_from_record(record)
     if plan is not None:
         return plan.generate(seed=seed, batch=batch), f"generated from the build's input plan ({plan.describe()})"

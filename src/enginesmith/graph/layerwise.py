@@ -248,7 +248,7 @@ def _layerwise_feeds(
 ) -> tuple[dict[str, np.ndarray], str, bool]:
     """One batch to compare on, its label, and whether it is real: the first batch of ``data``, else of the
     samples the bundle stores, else generated from the build's input plan, else random."""
-    from ..build_inputs import decode_samples, first_samples, sample_feeds, take_rows
+    from ..build_inputs import decode_samples, first_samples, sample_axes, sample_feeds, take_rows
     from ..validate.data import load_dataset, split_batches
 
     signature = manifest.signature
@@ -259,7 +259,8 @@ def _layerwise_feeds(
     record = (manifest.checks.get("samples") if isinstance(manifest.checks, dict) else None) or {}
     if samples is not None:
         stored = decode_samples(samples, signature, f"engine '{name}'")
-        feeds = take_rows(stored, fixed) if fixed else first_samples(stored, batch or 8)
+        axes = sample_axes(signature)
+        feeds = take_rows(stored, fixed, axes) if fixed else first_samples(stored, batch or 8, axes)
         return feeds, f"first samples stored in the bundle ({record.get('label', 'build samples')})", True
     feeds, label = sample_feeds(signature, None, record, f"engine '{name}'", batch=batch or fixed or 1, seed=seed)
     return feeds, label, False

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -26,12 +26,13 @@ from ..validate import ValidationReport, failures_text
 from ..validate.engine_checks import attach_report
 from .engines import build_engine, check_engine
 from .map_budget import map_check
-from .selection import THROUGHPUT_BATCH, Strategy, select
+from .selection import THROUGHPUT_BATCH, Strategy, select, timing_noise
 from .state import BuildState
 
-# label -> a function running the engine on feeds; the timer returns label -> p50 in milliseconds.
+# label -> a function running the engine on feeds; the timer returns label -> p50 in milliseconds, or
+# label -> the p50 of each timing round (ms), from which the timing's noise is read too.
 Runner = Callable[[Mapping[str, np.ndarray]], Any]
-Timer = Callable[[Mapping[str, Runner], dict[str, np.ndarray], int], dict[str, float]]
+Timer = Callable[[Mapping[str, Runner], dict[str, np.ndarray], int], Mapping[str, float | Sequence[float]]]
 
 @dataclass
 class Candidate:
@@ -54,7 +55,12 @@ ROUNDS, BLOCK_S, MIN_BLOCK_RUNS, MAX_BLOCK_RUNS, SETTLE_S = 6, 0.03, 5, 200, 0.0
 
 
 def measure_p50(targets: Mapping[str, Runner], feeds: dict[str, np.ndarray], batch: int) -> dict[str, float]:
-    """p50 of each target on ``feeds`` (ms): the median of its per-round medians over interleaved rounds.
+    """p50 of each target on ``feeds`` (ms): the median of its per-round medians (:func:`measure_rounds`)."""
+    return {label: float(np.median(values)) for label, values in measure_rounds(targets, feeds, batch).items()}
+
+
+def measure_rounds(targets: Mapping[str, Runner], feeds: dict[str, np.ndarray], batch: int) -> dict[str, list[float]]:
+    """Each target's median latency on ``feeds`` (ms) in each of ``ROUNDS`` interleaved rounds.
 
     Short rounds: on a shared CPU the load changes within seconds, so every candidate gets a share
     of each moment. The order rotates from round to round, and each block starts after a pause and
@@ -85,8 +91,8 @@ def measure_p50(targets: Mapping[str, Runner], feeds: dict[str, np.ndarray], bat
                 start = time.perf_counter()
                 fn(feeds)
                 times.append(time.perf_counter() - start)
-            round_p50[label].append(float(np.median(times)))
-    return {label: float(np.median(values)) * 1e3 for label, values in round_p50.items()}
+            round_p50[label].append(float(np.median(times)) * 1e3)
+    return round_p50
 
 
 def try_candidates(state: BuildState, candidates: list[Candidate], strategy: Strategy,
@@ -101,8 +107,10 @@ def try_candidates(state: BuildState, candidates: list[Candidate], strategy: Str
     # One engine left has nothing to be compared with: it is not timed, unless a latency budget must be checked.
     timed = len(passing) > 1 or (len(passing) == 1 and strategy.kind == "throughput-within")
     if timed:
-        _time(state, passing, strategy, timer or measure_p50)
-        chosen = select([c.row for c in passing], strategy)
+        _time(state, passing, strategy, timer or measure_rounds)
+        # The first candidate is the default engine (highest-priority backend, fp32): another one
+        # replaces it only when faster beyond the timing's noise.
+        chosen = select([c.row for c in passing], strategy, baseline=0 if passing[0] is candidates[0] else None)
     else:
         chosen = 0 if passing else None
     for candidate in candidates:
@@ -110,10 +118,12 @@ def try_candidates(state: BuildState, candidates: list[Candidate], strategy: Str
         row[chosen_key] = candidate is (passing[chosen] if chosen is not None else None)
         if row[chosen_key]:
             row["reason"] = strategy.describe() if timed else "the only one that passed"
+            if timed and strategy.kind == "latency" and any(c.row["p50_ms"] < row["p50_ms"] for c in passing):
+                row["reason"] += " within the timing noise"
             if candidate.report is not None:
                 attach_report(candidate.engine, "build_verification", candidate.report)
         elif candidate in passing:
-            row["reason"] = _not_chosen_reason(row, strategy)
+            row["reason"] = _not_chosen_reason(row, strategy, passing[chosen].row if chosen is not None else None)
         if row.get("verified") is False:
             row["reason"] += "; not verified"
     rows = [c.row for c in candidates]
@@ -128,9 +138,13 @@ def try_candidates(state: BuildState, candidates: list[Candidate], strategy: Str
     return passing[chosen].engine, rows
 
 
-def _not_chosen_reason(row: dict[str, Any], strategy: Strategy) -> str:
+def _not_chosen_reason(row: dict[str, Any], strategy: Strategy, chosen: dict[str, Any] | None) -> str:
     if strategy.kind == "throughput-within" and row["p50_ms"] > strategy.latency_budget_ms:
         return f"p50 over {strategy.latency_budget_ms:g} ms"
+    if strategy.kind == "latency" and chosen is not None and row["p50_ms"] < chosen["p50_ms"]:
+        noise = max(row.get("p50_noise", 0.0), chosen.get("p50_noise", 0.0))
+        return (f"faster by {1 - row['p50_ms'] / chosen['p50_ms']:.1%}, within the timing noise ({noise:.1%}): "
+                "the default engine is kept")
     return "slower" if strategy.kind == "latency" else "lower throughput"
 
 
@@ -197,18 +211,28 @@ def _time(state: BuildState, passing: list[Candidate], strategy: Strategy, timer
     signature = passing[0].engine.signature
     feeds = timing_feeds(signature, state.inputs)
     targets = {c.label: c.engine.infer for c in passing}
-    p50 = timer(targets, feeds, 1)
+    timings = timer(targets, feeds, 1)
     for c in passing:
-        c.row.update(p50_ms=p50[c.label], throughput=1000.0 / p50[c.label], throughput_batch=1)
+        p50, noise = _p50_and_noise(timings[c.label])
+        c.row.update(p50_ms=p50, throughput=1000.0 / p50, throughput_batch=1)
+        if noise is not None:
+            c.row["p50_noise"] = noise
     batch = throughput_batch(signature)
     if strategy.needs_throughput and batch > 1:
         batched = {name: np.repeat(value, batch, axis=0) for name, value in feeds.items()}
         at_batch = timer(targets, batched, batch)
         for c in passing:
-            c.row.update(throughput=batch * 1000.0 / at_batch[c.label], throughput_batch=batch)
+            c.row.update(throughput=batch * 1000.0 / _p50_and_noise(at_batch[c.label])[0], throughput_batch=batch)
     share = round((time.perf_counter() - started) / len(passing), 3)
     for c in passing:
         c.row["time_s"] = share
+
+
+def _p50_and_noise(timing: float | Sequence[float]) -> tuple[float, float | None]:
+    """A timer's value for one candidate: a p50 (noise unknown), or per-round p50s."""
+    if isinstance(timing, (int, float)):
+        return float(timing), None
+    return float(np.median(timing)), timing_noise(timing)
 
 
 def throughput_batch(signature: Signature) -> int:

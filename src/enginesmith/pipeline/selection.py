@@ -6,7 +6,9 @@ Pure functions of the candidates' timings, so they are tested without timing any
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 from ..errors import BuildError
 
@@ -59,13 +61,21 @@ def parse_strategy(text: str | Strategy | None) -> Strategy:
     raise BuildError(f"unknown selection '{text}': choose one of {', '.join(STRATEGIES)}")
 
 
-def select(rows: list[dict[str, Any]], strategy: Strategy) -> int | None:
-    """The index of the row ``strategy`` picks (rows carry ``p50_ms`` and, for throughput, ``throughput``)."""
+def select(rows: list[dict[str, Any]], strategy: Strategy, baseline: int | None = None) -> int | None:
+    """The index of the row ``strategy`` picks (rows carry ``p50_ms`` and, for throughput, ``throughput``).
+
+    With a ``baseline`` (the default engine: ONNX Runtime fp32 under ``auto``, fp32 under ``best``),
+    the latency strategy replaces it only by a row that is faster beyond the timing noise (see
+    :func:`clearly_faster`), so noise cannot flip the choice to an engine that is not faster.
+    """
     if not rows:
         return None
     indices = range(len(rows))
     if strategy.kind == "latency":
-        return min(indices, key=lambda i: rows[i]["p50_ms"])
+        if baseline is None:
+            return min(indices, key=lambda i: rows[i]["p50_ms"])
+        faster = [i for i in indices if i != baseline and clearly_faster(rows[i], rows[baseline])]
+        return min(faster, key=lambda i: rows[i]["p50_ms"]) if faster else baseline
     if strategy.kind == "throughput-within":
         indices = [i for i in indices if rows[i]["p50_ms"] <= strategy.latency_budget_ms]
         if not indices:
@@ -73,6 +83,20 @@ def select(rows: list[dict[str, Any]], strategy: Strategy) -> int | None:
     return max(indices, key=lambda i: (rows[i]["throughput"], -rows[i]["p50_ms"]))
 
 
+def clearly_faster(row: dict[str, Any], baseline: dict[str, Any]) -> bool:
+    """``row``'s p50 is below the baseline's by more than the timing noise: the larger of the two
+    rows' ``p50_noise`` (relative spread of their per-round p50s; 0 where not measured)."""
+    noise = max(row.get("p50_noise", 0.0), baseline.get("p50_noise", 0.0))
+    return row["p50_ms"] < baseline["p50_ms"] * (1.0 - noise)
+
+
+def timing_noise(round_p50: Sequence[float]) -> float:
+    """Half the interquartile range of per-round p50s over their median: one timing's noise, relative."""
+    values = np.asarray(round_p50, dtype=np.float64)
+    if values.size < 2 or not np.median(values) > 0:
+        return 0.0
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return float((q3 - q1) / 2 / median)
 
 
 @dataclass(frozen=True)
