@@ -57,12 +57,16 @@ def nms_model(max_per_class: int | None, iou: float | None, score: float | None,
     return model
 
 
-@functools.lru_cache(maxsize=None)
-def nms_engine(*config):
-    imported = import_model(nms_model(*config))
+def build_torch(model: onnx.ModelProto):
+    imported = import_model(model)
     backend = get_backend("torch")
     result = backend.build(imported.model, imported.signature, EAGER)
     return backend.load(result.payload, result.resolved_options, imported.signature)
+
+
+@functools.lru_cache(maxsize=None)
+def nms_engine(*config):
+    return build_torch(nms_model(*config))
 
 
 def scene(seed: int, batches: int, classes: int, count: int, center: bool, ties: bool) -> dict[str, np.ndarray]:
@@ -110,6 +114,21 @@ def test_nms_selects_what_onnxruntime_selects(config):
     assert selected > len(cases) and dropped > len(cases)  # boxes were kept, and suppression or the cap bit
 
 
+@pytest.mark.slow
+def test_nms_compiled_by_inductor_selects_what_onnxruntime_selects():
+    """The default build (Inductor, not the eager exported program) lowers the while_loop and the unbacked sizes."""
+    config = (5, 0.45, 0.3, 0, 11)
+    imported = import_model(nms_model(*config))
+    backend = get_backend("torch")
+    options = BuildOptions(backend_options={"device": EAGER.backend_options["device"]})
+    result = backend.build(imported.model, imported.signature, options)
+    assert result.resolved_options.backend_options.get("compile", "inductor") == "inductor"
+    engine = backend.load(result.payload, result.resolved_options, imported.signature)
+    for seed in (11, 12):
+        feeds = scene(seed, 2, 3, 90, False, seed == 12)
+        np.testing.assert_array_equal(engine.run(feeds)["selected"], run_plain(nms_model(*config), feeds)["selected"])
+
+
 def test_nms_with_everything_under_the_score_threshold_or_no_output_allowed_selects_nothing():
     feeds = scene(3, 2, 3, 40, False, False)
     for config in ((5, 0.5, 2.0, 0, 11), (0, 0.5, 0.1, 0, 11), (None, None, None, 0, 11)):
@@ -149,6 +168,42 @@ def test_nms_refuses_an_iou_threshold_outside_0_1():
     assert any("outside [0, 1]" in str(row) for row in report.to_dict()["nodes"])
 
 
+# ONNX's own conformance cases for the op (shipped in the onnx wheel as onnx.backend.test.case.node.nonmaxsuppression,
+# Apache-2.0, ONNX Project Contributors): boxes, scores and thresholds with the selection ONNX's authors expect
+# (flipped corners, identical boxes, centre format, an IoU exactly at the threshold, two batches, two classes).
+ONNX_CASES = "onnx.backend.test.case.node.nonmaxsuppression"
+
+
+def onnx_conformance_cases() -> list:
+    from onnx.backend.test.case.node import collect_testcases
+
+    return [case for case in collect_testcases("NonMaxSuppression") if case.name.startswith("test_nonmaxsuppression")]
+
+
+def with_constant_thresholds(model: onnx.ModelProto, feeds: list[np.ndarray]) -> onnx.ModelProto:
+    """The case's model with max_output_boxes_per_class / iou / score thresholds (graph inputs there) as initializers."""
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    names = [value.name for value in folded.graph.input]
+    for name, value in zip(names[2:], feeds[2:]):
+        folded.graph.initializer.append(numpy_helper.from_array(value, name))
+    kept = [value for value in folded.graph.input if value.name in names[:2]]
+    del folded.graph.input[:]
+    folded.graph.input.extend(kept)
+    return folded
+
+
+def test_nms_passes_onnxs_own_conformance_cases():
+    cases = onnx_conformance_cases()
+    assert len(cases) >= 10, f"{ONNX_CASES} holds fewer cases than onnx 1.23 did"
+    for case in cases:
+        (feeds, expected), = case.data_sets
+        model = with_constant_thresholds(case.model, feeds)
+        engine = build_torch(model)
+        got = engine.run({"boxes": feeds[0], "scores": feeds[1]})
+        np.testing.assert_array_equal(next(iter(got.values())), expected[0], err_msg=case.name)
+
+
 # ----------------------------------------------------------------- the trained SSD with NMS in its graph
 
 HEAD = "ssd_mobilenet_v2_synth_1/concatenate_5_1/concat:0"  # [1, anchors, 4 box + 5 class logits]
@@ -168,13 +223,6 @@ def scenes() -> np.ndarray:
 
     pixels, _ = synth_data.scenes_in_memory(4, seed=5)
     return np.repeat(pixels[..., None], 3, axis=-1)  # the detector reads [1, 160, 160, 3] uint8
-
-
-def build_torch(model: onnx.ModelProto):
-    imported = import_model(model)
-    backend = get_backend("torch")
-    result = backend.build(imported.model, imported.signature, EAGER)
-    return backend.load(result.payload, result.resolved_options, imported.signature)
 
 
 def test_ssd_with_nms_builds_and_detects_what_onnxruntime_detects(ssd_onnx, scenes):

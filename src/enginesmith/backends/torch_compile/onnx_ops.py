@@ -232,6 +232,13 @@ def _pairwise_suppression(corners: tuple[Any, ...], valid: Any, iou_threshold: f
     return (later & valid[:, :, None] & overlaps).to(torch.float32)
 
 
+def _bound_by(kept: Any, ranked: Any) -> None:
+    """Inside the while_loop: the bound ``widest <= count`` again, with ``ranked`` (whose width is ``count``) as
+    an input of the subgraph. Inductor repeats the program's runtime assertions in each subgraph, and without
+    it the subgraph's assertion names a size it was not given (NameError at run time)."""
+    _torch()._check(kept.shape[1] <= ranked.shape[1])
+
+
 def exportable_nms(boxes: Any, scores: Any, max_per_class: int, iou_threshold: float, score_threshold: float | None,
                    center_point_box: int) -> Any:
     """ONNX NonMaxSuppression: int64 [K, 3] (batch, class, box) per batch, per class, by descending score
@@ -269,14 +276,19 @@ def exportable_nms(boxes: Any, scores: Any, max_per_class: int, iou_threshold: f
     candidates = valid.to(torch.float32)
 
     def unsettled(kept, changed):
+        _bound_by(kept, ranked)
         return changed.clone()  # a while_loop predicate may not alias its input
 
     def step(kept, changed):
+        _bound_by(kept, ranked)
         suppressed = torch.bmm(kept.unsqueeze(1), suppresses).squeeze(1) > 0
-        settled = candidates * (~suppressed).to(torch.float32)
+        settled = (candidates * (~suppressed).to(torch.float32)).clone(memory_format=torch.contiguous_format)
         return settled, (settled != kept).any()
 
-    kept, _ = while_loop(unsettled, step, (candidates.clone(), torch.ones((), dtype=torch.bool, device=boxes.device)))
+    # Standard strides in and out of the loop (while_loop wants them equal): a slice of one row keeps the
+    # source's row stride, which "contiguous" leaves alone when there is a single row.
+    start = candidates.clone(memory_format=torch.contiguous_format)
+    kept, _ = while_loop(unsettled, step, (start, torch.ones((), dtype=torch.bool, device=boxes.device)))
     selected = (kept > 0) & (torch.cumsum(kept, dim=1) <= max_per_class)
     row, rank = torch.nonzero(selected).unbind(1)  # row-major: batch, class, then score order
     return torch.stack([row // classes, row % classes, order[row, rank]], dim=1)
