@@ -137,6 +137,15 @@ def test_nms_with_everything_under_the_score_threshold_or_no_output_allowed_sele
         assert want.shape == (0, 3) and got.shape == (0, 3) and got.dtype == np.int64
 
 
+def test_nms_never_selects_a_nan_score_under_a_threshold():
+    feeds = scene(4, 1, 2, 30, False, False)
+    feeds["scores"][0, 0, ::3] = np.nan
+    config = (10, 0.5, 0.1, 0, 11)
+    want = run_plain(nms_model(*config), feeds)["selected"]
+    np.testing.assert_array_equal(nms_engine(*config).run(feeds)["selected"], want)
+    assert len(want) > 0 and not np.isin(want[want[:, 1] == 0, 2], np.arange(0, 30, 3)).any()
+
+
 def test_nms_keeps_onnxruntimes_order_for_equal_scores():
     # Four identical boxes with one score: the lowest index is kept, then per class in class order.
     boxes = np.tile(np.array([[0, 0, 10, 10]], np.float32), (1, 4, 1))

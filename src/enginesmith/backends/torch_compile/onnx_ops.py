@@ -259,6 +259,8 @@ def exportable_nms(boxes: Any, scores: Any, max_per_class: int, iou_threshold: f
     batches, classes, count = scores.shape
     # ONNX Runtime computes in float32 whatever precision the engine runs in.
     boxes, scores = boxes.float(), scores.float()
+    if score_threshold is not None:  # NaN never passes the threshold; sorted last, the candidates stay a prefix
+        scores = torch.where(scores.isnan(), float("-inf"), scores)
     ranked, order = torch.sort(scores.reshape(batches * classes, count), dim=1, descending=True, stable=True)
     if score_threshold is None:
         valid = torch.ones_like(ranked, dtype=torch.bool)
