@@ -10,12 +10,16 @@ imported), so ``get_converter`` and ``inspect --target torch`` see them like onn
 - NonMaxSuppression (opsets 10/11) with constant thresholds, in plain torch ops that torch.export
   traces (onnx2torch's reads its thresholds with ``.item()`` and calls torchvision): see
   ``exportable_nms``;
+- inputs onnx2torch reads as tensor values on every call (torch.export cannot), made Python values
+  when constant: Pad's pads and value, TopK's k (a stable sort: ties keep the lower index, as ONNX
+  says), CumSum's axis; ScatterND as ``index_put`` and GatherND (with ``batch_dims``) as indexing;
 - ops whose newer versions only widened the accepted types (Cast 19/21 outside float8, Shape
   19/21, Transpose/Flatten/Unsqueeze 21, ...): onnx2torch's converter for the older version,
   refused at conversion when the node uses what the new version added (Pad's ``axes``, Resize's
   ``antialias``, AveragePool's ``dilations``).
 
-Each converter is checked against ONNX Runtime on a one-node model in tests/test_torch_onnx_ops.py.
+Each converter is checked against ONNX Runtime on a one-node model in tests/test_torch_onnx_ops.py
+(NonMaxSuppression in tests/test_torch_nms.py).
 """
 
 from __future__ import annotations
