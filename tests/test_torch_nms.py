@@ -1,4 +1,4 @@
-"""ONNX NonMaxSuppression on the PyTorch backend (backends/torch_compile/onnx_ops.py ``exportable_nms``):
+"""ONNX NonMaxSuppression on the PyTorch backend (backends/torch_compile/onnx_ops.py converter, onnx_nms.py):
 the converter against ONNX Runtime's selection, and the trained SSD whose graph holds NMS (tf2onnx's
 CombinedNonMaxSuppression: NMS, ScatterND, TopK, CumSum, padded outputs) built and compared with ONNX Runtime."""
 
