@@ -372,11 +372,19 @@ def run_cpu(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- device mode
 
 
+def skip(skipped: list[dict], model: str, exc: BaseException) -> None:
+    """One line and one JSON record for a model that could not be built or measured; the others go on."""
+    error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    print(f"{model} skipped: {error}", flush=True)
+    skipped.append({"model": model, "error": error})
+
+
 def device_engines(models: list[Path] | None, device: str, sources: int, dry_run: bool, mode: str,
-                   workdir: Path) -> list[tuple[str, es.Engine, es.Engine]]:
+                   workdir: Path, skipped: list[dict]) -> list[tuple[str, es.Engine, es.Engine]]:
     """(name, engine for one source, engine for ``sources`` batched) to measure: given engines loaded as they are,
     given ONNX / frozen graphs built for the device, or the defaults: the colour detector at 640 with a dynamic
-    batch (batches 1 and N compiled) and the nudenet YOLOv8n, whose export needs fixed shapes (one engine each)."""
+    batch (batches 1 and N compiled) and the nudenet YOLOv8n, whose export needs fixed shapes (one engine each).
+    A model that fails to load or build is added to ``skipped``."""
     precision = "fp32" if dry_run else "fp16"
 
     def build(path: Path, batches: list[int] | None = None, shape: tuple[int, ...] | None = None) -> es.Engine:
@@ -387,12 +395,15 @@ def device_engines(models: list[Path] | None, device: str, sources: int, dry_run
 
     engines = []
     for model in models or []:
-        if model.suffix == ".engine":
-            engine = es.load(model, trust_code=True)
-            engines.append((model.name, engine, engine))
-        else:
-            engine = build(model, batches=[1, sources])
-            engines.append((f"{model.name} torch {precision}", engine, engine))
+        try:
+            if model.suffix == ".engine":
+                engine = es.load(model, trust_code=True)
+                engines.append((model.name, engine, engine))
+            else:
+                engine = build(model, batches=[1, sources])
+                engines.append((f"{model.name} torch {precision}", engine, engine))
+        except Exception as exc:  # noqa: BLE001 - one model that cannot be built must not end the run
+            skip(skipped, model.name, exc)
     if models:
         return engines
     size = 160 if dry_run else 640
@@ -404,7 +415,7 @@ def device_engines(models: list[Path] | None, device: str, sources: int, dry_run
         engines.append((f"nudenet yolov8n (320) torch {precision}", build(real, shape=(1, 3, 320, 320)),
                         build(real, shape=(sources, 3, 320, 320))))
     except Exception as exc:  # noqa: BLE001 - no cached copy and no registry, or no build: measure what there is
-        print(f"nudenet skipped: {type(exc).__name__}: {str(exc)[:300]}")
+        skip(skipped, "nudenet", exc)
     return engines
 
 
@@ -456,16 +467,22 @@ def measure_device(name: str, engine: es.Engine, batched_engine: es.Engine, fram
 def run_device(args: argparse.Namespace) -> dict:
     device = "cpu" if args.dry_run else args.device
     frames = min(args.frames, 40) if args.dry_run else args.frames
-    rows = []
+    rows: list[dict] = []
+    skipped: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, engine, batched in device_engines(args.model, device, args.sources, args.dry_run, args.mode, Path(tmp)):
-            rows.append(measure_device(name, engine, batched, frames, args.sources))
-            r = rows[-1]
+        for name, engine, batched in device_engines(args.model, device, args.sources, args.dry_run, args.mode, Path(tmp),
+                                                    skipped):
+            try:
+                r = measure_device(name, engine, batched, frames, args.sources)
+            except Exception as exc:  # noqa: BLE001 - e.g. an engine that is no detector: measure the others
+                skip(skipped, name, exc)
+                continue
+            rows.append(r)
             print(f"{name:40} latency p50 {r['latency_batch1']['p50_ms']:.2f} ms (engine {r['engine_only_batch1']['p50_ms']:.2f})  "
                   f"1 source {r['pipeline_1_sources']['fps']:.1f} FPS  {args.sources} sources "
                   f"{r[f'pipeline_{args.sources}_sources']['fps']:.1f} FPS ({r['batched_over_single']}x)", flush=True)
     return {"device": device, "dry_run": args.dry_run, "sources": args.sources, "compile_mode": args.mode, "results": rows,
-            "targets": {"latency_batch1_p50_ms": 3.0, "batched_over_single": 3.0}}
+            "skipped": skipped, "targets": {"latency_batch1_p50_ms": 3.0, "batched_over_single": 3.0}}
 
 
 def _version(module: str) -> str | None:

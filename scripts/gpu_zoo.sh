@@ -6,7 +6,7 @@
 #   scripts/gpu_zoo.sh cnn     resnet50, mobilenet_v3_large, efficientnet_b0      (one GPU: ~8 min)
 #   scripts/gpu_zoo.sh rest    convnext_tiny, vit_b_16, yolov8s_like              (one GPU: ~8 min)
 #   scripts/gpu_zoo.sh text    bert_base, minilm, then the CUDA tests             (one GPU: ~8 min)
-#   scripts/gpu_zoo.sh tests   tests/test_torch_direct.py and test_torch_onnx_ops.py with ENGINESMITH_TEST_DEVICE=cuda
+#   scripts/gpu_zoo.sh tests   tests/test_torch_direct.py, test_torch_onnx_ops.py, test_torch_nms.py with ENGINESMITH_TEST_DEVICE=cuda
 #   scripts/gpu_zoo.sh dry     the CPU dry run (toy YOLO and BERT), for a machine without a GPU
 #
 # Every model runs in its own process with the deadline ZOO_DEADLINE seconds (default 480) from the start: a
@@ -37,7 +37,7 @@ zoo() {  # zoo MODELS [DEADLINE]
 
 cuda_tests() {  # the whole report in tests_cuda.txt (tracebacks, no captured DEBUG logs); its end on the console
   timeout -k 10 "${1:-240}" env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_direct.py \
-    tests/test_torch_onnx_ops.py -q -p no:cacheprovider -p no:logging --tb=short -rfE > "$OUT/tests_cuda.txt" 2>&1
+    tests/test_torch_onnx_ops.py tests/test_torch_nms.py -q -p no:cacheprovider -p no:logging --tb=short -rfE > "$OUT/tests_cuda.txt" 2>&1
   tail -n 40 "$OUT/tests_cuda.txt"
 }
 

@@ -25,15 +25,22 @@ from detect import colour_yolov8_batch  # noqa: E402
 
 @pytest.mark.slow
 @pytest.mark.torch
-def test_device_mode_dry_run_measures_a_given_detector(tmp_path) -> None:
+def test_device_mode_dry_run_measures_a_given_detector_and_skips_one_that_does_not_build(tmp_path) -> None:
     onnx.save(colour_yolov8_batch(96, "batch"), tmp_path / "colour.onnx")
+    (tmp_path / "broken.onnx").write_bytes(b"not an onnx model")
     out = tmp_path / "detect.json"
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "detect.py"), "--dry-run", "--frames", "8",
-                           "--model", str(tmp_path / "colour.onnx"), "--json", str(out)],
+                           "--model", str(tmp_path / "broken.onnx"), "--model", str(tmp_path / "colour.onnx"),
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    skipped_lines = [line for line in done.stdout.splitlines() if line.startswith("broken.onnx skipped: ")]
+    assert len(skipped_lines) == 1
     report = json.loads(out.read_text())
+    assert [entry["model"] for entry in report["skipped"]] == ["broken.onnx"]
+    assert report["skipped"][0]["error"].startswith("SourceError: ") and "not a readable ONNX model" in skipped_lines[0]
     assert report["mode"] == "device" and report["device"] == "cpu" and len(report["results"]) == 1
     row = report["results"][0]
     assert row["backend"] == "torch" and row["device"] == "cpu" and row["head"] == "yolov8"

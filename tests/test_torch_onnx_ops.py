@@ -114,6 +114,65 @@ def test_gather_nd_keeps_the_batch_dynamic():
     assert result.details["served_shapes"]["indices"] == [None, 2]
 
 
+def test_gather_nd_with_batch_dims():
+    """batch_dims=1 (tf2onnx's CombinedNonMaxSuppression): onnx2torch raises NotImplementedError when it runs."""
+    data = np.random.default_rng(10).standard_normal((2, 6, 5)).astype(np.float32)
+    indices = np.array([[[0], [5], [3]], [[1], [1], [4]]], np.int64)
+    graph = helper.make_graph(
+        [helper.make_node("GatherND", ["data", "indices"], ["y"], batch_dims=1)], "g",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [2, 6, 5]),
+         helper.make_tensor_value_info("indices", TensorProto.INT64, [2, 3, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 9
+    assert_matches_onnxruntime(model, {"data": data, "indices": indices})
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_pad_with_constant_pads_and_value_exports(opset):
+    """onnx2torch's Pad reads its pads and value tensors on every call, which torch.export cannot."""
+    model = one_node("Pad", opset, [("x", ["b", 3, 4, 5])], [("y", None)],
+                     {"pads": np.array([0, 1, 0, 2, 0, 0, 3, 1], np.int64), "value": np.array(-1.5, np.float32)})
+    assert_matches_onnxruntime(model, {"x": X})
+
+
+def test_topk_with_a_constant_k_keeps_the_lower_index_first_among_equal_values():
+    x = np.array([[0.5, 0.9, 0.5, 0.1, 0.9, 0.5], [3, 3, 3, 3, 3, 3]], np.float32)
+    for largest in (1, 0):
+        node = helper.make_node("TopK", ["x", "k"], ["values", "indices"], axis=1, largest=largest)
+        graph = helper.make_graph([node], "topk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6])],
+                                  [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["b", 4]),
+                                   helper.make_tensor_value_info("indices", TensorProto.INT64, ["b", 4])],
+                                  [numpy_helper.from_array(np.array([4], np.int64), "k")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+        model.ir_version = 8
+        want, got = run_plain(model, {"x": x}), engine_outputs(model, {"x": x})
+        np.testing.assert_array_equal(got["indices"], want["indices"])
+        np.testing.assert_array_equal(got["values"], want["values"])
+
+
+@pytest.mark.parametrize("exclusive", [0, 1])
+@pytest.mark.parametrize("reverse", [0, 1])
+def test_cumsum_with_a_constant_axis(exclusive, reverse):
+    model = one_node("CumSum", 14, [("x", ["b", 3, 4, 5])], [("y", None)], {"axis": np.array(2, np.int64)},
+                     exclusive=exclusive, reverse=reverse)
+    assert_matches_onnxruntime(model, {"x": X})
+
+
+def test_scatter_nd_writes_rows_at_computed_indices():
+    data = np.zeros((4, 3), np.float32)
+    updates = np.arange(6, dtype=np.float32).reshape(2, 3) + 1
+    graph = helper.make_graph(
+        [helper.make_node("ScatterND", ["data", "indices", "updates"], ["y"])], "s",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [4, 3]),
+         helper.make_tensor_value_info("indices", TensorProto.INT64, ["k", 1]),
+         helper.make_tensor_value_info("updates", TensorProto.FLOAT, ["k", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 9
+    assert_matches_onnxruntime(model, {"data": data, "indices": np.array([[3], [1]], np.int64), "updates": updates})
+
+
 @pytest.mark.parametrize("axis", [-1, 2])
 def test_layer_normalization_at_opset_17(axis):
     scale = np.random.default_rng(11).standard_normal(X.shape[axis:]).astype(np.float32)

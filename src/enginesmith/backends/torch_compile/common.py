@@ -21,7 +21,7 @@ from ...signature import Signature, TensorSpec
 PAYLOAD_NAME = "model.torch.zip"
 PAYLOAD_FORMAT = 1
 EXTRA_HINT = "pip install 'enginesmith[torch]'"
-# onnx2torch's metadata asks for torchvision, which it needs only for NonMaxSuppression/RoiAlign;
+# onnx2torch's metadata asks for torchvision, which it needs only for RoiAlign (and its own NMS, replaced by onnx_ops');
 # installing it with its dependencies could replace a CPU torch with a multi-GB CUDA build.
 ONNX2TORCH_HINT = "pip install --no-deps 'onnx2torch==1.5.15'"
 TORCH_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -39,8 +39,9 @@ def _import_onnx2torch():
 
     onnx2torch imports torchvision at import time only for its NonMaxSuppression and
     RoiAlign converters; when torchvision is absent a placeholder stands in during the
-    import (and is removed right after) so every other converter works. Models using
-    those two ops then fail with a message naming torchvision (see ``_check_ops``).
+    import (and is removed right after) so every other converter works. NonMaxSuppression
+    is converted by ``onnx_ops`` without torchvision; models using RoiAlign then fail with
+    a message naming torchvision (see ``_check_ops``).
     """
     with _O2T_LOCK:
         if "onnx2torch" in sys.modules:
@@ -53,7 +54,7 @@ def _import_onnx2torch():
             ops = types.ModuleType("torchvision.ops")
 
             def _missing(*_args: Any, **_kwargs: Any) -> Any:
-                raise MissingDependencyError("this model's NonMaxSuppression/RoiAlign nodes need torchvision: pip install torchvision")
+                raise MissingDependencyError("this model's RoiAlign nodes need torchvision: pip install torchvision")
 
             ops.nms = ops.roi_align = ops.box_convert = _missing  # type: ignore[attr-defined]
             tv.ops = ops  # type: ignore[attr-defined]
@@ -142,9 +143,9 @@ def op_status(model: onnx.ModelProto) -> dict[int, tuple[str, str]]:
                 continue
             except Exception:  # noqa: BLE001 - other converter failures surface at build with the node named
                 pass
-        if node.op_type in ("NonMaxSuppression", "RoiAlign") and not has_torchvision:
+        if node.op_type == "RoiAlign" and not has_torchvision:
             status[i] = ("unsupported", "needs torchvision (pip install torchvision)")
-        elif node.op_type in ("NonZero", "NonMaxSuppression", "Unique"):
+        elif node.op_type in ("NonZero", "Unique"):
             status[i] = ("conditional", "data-dependent output shape: torch.export may refuse it")
         else:
             status[i] = ("supported", "")

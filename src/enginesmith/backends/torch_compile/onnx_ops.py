@@ -7,12 +7,19 @@ imported), so ``get_converter`` and ``inspect --target torch`` see them like onn
 - Reshape with ``allowzero=1`` (torch.onnx's dynamo exporter writes it for every ``view``): a 0 in
   the shape then means an empty axis, which is what ``torch.reshape`` does with a literal list;
 - Gelu (opset 20), CastLike, Split with ``num_outputs`` (opset 18);
+- NonMaxSuppression (opsets 10/11) with constant thresholds, in plain torch ops that torch.export
+  traces (onnx2torch's reads its thresholds with ``.item()`` and calls torchvision): see
+  ``onnx_nms.exportable_nms``;
+- inputs onnx2torch reads as tensor values on every call (torch.export cannot), made Python values
+  when constant: Pad's pads and value, TopK's k (a stable sort: ties keep the lower index, as ONNX
+  says), CumSum's axis; ScatterND as ``index_put`` and GatherND (with ``batch_dims``) as indexing;
 - ops whose newer versions only widened the accepted types (Cast 19/21 outside float8, Shape
   19/21, Transpose/Flatten/Unsqueeze 21, ...): onnx2torch's converter for the older version,
   refused at conversion when the node uses what the new version added (Pad's ``axes``, Resize's
   ``antialias``, AveragePool's ``dilations``).
 
-Each converter is checked against ONNX Runtime on a one-node model in tests/test_torch_onnx_ops.py.
+Each converter is checked against ONNX Runtime on a one-node model in tests/test_torch_onnx_ops.py
+(NonMaxSuppression in tests/test_torch_nms.py).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import math
 from typing import Any, Callable
 
 from .common import _torch
+from .onnx_nms import exportable_nms
 
 # Ops whose newer versions changed types only: (op, new version, version onnx2torch converts).
 TYPE_ONLY_VERSIONS: tuple[tuple[str, int, int], ...] = (
@@ -124,13 +132,72 @@ def _modules() -> dict[str, Any]:
                                                    align_corners=self.align_corners)
 
     class OnnxGatherNDIndex(torch.nn.Module):
-        """GatherND (batch_dims=0) as advanced indexing: no flattening through the indices' element count,
-        which makes torch.export fix the batch (onnx2torch's version does)."""
+        """GatherND as advanced indexing: no flattening through the indices' element count, which makes
+        torch.export fix the batch (onnx2torch's version does; it has no batch_dims at all)."""
+
+        def __init__(self, batch_dims: int = 0):
+            super().__init__()
+            self.batch_dims = batch_dims
 
         def forward(self, data, indices):
-            return data[tuple(indices.unbind(-1))]
+            leading = []
+            for axis in range(self.batch_dims):  # each batch axis indexes itself, broadcast over the indices
+                shape = [1] * (indices.dim() - 1)
+                shape[axis] = -1
+                leading.append(torch.arange(data.shape[axis], device=data.device).reshape(shape))
+            return data[tuple(leading) + tuple(indices.unbind(-1))]
+
+    class OnnxNonMaxSuppressionConst(torch.nn.Module):
+        """NonMaxSuppression whose max_output_boxes_per_class and thresholds were constants in the model."""
+
+        def __init__(self, max_per_class: int, iou_threshold: float, score_threshold: float | None, center_point_box: int):
+            super().__init__()
+            self.max_per_class, self.iou_threshold = max_per_class, iou_threshold
+            self.score_threshold, self.center_point_box = score_threshold, center_point_box
+
+        def forward(self, boxes, scores):
+            return exportable_nms(boxes, scores, self.max_per_class, self.iou_threshold, self.score_threshold,
+                                  self.center_point_box)
+
+    class OnnxCumSumConstAxis(torch.nn.Module):
+        """CumSum whose axis is a constant (onnx2torch's reads it with ``.item()`` on every call)."""
+
+        def __init__(self, axis: int, exclusive: bool, reverse: bool):
+            super().__init__()
+            self.axis, self.exclusive, self.reverse = axis, exclusive, reverse
+
+        def forward(self, x):
+            if self.reverse:
+                x = x.flip(self.axis)
+            out = x.cumsum(self.axis)
+            if self.exclusive:  # shifted by one: exactly the sums of the elements before, no subtraction
+                out = torch.cat([torch.zeros_like(x.narrow(self.axis, 0, 1)),
+                                 out.narrow(self.axis, 0, x.shape[self.axis] - 1)], dim=self.axis)
+            return out.flip(self.axis) if self.reverse else out
+
+    class OnnxTopKConst(torch.nn.Module):
+        """TopK with a constant k, as a stable sort: equal values keep the lower index first (ONNX's rule;
+        torch.topk leaves ties unordered)."""
+
+        def __init__(self, k: int, axis: int, largest: bool):
+            super().__init__()
+            self.k, self.axis, self.largest = k, axis, largest
+
+        def forward(self, x):
+            values, indices = torch.sort(x, dim=self.axis, descending=self.largest, stable=True)
+            return values.narrow(self.axis, 0, self.k), indices.narrow(self.axis, 0, self.k)
+
+    class OnnxScatterNDIndex(torch.nn.Module):
+        """ScatterND (no reduction) as ``index_put``: onnx2torch's reads the indices to a Python list."""
+
+        def forward(self, data, indices, updates):
+            return data.index_put(tuple(indices.unbind(-1)), updates)
 
     return {
+        "scatter_nd": OnnxScatterNDIndex,
+        "cumsum": OnnxCumSumConstAxis,
+        "topk": OnnxTopKConst,
+        "nms": OnnxNonMaxSuppressionConst,
         "gather_nd": OnnxGatherNDIndex,
         "resize": OnnxResizeConst,
         "reduce": OnnxReduceConstAxes, "reshape": OnnxReshapeAllowZero, "gelu": OnnxGelu,
@@ -138,7 +205,7 @@ def _modules() -> dict[str, Any]:
     }
 
 
-def _const_values(name: str, graph: Any, kind: type = int) -> list | None:
+def _const_values(name: str, graph: Any, kind: Callable[[Any], Any] = int) -> list | None:
     """The values of a constant input (initializer or Constant node) as ``kind``; None when computed at run time."""
     from onnx2torch.utils.common import get_const_value
 
@@ -233,6 +300,62 @@ def _pad_refusal(node: Any) -> str | None:
     return None
 
 
+def _pad_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """Constant pads (and pad value) become Python values: onnx2torch's Pad reads both tensors on every
+    call, which torch.export cannot do (the padded results of tf2onnx's CombinedNonMaxSuppression)."""
+
+    def convert(node: Any, graph: Any) -> Any:
+        why = _pad_refusal(node)
+        if why:
+            raise NotImplementedError(why)
+        inputs = [v for v in node.input_values] + ["", ""]
+        pads = _const_ints(inputs[1], graph) if inputs[1] else None
+        value: list | None = [0.0]
+        if inputs[2]:
+            value = _const_values(inputs[2], graph, lambda v: v)  # int or float, as the pad value's dtype
+        if pads is None or value is None or len(value) != 1:
+            return original(node, graph)
+        from onnx2torch.node_converters.pad import OnnxPadStatic
+
+        module = OnnxPadStatic.create_from_onnx_params(onnx_pads=pads, onnx_mode=str(node.attributes.get("mode", "constant")),
+                                                       constant_value=value[0])
+        return _result(module, node, (inputs[0],))
+
+    return convert
+
+
+def _cumsum_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def convert(node: Any, graph: Any) -> Any:
+        axis = _const_ints(node.input_values[1], graph)
+        if axis is None or len(axis) != 1:
+            return original(node, graph)
+        module = _modules()["cumsum"](axis[0], bool(node.attributes.get("exclusive", 0)),
+                                      bool(node.attributes.get("reverse", 0)))
+        return _result(module, node, (node.input_values[0],))
+
+    return convert
+
+
+def _topk_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def convert(node: Any, graph: Any) -> Any:
+        k = _const_ints(node.input_values[1], graph)
+        if k is None or len(k) != 1 or not int(node.attributes.get("sorted", 1)):
+            return original(node, graph)
+        module = _modules()["topk"](k[0], int(node.attributes.get("axis", -1)), bool(node.attributes.get("largest", 1)))
+        return _result(module, node, (node.input_values[0],))
+
+    return convert
+
+
+def _scatter_nd_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def convert(node: Any, graph: Any) -> Any:
+        if str(node.attributes.get("reduction", "none")) != "none":
+            return original(node, graph)
+        return _result(_modules()["scatter_nd"](), node)
+
+    return convert
+
+
 def _resize_refusal(node: Any) -> str | None:
     if node.attributes.get("antialias", 0):
         return "Resize antialias=1 is not supported"
@@ -280,11 +403,40 @@ def _resize_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any
 
 def _gather_nd_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     def convert(node: Any, graph: Any) -> Any:
-        if int(node.attributes.get("batch_dims", 0)) != 0:
-            return original(node, graph)
-        return _result(_modules()["gather_nd"](), node)
+        return _result(_modules()["gather_nd"](int(node.attributes.get("batch_dims", 0))), node)
 
     return convert
+
+
+def _optional_constant(node: Any, graph: Any, position: int, what: str, kind: type) -> Any:
+    """Input ``position`` as one Python value; None when the input is omitted. Raises when it is computed."""
+    inputs = list(node.input_values) + [""] * 5
+    if not inputs[position]:
+        return None
+    values = _const_values(inputs[position], graph, kind)
+    if values is None or len(values) != 1:
+        raise NotImplementedError(
+            f"NonMaxSuppression node '{node.name or node.unique_name}': {what} ('{inputs[position]}') is "
+            f"{'computed at run time' if values is None else f'{len(values)} values'}; the PyTorch backend needs it "
+            "as one constant (an initializer or Constant node): fold it into the model (onnxslim, or the exporter's "
+            "constant folding) or use --backend onnxruntime")
+    return values[0]
+
+
+def _nms(node: Any, graph: Any) -> Any:
+    center_point_box = int(node.attributes.get("center_point_box", 0))
+    if center_point_box not in (0, 1):
+        raise NotImplementedError(f"NonMaxSuppression node '{node.name or node.unique_name}': center_point_box={center_point_box} "
+                                  "is not an ONNX value (0 or 1)")
+    max_per_class = _optional_constant(node, graph, 2, "max_output_boxes_per_class", int)
+    iou_threshold = _optional_constant(node, graph, 3, "iou_threshold", float)
+    score_threshold = _optional_constant(node, graph, 4, "score_threshold", float)
+    iou_threshold = 0.0 if iou_threshold is None else iou_threshold
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise NotImplementedError(f"NonMaxSuppression node '{node.name or node.unique_name}': iou_threshold {iou_threshold} is outside "
+                                  "[0, 1] (ONNX Runtime refuses it too)")
+    module = _modules()["nms"](max(int(max_per_class or 0), 0), iou_threshold, score_threshold, center_point_box)
+    return _result(module, node, tuple(node.input_values[:2]))
 
 
 def _pool_refusal(node: Any) -> str | None:
@@ -321,8 +473,9 @@ def register() -> None:
     for version in (15, 19, 21):
         put("CastLike", version, _cast_like)
     put("Split", 18, _split_converter(existing("Split", 13)))
-    for version in (18, 19, 21):
-        put("Pad", version, _guarded(existing("Pad", 13), _pad_refusal))
+    pad = _pad_converter(existing("Pad", 13))
+    for version in (11, 13, 18, 19, 21):
+        put("Pad", version, pad)
     resize = _resize_converter(existing("Resize", 13))
     for version in (11, 13, 18, 19):
         put("Resize", version, resize)
@@ -330,4 +483,12 @@ def register() -> None:
     for version in (11, 12, 13):
         put("GatherND", version, gather_nd)
     put("AveragePool", 19, _guarded(existing("AveragePool", 11), _pool_refusal))
+    for version in (10, 11):
+        put("NonMaxSuppression", version, _nms)
+    for version in (11, 13, 16):
+        put("ScatterND", version, _scatter_nd_converter(existing("ScatterND", version)))
+    for version in (11, 14):
+        put("CumSum", version, _cumsum_converter(existing("CumSum", version)))
+    for version in (10, 11):
+        put("TopK", version, _topk_converter(existing("TopK", version)))
     _REGISTERED = True
