@@ -321,12 +321,15 @@ def resolve_build_inputs(
     *,
     needed: bool,
     strict: bool,
+    run: Runner | None = None,
 ) -> BuildInputs:
     """The inputs a build checks with: ``data``, a rebuilt bundle's samples, or a plan the source runs on.
 
-    ``model`` is the imported ONNX model, run by ONNX Runtime to probe; ``shapes`` are the
-    ``--input`` shapes. With ``strict`` (verification on) a source that runs on none of them stops
-    the build with one error; otherwise the build goes on and the log says why checks could not run.
+    ``model`` is the imported ONNX model, run by ONNX Runtime to probe, unless ``run`` is given (the
+    source run by its own framework; ``model`` is then None while its ONNX conversion runs alongside the
+    build, and plans come from the signature alone); ``shapes`` are the ``--input`` shapes. With
+    ``strict`` (verification on) a source that runs on none of them stops the build with one error;
+    otherwise the build goes on and the log says why checks could not run.
     """
     from .graph._onnx import plain_runner
 
@@ -342,7 +345,7 @@ def resolve_build_inputs(
     if not needed:
         return inputs
     try:
-        run = plain_runner(model, quiet=True)
+        run = run or plain_runner(model, quiet=True)
     except EnginesmithError as exc:
         # The backend's own build reports an unloadable model better; nothing to probe inputs with here.
         inputs.log.append(f"inputs not checked on the source: {exc}")

@@ -108,8 +108,10 @@ class PendingOnnx:
 
     finish: Callable[[], tuple[onnx.ModelProto, list[str]]]
     cancel: Callable[[], None]
-    # The child process converting, while it runs (tests and progress look at it).
+    # The child process converting (tests look for it).
     pid: int | None = None
+    # Wall seconds the conversion took, once finish() has joined it.
+    seconds: float | None = None
 
 
 @dataclass

@@ -532,7 +532,7 @@ def _container_modules(program: Any) -> list[str]:
         module = getattr(kind, "__module__", "") or ""
         if module and module.split(".")[0] not in ("builtins", "collections", "torch", "typing"):
             found[module] = None
-        for child in getattr(spec, "children_specs", None) or ():
+        for child in (spec.children() if spec is not None else ()):
             walk(child)
 
     walk(program.call_spec.in_spec)
@@ -573,6 +573,7 @@ def _imported_with_background_onnx(
         if finished:
             return finished[0]
         outcome = job.wait()
+        pending.seconds = outcome.seconds
         lines = list(outcome.log)
         if outcome.model_bytes is not None:
             proto = onnx.load_model_from_string(outcome.model_bytes)
@@ -593,8 +594,9 @@ def _imported_with_background_onnx(
         return finished[0]
 
     log.append("the ONNX export runs in a separate process while the engine builds from the torch program")
+    pending = PendingOnnx(finish, job.cancel, job.pid)
     return ImportedModel(model=None, signature=signature, kind="torch", source_filename=source_filename,
-                         source_bytes=program_bytes, log=log, pending_onnx=PendingOnnx(finish, job.cancel, job.pid))
+                         source_bytes=program_bytes, log=log, pending_onnx=pending)
 
 
 # --------------------------------------------------------------------------- importer interface
