@@ -136,3 +136,40 @@ def test_a_build_that_fails_or_is_interrupted_stops_the_onnx_export(tmp_path: Pa
         es.build(module, backend="torch", backend_options=EAGER, import_options=options, progress=interrupt)
     assert not children()
     assert set(Path(tempfile.gettempdir()).glob("enginesmith-onnx-*")) <= folders_before
+
+
+class TypeTable(nn.Module):
+    """An integer input indexing a small table: directly through an embedding (the torch program bounds it), or
+    flattened first (only the ONNX graph, whose input plan looks through Reshape to the Gather, says how many rows)."""
+
+    def __init__(self, flattened: bool) -> None:
+        super().__init__()
+        self.flattened = flattened
+        self.types = nn.Embedding(2, 4)
+        self.rows = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+        if self.flattened:
+            return x + self.rows.index_select(0, kind.reshape(-1)).reshape(x.shape)
+        return x + self.types(kind)
+
+
+@pytest.mark.parametrize("flattened", [False, True])
+def test_generated_inputs_stay_inside_the_tables_integer_inputs_index(flattened: bool):
+    torch.manual_seed(0)
+    module = TypeTable(flattened).eval()
+    example = {"x": torch.randn(2, 5, 4), "kind": torch.zeros(2, 5, dtype=torch.int64)}
+    engine = es.build(module, backend="torch", backend_options=EAGER, import_options=ImportOptions(example_inputs=example))
+    assert not children()
+    record, samples = engine.manifest.checks["onnx_export"], engine.manifest.checks["samples"]
+    rows = 3 if flattened else 2
+    assert f"in [0, {rows})" in samples["label"]  # the generated inputs the build verified on
+    if flattened:  # the program gives no bound: the plan waited for the ONNX graph's
+        assert record["alongside_build"] is False and "hints" in record["joined_early"]
+    else:
+        assert record["alongside_build"] is True and "joined_early" not in record
+    kind = np.array([[0, 1, 1, 0, 1]] * 3, np.int64)
+    x = np.random.default_rng(4).standard_normal((3, 5, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x), torch.from_numpy(kind)).numpy()
+    np.testing.assert_allclose(engine(x=x, kind=kind)["output"], want, rtol=1e-6)

@@ -159,15 +159,19 @@ def candidate_plans(
     signature: Signature,
     overrides: Mapping[str, Sequence[int]] | None = None,
     batch: int = DEFAULT_BATCH,
+    limits: Mapping[str, tuple[int, str]] | None = None,
 ) -> list[InputPlan]:
     """Up to :data:`MAX_PLANS` plans, the most plausible first; ``overrides`` fix whole shapes (``--input``).
 
     ``model`` None (a torch source whose ONNX conversion is still running): plans from the signature
-    alone, without the hints the graph gives (index ranges, sizes its nodes fix).
+    and ``limits`` alone (input -> (exclusive upper bound of its integer values, why), which the source
+    itself told), without the other hints the graph gives.
     """
     overrides = dict(overrides or {})
     if model is None:
-        hints = {spec.name: _Hints() for spec in signature.inputs}
+        limits = limits or {}
+        hints = {spec.name: _Hints(high=limits[spec.name][0], high_why=limits[spec.name][1]) if spec.name in limits
+                 else _Hints() for spec in signature.inputs}
         all_uses = _DeepUses()
     else:
         inferred = infer_shapes(model)

@@ -133,6 +133,9 @@ class ImportedModel:
     # The ONNX conversion running alongside the build, when ``ImportOptions.onnx_in_background`` asked for it
     # (``signature`` then comes from the torch program); ``model`` is None until :meth:`with_onnx`.
     pending_onnx: PendingOnnx | None = field(default=None, compare=False, repr=False)
+    # What the source itself says of its integer inputs while the ONNX is pending: input -> (exclusive
+    # upper bound of its values, why), e.g. the rows of the embedding table it indexes.
+    input_limits: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def with_onnx(self) -> "ImportedModel":
         """This import with its ONNX model, joining a conversion still running (its failure raised as the importer's)."""

@@ -523,6 +523,37 @@ def _program_signature(program: Any, in_names: list[str], out_names: list[str]) 
     return Signature(tuple(in_specs), tuple(out_specs))  # type: ignore[arg-type]
 
 
+def _index_limits(program: Any, in_names: list[str]) -> dict[str, tuple[int, str]]:
+    """Integer inputs used directly as row indices (embedding lookups, index_select): input -> (rows, why).
+
+    What the ONNX graph's Gather nodes tell the input plan (graph/input_plan.py), read off the torch
+    program instead, so inputs generated before the conversion finishes stay inside the tables.
+    """
+    from torch.export.graph_signature import InputKind
+
+    aten = cv.torch().ops.aten
+    users = [s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    public = dict(zip(users, in_names))
+    limits: dict[str, tuple[int, str]] = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == aten.embedding.default:
+            table, index, axis = node.args[0], node.args[1], 0
+        elif node.target == aten.index_select.default:
+            table, axis, index = node.args[0], int(node.args[1]), node.args[2]
+        else:
+            continue
+        name = public.get(getattr(index, "name", None))
+        size = getattr(getattr(table, "meta", {}).get("val"), "shape", None)
+        if name is None or size is None or not isinstance(size[axis], int):
+            continue
+        rows = int(size[axis])
+        if name not in limits or rows < limits[name][0]:
+            limits[name] = (rows, f"indices into '{table.name}' ({rows} rows)")
+    return limits
+
+
 def _container_modules(program: Any) -> list[str]:
     """Modules (other than torch's and the standard library's) defining the program's input/output containers."""
     found: dict[str, None] = {}
@@ -596,7 +627,8 @@ def _imported_with_background_onnx(
     log.append("the ONNX export runs in a separate process while the engine builds from the torch program")
     pending = PendingOnnx(finish, job.cancel, job.pid)
     return ImportedModel(model=None, signature=signature, kind="torch", source_filename=source_filename,
-                         source_bytes=program_bytes, log=log, pending_onnx=pending)
+                         source_bytes=program_bytes, log=log, pending_onnx=pending,
+                         input_limits=_index_limits(program, in_names))
 
 
 # --------------------------------------------------------------------------- importer interface

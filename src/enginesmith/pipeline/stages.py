@@ -123,14 +123,30 @@ def inputs_stage(state: BuildState) -> None:
     stored = None
     if rebuild is not None and rebuild.samples is not None:
         stored = StoredSamples(rebuild.samples, (rebuild.manifest.checks.get("samples") or {}).get("label", "build samples"))
-    imported = state.imported
-    probe = None
-    if imported.pending_onnx is not None:  # no ONNX yet: the torch source itself says which inputs it takes
-        state.reference = lazy_reference(state.source, state.import_options, imported.kind)
-        probe = state.reference
-    state.inputs = resolve_build_inputs(imported.model, imported.signature, state.import_options.input_shapes,
-                                        request.data, state.preprocess, stored,
-                                        needed=request.verify or state.graph.enabled, strict=request.verify, run=probe)
+    needed = request.verify or state.graph.enabled
+
+    def resolve(probe=None):
+        imported = state.imported
+        return resolve_build_inputs(imported.model, imported.signature, state.import_options.input_shapes,
+                                    request.data, state.preprocess, stored, needed=needed, strict=request.verify,
+                                    run=probe, limits=imported.input_limits)
+
+    if state.imported.pending_onnx is None:
+        state.inputs = resolve()
+    else:
+        # No ONNX yet: the torch source itself says which inputs it takes.
+        state.reference = lazy_reference(state.source, state.import_options, state.imported.kind)
+        generated = request.data is None and stored is None
+        try:
+            state.inputs = resolve(state.reference)
+        except BuildError:
+            if not generated:
+                raise  # the source itself fails on the inputs given
+            state.inputs = None
+        if generated and needed and (state.inputs is None or state.inputs.plan is None):
+            # No plan ran on the source without the hints its graph gives: wait for the ONNX and plan as before.
+            join_onnx(state, early="no generated inputs ran on the torch source without its ONNX graph's hints")
+            state.inputs = resolve()
     state.options.sample_feeds = state.inputs.check_feeds()
 
 
@@ -233,39 +249,43 @@ def package_stage(state: BuildState) -> None:
         engine.save(state.request.output, include_source=state.request.include_source)
 
 
-def join_onnx(state: BuildState) -> None:
-    """Wait for the ONNX conversion that ran alongside the build; record it (and the operator report) in the manifest.
+def join_onnx(state: BuildState, early: str | None = None) -> None:
+    """Wait for the ONNX conversion running alongside the build; record it (and the operator report).
 
-    The engine is built from the torch program and the bundle carries that program (``.pt2``),
-    so a failed conversion does not fail the build: the log and ``checks["onnx_export"]`` say
-    so, and a build for another backend (which needs the ONNX) reports the error again.
+    At the package stage (``early`` None) the engine is built from the torch program and the
+    bundle carries that program (``.pt2``), so a failed conversion does not fail the build: the
+    log and ``checks["onnx_export"]`` say so, and a build for another backend (which needs the
+    ONNX) reports the error again. Joined ``early`` because a stage needs the ONNX after all
+    (``early`` says why), a failure stops the build as it would have in the import stage.
     """
     imported = state.imported
     pending = imported.pending_onnx if imported is not None else None
     if pending is None:
         return
-    manifest = state.engine.manifest
     waited = time.perf_counter()
     if state.progress:
         state.progress("waiting for the ONNX export", 0, 1)
-    record: dict[str, object] = {"alongside_build": True}
+    record: dict[str, object] = {"alongside_build": early is None, **({"joined_early": early} if early else {})}
     try:
         state.imported = imported.with_onnx()
-        manifest.build_log.extend(state.imported.log[len(imported.log):])
+        lines = state.imported.log[len(imported.log):]
         record["ok"] = True
     except EnginesmithError as exc:
         pending.cancel()
+        if early:
+            raise
         state.imported = replace(imported, pending_onnx=None)
         record.update(ok=False, error=str(exc))
-        manifest.build_log.append(
-            f"warning: the ONNX export failed ({exc}); the engine is built from the torch program and the bundle "
-            "carries it, but building this model with another backend fails until it converts")
+        lines = [f"warning: the ONNX export failed ({exc}); the engine is built from the torch program and the bundle "
+                 "carries it, but building this model with another backend fails until it converts"]
     record.update(seconds=round(pending.seconds or 0.0, 3), waited_s=round(time.perf_counter() - waited, 3))
     if state.progress:
         state.progress("waiting for the ONNX export", 1, 1)
-    manifest.checks["onnx_export"] = record
+    state.checks["onnx_export"] = record
+    if state.engine is not None:  # before the build, the lines are in the import's log, which the build log starts with
+        state.engine.manifest.build_log.extend(lines)
     if record["ok"] and state.graph.check_compatibility:
-        check_stage(state)  # the operator report the check stage left for now (built directly, it cannot fail)
+        check_stage(state)  # the operator report the check stage left for now
 
 
 def cancel_onnx(state: BuildState) -> None:
