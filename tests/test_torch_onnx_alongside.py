@@ -173,3 +173,15 @@ def test_generated_inputs_stay_inside_the_tables_integer_inputs_index(flattened:
     with torch.no_grad():
         want = module(torch.from_numpy(x), torch.from_numpy(kind)).numpy()
     np.testing.assert_allclose(engine(x=x, kind=kind)["output"], want, rtol=1e-6)
+
+
+def test_the_build_time_line_shows_the_export_alongside_the_stages():
+    from enginesmith.cli.engine_commands import stages_line
+
+    stages = {"import": 2.0, "build": 20.0, "package": 0.5}
+    line = stages_line(stages, {"alongside_build": True, "ok": True, "seconds": 14.0, "waited_s": 0.5})
+    assert line.startswith("time: 22.5s (import 2.0s, build 20.0s, package 0.5s)")
+    assert line.endswith("; ONNX export 14.0s alongside (package waited 0.5s)")
+    failed = stages_line(stages, {"alongside_build": True, "ok": False, "seconds": 3.0, "waited_s": 0.0})
+    assert "ONNX export 3.0s alongside, failed" in failed
+    assert stages_line(stages, None) == "time: 22.5s (import 2.0s, build 20.0s, package 0.5s)"

@@ -4,7 +4,7 @@ When the PyTorch backend builds from the torch source itself (``native_source.py
 ONNX conversion is not on the engine's path: the build needs it only for the bundle's
 records and to know that the model still converts for other backends. The importer then
 saves the ``torch.export`` program it made anyway (``.pt2``), and this module converts that
-file in a separate Python process (``python -m enginesmith.importers.onnx_job JOB``), so
+file in a separate Python process (:data:`CHILD_CODE`, which calls :func:`child_main`), so
 the dynamo exporter runs in parallel with Inductor instead of taking turns with it for the
 GIL.
 
@@ -68,14 +68,13 @@ class OnnxJob:
                "opset": int(opset), "imports": list(imports)}
         (self.folder / JOB_FILE).write_text(json.dumps(job))
         self.started = time.time()  # wall clock: the child stamps its finish with the same clock
-        # The child imports the same enginesmith as this process, whatever sys.path made that one importable.
+        # The child imports the same enginesmith as this process, whatever put it on sys.path (the folder is
+        # added only where the child's own path lacks it, so an installed package never goes before the stdlib).
         package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         with open(self.folder / CHILD_LOG, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "enginesmith.importers.onnx_job", str(self.folder / JOB_FILE)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                [sys.executable, "-c", CHILD_CODE, package_root, str(self.folder / JOB_FILE)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         self._finalizer = weakref.finalize(self, _stop, self.process, str(self.folder))
         self.outcome: OnnxOutcome | None = None
@@ -140,9 +139,20 @@ def _convert(job_path: Path) -> None:
     write_atomic(folder / RESULT_FILE, json.dumps(record).encode())
 
 
-if __name__ == "__main__":
-    _convert(Path(sys.argv[1]))
+def child_main(job_path: str) -> None:
+    """The child process: convert, then exit at once."""
+    _convert(Path(job_path))
     # The result is on disk; skip the interpreter's teardown (seconds of freeing torch state) the parent would wait for.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+CHILD_CODE = (
+    "import sys\n"
+    "root, job = sys.argv[1:3]\n"
+    "if root not in sys.path:\n"
+    "    sys.path.insert(0, root)\n"
+    "from enginesmith.importers.onnx_job import child_main\n"
+    "child_main(job)\n"
+)
