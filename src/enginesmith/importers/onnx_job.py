@@ -71,20 +71,21 @@ class OnnxJob:
         # The child imports the same enginesmith as this process, whatever put it on sys.path (the folder is
         # added only where the child's own path lacks it, so an installed package never goes before the stdlib).
         package_root = str(Path(__file__).resolve().parents[2])
-        with open(self.folder / CHILD_LOG, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", CHILD_CODE, package_root, str(self.folder / JOB_FILE)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
+        try:
+            with open(self.folder / CHILD_LOG, "wb") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-c", CHILD_CODE, package_root, str(self.folder / JOB_FILE)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                )
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
         self._finalizer = weakref.finalize(self, _stop, self.process, str(self.folder))
         self.outcome: OnnxOutcome | None = None
 
     @property
     def pid(self) -> int:
         return self.process.pid
-
-    def running(self) -> bool:
-        return self.outcome is None and self.process.poll() is None
 
     def wait(self) -> OnnxOutcome:
         """The child's outcome, after it exits; raises UnsupportedModelError when it died without one."""
