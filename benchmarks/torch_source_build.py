@@ -4,9 +4,9 @@ A build from a torch source compiles the module's own ``torch.export`` program; 
 needed only for the bundle's records and other backends, so it now runs in a child process while the
 engine builds (``importers/onnx_job.py``). This script measures what that saves, in one run:
 
-- ``sequential``: the previous pipeline (``pipeline.stages.builds_from_torch_source`` patched to False):
-  ONNX export in the import stage, operator check, inputs probed with ONNX Runtime, graph passes, build;
-- ``alongside``: the default pipeline;
+- ``sequential`` (``--option onnx_export=before``, the previous pipeline): ONNX export in the import stage,
+  operator check, inputs probed with ONNX Runtime, graph passes, build;
+- ``alongside`` (``onnx_export=alongside``; ``auto``, the default, picks it from 4 usable cores);
 - ``torch.compile``: what a user does by hand, ``torch.compile(module)`` and the first calls at the
   batches the engine compiles (the issue's target: a cold build no slower than this).
 
@@ -69,7 +69,6 @@ def one(name: str, mode: str, device: str, compile_mode: str | None) -> dict:
 
     import enginesmith as es
     from enginesmith.importers import ImportOptions
-    from enginesmith.pipeline import stages
 
     module, example = make_model(name)
     if mode == "torch.compile":
@@ -84,9 +83,8 @@ def one(name: str, mode: str, device: str, compile_mode: str | None) -> dict:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return {"seconds": round(time.perf_counter() - started, 2)}
-    if mode == "sequential":
-        stages.builds_from_torch_source = lambda state, backend: False  # the pipeline before the ONNX ran alongside
-    options = {"device": device, "compile": "inductor", **({"mode": compile_mode} if compile_mode else {})}
+    options = {"device": device, "compile": "inductor", "onnx_export": "before" if mode == "sequential" else "alongside",
+               **({"mode": compile_mode} if compile_mode else {})}
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         engine = es.build(module, backend="torch", backend_options=options, output=Path(tmp) / "model.engine",

@@ -18,12 +18,13 @@ if importlib.util.find_spec("onnxscript") is None:
     pytest.skip("the dynamo ONNX exporter (onnxscript) is not installed", allow_module_level=True)
 
 import enginesmith as es  # noqa: E402
-from enginesmith.errors import UnsupportedModelError, ValidationDataError  # noqa: E402
+from enginesmith.errors import BuildError, UnsupportedModelError, ValidationDataError  # noqa: E402
 from enginesmith.importers import ImportOptions, import_model  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_models import MeanHead, TinyEncoder  # noqa: E402
 
-EAGER = {"device": "cpu", "compile": "eager"}
+# onnx_export=alongside: the default (auto) runs it alongside only from 4 usable cores; CI machines may have 2.
+EAGER = {"device": "cpu", "compile": "eager", "onnx_export": "alongside"}
 
 
 class RunningMax(nn.Module):
@@ -110,7 +111,7 @@ def test_a_failed_onnx_export_leaves_the_torch_engine_with_a_warning(tmp_path: P
     feeds = np.random.default_rng(2).standard_normal((3, 4, 6)).astype(np.float32)
     np.testing.assert_allclose(engine(x=feeds)["output"], module(torch.from_numpy(feeds)).numpy(), rtol=1e-6)
     # The bundle keeps the torch program: it rebuilds with the torch backend anywhere ...
-    again = es.build(tmp_path / "max.engine", backend="torch", backend_options=EAGER)
+    again = es.build(tmp_path / "max.engine", backend="torch")  # the bundle's recorded options, onnx_export too
     np.testing.assert_allclose(again(x=feeds)["output"], module(torch.from_numpy(feeds)).numpy(), rtol=1e-6)
     # ... and a backend that builds from the ONNX reports the exporters' error, as a torch source always did.
     with pytest.raises(UnsupportedModelError, match="torch.onnx cannot export the model"):
@@ -185,3 +186,22 @@ def test_the_build_time_line_shows_the_export_alongside_the_stages():
     failed = stages_line(stages, {"alongside_build": True, "ok": False, "seconds": 3.0, "waited_s": 0.0})
     assert "ONNX export 3.0s alongside, failed" in failed
     assert stages_line(stages, None) == "time: 22.5s (import 2.0s, build 20.0s, package 0.5s)"
+
+
+def test_auto_runs_the_export_alongside_only_where_there_are_cores_for_it(monkeypatch):
+    from enginesmith.pipeline import stages
+
+    module = MeanHead().eval()
+    options = ImportOptions(example_inputs=(torch.randn(2, 3, 16, 16),))
+    auto = {"device": "cpu", "compile": "eager"}
+    monkeypatch.setattr(stages, "usable_cores", lambda: 2)
+    before = es.build(module, backend="torch", backend_options=auto, import_options=options)
+    assert "onnx_export" not in before.manifest.checks  # converted in the import stage, as before
+    assert "graph_passes" in before.manifest.checks and "compatibility" in before.manifest.checks
+    monkeypatch.setattr(stages, "usable_cores", lambda: 16)
+    alongside = es.build(module, backend="torch", backend_options=auto, import_options=options)
+    assert alongside.manifest.checks["onnx_export"]["alongside_build"] is True
+    assert alongside.manifest.signature == before.manifest.signature
+    with pytest.raises(BuildError, match="onnx_export must be auto, alongside, before"):
+        es.build(module, backend="torch", backend_options={**auto, "onnx_export": "later"}, import_options=options)
+    assert not children()

@@ -9,6 +9,7 @@ stage, and records the seconds each took in ``checks["stages"]``.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -73,18 +74,40 @@ def import_stage(state: BuildState) -> None:
     state.coco = coco_set(state.budget, request.coco_annotations, request.coco_images)
 
 
-def builds_from_torch_source(state: BuildState, backend) -> bool:
-    """Whether the engine is built from a torch source itself, so its ONNX conversion may run alongside.
+# The torch backend's ``onnx_export`` option: where a torch source's ONNX export runs when the engine is built from the source.
+ONNX_EXPORT_CHOICES = ("auto", "alongside", "before")
+# ``auto`` runs it alongside from this many usable CPU cores: with two, the child process (its torch import
+# included) takes the core Inductor compiles on, and builds/torch_source_build.py measured it slower there.
+ALONGSIDE_MIN_CORES = 4
 
-    True for the PyTorch backend asked for by name (not among ``auto``'s candidates, which build
-    from the ONNX), unless its ``source=onnx`` option asks for the converted graph. The torch
-    importer then converts in a child process (``importers/onnx_job.py``), and the stages up to
-    the build work without the ONNX: no operator check (nothing of the ONNX is built), inputs
-    probed on the torch source, no graph passes (they rewrite the ONNX only). ``package`` joins
-    the conversion.
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def builds_from_torch_source(state: BuildState, backend) -> bool:
+    """Whether the engine is built from a torch source itself with its ONNX conversion running alongside.
+
+    For the PyTorch backend asked for by name (not among ``auto``'s candidates, which build from
+    the ONNX), unless its ``source=onnx`` option asks for the converted graph, and as its
+    ``onnx_export`` option says: ``alongside``, ``before`` (in the import stage, as other
+    backends have it), or ``auto``: alongside where :data:`ALONGSIDE_MIN_CORES` cores are
+    usable. The torch importer then converts in a child process (``importers/onnx_job.py``),
+    and the stages up to the build work without the ONNX: no operator check (nothing of the
+    ONNX is built), inputs probed on the torch source, no graph passes (they rewrite the ONNX
+    only). ``package`` joins the conversion.
     """
-    return (state.auto is None and backend.name == "torch"
-            and str(state.options.backend_options.get("source", "auto")).lower() != "onnx")
+    options = state.options.backend_options
+    if state.auto is not None or backend.name != "torch" or str(options.get("source", "auto")).lower() == "onnx":
+        return False
+    choice = str(options.get("onnx_export", "auto")).lower()
+    if choice not in ONNX_EXPORT_CHOICES:
+        raise BuildError(f"onnx_export must be {', '.join(ONNX_EXPORT_CHOICES)}, not {choice!r}")
+    return choice == "alongside" or (choice == "auto" and usable_cores() >= ALONGSIDE_MIN_CORES)
 
 
 def check_stage(state: BuildState) -> None:
