@@ -279,11 +279,12 @@ def run_error(run: Runner, feeds: Mapping[str, np.ndarray]) -> str | None:
 
 
 def choose_plan(
-    model, signature: Signature, overrides: Mapping[str, Sequence[int]] | None, run: Runner
+    model, signature: Signature, overrides: Mapping[str, Sequence[int]] | None, run: Runner,
+    limits: Mapping[str, tuple[int, str]] | None = None,
 ) -> tuple[InputPlan | None, list[tuple[InputPlan, str]]]:
     """The first candidate plan the model runs on, and the (plan, failure) of those it did not."""
     failures: list[tuple[InputPlan, str]] = []
-    for plan in candidate_plans(model, signature, overrides):
+    for plan in candidate_plans(model, signature, overrides, limits=limits):
         try:
             feeds = plan.generate(seed=0)
         except TypeError as exc:
@@ -361,12 +362,17 @@ def resolve_build_inputs(
     *,
     needed: bool,
     strict: bool,
+    run: Runner | None = None,
+    limits: Mapping[str, tuple[int, str]] | None = None,
 ) -> BuildInputs:
     """The inputs a build checks with: ``data``, a rebuilt bundle's samples, or a plan the source runs on.
 
-    ``model`` is the imported ONNX model, run by ONNX Runtime to probe; ``shapes`` are the
-    ``--input`` shapes. With ``strict`` (verification on) a source that runs on none of them stops
-    the build with one error; otherwise the build goes on and the log says why checks could not run.
+    ``model`` is the imported ONNX model, run by ONNX Runtime to probe, unless ``run`` is given (the
+    source run by its own framework; ``model`` is then None while its ONNX conversion runs alongside the
+    build, and plans come from the signature and ``limits``, see :func:`candidate_plans`); ``shapes`` are
+    the ``--input`` shapes. With
+    ``strict`` (verification on) a source that runs on none of them stops the build with one error;
+    otherwise the build goes on and the log says why checks could not run.
     """
     from .graph._onnx import plain_runner
 
@@ -383,7 +389,7 @@ def resolve_build_inputs(
     if not needed:
         return inputs
     try:
-        run = plain_runner(model, quiet=True)
+        run = run or plain_runner(model, quiet=True)
     except EnginesmithError as exc:
         # The backend's own build reports an unloadable model better; nothing to probe inputs with here.
         inputs.log.append(f"inputs not checked on the source: {exc}")
@@ -397,7 +403,7 @@ def resolve_build_inputs(
                 raise BuildError(message)
             inputs.log.append(message)
         return inputs
-    plan, failures = choose_plan(model, signature, shapes, run)
+    plan, failures = choose_plan(model, signature, shapes, run, limits)
     if plan is None:
         if strict:
             raise unrunnable_error(signature, failures)

@@ -279,14 +279,18 @@ def print_build(engine, target: Path) -> None:
         print_candidates(manifest.checks["precision_candidates"], budget, calibration.get("resolution"))
     if "backend_candidates" in manifest.checks:
         print_backend_candidates(manifest.to_dict())
-    line = stages_line(manifest.checks.get("stages"))
+    line = stages_line(manifest.checks.get("stages"), manifest.checks.get("onnx_export"))
     if line:
         print_indented(line)
     console.print(str(engine.signature), highlight=False, markup=False)
 
 
-def stages_line(stages: Optional[dict]) -> str:
-    """Where a build's time went, from the manifest's ``checks["stages"]``: one line."""
+def stages_line(stages: Optional[dict], onnx_export: Optional[dict] = None) -> str:
+    """Where a build's time went, from the manifest's ``checks["stages"]``: one line.
+
+    ``onnx_export`` (``checks["onnx_export"]``): a torch source's ONNX export that ran alongside the
+    stages, shown after them with how long the package stage waited for it.
+    """
     if not stages:
         return ""
 
@@ -297,7 +301,12 @@ def stages_line(stages: Optional[dict]) -> str:
     order = {stage.name: index for index, stage in enumerate(BUILD_STAGES)}
     ordered = sorted(stages.items(), key=lambda item: order.get(item[0], len(order)))
     parts = ", ".join(f"{name} {seconds(value)}" for name, value in ordered)
-    return f"time: {seconds(sum(stages.values()))} ({parts})"
+    line = f"time: {seconds(sum(stages.values()))} ({parts})"
+    if onnx_export and onnx_export.get("alongside_build"):
+        outcome = "" if onnx_export.get("ok") else ", failed"
+        line += (f"; ONNX export {seconds(onnx_export.get('seconds') or 0.0)} alongside{outcome} "
+                 f"(package waited {seconds(onnx_export.get('waited_s') or 0.0)})")
+    return line
 
 
 def calibration_line(check: dict) -> str:
@@ -537,7 +546,7 @@ def info(
     samples = samples_text(data["checks"].get("samples"))
     if samples:
         print_indented(f"samples: {samples}", 0)
-    stages = stages_line(data["checks"].get("stages"))
+    stages = stages_line(data["checks"].get("stages"), data["checks"].get("onnx_export"))
     if stages:
         print_indented(f"build {stages}", 0)
     if data["checks"].get("backend_candidates"):

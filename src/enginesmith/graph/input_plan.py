@@ -155,19 +155,31 @@ class _Hints:
 
 
 def candidate_plans(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | None,
     signature: Signature,
     overrides: Mapping[str, Sequence[int]] | None = None,
     batch: int = DEFAULT_BATCH,
+    limits: Mapping[str, tuple[int, str]] | None = None,
 ) -> list[InputPlan]:
-    """Up to :data:`MAX_PLANS` plans, the most plausible first; ``overrides`` fix whole shapes (``--input``)."""
+    """Up to :data:`MAX_PLANS` plans, the most plausible first; ``overrides`` fix whole shapes (``--input``).
+
+    ``model`` None (a torch source whose ONNX conversion is still running): plans from the signature
+    and ``limits`` alone (input -> (exclusive upper bound of its integer values, why), which the source
+    itself told), without the other hints the graph gives.
+    """
     overrides = dict(overrides or {})
-    inferred = infer_shapes(model)
-    types = TensorTypes(inferred)
-    uses = _uses(inferred.graph)
-    declared = {v.name: dims_of(v.type) for v in model.graph.value_info}
-    hints = {spec.name: _hints_for(spec, types, uses, declared.get(spec.name)) for spec in signature.inputs}
-    all_uses = _DeepUses.of(inferred.graph)
+    if model is None:
+        limits = limits or {}
+        hints = {spec.name: _Hints(high=limits[spec.name][0], high_why=limits[spec.name][1]) if spec.name in limits
+                 else _Hints() for spec in signature.inputs}
+        all_uses = _DeepUses()
+    else:
+        inferred = infer_shapes(model)
+        types = TensorTypes(inferred)
+        uses = _uses(inferred.graph)
+        declared = {v.name: dims_of(v.type) for v in model.graph.value_info}
+        hints = {spec.name: _hints_for(spec, types, uses, declared.get(spec.name)) for spec in signature.inputs}
+        all_uses = _DeepUses.of(inferred.graph)
     for spec in signature.inputs:
         if spec.rank == 3 and not isinstance(spec.shape[1], int) and 1 not in hints[spec.name].sizes:
             rnn = _feeds_recurrent_state(spec.name, all_uses)
@@ -189,7 +201,7 @@ def candidate_plans(
         hints[spec.name].batch_axes.update(a for a, d in enumerate(spec.shape) if a and d in batch_symbols)
     for symbol in batch_symbols:
         symbols.setdefault(symbol, batch)
-    image_sizes = _metadata_image_sizes(model)
+    image_sizes = _metadata_image_sizes(model) if model is not None else ()
     grids = [_choices(spec, hints[spec.name], symbols, overrides.get(spec.name), batch, image_sizes)
              for spec in signature.inputs]
     # Shape levels move together across inputs (named symbols stay equal), and so do value levels;

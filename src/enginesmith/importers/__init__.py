@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +48,10 @@ class ImportOptions:
     default_opset: int | None = None
     # Example inputs for in-memory framework objects (e.g. a torch module).
     example_inputs: Any = None
+    # Set by build() when the PyTorch backend builds from the torch source itself: the torch importer
+    # then converts to ONNX in a child process (ImportedModel.pending_onnx) instead of before returning.
+    # Not recorded.
+    onnx_in_background: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The options worth recording (and replaying on rebuild); objects are left out."""
@@ -94,8 +98,26 @@ _DEFAULT_OPTIONS = ImportOptions()
 
 
 @dataclass
+class PendingOnnx:
+    """An ONNX conversion still running (a torch source's, see ``onnx_job.py``).
+
+    ``finish()`` joins it and returns (the checked ONNX model, build-log lines), raising the
+    importer's error when the model cannot be converted; ``cancel()`` stops it. Both may be
+    called more than once.
+    """
+
+    finish: Callable[[], tuple[onnx.ModelProto, list[str]]]
+    cancel: Callable[[], None]
+    # The child process converting (tests look for it).
+    pid: int | None = None
+    # Wall seconds the conversion took, once finish() has joined it.
+    seconds: float | None = None
+
+
+@dataclass
 class ImportedModel:
-    model: onnx.ModelProto
+    # None while ``pending_onnx`` is still converting (see with_onnx).
+    model: onnx.ModelProto | None
     signature: Signature
     kind: str
     # What the bundle embeds so the engine can be rebuilt elsewhere.
@@ -108,6 +130,19 @@ class ImportedModel:
     # The precision the source itself computes in: "int8" for a quantized TFLite model. Engines of it
     # are judged by the looser of this and their own precision (validate.judged_precision).
     source_precision: str = "fp32"
+    # The ONNX conversion running alongside the build, when ``ImportOptions.onnx_in_background`` asked for it
+    # (``signature`` then comes from the torch program); ``model`` is None until :meth:`with_onnx`.
+    pending_onnx: PendingOnnx | None = field(default=None, compare=False, repr=False)
+    # What the source itself says of its integer inputs while the ONNX is pending: input -> (exclusive
+    # upper bound of its values, why), e.g. the rows of the embedding table it indexes.
+    input_limits: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    def with_onnx(self) -> "ImportedModel":
+        """This import with its ONNX model, joining a conversion still running (its failure raised as the importer's)."""
+        if self.pending_onnx is None:
+            return self
+        model, lines = self.pending_onnx.finish()
+        return replace(self, model=model, log=self.log + lines, pending_onnx=None)
 
     @property
     def source_sha256(self) -> str:

@@ -312,13 +312,10 @@ def finish(
     log: list[str],
 ) -> ImportedModel:
     """Check the converted model, infer shapes, read its signature."""
-    from .onnx_importer import _prepare, signature_of
+    from .onnx_importer import signature_of
 
-    try:
-        model, prep_log = _prepare(model, source_filename)
-    except SourceError as exc:
-        raise UnsupportedModelError(f"the ONNX model converted from '{source_filename}' is invalid: {exc}") from None
-    log = log + [line.replace("ONNX model", "converted ONNX model", 1) for line in prep_log]
+    model, checked = check_converted(model, source_filename)
+    log = log + checked
     return ImportedModel(
         model=model,
         signature=signature_of(model),
@@ -327,6 +324,17 @@ def finish(
         source_bytes=source_bytes,
         log=log,
     )
+
+
+def check_converted(model: onnx.ModelProto, source_filename: str) -> tuple[onnx.ModelProto, list[str]]:
+    """The converted model checked and with shapes inferred, and its build-log lines."""
+    from .onnx_importer import _prepare
+
+    try:
+        model, prep_log = _prepare(model, source_filename)
+    except SourceError as exc:
+        raise UnsupportedModelError(f"the ONNX model converted from '{source_filename}' is invalid: {exc}") from None
+    return model, [line.replace("ONNX model", "converted ONNX model", 1) for line in prep_log]
 
 
 def converter_errors(records: list[str], limit: int = 5) -> list[str]:

@@ -42,8 +42,9 @@ import onnx
 
 from ..errors import EnginesmithError, SourceError, UnsupportedModelError
 from ..native_source import NativeSource
-from . import ImportedModel, ImportOptions, ReferenceRunner
+from . import ImportedModel, ImportOptions, PendingOnnx, ReferenceRunner
 from . import _convert as cv
+from .torch_program import container_modules, index_limits, program_signature
 
 DYNAMO_MIN_OPSET = 18
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth")
@@ -431,26 +432,104 @@ def _to_onnx(
         except EnginesmithError:
             raise
         except Exception as exc:  # noqa: BLE001
-            dynamo_failure = cv.first_line(exc, 200)
-            log.append(f"the dynamo exporter failed ({dynamo_failure}); falling back to the TorchScript-based exporter")
-            if module is None:
-                module = program.module()
-            if tensors is None:
-                raise UnsupportedModelError(
-                    f"torch.onnx cannot export this ExportedProgram: {cv.first_line(exc, 240)}"
-                ) from None
+            dynamo_failure = cv.first_line(exc, 240)
     if proto is None:
-        try:
-            proto = _legacy_onnx(module, tensors, in_names, out_names, dyn, options, log)
-        except EnginesmithError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            # The dynamo exporter's failure is usually the one to fix (the fallback cannot trace e.g. transformers'
-            # models at all), so it comes first.
-            first = f"the dynamo exporter failed ({dynamo_failure}), then the TorchScript-based one: " if dynamo_failure else ""
-            raise UnsupportedModelError(f"torch.onnx cannot export the model: {first}{cv.first_line(exc, 300)}") from None
+        proto = _fallback_onnx(module=module, program=program, tensors=tensors, in_names=in_names, out_names=out_names,
+                               dyn=dyn, options=options, log=log, dynamo_failure=dynamo_failure)
     _name_dims(proto, in_names)
     return proto
+
+
+def _fallback_onnx(
+    *,
+    module: Any | None,
+    program: Any | None,
+    tensors: list[Any] | None,
+    in_names: list[str],
+    out_names: list[str],
+    dyn: list[dict[int, str]],
+    options: ImportOptions,
+    log: list[str],
+    dynamo_failure: str,
+) -> onnx.ModelProto:
+    """The TorchScript-based exporter, after the dynamo one failed with ``dynamo_failure`` (or was not tried)."""
+    if dynamo_failure:
+        log.append(f"the dynamo exporter failed ({dynamo_failure[:200]}); falling back to the TorchScript-based exporter")
+        if module is None:
+            module = program.module()
+        if tensors is None:
+            raise UnsupportedModelError(f"torch.onnx cannot export this ExportedProgram: {dynamo_failure}")
+    try:
+        return _legacy_onnx(module, tensors, in_names, out_names, dyn, options, log)
+    except EnginesmithError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        # The dynamo exporter's failure is usually the one to fix (the fallback cannot trace e.g. transformers'
+        # models at all), so it comes first.
+        first = f"the dynamo exporter failed ({dynamo_failure[:200]}), then the TorchScript-based one: " if dynamo_failure else ""
+        raise UnsupportedModelError(f"torch.onnx cannot export the model: {first}{cv.first_line(exc, 300)}") from None
+
+
+# --------------------------------------------------------------------------- the ONNX export alongside the build
+
+def _imported_with_background_onnx(
+    *,
+    program: Any,
+    program_bytes: bytes,
+    module: Any | None,
+    tensors: list[Any] | None,
+    in_names: list[str],
+    out_names: list[str],
+    dyn: list[dict[int, str]],
+    options: ImportOptions,
+    source_filename: str,
+    log: list[str],
+) -> ImportedModel | None:
+    """The import with its ONNX conversion started in a child process (see ``onnx_job.py``), or None where
+    the program's signature cannot stand in for the conversion's.
+
+    Joining it (``ImportedModel.with_onnx``) gives what the sequential import gives: the dynamo
+    export of the same program, the TorchScript-based fallback (run here, with the module) when
+    that fails, the same errors, the same checks of the converted model.
+    """
+    from .onnx_importer import signature_of
+    from .onnx_job import OnnxJob
+
+    signature = program_signature(program, in_names, out_names)
+    if signature is None:
+        return None
+    job = OnnxJob(program_bytes, in_names, out_names, options.opset or DYNAMO_MIN_OPSET, container_modules(program))
+    finished: list[tuple[onnx.ModelProto, list[str]]] = []
+
+    def finish() -> tuple[onnx.ModelProto, list[str]]:
+        if finished:
+            return finished[0]
+        outcome = job.wait()
+        pending.seconds = outcome.seconds
+        lines = list(outcome.log)
+        if outcome.model_bytes is not None:
+            proto = onnx.load_model_from_string(outcome.model_bytes)
+        else:
+            with _eval_mode(module) if module is not None else contextlib.nullcontext():
+                proto = _fallback_onnx(module=module, program=program, tensors=tensors, in_names=in_names,
+                                       out_names=out_names, dyn=dyn, options=options, log=lines,
+                                       dynamo_failure=outcome.failure)
+            _name_dims(proto, in_names)
+        model, checked = cv.check_converted(proto, source_filename)
+        lines += checked
+        converted = signature_of(model)
+        if converted != signature:
+            lines.append(f"note: the ONNX conversion's signature ({converted}) differs from the torch program's "
+                         f"({signature}); the engine keeps the program's")
+        lines.append(f"ONNX export ran in a separate process alongside the build ({outcome.seconds:.1f} s)")
+        finished.append((model, lines))
+        return finished[0]
+
+    log.append("the ONNX export runs in a separate process while the engine builds from the torch program")
+    pending = PendingOnnx(finish, job.cancel, job.pid)
+    return ImportedModel(model=None, signature=signature, kind="torch", source_filename=source_filename,
+                         source_bytes=program_bytes, log=log, pending_onnx=pending,
+                         input_limits=index_limits(program, in_names))
 
 
 # --------------------------------------------------------------------------- importer interface
@@ -473,14 +552,23 @@ def _program_examples(program: Any) -> list[Any] | None:
     return list(pytree.tree_leaves(example))
 
 
-def _import_program(program: Any, options: ImportOptions, label: str, log: list[str]) -> tuple[onnx.ModelProto, list[str], NativeSource]:
+def _import_program(program: Any, options: ImportOptions, label: str, source_filename: str, source_bytes: bytes,
+                    log: list[str]) -> ImportedModel:
     in_names = _public_names(_program_inputs(program), options)
     out_names = _program_outputs(program, options)
-    proto = _to_onnx(module=None, program=program, tensors=_program_examples(program), in_names=in_names,
-                     out_names=out_names, dyn=[{} for _ in in_names], options=options, log=log)
     log.insert(0, f"ExportedProgram '{label}': inputs {', '.join(in_names)}; outputs {', '.join(out_names)}")
     native = NativeSource("torch", program, tuple(in_names), tuple(out_names), description=f"ExportedProgram '{label}'")
-    return proto, log, native
+    tensors = _program_examples(program)
+    imported = None
+    if options.onnx_in_background:
+        imported = _imported_with_background_onnx(
+            program=program, program_bytes=source_bytes, module=None, tensors=tensors, in_names=in_names,
+            out_names=out_names, dyn=[{} for _ in in_names], options=options, source_filename=source_filename, log=log)
+    if imported is None:
+        proto = _to_onnx(module=None, program=program, tensors=tensors, in_names=in_names,
+                         out_names=out_names, dyn=[{} for _ in in_names], options=options, log=log)
+        imported = cv.finish(proto, kind="torch", source_filename=source_filename, source_bytes=source_bytes, log=log)
+    return _with_native(imported, native)
 
 
 def _with_native(imported: ImportedModel, native: NativeSource | None) -> ImportedModel:
@@ -489,7 +577,7 @@ def _with_native(imported: ImportedModel, native: NativeSource | None) -> Import
     return imported
 
 
-def _import_module(module: Any, options: ImportOptions, log: list[str]) -> tuple[onnx.ModelProto, str, bytes, NativeSource | None]:
+def _import_module(module: Any, options: ImportOptions, log: list[str]) -> ImportedModel:
     torch = cv.torch()
     label = type(module).__name__
     params = _forward_params(module)
@@ -505,14 +593,25 @@ def _import_module(module: Any, options: ImportOptions, log: list[str]) -> tuple
         out_names = _leaf_names(result, options)
         _flat_outputs(result)  # only tensors
         program = _export_program(module, tensors, dyn, log)
-        proto = _to_onnx(module=module, program=program, tensors=tensors, in_names=public, out_names=out_names,
-                         dyn=dyn, options=options, log=log)
-    log.insert(0, f"torch module {label}: inputs {', '.join(public)}; outputs {', '.join(out_names)}")
-    if program is not None:
+        log.insert(0, f"torch module {label}: inputs {', '.join(public)}; outputs {', '.join(out_names)}")
+        if program is None:
+            proto = _to_onnx(module=module, program=None, tensors=tensors, in_names=public, out_names=out_names,
+                             dyn=dyn, options=options, log=log)
+            log.append("the bundle embeds the exported ONNX: the module could not be saved as an ExportedProgram")
+            return cv.finish(proto, kind="torch", source_filename=f"{_safe_name(label)}.onnx",
+                             source_bytes=proto.SerializeToString(), log=log)
         native = NativeSource("torch", module, tuple(public), tuple(out_names), tuple(names), description=f"torch module {label}")
-        return proto, f"{_safe_name(label)}.pt2", _program_bytes(program), native
-    log.append("the bundle embeds the exported ONNX: the module could not be saved as an ExportedProgram")
-    return proto, f"{_safe_name(label)}.onnx", proto.SerializeToString(), None
+        filename, raw = f"{_safe_name(label)}.pt2", _program_bytes(program)
+        imported = None
+        if options.onnx_in_background:
+            imported = _imported_with_background_onnx(
+                program=program, program_bytes=raw, module=module, tensors=tensors, in_names=public,
+                out_names=out_names, dyn=dyn, options=options, source_filename=filename, log=log)
+        if imported is None:
+            proto = _to_onnx(module=module, program=program, tensors=tensors, in_names=public, out_names=out_names,
+                             dyn=dyn, options=options, log=log)
+            imported = cv.finish(proto, kind="torch", source_filename=filename, source_bytes=raw, log=log)
+    return _with_native(imported, native)
 
 
 def import_source(source: Any, options: ImportOptions) -> ImportedModel:
@@ -536,14 +635,10 @@ def import_source(source: Any, options: ImportOptions) -> ImportedModel:
                              dyn=dyn, options=options, log=log)
             return cv.finish(proto, kind="torchscript", source_filename=path.name, source_bytes=path.read_bytes(), log=log)
         program = load_program(path, options, log)
-        proto, log, native = _import_program(program, options, path.name, log)
-        return _with_native(cv.finish(proto, kind="torch", source_filename=path.name, source_bytes=path.read_bytes(), log=log),
-                            native)
+        return _import_program(program, options, path.name, path.name, path.read_bytes(), log)
     torch = cv.torch()
     if _is_program(source):
-        proto, log, native = _import_program(source, options, "in memory", log)
-        return _with_native(cv.finish(proto, kind="torch", source_filename="model.pt2", source_bytes=_program_bytes(source), log=log),
-                            native)
+        return _import_program(source, options, "in memory", "model.pt2", _program_bytes(source), log)
     if _is_script(source):
         names, tensors = _examples(_forward_params(source), options, "TorchScript module")
         public = _public_names(names, options)
@@ -555,8 +650,7 @@ def import_source(source: Any, options: ImportOptions) -> ImportedModel:
         log.append("the bundle embeds the exported ONNX (a ScriptModule cannot be saved as an ExportedProgram)")
         return cv.finish(proto, kind="torch", source_filename="model.onnx", source_bytes=proto.SerializeToString(), log=log)
     if isinstance(source, torch.nn.Module):
-        proto, filename, raw, native = _import_module(source, options, log)
-        return _with_native(cv.finish(proto, kind="torch", source_filename=filename, source_bytes=raw, log=log), native)
+        return _import_module(source, options, log)
     raise SourceError(f"not a PyTorch model: {type(source).__name__}")
 
 

@@ -87,7 +87,8 @@ def map_check(state: BuildState, engine: Engine) -> dict[str, Any]:
     engine.manifest.preprocess = state.preprocess.to_dict() if state.preprocess else None
     # A built engine has no file yet to read class names from; the imported model carries them (ultralytics
     # metadata), and COCO categories are matched by name when there are names.
-    metadata = {prop.key: prop.value for prop in state.imported.model.metadata_props}
+    model = state.imported.model  # None while a torch source's ONNX conversion runs (it has no such metadata)
+    metadata = {prop.key: prop.value for prop in model.metadata_props} if model is not None else {}
     settings = DetectorSettings(names=names_from_metadata(metadata), conf=MAP_CONF, iou=MAP_IOU)
     try:
         on_engine = Detector(engine, settings)

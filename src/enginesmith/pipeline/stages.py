@@ -9,6 +9,7 @@ stage, and records the seconds each took in ``checks["stages"]``.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ..backends.base import ProgressCallback
 from ..build_inputs import StoredSamples, resolve_build_inputs, samples_to_store
-from ..errors import BuildError, VerificationFailedError
+from ..errors import BuildError, EnginesmithError, VerificationFailedError
 from ..importers import ImportOptions, import_model
 from ..precision_data import prepare_precision_data
 from ..runtime.engine import Engine
@@ -56,12 +57,14 @@ def import_stage(state: BuildState) -> None:
         backend = req.choose_backend(request.backend, previous)
     if options.opset is None:
         options = replace(options, default_opset=backend.converter_opset)
-    state.imported = import_model(source, options, kind=previous.source_kind if previous else None)
-    state.source, state.import_options, state.backend = source, options, backend
     # An auto-built bundle recorded the options given for every candidate, not one backend's.
     same_backend = previous is not None and (previous.backend == backend.name or
                                              (state.auto is not None and "auto" in previous.build_options))
     state.options = req.build_options(request, previous, same_backend=same_backend, auto=state.auto)
+    if builds_from_torch_source(state, backend):
+        options = replace(options, onnx_in_background=True)  # only the torch importer reads it
+    state.imported = import_model(source, options, kind=previous.source_kind if previous else None)
+    state.source, state.import_options, state.backend = source, options, backend
     state.options.previous_caches = req.reusable_caches(state.rebuild.caches if state.rebuild else {}, same_backend)
     # Set here, not with sample_feeds, because the check stage's operator report depends on it too.
     state.options.native_source = state.imported.native
@@ -71,6 +74,42 @@ def import_stage(state: BuildState) -> None:
     state.coco = coco_set(state.budget, request.coco_annotations, request.coco_images)
 
 
+# The torch backend's ``onnx_export`` option: where a torch source's ONNX export runs when the engine is built from the source.
+ONNX_EXPORT_CHOICES = ("auto", "alongside", "before")
+# ``auto`` runs it alongside from this many usable CPU cores: with two, the child process (its torch import
+# included) takes the core Inductor compiles on, and builds/torch_source_build.py measured it slower there.
+ALONGSIDE_MIN_CORES = 4
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def builds_from_torch_source(state: BuildState, backend) -> bool:
+    """Whether the engine is built from a torch source itself with its ONNX conversion running alongside.
+
+    For the PyTorch backend asked for by name (not among ``auto``'s candidates, which build from
+    the ONNX), unless its ``source=onnx`` option asks for the converted graph, and as its
+    ``onnx_export`` option says: ``alongside``, ``before`` (in the import stage, as other
+    backends have it), or ``auto``: alongside where :data:`ALONGSIDE_MIN_CORES` cores are
+    usable. The torch importer then converts in a child process (``importers/onnx_job.py``),
+    and the stages up to the build work without the ONNX: no operator check (nothing of the
+    ONNX is built), inputs probed on the torch source, no graph passes (they rewrite the ONNX
+    only). ``package`` joins the conversion.
+    """
+    options = state.options.backend_options
+    if state.auto is not None or backend.name != "torch" or str(options.get("source", "auto")).lower() == "onnx":
+        return False
+    choice = str(options.get("onnx_export", "auto")).lower()
+    if choice not in ONNX_EXPORT_CHOICES:
+        raise BuildError(f"onnx_export must be {', '.join(ONNX_EXPORT_CHOICES)}, not {choice!r}")
+    return choice == "alongside" or (choice == "auto" and usable_cores() >= ALONGSIDE_MIN_CORES)
+
+
 def check_stage(state: BuildState) -> None:
     """The model against the backend's operator support; stops with IncompatibleModelError carrying the report."""
     from ..graph.compat import IncompatibleModelError, check_buildable
@@ -78,6 +117,8 @@ def check_stage(state: BuildState) -> None:
 
     if not state.graph.check_compatibility:
         return
+    if state.imported.pending_onnx is not None:
+        return  # the engine is built from the torch program; the report is made when package joins the ONNX
     specs = build_passes(state.import_options, state.graph.disabled) if state.graph.enabled else []
     names = [spec if isinstance(spec, str) else spec[0] for spec in specs]
     if len(state.candidates) > 1:
@@ -105,10 +146,30 @@ def inputs_stage(state: BuildState) -> None:
     stored = None
     if rebuild is not None and rebuild.samples is not None:
         stored = StoredSamples(rebuild.samples, (rebuild.manifest.checks.get("samples") or {}).get("label", "build samples"))
-    imported = state.imported
-    state.inputs = resolve_build_inputs(imported.model, imported.signature, state.import_options.input_shapes,
-                                        request.data, state.preprocess, stored,
-                                        needed=request.verify or state.graph.enabled, strict=request.verify)
+    needed = request.verify or state.graph.enabled
+
+    def resolve(probe=None):
+        imported = state.imported
+        return resolve_build_inputs(imported.model, imported.signature, state.import_options.input_shapes,
+                                    request.data, state.preprocess, stored, needed=needed, strict=request.verify,
+                                    run=probe, limits=imported.input_limits)
+
+    if state.imported.pending_onnx is None:
+        state.inputs = resolve()
+    else:
+        # No ONNX yet: the torch source itself says which inputs it takes.
+        state.reference = lazy_reference(state.source, state.import_options, state.imported.kind)
+        generated = request.data is None and stored is None
+        try:
+            state.inputs = resolve(state.reference)
+        except BuildError:
+            if not generated:
+                raise  # the source itself fails on the inputs given
+            state.inputs = None
+        if generated and needed and (state.inputs is None or state.inputs.plan is None):
+            # No plan ran on the source without the hints its graph gives: wait for the ONNX and plan as before.
+            join_onnx(state, early="no generated inputs ran on the torch source without its ONNX graph's hints")
+            state.inputs = resolve()
     state.options.sample_feeds = state.inputs.check_feeds()
 
 
@@ -121,6 +182,11 @@ def passes_stage(state: BuildState) -> None:
     if not specs:
         return
     imported = state.imported
+    if imported.pending_onnx is not None:
+        # The passes rewrite the ONNX conversion, which this engine is not built from; the torch
+        # export applied the shapes and dynamic axes asked for already.
+        imported.log.append("graph passes not run: the engine is built from the torch program, not its ONNX conversion")
+        return
     model, summary = optimize(imported.model, specs, progress=state.progress, feeds=state.options.sample_feeds)
     failed = [r for r in summary.rolled_back if r.name in REQUESTED_PASSES]
     if failed:
@@ -144,7 +210,7 @@ def build_stage(state: BuildState) -> None:
         stored_int8=any(name in rebuild_caches for backend in backends for name in backend.int8_cache_names),
     )
     # Made at first use, after the first engine is built, so an unbuildable model reports the backend's error.
-    state.reference = lazy_reference(state.source, state.import_options, state.imported.kind)
+    state.reference = state.reference or lazy_reference(state.source, state.import_options, state.imported.kind)
     if len(state.candidates) > 1 or state.skipped:
         state.engine = build_auto(state)  # with one candidate left, nothing is timed; the table says why
     elif options.precision == "best":
@@ -186,6 +252,7 @@ def package_stage(state: BuildState) -> None:
     started = time.perf_counter()
     engine, inputs, data = state.engine, state.inputs, state.data
     manifest = engine.manifest
+    join_onnx(state)
     manifest.build_log.extend(inputs.log)
     raw, record, line = samples_to_store(inputs, data.holdout, data.holdout_label, bool(data.check.get("random")))
     engine.set_samples(raw)
@@ -203,6 +270,51 @@ def package_stage(state: BuildState) -> None:
     manifest.checks["stages"] = {**state.timings, "package": round(time.perf_counter() - started, 4)}
     if state.request.output is not None:
         engine.save(state.request.output, include_source=state.request.include_source)
+
+
+def join_onnx(state: BuildState, early: str | None = None) -> None:
+    """Wait for the ONNX conversion running alongside the build; record it (and the operator report).
+
+    At the package stage (``early`` None) the engine is built from the torch program and the
+    bundle carries that program (``.pt2``), so a failed conversion does not fail the build: the
+    log and ``checks["onnx_export"]`` say so, and a build for another backend (which needs the
+    ONNX) reports the error again. Joined ``early`` because a stage needs the ONNX after all
+    (``early`` says why), a failure stops the build as it would have in the import stage.
+    """
+    imported = state.imported
+    pending = imported.pending_onnx if imported is not None else None
+    if pending is None:
+        return
+    waited = time.perf_counter()
+    if state.progress:
+        state.progress("waiting for the ONNX export", 0, 1)
+    record: dict[str, object] = {"alongside_build": early is None, **({"joined_early": early} if early else {})}
+    try:
+        state.imported = imported.with_onnx()
+        lines = state.imported.log[len(imported.log):]
+        record["ok"] = True
+    except EnginesmithError as exc:
+        pending.cancel()
+        if early:
+            raise
+        state.imported = replace(imported, pending_onnx=None)
+        record.update(ok=False, error=str(exc))
+        lines = [f"warning: the ONNX export failed ({exc}); the engine is built from the torch program and the bundle "
+                 "carries it, but building this model with another backend fails until it converts"]
+    record.update(seconds=round(pending.seconds or 0.0, 3), waited_s=round(time.perf_counter() - waited, 3))
+    if state.progress:
+        state.progress("waiting for the ONNX export", 1, 1)
+    state.checks["onnx_export"] = record
+    if state.engine is not None:  # before the build, the lines are in the import's log, which the build log starts with
+        state.engine.manifest.build_log.extend(lines)
+    if record["ok"] and state.graph.check_compatibility:
+        check_stage(state)  # the operator report the check stage left for now
+
+
+def cancel_onnx(state: BuildState) -> None:
+    """Stop an ONNX conversion still running alongside a build that ends early (an error, Ctrl-C)."""
+    if state.imported is not None and state.imported.pending_onnx is not None:
+        state.imported.pending_onnx.cancel()
 
 
 BUILD_STAGES: tuple[Stage[BuildState], ...] = (
@@ -223,5 +335,8 @@ def run_build(request: BuildRequest, progress: ProgressCallback | None = None, t
     """
     with tempfile.TemporaryDirectory(prefix="enginesmith-build-") as tmp:
         state = BuildState(request, Path(tmp), progress, timer)
-        run_stages(BUILD_STAGES, state, state.timings, progress)
+        try:
+            run_stages(BUILD_STAGES, state, state.timings, progress)
+        finally:
+            cancel_onnx(state)
     return state.engine

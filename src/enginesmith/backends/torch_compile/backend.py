@@ -206,7 +206,7 @@ class TorchCompileBackend(Backend):
         calibration: Calibration | None = None,
     ) -> BuildResult:
         """``model`` is an ONNX ModelProto, or natively a torch.nn.Module / torch.export.ExportedProgram
-        taking the signature's inputs in order."""
+        taking the signature's inputs in order, or None with a usable ``options.native_source``."""
         torch = _torch()
         log = [f"PyTorch {torch.__version__}"]
         started = time.perf_counter()
@@ -220,8 +220,11 @@ class TorchCompileBackend(Backend):
         if source_choice not in ("auto", "onnx"):
             raise BuildError(f"source must be auto (build a torch source directly) or onnx (from its ONNX conversion), "
                              f"not {source_choice!r}")
+        # model None: the import's ONNX conversion is still running (the build is from the torch source)
         native = (usable_source(options.native_source, signature.input_names, signature.output_names, source_choice, log)
-                  if isinstance(model, onnx.ModelProto) else None)
+                  if model is None or isinstance(model, onnx.ModelProto) else None)
+        if native is None and model is None:
+            raise BuildError("the PyTorch backend was given neither an ONNX model nor a torch source it can use")
         if native is None and not isinstance(model, onnx.ModelProto):
             if not isinstance(model, (torch.export.ExportedProgram, torch.nn.Module)):
                 raise BuildError(f"the PyTorch backend cannot build from a {type(model).__name__}")
