@@ -226,12 +226,12 @@ def test_when_both_onnx_exporters_fail_the_dynamo_failure_is_named_first(monkeyp
     use_cache' (that exporter cannot trace transformers' BERT at all), hiding why the dynamo exporter failed."""
     transformers = pytest.importorskip("transformers")
     from enginesmith.errors import UnsupportedModelError
-    from enginesmith.importers import import_model, torch_importer
+    from enginesmith.importers import import_model, torch_to_onnx
 
     def failing(*args, **kwargs):
         raise RuntimeError("dynamo could not lower aten.frobnicate")
 
-    monkeypatch.setattr(torch_importer, "_dynamo_onnx", failing)
+    monkeypatch.setattr(torch_to_onnx, "dynamo_onnx", failing)
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                      vocab_size=100, max_position_embeddings=32)
     module = transformers.BertModel(config).eval()

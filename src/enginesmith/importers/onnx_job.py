@@ -120,7 +120,7 @@ def _convert(job_path: Path) -> None:
     from ..files import write_atomic
     from . import ImportOptions
     from . import _convert as cv
-    from .torch_importer import _dynamo_onnx, _name_dims
+    from .torch_to_onnx import dynamo_onnx, name_dims
 
     torch = cv.torch()
     log: list[str] = []
@@ -130,8 +130,8 @@ def _convert(job_path: Path) -> None:
             importlib.import_module(module)
         with cv.quiet(cv.TORCH_LOGGERS, streams=True):
             program = torch.export.load(str(folder / job["program"]))
-        proto = _dynamo_onnx(program, job["input_names"], job["output_names"], ImportOptions(opset=job["opset"]), log)
-        _name_dims(proto, job["input_names"])
+        proto = dynamo_onnx(program, job["input_names"], job["output_names"], ImportOptions(opset=job["opset"]), log)
+        name_dims(proto, job["input_names"])
         write_atomic(folder / MODEL_FILE, proto.SerializeToString())
         record = {"ok": True}
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides what it means

@@ -20,7 +20,7 @@ _SIGNATURE_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16",
 def program_signature(program: Any, in_names: list[str], out_names: list[str]) -> Signature | None:
     """The signature the ONNX conversion of ``program`` will have, read off the program's own tensors.
 
-    Symbolic dims get the names ``torch_importer._name_dims`` gives the ONNX ones ('batch' for leading axes,
+    Symbolic dims get the names ``torch_to_onnx.name_dims`` gives the ONNX ones ('batch' for leading axes,
     '<input>_<axis>' else). None where the program has something the conversion may name
     differently (an output dim that is an expression, a non-tensor input or output, another dtype):
     the import then converts before returning, as without ``onnx_in_background``.
