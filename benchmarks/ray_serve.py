@@ -62,6 +62,14 @@ def build_cpu_engine(folder: Path, image_size: int) -> Path:
         folder / "mobilenet_v2_like.engine")
 
 
+def build_real_engine(folder: Path, key: str) -> Path:
+    """A detector shipped in a PyPI wheel (tests/vision_models.py: sha256-checked, cached), one intra-op thread."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from vision_models import fetch_real_detector
+
+    return es.build(fetch_real_detector(key), backend="onnxruntime", threads=1, verify=False).save(folder / f"{key}.engine")
+
+
 def example_input(engine_path: Path, batch: int, image_size: int) -> tuple[str, str, np.ndarray]:
     """(input name, output name, a batch) from the engine's signature: named dims get ``image_size``."""
     info = es.info(engine_path)
@@ -231,6 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--engine", type=Path, help="engine to serve (default: a MobileNetV2-like, one thread, built here)")
+    parser.add_argument("--real", metavar="KEY", help="serve a real model instead, one thread: nudenet_yolov8n_320 (the "
+                        "YOLOv8n of the nudenet wheel, ~25 ms a call here at --image-size 320)")
     parser.add_argument("--gpus", type=int, default=0, help="GPU mode: replicas with one GPU each (needs 2 GPUs)")
     parser.add_argument("--batch", type=int, help="items per request (default 1 on CPU, 128 with --gpus)")
     parser.add_argument("--clients", type=int, help="concurrent clients (default 8 on CPU, 6 with --gpus)")
@@ -251,6 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--gpus compares one GPU with two: give --gpus 2")
     if args.gpus and args.engine is None:
         parser.error("--gpus needs --engine: a CUDA engine (torch backend ResNet-50, or ONNX Runtime with CUDA)")
+    if args.real and args.engine is not None:
+        parser.error("give --engine or --real, not both")
     if args.engine is not None and not args.engine.is_file():
         parser.error(f"no engine file at {args.engine}")
     args.batch = args.batch or (128 if args.gpus else 1)
@@ -263,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     plan = (f"replicas 1 vs 2 ({'1 GPU' if args.gpus else f'{args.replica_cpus:g} CPU'} each), modes {', '.join(args.modes)}, "
             f"{args.clients} clients x batch {args.batch}, {args.rounds} rounds x {args.duration:g} s, "
-            f"engine {args.engine or 'MobileNetV2-like (built here, 1 thread)'} -> {args.json}")
+            f"engine {args.engine or (args.real + ' (1 thread)' if args.real else 'MobileNetV2-like (built here, 1 thread)')} "
+            f"-> {args.json}")
     print(plan)
     if args.dry_run:
         if args.engine is not None:
@@ -273,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     from enginesmith.cluster import connect, disconnect
 
     with tempfile.TemporaryDirectory(prefix="enginesmith-ray-bench-") as tmp:
-        engine_path = args.engine or build_cpu_engine(Path(tmp), args.image_size)
+        engine_path = args.engine or (build_real_engine(Path(tmp), args.real) if args.real
+                                      else build_cpu_engine(Path(tmp), args.image_size))
         facts = machine({"ray": __import__("ray").__version__})
         session = connect(None, num_cpus=os.cpu_count())
         try:
