@@ -18,7 +18,7 @@ import enginesmith as es
 from enginesmith.backends import get_backend
 from enginesmith.backends.base import Availability
 from enginesmith.errors import BuildError
-from enginesmith.pipeline import BuildRequest, run_build
+from enginesmith.pipeline import BuildRequest, auto, run_build
 from enginesmith.pipeline.selection import Strategy, clearly_faster, parse_strategy, select, timing_noise
 from enginesmith.validate import Tolerance
 
@@ -80,6 +80,13 @@ def test_candidates_and_select_need_backend_auto():
 openvino = pytest.importorskip("openvino")
 
 FEEDS = {"x": np.random.default_rng(3).standard_normal((5, 6)).astype(np.float32)}
+
+
+@pytest.fixture(autouse=True)
+def one_core(request, monkeypatch):
+    """The tests below compare backends: without the one-thread ONNX Runtime variant (tested on its own)."""
+    if "one_thread" not in request.node.name:
+        monkeypatch.setattr(auto, "usable_cores", lambda: 1)
 
 
 def fake_timer(p50_at_batch_1: dict[str, float], p50_at_batch_8: dict[str, float] | None = None, calls: list | None = None):
@@ -339,3 +346,40 @@ def test_candidates_are_timed_in_rotating_blocks_that_start_settled():
     assert [label for label, _ in blocks] == ["fast", "slow"] * 3 + ["fast"]
     fast_runs, slow_runs = blocks[0][1] - 1, blocks[1][1] // 2 - 1  # one untimed call opens each block
     assert slow_runs == best.MIN_BLOCK_RUNS < fast_runs
+
+
+def test_one_thread_onnx_runtime_is_a_candidate_and_wins_when_faster_beyond_the_noise(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(auto, "usable_cores", lambda: 2)
+
+    def timer(targets, feeds, batch):
+        for run in targets.values():
+            run(feeds)
+        rounds = {"onnxruntime fp32": [1.0, 1.01, 0.99, 1.0, 1.02, 1.0], "openvino fp32": [1.5] * 6,
+                  "onnxruntime fp32 1 thread(s)": [0.80, 0.81, 0.80, 0.79, 0.80, 0.80]}
+        return {label: rounds[label] for label in targets}
+
+    engine = auto_build(make_mlp(), timer, output=tmp_path / "m.engine")
+    rows = engine.manifest.checks["backend_candidates"]
+    assert [(row["backend"], row.get("threads")) for row in rows] == [("onnxruntime", None), ("openvino", None),
+                                                                       ("onnxruntime", 1)]
+    assert rows[2]["chosen"] and engine.backend == "onnxruntime"
+    assert engine.manifest.build_options["threads"] == 1  # recorded: the saved engine loads with one thread
+    loaded = es.load(tmp_path / "m.engine")
+    np.testing.assert_allclose(loaded(**FEEDS)["probs"], run_plain(make_mlp(), FEEDS)["probs"], rtol=1e-4, atol=1e-5)
+
+    # within the noise, the default engine stays; with threads given, no variant is built
+    def close(targets, feeds, batch):
+        rounds = {"onnxruntime fp32": [0.9, 1.0, 1.1, 1.0, 1.2, 0.95], "openvino fp32": [1.5] * 6,
+                  "onnxruntime fp32 1 thread(s)": [0.98] * 6}
+        return {label: rounds[label] for label in targets}
+
+    kept = auto_build(make_mlp(), close)
+    assert kept.manifest.build_options.get("threads") is None and kept.manifest.checks["backend_candidates"][0]["chosen"]
+    named = auto_build(make_mlp(), fake_timer({"onnxruntime": 1.0, "openvino": 2.0}), threads=2)
+    assert [row.get("threads") for row in named.manifest.checks["backend_candidates"]] == [None, None]
+
+    from enginesmith.cli.candidate_tables import print_backend_candidates
+
+    print_backend_candidates(engine.manifest.to_dict())
+    out = capsys.readouterr().out
+    assert "1 thread" in " ".join(out.split()) or ("thread" in out and ", 1" in out)  # the cell may wrap

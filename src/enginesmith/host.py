@@ -105,6 +105,14 @@ def physical_cores() -> int:
 
 
 @lru_cache(maxsize=1)
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def jetson_release() -> str | None:
     """The L4T release on an NVIDIA Jetson, or its device-tree model; ``None`` elsewhere."""
     release = _read_text("/etc/nv_tegra_release").strip()

@@ -69,7 +69,8 @@ def print_backend_candidates(manifest_data: dict) -> None:
         tput = row.get("throughput")
         why = ("[green]chosen[/]: " if row.get("chosen") else "") + escape(row.get("reason", ""))
         tbl.add_row(
-            escape(f"{row['backend']} {row.get('precision', '')}".strip()),
+            escape(f"{row['backend']} {row.get('precision', '')}".strip()
+                   + (f", {row['threads']} thread{'s' if row['threads'] > 1 else ''}" if row.get("threads") else "")),
             f"{row['p50_ms']:.2f}" if "p50_ms" in row else "",
             *([f"{tput:.0f}" if tput is not None else ""] if strategy.needs_throughput else []),
             f"{row['worst_rel_l2']:.0e}" if "worst_rel_l2" in row else "",

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from ..backends import Backend, get_backend, pick_backend
 from ..errors import BackendUnavailableError, BuildError
+from ..host import usable_cores
 from ..runtime.engine import Engine
 from .best import Candidate, try_candidates
 from .state import BuildState
@@ -66,6 +67,7 @@ def build_auto(state: BuildState) -> Engine:
         for backend in state.candidates
         for p in (backend.precisions(state.options) if precision == "best" else [precision])
     ]
+    candidates += one_thread_variants(candidates, state.options.threads)
     try:
         engine, rows = try_candidates(state, candidates, state.auto.strategy, state.timer, chosen_key="chosen")
     except BuildError as exc:
@@ -80,6 +82,17 @@ def build_auto(state: BuildState) -> Engine:
                                      f"among {tried}{left_out_note(state.auto.candidates, tried)}")
     state.backend = get_backend(engine.manifest.backend)
     return engine
+
+
+def one_thread_variants(candidates: Sequence[Candidate], threads: int | None) -> list[Candidate]:
+    """ONNX Runtime's first candidate again with one intra-op thread, where the build leaves threads open and
+    this process may use more than one core: on models of a fraction of a millisecond the thread pool's
+    hand-offs cost more than a second core saves (4-7 % on the zoo's 0.1 ms models, benchmarks/engine_overhead.py
+    notes). Timing decides, as for any candidate; the default engine stays unless it is beaten beyond the noise."""
+    if threads is not None or usable_cores() < 2 or len(candidates) < 2:  # one candidate: nothing is timed
+        return []
+    first = next((c for c in candidates if c.backend.name == "onnxruntime"), None)
+    return [Candidate(first.backend, first.precision, threads=1)] if first is not None else []
 
 
 def left_out_note(named: Sequence[str] | None, tried: str) -> str:

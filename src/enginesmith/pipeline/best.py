@@ -40,13 +40,14 @@ class Candidate:
 
     backend: Backend
     precision: str
+    threads: int | None = None  # None: the build's own setting
     row: dict[str, Any] = field(default_factory=dict)
     engine: Engine | None = None
     report: ValidationReport | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.backend.name} {self.precision}"
+        return f"{self.backend.name} {self.precision}" + (f" {self.threads} thread(s)" if self.threads else "")
 
 
 # The candidates' timing: interleaved rounds, each candidate run for about BLOCK_S per round (at
@@ -153,13 +154,17 @@ def _build_and_check(state: BuildState, candidate: Candidate) -> bool:
     budget, data, precision = state.budget, state.data, candidate.precision
     row = candidate.row
     row.update(backend=candidate.backend.name, precision=precision)
+    options = replace(state.options, precision=precision)
+    if candidate.threads:
+        row["threads"] = candidate.threads
+        options = replace(options, threads=candidate.threads)
     if precision == "int8" and data.calibration is None:
         row.update(reason="no calibration data (give --calib DATA)")
         return False
     started = time.perf_counter()
     try:
-        engine = build_engine(state, replace(state.options, precision=precision),
-                              data.calibration if precision == "int8" else None, backend=candidate.backend)
+        engine = build_engine(state, options, data.calibration if precision == "int8" else None,
+                              backend=candidate.backend)
     except EnginesmithError as exc:
         row.update(reason=f"build failed: {exc}", build_s=round(time.perf_counter() - started, 3))
         return False

@@ -9,7 +9,6 @@ stage, and records the seconds each took in ``checks["stages"]``.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -18,6 +17,7 @@ from pathlib import Path
 from ..backends.base import ProgressCallback
 from ..build_inputs import StoredSamples, resolve_build_inputs, samples_to_store
 from ..errors import BuildError, EnginesmithError, VerificationFailedError
+from ..host import usable_cores
 from ..importers import ImportOptions, import_model
 from ..precision_data import prepare_precision_data
 from ..runtime.engine import Engine
@@ -79,14 +79,6 @@ ONNX_EXPORT_CHOICES = ("auto", "alongside", "before")
 # ``auto`` runs it alongside from this many usable CPU cores: with two, the child process (its torch import
 # included) takes the core Inductor compiles on, and builds/torch_source_build.py measured it slower there.
 ALONGSIDE_MIN_CORES = 4
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
 
 
 def builds_from_torch_source(state: BuildState, backend) -> bool:
