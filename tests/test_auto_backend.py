@@ -374,7 +374,13 @@ def test_one_thread_onnx_runtime_is_a_candidate_and_wins_when_faster_beyond_the_
         return {label: rounds[label] for label in targets}
 
     kept = auto_build(make_mlp(), close)
-    assert kept.manifest.build_options.get("threads") is None and kept.manifest.checks["backend_candidates"][0]["chosen"]
+    assert kept.manifest.checks["backend_candidates"][0]["chosen"] and kept.manifest.build_options["requested"]["threads"] is None
+    # a rebuild of the one-thread winner selects again, from the threads asked for (none), not from its pick
+    assert engine.manifest.build_options["requested"]["threads"] is None
+    rebuilt = run_build(BuildRequest(tmp_path / "m.engine", output=tmp_path / "r.engine"), timer=close)
+    rows = rebuilt.manifest.checks["backend_candidates"]
+    assert [row.get("threads") for row in rows] == [None, None, 1] and rows[0]["chosen"]
+    assert rebuilt.manifest.build_options["requested"]["threads"] is None
     named = auto_build(make_mlp(), fake_timer({"onnxruntime": 1.0, "openvino": 2.0}), threads=2)
     assert [row.get("threads") for row in named.manifest.checks["backend_candidates"]] == [None, None]
 

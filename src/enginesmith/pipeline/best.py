@@ -169,6 +169,9 @@ def _build_and_check(state: BuildState, candidate: Candidate) -> bool:
         row.update(reason=f"build failed: {exc}", build_s=round(time.perf_counter() - started, 3))
         return False
     row["build_s"] = round(time.perf_counter() - started, 3)
+    if candidate.threads:
+        # A rebuild starts from what was asked, not from auto's pick: the thread count is chosen again there.
+        engine.manifest.build_options["requested"]["threads"] = state.options.threads
     if engine.precision != precision:
         # The backend kept another precision (fp16 on a CPU provider): that engine is another candidate's.
         row.update(reason=f"the backend built {engine.precision} instead (see the build log)")
