@@ -16,6 +16,7 @@
 #                                  with --backend torch --precision fp16), else every model in .gpu_detect/models,
 #                                  else the colour detector at 640 and nudenet; 200 frames each -> $OUT/detect_cuda.json
 #   scripts/gpu_detect.sh all      tests, then run
+#   scripts/gpu_detect.sh probe [ARGS]   scripts/gpu_detect_probe.py: where the time of 4 batched sources goes
 # Output: $OUT/detect_cuda.json (copy to benchmarks/results/), $OUT/log.txt, $OUT/tests_cuda.txt.
 # Extra flags for benchmarks/detect.py in DETECT_ARGS (e.g. "--frames 400 --sources 8").
 set -u
@@ -81,6 +82,11 @@ PY
     $PY benchmarks/detect.py --dry-run --frames 20 $(models "$@") ${DETECT_ARGS:-} --json "$OUT/detect_dry_run.json" 2>&1 \
       | grep -v -e '^W[0-9]' -e 'Warning' | tee -a "$OUT/log.txt"
     ;;
+  probe)
+    site
+    timeout -k 10 ${PROBE_TIMEOUT:-300} $PY scripts/gpu_detect_probe.py --json "$OUT/detect_probe.json" "$@" 2>&1 \
+      | grep -v -e '^W[0-9]' -e 'Warning' | tee -a "$OUT/log.txt"
+    ;;
   tests|run|all)
     site
     $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')
@@ -100,5 +106,5 @@ except ImportError: print('no OpenCV: fine for the device path (synthetic frames
         --json "$OUT/detect_cuda.json" 2>&1 | grep -v -e '^W[0-9]' -e 'Warning' | tee -a "$OUT/log.txt"
     fi
     ;;
-  *) echo "usage: $0 prepare [MODEL...] | dry | tests | run | all" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare [MODEL...] | dry | tests | run | all | probe" >&2; exit 2 ;;
 esac

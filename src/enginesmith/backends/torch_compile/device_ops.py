@@ -28,17 +28,28 @@ class TorchDeviceOps(DeviceOps):
         except ImportError:
             batched_nms = None
         self._batched_nms = batched_nms
-        self._local = threading.local()  # per thread: pinned staging buffers
+        self._local = threading.local()  # per thread: pinned staging buffers, the upload stream
 
-    def _staging(self, shape: tuple) -> Any:
-        """This thread's pinned host buffer for a batch of frames of one shape (reused call after call)."""
-        buffers = self._local.__dict__.setdefault("pinned", {})
-        staging = buffers.get(shape)
-        if staging is None:
-            if len(buffers) > 8:
-                buffers.clear()
-            staging = buffers[shape] = self._torch.empty(shape, dtype=self._torch.uint8, pin_memory=True)
-        return staging
+    def _staging(self, shape: tuple) -> list:
+        """The next of this thread's pinned host buffers for a batch of frames of one shape, and the event its
+        last upload recorded. Two per shape go round: one is filled while the other's copy may still run."""
+        rings = self._local.__dict__.setdefault("pinned", {})
+        ring = rings.get(shape)
+        if ring is None:
+            if len(rings) > 8:
+                rings.clear()
+            torch = self._torch
+            ring = rings[shape] = [[torch.empty(shape, dtype=torch.uint8, pin_memory=True), None] for _ in range(2)]
+        ring.append(ring.pop(0))
+        return ring[-1]
+
+    def _upload_stream(self) -> Any:
+        """This thread's stream for host-to-device copies: a copy on the compute stream would wait behind the
+        inference queued there (another thread's), and a synchronous copy would hold this thread as long."""
+        stream = self._local.__dict__.get("stream")
+        if stream is None:
+            stream = self._local.stream = self._torch.cuda.Stream(self._device)
+        return stream
 
     def _upload(self, frames: Sequence[np.ndarray]) -> list[tuple[list[int], Any]]:
         """(rows, [n, C, H, W] float32 on the device) per frame shape: frames of one shape go up in one copy."""
@@ -49,11 +60,19 @@ class TorchDeviceOps(DeviceOps):
         uploaded = []
         for shape, rows in groups.items():
             if self._device.type == "cuda":
-                staging = self._staging((len(rows), *shape))
+                slot = self._staging((len(rows), *shape))
+                staging, copied = slot
+                if copied is not None:
+                    copied.synchronize()  # the copy that last read this buffer is done before it is refilled
                 host = staging.numpy()
-                for slot, row in enumerate(rows):
-                    np.copyto(host[slot], frames[row], casting="no")
-                on_device = staging.to(self._device)  # synchronous: the staging buffer is reused by the next call
+                for index, row in enumerate(rows):
+                    np.copyto(host[index], frames[row], casting="no")
+                stream, compute = self._upload_stream(), torch.cuda.current_stream(self._device)
+                with torch.cuda.stream(stream):
+                    on_device = staging.to(self._device, non_blocking=True)
+                slot[1] = stream.record_event()
+                compute.wait_stream(stream)  # the device waits for the copy; this thread does not
+                on_device.record_stream(compute)  # made on the copy stream, used on the compute stream
             else:
                 on_device = torch.from_numpy(np.stack([frames[row] for row in rows]))
             uploaded.append((rows, on_device.reshape(len(rows), shape[0], shape[1], -1).permute(0, 3, 1, 2).float()))
