@@ -389,10 +389,11 @@ def device_engines(models: list[Path] | None, device: str, sources: int, dry_run
     A model that fails to load or build is added to ``skipped``."""
     precision = "fp32" if dry_run else "fp16"
 
-    def build(path: Path, batches: list[int] | None = None, shape: tuple[int, ...] | None = None) -> es.Engine:
+    def build(path: Path, batches: list[int] | None = None, shape: tuple[int, ...] | None = None,
+              imports: es.ImportOptions | None = None) -> es.Engine:
         options = {"device": device, **({"compile": "eager"} if dry_run else {"mode": mode}),
                    **({"batches": batches} if batches else {})}
-        imports = es.ImportOptions(input_shapes={"images": shape}) if shape else None
+        imports = imports or (es.ImportOptions(input_shapes={"images": shape}) if shape else None)
         return es.build(path, backend="torch", precision=precision, backend_options=options, import_options=imports)
 
     engines = []
@@ -401,9 +402,16 @@ def device_engines(models: list[Path] | None, device: str, sources: int, dry_run
             if model.suffix == ".engine":
                 engine = es.load(model, trust_code=True)
                 engines.append((model.name, engine, engine))
+                continue
+            image = onnx.load(str(model), load_external_data=False).graph.input[0]
+            if image.type.tensor_type.shape.dim[0].dim_value == 1:
+                # Exported with its batch fixed at 1 (TF OD API, ultralytics' default): N sources would run as N
+                # calls, so the batch axis is made dynamic (checked item by item against the original).
+                name = f"{model.name} (batch made dynamic) torch {precision}"
+                engine = build(model, batches=[1, sources], imports=es.ImportOptions(dynamic_axes={image.name: [0]}))
             else:
-                engine = build(model, batches=[1, sources])
-                engines.append((f"{model.name} torch {precision}", engine, engine))
+                name, engine = f"{model.name} torch {precision}", build(model, batches=[1, sources])
+            engines.append((name, engine, engine))
         except Exception as exc:  # noqa: BLE001 - one model that cannot be built must not end the run
             skip(skipped, model.name, exc)
     if models:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -142,12 +143,16 @@ def main() -> None:
     n = args.sources
     started = time.perf_counter()
     options = {"device": args.device, "batches": [1, n], **({"mode": args.mode} if args.device != "cpu" else {"compile": "eager"})}
+    image = onnx.load(str(args.model), load_external_data=False).graph.input[0]
+    fixed_one = image.type.tensor_type.shape.dim[0].dim_value == 1  # then the batch axis is made dynamic
     engine = es.build(args.model, backend="torch", precision="fp16" if args.device != "cpu" else "fp32",
-                      backend_options=options)
-    print(f"built {args.model.name} in {time.perf_counter() - started:.1f} s", flush=True)
+                      backend_options=options,
+                      import_options=es.ImportOptions(dynamic_axes={image.name: [0]}) if fixed_one else None)
+    print(f"built {args.model.name} in {time.perf_counter() - started:.1f} s; engine batch {engine.max_batch or 'dynamic'}"
+          + (" (made dynamic)" if fixed_one else ""), flush=True)
     detector = vision.Detector(engine, vision.DetectorSettings(conf=0.25, on_device=True))
     pictures = [SCENE.render(i)[0] for i in range(8)]
-    report: dict = {"model": args.model.name, "sources": n, "frames": args.frames, "device": args.device,
+    report: dict = {"model": args.model.name, "engine_batch": engine.max_batch, "made_dynamic": fixed_one, "sources": n, "frames": args.frames, "device": args.device,
                     "switch_interval_s": sys.getswitchinterval()}
     report["engine_main_thread"] = {"batch1": engine_calls(detector, pictures[:1], 60),
                                     f"batch{n}": engine_calls(detector, pictures[:n], 60)}

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -168,6 +169,26 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
     recompiled = es.load(path)
     assert recompiled._session.cache_info.startswith("compiler cache not used")
     assert_matches_onnxruntime(recompiled, model, batches=(3,))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need ENGINESMITH_TEST_DEVICE=cuda")
+def test_cuda_engines_replay_their_own_graphs_from_any_thread(tmp_path):
+    """Captured graphs (not Inductor's per-thread graph trees): the same answers from a thread that did not build
+    or load the engine, before and after a save and load."""
+    model = make_mlp()
+    engine = es.build(model, backend="torch", backend_options=COMPILED)
+    assert any("captured in CUDA graphs for batches 1, 3" in line for line in engine.manifest.build_log)
+    loaded = es.load(engine.save(tmp_path / "mlp.engine"), trust_code=True)
+    assert "cuda_graphs" in loaded._session.load_steps
+    x = np.random.default_rng(3).standard_normal((3, 6)).astype(np.float32)
+    expected = run_plain(model, {"x": x})["probs"]
+    for candidate in (engine, loaded):
+        answers: list[np.ndarray] = []
+        worker = threading.Thread(target=lambda: answers.extend(candidate(x=x[i : i + 1])["probs"] for i in range(3)))
+        worker.start()
+        worker.join()
+        np.testing.assert_allclose(np.concatenate(answers), expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(candidate(x=x)["probs"], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_run_torch_keeps_tensors_on_the_device_and_takes_dlpack():

@@ -81,6 +81,17 @@ def test_jsonl_goes_to_stdout_by_default_and_max_frames_stops(colour_engine, cap
     assert len(lines) == 5 and all(json.loads(line)["source"] == "synthetic:frames=50" for line in lines)
 
 
+def test_sources_beyond_a_fixed_batch_get_a_note_naming_the_rebuild(colour_engine, capsys) -> None:
+    assert main(["detect", str(colour_engine), "--source", "synthetic:frames=2,seed=1", "--source",
+                 "synthetic:frames=2,seed=2", "--jsonl", "-"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 4
+    assert ("this engine takes 1 frame per call (its batch is fixed), so 2 sources run as 2 calls per round"
+            in captured.err) and "--dynamic images:0" in captured.err
+    assert main(["detect", str(colour_engine), "--source", "synthetic:frames=2", "--jsonl", "-"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_several_sources_are_batched_into_one_engine_call(detector) -> None:
     calls: list[int] = []
     inner = detector._infer

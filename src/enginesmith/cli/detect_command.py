@@ -133,6 +133,9 @@ def detect(
     elif save is not None:
         check_output(save, inputs=inputs, force=force, flag="--save")
     detector = _detector(engine_path, trust_code, head, names, conf, iou, size)
+    note = detector.batching_note(len(source))
+    if note and not quiet:
+        typer.echo(f"note: {note}", err=True)
     settings = CaptureSettings(width, height, fps, reconnect=reconnect)
     with ExitStack() as stack:
         sources = []

@@ -110,6 +110,17 @@ class Detector:
             scale=spec.scale, mean=spec.mean, std=spec.std, layout=spec.layout, dtype=spec.dtype)
         return {self.input_name: batch}, placements
 
+    def batching_note(self, sources: int) -> str | None:
+        """What to tell a user whose sources outnumber the frames one engine call takes (the engine splits the
+        batch into several calls), and how to batch them; None when they fit."""
+        per_call = self.engine.max_batch
+        if per_call is None or sources <= per_call:
+            return None
+        calls = -(-sources // per_call)
+        return (f"this engine takes {per_call} frame{'s' if per_call > 1 else ''} per call (its batch is fixed), so "
+                f"{sources} sources run as {calls} calls per round; to batch them into one call, build it again with a "
+                f"dynamic batch: enginesmith build MODEL --dynamic {self.input_name}:0")
+
     def batch_buffer(self, frames: int) -> np.ndarray | None:
         """An input batch buffer for up to ``frames`` frames, to reuse across :meth:`preprocess` calls
         (fresh multi-megabyte arrays cost page faults on every batch); None when batches are made on the device."""

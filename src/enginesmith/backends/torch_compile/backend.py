@@ -23,7 +23,8 @@ from .common import (CACHES_ENV, EXTRA_HINT, PAYLOAD_FORMAT, PAYLOAD_NAME, TORCH
                      _nvidia_present, _torch, _torch_dtype, _triton_version, device_facts, example_inputs,
                      resolve_device)
 from .compile import (_aoti_compile, _aoti_load, _benchmark_limit, _cache_tag, _fresh_artifacts, _fused_module,
-                      _GraphedRunner, _set_cudnn_benchmark, _set_fp32_math, _warm, compile_module, needs_rewrite)
+                      _GraphedRunner, _set_cudnn_benchmark, _set_fp32_math, _warm, captured_graphs, compile_module,
+                      needs_rewrite)
 from .export import _has_conv2d, _wrapper_class, export_program, served_shapes, shape_text, specialized_dims
 from .native import retarget_program, source_module, usable_source
 from .onnx_convert import onnx_to_torch, op_status, retarget_casts
@@ -186,6 +187,9 @@ class TorchCompileBackend(Backend):
             "warm_batches": warm,
             "dynamic": bool(dynamic),
             "cudagraphs": cudagraphs,
+            # Inductor engines capture their CUDA graphs themselves (a plain graph per batch: see
+            # compile._GraphedRunner), not through Inductor's graph trees. Absent in engines built before.
+            "graphs": "captured" if cudagraphs and kind == "inductor" else None,
             "channels_last": bool(channels_last),
             "tf32": bool(bo.get("tf32", False)) and precision == "fp32",
             "cudnn_benchmark": bool(bo.get("cudnn_benchmark", True)) and cuda,
@@ -316,6 +320,8 @@ class TorchCompileBackend(Backend):
                     raise BuildError(f"Inductor could not compile the model: {_compile_failure(exc)}") from None
                 saved = torch.compiler.save_cache_artifacts()
             cache = saved[0] if saved else None
+            if captured_graphs(meta):
+                compiled = _GraphedRunner(compiled, signature, device, meta["batches"], log, meta.get("example_shapes"))
             where = "CUDA, fixed batches " + ", ".join(map(str, meta["batches"])) if cuda else (
                 "CPU, dynamic batch" if meta["dynamic"] else "CPU")
             log.append(
@@ -476,6 +482,14 @@ class TorchCompileBackend(Backend):
             with _cache_tag(meta["tag"]):
                 for batch, seconds in _warm(compiled, meta, signature, meta["device"]).items():
                     steps[f"compile_batch_{batch}"] = seconds
+            if captured_graphs(meta):
+                mark = time.perf_counter()
+                notes = []
+                compiled = _GraphedRunner(compiled, signature, meta["device"], meta.get("batches") or [], notes,
+                                          meta.get("example_shapes"))
+                if not compiled.captured:  # the reason goes where a user reads how the engine loaded
+                    info = "; ".join([info, *notes])
+                lap("cuda_graphs", mark)
         session = TorchSession(compiled, eager, meta, signature, load_seconds=time.perf_counter() - started, cache_info=info)
         session.load_steps = steps
         return session

@@ -80,10 +80,17 @@ def _benchmark_limit(value: Any) -> int | None:
     return limit
 
 
+def captured_graphs(meta: Mapping[str, Any]) -> bool:
+    """Whether the engine replays CUDA graphs it captured itself (one per compiled batch) rather than Inductor's
+    graph trees, whose replays cost more CPU per call and are kept per thread (a serving or pipeline thread
+    records every graph again)."""
+    return meta.get("graphs") == "captured" and meta["device"].startswith("cuda") and meta["compile"] == "inductor"
+
+
 def inductor_options(meta: Mapping[str, Any]) -> dict[str, Any]:
     torch = _torch()
     options = dict(torch._inductor.list_mode_options(meta["mode"]))
-    if not meta["device"].startswith("cuda"):
+    if not meta["device"].startswith("cuda") or captured_graphs(meta):
         options.pop("triton.cudagraphs", None)
     options.update(meta.get("inductor") or {})
     return options
@@ -132,7 +139,7 @@ def _warm(fn, meta: Mapping[str, Any], signature: Signature, device: str) -> dic
         inputs = example_inputs(signature, batch, device, seed=batch, known=meta.get("example_shapes"))
         started = time.perf_counter()
         with torch.no_grad():
-            for _ in range(3 if meta.get("cudagraphs") else 1):
+            for _ in range(3 if meta.get("cudagraphs") and not captured_graphs(meta) else 1):
                 fn(*inputs)
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
@@ -150,11 +157,13 @@ def _aoti_compile(program, meta: Mapping[str, Any], tmp: str) -> bytes:
 
 
 class _GraphedRunner:
-    """CUDA graphs around a runner (an AOTInductor model) for fixed batch sizes.
+    """CUDA graphs around a runner (an AOTInductor model, or an Inductor-compiled module) for fixed batch sizes.
 
-    AOTInductor has no CUDA-graph support of its own, and at batch 1 kernel launches
-    dominate; each compiled batch size is captured once and replayed with its inputs
-    copied into the graph's static buffers. Other shapes call the runner directly.
+    At small batches kernel launches dominate; each compiled batch size is captured once and
+    replayed with its inputs copied into the graph's static buffers. AOTInductor has no CUDA
+    graphs of its own; for torch.compile'd modules this replaces Inductor's graph trees, whose
+    replay runs guards and bookkeeping in Python on every call and whose graphs belong to the
+    thread that recorded them (a pipeline's or server's worker thread records them all again). Other shapes call the runner directly.
     """
 
     def __init__(self, runner, signature: Signature, device: str, batches: list[int], log: list[str],
@@ -172,10 +181,11 @@ class _GraphedRunner:
                         runner(*static)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph), torch.no_grad():
+                # thread_local: CUDA work of other threads (a server's other engines) does not break the capture.
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
                     outputs = runner(*static)
             except Exception as exc:  # noqa: BLE001 - capture is an optimization; run uncaptured instead
-                log.append(f"CUDA graph capture of the AOTInductor model failed at batch {batch}: "
+                log.append(f"CUDA graph capture of the compiled model failed at batch {batch}: "
                            f"{_first_line(exc)[:200]}; it runs without CUDA graphs")
                 torch.cuda.synchronize(device)
                 self._graphs.clear()
@@ -183,7 +193,7 @@ class _GraphedRunner:
             outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
             self._graphs[tuple(tuple(t.shape) for t in static)] = (graph, static, outs)
         if self._graphs:
-            log.append(f"AOTInductor model captured in CUDA graphs for batches {', '.join(map(str, batches))}")
+            log.append(f"compiled model captured in CUDA graphs for batches {', '.join(map(str, batches))}")
 
     @property
     def captured(self) -> bool:
