@@ -31,6 +31,7 @@ from ._onnx import (
     produced_tensors,
     random_array,
     rename_uses,
+    unique_name,
     user_inputs,
     with_outputs,
 )
@@ -139,14 +140,6 @@ def remove_training_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
                     graph.value_info.remove(value)
 
 
-def _unique_name(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
 @register("fold_batchnorm", "fold inference BatchNormalization into the preceding Conv or Gemm weights", default=True)
 def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     out = _copy(model)
@@ -194,8 +187,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
             new_bias = ((beta * old_bias if old_bias is not None else 0.0) - mean) * factor + bias
             _set_attr(prev, "beta", 1.0)
         dtype = weight.dtype
-        w_name = _unique_name(f"{prev.input[1]}_bnfolded", taken)
-        b_name = _unique_name(f"{prev.name or prev.op_type}_bias_bnfolded", taken)
+        w_name = unique_name(f"{prev.input[1]}_bnfolded", taken)
+        b_name = unique_name(f"{prev.name or prev.op_type}_bias_bnfolded", taken)
         new_inits += [numpy_helper.from_array(new_weight.astype(dtype), w_name),
                       numpy_helper.from_array(np.asarray(new_bias).astype(dtype), b_name)]
         prev.input[1] = w_name
@@ -562,8 +555,9 @@ def _check_items(
     try:
         singles = [cache.run(before, item, extra) for item in items]
     except Exception as exc:  # noqa: BLE001
-        return CheckResult(False, f"{UNCHECKABLE}: ONNX Runtime cannot run the model before the pass on another item "
-                                  f"({_error_line(exc)})")
+        # Not UNCHECKABLE: that would hold back every later pass, while only this one lacks a reference.
+        return CheckResult(False, f"the batch cannot be checked item by item: ONNX Runtime cannot run the model before "
+                                  f"the pass on a generated item ({_error_line(exc)})")
     try:
         got = cache.run(after, post_feeds)
     except Exception as exc:  # noqa: BLE001

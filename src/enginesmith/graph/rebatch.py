@@ -11,33 +11,30 @@ model at batch 1) to decide, not for this rewrite.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._onnx import TensorTypes, all_tensor_names, consumers, infer_shapes, listing
+from ._onnx import TensorTypes, all_tensor_names, consumers, infer_shapes, listing, unique_name
 
 
-def _unique(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
-def _constant_tensor(graph: onnx.GraphProto, name: str, inputs: set[str]) -> onnx.TensorProto | None:
-    """The fixed value of tensor ``name`` (an initializer no input overrides, or a Constant node's value)."""
-    if name in inputs:
-        return None
-    for init in graph.initializer:
-        if init.name == name:
-            return init
+def _constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Tensors whose value is fixed: initializers no graph input overrides, and Constant nodes' values."""
+    inputs = {v.name for v in graph.input}
+    fixed = {t.name: t for t in graph.initializer if t.name not in inputs}
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and list(node.output) == [name]:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
             for attr in node.attribute:
                 if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    return attr.t
-    return None
+                    fixed[node.output[0]] = attr.t
+    return fixed
+
+
+def _values(tensor: onnx.TensorProto) -> np.ndarray | None:
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception:  # noqa: BLE001 - external data not loaded, odd storage: leave it alone
+        return None
 
 
 def _reshape_allowzero(node: onnx.NodeProto) -> int:
@@ -57,7 +54,7 @@ def carry_batch(model: onnx.ModelProto, batch_inputs: set[str]) -> tuple[onnx.Mo
         return out, []
     graph = out.graph
     dims = TensorTypes(infer_shapes(model))
-    inputs = {v.name for v in graph.input}
+    constants = _constant_tensors(graph)
     readers = consumers(graph)
     outputs = {o.name for o in graph.output}
     taken = all_tensor_names(graph)
@@ -70,17 +67,15 @@ def carry_batch(model: onnx.ModelProto, batch_inputs: set[str]) -> tuple[onnx.Mo
         data_dims = dims.shape(node.input[0])
         if not data_dims or data_dims[0] != 1:
             continue
-        tensor = _constant_tensor(graph, node.input[1], inputs)
-        if tensor is None:
-            continue
-        target = numpy_helper.to_array(tensor)
-        if target.ndim != 1 or target.size == 0 or target[0] != 1:
+        tensor = constants.get(node.input[1])
+        target = _values(tensor) if tensor is not None else None
+        if target is None or target.ndim != 1 or target.size == 0 or target[0] != 1:
             continue
         new_target = target.copy()
         new_target[0] = 0
         shared = len(readers.get(node.input[1], [])) > 1 or node.input[1] in outputs
         if shared:
-            name = _unique(f"{node.input[1]}_batch", taken)
+            name = unique_name(f"{node.input[1]}_batch", taken)
             graph.initializer.append(numpy_helper.from_array(new_target.astype(target.dtype), name))
             node.input[1] = name
         else:
