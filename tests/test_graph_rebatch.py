@@ -220,3 +220,22 @@ def test_cli_builds_the_ssd_with_a_dynamic_batch_and_runs_four_frames(tf_detecto
             expected = np.concatenate([run(original, {"image_tensor": scenes[i:i + 1]})[name] for i in range(BATCH)])
             assert got[name].shape == expected.shape
             assert float(np.abs(got[name] - expected).max()) <= PER_ITEM_ATOL
+
+
+@pytest.mark.tensorflow
+def test_frozen_graph_built_with_a_dynamic_batch_runs_four_frames_as_four_single_ones(tf_detector, scenes, tmp_path):
+    # tf2onnx cannot convert the graph with its batch unknown (TensorFlow's own Reshapes hold the 1):
+    # the importer converts it at batch 1 and the make_dynamic pass carries the batch.
+    import enginesmith as es
+
+    engine = es.build(MODELS / "ssd_mobilenet_v2_synth_raw.pb", backend="onnxruntime", output=tmp_path / "ssd.engine",
+                      import_options=es.ImportOptions(dynamic_axes={"image_tensor": [0]}))
+    log = "\n".join(engine.manifest.build_log)
+    assert "converted at the graph's own shapes" in log and "6 Reshape target(s)" in log
+    assert [spec.shape for spec in engine.signature.inputs] == [("batch", 160, 160, 3)]
+    got = engine.infer({"image_tensor": scenes})
+    original = onnx.load(tf_detector("ssd_mobilenet_v2_synth_raw"))
+    for name in ("raw_detection_boxes", "raw_detection_scores"):
+        expected = np.concatenate([run(original, {"image_tensor": scenes[i:i + 1]})[name] for i in range(BATCH)])
+        assert got[name].shape == expected.shape
+        assert float(np.abs(got[name] - expected).max()) <= PER_ITEM_ATOL
