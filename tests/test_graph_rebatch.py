@@ -239,3 +239,18 @@ def test_frozen_graph_built_with_a_dynamic_batch_runs_four_frames_as_four_single
         expected = np.concatenate([run(original, {"image_tensor": scenes[i:i + 1]})[name] for i in range(BATCH)])
         assert got[name].shape == expected.shape
         assert float(np.abs(got[name] - expected).max()) <= PER_ITEM_ATOL
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_savedmodel_built_with_a_dynamic_batch_keeps_its_items_apart(scenes, tmp_path):
+    pytest.importorskip("tensorflow")
+    import enginesmith as es
+
+    engine = es.build(MODELS / "ssd_mobilenet_v2_synth_savedmodel", backend="onnxruntime",
+                      output=tmp_path / "ssd.engine", import_options=es.ImportOptions(dynamic_axes={"image_tensor": [0]}))
+    assert "converted at the graph's own shapes" in "\n".join(engine.manifest.build_log)
+    together = engine.infer({"image_tensor": scenes})
+    alone = [engine.infer({"image_tensor": scenes[i:i + 1]}) for i in range(BATCH)]
+    for name, value in together.items():
+        np.testing.assert_allclose(value, np.concatenate([single[name] for single in alone]), rtol=0, atol=PER_ITEM_ATOL)
