@@ -150,6 +150,33 @@ def test_surgeon_rolled_back_edit_exits_1_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "baked.surgeon.onnx").exists()
 
 
+
+def _batch_one_flatten(transpose_first: bool) -> onnx.ModelProto:
+    """x[1, 2, 4] -> Reshape([1, -1]) -> y[1, 8], optionally behind a Transpose that puts axis 1 first."""
+    from onnx import numpy_helper
+
+    nodes = [helper.make_node("Reshape", ["t" if transpose_first else "x", "target"], ["y"], name="flatten")]
+    if transpose_first:
+        nodes.insert(0, helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2], name="swap"))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                  [numpy_helper.from_array(np.array([1, -1], np.int64), "target")])
+
+
+def test_surgeon_dynamic_batch_of_a_batch_one_export(tmp_path, capsys):
+    path, target = tmp_path / "flat.onnx", tmp_path / "dynamic.onnx"
+    onnx.save(_batch_one_flatten(transpose_first=False), path)
+    assert main(["surgeon", str(path), "-o", str(target), "--dynamic", "x:0", "--no-optimize"]) == 0
+    assert "batch carried through 1 Reshape target(s) [1, ...] -> [0, ...]: flatten" in flat(capsys.readouterr().out)
+    x = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float32)
+    np.testing.assert_array_equal(run(onnx.load(target), {"x": x})["y"], x.reshape(3, 8))
+    # Behind the Transpose the same Reshape would mix the items: refused, nothing written.
+    onnx.save(_batch_one_flatten(transpose_first=True), path)
+    target.unlink()
+    assert main(["surgeon", str(path), "-o", str(target), "--dynamic", "x:0", "--no-optimize"]) == 1
+    out = flat(capsys.readouterr().out)
+    assert "rolled back" in out and "mixes batch items" in out and not target.exists()
+
 def test_surgeon_lists_passes(capsys):
     assert main(["surgeon", "--list-passes", "whatever.onnx"]) == 0
     out = flat(capsys.readouterr().out)

@@ -179,7 +179,8 @@ def print_pass_summary(summary: PassSummary, title: str = "graph passes") -> Non
     for r in summary.results:
         diff = f"{r.max_abs_diff:.2e}" if r.max_abs_diff is not None else ""
         passes.add_row(r.name, f"[{styles.get(r.status, '')}]{r.status.replace('_', ' ')}[/]",
-                       f"{r.nodes_before} -> {r.nodes_after}", diff, escape(r.reason))
+                       f"{r.nodes_before} -> {r.nodes_after}", diff,
+                       escape("; ".join(text for text in (r.reason, *r.notes) if text)))
     console.print(passes)
     console.print(escape(summary.summary()) + ("" if summary.checked else " (outputs NOT checked: --no-check)"),
                   highlight=False)

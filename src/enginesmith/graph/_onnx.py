@@ -115,6 +115,15 @@ def all_tensor_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``... whichever is not in ``taken`` (then added to it)."""
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
 def closest(name: str, candidates: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for a near miss, else ``""``."""
     candidates = list(candidates)

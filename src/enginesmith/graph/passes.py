@@ -31,10 +31,11 @@ from ._onnx import (
     produced_tensors,
     random_array,
     rename_uses,
+    unique_name,
     user_inputs,
     with_outputs,
 )
-from .surgery import GraphSurgeryError, convert_opset, cut_subgraph, fix_shapes, make_dynamic, rename_io
+from .surgery import GraphSurgeryError, convert_opset, cut_subgraph, fix_shapes, make_dynamic_noted, rename_io
 
 PassSpec = str | tuple[str, Mapping[str, Any]]
 GRAPH_EXTRA = "pip install 'enginesmith[graph]'"
@@ -43,7 +44,8 @@ GRAPH_EXTRA = "pip install 'enginesmith[graph]'"
 @dataclass(frozen=True)
 class GraphPass:
     name: str
-    func: Callable[..., onnx.ModelProto]
+    # Returns the new model, or (the new model, notes on what it rewrote for the build log).
+    func: Callable[..., onnx.ModelProto | tuple[onnx.ModelProto, list[str]]]
     description: str
     # Run by ``build`` unless turned off.
     default: bool = False
@@ -138,14 +140,6 @@ def remove_training_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
                     graph.value_info.remove(value)
 
 
-def _unique_name(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
 @register("fold_batchnorm", "fold inference BatchNormalization into the preceding Conv or Gemm weights", default=True)
 def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     out = _copy(model)
@@ -193,8 +187,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
             new_bias = ((beta * old_bias if old_bias is not None else 0.0) - mean) * factor + bias
             _set_attr(prev, "beta", 1.0)
         dtype = weight.dtype
-        w_name = _unique_name(f"{prev.input[1]}_bnfolded", taken)
-        b_name = _unique_name(f"{prev.name or prev.op_type}_bias_bnfolded", taken)
+        w_name = unique_name(f"{prev.input[1]}_bnfolded", taken)
+        b_name = unique_name(f"{prev.name or prev.op_type}_bias_bnfolded", taken)
         new_inits += [numpy_helper.from_array(new_weight.astype(dtype), w_name),
                       numpy_helper.from_array(np.asarray(new_bias).astype(dtype), b_name)]
         prev.input[1] = w_name
@@ -278,9 +272,10 @@ def _fix_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> 
     return fix_shapes(model, shapes)
 
 
-@register("make_dynamic", "mark input axes dynamic: axes={'x': [0]}", needs_args=True)
-def _make_dynamic(model: onnx.ModelProto, axes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    return make_dynamic(model, axes)
+@register("make_dynamic", "mark input axes dynamic: axes={'x': [0]} (a batch-1 export's Reshapes then carry the batch)",
+          needs_args=True)
+def _make_dynamic(model: onnx.ModelProto, axes: Mapping[str, Sequence[int]]) -> tuple[onnx.ModelProto, list[str]]:
+    return make_dynamic_noted(model, axes)
 
 
 @register("convert_opset", "convert to another default-domain opset: opset=17", needs_args=True)
@@ -381,9 +376,11 @@ def check_equivalent(
 
     Inputs and outputs are matched by name; a renamed one by position; a tensor that is an
     intermediate of ``before`` (after a cut) is read from ``before``'s run. Symbolic dimensions
-    get ``batch`` on axis 0 and ``other_dims`` elsewhere; dimensions ``after`` made dynamic are
-    also run once at another size. ``feeds`` (sample inputs by name) are used instead of
-    generated inputs wherever their shapes fit both models.
+    get ``batch`` on axis 0 and ``other_dims`` elsewhere. Dimensions ``after`` made dynamic are
+    also run once at another size; an axis 0 that was fixed at 1 (a batch) is run at
+    :data:`ITEMS_CHECKED` distinct items, each item's outputs compared with ``before`` run on that
+    item alone (a model that runs at batch N but mixes its items fails). ``feeds`` (sample inputs
+    by name) are used instead of generated inputs wherever their shapes fit both models.
     """
     tolerance = tolerance or PassTolerance()
     cache = cache or _Cache()
@@ -470,27 +467,23 @@ def check_equivalent(
         return CheckResult(False, f"the model after the pass does not run: {_error_line(exc)}")
     worst = 0.0
     for name, src in out_map.items():
-        ref, val = np.asarray(reference[src]), np.asarray(got[name])
-        if ref.shape != val.shape:
-            return CheckResult(False, f"output '{name}' has shape {val.shape}, was {ref.shape}")
-        if ref.dtype != val.dtype:
-            return CheckResult(False, f"output '{name}' has dtype {val.dtype}, was {ref.dtype}")
-        if ref.dtype.kind == "f":
-            r, v = ref.astype(np.float64), val.astype(np.float64)
-            finite = np.isfinite(r)
-            scale = float(np.abs(r[finite]).max(initial=0.0))
-            diff = np.abs(r - v)
-            bad_nan = np.isnan(r) != np.isnan(v)
-            close = np.where(finite, diff <= tolerance.atol * max(1.0, scale) + tolerance.rtol * np.abs(r), r == v)
-            max_abs = float(np.where(finite & np.isfinite(v), diff, 0.0).max(initial=0.0))
-            worst = max(worst, max_abs)
-            if bad_nan.any() or not bool(np.all(close | (np.isnan(r) & np.isnan(v)))):
-                return CheckResult(False, f"output '{name}' differs: max abs diff {max_abs:.3g} "
-                                          f"(values up to {scale:.3g}; tolerance rtol {tolerance.rtol:g}, atol {tolerance.atol:g})",
-                                   max_abs)
-        elif not np.array_equal(ref, val):
-            return CheckResult(False, f"output '{name}' differs in {int(np.sum(ref != val))} of {ref.size} values")
-    # Axes the pass made dynamic must accept another size.
+        problem, max_abs = _compare(np.asarray(reference[src]), np.asarray(got[name]), tolerance)
+        worst = max(worst, max_abs)
+        if problem:
+            return CheckResult(False, f"output '{name}' {problem}", max_abs if problem.startswith("differs:") else None)
+    if not dynamic_axes:
+        return CheckResult(True, "", worst)
+    # A batch (axis 0 fixed at 1) made dynamic is checked item by item; other axes must accept another size.
+    batched = [name for name, axes in dynamic_axes.items()
+               if 0 in axes and post_feeds[name].shape[0] == 1 and in_map[name][0] == "input"]
+    if batched and all(kind == "input" for kind, _ in in_map.values()):
+        outcome = _check_items(before, after, feeds, in_map, out_map, batched, tolerance, cache, rng,
+                               extra=[src for name, src in out_map.items() if src not in pre_out])
+        if not outcome.ok:
+            return outcome
+        worst = max(worst, outcome.max_abs_diff or 0.0)
+        dynamic_axes = {n: [a for a in axes if not (a == 0 and n in batched)] for n, axes in dynamic_axes.items()}
+        dynamic_axes = {n: axes for n, axes in dynamic_axes.items() if axes}
     if dynamic_axes:
         alt = {}
         for name, value in post_feeds.items():
@@ -503,6 +496,91 @@ def check_equivalent(
         except Exception as exc:  # noqa: BLE001
             axes = ", ".join(f"{n} axis {a}" for n, ax in dynamic_axes.items() for a in ax)
             return CheckResult(False, f"the model does not run when the dynamic axes ({axes}) change size: {_error_line(exc)}", worst)
+    return CheckResult(True, "", worst)
+
+
+# How many distinct items a batch made dynamic is checked with (see _check_items).
+ITEMS_CHECKED = 3
+
+
+def _compare(ref: np.ndarray, val: np.ndarray, tolerance: PassTolerance) -> tuple[str, float]:
+    """What is wrong with ``val`` as ``ref`` ("" when they agree within ``tolerance``), and the max abs diff."""
+    if ref.shape != val.shape:
+        return f"has shape {val.shape}, was {ref.shape}", 0.0
+    if ref.dtype != val.dtype:
+        return f"has dtype {val.dtype}, was {ref.dtype}", 0.0
+    if ref.dtype.kind != "f":
+        differ = int(np.sum(ref != val))
+        return (f"differs in {differ} of {ref.size} values" if differ else ""), 0.0
+    r, v = ref.astype(np.float64), val.astype(np.float64)
+    finite = np.isfinite(r)
+    scale = float(np.abs(r[finite]).max(initial=0.0))
+    diff = np.abs(r - v)
+    bad_nan = np.isnan(r) != np.isnan(v)
+    close = np.where(finite, diff <= tolerance.atol * max(1.0, scale) + tolerance.rtol * np.abs(r), r == v)
+    max_abs = float(np.where(finite & np.isfinite(v), diff, 0.0).max(initial=0.0))
+    if bad_nan.any() or not bool(np.all(close | (np.isnan(r) & np.isnan(v)))):
+        return (f"differs: max abs diff {max_abs:.3g} "
+                f"(values up to {scale:.3g}; tolerance rtol {tolerance.rtol:g}, atol {tolerance.atol:g})"), max_abs
+    return "", max_abs
+
+
+def _check_items(
+    before: onnx.ModelProto,
+    after: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    in_map: Mapping[str, tuple[str, str]],
+    out_map: Mapping[str, str],
+    batched: Sequence[str],
+    tolerance: PassTolerance,
+    cache: _Cache,
+    rng: np.random.Generator,
+    extra: Sequence[str] = (),
+) -> CheckResult:
+    """Run ``after`` once on :data:`ITEMS_CHECKED` distinct items stacked on axis 0 of its inputs ``batched``
+    (fixed at 1 in ``before``); each item's slice of every output must be ``before``'s run on that item alone.
+
+    ``feeds`` (by ``before``'s input names) is the first item; the others are generated. Inputs not
+    batched get the same value for every item.
+    """
+    count = ITEMS_CHECKED
+    batched_src = {in_map[name][1] for name in batched}
+    items = [dict(feeds)] + [
+        {name: random_array(value.dtype, value.shape, rng) if name in batched_src else value for name, value in feeds.items()}
+        for _ in range(count - 1)
+    ]
+    post_feeds = {name: (np.concatenate([item[src] for item in items]) if name in batched else feeds[src])
+                  for name, (_, src) in in_map.items()}
+    axes = ", ".join(f"{name} axis 0" for name in batched)
+    try:
+        singles = [cache.run(before, item, extra) for item in items]
+    except Exception as exc:  # noqa: BLE001
+        # Not UNCHECKABLE: that would hold back every later pass, while only this one lacks a reference.
+        return CheckResult(False, f"the batch cannot be checked item by item: ONNX Runtime cannot run the model before "
+                                  f"the pass on a generated item ({_error_line(exc)})")
+    try:
+        got = cache.run(after, post_feeds)
+    except Exception as exc:  # noqa: BLE001
+        return CheckResult(False, f"the model does not run when the dynamic axes ({axes}) change size: {_error_line(exc)}")
+    stays = f"the model stays at batch 1 (checked at batch {count} against each item run alone)"
+    worst = 0.0
+    for name, src in out_map.items():
+        refs = [np.asarray(single[src]) for single in singles]
+        val = np.asarray(got[name])
+        if refs[0].ndim == 0 or refs[0].shape[0] != 1:
+            return CheckResult(False, f"output '{name}' has shape {refs[0].shape} for one item: its dim 0 is not the batch "
+                                      f"(a flat list, e.g. of all detections?), so its items cannot be told apart; {stays}")
+        expected = (count, *refs[0].shape[1:])
+        if val.shape != expected:
+            return CheckResult(False, f"output '{name}' has shape {val.shape} at batch {count}, not {expected}: its dim 0 "
+                                      f"does not follow the batch, so the model mixes batch items (or lists them together); "
+                                      f"{stays}")
+        for index, ref in enumerate(refs):
+            problem, max_abs = _compare(ref, val[index:index + 1], tolerance)
+            worst = max(worst, max_abs)
+            if problem:
+                return CheckResult(False, f"output '{name}' mixes batch items: item {index + 1} of {count} is not what that "
+                                          f"item gives alone at batch 1 ({problem}); {stays}", max_abs or None)
     return CheckResult(True, "", worst)
 
 
@@ -524,6 +602,8 @@ class PassResult:
     max_abs_diff: float | None = None
     seconds: float = 0.0
     args: dict[str, Any] = field(default_factory=dict)
+    # What the pass rewrote besides the obvious (e.g. make_dynamic's batch-1 Reshape targets).
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -566,6 +646,7 @@ class PassSummary:
                 diff = f", max abs diff {r.max_abs_diff:.2g}" if r.max_abs_diff is not None else ""
                 out.append(f"  {r.name}: {r.nodes_before} -> {r.nodes_after} nodes{diff}"
                            + (" (not checked)" if r.status == "unchecked" else ""))
+                out += [f"    {note}" for note in r.notes]
             elif r.status == "rolled_back" and r.reason.startswith(UNCHECKABLE):
                 out.append(f"  {r.name}: not applied: {r.reason}")
             elif r.status in ("rolled_back", "skipped"):
@@ -630,6 +711,8 @@ def optimize(
         started = time.perf_counter()
         try:
             after = graph_pass.func(current, **kwargs)
+            if isinstance(after, tuple):
+                after, result.notes = after[0], list(after[1])
         except GraphSurgeryError:
             raise
         except MissingDependencyError as exc:

@@ -27,6 +27,7 @@ from ._onnx import (
     user_inputs,
     with_outputs,
 )
+from .rebatch import carry_batch
 
 
 class GraphSurgeryError(EnginesmithError):
@@ -152,8 +153,22 @@ def fix_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> o
 
 
 def make_dynamic(model: onnx.ModelProto, axes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    """Mark input axes dynamic (``{"x": [0]}``): axis 0 becomes ``batch``, others ``<input>_d<axis>``."""
-    out = _copy(model)
+    """Mark input axes dynamic (``{"x": [0]}``): axis 0 becomes ``batch``, others ``<input>_d<axis>``.
+
+    An input fixed at batch 1 whose axis 0 becomes dynamic also gets the model's batch-1 Reshape
+    targets rewritten to carry the batch (:func:`~enginesmith.graph.rebatch.carry_batch`).
+    """
+    return make_dynamic_noted(model, axes)[0]
+
+
+def make_dynamic_noted(model: onnx.ModelProto, axes: Mapping[str, Sequence[int]]) -> tuple[onnx.ModelProto, list[str]]:
+    """:func:`make_dynamic`, and what it rewrote besides the inputs (one line per kind of rewrite)."""
+    batch_inputs = set()
+    for name, wanted in axes.items():
+        dims = dims_of(_find_input(model.graph, name, "cannot make an axis dynamic").type)
+        if dims and dims[0] == 1 and any(a in (0, -len(dims)) for a in wanted):
+            batch_inputs.add(name)
+    out, notes = carry_batch(model, batch_inputs)
     graph = out.graph
     for name, wanted in axes.items():
         value = _find_input(graph, name, "cannot make an axis dynamic")
@@ -168,12 +183,12 @@ def make_dynamic(model: onnx.ModelProto, axes: Mapping[str, Sequence[int]]) -> o
             new[axis] = "batch" if axis == 0 else f"{name}_d{axis}"
         _set_dims(value, new)
     try:
-        return _reinfer(out, "dynamic axes " + ", ".join(f"{n}:{list(a)}" for n, a in axes.items()))
+        return _reinfer(out, "dynamic axes " + ", ".join(f"{n}:{list(a)}" for n, a in axes.items())), notes
     except ShapeMismatchError:
         # Dynamic axes can make strict inference fail on nodes that fold shapes into constants;
         # the numerical check of the pass (running the model at another size) decides.
         del out.graph.value_info[:]
-        return infer_shapes(out)
+        return infer_shapes(out), notes
 
 
 def rename_io(model: onnx.ModelProto, mapping: Mapping[str, str]) -> onnx.ModelProto:

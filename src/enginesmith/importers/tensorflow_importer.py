@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -218,6 +219,30 @@ def _shape_override(graph_def: Any, inputs: list[str], options: ImportOptions) -
     return override
 
 
+def _convert_dynamic_or_fixed(
+    convert: Callable[[ImportOptions], onnx.ModelProto], options: ImportOptions
+) -> tuple[onnx.ModelProto, list[str]]:
+    """``convert(options)``; when that fails with dynamic axes asked for, ``convert`` at the graph's own
+    shapes and a log line saying so. The first failure is raised when there are no dynamic axes.
+
+    A graph exported at batch 1 (TF Object Detection API) bakes the 1 into its Reshapes, and
+    TensorFlow's shape inference fails once the axis is unknown. Converted at batch 1, the model gets
+    its dynamic axes from the make_dynamic pass build runs for the same ``dynamic_axes``, which
+    rewrites those Reshapes and checks the result per item.
+    """
+    try:
+        return convert(options), []
+    except EnginesmithError:
+        raise
+    except Exception:  # noqa: BLE001 - tf2onnx raises many kinds
+        if not options.dynamic_axes:
+            raise
+    proto = convert(replace(options, dynamic_axes={}))
+    axes = ", ".join(f"{name}:{list(a)}" for name, a in options.dynamic_axes.items())
+    return proto, [f"tf2onnx cannot convert with dynamic axes {axes}: converted at the graph's own shapes; "
+                   "the make_dynamic graph pass marks them"]
+
+
 def _convert_frozen(path: Path, options: ImportOptions) -> tuple[onnx.ModelProto, list[str]]:
     tf2onnx = cv.tf2onnx()
     graph_def = read_graph_def(path)
@@ -234,20 +259,22 @@ def _convert_frozen(path: Path, options: ImportOptions) -> tuple[onnx.ModelProto
     opset = cv.opset_for(options)
     in_tensors = [cv.tensor_name(n) for n in inputs]
     out_tensors = [cv.tensor_name(n) for n in outputs]
+
+    def convert(opts: ImportOptions) -> onnx.ModelProto:
+        proto, _ = tf2onnx.convert.from_graph_def(
+            stripped, name=path.stem, input_names=in_tensors, output_names=out_tensors, opset=opset,
+            shape_override=_shape_override(graph_def, inputs, opts),
+        )
+        return proto
+
     with cv.quiet(cv.TF_LOGGERS, streams=True) as records:
         try:
-            proto, _ = tf2onnx.convert.from_graph_def(
-                stripped,
-                name=path.stem,
-                input_names=in_tensors,
-                output_names=out_tensors,
-                opset=opset,
-                shape_override=_shape_override(graph_def, inputs, options),
-            )
+            proto, note = _convert_dynamic_or_fixed(convert, options)
         except EnginesmithError:
             raise
         except Exception as exc:  # noqa: BLE001 - tf2onnx raises many kinds
             raise UnsupportedModelError(f"tf2onnx cannot convert '{path.name}': {cv.first_line(exc, 240)}") from None
+    log += note
     log.insert(0, f"converted frozen graph '{path.name}' with tf2onnx {tf2onnx.__version__} from_graph_def, opset {opset}")
     log += cv.converter_errors(records)
     _raise_unknown(proto, path.name)
@@ -359,18 +386,21 @@ def _convert_saved_model(path: Path, options: ImportOptions) -> tuple[onnx.Model
     _, out_names = _signature_names(func)
     opset = cv.opset_for(options)
     with cv.quiet(cv.TF_LOGGERS, streams=True) as records:
-        try:
+        def convert(opts: ImportOptions) -> onnx.ModelProto:
             # What `python -m tf2onnx.convert --saved-model DIR --signature_def KEY` does.
             graph_def, inputs, outputs, tables, renames = tf_loader.from_saved_model(
                 str(path), None, None, tag=["serve"], signatures=[key],
                 return_initialized_tables=True, return_tensors_to_rename=True,
             )
-            override = _saved_model_override(func, inputs, renames, options)
             proto, _ = _convert_common(
                 graph_def, name=path.name, continue_on_error=True, opset=opset,
                 input_names=inputs, output_names=outputs, tensors_to_rename=renames,
-                initialized_tables=tables, shape_override=override,
+                initialized_tables=tables, shape_override=_saved_model_override(func, inputs, renames, opts),
             )
+            return proto
+
+        try:
+            proto, note = _convert_dynamic_or_fixed(convert, options)
         except EnginesmithError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -378,7 +408,7 @@ def _convert_saved_model(path: Path, options: ImportOptions) -> tuple[onnx.Model
                 f"tf2onnx cannot convert signature '{key}' of '{path.name}': {cv.first_line(exc, 240)}"
             ) from None
     log = [f"converted SavedModel '{path.name}' signature '{key}' with tf2onnx {tf2onnx.__version__}, opset {opset}"]
-    log += cv.converter_errors(records)
+    log += note + cv.converter_errors(records)
     _raise_unknown(proto, path.name)
     # tf2onnx names inputs after the TensorSpec names; callers use the argument names.
     spec_to_arg = {spec.name: arg for arg, spec in func.structured_input_signature[1].items() if spec.name and spec.name != arg}
