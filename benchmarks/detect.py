@@ -381,6 +381,17 @@ def skip(skipped: list[dict], model: str, exc: BaseException) -> None:
     skipped.append({"model": model, "error": error})
 
 
+def batch_one_input(model: Path) -> str | None:
+    """The image input's name when the ONNX file fixes its batch at 1; None otherwise, and for a file that cannot be
+    read as ONNX (the build then says why)."""
+    try:
+        image = onnx.load(str(model), load_external_data=False).graph.input[0]
+    except Exception:  # noqa: BLE001 - not ONNX (or unreadable): es.build reports it
+        return None
+    dims = image.type.tensor_type.shape.dim
+    return image.name if dims and dims[0].dim_value == 1 else None
+
+
 def device_engines(models: list[Path] | None, device: str, sources: int, dry_run: bool, mode: str,
                    workdir: Path, skipped: list[dict]) -> list[tuple[str, es.Engine, es.Engine]]:
     """(name, engine for one source, engine for ``sources`` batched) to measure: given engines loaded as they are,
@@ -403,12 +414,12 @@ def device_engines(models: list[Path] | None, device: str, sources: int, dry_run
                 engine = es.load(model, trust_code=True)
                 engines.append((model.name, engine, engine))
                 continue
-            image = onnx.load(str(model), load_external_data=False).graph.input[0]
-            if image.type.tensor_type.shape.dim[0].dim_value == 1:
+            image = batch_one_input(model)
+            if image is not None:
                 # Exported with its batch fixed at 1 (TF OD API, ultralytics' default): N sources would run as N
                 # calls, so the batch axis is made dynamic (checked item by item against the original).
                 name = f"{model.name} (batch made dynamic) torch {precision}"
-                engine = build(model, batches=[1, sources], imports=es.ImportOptions(dynamic_axes={image.name: [0]}))
+                engine = build(model, batches=[1, sources], imports=es.ImportOptions(dynamic_axes={image: [0]}))
             else:
                 name, engine = f"{model.name} torch {precision}", build(model, batches=[1, sources])
             engines.append((name, engine, engine))

@@ -114,6 +114,21 @@ def test_nms_selects_what_onnxruntime_selects(config):
     assert selected > len(cases) and dropped > len(cases)  # boxes were kept, and suppression or the cap bit
 
 
+def test_nms_comparing_every_box_selects_what_onnxruntime_selects(monkeypatch):
+    """The path for PyTorch releases whose export cannot loop over data-dependent sizes (2.11 on the GPU machine):
+    no trimming to the candidates, the same selection."""
+    from enginesmith.backends.torch_compile import onnx_nms
+
+    monkeypatch.setattr(onnx_nms, "_loop_takes_data_dependent_sizes", lambda torch: False)
+    config = CONFIGS["corners"]
+    engine, model = build_torch(nms_model(*config)), nms_model(*config)
+    for seed, ties in ((21, False), (22, True), (23, False)):
+        feeds = scene(seed, 2, 3, 60, False, ties)
+        want = run_plain(model, feeds)["selected"]
+        assert len(want) > 3
+        np.testing.assert_array_equal(engine.run(feeds)["selected"], want)
+
+
 @pytest.mark.slow
 def test_nms_compiled_by_inductor_selects_what_onnxruntime_selects():
     """The default build (Inductor, not the eager exported program) lowers the while_loop and the unbacked sizes."""

@@ -53,6 +53,15 @@ def _bound_by(kept: Any, ranked: Any) -> None:
     _torch()._check(kept.shape[1] <= ranked.shape[1])
 
 
+def _loop_takes_data_dependent_sizes(torch) -> bool:
+    """Whether torch.export traces a ``while_loop`` over tensors of data-dependent size. PyTorch 2.11 does not
+    ("Could not extract specialized integer from data-dependent expression", seen on the GPU machine); 2.13
+    does. Before, every box is compared (the same selection: candidates under the threshold are masked out), at
+    the cost of a [batches x classes, boxes, boxes] matrix rather than one as wide as the candidates."""
+    release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return release >= (2, 13)
+
+
 def exportable_nms(boxes: Any, scores: Any, max_per_class: int, iou_threshold: float, score_threshold: float | None,
                    center_point_box: int) -> Any:
     """ONNX NonMaxSuppression: int64 [K, 3] (batch, class, box) per batch, per class, by descending score
@@ -80,11 +89,12 @@ def exportable_nms(boxes: Any, scores: Any, max_per_class: int, iou_threshold: f
         valid = torch.ones_like(ranked, dtype=torch.bool)
     else:
         valid = ranked > score_threshold
-        widest = valid.sum(dim=1).max().item()
-        torch._check(widest >= 0)
-        torch._check(widest <= count)
-        # Sorted rows: the candidates are each row's prefix; only the widest prefix needs comparing.
-        order, valid = order[:, :widest].contiguous(), valid[:, :widest].contiguous()
+        if _loop_takes_data_dependent_sizes(torch):
+            widest = valid.sum(dim=1).max().item()
+            torch._check(widest >= 0)
+            torch._check(widest <= count)
+            # Sorted rows: the candidates are each row's prefix; only the widest prefix needs comparing.
+            order, valid = order[:, :widest].contiguous(), valid[:, :widest].contiguous()
     rows = torch.arange(order.shape[0], device=boxes.device)
     row_batch = (rows // classes)[:, None]
     corners = tuple(part[row_batch, order] for part in _box_corners(boxes, center_point_box))
