@@ -120,6 +120,29 @@ def test_device_score_floor_top_k_and_nms_keep_what_the_host_keeps(torch_engine,
     np.testing.assert_allclose(place.to_frame(one), [expected[0].box], atol=1e-4)
 
 
+def test_device_box_selection_of_a_batch_equals_each_image_alone(torch_engine) -> None:
+    """One NMS over the whole batch: no box of one image suppresses another's, each image keeps its own best
+    ``max_boxes``, and an image with nothing above the floor gets empty arrays in its place."""
+    import torch
+
+    ops = torch_engine.device_ops
+    images = [crowded_yolov8(seed) for seed in (7, 8, 9)]
+    images[1][:, 4:] *= 0.01  # nothing above the floor
+    images[2][:, :4] = images[0][:, :4]  # the same boxes as image 0: they would suppress each other across images
+    for arr in images:
+        arr[0, 4:, :20] += np.linspace(0, 1e-3, 20, dtype=np.float32)
+    batch = torch.from_numpy(np.concatenate(images)).to(DEVICE)
+    for max_boxes in (40, 3):
+        together = ops.select_boxes(batch, "channels_cxcywh", 0.05, 0.5, max_boxes, 30000)
+        alone = [ops.select_boxes(torch.from_numpy(a).to(DEVICE), "channels_cxcywh", 0.05, 0.5, max_boxes, 30000)[0]
+                 for a in images]
+        assert len(together) == 3 and len(together[1][0]) == 0 and together[1][0].shape == (0, 4)
+        assert len(together[0][0]) == min(max_boxes, len(alone[0][0])) > 2 and len(together[2][0]) > 2
+        for got, want in zip(together, alone):
+            for got_part, want_part in zip(got, want):
+                np.testing.assert_array_equal(got_part, want_part)
+
+
 def test_a_short_batch_for_a_fixed_batch_engine_is_padded_on_the_device(tmp_path) -> None:
     onnx.save(colour_yolov8_batch(160, 4), tmp_path / "colour4.onnx")
     engine = es.build(tmp_path / "colour4.onnx", backend="torch", backend_options=EAGER)

@@ -124,20 +124,28 @@ class TorchDeviceOps(DeviceOps):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown box layout '{layout}'; the layouts are {', '.join(LAYOUTS)}")
         torch = self._torch
-        found = []
-        for image in output:  # [4 + C, A]
-            scores, classes = image[4:].max(dim=0)
-            keep = torch.nonzero(scores >= min_score).squeeze(1)
-            if keep.numel() > top_k:
-                keep = keep[scores[keep].topk(top_k).indices]
-            centres = image[:4, keep].T.double()
-            half = centres[:, 2:4] / 2
-            boxes = torch.cat([centres[:, :2] - half, centres[:, :2] + half], dim=1)
-            kept_scores, kept_classes = scores[keep].float(), classes[keep]
-            order = self._nms(boxes, kept_scores, kept_classes, iou)[:max_boxes]
-            found.append((boxes[order].cpu().numpy(), kept_scores[order].cpu().numpy(),
-                          kept_classes[order].cpu().numpy().astype(np.int64)))
-        return found
+        images, anchors = output.shape[0], output.shape[2]
+        scores, classes = output[:, 4:].max(dim=1)  # [N, A]
+        if anchors > top_k:  # only the top_k best of each image go on (a static check: no wait for the device)
+            floor = scores.topk(top_k, dim=1).values[:, -1:]
+            scores = torch.where(scores >= floor, scores, torch.full_like(scores, -1.0))
+        # The whole batch at once: one NMS over every image (an image's boxes never suppress another's), one copy
+        # to the host, then the rows split by image.
+        image, anchor = torch.nonzero(scores >= min_score).unbind(1)
+        centres = output[image, :4, anchor].double()
+        half = centres[:, 2:4] / 2
+        boxes = torch.cat([centres[:, :2] - half, centres[:, :2] + half], dim=1)
+        kept_scores, kept_classes = scores[image, anchor].float(), classes[image, anchor]
+        groups = image * (output.shape[1] - 4) + kept_classes
+        order = self._nms(boxes, kept_scores, groups, iou)  # best first
+        order = order[torch.sort(image[order], stable=True).indices]  # by image, best first within each
+        rows = image[order]
+        rank = torch.arange(len(order), device=order.device) - torch.searchsorted(rows, rows)  # place within its image
+        order, rows = order[rank < max_boxes], rows[rank < max_boxes]
+        host_boxes, host_scores = boxes[order].cpu().numpy(), kept_scores[order].cpu().numpy()
+        host_classes, host_rows = kept_classes[order].cpu().numpy().astype(np.int64), rows.cpu().numpy()
+        cuts = np.searchsorted(host_rows, np.arange(1, images))
+        return list(zip(np.split(host_boxes, cuts), np.split(host_scores, cuts), np.split(host_classes, cuts)))
 
     def _nms(self, boxes, scores, classes, iou: float):
         torch = self._torch
