@@ -54,7 +54,8 @@ from enginesmith.bench import machine_facts
 from enginesmith.files import write_atomic
 from enginesmith.vision.detector import select_detections
 from enginesmith.vision.sinks import JsonLines
-from enginesmith.vision.sources import Synthetic
+from enginesmith.vision.records import Frame
+from enginesmith.vision.sources import Source, Synthetic
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from vision_models import REAL_DETECTORS, fetch_real_detector, make_colour_yolov8  # noqa: E402
@@ -300,6 +301,23 @@ def alternate(detector: vision.Detector, source_factory: Callable[[int], list], 
             "dropped_last_round": stages["dropped"], "stages_last_round": stages["stages"]}
 
 
+class CameraLike(Source):
+    """Frames drawn once and handed out again, as a camera driver hands out its buffers: capture that costs next
+    to nothing on the CPU (the synthetic source draws every frame in Python, which bounds a multi-source run)."""
+
+    def __init__(self, name: str, pictures: list[np.ndarray], frames: int):
+        super().__init__()
+        self.name, self.pictures, self.count = name, pictures, frames
+
+    def frames(self) -> Iterator[Frame]:
+        for index in range(self.count):
+            yield Frame(self.name, index, time.time(), self.pictures[index % len(self.pictures)], None)
+
+
+def camera_like_sources(count: int, pictures: list[np.ndarray]) -> Callable[[int], list]:
+    return lambda frames: [CameraLike(f"camera{i}", pictures[i:] + pictures[:i], frames) for i in range(count)]
+
+
 def synthetic_sources(count: int = 1) -> Callable[[int], list]:
     def make(frames: int) -> list:
         return [Synthetic(f"synthetic{i}", vision.SyntheticScene(width=FRAME_W, height=FRAME_H, frames=frames, objects=4, seed=7 + i))
@@ -473,15 +491,19 @@ def measure_device(name: str, engine: es.Engine, batched_engine: es.Engine, fram
     record[f"batch{sources}_alone"] = {stage: ms(values[10:]) for stage, values in stages.items()}
     with open(os.devnull, "w") as devnull:
         sink = JsonLines(devnull)
-        for count, runner in ((1, detector), (sources, batched)):
-            vision.run_pipeline(runner, synthetic_sources(count)(20), sink.write)  # warm this batch size
-            summary = vision.run_pipeline(runner, synthetic_sources(count)(frames), sink.write)
-            record[f"pipeline_{count}_sources"] = {"fps": round(summary.fps, 1), "batches": summary.batches,
-                                                    "stages": summary.to_dict()["stages"]}
+        for kind, make in (("", synthetic_sources), ("_camera_like", lambda n: camera_like_sources(n, pictures))):
+            for count, runner in ((1, detector), (sources, batched)):
+                vision.run_pipeline(runner, make(count)(20), sink.write)  # warm this batch size
+                summary = vision.run_pipeline(runner, make(count)(frames), sink.write)
+                record[f"pipeline_{count}_sources{kind}"] = {"fps": round(summary.fps, 1), "batches": summary.batches,
+                                                             "stages": summary.to_dict()["stages"]}
     single, many = record["pipeline_1_sources"]["fps"], record[f"pipeline_{sources}_sources"]["fps"]
     record["batched_over_single"] = round(many / single, 2) if single else None
+    single, many = record["pipeline_1_sources_camera_like"]["fps"], record[f"pipeline_{sources}_sources_camera_like"]["fps"]
+    record["batched_over_single_camera_like"] = round(many / single, 2) if single else None
     record["met"] = {"latency_p50_within_3ms": record["latency_batch1"]["p50_ms"] <= 3.0,
-                     f"{sources}_sources_at_least_3x": (record["batched_over_single"] or 0) >= 3.0}
+                     f"{sources}_sources_at_least_3x": (record["batched_over_single"] or 0) >= 3.0,
+                     f"{sources}_camera_like_sources_at_least_3x": (record["batched_over_single_camera_like"] or 0) >= 3.0}
     return record
 
 
@@ -501,7 +523,8 @@ def run_device(args: argparse.Namespace) -> dict:
             rows.append(r)
             print(f"{name:40} latency p50 {r['latency_batch1']['p50_ms']:.2f} ms (engine {r['engine_only_batch1']['p50_ms']:.2f})  "
                   f"1 source {r['pipeline_1_sources']['fps']:.1f} FPS  {args.sources} sources "
-                  f"{r[f'pipeline_{args.sources}_sources']['fps']:.1f} FPS ({r['batched_over_single']}x)", flush=True)
+                  f"{r[f'pipeline_{args.sources}_sources']['fps']:.1f} FPS ({r['batched_over_single']}x); camera-like sources "
+                  f"{r['batched_over_single_camera_like']}x", flush=True)
     return {"device": device, "dry_run": args.dry_run, "sources": args.sources, "compile_mode": args.mode, "results": rows,
             "skipped": skipped, "targets": {"latency_batch1_p50_ms": 3.0, "batched_over_single": 3.0}}
 

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -33,23 +33,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import enginesmith as es  # noqa: E402
 from enginesmith import vision  # noqa: E402
-from enginesmith.vision.records import Frame  # noqa: E402
 from enginesmith.vision.sinks import JsonLines  # noqa: E402
-from enginesmith.vision.sources import Source  # noqa: E402
 
-from detect import SCENE, ms, synthetic_sources  # noqa: E402
-
-
-class Prerendered(Source):
-    """Frames drawn once, handed out again: capture that costs next to nothing (a camera's driver thread)."""
-
-    def __init__(self, name: str, pictures: list[np.ndarray], frames: int):
-        super().__init__()
-        self.name, self.pictures, self.count = name, pictures, frames
-
-    def frames(self) -> Iterator[Frame]:
-        for index in range(self.count):
-            yield Frame(self.name, index, time.time(), self.pictures[index % len(self.pictures)], None)
+from detect import SCENE, CameraLike, ms, synthetic_sources  # noqa: E402
 
 
 def old_upload(ops, frames):
@@ -159,7 +145,7 @@ def main() -> None:
     report["engine_new_thread"] = {f"batch{n}": on_new_thread(lambda: engine_calls(detector, pictures[:n], 60))}
 
     def prerendered(count: int) -> Callable[[int], list]:
-        return lambda frames: [Prerendered(f"cam{i}", pictures[i:] + pictures[:i], frames) for i in range(count)]
+        return lambda frames: [CameraLike(f"cam{i}", pictures[i:] + pictures[:i], frames) for i in range(count)]
 
     ops = detector.device_ops
     variants: dict[str, Callable[[], None]] = {

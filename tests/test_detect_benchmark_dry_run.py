@@ -46,4 +46,5 @@ def test_device_mode_dry_run_measures_a_given_detector_and_skips_one_that_does_n
     assert row["backend"] == "torch" and row["device"] == "cpu" and row["head"] == "yolov8"
     assert row["latency_batch1"]["p50_ms"] > 0 and row["engine_only_batch1"]["p50_ms"] > 0
     assert row["pipeline_1_sources"]["fps"] > 0 and row["pipeline_4_sources"]["batches"] == 8  # 4 frames a call
-    assert set(row["met"]) == {"latency_p50_within_3ms", "4_sources_at_least_3x"}
+    assert set(row["met"]) == {"latency_p50_within_3ms", "4_sources_at_least_3x", "4_camera_like_sources_at_least_3x"}
+    assert row["pipeline_4_sources_camera_like"]["batches"] == 8 and row["batched_over_single_camera_like"] > 0

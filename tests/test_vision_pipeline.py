@@ -75,6 +75,26 @@ def test_detect_on_a_synthetic_scene_writes_jsonl_that_finds_the_known_boxes(col
     assert [r.to_dict()["detections"] for r in again] == [r["detections"] for r in records]
 
 
+def test_synthetic_frames_paint_each_known_box_in_its_colour_and_leave_the_rest_as_noise(monkeypatch) -> None:
+    from enginesmith.errors import MissingDependencyError
+    from enginesmith.vision import sources
+
+    scene = SyntheticScene(width=320, height=240, objects=5, classes=3, seed=11)
+    for index in (0, 7, 31):
+        pixels, truth = scene.render(index)
+        noise = scene._noise
+        top, left = (index * 37) % sources.NOISE_MARGIN, (index * 11) % sources.NOISE_MARGIN
+        expected = noise[top : top + 240, left : left + 320].copy()
+        palette = ((0, 0, 255), (0, 255, 0), (255, 0, 0))
+        for x1, y1, x2, y2, cls in truth.astype(int):
+            expected[y1:y2, x1:x2] = palette[cls]
+        np.testing.assert_array_equal(pixels, expected)
+        # Without OpenCV the frames are the same, painted by numpy.
+        monkeypatch.setattr(sources, "cv2_module", lambda: (_ for _ in ()).throw(MissingDependencyError("no cv2")))
+        np.testing.assert_array_equal(scene.render(index)[0], expected)
+        monkeypatch.undo()
+
+
 def test_jsonl_goes_to_stdout_by_default_and_max_frames_stops(colour_engine, capsys) -> None:
     assert main(["detect", str(colour_engine), "--source", "synthetic:frames=50", "--max-frames", "5", "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
