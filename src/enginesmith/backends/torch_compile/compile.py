@@ -163,7 +163,8 @@ class _GraphedRunner:
     replayed with its inputs copied into the graph's static buffers. AOTInductor has no CUDA
     graphs of its own; for torch.compile'd modules this replaces Inductor's graph trees, whose
     replay runs guards and bookkeeping in Python on every call and whose graphs belong to the
-    thread that recorded them (a pipeline's or server's worker thread records them all again). Other shapes call the runner directly.
+    thread that recorded them (a pipeline's or server's worker thread records them all again).
+    Other shapes call the runner directly.
     """
 
     def __init__(self, runner, signature: Signature, device: str, batches: list[int], log: list[str],
