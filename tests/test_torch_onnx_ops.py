@@ -282,6 +282,37 @@ def test_range_of_a_shape_is_made_on_the_device_of_the_inputs():
     assert {str(node.meta["val"].device) for node in program.graph.nodes if hasattr(node.meta.get("val"), "device")} == {"meta"}
 
 
+@pytest.mark.parametrize("op", ["Min", "Max"])
+def test_min_and_max_of_shape_values_keep_the_batch_dynamic(op):
+    """tf2onnx's detection graphs clip computed sizes with Min/Max of shape values (the TF OD API SSD's
+    ``Min(k, Mul(k, Slice(Shape(x))))``): onnx2torch's Min/Max got the Python list the shape arithmetic
+    lowers to and failed ("'list' object has no attribute 'shape'")."""
+    two = np.array([2], np.int64)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Slice", ["shape", "one", "two"], ["width"]),  # [6]
+        helper.make_node("Mul", ["width", "two"], ["twice"]),  # [12]
+        helper.make_node(op, ["twice", "cap"], ["clipped"]),  # Min: [4]; Max: [12]
+        helper.make_node("Min", ["clipped", "width"], ["end"]),  # Min: [4]; Max: [6]
+        helper.make_node("Slice", ["x", "zero", "end", "one"], ["y"]),
+    ]
+    inits = {"one": np.array([1], np.int64), "two": two, "zero": np.array([0], np.int64), "cap": np.array([4], np.int64)}
+    graph = helper.make_graph(nodes, "minmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", None])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    imported = import_model(model)
+    backend = get_backend("torch")
+    result = backend.build(imported.model, imported.signature, EAGER)
+    engine = backend.load(result.payload, result.resolved_options, imported.signature)
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 6)).astype(np.float32)
+        want = run_plain(model, {"x": x})["y"]
+        assert want.shape == (batch, 4 if op == "Min" else 6)
+        np.testing.assert_array_equal(engine.run({"x": x})["y"], want)
+
+
 def test_gather_of_a_constant_scalar_index_is_a_static_select():
     """ViT's class token (Gather(x, 0, axis=1)) and packed q/k/v splits: onnx2torch reads the index with .item() on
     every call (a host sync, a CUDA graph break; ViT's ONNX failed on the H200 'in onnx2torch's gather converter').

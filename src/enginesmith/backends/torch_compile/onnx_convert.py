@@ -243,6 +243,19 @@ def _sv_binary(op: str, a, b):
     return fn(a, b)
 
 
+def _sv_minmax(op: str, *values):
+    """ONNX Min/Max over shape values (ints, symbolic sizes, or lists of them; scalars broadcast), elementwise."""
+    import torch
+
+    pick = torch.sym_min if op == "Min" else torch.sym_max
+    width = max((len(v) for v in values if isinstance(v, list)), default=None)
+    rows = [v if isinstance(v, list) else [v] * (width or 1) for v in values]
+    picked = rows[0]
+    for row in rows[1:]:
+        picked = [pick(a, b) for a, b in zip(picked, row)]
+    return picked if width is not None else picked[0]
+
+
 def _sv_reshape(x, shape):
     return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
 
@@ -402,6 +415,8 @@ def _specialize_constants(gm, log: list[str]) -> None:
             op = _BINARY.get(getattr(module.math_op_function, "__name__", ""))
             if op is not None:
                 lowered.add(replace(node, _sv_binary, [op, value(args[0]), value(args[1])]))
+        elif kind == "OnnxMinMax" and any(a in lowered for a in args) and all(value(a) is not None for a in args):
+            lowered.add(replace(node, _sv_minmax, [module._op_type, *(value(a) for a in args)]))
         elif kind in ("OnnxReshape", "OnnxReshapeAllowZero") and first_lowered and const(args[1]) == [-1]:
             lowered.add(replace(node, _sv_as_list, [args[0]]))
         elif kind in _SHAPED and len(args) == 2 and value(args[1]) is not None:
