@@ -267,6 +267,32 @@ def test_ssd_with_nms_builds_and_detects_what_onnxruntime_detects(ssd_onnx, scen
         np.testing.assert_allclose(got["detection_boxes"][0][confident], want["detection_boxes"][0][confident], atol=1e-5)
 
 
+def test_ssd_with_nms_made_batch_dynamic_detects_each_image_of_a_batch_as_alone(ssd_onnx, scenes):
+    """Several cameras in one call: the frozen graph (batch 1) made batch-dynamic by the graph pass, then
+    exported with the batch open. It failed with "Constraints violated (batch)": a slice against tf2onnx's
+    end of 1e9 added a guard "batch >= 2", and the computed k of TopK and pads of Pad reached onnx2torch's
+    converters as Python lists."""
+    from enginesmith.graph.passes import optimize
+
+    dynamic, summary = optimize(ssd_onnx, [("make_dynamic", {"axes": {"image_tensor": [0]}})])
+    assert summary.results[0].status == "applied"
+    imported = import_model(dynamic)
+    backend = get_backend("torch")
+    result = backend.build(imported.model, imported.signature, EAGER)
+    assert any("dynamic batch" in line for line in result.log), result.log
+    engine = backend.load(result.payload, result.resolved_options, imported.signature)
+    for batch in (len(scenes), 1):
+        got = engine.run({"image_tensor": scenes[:batch]})
+        alone = [run_plain(ssd_onnx, {"image_tensor": image[None]}) for image in scenes[:batch]]
+        np.testing.assert_array_equal(got["num_detections"], np.concatenate([want["num_detections"] for want in alone]))
+        for row, want in enumerate(alone):
+            confident = want["detection_scores"][0] >= 0.1  # as above: near-ties among low scores may swap
+            assert confident.sum() >= 1
+            np.testing.assert_array_equal(got["detection_classes"][row][confident], want["detection_classes"][0][confident])
+            np.testing.assert_allclose(got["detection_scores"][row][confident], want["detection_scores"][0][confident], atol=1e-5)
+            np.testing.assert_allclose(got["detection_boxes"][row][confident], want["detection_boxes"][0][confident], atol=1e-5)
+
+
 def test_ssd_postprocessing_selects_exactly_onnxruntimes_detections_from_the_same_head_outputs(ssd_onnx, scenes):
     """From the head's outputs (the same numbers for both runtimes) every one of the 100 detections matches:
     real heads on rendered scenes, and a head quantized so that many scores tie exactly."""

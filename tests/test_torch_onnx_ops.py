@@ -313,6 +313,59 @@ def test_min_and_max_of_shape_values_keep_the_batch_dynamic(op):
         np.testing.assert_array_equal(engine.run({"x": x})["y"], want)
 
 
+def shape_arithmetic_model(nodes: list, out: list[tuple[str, int, list]], inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """x[batch, 6] and ``nodes`` that compute from its shape (the batch stays open)."""
+    graph = helper.make_graph(nodes, "shape_arithmetic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+                              [helper.make_tensor_value_info(name, dtype, dims) for name, dtype, dims in out],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def assert_batches_match_onnxruntime(model: onnx.ModelProto, make_x) -> None:
+    """One engine (dynamic batch) against ONNX Runtime at batches 1 and 3, exactly."""
+    imported = import_model(model)
+    backend = get_backend("torch")
+    result = backend.build(imported.model, imported.signature, EAGER)
+    engine = backend.load(result.payload, result.resolved_options, imported.signature)
+    for batch in (1, 3):
+        x = make_x(batch)
+        want, got = run_plain(model, {"x": x}), engine.run({"x": x})
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} at batch {batch}")
+
+
+def test_topk_whose_k_is_computed_from_the_shape_keeps_the_batch_dynamic():
+    """tf2onnx's detection post-processing takes TopK(scores, Min(k, number of anchors)): k is shape arithmetic,
+    which the backend lowers to a Python list that onnx2torch's TopK handed to torch.topk ("argument 'k' must be
+    int, not list"). Ties must still keep the lower index first."""
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Slice", ["shape", "one", "two"], ["width"]),  # [6]
+             helper.make_node("Min", ["width", "cap"], ["k"]),  # [4]
+             helper.make_node("TopK", ["x", "k"], ["values", "indices"], axis=1)]
+    model = shape_arithmetic_model(nodes, [("values", TensorProto.FLOAT, ["batch", None]),
+                                           ("indices", TensorProto.INT64, ["batch", None])],
+                                   {"one": np.array([1], np.int64), "two": np.array([2], np.int64),
+                                    "cap": np.array([4], np.int64)})
+    # values rounded to halves: many ties
+    assert_batches_match_onnxruntime(model, lambda b: np.round(np.random.default_rng(b).random((b, 6)) * 2).astype(np.float32) / 2)
+
+
+def test_pad_whose_pads_are_computed_from_the_shape_keeps_the_batch_dynamic():
+    """tf2onnx pads NMS results up to a fixed count with pads computed from the shape (``max - found``)."""
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Slice", ["shape", "one", "two"], ["width"]),  # [6]
+             helper.make_node("Sub", ["eight", "width"], ["missing"]),  # [2]
+             helper.make_node("Concat", ["zeros", "missing"], ["pads"], axis=0),  # [0, 0, 0, 2]
+             helper.make_node("Pad", ["x", "pads", "fill"], ["y"])]
+    model = shape_arithmetic_model(nodes, [("y", TensorProto.FLOAT, ["batch", None])],
+                                   {"one": np.array([1], np.int64), "two": np.array([2], np.int64),
+                                    "eight": np.array([8], np.int64), "zeros": np.zeros(3, np.int64),
+                                    "fill": np.array(-1.5, np.float32)})
+    assert_batches_match_onnxruntime(model, lambda b: np.random.default_rng(b).standard_normal((b, 6)).astype(np.float32))
+
+
 def test_gather_of_a_constant_scalar_index_is_a_static_select():
     """ViT's class token (Gather(x, 0, axis=1)) and packed q/k/v splits: onnx2torch reads the index with .item() on
     every call (a host sync, a CUDA graph break; ViT's ONNX failed on the H200 'in onnx2torch's gather converter').

@@ -99,9 +99,11 @@ def export_program(module, signature: Signature, device: str, log: list[str],
     every dim but the batch; then all, at the sample's shapes): see :func:`served_shapes`.
     """
     torch = _torch()
-    # CUDA kernels such as batch norm guard the batch at 65535 (a grid dimension); without the
-    # bound, export of such models fails with "Constraints violated (batch)".
-    batch_dim = torch.export.Dim("batch", min=1, max=65535) if device.startswith("cuda") else torch.export.Dim("batch", min=1)
+    # The batch is bounded: CUDA kernels such as batch norm guard it at 65535 (a grid dimension), and a
+    # slice whose end is compared with it (tf2onnx's detection graphs: ends of 1e9) otherwise adds a guard
+    # that carries torch's working assumption "batch >= 2" into the program; either fails the export with
+    # "Constraints violated (batch)".
+    batch_dim = torch.export.Dim("batch", min=1, max=65535)
     started = time.perf_counter()
     first_error: BaseException | None = None
     for label, dynamic_shapes in _attempts(torch, signature, batch_dim, bool(sample_shapes)):

@@ -310,6 +310,31 @@ def _sv_reduce_sum(x, axes, keepdims: bool, noop: bool):
     return x.sum(dim=sorted(a % x.dim() for a in axes), keepdim=keepdims)
 
 
+def _sv_topk(x, k, axis: int, largest: bool, ordered: bool):
+    """TopK whose k is shape arithmetic (a symbolic size, or a list of one): onnx2torch's passes the list to
+    torch.topk. Sorted, it is a stable sort as in onnx_ops' constant-k TopK (ties keep the lower index, ONNX's rule)."""
+    import torch
+
+    k = k[0] if isinstance(k, (list, tuple)) else k
+    if not ordered:
+        found = torch.topk(x, k, dim=axis, largest=largest, sorted=False)
+        return found.values, found.indices
+    values, indices = torch.sort(x, dim=axis, descending=largest, stable=True)
+    return values.narrow(axis, 0, k), indices.narrow(axis, 0, k)
+
+
+def _sv_pad(x, pads, mode: str, value):
+    """Pad whose pads are shape arithmetic (onnx2torch's calls ``.tolist()`` on them): ONNX's
+    [begin..., end...] as torch's (begin, end) pairs from the last axis."""
+    import torch.nn.functional as F
+
+    middle = len(pads) // 2
+    torch_pads = [p for begin, end in zip(pads[:middle][::-1], pads[middle:][::-1]) for p in (begin, end)]
+    if mode != "constant":
+        torch_pads = torch_pads[:-4] if len(torch_pads) > 4 else torch_pads
+    return F.pad(x, torch_pads, mode=mode, value=value if mode == "constant" else None)
+
+
 def _range_dtype(gm, args):
     """The Range's dtype: its constant start's or delta's, else int64 (shape arithmetic)."""
     for arg in (args[0], args[2]):
@@ -350,6 +375,15 @@ def _specialize_constants(gm, log: list[str]) -> None:
         if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.dim() > 1 or value.numel() > 64:
             return None
         return int(value.item()) if value.dim() == 0 else [int(v) for v in value.tolist()]
+
+    def number(arg):
+        """A one-element initializer of any dtype as a Python number; else None."""
+        if getattr(arg, "op", None) != "get_attr":
+            return None
+        tensor = gm
+        for part in str(arg.target).split("."):
+            tensor = getattr(tensor, part)
+        return tensor.item() if isinstance(tensor, torch.Tensor) and tensor.numel() == 1 else None
 
     def value(arg):
         if arg in lowered:
@@ -417,6 +451,11 @@ def _specialize_constants(gm, log: list[str]) -> None:
                 lowered.add(replace(node, _sv_binary, [op, value(args[0]), value(args[1])]))
         elif kind == "OnnxMinMax" and any(a in lowered for a in args) and all(value(a) is not None for a in args):
             lowered.add(replace(node, _sv_minmax, [module._op_type, *(value(a) for a in args)]))
+        elif kind == "OnnxPadDynamic" and len(args) >= 2 and args[1] in lowered and module.mode == "constant" \
+                and (len(args) == 2 or (fill := number(args[2])) is not None):
+            replace(node, _sv_pad, [args[0], args[1], module.mode, 0.0 if len(args) == 2 else fill])
+        elif kind == "OnnxTopK" and len(args) == 2 and args[1] in lowered:
+            replace(node, _sv_topk, [args[0], args[1], int(module.dim), bool(module.largest), bool(module.sorted)])
         elif kind in ("OnnxReshape", "OnnxReshapeAllowZero") and first_lowered and const(args[1]) == [-1]:
             lowered.add(replace(node, _sv_as_list, [args[0]]))
         elif kind in _SHAPED and len(args) == 2 and value(args[1]) is not None:
