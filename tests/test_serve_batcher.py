@@ -288,6 +288,18 @@ def test_body_buffers_are_reused_within_their_limits_and_views_aligned():
         buffers.give_back(storage)
     buffers.give_back(np.empty(POOLED_FROM, np.uint8))
     assert [b.nbytes for b in buffers._idle] == [2 * POOLED_FROM, 3 * POOLED_FROM]  # noqa: SLF001 - the largest within the budget
+    # Not the first idle buffer, in either direction (list.remove compared arrays elementwise: requests of two
+    # body sizes, e.g. two clients' JSON headers, answered 500 "operands could not be broadcast together")
+    buffers = BodyBuffers(budget=6 * POOLED_FROM, largest=4 * POOLED_FROM)
+    large, small = np.empty(3 * POOLED_FROM, np.uint8), np.empty(2 * POOLED_FROM, np.uint8)
+    buffers.give_back(large)
+    buffers.give_back(small)
+    assert buffers.take(POOLED_FROM) is small
+    assert [id(b) for b in buffers._idle] == [id(large)]  # noqa: SLF001
+    buffers.give_back(small)
+    newer = np.empty(5 * POOLED_FROM // 2, np.uint8)
+    buffers.give_back(newer)  # over the budget: the smallest idle one, second in line, makes room
+    assert [id(b) for b in buffers._idle] == [id(large), id(newer)]  # noqa: SLF001
     storage = np.empty(1000 + ALIGNMENT, np.uint8)
     for at in (0, 1, 37, 63, 1000):
         view = aligned_view(storage, 1000, at)

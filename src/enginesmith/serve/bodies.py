@@ -37,21 +37,20 @@ class BodyBuffers:
 
     def take(self, size: int) -> np.ndarray:
         """A buffer of at least ``size`` bytes: the smallest idle one that fits, else a new one."""
-        fitting = [b for b in self._idle if b.nbytes >= size]
+        fitting = [i for i, b in enumerate(self._idle) if b.nbytes >= size]
         if fitting:
-            chosen = min(fitting, key=lambda b: b.nbytes)
-            self._idle.remove(chosen)
-            return chosen
+            return self._idle.pop(min(fitting, key=lambda i: self._idle[i].nbytes))
         return np.empty(size, np.uint8)
 
     def give_back(self, storage: np.ndarray | None) -> None:
         if storage is None or storage.nbytes < POOLED_FROM or storage.nbytes > self.largest:
             return
         while sum(b.nbytes for b in self._idle) + storage.nbytes > self.budget:
-            smallest = min(self._idle, key=lambda b: b.nbytes)
-            if smallest.nbytes >= storage.nbytes:
+            # by position: list.remove would compare arrays with ==, elementwise
+            smallest = min(range(len(self._idle)), key=lambda i: self._idle[i].nbytes)
+            if self._idle[smallest].nbytes >= storage.nbytes:
                 return  # the idle ones are all at least as large: keep them
-            self._idle.remove(smallest)
+            self._idle.pop(smallest)
         self._idle.append(storage)
 
 
