@@ -51,12 +51,15 @@ __all__ = [
 
 
 def detect(detector: Detector, sources: Sequence[str | Source], max_frames: int | None = None,
-           settings: CaptureSettings = CaptureSettings()) -> list[FrameResult]:
+           settings: CaptureSettings = CaptureSettings(), full_decode: bool = False) -> list[FrameResult]:
     """Run the pipeline over sources (their command-line spellings, or Source objects) and return every result.
 
-    For unbounded sources give ``max_frames``, or use :func:`run_pipeline` with a callback.
+    For unbounded sources give ``max_frames``, or use :func:`run_pipeline` with a callback. JPEG files the
+    model shrinks by 2x or more are decoded at 1/2, 1/4 or 1/8 of their size (boxes are still in their full
+    size's pixels) unless ``full_decode``.
     """
-    opened = [s if isinstance(s, Source) else open_source(s, settings) for s in sources]
+    reduction = None if full_decode else detector.decode_reduction
+    opened = [s if isinstance(s, Source) else open_source(s, settings, reduction) for s in sources]
     results: list[FrameResult] = []
     run_pipeline(detector, opened, lambda frame, result: results.append(result), max_frames=max_frames)
     return results

@@ -15,6 +15,7 @@ from .heads import Candidates, Head, choose_head
 from .labels import check_names, label_for, names_from_metadata, read_names_file
 from .nms import nms
 from .records import Detection
+from .decode import REDUCTIONS
 from .transform import Placement, detector_spec, input_size, placement_for, to_batch
 
 # Candidates kept (best scores) before NMS: NMS is quadratic in the worst case.
@@ -109,6 +110,13 @@ class Detector:
             frames, places, target, pad_value=spec.pad_value if spec.letterbox else 0.0, swap_rb=spec.color == "RGB",
             scale=spec.scale, mean=spec.mean, std=spec.std, layout=spec.layout, dtype=spec.dtype)
         return {self.input_name: batch}, placements
+
+    def decode_reduction(self, height: int, width: int) -> int:
+        """The largest k of 2, 4, 8 at which a (height, width) picture decoded at 1/k is still shrunk (or kept)
+        on its way into the input, else 1: decoding it smaller loses nothing the model would have seen."""
+        place = placement_for(height, width, self.spec, self.input_hw)
+        largest = max(place.scale_x, place.scale_y)
+        return next((k for k in REDUCTIONS if k * largest <= 1.0), 1)
 
     def batching_note(self, sources: int) -> str | None:
         """What to tell a user whose sources outnumber the frames one engine call takes (the engine splits the

@@ -88,6 +88,7 @@ class SourceCounts:
     corrupt: int = 0  # frames that could not be decoded and were skipped
     reconnects: int = 0  # times the live source stopped delivering and was opened again
     lost: bool = False  # it stopped delivering and every attempt to open it again failed
+    reduced: int = 0  # JPEGs decoded at a reduced size (vision.decode)
     processed: int = 0
 
 
@@ -191,6 +192,7 @@ def run_pipeline(
                         return
             finally:
                 counts.corrupt, counts.reconnects, counts.lost = source.corrupt, source.reconnects, source.lost
+                counts.reduced = getattr(source, "reduced", 0)
                 source.close()
         return work
 
@@ -211,6 +213,8 @@ def run_pipeline(
                 return
             start = time.perf_counter()
             feeds, placements = detector.preprocess([frame.pixels for frame, _, _ in taken], out=buffer)
+            placements = [place if frame.reduction == 1 else place.of_full_size(frame.reduction, *frame.size)
+                          for place, (frame, _, _) in zip(placements, taken)]
             if not batch_queue.put((taken, feeds, placements, buffer, time.perf_counter() - start)):
                 return
 
@@ -243,7 +247,7 @@ def run_pipeline(
             for (frame, captured, position), found in zip(taken, detections):
                 # End to end: from the start of reading the frame to its results handed to the sinks.
                 times = StageTimes(captured, pre / len(taken), inference, post, captured + max(0.0, time.time() - frame.time))
-                result = FrameResult(summary.frames, frame.source, frame.index, frame.time, frame.pixels.shape[:2],
+                result = FrameResult(summary.frames, frame.source, frame.index, frame.time, frame.size,
                                      found, times)
                 on_result(frame, result)
                 for stage in StageTimes.STAGES:

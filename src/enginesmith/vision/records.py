@@ -17,6 +17,14 @@ class Frame:
     pixels: np.ndarray = field(repr=False)
     # Boxes known to be in the picture (synthetic sources): [K, 4] x1,y1,x2,y2 in pixels, and their classes.
     truth: np.ndarray | None = field(default=None, repr=False)
+    # A JPEG decoded at 1/reduction of its size (see vision.decode): the picture's own (height, width).
+    reduction: int = 1
+    full_size: tuple[int, int] | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the picture, in the pixels boxes are reported in."""
+        return self.full_size or self.pixels.shape[:2]
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import InputError, MissingDependencyError
 from ..runtime.preprocess import IMAGE_SUFFIXES
 from ._cv import cv2_module
+from .decode import Reduction, read_image
 from .records import Frame
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
@@ -76,18 +77,22 @@ class CaptureSettings:
 
 
 class ImageFiles(Source):
-    def __init__(self, name: str, paths: list[Path]):
+    """Image files in order. With ``reduction`` (e.g. :meth:`Detector.decode_reduction`), JPEGs are decoded at
+    the reduced size it picks (``reduced`` counts them); frames then say their full size."""
+
+    def __init__(self, name: str, paths: list[Path], reduction: Reduction | None = None):
         super().__init__()
-        self.name, self.paths = name, paths
+        self.name, self.paths, self.reduction = name, paths, reduction
+        self.reduced = 0
 
     def frames(self) -> Iterator[Frame]:
-        cv2 = cv2_module()
         for index, path in enumerate(self.paths):
-            pixels = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            pixels, k, full_size = read_image(path, self.reduction)
             if pixels is None:
                 self.corrupt += 1
                 continue
-            yield Frame(str(path), index, time.time(), pixels)
+            self.reduced += int(k > 1)
+            yield Frame(str(path), index, time.time(), pixels, reduction=k, full_size=full_size)
 
 
 class VideoCapture(Source):
@@ -275,8 +280,9 @@ def parse_synthetic(text: str) -> SyntheticScene:
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".wmv", ".flv", ".gif"}
 
 
-def open_source(text: str, settings: CaptureSettings = CaptureSettings()) -> Source:
-    """A source from its command-line spelling; an unusable one raises :class:`InputError` naming it."""
+def open_source(text: str, settings: CaptureSettings = CaptureSettings(), reduction: Reduction | None = None) -> Source:
+    """A source from its command-line spelling; an unusable one raises :class:`InputError` naming it.
+    ``reduction``: image files are decoded at the size it picks (see :class:`ImageFiles`)."""
     if text == "synthetic" or text.startswith("synthetic:"):
         return Synthetic(text, parse_synthetic(text))  # needs no OpenCV
     cv2 = cv2_module()
@@ -293,17 +299,17 @@ def open_source(text: str, settings: CaptureSettings = CaptureSettings()) -> Sou
         images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise InputError(f"folder '{text}' has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return ImageFiles(text, images)
+        return ImageFiles(text, images, reduction)
     if glob.has_magic(text):
         images = sorted(Path(p) for p in glob.glob(text) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise InputError(f"no images match '{text}'")
-        return ImageFiles(text, images)
+        return ImageFiles(text, images, reduction)
     if not path.exists():
         raise InputError(
             f"source '{text}' not found: give an image, folder, glob, video file, camera index or /dev/videoN, "
             "rtsp:// or http:// stream, GStreamer pipeline, or synthetic"
         )
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return ImageFiles(text, [path])
+        return ImageFiles(text, [path], reduction)
     return VideoCapture(text, str(path), live=False).open()

@@ -38,6 +38,10 @@ class Placement:
         out[:, [1, 3]] = out[:, [1, 3]].clip(0, self.height)
         return out
 
+    def of_full_size(self, reduction: int, height: int, width: int) -> "Placement":
+        """This placement of a picture decoded at 1/``reduction`` of its size, for the picture at full size."""
+        return Placement(self.scale_x / reduction, self.scale_y / reduction, self.offset_x, self.offset_y, height, width)
+
     def to_input(self, boxes: np.ndarray) -> np.ndarray:
         out = np.empty_like(boxes, dtype=np.float64)
         out[:, [0, 2]] = boxes[:, [0, 2]] * self.scale_x + self.offset_x
