@@ -12,9 +12,9 @@ CPU mode (the default), three parts:
   * per stage  - one frame at a time, sequentially, per detector: preprocessing (letterbox, normalize,
                  layout, into a reused batch buffer), head decode with the score floor, NMS + boxes to
                  frame pixels, the JSON Lines record; "outside the engine" per source kind is the
-                 source's decode plus these. JPEG folders are read as the pipeline reads them for each
-                 detector: decoded at 1/2, 1/4 or 1/8 where the model shrinks the frames that much (then
-                 their own decode and preprocessing times count)
+                 source's decode plus these. JPEG folders and MJPEG videos are read as the pipeline reads
+                 them for each detector: decoded at 1/2, 1/4 or 1/8 where the model shrinks the frames that
+                 much (then their own decode and preprocessing times count)
   * end to end - ``vision.run_pipeline`` over the synthetic source and over the MJPEG video (files: no
                  frame dropped), JSON Lines to /dev/null, the stages overlapping on threads. Engine-only
                  blocks (``engine.infer`` on a preprocessed batch) and pipeline blocks alternate over
@@ -228,14 +228,14 @@ def measure_decoders(paths: dict[str, Path], frames: int) -> list[dict]:
         if not kind.startswith("JPEG folder") and _has_pyav():
             add(kind, "PyAV, frame threading", lambda: pyav_frames(path))
             add(kind, "PyAV, frame threading, scaled to 320x240 (reference only)", lambda: pyav_frames(path, (320, 240)))
-    # (JPEG folders decoded at a model's reduced size are timed per detector: see reduced_jpegs.)
+    # (JPEG folders and MJPEG videos decoded at a model's reduced size are timed per detector: see reduced_decoding.)
     return rows
 
 
-def reduced_jpegs(detector: vision.Detector, folder: Path, frames: int) -> dict | None:
-    """A JPEG folder as the pipeline reads it for ``detector`` (decoded at 1/k where the model shrinks the frames
-    by k or more): decode and preprocessing p50 per frame; None when this model gets them at full size."""
-    source = vision.open_source(str(folder), reduction=detector.decode_reduction)
+def reduced_decoding(detector: vision.Detector, media: Path, frames: int) -> dict | None:
+    """A JPEG folder or MJPEG video as the pipeline reads it for ``detector`` (decoded at 1/k where the model shrinks
+    the frames by k or more): decode and preprocessing p50 per frame; None when this model gets them at full size."""
+    source = vision.open_source(str(media), reduction=detector.decode_reduction)
     pictures, decode = [], []
     for frame in itertools.islice(iter_timed(source.frames(), decode), frames):
         pictures.append(frame)
@@ -366,16 +366,18 @@ def measure_cpu(name: str, engine: es.Engine, conf: float, paths: dict[str, Path
     outside = {kind: {"decode_ms": row["p50_ms"], "reader": row["reader"], "total_ms": round(row["p50_ms"] + rest, 3),
                       "within_budget": row["p50_ms"] + rest <= OUTSIDE_BUDGET_MS}
                for kind, row in fastest.items()}
-    for kind in [k for k in outside if k.startswith("JPEG folder")]:
-        reduced = reduced_jpegs(detector, paths[kind], frames)
+    for kind in [k for k in outside if k.startswith(("JPEG folder", "MJPEG"))]:
+        reduced = reduced_decoding(detector, paths[kind], frames)
         if reduced is not None:  # what the pipeline does for this model: decode smaller, preprocess less
             total = reduced["decode"]["p50_ms"] + reduced["preprocess"]["p50_ms"] + rest - stages["preprocess"]["p50_ms"]
             outside[kind] = {"decode_ms": reduced["decode"]["p50_ms"], "preprocess_ms": reduced["preprocess"]["p50_ms"],
-                             "reader": f"enginesmith source, JPEGs decoded at 1/{reduced['reduction']}",
+                             "reader": f"enginesmith source, decoded at 1/{reduced['reduction']}",
                              "full_size_decode_ms": outside[kind]["decode_ms"], "total_ms": round(total, 3),
                              "within_budget": total <= OUTSIDE_BUDGET_MS}
     synthetic = alternate(detector, synthetic_sources(), frames, rounds)
-    mjpeg = alternate(detector, lambda n: [vision.open_source(str(paths["MJPEG .avi"]))], frames, rounds)
+    # as `enginesmith detect` reads it (JPEG packets decoded at the model's size where it shrinks them)
+    mjpeg = alternate(detector, lambda n: [vision.open_source(str(paths["MJPEG .avi"]), reduction=detector.decode_reduction)],
+                      frames, rounds)
     return {"detector": name, "conf": conf, "input": list(detector.input_hw), "head": detector.head.name,
             "stages_p50_excluding_decode": stages, "outside_engine_per_source": outside,
             "end_to_end_synthetic": synthetic, "end_to_end_mjpeg": mjpeg}

@@ -16,7 +16,7 @@ import enginesmith as es
 from enginesmith import vision
 from enginesmith.cli.app import main
 from enginesmith.vision.decode import jpeg_size, read_image
-from enginesmith.vision.sources import SyntheticScene
+from enginesmith.vision.sources import SyntheticScene, VideoCapture, open_source
 
 from vision_models import make_colour_yolov8
 
@@ -86,16 +86,71 @@ def test_the_reduction_is_the_largest_that_the_model_input_still_shrinks(colour_
         == [4, 2, 1, 8, 1]
 
 
-def test_detect_on_jpegs_decoded_reduced_finds_the_boxes_full_decoding_finds_in_full_size_pixels(colour_engine, tmp_path) -> None:
+def write_video(path: Path, pictures: list[np.ndarray], fourcc: str = "MJPG") -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, pictures[0].shape[1::-1])
+    for picture in pictures:
+        writer.write(picture)
+    writer.release()
+    return path
+
+
+def ffmpeg_frames(path: Path) -> list[np.ndarray]:
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while (got := capture.read())[0]:
+        frames.append(got[1])
+    capture.release()
+    return frames
+
+
+def test_mjpeg_video_frames_are_its_jpeg_packets_decoded_here_at_full_or_reduced_size(tmp_path) -> None:
+    scene = SyntheticScene(width=640, height=480, frames=5, seed=2)
+    video = write_video(tmp_path / "v.avi", [scene.render(i)[0] for i in range(5)])
+    source = open_source(str(video))
+    assert isinstance(source, VideoCapture) and source._packets  # noqa: SLF001 - which path reads it
+    ours = [frame.pixels for frame in source.frames()]
+    theirs = ffmpeg_frames(video)
+    assert len(ours) == len(theirs) == 5
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        # Two JPEG decoders (libjpeg-turbo; FFmpeg's, then its YUV -> BGR conversion) differ in their rounding by
+        # far less than the codec's own loss on this noisy scene (about 12 levels), and neither is further from it.
+        assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() < 3
+        picture = scene.render(i)[0].astype(int)
+        assert abs(np.abs(a - picture).mean() - np.abs(b - picture).mean()) < 0.5
+    reduced = open_source(str(video), reduction=lambda h, w: 2)
+    frames = list(reduced.frames())
+    assert [f.index for f in frames] == list(range(5)) and reduced.reduced == 5
+    assert {(f.pixels.shape, f.reduction, f.full_size) for f in frames} == {((240, 320, 3), 2, (480, 640))}
+    # other codecs are decoded by FFmpeg as before
+    mp4 = open_source(str(write_video(tmp_path / "v.mp4", [scene.render(i)[0] for i in range(3)], "mp4v")), reduction=lambda h, w: 2)
+    assert not mp4._packets and [f.pixels.shape for f in mp4.frames()] == [(480, 640, 3)] * 3  # noqa: SLF001
+
+
+def test_an_mjpeg_video_whose_first_packet_does_not_decode_is_left_to_ffmpeg(tmp_path) -> None:
+    video = write_video(tmp_path / "v.avi", [np.full((64, 96, 3), i * 20, np.uint8) for i in range(6)])
+    data = bytearray(video.read_bytes())
+    first = data.index(b"\xff\xd8")
+    data[first : first + 200] = bytes(200)  # frame 0 loses its JPEG header
+    (tmp_path / "broken.avi").write_bytes(bytes(data))
+    source = open_source(str(tmp_path / "broken.avi"))
+    assert not source._packets  # noqa: SLF001
+    frames = list(source.frames())
+    assert [f.index for f in frames] == [1, 2, 3, 4, 5] and source.corrupt == 1
+
+
+@pytest.mark.parametrize("kind", ["jpeg folder", "mjpeg video"])
+def test_detect_on_frames_decoded_reduced_finds_the_boxes_full_decoding_finds_in_full_size_pixels(colour_engine, tmp_path, kind) -> None:
     scene = SyntheticScene(width=640, height=480, frames=6, objects=3, seed=7)
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    for i in range(scene.frames):
-        (folder / f"{i:02d}.jpg").write_bytes(jpeg(scene.render(i)[0], IMWRITE_JPEG_QUALITY=95))
+    if kind == "jpeg folder":
+        media = tmp_path / "frames"
+        media.mkdir()
+        for i in range(scene.frames):
+            (media / f"{i:02d}.jpg").write_bytes(jpeg(scene.render(i)[0], IMWRITE_JPEG_QUALITY=95))
+    else:
+        media = write_video(tmp_path / "scene.avi", [scene.render(i)[0] for i in range(scene.frames)])
     runs = {}
     for label, extra in (("reduced", []), ("full", ["--full-decode"])):
         out, summary = tmp_path / f"{label}.jsonl", tmp_path / f"{label}.json"
-        assert main(["detect", str(colour_engine), "--source", str(folder), "--conf", "0.5", "--jsonl", str(out),
+        assert main(["detect", str(colour_engine), "--source", str(media), "--conf", "0.5", "--jsonl", str(out),
                      "--summary", str(summary), "--quiet", *extra]) == 0
         runs[label] = [json.loads(line) for line in out.read_text().splitlines()]
         reduced = json.loads(summary.read_text())["sources"][0]["reduced"]

@@ -87,7 +87,7 @@ def _print_summary(summary) -> None:
         if source.lost:
             line += ", then lost: it stopped delivering and could not be opened again (see --reconnect)"
         if source.reduced:
-            line += f", {source.reduced} JPEG(s) decoded at a reduced size (see --full-decode)"
+            line += f", {source.reduced} decoded at a reduced size (see --full-decode)"
         err_console.print(escape(line), highlight=False)
     if summary.interrupted:
         err_console.print("interrupted: the summary covers the frames processed until then")
@@ -111,7 +111,7 @@ def detect(
     zmq: Optional[str] = typer.Option(None, "--zmq", metavar="ENDPOINT", help="Publish the same on a ZeroMQ PUB socket, e.g. tcp://*:5556 (needs pyzmq)."),
     save: Optional[Path] = typer.Option(None, "--save", metavar="DIR|FILE", help="Annotated frames: a folder of JPEGs, or a .mp4/.avi/.mkv video."),
     show: bool = typer.Option(False, "--show", help="Show annotated frames in a window (q or Esc ends)."),
-    full_decode: bool = typer.Option(False, "--full-decode", help="Decode JPEG files at full size even when the model shrinks them by 2x or more (by default they are decoded at 1/2, 1/4 or 1/8, faster; --save and --show always decode at full size)."),
+    full_decode: bool = typer.Option(False, "--full-decode", help="Decode JPEG files and MJPEG videos or streams at full size even when the model shrinks them by 2x or more (by default they are decoded at 1/2, 1/4 or 1/8, faster; --save and --show always decode at full size)."),
     summary_path: Optional[Path] = typer.Option(None, "--summary", metavar="FILE", help="Write per-stage latency, FPS and drop counts as JSON (also after Ctrl-C)."),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, metavar="N", help="Stop after N frames."),
     quiet: bool = typer.Option(False, "--quiet", help="No status line or summary on stderr."),

@@ -54,9 +54,9 @@ def detect(detector: Detector, sources: Sequence[str | Source], max_frames: int 
            settings: CaptureSettings = CaptureSettings(), full_decode: bool = False) -> list[FrameResult]:
     """Run the pipeline over sources (their command-line spellings, or Source objects) and return every result.
 
-    For unbounded sources give ``max_frames``, or use :func:`run_pipeline` with a callback. JPEG files the
-    model shrinks by 2x or more are decoded at 1/2, 1/4 or 1/8 of their size (boxes are still in their full
-    size's pixels) unless ``full_decode``.
+    For unbounded sources give ``max_frames``, or use :func:`run_pipeline` with a callback. JPEG files and
+    MJPEG videos the model shrinks by 2x or more are decoded at 1/2, 1/4 or 1/8 of their size (boxes are
+    still in their full size's pixels) unless ``full_decode``.
     """
     reduction = None if full_decode else detector.decode_reduction
     opened = [s if isinstance(s, Source) else open_source(s, settings, reduction) for s in sources]

@@ -28,7 +28,7 @@ Reduction = Callable[[int, int], int]
 def jpeg_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
     """(height, width) as stored in a JPEG's start-of-frame header, before any EXIF rotation; None when
     ``data`` is not a JPEG or its header cannot be read (the caller then decodes at full size)."""
-    data = bytes(data[:65536]) if isinstance(data, np.ndarray) else data
+    data = bytes(data.reshape(-1)[:65536]) if isinstance(data, np.ndarray) else data
     if data[:2] != b"\xff\xd8":
         return None
     at = 2
@@ -57,12 +57,17 @@ def jpeg_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
 def read_image(path: Path, reduction: Reduction | None = None) -> tuple[np.ndarray | None, int, tuple[int, int] | None]:
     """(BGR pixels or None when unreadable, the reduction k they were decoded at, the full-size (height, width)
     when k > 1). EXIF orientation is applied as OpenCV applies it; the full size follows the rotation."""
-    cv2 = cv2_module()
     try:
         data = np.fromfile(path, np.uint8)
     except OSError:
         return None, 1, None
-    stored = jpeg_size(data) if reduction is not None and path.suffix.lower() in JPEG_SUFFIXES else None
+    return decode_image(data, reduction if path.suffix.lower() in JPEG_SUFFIXES else None)
+
+
+def decode_image(data: np.ndarray, reduction: Reduction | None = None) -> tuple[np.ndarray | None, int, tuple[int, int] | None]:
+    """:func:`read_image` for the bytes of one picture (a JPEG is reduced when ``reduction`` asks)."""
+    cv2 = cv2_module()
+    stored = jpeg_size(data) if reduction is not None else None
     # Either orientation may be the one EXIF asks for: the reduction must suit both.
     k = min(reduction(*stored), reduction(*stored[::-1])) if stored else 1
     flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,

@@ -88,7 +88,7 @@ class SourceCounts:
     corrupt: int = 0  # frames that could not be decoded and were skipped
     reconnects: int = 0  # times the live source stopped delivering and was opened again
     lost: bool = False  # it stopped delivering and every attempt to open it again failed
-    reduced: int = 0  # JPEGs decoded at a reduced size (vision.decode)
+    reduced: int = 0  # frames of JPEG files or MJPEG videos decoded at a reduced size (vision.decode)
     processed: int = 0
 
 
