@@ -190,3 +190,39 @@ def test_save_decodes_at_full_size(colour_engine, tmp_path) -> None:
                  "--summary", str(summary), "--quiet"]) == 0
     assert json.loads(summary.read_text())["sources"][0]["reduced"] == 0
     assert cv2.imread(str(next((tmp_path / "saved").iterdir()))).shape == (480, 640, 3)
+
+
+def test_a_multipart_mjpeg_http_stream_like_an_ip_cameras_is_read_as_packets_at_reduced_size() -> None:
+    """IP cameras serve MJPEG as multipart/x-mixed-replace over HTTP; FFmpeg demuxes it, the JPEGs are decoded here."""
+    import http.server
+    import threading
+    import time
+
+    pictures = [jpeg(np.full((240, 320, 3), i * 20, np.uint8)) for i in range(10)]
+
+    class Camera(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.end_headers()
+            for picture in pictures:
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(picture)
+                                 + picture + b"\r\n")
+                time.sleep(0.005)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Camera)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source = open_source(f"http://127.0.0.1:{server.server_address[1]}/video.mjpg", vision.CaptureSettings(reconnect=0),
+                             reduction=lambda h, w: 2)
+        assert source.live and source._packets  # noqa: SLF001
+        frames = list(source.frames())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [f.index for f in frames] == list(range(10)) and source.reduced == 10
+    assert {(f.pixels.shape, f.full_size) for f in frames} == {((120, 160, 3), (240, 320))}
+    assert [round(float(f.pixels.mean())) for f in frames] == [i * 20 for i in range(10)]  # in order, none lost
