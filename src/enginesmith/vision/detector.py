@@ -190,12 +190,15 @@ def select_detections(found: Candidates, settings: DetectorSettings, place: Plac
         order = np.argsort(-scores, kind="stable")[: settings.max_detections]
     else:
         order = nms(boxes, scores, classes, settings.iou, settings.max_detections)
-    framed = place.to_frame(boxes[order]) if order.size else np.zeros((0, 4))
-    return tuple(
-        Detection(tuple(float(v) for v in box), float(scores[i]), int(classes[i]),
-                  label_for(int(classes[i]), list(names) if names else None, first_class))
-        for box, i in zip(framed, order)
-    )
+    if not order.size:
+        return ()
+    # Python numbers from whole arrays at once (tolist), not element by element: this runs for every box of every
+    # frame on the pipeline's result thread.
+    framed = place.to_frame(boxes[order]).tolist()
+    kept_scores, kept_classes = scores[order].astype(np.float64).tolist(), classes[order].astype(np.int64).tolist()
+    names = list(names) if names else None
+    return tuple(Detection(tuple(box), score, class_id, label_for(class_id, names, first_class))
+                 for box, score, class_id in zip(framed, kept_scores, kept_classes))
 
 
 def model_metadata(engine: Engine) -> dict[str, str]:

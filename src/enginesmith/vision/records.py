@@ -35,8 +35,9 @@ class Detection:
     label: str
 
     def to_dict(self) -> dict:
-        return {"box": [round(v, 2) for v in self.box], "score": round(self.score, 5), "class": self.class_id,
-                "label": self.label}
+        x1, y1, x2, y2 = self.box
+        return {"box": [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)], "score": round(self.score, 5),
+                "class": self.class_id, "label": self.label}
 
 
 @dataclass(frozen=True)
