@@ -11,11 +11,11 @@ import numpy as np
 
 from ..errors import InputError
 from ..runtime.engine import DeviceOps, Engine, ImageGeometry
+from .decode import REDUCTIONS
 from .heads import Candidates, Head, choose_head
 from .labels import check_names, label_for, names_from_metadata, read_names_file
 from .nms import nms
 from .records import Detection
-from .decode import REDUCTIONS
 from .transform import Placement, detector_spec, input_size, placement_for, to_batch
 
 # Candidates kept (best scores) before NMS: NMS is quadratic in the worst case.

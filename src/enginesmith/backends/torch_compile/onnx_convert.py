@@ -323,16 +323,14 @@ def _sv_topk(x, k, axis: int, largest: bool, ordered: bool):
     return values.narrow(axis, 0, k), indices.narrow(axis, 0, k)
 
 
-def _sv_pad(x, pads, mode: str, value):
-    """Pad whose pads are shape arithmetic (onnx2torch's calls ``.tolist()`` on them): ONNX's
+def _sv_pad(x, pads, value):
+    """Constant Pad whose pads are shape arithmetic (onnx2torch's calls ``.tolist()`` on them): ONNX's
     [begin..., end...] as torch's (begin, end) pairs from the last axis."""
     import torch.nn.functional as F
 
     middle = len(pads) // 2
     torch_pads = [p for begin, end in zip(pads[:middle][::-1], pads[middle:][::-1]) for p in (begin, end)]
-    if mode != "constant":
-        torch_pads = torch_pads[:-4] if len(torch_pads) > 4 else torch_pads
-    return F.pad(x, torch_pads, mode=mode, value=value if mode == "constant" else None)
+    return F.pad(x, torch_pads, mode="constant", value=value)
 
 
 def _range_dtype(gm, args):
@@ -453,7 +451,7 @@ def _specialize_constants(gm, log: list[str]) -> None:
             lowered.add(replace(node, _sv_minmax, [module._op_type, *(value(a) for a in args)]))
         elif kind == "OnnxPadDynamic" and len(args) >= 2 and args[1] in lowered and module.mode == "constant" \
                 and (len(args) == 2 or (fill := number(args[2])) is not None):
-            replace(node, _sv_pad, [args[0], args[1], module.mode, 0.0 if len(args) == 2 else fill])
+            replace(node, _sv_pad, [args[0], args[1], 0.0 if len(args) == 2 else fill])
         elif kind == "OnnxTopK" and len(args) == 2 and args[1] in lowered:
             replace(node, _sv_topk, [args[0], args[1], int(module.dim), bool(module.largest), bool(module.sorted)])
         elif kind in ("OnnxReshape", "OnnxReshapeAllowZero") and first_lowered and const(args[1]) == [-1]:
