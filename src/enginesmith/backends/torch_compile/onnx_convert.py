@@ -363,25 +363,26 @@ def _specialize_constants(gm, log: list[str]) -> None:
     graph = gm.graph
     lowered: set = set()
 
-    def const(arg):
-        """An integer initializer as a Python int (0-D) or list (1-D); else None."""
+    def initializer(arg):
+        """The tensor a get_attr node reads; else None."""
         if getattr(arg, "op", None) != "get_attr":
             return None
         value = gm
         for part in str(arg.target).split("."):
             value = getattr(value, part)
-        if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.dim() > 1 or value.numel() > 64:
+        return value if isinstance(value, torch.Tensor) else None
+
+    def const(arg):
+        """An integer initializer as a Python int (0-D) or list (1-D); else None."""
+        value = initializer(arg)
+        if value is None or value.is_floating_point() or value.dim() > 1 or value.numel() > 64:
             return None
         return int(value.item()) if value.dim() == 0 else [int(v) for v in value.tolist()]
 
     def number(arg):
         """A one-element initializer of any dtype as a Python number; else None."""
-        if getattr(arg, "op", None) != "get_attr":
-            return None
-        tensor = gm
-        for part in str(arg.target).split("."):
-            tensor = getattr(tensor, part)
-        return tensor.item() if isinstance(tensor, torch.Tensor) and tensor.numel() == 1 else None
+        value = initializer(arg)
+        return value.item() if value is not None and value.numel() == 1 else None
 
     def value(arg):
         if arg in lowered:
