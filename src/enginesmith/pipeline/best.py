@@ -26,7 +26,7 @@ from ..validate import ValidationReport, failures_text
 from ..validate.engine_checks import attach_report
 from .engines import build_engine, check_engine
 from .map_budget import map_check
-from .selection import THROUGHPUT_BATCH, Strategy, select, timing_noise
+from .selection import THROUGHPUT_BATCH, Strategy, paired_with_baseline, select, timing_noise
 from .state import BuildState
 
 # label -> a function running the engine on feeds; the timer returns label -> p50 in milliseconds, or
@@ -143,6 +143,10 @@ def _not_chosen_reason(row: dict[str, Any], strategy: Strategy, chosen: dict[str
     if strategy.kind == "throughput-within" and row["p50_ms"] > strategy.latency_budget_ms:
         return f"p50 over {strategy.latency_budget_ms:g} ms"
     if strategy.kind == "latency" and chosen is not None and row["p50_ms"] < chosen["p50_ms"]:
+        if "vs_baseline" in row and "vs_baseline" not in chosen:  # compared round by round with the default
+            faster, rounds = row["faster_rounds"]
+            return (f"faster by {1 - row['vs_baseline']:.1%} (median of {rounds} rounds, faster in {faster}), within "
+                    f"the timing noise ({row['vs_baseline_noise']:.1%}): the default engine is kept")
         noise = max(row.get("p50_noise", 0.0), chosen.get("p50_noise", 0.0))
         return (f"faster by {1 - row['p50_ms'] / chosen['p50_ms']:.1%}, within the timing noise ({noise:.1%}): "
                 "the default engine is kept")
@@ -220,11 +224,16 @@ def _time(state: BuildState, passing: list[Candidate], strategy: Strategy, timer
     feeds = timing_feeds(signature, state.inputs)
     targets = {c.label: c.engine.infer for c in passing}
     timings = timer(targets, feeds, 1)
+    first = timings[passing[0].label]
     for c in passing:
         p50, noise = _p50_and_noise(timings[c.label])
         c.row.update(p50_ms=p50, throughput=1000.0 / p50, throughput_batch=1)
         if noise is not None:
             c.row["p50_noise"] = noise
+        mine = timings[c.label]
+        if c is not passing[0] and not isinstance(mine, (int, float)) and not isinstance(first, (int, float)) \
+                and len(mine) == len(first):
+            c.row.update(paired_with_baseline(mine, first))  # the same rounds: compared pairwise
     batch = throughput_batch(signature)
     if strategy.needs_throughput and batch > 1:
         batched = {name: np.repeat(value, batch, axis=0) for name, value in feeds.items()}

@@ -84,10 +84,26 @@ def select(rows: list[dict[str, Any]], strategy: Strategy, baseline: int | None 
 
 
 def clearly_faster(row: dict[str, Any], baseline: dict[str, Any]) -> bool:
-    """``row``'s p50 is below the baseline's by more than the timing noise: the larger of the two
-    rows' ``p50_noise`` (relative spread of their per-round p50s; 0 where not measured)."""
+    """``row`` is faster than the baseline beyond the timing noise.
+
+    Where both were timed in the same interleaved rounds (``vs_baseline``: the median over rounds of
+    row / baseline, ``vs_baseline_noise`` its spread, ``faster_rounds`` [rounds faster, rounds]), the rounds
+    are compared pairwise, so a load that slows both alike in a round cancels out: the row wins when its
+    median ratio is below 1 by more than the ratios' spread and it was faster in all rounds but at most one
+    in six. Otherwise the p50s are compared against the larger of the two rows' ``p50_noise`` (relative
+    spread of their per-round p50s; 0 where not measured)."""
+    if "vs_baseline" in row:
+        faster, rounds = row["faster_rounds"]
+        return row["vs_baseline"] < 1.0 - row["vs_baseline_noise"] and faster >= rounds - rounds // 6
     noise = max(row.get("p50_noise", 0.0), baseline.get("p50_noise", 0.0))
     return row["p50_ms"] < baseline["p50_ms"] * (1.0 - noise)
+
+
+def paired_with_baseline(rounds: Sequence[float], baseline_rounds: Sequence[float]) -> dict[str, Any]:
+    """The row fields :func:`clearly_faster` compares by: per-round ratios of a candidate's p50s to the baseline's."""
+    ratios = np.asarray(rounds, dtype=np.float64) / np.asarray(baseline_rounds, dtype=np.float64)
+    return {"vs_baseline": float(np.median(ratios)), "vs_baseline_noise": timing_noise(ratios),
+            "faster_rounds": [int((ratios < 1.0).sum()), int(ratios.size)]}
 
 
 def timing_noise(round_p50: Sequence[float]) -> float:
