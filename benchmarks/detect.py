@@ -235,10 +235,11 @@ def measure_decoders(paths: dict[str, Path], frames: int) -> list[dict]:
 def reduced_decoding(detector: vision.Detector, media: Path, frames: int) -> dict | None:
     """A JPEG folder or MJPEG video as the pipeline reads it for ``detector`` (decoded at 1/k where the model shrinks
     the frames by k or more): decode and preprocessing p50 per frame; None when this model gets them at full size."""
-    source = vision.open_source(str(media), reduction=detector.decode_reduction)
-    pictures, decode = [], []
-    for frame in itertools.islice(iter_timed(source.frames(), decode), frames):
-        pictures.append(frame)
+    source, decode = vision.open_source(str(media), reduction=detector.decode_reduction), []
+    try:
+        pictures = list(itertools.islice(iter_timed(source.frames(), decode), frames))
+    finally:
+        source.close()
     if not pictures or pictures[0].reduction == 1:
         return None
     buffer, preprocess = detector.batch_buffer(1), []
