@@ -5,6 +5,7 @@ Pure functions of the candidates' timings, so they are tested without timing any
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -89,12 +90,12 @@ def clearly_faster(row: dict[str, Any], baseline: dict[str, Any]) -> bool:
     Where both were timed in the same interleaved rounds (``vs_baseline``: the median over rounds of
     row / baseline, ``vs_baseline_noise`` its spread, ``faster_rounds`` [rounds faster, rounds]), the rounds
     are compared pairwise, so a load that slows both alike in a round cancels out: the row wins when its
-    median ratio is below 1 by more than the ratios' spread and it was faster in all rounds but at most one
-    in six. Otherwise the p50s are compared against the larger of the two rows' ``p50_noise`` (relative
-    spread of their per-round p50s; 0 where not measured)."""
+    median ratio is below 1 by more than the ratios' spread and it was faster in at least 80% of the rounds
+    (5 of 6, 8 of 10). Otherwise the p50s are compared against the larger of the two rows' ``p50_noise``
+    (relative spread of their per-round p50s; 0 where not measured)."""
     if "vs_baseline" in row:
         faster, rounds = row["faster_rounds"]
-        return row["vs_baseline"] < 1.0 - row["vs_baseline_noise"] and faster >= rounds - rounds // 6
+        return row["vs_baseline"] < 1.0 - row["vs_baseline_noise"] and faster >= math.ceil(0.8 * rounds)
     noise = max(row.get("p50_noise", 0.0), baseline.get("p50_noise", 0.0))
     return row["p50_ms"] < baseline["p50_ms"] * (1.0 - noise)
 
