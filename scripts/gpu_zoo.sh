@@ -8,6 +8,10 @@
 #   scripts/gpu_zoo.sh text    bert_base, minilm, then the CUDA tests             (one GPU: ~8 min)
 #   scripts/gpu_zoo.sh tests   tests/test_torch_direct.py, test_torch_onnx_ops.py, test_torch_nms.py with ENGINESMITH_TEST_DEVICE=cuda
 #   scripts/gpu_zoo.sh dry     the CPU dry run (toy YOLO and BERT), for a machine without a GPU
+#   scripts/gpu_zoo.sh bg MODELS   start MODELS (comma list), then the CUDA tests, in a detached process session that
+#                                  outlives this call (one device call is 10 minutes; a warm machine keeps running it)
+#   scripts/gpu_zoo.sh wait SECS   wait up to SECS for the detached run, then copy what it has so far to $OUT
+#                                  (zoo.tgz with every JSON and log, gpu_zoo.json, table.txt, tests_cuda.txt)
 #
 # Every model runs in its own process with the deadline ZOO_DEADLINE seconds (default 480) from the start: a
 # model that would start later is recorded as skipped, so a 10-minute device call always comes back with
@@ -41,7 +45,33 @@ cuda_tests() {  # the whole report in tests_cuda.txt (tracebacks, no captured DE
   tail -n 40 "$OUT/tests_cuda.txt"
 }
 
+BG=/tmp/gpu_zoo/bg
 case "$WHAT" in
+  bg)
+    mkdir -p "$BG"; rm -f "$BG/done"
+    # setsid: the device tool ends a call's processes when it returns, except those in a new process session.
+    OUT="$BG/out" setsid nohup bash "$0" _bgjob "${2:?models}" > "$BG/log" 2>&1 < /dev/null &
+    echo "started the detached zoo run (pid $!); follow it with: $0 wait SECONDS"; exit 0 ;;
+  _bgjob) zoo "$2"; cuda_tests "${ZOO_TESTS_S:-200}"; touch "$BG/done" ;;
+  wait)
+    for _ in $(seq "${2:-0}"); do [ -e "$BG/done" ] && break; sleep 1; done
+    tail -n 15 "$BG/log"
+    [ -e "$BG/done" ] && echo "the detached run is done" || echo "the detached run is still going"
+    OUT=$OUT BG=$BG python3 - <<'PY'
+import json, os, pathlib, shutil, tarfile
+out, bg = pathlib.Path(os.environ["OUT"]), pathlib.Path(os.environ["BG"])
+zoo = bg / "out" / "zoo"
+records = [json.loads(p.read_text()) for p in sorted(zoo.glob("*.json"))] if zoo.exists() else []
+(out / "gpu_zoo.json").write_text(json.dumps(records, indent=1) + "\n")
+for name in ("table.txt",):
+    if (zoo / name).exists():
+        shutil.copy(zoo / name, out / name)
+if (bg / "out" / "tests_cuda.txt").exists():
+    shutil.copy(bg / "out" / "tests_cuda.txt", out / "tests_cuda.txt")
+with tarfile.open(out / "zoo.tgz", "w:gz") as tar:
+    tar.add(bg, arcname="gpu_zoo_bg")
+PY
+    exit 0 ;;
   all) zoo resnet50,mobilenet_v3_large,efficientnet_b0,convnext_tiny,vit_b_16,yolov8s_like,bert_base,minilm ;;
   cnn) zoo resnet50,mobilenet_v3_large,efficientnet_b0 ;;
   rest) zoo convnext_tiny,vit_b_16,yolov8s_like ;;
