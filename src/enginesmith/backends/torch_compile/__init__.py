@@ -56,6 +56,9 @@ Backend options (``BuildOptions.backend_options``)
     ``fuse_linear``  "auto" (on CUDA), true or false: linear layers that read the same tensor
                    (attention's query/key/value projections) run as one product over concatenated
                    weights, then a split (``linear_fusion``); applied like ``fuse_conv``.
+    ``fuse_attention``  true (default) or false: attention written out op by op (matmul, scale,
+                   mask, softmax, matmul: what ONNX exports hold) runs as one
+                   ``scaled_dot_product_attention`` (``attention_fusion``); applied like ``fuse_conv``.
     ``source``     "auto" (a torch source is built directly) or "onnx" (from its ONNX conversion)
 
 Modules
@@ -68,6 +71,7 @@ Modules
     ``compile``       Inductor options, compiler caches, warm-up, AOTInductor
     ``fusion``        cuDNN-fused convolution epilogues
     ``linear_fusion`` sibling linear layers merged into one product
+    ``attention_fusion`` written-out attention as one scaled_dot_product_attention
     ``session``       the runtime session
     ``backend``       ``TorchCompileBackend``: build and load
 """

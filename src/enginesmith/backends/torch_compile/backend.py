@@ -176,6 +176,9 @@ class TorchCompileBackend(Backend):
             fuse_linear = cuda and kind != "aoti"
         elif not isinstance(fuse_linear, bool):
             raise BuildError(f"fuse_linear must be auto, true or false, not {fuse_linear!r}")
+        fuse_attention = bo.get("fuse_attention", True)
+        if not isinstance(fuse_attention, bool):
+            raise BuildError(f"fuse_attention must be true or false, not {fuse_attention!r}")
         return {
             "format": PAYLOAD_FORMAT,
             "device": device,
@@ -196,6 +199,7 @@ class TorchCompileBackend(Backend):
             "cudnn_benchmark_limit": benchmark_limit if cuda else None,
             "fuse_conv": fuse_conv,
             "fuse_linear": fuse_linear,
+            "fuse_attention": fuse_attention,
             "tag": f"enginesmith-{uuid.uuid4().hex}",
             "torch": self.version(),
             "triton": _triton_version() if cuda else "n/a",
@@ -357,6 +361,7 @@ class TorchCompileBackend(Backend):
             "cudnn_benchmark_limit": meta["cudnn_benchmark_limit"],
             "fuse_conv": meta["fuse_conv"],
             "fuse_linear": meta["fuse_linear"],
+            "fuse_attention": meta["fuse_attention"],
             "inductor_options": meta["inductor"],
             "convert_seconds": round(convert_s, 2),
             "export_seconds": round(export_s, 2),

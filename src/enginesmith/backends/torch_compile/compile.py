@@ -98,7 +98,8 @@ def inductor_options(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
     """A fresh module of the program with the rewrites the engine asked for: cuDNN-fused convolution
-    epilogues (``fusion``), sibling linear layers as one product (``linear_fusion``)."""
+    epilogues (``fusion``), sibling linear layers as one product (``linear_fusion``), written-out attention
+    as one fused call (``attention_fusion``)."""
     module = program.module()
     if meta.get("fuse_conv"):
         from .fusion import fuse_conv_epilogues
@@ -112,11 +113,15 @@ def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
         from .linear_fusion import concat_sibling_linears
 
         log.append(f"linear layers sharing an input merged into one product: {concat_sibling_linears(module)} merged away")
+    if meta.get("fuse_attention"):
+        from .attention_fusion import fuse_attention
+
+        log.append(f"written-out attention run as scaled_dot_product_attention: {fuse_attention(module)} rewritten")
     return module
 
 
 def needs_rewrite(meta: Mapping[str, Any]) -> bool:
-    return bool(meta.get("fuse_conv") or meta.get("fuse_linear"))
+    return bool(meta.get("fuse_conv") or meta.get("fuse_linear") or meta.get("fuse_attention"))
 
 
 def compile_module(module, meta: Mapping[str, Any]):
