@@ -36,7 +36,8 @@ def ops_of(session) -> list[str]:
     return [str(n.target) for n in session._eager.graph.nodes if n.op == "call_function"]
 
 
-def attention_graph(*, scale: str = "div", mask: bool = True, nan_guard: bool = False, probs_output: bool = False):
+def attention_graph(*, scale: str = "div", mask: bool = True, nan_guard: bool = False, probs_output: bool = False,
+                    mask_first: bool = False):
     """q, k, v [B, H, L, D] -> softmax(q @ kT / sqrt(D) + mask) @ v, spelled as exporters write it."""
     nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2])]
     inits = [numpy_helper.from_array(np.array(np.sqrt(D), np.float32), "root_d"),
@@ -47,7 +48,11 @@ def attention_graph(*, scale: str = "div", mask: bool = True, nan_guard: bool = 
         nodes += [helper.make_node("Mul", ["q", "quarter"], ["qs"]), helper.make_node("Mul", ["kt", "quarter"], ["ks"]),
                   helper.make_node("MatMul", ["qs", "ks"], ["scaled"])]
     logits = "scaled"
-    if mask:
+    if mask and mask_first:  # Add(mask * 2, scores): the mask, itself a scaled product, is the left operand
+        inits.append(numpy_helper.from_array(np.array(2.0, np.float32), "two"))
+        nodes += [helper.make_node("Mul", ["mask", "two"], ["mask2"]), helper.make_node("Add", ["mask2", "scaled"], ["logits"])]
+        logits = "logits"
+    elif mask:
         nodes.append(helper.make_node("Add", ["scaled", "mask"], ["logits"]))
         logits = "logits"
     nodes.append(helper.make_node("Softmax", [logits], ["probs"], axis=-1))
@@ -81,9 +86,9 @@ def feeds(*, masked_row: bool = False) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("scale", ["div", "split"])
-def test_written_out_attention_becomes_one_fused_call_with_onnxruntimes_outputs(scale):
-    model = attention_graph(scale=scale)
+@pytest.mark.parametrize("scale, mask_first", [("div", False), ("split", False), ("div", True)])
+def test_written_out_attention_becomes_one_fused_call_with_onnxruntimes_outputs(scale, mask_first):
+    model = attention_graph(scale=scale, mask_first=mask_first)
     result, session = build(model)
     ops = ops_of(session)
     assert ops.count("aten.scaled_dot_product_attention.default") == 1

@@ -76,6 +76,19 @@ def _nan_guard(node):
     return where
 
 
+def _scores_product(gm, node) -> tuple[object, float] | None:
+    """(the ``matmul`` node, scale factor) when ``node`` is that product, maybe times a constant; else None."""
+    product, scale = _peel_scale(gm, node)
+    if getattr(product, "op", None) != "call_function" or product.target is not _torch().ops.aten.matmul.default:
+        return None
+    return (product, scale) if _only_user(product) is not None else None
+
+
+def _same_shape(a, b) -> bool:
+    va, vb = _val(a), _val(b)
+    return va is not None and vb is not None and tuple(map(str, va.shape)) == tuple(map(str, vb.shape))
+
+
 def _same_batch_dims(*tensors) -> bool:
     shapes = [tuple(str(d) for d in t.shape[:-2]) for t in tensors]
     return all(s == shapes[0] for s in shapes)
@@ -108,29 +121,27 @@ def fuse_attention(gm) -> int:
             continue
         value = weighted.args[1]
 
-        scores, mask = softmax.args[0], None
-        chain = [weighted, guard, *([guard.args[0]] if guard is not None else []), softmax, scores]
-        if (scores.op == "call_function" and scores.target is aten.add.Tensor and _only_user(scores) is softmax
-                and len(scores.args) == 2 and not scores.kwargs):
-            left, right = scores.args
-            # The product side is the one the chain continues through; the mask is the other.
-            product_side = left if getattr(left, "op", None) == "call_function" and left.target in (
-                aten.matmul.default, aten.mul.Tensor, aten.div.Tensor) else right
-            other = right if product_side is left else left
-            mask_val = _val(other)
-            if mask_val is None or not mask_val.is_floating_point() or tuple(map(str, _val(scores).shape)) != tuple(
-                    map(str, _val(product_side).shape)):
-                continue  # a mask that broadcasts the scores to a larger shape is not SDPA's attn_mask
-            scores, mask = product_side, other
-        elif _only_user(scores) is not softmax:
+        logits, mask = softmax.args[0], None
+        chain = [weighted, guard, *([guard.args[0]] if guard is not None else []), softmax, logits]
+        if _only_user(logits) is not softmax:
             continue
+        found = _scores_product(gm, logits)
+        if (found is None and logits.op == "call_function" and logits.target is aten.add.Tensor
+                and len(logits.args) == 2 and not logits.kwargs):
+            a, b = logits.args
+            for side, other in ((a, b), (b, a)):  # the mask may be either operand
+                found = _scores_product(gm, side)
+                mask_val = _val(other)
+                if found is not None and mask_val is not None and mask_val.is_floating_point() and _same_shape(
+                        logits, side):  # a mask that broadcasts the scores to a larger shape is not SDPA's attn_mask
+                    chain.append(side)
+                    mask = other
+                    break
+                found = None
+        if found is None:
+            continue
+        scores, scale = found
         chain.append(scores)
-        scores, scale = _peel_scale(gm, scores)
-        chain.append(scores)
-        if getattr(scores, "op", None) != "call_function" or scores.target is not aten.matmul.default:
-            continue
-        if _only_user(scores) is None:
-            continue
         query, scale_q = _peel_scale(gm, scores.args[0])
         key_t, scale_k = _peel_scale(gm, scores.args[1])
         chain += [scores.args[0], scores.args[1]]
