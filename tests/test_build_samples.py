@@ -305,10 +305,10 @@ def test_int8_calibration_data_with_a_scalar_setting_splits_only_the_samples(tmp
 
 
 def test_histogram_calibration_batches_keep_scalar_settings_whole():
-    from enginesmith.backends.onnxruntime import _equal_batches
+    from enginesmith.backends.onnxruntime_int8 import equal_batches
 
     batches = [{"x": np.arange(8.0).reshape(4, 2), "sr": np.array(16000)}, {"x": np.arange(4.0).reshape(2, 2), "sr": np.array(16000)}]
-    recut = _equal_batches(batches)
+    recut = equal_batches(batches)
     assert [b["x"].shape[0] for b in recut] == [3, 3]
     assert all(b["sr"].ndim == 0 and b["sr"] == 16000 for b in recut)
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in recut]), np.concatenate([b["x"] for b in batches]))

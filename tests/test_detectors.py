@@ -107,7 +107,7 @@ def test_yolo_engine_scores_the_mAP_of_its_onnx_source_and_int8_stays_in_budget(
 def test_int8_leaves_the_yolo_head_after_the_last_convolution_in_float():
     import onnx
 
-    from enginesmith.backends.onnxruntime import float_tail
+    from enginesmith.backends.onnxruntime_int8 import float_tail
 
     model = onnx.load(scoring.MODELS / "yolov8_synth.onnx")
     tail = set(float_tail(model))

@@ -277,7 +277,7 @@ def test_int8_engine_that_passed_build_verification_passes_plain_validate(int8_e
 def test_onnx_runtime_shape_inference_leftovers_are_removed_from_the_working_directory(tmp_path, monkeypatch):
     """ONNX Runtime's symbolic shape inference saves a model it cannot finish as sym_shape_infer_temp.onnx plus
     external data files in the current directory; an int8 build must not leave them in the user's folder."""
-    from enginesmith.backends.onnxruntime import SHAPE_INFERENCE_LEFTOVER, _no_shape_inference_leftovers
+    from enginesmith.backends.onnxruntime_int8 import SHAPE_INFERENCE_LEFTOVER, no_shape_inference_leftovers
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.data").write_bytes(b"the user's")
@@ -285,7 +285,7 @@ def test_onnx_runtime_shape_inference_leftovers_are_removed_from_the_working_dir
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weights])
-    with _no_shape_inference_leftovers():  # what ONNX Runtime does when its inference is incomplete
+    with no_shape_inference_leftovers():  # what ONNX Runtime does when its inference is incomplete
         onnx.save_model(helper.make_model(graph), SHAPE_INFERENCE_LEFTOVER, save_as_external_data=True,
                         location="1234-abcd.data", size_threshold=0)
         assert (tmp_path / "1234-abcd.data").exists()

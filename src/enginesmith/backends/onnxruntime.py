@@ -23,20 +23,20 @@ import re
 import sys
 import tempfile
 from collections import Counter
-from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
 
 from ..errors import BackendUnavailableError, BuildError, MissingDependencyError, UnsupportedModelError, ValidationDataError
-from ..host import cpu_flags, host_fingerprint, physical_cores
+from ..host import host_fingerprint, physical_cores
 from ..signature import Signature, random_inputs
 from ..graph.precision import convert_fp16  # noqa: F401 - re-exported: callers import it from here
 from .base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session
 from . import ort_gpu
+from .onnxruntime_int8 import CALIBRATION_CACHE, quantize_int8
 from .ort_gpu import CUDA_EP, TRT_EP, OrtGpuSettings, TrtEpPlan
 
 _log = logging.getLogger("enginesmith.onnxruntime")
@@ -168,168 +168,6 @@ def _node_placement(session, signature: Signature, feeds: dict[str, np.ndarray] 
 
 
 GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
-CALIBRATION_CACHE = "calibration_cache.json"
-
-
-class _BatchReader:
-    """Feeds calibration batches to ONNX Runtime's calibrator one at a time."""
-
-    def __init__(self, batches: list[dict[str, np.ndarray]]):
-        self._batches = iter(batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
-
-    def rewind(self) -> None:  # pragma: no cover - used by strided calibration only
-        pass
-
-
-def _activation_type(quantization):
-    """uint8 activations on x86 (the u8s8 kernels), int8 on Arm, per ONNX Runtime's guidance."""
-    import platform
-
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return quantization.QuantType.QInt8
-    return quantization.QuantType.QUInt8
-
-
-def _equal_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """The calibration samples re-cut into batches of one size.
-
-    ONNX Runtime's histogram calibrators (entropy, percentile) stack each tensor's values
-    from all batches with np.asarray, which fails when the last batch is shorter
-    ("inhomogeneous shape"); MinMax does not care, so its batches are left alone.
-    """
-    # 0-d inputs (a sample rate) are settings every batch carries whole, not samples to re-cut.
-    merged = {name: np.concatenate([b[name] for b in batches]) if batches[0][name].ndim else batches[0][name]
-              for name in batches[0]}
-    total = next((v.shape[0] for v in merged.values() if v.ndim), 1)
-    first = next((v.shape[0] for v in batches[0].values() if v.ndim), 1)
-    size = max(d for d in range(1, min(first, total) + 1) if total % d == 0)
-    return [{name: value[i : i + size] if value.ndim else value for name, value in merged.items()}
-            for i in range(0, total, size)]
-
-
-WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
-
-
-def float_tail(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes between the last weighted op and the graph outputs, which int8 leaves in float.
-
-    They cost little, and one int8 scale per tensor cannot hold what such tails join: a YOLO head
-    concatenates boxes in pixels (0-640) with class scores (0-1), so a quantized concat rounds every
-    score below one step (640 / 255) to zero. Unnamed nodes are named here so they can be left out.
-    """
-    producers = {}
-    for index, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"enginesmith_node_{index}"
-        for output in node.output:
-            producers[output] = node
-    tail, seen, pending = [], set(), [o.name for o in model.graph.output]
-    while pending:
-        node = producers.get(pending.pop())
-        if node is None or node.name in seen or node.op_type in WEIGHTED_OPS:
-            continue
-        seen.add(node.name)
-        tail.append(node.name)
-        if node.op_type not in ("Shape", "Size"):  # they read no values: what feeds them is not the tail
-            pending.extend(node.input)
-    return tail
-
-
-# ONNX Runtime's symbolic shape inference saves the model it could not finish as this file (and its
-# weights beside it, in files named by uuids) in the current directory, for debugging.
-SHAPE_INFERENCE_LEFTOVER = "sym_shape_infer_temp.onnx"
-
-
-@contextmanager
-def _no_shape_inference_leftovers() -> Iterator[None]:
-    """Remove the debugging copy ONNX Runtime leaves in the user's working directory (only one it wrote now)."""
-    existed = os.path.exists(SHAPE_INFERENCE_LEFTOVER)
-    try:
-        yield
-    finally:
-        if not existed and os.path.exists(SHAPE_INFERENCE_LEFTOVER):
-            try:
-                leftover = onnx.load(SHAPE_INFERENCE_LEFTOVER, load_external_data=False)
-                locations = {entry.value for tensor in onnx.external_data_helper._get_all_tensors(leftover)
-                             for entry in tensor.external_data if entry.key == "location"}
-            except Exception:  # noqa: BLE001 - an unreadable leftover is still ours to remove
-                locations = set()
-            for name in [SHAPE_INFERENCE_LEFTOVER, *locations]:
-                if os.path.basename(name) == name:  # only plain names in this directory
-                    with suppress(OSError):
-                        os.remove(name)
-
-
-def quantize_int8(model: onnx.ModelProto, calibration: Calibration, tmp: str, log: list[str]) -> tuple[onnx.ModelProto, bytes]:
-    """Static QDQ quantization, per-channel weights; returns the model and the calibration cache.
-
-    The cache holds the activation ranges; given one (from an earlier build of the same
-    model), calibration inference is skipped and the ranges are reused exactly.
-    """
-    from onnxruntime import InferenceSession, quantization
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = os.path.join(tmp, "prepared.onnx")
-    # ONNX Runtime logs a traceback of its own when its optimizer rejects the pre-processed model.
-    quiet = logging.getLogger("onnxruntime.quantization.shape_inference")
-    was_disabled, quiet.disabled = quiet.disabled, True
-    try:
-        with _no_shape_inference_leftovers():
-            quant_pre_process(model, prepared)
-        # Symbolic shape inference can record shapes ONNX Runtime then refuses to load (the Concat of a
-        # converted TensorFlow NMS); calibration would fail on them, the model itself quantizes fine.
-        InferenceSession(prepared, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # symbolic shape inference fails on some graphs; quantize without it
-        log.append(f"quantization pre-processing skipped: {str(exc).splitlines()[0][:160]}")
-        onnx.save(model, prepared)
-    finally:
-        quiet.disabled = was_disabled
-    prepared_model = onnx.load(prepared)
-    kept_float = float_tail(prepared_model)
-    if kept_float:
-        onnx.save(prepared_model, prepared)
-        log.append(f"int8: {len(kept_float)} nodes after the last weighted layer stay in float")
-    cache_path = os.path.join(tmp, CALIBRATION_CACHE)
-    if calibration.cache is not None:
-        Path(cache_path).write_bytes(calibration.cache)
-        log.append("int8: calibration skipped, ranges reused from the calibration cache")
-    elif not calibration.batches:
-        raise ValidationDataError("int8 needs calibration data: give --calib DATA (or --calib-random for a smoke test)")
-    else:
-        samples = sum(next(iter(b.values())).shape[0] for b in calibration.batches)
-        log.append(f"int8: calibrating with {calibration.method} on {samples} samples")
-    methods = {
-        "minmax": quantization.CalibrationMethod.MinMax,
-        "entropy": quantization.CalibrationMethod.Entropy,
-        "percentile": quantization.CalibrationMethod.Percentile,
-    }
-    # Without VNNI, u8 x s8 products can saturate the 16-bit accumulation; 7-bit weights avoid it.
-    reduce_range = "avx512_vnni" not in cpu_flags() and "avx_vnni" not in cpu_flags() and "amx_int8" not in cpu_flags()
-    quantized = os.path.join(tmp, "quantized.onnx")
-    batches = calibration.batches
-    if calibration.cache is None and calibration.method in ("entropy", "percentile"):
-        batches = _equal_batches(batches)
-    try:
-        quantization.quantize_static(
-            prepared,
-            quantized,
-            _BatchReader(batches) if calibration.cache is None else None,
-            quant_format=quantization.QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=reduce_range,
-            activation_type=_activation_type(quantization),
-            weight_type=quantization.QuantType.QInt8,
-            calibrate_method=methods[calibration.method],
-            calibration_cache_path=cache_path,
-            nodes_to_exclude=kept_float,
-        )
-    except Exception as exc:
-        raise BuildError(f"int8 quantization failed: {str(exc).splitlines()[0]}") from None
-    log.append(f"int8: QDQ, per-channel weights, {'7-bit weights (no VNNI)' if reduce_range else '8-bit weights'}")
-    return onnx.load(quantized), Path(cache_path).read_bytes()
 
 
 class OnnxRuntimeSession(Session):
@@ -573,6 +411,11 @@ class OnnxRuntimeBackend(Backend):
         }
         return BuildResult(payload, PAYLOAD_NAME, resolved, log, details, caches)
 
+    def op_support(self, model: onnx.ModelProto, options: BuildOptions) -> dict[str, tuple[str, str]]:
+        from .onnxruntime_support import op_support  # it imports this module: loaded on first use
+
+        return op_support(model, options)
+
     def needs_caches_at_load(self, options: BuildOptions) -> bool:
         try:
             return TRT_EP in resolve_providers(options.backend_options.get("providers"))
@@ -752,134 +595,3 @@ def plain_session_runner(model_bytes: bytes, quiet: bool = False):
     # Read by validate to check that an engine and a reference take the same inputs before running.
     run.input_names = [i.name for i in session.get_inputs()]  # type: ignore[attr-defined]
     return run
-
-
-# --------------------------------------------------------------------------- per-node operator support
-# Appended as a module-level function bound to the class so the code above stays untouched.
-
-# ONNX Runtime's session option key that makes session creation fail instead of
-# silently placing nodes on the CPU provider (kOrtSessionOptionsDisableCPUEPFallback).
-_DISABLE_CPU_FALLBACK = "session.disable_cpu_ep_fallback"
-
-
-def _probe_session(model_bytes: bytes, providers: list[str], no_fallback: bool = False) -> str | None:
-    """None when ONNX Runtime creates a session for the model on ``providers``, else its error (one line)."""
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 4
-    so.intra_op_num_threads = 1
-    if no_fallback:
-        so.add_session_config_entry(_DISABLE_CPU_FALLBACK, "1")
-    try:
-        ort.InferenceSession(model_bytes, so, providers=providers)
-    except Exception as exc:  # ORT raises its own pybind exception types
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)[:400]
-    return None
-
-
-def _single_node_model(model: onnx.ModelProto, node: onnx.NodeProto, elem: dict[str, int],
-                       initializers: dict[str, onnx.TensorProto]) -> tuple[onnx.ModelProto, list[str]]:
-    """A model holding only ``node``: its inputs become graph inputs (weights stay initializers)."""
-    from onnx import helper
-
-    notes: list[str] = []
-    needed: list[str] = []
-    for name in list(node.input) + sorted(_outer_names(node)):
-        if name and name not in needed:
-            needed.append(name)
-    inputs, inits = [], []
-    for name in needed:
-        if name in initializers:
-            inits.append(initializers[name])
-            continue
-        if not elem.get(name):
-            notes.append(f"type of '{name}' unknown, probed as float")
-        inputs.append(helper.make_tensor_value_info(name, elem.get(name) or onnx.TensorProto.FLOAT, None))
-    outputs = []
-    for name in node.output:
-        if name:
-            value = onnx.ValueInfoProto()
-            value.name = name
-            if elem.get(name):
-                value.type.tensor_type.elem_type = elem[name]
-            outputs.append(value)
-    graph = helper.make_graph([node], "probe", inputs, outputs, inits)
-    probe = helper.make_model(graph, opset_imports=list(model.opset_import))
-    probe.ir_version = model.ir_version
-    probe.functions.extend(model.functions)
-    return probe, notes
-
-
-def _outer_names(node: onnx.NodeProto) -> set[str]:
-    found: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for sub in graphs:
-            local = {v.name for v in sub.input} | {t.name for t in sub.initializer}
-            for inner in sub.node:
-                found |= {n for n in list(inner.input) + sorted(_outer_names(inner)) if n and n not in local}
-                local |= set(inner.output)
-    return found
-
-
-def _op_support(self: OnnxRuntimeBackend, model: onnx.ModelProto, options: BuildOptions) -> dict[str, tuple[str, str]]:
-    """Real kernel availability: ONNX Runtime is asked to create a session for each distinct node.
-
-    The whole model is tried first; when it loads on the CPU provider every node has a kernel.
-    Otherwise (or for other providers) each distinct (op, domain, opset, input types, attributes)
-    gets a one-node model. With a non-CPU provider first, a node that only the CPU provider can run
-    is ``conditional`` (it runs, on the CPU fallback).
-    """
-    from .base import node_names
-
-    providers = resolve_providers((options.backend_options if options else {}).get("providers"))
-    primary = providers[0]
-    label = PROVIDER_LABELS.get(primary, primary)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:  # shape inference is best effort; unknown types are probed as float
-        inferred = model
-    graph = inferred.graph
-    names = node_names(model)
-    results: dict[str, tuple[str, str]] = {}
-    whole_error = _probe_session(model.SerializeToString(), ["CPUExecutionProvider"])
-    if whole_error is None and primary == "CPUExecutionProvider":
-        return {name: ("supported", "ONNX Runtime CPU kernel") for name in names}
-    elem: dict[str, int] = {}
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-            elem.setdefault(value.name, value.type.tensor_type.elem_type)
-    initializers = {t.name: t for t in graph.initializer}
-    for init in graph.initializer:
-        elem[init.name] = init.data_type
-    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
-    cache: dict[bytes, tuple[str, str]] = {}
-    for name, node in zip(names, graph.node):
-        key_parts = [node.domain, node.op_type, str(opsets.get(node.domain or "ai.onnx")),
-                     ",".join(str(elem.get(i, 0)) if i else "-" for i in node.input)]
-        key = "|".join(key_parts).encode() + b"".join(a.SerializeToString() for a in node.attribute)
-        if key not in cache:
-            probe, notes = _single_node_model(model, node, elem, initializers)
-            raw = probe.SerializeToString()
-            cpu_error = _probe_session(raw, ["CPUExecutionProvider"])
-            note = f" ({'; '.join(notes)})" if notes else ""
-            if primary == "CPUExecutionProvider":
-                cache[key] = (("unsupported", f"ONNX Runtime: {cpu_error}") if cpu_error
-                              else ("supported", "ONNX Runtime CPU kernel" + note))
-            else:
-                primary_error = _probe_session(raw, [primary], no_fallback=True)
-                if primary_error is None:
-                    cache[key] = ("supported", f"ONNX Runtime {label} kernel{note}")
-                elif cpu_error is None:
-                    cache[key] = ("conditional", f"no {label} kernel: runs on the CPU provider (fallback){note}")
-                else:
-                    cache[key] = ("unsupported", f"ONNX Runtime: {cpu_error}")
-        results[name] = cache[key]
-    if whole_error is not None and all(status != "unsupported" for status, _ in results.values()):
-        results[""] = ("unsupported", f"ONNX Runtime: {whole_error}")
-    return results
-
-
-OnnxRuntimeBackend.op_support = _op_support  # type: ignore[method-assign]

@@ -35,13 +35,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import onnx
 
 from ...errors import BuildError, EnginesmithError, UnsupportedModelError, ValidationDataError
 from ...signature import Signature
 from ..base import Calibration, ProgressCallback
 from ..caches import cache_dir
+from ..onnxruntime_int8 import CalibrationReader
 from . import cuda
 from ._trt import captured_errors, import_tensorrt, trt_logger
 from .calibration import (
@@ -212,16 +212,6 @@ def _require_calibration(calibration: Calibration | None) -> Calibration:
     return calibration
 
 
-class _BatchReader:
-    """ONNX Runtime's CalibrationDataReader over enginesmith's calibration batches."""
-
-    def __init__(self, batches: list[dict[str, np.ndarray]]):
-        self._batches = iter(batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
-
-
 def quantize_qdq(
     model: onnx.ModelProto, calibration: Calibration, method: str, tmp: Path, log: list[str]
 ) -> tuple[onnx.ModelProto, bytes]:
@@ -239,7 +229,7 @@ def quantize_qdq(
         cache_path.write_bytes(calibration.cache)
         log.append("int8: calibration skipped, scales reused from the calibration cache")
     elif calibration.batches:
-        reader = _BatchReader(calibration.batches)
+        reader = CalibrationReader(calibration.batches)
     else:
         raise ValidationDataError(
             "the calibration cache was made by TensorRT's implicit quantization, which this TensorRT lacks; "
