@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from enginesmith.backends import BuildOptions, get_backend  # noqa: E402
 from enginesmith.backends import torch_compile as tc  # noqa: E402
-from enginesmith.backends.torch_compile.linear_fusion import concat_sibling_linears  # noqa: E402
+from enginesmith.backends.torch_compile.linear_fusion import concat_sibling_linears, matmuls_as_linears  # noqa: E402
 from enginesmith.errors import BuildError  # noqa: E402
 from enginesmith.signature import Signature, TensorSpec  # noqa: E402
 
@@ -104,3 +104,69 @@ def test_fuse_linear_is_off_on_the_cpu_by_default_and_checked():
     assert backend.build(Siblings().eval(), signature, BuildOptions(backend_options=eager)).details["fuse_linear"] is False
     with pytest.raises(BuildError, match="fuse_linear must be auto, true or false"):
         backend.build(Siblings().eval(), signature, BuildOptions(backend_options={**eager, "fuse_linear": "yes"}))
+
+
+class Products(torch.nn.Module):
+    """Linear layers as ONNX spells them (a product by a constant weight, then the bias added), and products that
+    are not linear layers: a vector times the weight, and a product of two activations."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(16, 8))
+        self.b = torch.nn.Parameter(torch.randn(8))
+        self.w2 = torch.nn.Parameter(torch.randn(16, 8))
+        self.row_bias = torch.nn.Parameter(torch.randn(5, 8))  # an added matrix, not a bias
+
+    def forward(self, x, v):
+        return torch.cat([x @ self.w + self.b, self.b + x @ self.w2, x @ self.w, x @ self.w2 + self.row_bias,
+                          (x @ x.transpose(-1, -2))[..., :8]], -1), v @ self.w
+
+
+def _products(module) -> int:
+    return sum(1 for n in module.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.matmul.default)
+
+
+def test_products_by_a_constant_weight_become_linear_layers_with_the_same_outputs():
+    module = Products().eval()
+    x, v = torch.randn(2, 5, 16), torch.randn(16)
+    rewritten = torch.export.export(module, (x, v)).module()
+    assert _products(rewritten) == 6 and _linears(rewritten) == 0
+    assert matmuls_as_linears(rewritten) == 4  # with bias either side, without, and the one whose add is no bias
+    assert _linears(rewritten) == 4 and _products(rewritten) == 2  # the vector product and x @ xT stay
+    with torch.no_grad():
+        for got, want in zip(rewritten(x, v), module(x, v)):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    assert concat_sibling_linears(rewritten) == 2  # all four read x: the two with a bias merge, the two without too
+
+
+def test_an_encoders_onnx_export_runs_its_projections_as_merged_linear_layers():
+    """transformers' BERT through its ONNX export: every MatMul + Add of a weight is a linear layer again, each
+    layer's query/key/value are one product, and the engine still gives ONNX Runtime's outputs."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import run_plain
+
+    from enginesmith.importers import ImportOptions, import_model
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=50, max_position_embeddings=32)
+    module = transformers.BertModel(config).eval()
+    ids = np.random.default_rng(0).integers(0, 50, (2, 12)).astype(np.int64)
+    mask = np.ones((2, 12), np.int64)
+    mask[0, 8:] = 0
+    imported = import_model(module, ImportOptions(example_inputs={"input_ids": torch.from_numpy(ids),
+                                                                  "attention_mask": torch.from_numpy(mask)}))
+    backend = get_backend("torch")
+    options = {"device": "cpu", "compile": "eager", "fuse_linear": True}
+    result = backend.build(imported.model, imported.signature, BuildOptions(backend_options=options))
+    log = " ".join(result.log)
+    assert "run as linear layers" in log and "merged into one product: 4 merged away" in log, log
+    session = backend.load(result.payload, result.resolved_options, imported.signature)
+    # Every product is a linear layer now, or inside the attention call (attention_fusion, on by default).
+    ops = [n.target for n in session._eager.graph.nodes if n.op == "call_function"]
+    assert _products(session._eager) == 0 and ops.count(torch.ops.aten.scaled_dot_product_attention.default) == 2
+    x = {"input_ids": ids, "attention_mask": mask}
+    want, got = run_plain(imported.model, x), session.run(x)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=2e-5)

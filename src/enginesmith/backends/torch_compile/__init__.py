@@ -53,9 +53,10 @@ Backend options (``BuildOptions.backend_options``)
                    convolutions with fused epilogues (``fusion``); the rewrite is applied before
                    compiling, at build and at load, so the saved program stays plain ATen. Not
                    with compile="aoti".
-    ``fuse_linear``  "auto" (on CUDA), true or false: linear layers that read the same tensor
-                   (attention's query/key/value projections) run as one product over concatenated
-                   weights, then a split (``linear_fusion``); applied like ``fuse_conv``.
+    ``fuse_linear``  "auto" (on CUDA), true or false: products by a constant weight plus a bias
+                   (how ONNX spells linear layers) run as linear layers, and linear layers that read
+                   the same tensor (attention's query/key/value projections) as one product over
+                   concatenated weights, then a split (``linear_fusion``); applied like ``fuse_conv``.
     ``fuse_attention``  true (default) or false: attention written out op by op (matmul, scale,
                    mask, softmax, matmul: what ONNX exports hold) runs as one
                    ``scaled_dot_product_attention`` (``attention_fusion``); applied like ``fuse_conv``.

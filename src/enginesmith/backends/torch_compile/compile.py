@@ -110,8 +110,11 @@ def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
                                               meta["device"].startswith("cuda") else "") + ": "
                    + ", ".join(f"{pattern} x{n}" for pattern, n in counts.items()))
     if meta.get("fuse_linear"):
-        from .linear_fusion import concat_sibling_linears
+        from .linear_fusion import concat_sibling_linears, matmuls_as_linears
 
+        as_linear = matmuls_as_linears(module)
+        if as_linear:
+            log.append(f"products by a constant weight (+ bias) run as linear layers: {as_linear}")
         log.append(f"linear layers sharing an input merged into one product: {concat_sibling_linears(module)} merged away")
     if meta.get("fuse_attention"):
         from .attention_fusion import fuse_attention

@@ -9,6 +9,11 @@ product three times as wide, followed by a split:
     linear(x, Wq, bq), linear(x, Wk, bk), linear(x, Wv, bv)
         -> split(linear(x, cat(Wq, Wk, Wv), cat(bq, bk, bv)), [q, k, v], -1)
 
+ONNX graphs hold linear layers as ``MatMul`` by a constant weight plus an ``Add`` of the bias
+(only ``Gemm`` converts to ``linear``), so they are first turned back into ``aten.linear``
+(``matmuls_as_linears``): then they merge too, and the bias rides in the product's epilogue
+instead of a separate pass over the output.
+
 Like ``fusion``, the rewrite runs on the module of an exported program just before
 ``torch.compile``, at build and again at load, so the saved program stays as exported.
 """
@@ -33,6 +38,53 @@ def _linear_operands(gm, node):
     if weight is None or weight.dim() != 2 or (bias_node is not None and bias is None):
         return None
     return weight, bias
+
+
+def matmuls_as_linears(gm) -> int:
+    """``matmul(x, W) [+ b]`` with constant 2-D W (and 1-D b of W's width) as ``linear(x, W.T, b)``; how many."""
+    torch = _torch()
+    aten = torch.ops.aten
+    graph = gm.graph
+    rewritten = 0
+    transposed: dict[str, str] = {}
+    for product in list(graph.nodes):
+        if product.op != "call_function" or product.target is not aten.matmul.default or product.kwargs:
+            continue
+        x, weight = product.args[0], _attribute(gm, product.args[1])
+        x_val = getattr(x, "meta", {}).get("val")
+        if weight is None or weight.dim() != 2 or x_val is None or x_val.dim() < 2 or x_val.dtype != weight.dtype:
+            continue  # a 1-D x is a vector product, not a linear layer
+        bias_node, add = None, None
+        users = list(product.users)
+        if len(users) == 1 and users[0].target is aten.add.Tensor and len(users[0].args) == 2 and not users[0].kwargs:
+            other = users[0].args[1] if users[0].args[0] is product else users[0].args[0]
+            candidate = _attribute(gm, other)
+            if (candidate is not None and candidate.dim() == 1 and candidate.shape[0] == weight.shape[1]
+                    and candidate.dtype == weight.dtype):
+                bias_node, add = other, users[0]
+        source = str(product.args[1].target)
+        name = transposed.get(source)
+        if name is None:  # one transposed copy per weight, however many products read it
+            name = f"_enginesmith_linear_{len(transposed)}_weight"
+            while hasattr(gm, name):  # a module rewritten before
+                name = "_" + name
+            transposed[source] = name
+            with torch.no_grad():
+                gm.register_buffer(name, weight.t().contiguous())
+        with graph.inserting_before(add if add is not None else product):
+            args = (x, graph.get_attr(name)) + ((bias_node,) if bias_node is not None else ())
+            linear = graph.call_function(aten.linear.default, args)
+        replaced = add if add is not None else product
+        linear.meta.update(replaced.meta)
+        replaced.replace_all_uses_with(linear)
+        graph.erase_node(replaced)
+        if add is not None:
+            graph.erase_node(product)
+        rewritten += 1
+    if rewritten:
+        _drop_unused_constants(gm)
+        gm.recompile()
+    return rewritten
 
 
 def concat_sibling_linears(gm) -> int:
