@@ -445,3 +445,42 @@ def test_a_uint8_image_cast_to_float_inside_the_graph_feeds_a_half_precision_eng
     got = backend.load(result.payload, result.resolved_options, imported.signature).run({"image": image})["y"]
     want = run_plain(model, {"image": image})["y"]
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=0.2)  # bf16 keeps 8 bits of mantissa
+
+
+def test_global_max_pool_over_every_axis_after_the_channels():
+    for shape in (["b", 3, 4, 5], ["b", 3, 7]):
+        model = one_node("GlobalMaxPool", 17, [("x", shape)], [("y", None)])
+        x = np.random.default_rng(4).standard_normal([2] + shape[1:]).astype(np.float32)
+        assert_matches_onnxruntime(model, {"x": x})
+
+
+def clip_model(low: str, high: str) -> onnx.ModelProto:
+    """Clip(x, low, high) where each bound is "input" (computed at run time), "const" or "" (absent)."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 4, 5])]
+    inits, names = [], ["x"]
+    for name, kind, value in (("lo", low, -0.5), ("hi", high, 0.7)):
+        if kind == "input":
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
+        elif kind == "const":
+            inits.append(numpy_helper.from_array(np.array(value, np.float32), name))
+        names.append(name if kind else "")
+    while names[-1] == "":
+        names.pop()
+    graph = helper.make_graph([helper.make_node("Clip", names, ["y"])], "clip", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 10
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+@pytest.mark.parametrize("low, high", [("input", "input"), ("const", "input"), ("input", ""), ("", "input"),
+                                       ("const", "const"), ("const", ""), ("", "const")])
+def test_clip_with_bounds_computed_at_run_time(low, high):
+    """onnx2torch refused any bound that is not a constant ("Dynamic value of min/max is not implemented"), and
+    an absent bound next to a constant one (the encoder of arabic-name-romanizer 0.2.0: Clip(x, 1, ''))."""
+    feeds = {"x": X}
+    if low == "input":
+        feeds["lo"] = np.array(-0.25, np.float32)
+    if high == "input":
+        feeds["hi"] = np.array(0.5, np.float32)
+    assert_matches_onnxruntime(clip_model(low, high), feeds)

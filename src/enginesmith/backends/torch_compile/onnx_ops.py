@@ -6,7 +6,9 @@ imported), so ``get_converter`` and ``inspect --target torch`` see them like onn
 - Reduce* at opset 18 (and ReduceMax/ReduceMin at 20): ``axes`` is an input, read when constant;
 - Reshape with ``allowzero=1`` (torch.onnx's dynamo exporter writes it for every ``view``): a 0 in
   the shape then means an empty axis, which is what ``torch.reshape`` does with a literal list;
-- Gelu (opset 20), CastLike, Split with ``num_outputs`` (opset 18);
+- Gelu (opset 20), CastLike, Split with ``num_outputs`` (opset 18), GlobalMaxPool;
+- Clip whose min/max are computed at run time (onnx2torch takes constants only);
+- GRU and LSTM, which onnx2torch lacks: ``onnx_rnn``;
 - NonMaxSuppression (opsets 10/11) with constant thresholds, in plain torch ops that torch.export
   traces (onnx2torch's reads its thresholds with ``.item()`` and calls torchvision): see
   ``onnx_nms.exportable_nms``;
@@ -30,6 +32,7 @@ from typing import Any, Callable
 
 from .common import _torch
 from .onnx_nms import exportable_nms
+from .onnx_rnn import convert_recurrent
 
 # Ops whose newer versions changed types only: (op, new version, version onnx2torch converts).
 TYPE_ONLY_VERSIONS: tuple[tuple[str, int, int], ...] = (
@@ -193,7 +196,38 @@ def _modules() -> dict[str, Any]:
         def forward(self, data, indices, updates):
             return data.index_put(tuple(indices.unbind(-1)), updates)
 
+    class OnnxGlobalMaxPool(torch.nn.Module):
+        """GlobalMaxPool: the maximum over every axis after the channels, kept as size-1 axes."""
+
+        def forward(self, x):
+            return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+
+    class OnnxClipConst(torch.nn.Module):
+        """Clip with constant bounds, either of which may be absent (None)."""
+
+        def __init__(self, low: float | None, high: float | None):
+            super().__init__()
+            self.low, self.high = low, high
+
+        def forward(self, x):
+            return torch.clamp(x, self.low, self.high)
+
+    class OnnxClipTensors(torch.nn.Module):
+        """Clip with bounds given as tensors at run time; an absent bound is None."""
+
+        def __init__(self, has_min: bool, has_max: bool):
+            super().__init__()
+            self.has_min, self.has_max = has_min, has_max
+
+        def forward(self, x, *bounds):
+            bounds = list(bounds)
+            low = bounds.pop(0) if self.has_min else None
+            high = bounds.pop(0) if self.has_max else None
+            return torch.clamp(x, low, high)
+
     return {
+        "global_max_pool": OnnxGlobalMaxPool,
+        "clip": OnnxClipTensors, "clip_const": OnnxClipConst,
         "scatter_nd": OnnxScatterNDIndex,
         "cumsum": OnnxCumSumConstAxis,
         "topk": OnnxTopKConst,
@@ -439,6 +473,28 @@ def _nms(node: Any, graph: Any) -> Any:
     return _result(module, node, tuple(node.input_values[:2]))
 
 
+def _global_max_pool(node: Any, graph: Any) -> Any:
+    return _result(_modules()["global_max_pool"](), node)
+
+
+def _clip_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def convert(node: Any, graph: Any) -> Any:
+        names = list(node.input_values) + ["", ""]
+        low, high = names[1], names[2]
+        constants = [_const_floats(name, graph) if name else None for name in (low, high)]
+        if all(not name or value is not None for name, value in zip((low, high), constants)):
+            if low and high:
+                return original(node, graph)  # onnx2torch's: ReLU / ReLU6 where they fit
+            # onnx2torch reads an absent bound ("" in the node's inputs) as a missing constant and refuses.
+            bounds = [value[0] if value else None for value in constants]
+            module = _torch().nn.ReLU() if bounds == [0.0, None] else _modules()["clip_const"](*bounds)
+            return _result(module, node, (names[0],))
+        inputs = tuple(name for name in (names[0], low, high) if name)
+        return _result(_modules()["clip"](bool(low), bool(high)), node, inputs)
+
+    return convert
+
+
 def _pool_refusal(node: Any) -> str | None:
     dilations = node.attributes.get("dilations")
     if dilations and any(int(d) != 1 for d in dilations):
@@ -470,6 +526,14 @@ def register() -> None:
     for op, new, old in TYPE_ONLY_VERSIONS:
         put(op, new, existing(op, old))
     put("Gelu", 20, _gelu)
+    for version in (1, 22):
+        put("GlobalMaxPool", version, _global_max_pool)
+    for op in ("GRU", "LSTM"):
+        for version in (7, 14, 22):
+            put(op, version, convert_recurrent)
+    clip = _clip_converter(existing("Clip", 13))
+    for version in (11, 12, 13):
+        put("Clip", version, clip)
     for version in (15, 19, 21):
         put("CastLike", version, _cast_like)
     put("Split", 18, _split_converter(existing("Split", 13)))

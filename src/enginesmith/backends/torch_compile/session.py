@@ -100,7 +100,7 @@ class TorchSession(Session):
         with self._lock:
             tensors = []
             for spec in self._signature.inputs:
-                array = np.ascontiguousarray(feeds[spec.name])
+                array = np.asarray(feeds[spec.name], order="C")  # keeps 0-d scalars 0-d (ascontiguousarray makes them 1-d)
                 if self._cuda:
                     host = self._staged(("in", spec.name), array.shape, torch.from_numpy(array[:0]).dtype)
                     np.copyto(host.numpy(), array, casting="no")
