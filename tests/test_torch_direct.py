@@ -266,3 +266,22 @@ def test_a_program_traced_on_the_cpu_is_retargeted_to_the_build_device():
     assert retarget_program(module, torch.float16, "meta") >= 1
     out = module.to("meta")(x.to("meta", torch.float16), mask.to("meta"))[0]
     assert out.device.type == "meta" and out.dtype == torch.float16 and tuple(out.shape) == (2, 5, 8)
+
+
+class SqueezesSizeOne(torch.nn.Module):
+    """Takes another path when an axis has size 1 (what ``squeeze`` and exporters' If-on-a-size do)."""
+
+    def forward(self, x):
+        if x.shape[1] == 1:
+            return x * 2
+        return x + 1
+
+
+def test_sizes_outside_the_traced_range_are_refused_not_run_down_the_wrong_path():
+    """torch.export assumes open sizes are >= 2 and decides `size == 1` that way, but the exported module does
+    not check its inputs: at size 1 it silently returned x + 1. The engine now refuses, naming the fix."""
+    x = torch.randn(2, 3, 4)
+    engine = build_module(SqueezesSizeOne(), (x,), dynamic_axes={"x": {0: "batch", 1: "width"}})
+    np.testing.assert_allclose(engine.infer({"x": x.numpy()})[engine.signature.output_names[0]], (x + 1).numpy(), rtol=1e-6)
+    with pytest.raises(InputError, match="serves sizes 2 to any there"):
+        engine.infer({"x": np.ones((2, 1, 4), np.float32)})

@@ -484,3 +484,77 @@ def test_clip_with_bounds_computed_at_run_time(low, high):
     if high == "input":
         feeds["hi"] = np.array(0.5, np.float32)
     assert_matches_onnxruntime(clip_model(low, high), feeds)
+
+
+def squeeze_if_model() -> onnx.ModelProto:
+    """A branch picked by a size, as PyTorch's exporters write ``x.squeeze(1)`` (If(Shape(x)[1] == 1, Squeeze,
+    Identity)); here the then-branch doubles x, so both branches keep one output shape the checker can name."""
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, np.int64)))
+
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    then_branch = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["doubled"])], "then", [],
+                                    [helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["b", "m", 5])], [two])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["x"], ["same"])], "else", [],
+                                    [helper.make_tensor_value_info("same", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), const("one_index", 1), const("one", 1),
+             helper.make_node("Gather", ["shape", "one_index"], ["size"]),
+             helper.make_node("Equal", ["size", "one"], ["is_one"]),
+             helper.make_node("If", ["is_one"], ["picked"], then_branch=then_branch, else_branch=else_branch),
+             helper.make_node("Relu", ["picked"], ["y"])]
+    graph = helper.make_graph(nodes, "squeeze_if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "m", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def build_on_sample(model: onnx.ModelProto, sample: dict[str, np.ndarray], tmp_path):
+    import enginesmith as es
+
+    np.savez(tmp_path / "sample.npz", **sample)
+    return es.build(model, backend="torch", data=str(tmp_path / "sample.npz"), verify=False,
+                    backend_options=dict(EAGER.backend_options))
+
+
+@pytest.mark.parametrize("middle", [1, 3])
+def test_if_decided_by_shapes_takes_the_branch_onnxruntime_takes(middle, tmp_path):
+    """onnx2torch has no If; akiki 0.0.6's VAD squeezes this way. The engine serves the branch its sample's
+    shapes take, and refuses the other size with the fix rather than failing inside torch."""
+    from enginesmith.errors import InputError
+
+    model = squeeze_if_model()
+    x = np.random.default_rng(6).standard_normal((2, middle, 5)).astype(np.float32)
+    engine = build_on_sample(model, {"x": x}, tmp_path)
+    got, want = engine.infer({"x": x})["y"], run_plain(model, {"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, np.maximum(x, 0) * (2 if middle == 1 else 1), rtol=1e-5, atol=1e-6)
+    other = np.random.default_rng(8).standard_normal((2, 4 - middle, 5)).astype(np.float32)
+    with pytest.raises(InputError, match="serves|rebuild"):
+        engine.infer({"x": other})
+
+
+def test_if_decided_by_tensor_values_is_refused_with_the_reason(tmp_path):
+    from enginesmith.errors import UnsupportedModelError
+
+    model = squeeze_if_model()
+    graph = model.graph
+    # The condition now reads the input's values (a sum), not its shape: data-dependent.
+    for node in graph.node:
+        if node.op_type == "Equal":
+            node.input[0] = "total"
+    graph.node.insert(0, helper.make_node("ReduceSum", ["x"], ["total_f"], keepdims=0))
+    graph.node.insert(1, helper.make_node("Cast", ["total_f"], ["total"], to=TensorProto.INT64))
+    x = np.ones((2, 1, 5), np.float32)
+    with pytest.raises(UnsupportedModelError, match="data-dependent"):
+        build_on_sample(model, {"x": x}, tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge"])
+@pytest.mark.parametrize("shape, pads", [([1, 10], [0, 3, 0, 2]), (["b", 6, 4], [0, 2, 0, 0, 1, 0])])
+def test_reflect_and_edge_pad_on_tensors_with_few_axes(mode, shape, pads):
+    """torch pads these modes only with batch and channel axes in front; onnx2torch refused a [1, 576] signal
+    padded on its last axis (akiki 0.0.6's VAD)."""
+    model = one_node("Pad", 13, [("x", shape)], [("y", None)], {"pads": np.array(pads, np.int64)}, mode=mode)
+    x = np.random.default_rng(7).standard_normal([2 if d == "b" else d for d in shape]).astype(np.float32)
+    assert_matches_onnxruntime(model, {"x": x})

@@ -160,6 +160,91 @@ def served_shapes(program, signature: Signature) -> dict[str, list[int | None]]:
     return served
 
 
+def _finite(bound) -> int | None:
+    """A range bound as an int; None for sympy's / torch's infinities (``oo``, ``int_oo``)."""
+    return None if "oo" in str(bound) else int(bound)
+
+
+def served_ranges(program, signature: Signature) -> dict[str, list[list[int | None] | None]]:
+    """Per input and axis, [lowest, highest] size (None: unbounded) the program was traced for, for symbolic axes.
+
+    torch.export assumes an open size is at least 2 and decides size-1 tests (a squeeze, an If on a size)
+    that way, but the exported module does not check its inputs against those ranges: size 1 there
+    would run silently the other path. The session checks them (``TorchSession._check_served``).
+    """
+    torch = _torch()
+    user = list(program.graph_signature.user_inputs)
+    nodes = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    bounds = {str(symbol): value for symbol, value in program.range_constraints.items()}
+    ranges: dict[str, list[list[int | None] | None]] = {}
+    for spec, name in zip(signature.inputs, user):
+        value = nodes[name].meta.get("val")
+        if value is None:
+            continue
+        axes: list[list[int | None] | None] = []
+        for d in value.shape:
+            found = bounds.get(str(d.node.expr)) if isinstance(d, torch.SymInt) else None
+            if found is None:
+                axes.append(None)
+                continue
+            axes.append([_finite(found.lower), _finite(found.upper)])
+        if any(axes):
+            ranges[spec.name] = axes
+    return ranges
+
+
+def allow_size_one(module, program, signature: Signature, ranges: dict, device: str, log: list[str]) -> dict:
+    """``ranges`` with size 1 allowed on the open axes where the program at size 1 gives the source's results.
+
+    torch.export's working assumption "an open size is at least 2" matters only where the model
+    decides something on that size; elsewhere size 1 runs fine and refusing it would break working
+    engines (a detector with one class). So each such size (all the axes sharing its symbol at once)
+    is tried at 1 on the module that was exported and on the program; equal results allow it.
+    """
+    torch = _torch()
+    user = list(program.graph_signature.user_inputs)
+    nodes = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    shapes, positions = [], {}
+    for spec, name in zip(signature.inputs, user):
+        value = nodes[name].meta.get("val")
+        dims = list(value.shape) if value is not None else []
+        concrete = []
+        for axis, d in enumerate(dims):
+            if isinstance(d, torch.SymInt):
+                positions.setdefault(str(d.node.expr), []).append((spec.name, axis))
+                concrete.append(int(d.node.hint) if d.node.hint is not None else 2)
+            else:
+                concrete.append(int(d))
+        shapes.append(concrete)
+    widened = {name: [list(b) if b else b for b in axes] for name, axes in ranges.items()}
+    runner = program.module()
+    for symbol, places in positions.items():
+        if any(not widened.get(name) or not widened[name][axis] or widened[name][axis][0] != 2 for name, axis in places):
+            continue
+        trial = [list(shape) for shape in shapes]
+        for name, axis in places:
+            trial[signature.input_names.index(name)][axis] = 1
+        inputs = example_inputs(signature, trial[0][0] if trial and trial[0] else 1, device, seed=7,
+                                known={spec.name: shape for spec, shape in zip(signature.inputs, trial)})
+        try:
+            with torch.no_grad():
+                want, got = module(*inputs), runner(*inputs)
+            want = want if isinstance(want, (tuple, list)) else (want,)
+            got = got if isinstance(got, (tuple, list)) else (got,)
+            same = len(want) == len(got) and all(
+                w.shape == g.shape and torch.allclose(g.double(), w.double(), rtol=1e-3, atol=1e-5, equal_nan=True)
+                for w, g in zip(want, got))
+        except Exception:  # noqa: BLE001 - a model that cannot run at size 1 keeps its floor of 2
+            same = False
+        where = ", ".join(f"{name} axis {axis}" for name, axis in places)
+        if same:
+            for name, axis in places:
+                widened[name][axis][0] = 1
+        else:
+            log.append(f"size 1 on {where} takes another path than the traced one: the engine refuses it")
+    return widened
+
+
 def specialized_dims(served: Mapping[str, Sequence[int | None]], signature: Signature) -> dict[str, list[int]]:
     """Per input, the axes the signature leaves open but the program fixed."""
     fixed: dict[str, list[int]] = {}

@@ -21,7 +21,7 @@ import onnx
 from ...errors import MissingDependencyError, UnsupportedModelError
 from ...signature import Signature
 from ..base import node_names
-from . import onnx_ops
+from . import onnx_if, onnx_ops
 from .common import ONNX2TORCH_HINT, _torch
 
 _O2T_LOCK = threading.Lock()
@@ -137,7 +137,8 @@ def op_status(model: onnx.ModelProto) -> dict[int, tuple[str, str]]:
             continue
         if len(graph_nodes) == len(model.graph.node):
             try:
-                converter(graph_nodes[i], graph)
+                with onnx_if.converting(model):
+                    converter(graph_nodes[i], graph)
             except NotImplementedError as exc:
                 status[i] = ("unsupported", f"the converter refuses it: {exc}")
                 continue
@@ -235,6 +236,19 @@ def _sv_binary(op: str, a, b):
     import operator
 
     fn = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.floordiv}[op]
+    if isinstance(a, list) or isinstance(b, list):
+        n = len(a) if isinstance(a, list) else len(b)
+        a = a if isinstance(a, list) else [a] * n
+        b = b if isinstance(b, list) else [b] * n
+        return [fn(x, y) for x, y in zip(a, b)]
+    return fn(a, b)
+
+
+def _sv_compare(op: str, a, b):
+    """ONNX Equal/Greater/Less... over shape values: Python (symbolic) booleans, elementwise over lists."""
+    import operator
+
+    fn = {"eq": operator.eq, "gt": operator.gt, "lt": operator.lt, "ge": operator.ge, "le": operator.le}[op]
     if isinstance(a, list) or isinstance(b, list):
         n = len(a) if isinstance(a, list) else len(b)
         a = a if isinstance(a, list) else [a] * n
@@ -345,6 +359,7 @@ def _range_dtype(gm, args):
 
 
 _BINARY = {"add": "add", "sub": "sub", "mul": "mul", "_onnx_div": "div"}
+_COMPARE = {"eq": "eq", "greater": "gt", "less": "lt", "greater_equal": "ge", "less_equal": "le"}
 # Ops taking a shape-like second input, by the converted module's class.
 _SHAPED = {"OnnxReshape": _sv_reshape, "OnnxReshapeAllowZero": _sv_reshape_literal, "OnnxExpand": _sv_expand,
            "OnnxTile": _sv_tile}
@@ -448,6 +463,10 @@ def _specialize_constants(gm, log: list[str]) -> None:
             op = _BINARY.get(getattr(module.math_op_function, "__name__", ""))
             if op is not None:
                 lowered.add(replace(node, _sv_binary, [op, value(args[0]), value(args[1])]))
+        elif kind == "OnnxCompare" and len(args) == 2 and any(a in lowered for a in args) \
+                and all(value(a) is not None for a in args) \
+                and (op := _COMPARE.get(getattr(module.compare_function, "__name__", ""))) is not None:
+            lowered.add(replace(node, _sv_compare, [op, value(args[0]), value(args[1])]))
         elif kind == "OnnxMinMax" and any(a in lowered for a in args) and all(value(a) is not None for a in args):
             lowered.add(replace(node, _sv_minmax, [module._op_type, *(value(a) for a in args)]))
         elif kind == "OnnxPadDynamic" and len(args) >= 2 and args[1] in lowered and module.mode == "constant" \
@@ -527,7 +546,8 @@ def onnx_to_torch(model: onnx.ModelProto, signature: Signature, log: list[str]):
     _check_ops(model)
     model = _basic_optimized(model, log)
     try:
-        gm = o2t.convert(model, attach_onnx_mapping=True)
+        with onnx_if.converting(model):
+            gm = o2t.convert(model, attach_onnx_mapping=True)
     except MissingDependencyError:
         raise
     except Exception as exc:  # noqa: BLE001 - converter errors are user-facing model problems
@@ -538,11 +558,21 @@ def onnx_to_torch(model: onnx.ModelProto, signature: Signature, log: list[str]):
         ) from None
     _fix_outputs(gm, model, signature.output_names)
     _specialize_constants(gm, log)
+    for branch in _if_branches(gm):  # each If's branches are converted modules of their own
+        _specialize_constants(branch, log)
     gm.eval()
     graph_inputs = [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
     order = [graph_inputs.index(name) for name in signature.input_names]
     log.append(f"converted with onnx2torch {getattr(o2t, '__version__', _dist_version('onnx2torch'))}")
     return gm, order
+
+
+def _if_branches(gm) -> list:
+    found = []
+    for module in gm.modules():
+        if type(module).__name__ == "OnnxIf":
+            found += [module.then_branch, module.else_branch]
+    return found
 
 
 def _dist_version(name: str) -> str:

@@ -8,7 +8,7 @@ imported), so ``get_converter`` and ``inspect --target torch`` see them like onn
   the shape then means an empty axis, which is what ``torch.reshape`` does with a literal list;
 - Gelu (opset 20), CastLike, Split with ``num_outputs`` (opset 18), GlobalMaxPool;
 - Clip whose min/max are computed at run time (onnx2torch takes constants only);
-- GRU and LSTM, which onnx2torch lacks: ``onnx_rnn``;
+- GRU and LSTM, which onnx2torch lacks: ``onnx_rnn``; If decided by shapes: ``onnx_if``;
 - NonMaxSuppression (opsets 10/11) with constant thresholds, in plain torch ops that torch.export
   traces (onnx2torch's reads its thresholds with ``.item()`` and calls torchvision): see
   ``onnx_nms.exportable_nms``;
@@ -31,6 +31,7 @@ import math
 from typing import Any, Callable
 
 from .common import _torch
+from .onnx_if import convert_if
 from .onnx_nms import exportable_nms
 from .onnx_rnn import convert_recurrent
 
@@ -196,6 +197,21 @@ def _modules() -> dict[str, Any]:
         def forward(self, data, indices, updates):
             return data.index_put(tuple(indices.unbind(-1)), updates)
 
+    class OnnxPadEdges(torch.nn.Module):
+        """Reflect / edge padding of the last axes. torch pads those modes only with one or two axes before the
+        padded ones (batch, channels); a [1, 576] signal padded on its last axis gets leading size-1 axes for
+        the pad, removed after."""
+
+        def __init__(self, pads: list[int], mode: str):
+            super().__init__()
+            self.pads, self.mode = pads, mode
+
+        def forward(self, x):
+            extra = max(0, len(self.pads) // 2 + 2 - x.dim())
+            out = torch.nn.functional.pad(x.reshape((1,) * extra + tuple(x.shape)) if extra else x, self.pads,
+                                          mode=self.mode)
+            return out.reshape(tuple(out.shape[extra:])) if extra else out
+
     class OnnxGlobalMaxPool(torch.nn.Module):
         """GlobalMaxPool: the maximum over every axis after the channels, kept as size-1 axes."""
 
@@ -226,7 +242,7 @@ def _modules() -> dict[str, Any]:
             return torch.clamp(x, low, high)
 
     return {
-        "global_max_pool": OnnxGlobalMaxPool,
+        "global_max_pool": OnnxGlobalMaxPool, "pad_edges": OnnxPadEdges,
         "clip": OnnxClipTensors, "clip_const": OnnxClipConst,
         "scatter_nd": OnnxScatterNDIndex,
         "cumsum": OnnxCumSumConstAxis,
@@ -351,11 +367,26 @@ def _pad_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], 
             return original(node, graph)
         from onnx2torch.node_converters.pad import OnnxPadStatic
 
-        module = OnnxPadStatic.create_from_onnx_params(onnx_pads=pads, onnx_mode=str(node.attributes.get("mode", "constant")),
-                                                       constant_value=value[0])
+        mode = str(node.attributes.get("mode", "constant"))
+        if mode == "constant":
+            module = OnnxPadStatic.create_from_onnx_params(onnx_pads=pads, onnx_mode=mode, constant_value=value[0])
+        else:
+            module = _modules()["pad_edges"](_edge_pads(pads), {"reflect": "reflect", "edge": "replicate"}[mode])
         return _result(module, node, (inputs[0],))
 
     return convert
+
+
+def _edge_pads(onnx_pads: list[int]) -> list[int]:
+    """ONNX pads ([begins..., ends...], first axis first) as torch's (last axis first), up to the first padded
+    axis: reflect/edge pad at most the last three axes in torch."""
+    half = len(onnx_pads) // 2
+    pairs = list(zip(onnx_pads[:half], onnx_pads[half:]))
+    while pairs and pairs[0] == (0, 0):
+        pairs.pop(0)
+    if len(pairs) > 3:
+        raise NotImplementedError("reflect/edge Pad of more than the last three axes is not supported")
+    return [p for pair in reversed(pairs) for p in pair]
 
 
 def _cumsum_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -528,6 +559,8 @@ def register() -> None:
     put("Gelu", 20, _gelu)
     for version in (1, 22):
         put("GlobalMaxPool", version, _global_max_pool)
+    for version in (1, 11, 13, 16, 19, 21):
+        put("If", version, convert_if)
     for op in ("GRU", "LSTM"):
         for version in (7, 14, 22):
             put(op, version, convert_recurrent)

@@ -38,6 +38,7 @@ class TorchSession(Session):
         self._warned: set[int] = set()
         # Per input: the size of each dim the exported program fixed (None where symbolic).
         self._served: dict[str, list] = dict(meta.get("served_shapes") or {})
+        self._ranges: dict[str, list] = dict(meta.get("served_ranges") or {})  # absent in engines built before
         self.load_seconds = load_seconds
         self.cache_info = cache_info
         self.load_steps: dict[str, float] = {}
@@ -74,6 +75,14 @@ class TorchSession(Session):
                     "cannot keep those dims symbolic, so they were fixed when it was built); rebuild it with "
                     f"--input {spec.name}:{'x'.join(str(d) for d in shape)} or --data at the size you need"
                 )
+            for axis, (size, bounds) in enumerate(zip(shape, self._ranges.get(spec.name) or [])):
+                if bounds and ((bounds[0] is not None and size < bounds[0]) or (bounds[1] is not None and size > bounds[1])):
+                    low, high = bounds[0], "any" if bounds[1] is None else bounds[1]
+                    raise InputError(
+                        f"input '{spec.name}' has size {size} on axis {axis}, but this engine serves sizes {low} to "
+                        f"{high} there (it was traced at other sizes, and the model may take another path at this "
+                        f"one); rebuild it with --input {spec.name}:{'x'.join(str(d) for d in shape)} or --data at "
+                        "the size you need")
 
     def _call(self, tensors: list):
         torch = self._torch
