@@ -558,3 +558,29 @@ def test_reflect_and_edge_pad_on_tensors_with_few_axes(mode, shape, pads):
     model = one_node("Pad", 13, [("x", shape)], [("y", None)], {"pads": np.array(pads, np.int64)}, mode=mode)
     x = np.random.default_rng(7).standard_normal([2 if d == "b" else d for d in shape]).astype(np.float32)
     assert_matches_onnxruntime(model, {"x": x})
+
+
+def test_if_branch_reading_the_outer_graphs_weights(tmp_path):
+    """Silero VAD v4's branches run convolutions on weights of the main graph: onnx2torch's Conv reads its
+    weight as an initializer, so the branch gets them as its own (before: a KeyError naming the weight)."""
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, np.int64)))
+
+    weight = numpy_helper.from_array(np.random.default_rng(9).standard_normal((2, 2, 3)).astype(np.float32), "conv_w")
+    then_branch = helper.make_graph([helper.make_node("Conv", ["x", "conv_w"], ["conv"], pads=[1, 1])], "then", [],
+                                    [helper.make_tensor_value_info("conv", TensorProto.FLOAT, ["b", 2, "w"])])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["x"], ["same"])], "else", [],
+                                    [helper.make_tensor_value_info("same", TensorProto.FLOAT, ["b", 2, "w"])])
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), const("two", 2), const("five", 5),
+             helper.make_node("Gather", ["shape", "two"], ["width"]),
+             helper.make_node("Equal", ["width", "five"], ["is_five"]),
+             helper.make_node("If", ["is_five"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    graph = helper.make_graph(nodes, "if_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2, "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2, "w"])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    x = np.random.default_rng(10).standard_normal((2, 2, 5)).astype(np.float32)
+    engine = build_on_sample(model, {"x": x}, tmp_path)
+    want = run_plain(model, {"x": x})["y"]
+    assert not np.allclose(want, x)  # the convolution ran
+    np.testing.assert_allclose(engine.infer({"x": x})["y"], want, rtol=1e-5, atol=1e-5)

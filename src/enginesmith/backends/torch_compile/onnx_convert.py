@@ -183,7 +183,8 @@ def _locate_conversion_failure(model: onnx.ModelProto) -> str:
     for onnx_node in graph.nodes.values():
         proto = onnx_node.proto
         try:
-            _converter_for(proto, model)(onnx_node, graph)
+            with onnx_if.converting(model):
+                _converter_for(proto, model)(onnx_node, graph)
         except Exception as exc:  # noqa: BLE001
             return f"node '{proto.name or onnx_node.unique_name}' (op {proto.op_type}): {exc}"
     return ""
@@ -255,6 +256,13 @@ def _sv_compare(op: str, a, b):
         b = b if isinstance(b, list) else [b] * n
         return [fn(x, y) for x, y in zip(a, b)]
     return fn(a, b)
+
+
+def _sv_tensor(values):
+    """Shape values (ints, symbolic sizes, or a list of them) as an int64 tensor, for ops that read tensors."""
+    import torch
+
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def _sv_minmax(op: str, *values):
@@ -456,6 +464,9 @@ def _specialize_constants(gm, log: list[str]) -> None:
         elif kind == "OnnxCast" and first_lowered and not module.torch_dtype.is_floating_point:
             node.replace_all_uses_with(args[0])
             graph.erase_node(node)
+        elif kind == "OnnxCast" and first_lowered:  # sizes read as floats (YOLO's grid): a tensor again, then cast
+            with graph.inserting_before(node):
+                node.args = (graph.call_function(_sv_tensor, (args[0],)),)
         elif kind == "OnnxConcat" and any(a in lowered for a in args) and all(value(a) is not None for a in args):
             lowered.add(replace(node, _sv_concat, [value(a) for a in args]))
         elif kind == "OnnxBinaryMathOperation" and len(args) == 2 and any(a in lowered for a in args) \

@@ -68,7 +68,9 @@ def _modules() -> dict[str, Any]:
     return {"if": OnnxIf}
 
 
-def _branch_model(branch: onnx.GraphProto, reads: list[str], value_info: dict) -> onnx.ModelProto:
+def _branch_model(branch: onnx.GraphProto, reads: list[str], value_info: dict, weights: list) -> onnx.ModelProto:
+    """The branch as a model: the outer values it reads are its inputs, the outer weights its initializers
+    (converters read weights as initializers: a Conv's)."""
     from onnx import helper
 
     inputs = []
@@ -79,7 +81,7 @@ def _branch_model(branch: onnx.GraphProto, reads: list[str], value_info: dict) -
         else:  # the type is only needed for the branch's shape inference
             inputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     graph = helper.make_graph(list(branch.node), branch.name or "branch", inputs, list(branch.output),
-                              list(branch.initializer), value_info=list(branch.value_info))
+                              list(branch.initializer) + list(weights), value_info=list(branch.value_info))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in CONVERTING_OPSETS.get()])
     model.ir_version = 8
     return model
@@ -95,7 +97,9 @@ def convert_if(node: Any, graph: Any) -> Any:
     branches = {a.name: a.g for a in node.proto.attribute if a.name in ("then_branch", "else_branch")}
     reads = [n for n in outer_names(branches["then_branch"])]
     reads += [n for n in outer_names(branches["else_branch"]) if n not in reads]
-    converted = {name: convert(_branch_model(sub, reads, dict(graph.value_info))) for name, sub in branches.items()}
+    weights = [graph.initializers[n].proto for n in reads if n in graph.initializers]
+    reads = [n for n in reads if n not in graph.initializers]
+    converted = {name: convert(_branch_model(sub, reads, dict(graph.value_info), weights)) for name, sub in branches.items()}
     module = _modules()["if"](converted["then_branch"], converted["else_branch"])
     mapping = OnnxMapping(inputs=(node.input_values[0], *reads), outputs=tuple(node.output_values))
     return OperationConverterResult(torch_module=module, onnx_mapping=mapping)
