@@ -584,3 +584,30 @@ def test_if_branch_reading_the_outer_graphs_weights(tmp_path):
     want = run_plain(model, {"x": x})["y"]
     assert not np.allclose(want, x)  # the convolution ran
     np.testing.assert_allclose(engine.infer({"x": x})["y"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_grid_counted_in_floats_from_a_size_keeps_the_size_open():
+    """YOLOv8's exported anchor grid: Range(0.0, Cast<float>(Shape(x)[3]), 1.0) + 0.5 (the nudenet detector's
+    head). The cast made a tensor of a symbolic size and the build failed ("'SymInt' object has no attribute
+    'to'"); now the Range counts in integers and the width stays open."""
+    def const(name, value, dtype):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype)))
+
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), const("three", 3, np.int64),
+             helper.make_node("Gather", ["shape", "three"], ["width"]),
+             helper.make_node("Cast", ["width"], ["width_f"], to=TensorProto.FLOAT),
+             const("zero", 0.0, np.float32), const("one", 1.0, np.float32), const("half", 0.5, np.float32),
+             helper.make_node("Range", ["zero", "width_f", "one"], ["grid"]),
+             helper.make_node("Add", ["grid", "half"], ["centres"]),
+             helper.make_node("Mul", ["x", "centres"], ["y"])]
+    graph = helper.make_graph(nodes, "grid", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, "h", "w"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    imported = import_model(model)
+    backend = get_backend("torch")
+    result = backend.build(imported.model, imported.signature, EAGER)
+    engine = backend.load(result.payload, result.resolved_options, imported.signature)
+    for width in (7, 12):
+        x = np.random.default_rng(width).standard_normal((2, 3, 4, width)).astype(np.float32)
+        np.testing.assert_allclose(engine.run({"x": x})["y"], run_plain(model, {"x": x})["y"], rtol=1e-6)

@@ -306,6 +306,12 @@ def _sv_range(start, limit, delta, dtype, like):
 
     # On ``like``'s device (a graph input): a plain arange lands on the CPU, and the engine on CUDA then mixes
     # devices ("Tensor on device cuda:0 is not on the expected device cpu!", BERT's position ids on the H200).
+    integral = all(isinstance(v, (int, torch.SymInt)) or (isinstance(v, float) and v.is_integer())
+                   for v in (start, limit, delta))
+    if integral and dtype.is_floating_point:  # float bounds with whole values: count in integers, then cast
+        return torch.arange(int(start) if isinstance(start, float) else start,
+                            int(limit) if isinstance(limit, float) else limit,
+                            int(delta) if isinstance(delta, float) else delta, device=like.device).to(dtype)
     return torch.arange(start, limit, delta, dtype=dtype, device=like.device)
 
 
@@ -464,7 +470,14 @@ def _specialize_constants(gm, log: list[str]) -> None:
         elif kind == "OnnxCast" and first_lowered and not module.torch_dtype.is_floating_point:
             node.replace_all_uses_with(args[0])
             graph.erase_node(node)
-        elif kind == "OnnxCast" and first_lowered:  # sizes read as floats (YOLO's grid): a tensor again, then cast
+        elif kind == "OnnxCast" and first_lowered and node.users and all(
+                user.op == "call_module" and type(gm.get_submodule(user.target)).__name__ == "OnnxRange"
+                for user in node.users):
+            # A size cast to float only to count with (YOLO's anchor grid: Range(0.0, float(w), 1.0)): the Range
+            # counts in integers and casts (see _sv_range), so the size stays a Python value.
+            node.replace_all_uses_with(args[0])
+            graph.erase_node(node)
+        elif kind == "OnnxCast" and first_lowered:  # sizes read as floats elsewhere: a tensor again, then cast
             with graph.inserting_before(node):
                 node.args = (graph.call_function(_sv_tensor, (args[0],)),)
         elif kind == "OnnxConcat" and any(a in lowered for a in args) and all(value(a) is not None for a in args):
@@ -503,9 +516,10 @@ def _specialize_constants(gm, log: list[str]) -> None:
                     axes = values[2] if len(values) > 2 else list(range(count))
                     replace(node, _sv_slice, [args[0], starts, ends, axes, steps or [1] * count])
         elif kind == "OnnxRange" and len(args) == 3 and any(a in lowered for a in args) \
-                and all(value(a) is not None for a in args):
+                and all(value(a) is not None or number(a) is not None for a in args):
             anchor = next(n for n in graph.nodes if n.op == "placeholder")
-            replace(node, _sv_range, [value(args[0]), value(args[1]), value(args[2]), _range_dtype(gm, args), anchor])
+            bounds = [value(a) if value(a) is not None else number(a) for a in args]
+            replace(node, _sv_range, [*bounds, _range_dtype(gm, args), anchor])
         elif kind == "OnnxReduceSumDynamicAxes" and len(args) == 2 and (axes := const(args[1])) is not None:
             axes = axes if isinstance(axes, list) else [axes]
             replace(node, _sv_reduce_sum, [args[0], axes, bool(module._keepdims), bool(module._noop_with_empty_axes)])
