@@ -83,7 +83,7 @@ def _branch_model(branch: onnx.GraphProto, reads: list[str], value_info: dict, w
     graph = helper.make_graph(list(branch.node), branch.name or "branch", inputs, list(branch.output),
                               list(branch.initializer) + list(weights), value_info=list(branch.value_info))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in CONVERTING_OPSETS.get()])
-    model.ir_version = 8
+    model.ir_version = onnx.IR_VERSION  # new enough for any opset the outer model imports
     return model
 
 
@@ -95,7 +95,7 @@ def convert_if(node: Any, graph: Any) -> Any:
     if not CONVERTING_OPSETS.get():
         raise NotImplementedError("If is converted only inside enginesmith's ONNX conversion")
     branches = {a.name: a.g for a in node.proto.attribute if a.name in ("then_branch", "else_branch")}
-    reads = [n for n in outer_names(branches["then_branch"])]
+    reads = outer_names(branches["then_branch"])
     reads += [n for n in outer_names(branches["else_branch"]) if n not in reads]
     weights = [graph.initializers[n].proto for n in reads if n in graph.initializers]
     reads = [n for n in reads if n not in graph.initializers]
