@@ -486,7 +486,7 @@ def test_clip_with_bounds_computed_at_run_time(low, high):
     assert_matches_onnxruntime(clip_model(low, high), feeds)
 
 
-def squeeze_if_model() -> onnx.ModelProto:
+def squeeze_if_model(index=1) -> onnx.ModelProto:
     """A branch picked by a size, as PyTorch's exporters write ``x.squeeze(1)`` (If(Shape(x)[1] == 1, Squeeze,
     Identity)); here the then-branch doubles x, so both branches keep one output shape the checker can name."""
     def const(name, value):
@@ -497,7 +497,7 @@ def squeeze_if_model() -> onnx.ModelProto:
                                     [helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["b", "m", 5])], [two])
     else_branch = helper.make_graph([helper.make_node("Identity", ["x"], ["same"])], "else", [],
                                     [helper.make_tensor_value_info("same", TensorProto.FLOAT, None)])
-    nodes = [helper.make_node("Shape", ["x"], ["shape"]), const("one_index", 1), const("one", 1),
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), const("one_index", index), const("one", 1),
              helper.make_node("Gather", ["shape", "one_index"], ["size"]),
              helper.make_node("Equal", ["size", "one"], ["is_one"]),
              helper.make_node("If", ["is_one"], ["picked"], then_branch=then_branch, else_branch=else_branch),
@@ -517,13 +517,14 @@ def build_on_sample(model: onnx.ModelProto, sample: dict[str, np.ndarray], tmp_p
                     backend_options=dict(EAGER.backend_options))
 
 
+@pytest.mark.parametrize("index", [1, [1]], ids=["scalar-condition", "one-element-condition"])
 @pytest.mark.parametrize("middle", [1, 3])
-def test_if_decided_by_shapes_takes_the_branch_onnxruntime_takes(middle, tmp_path):
+def test_if_decided_by_shapes_takes_the_branch_onnxruntime_takes(middle, index, tmp_path):
     """onnx2torch has no If; akiki 0.0.6's VAD squeezes this way. The engine serves the branch its sample's
     shapes take, and refuses the other size with the fix rather than failing inside torch."""
     from enginesmith.errors import InputError
 
-    model = squeeze_if_model()
+    model = squeeze_if_model(index)
     x = np.random.default_rng(6).standard_normal((2, middle, 5)).astype(np.float32)
     engine = build_on_sample(model, {"x": x}, tmp_path)
     got, want = engine.infer({"x": x})["y"], run_plain(model, {"x": x})["y"]

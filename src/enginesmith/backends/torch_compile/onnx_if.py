@@ -62,6 +62,10 @@ def _modules() -> dict[str, Any]:
             self.then_branch, self.else_branch = then_branch, else_branch
 
         def forward(self, cond, *values):
+            if isinstance(cond, (list, tuple)):  # a one-element shape value (onnx_convert's lowering)
+                if len(cond) != 1:
+                    raise ValueError(f"If needs a one-element condition, got {len(cond)} values")
+                cond = cond[0]
             taken = self.then_branch if bool(cond) else self.else_branch
             return taken(*values)
 
