@@ -11,6 +11,7 @@ import re
 
 import onnx
 
+from ..graph._onnx import outer_scope_names
 from .base import BuildOptions
 from .onnxruntime import PROVIDER_LABELS, _ort, resolve_providers
 
@@ -44,7 +45,7 @@ def _single_node_model(model: onnx.ModelProto, node: onnx.NodeProto, elem: dict[
 
     notes: list[str] = []
     needed: list[str] = []
-    for name in list(node.input) + sorted(_outer_names(node)):
+    for name in list(node.input) + sorted(outer_scope_names(node)):
         if name and name not in needed:
             needed.append(name)
     inputs, inits = [], []
@@ -68,18 +69,6 @@ def _single_node_model(model: onnx.ModelProto, node: onnx.NodeProto, elem: dict[
     probe.ir_version = model.ir_version
     probe.functions.extend(model.functions)
     return probe, notes
-
-
-def _outer_names(node: onnx.NodeProto) -> set[str]:
-    found: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for sub in graphs:
-            local = {v.name for v in sub.input} | {t.name for t in sub.initializer}
-            for inner in sub.node:
-                found |= {n for n in list(inner.input) + sorted(_outer_names(inner)) if n and n not in local}
-                local |= set(inner.output)
-    return found
 
 
 def op_support(model: onnx.ModelProto, options: BuildOptions) -> dict[str, tuple[str, str]]:

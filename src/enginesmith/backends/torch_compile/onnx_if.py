@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import onnx
 
+from ...graph._onnx import outer_scope_names
 from .common import _torch
 
 # The opset imports of the model being converted: a branch is converted as a model of its own.
@@ -33,21 +34,6 @@ def converting(model: onnx.ModelProto) -> Iterator[None]:
         yield
     finally:
         CONVERTING_OPSETS.reset(token)
-
-
-def outer_names(graph: onnx.GraphProto) -> list[str]:
-    """Names a subgraph reads from its enclosing graphs, in first-use order (nested subgraphs included)."""
-    found: list[str] = []
-    local = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    for inner in graph.node:
-        reads = list(inner.input)
-        for attr in inner.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                reads += outer_names(sub)
-        found += [n for n in reads if n and n not in local and n not in found]
-        local |= set(inner.output)
-    found += [o.name for o in graph.output if o.name not in local and o.name not in found]
-    return found
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,8 +85,7 @@ def convert_if(node: Any, graph: Any) -> Any:
     if not CONVERTING_OPSETS.get():
         raise NotImplementedError("If is converted only inside enginesmith's ONNX conversion")
     branches = {a.name: a.g for a in node.proto.attribute if a.name in ("then_branch", "else_branch")}
-    reads = outer_names(branches["then_branch"])
-    reads += [n for n in outer_names(branches["else_branch"]) if n not in reads]
+    reads = sorted(outer_scope_names(node.proto))  # what either branch reads from the enclosing graphs
     weights = [graph.initializers[n].proto for n in reads if n in graph.initializers]
     reads = [n for n in reads if n not in graph.initializers]
     converted = {name: convert(_branch_model(sub, reads, dict(graph.value_info), weights)) for name, sub in branches.items()}
