@@ -234,22 +234,12 @@ def _sv_concat(*parts):
 
 
 def _sv_binary(op: str, a, b):
+    """Arithmetic and comparisons (Equal, Greater...: Python, maybe symbolic, booleans) over shape values,
+    elementwise over lists (a scalar broadcasts)."""
     import operator
 
-    fn = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.floordiv}[op]
-    if isinstance(a, list) or isinstance(b, list):
-        n = len(a) if isinstance(a, list) else len(b)
-        a = a if isinstance(a, list) else [a] * n
-        b = b if isinstance(b, list) else [b] * n
-        return [fn(x, y) for x, y in zip(a, b)]
-    return fn(a, b)
-
-
-def _sv_compare(op: str, a, b):
-    """ONNX Equal/Greater/Less... over shape values: Python (symbolic) booleans, elementwise over lists."""
-    import operator
-
-    fn = {"eq": operator.eq, "gt": operator.gt, "lt": operator.lt, "ge": operator.ge, "le": operator.le}[op]
+    fn = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.floordiv, "eq": operator.eq,
+          "gt": operator.gt, "lt": operator.lt, "ge": operator.ge, "le": operator.le}[op]
     if isinstance(a, list) or isinstance(b, list):
         n = len(a) if isinstance(a, list) else len(b)
         a = a if isinstance(a, list) else [a] * n
@@ -490,7 +480,7 @@ def _specialize_constants(gm, log: list[str]) -> None:
         elif kind == "OnnxCompare" and len(args) == 2 and any(a in lowered for a in args) \
                 and all(value(a) is not None for a in args) \
                 and (op := _COMPARE.get(getattr(module.compare_function, "__name__", ""))) is not None:
-            lowered.add(replace(node, _sv_compare, [op, value(args[0]), value(args[1])]))
+            lowered.add(replace(node, _sv_binary, [op, value(args[0]), value(args[1])]))
         elif kind == "OnnxMinMax" and any(a in lowered for a in args) and all(value(a) is not None for a in args):
             lowered.add(replace(node, _sv_minmax, [module._op_type, *(value(a) for a in args)]))
         elif kind == "OnnxPadDynamic" and len(args) >= 2 and args[1] in lowered and module.mode == "constant" \
