@@ -6,7 +6,7 @@
 #   scripts/gpu_zoo.sh cnn     resnet50, mobilenet_v3_large, efficientnet_b0      (one GPU: ~8 min)
 #   scripts/gpu_zoo.sh rest    convnext_tiny, vit_b_16, yolov8s_like              (one GPU: ~8 min)
 #   scripts/gpu_zoo.sh text    bert_base, minilm, then the CUDA tests             (one GPU: ~8 min)
-#   scripts/gpu_zoo.sh tests   tests/test_torch_direct.py, test_torch_onnx_ops.py, test_torch_nms.py, test_torch_attention_fusion.py with ENGINESMITH_TEST_DEVICE=cuda
+#   scripts/gpu_zoo.sh tests   tests/test_torch_direct.py, test_torch_onnx_ops.py, test_torch_nms.py, test_torch_attention_fusion.py, test_torch_onnx_rnn.py with ENGINESMITH_TEST_DEVICE=cuda
 #   scripts/gpu_zoo.sh dry     the CPU dry run (toy YOLO and BERT), for a machine without a GPU
 #   scripts/gpu_zoo.sh bg MODELS   start MODELS (comma list), then the CUDA tests, in a detached process session that
 #                                  outlives this call (one device call is 10 minutes; a warm machine keeps running it)
@@ -45,7 +45,7 @@ cuda_tests() {  # the whole report in tests_cuda.txt (tracebacks, no captured DE
   local ssd=.gpu_detect/models/ssd_mobilenet_v2_synth.onnx
   [ -f "$ssd" ] && export ENGINESMITH_SSD_ONNX=$REPO/$ssd
   timeout -k 10 "${1:-240}" env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_direct.py \
-    tests/test_torch_onnx_ops.py tests/test_torch_nms.py tests/test_torch_attention_fusion.py -q -p no:cacheprovider -p no:logging --tb=short -rfE > "$OUT/tests_cuda.txt" 2>&1
+    tests/test_torch_onnx_ops.py tests/test_torch_nms.py tests/test_torch_attention_fusion.py tests/test_torch_onnx_rnn.py -q -p no:cacheprovider -p no:logging --tb=short -rfE > "$OUT/tests_cuda.txt" 2>&1
   tail -n 40 "$OUT/tests_cuda.txt"
 }
 
