@@ -612,3 +612,32 @@ def test_a_grid_counted_in_floats_from_a_size_keeps_the_size_open():
     for width in (7, 12):
         x = np.random.default_rng(width).standard_normal((2, 3, 4, width)).astype(np.float32)
         np.testing.assert_allclose(engine.run({"x": x})["y"], run_plain(model, {"x": x})["y"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("starts, ends, axes, steps", [
+    ([-1], [-9223372036854775807], [1], [-1]),  # reverse an axis, as exporters write x.flip(1) / x[:, ::-1]
+    ([4], [1], [3], [-2]),
+    ([0, -2], [3, -6], [1, 3], [1, -1]),
+    ([10], [-10], [2], [-1]),  # bounds past the ends, clamped as ONNX says
+])
+def test_slice_with_negative_steps(starts, ends, axes, steps):
+    params = {"starts": np.array(starts, np.int64), "ends": np.array(ends, np.int64),
+              "axes": np.array(axes, np.int64), "steps": np.array(steps, np.int64)}
+    model = one_node("Slice", 13, [("x", ["b", 3, 4, 5])], [("y", None)], params)
+    assert_matches_onnxruntime(model, {"x": X})
+
+
+def test_slice_reading_constant_nodes_instead_of_initializers():
+    """captcha_crnn's bidirectional read: Slice(x, Constant(-1), Constant(-inf), Constant(0), Constant(-1)).
+    onnx2torch reads Constant-node bounds at run time (".numpy() is not supported for tensor subclasses")."""
+    names = ("starts", "ends", "axes", "steps")
+    values = ([-1], [-9223372036854775807], [0], [-1])
+    nodes = [helper.make_node("Constant", [], [n], value=numpy_helper.from_array(np.array(v, np.int64)))
+             for n, v in zip(names, values)]
+    nodes.append(helper.make_node("Slice", ["x", *names], ["y"]))
+    graph = helper.make_graph(nodes, "flip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, "b", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 10
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    assert_matches_onnxruntime(model, {"x": np.random.default_rng(12).standard_normal((6, 2, 5)).astype(np.float32)})

@@ -314,9 +314,21 @@ def _sv_as_list(value):
 
 
 def _sv_slice(x, starts, ends, axes, steps):
+    """ONNX Slice with Python (maybe symbolic) bounds. torch slices only forwards: an axis with a negative step
+    is flipped and sliced forwards over the mirrored bounds (ONNX clamps those to [0, n-1] and [-1, n-1])."""
+    import torch
+
     index: list[Any] = [slice(None)] * x.dim()
     for start, end, axis, step in zip(starts, ends, axes, steps):
-        index[axis % x.dim()] = slice(start, end, step)
+        axis %= x.dim()
+        if step > 0:
+            index[axis] = slice(start, end, step)
+            continue
+        size = x.shape[axis]
+        start = torch.sym_min(torch.sym_max(start + size if start < 0 else start, 0), size - 1)
+        end = torch.sym_min(torch.sym_max(end + size if end < 0 else end, -1), size - 1)
+        x = x.flip(axis)
+        index[axis] = slice(size - 1 - start, size - 1 - end, -step)
     return x[tuple(index)]
 
 
@@ -383,7 +395,11 @@ def _specialize_constants(gm, log: list[str]) -> None:
     lowered: set = set()
 
     def initializer(arg):
-        """The tensor a get_attr node reads; else None."""
+        """The tensor a get_attr node reads, or an ONNX Constant node holds; else None."""
+        if getattr(arg, "op", None) == "call_module" and not arg.args \
+                and type(gm.get_submodule(arg.target)).__name__ == "OnnxConstant":
+            value = gm.get_submodule(arg.target).value  # a Constant node that was not folded into an initializer
+            return value if isinstance(value, torch.Tensor) else None
         if getattr(arg, "op", None) != "get_attr":
             return None
         value = gm
@@ -497,7 +513,8 @@ def _specialize_constants(gm, log: list[str]) -> None:
             params = args[1:] + [node.kwargs[k] for k in ("axes", "steps") if k in node.kwargs]
             values = [value(a) for a in params]
             steps = const(params[3]) if len(params) > 3 else None
-            if all(v is not None for v in values) and (steps is None or all(step > 0 for step in steps)):
+            if all(v is not None for v in values) and (steps is None or all(step != 0 for step in steps)) \
+                    and (steps is None or all(step > 0 for step in steps) or not first_lowered):
                 starts, ends = values[0], values[1]
                 if first_lowered and len(params) <= 3:  # a slice of a shape: Python list slicing
                     lowered.add(replace(node, _sv_slice_values, [args[0], starts, ends]))
