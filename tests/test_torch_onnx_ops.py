@@ -38,11 +38,16 @@ def one_node(op: str, opset: int, inputs: list[tuple[str, list]], outputs: list[
     return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
-def engine_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def torch_engine(model: onnx.ModelProto):
+    """The PyTorch backend's session for ``model`` (eager: the conversion and export, without Inductor)."""
     imported = import_model(model)
     backend = get_backend("torch")
     result = backend.build(imported.model, imported.signature, EAGER)
-    return backend.load(result.payload, result.resolved_options, imported.signature).run(feeds)
+    return backend.load(result.payload, result.resolved_options, imported.signature)
+
+
+def engine_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return torch_engine(model).run(feeds)
 
 
 def assert_matches_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray], atol: float = 1e-5) -> None:
@@ -302,10 +307,7 @@ def test_min_and_max_of_shape_values_keep_the_batch_dynamic(op):
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    imported = import_model(model)
-    backend = get_backend("torch")
-    result = backend.build(imported.model, imported.signature, EAGER)
-    engine = backend.load(result.payload, result.resolved_options, imported.signature)
+    engine = torch_engine(model)
     for batch in (1, 3):
         x = np.random.default_rng(batch).standard_normal((batch, 6)).astype(np.float32)
         want = run_plain(model, {"x": x})["y"]
@@ -325,10 +327,7 @@ def shape_arithmetic_model(nodes: list, out: list[tuple[str, int, list]], inits:
 
 def assert_batches_match_onnxruntime(model: onnx.ModelProto, make_x) -> None:
     """One engine (dynamic batch) against ONNX Runtime at batches 1 and 3, exactly."""
-    imported = import_model(model)
-    backend = get_backend("torch")
-    result = backend.build(imported.model, imported.signature, EAGER)
-    engine = backend.load(result.payload, result.resolved_options, imported.signature)
+    engine = torch_engine(model)
     for batch in (1, 3):
         x = make_x(batch)
         want, got = run_plain(model, {"x": x}), engine.run({"x": x})
@@ -605,10 +604,7 @@ def test_a_grid_counted_in_floats_from_a_size_keeps_the_size_open():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, "h", "w"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
-    imported = import_model(model)
-    backend = get_backend("torch")
-    result = backend.build(imported.model, imported.signature, EAGER)
-    engine = backend.load(result.payload, result.resolved_options, imported.signature)
+    engine = torch_engine(model)
     for width in (7, 12):
         x = np.random.default_rng(width).standard_normal((2, 3, 4, width)).astype(np.float32)
         np.testing.assert_allclose(engine.run({"x": x})["y"], run_plain(model, {"x": x})["y"], rtol=1e-6)
