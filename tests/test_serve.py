@@ -124,17 +124,18 @@ def test_grpc_round_trip_sync_and_async(server, reference):
         if len(done) == 3:
             finished.set()
 
-    batches = [_batch(2, seed) for seed in (10, 11, 12)]
-    for x in batches:
+    batches = {f"a-{seed}": _batch(2, seed) for seed in (10, 11, 12)}
+    for request_id, x in batches.items():
         given = grpcclient.InferInput("x", list(x.shape), "FP32")
         given.set_data_from_numpy(x)
-        client.async_infer("mlp", [given], callback)
+        client.async_infer("mlp", [given], callback, request_id=request_id)
     assert finished.wait(30)
-    got = sorted((r.as_numpy("probs") for r, e in done if e is None), key=lambda a: float(a.sum()))
-    want = sorted((reference(x=x)["probs"] for x in batches), key=lambda a: float(a.sum()))
-    assert len(got) == 3
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # Answers are matched to requests by id (they may arrive in any order; every row of probabilities sums
+    # to 1, so sorting by sum, as this test once did, paired them by rounding noise).
+    got = {r.get_response().id: r.as_numpy("probs") for r, e in done if e is None}
+    assert sorted(got) == sorted(batches)
+    for request_id, x in batches.items():
+        np.testing.assert_allclose(got[request_id], reference(x=x)["probs"], rtol=1e-6, atol=1e-7)
     client.close()
 
 
