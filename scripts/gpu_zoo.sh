@@ -10,6 +10,7 @@
 #   scripts/gpu_zoo.sh dry     the CPU dry run (toy YOLO and BERT), for a machine without a GPU
 #   scripts/gpu_zoo.sh bg MODELS   start MODELS (comma list), then the CUDA tests, in a detached process session that
 #                                  outlives this call (one device call is 10 minutes; a warm machine keeps running it)
+#                                  ZOO_THEN_MODELS, ZOO_THEN_ARGS, ZOO_THEN_DEADLINE: a second plan run after the first
 #   scripts/gpu_zoo.sh wait SECS   wait up to SECS for the detached run, then copy what it has so far to $OUT
 #                                  (zoo.tgz with every JSON and log, gpu_zoo.json, table.txt, tests_cuda.txt)
 #
@@ -40,12 +41,13 @@ zoo() {  # zoo MODELS [DEADLINE]
 }
 
 cuda_tests() {  # the whole report in tests_cuda.txt (tracebacks, no captured DEBUG logs); its end on the console
+  # Newest tests first: a short time limit cuts the end of the list.
   # The trained SSD's tests read its frozen graph through TensorFlow, absent there: use its conversion when
   # `scripts/gpu_detect.sh prepare benchmarks/detection/models/ssd_mobilenet_v2_synth.pb` made one here.
   local ssd=.gpu_detect/models/ssd_mobilenet_v2_synth.onnx
   [ -f "$ssd" ] && export ENGINESMITH_SSD_ONNX=$REPO/$ssd
-  timeout -k 10 "${1:-240}" env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_direct.py \
-    tests/test_torch_onnx_ops.py tests/test_torch_nms.py tests/test_torch_attention_fusion.py tests/test_torch_onnx_rnn.py -q -p no:cacheprovider -p no:logging --tb=short -rfE > "$OUT/tests_cuda.txt" 2>&1
+  timeout -k 10 "${1:-240}" env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_attention_fusion.py \
+    tests/test_torch_onnx_rnn.py tests/test_torch_nms.py tests/test_torch_direct.py tests/test_torch_onnx_ops.py -q -p no:cacheprovider -p no:logging --tb=short -rfE > "$OUT/tests_cuda.txt" 2>&1
   tail -n 40 "$OUT/tests_cuda.txt"
 }
 
@@ -56,7 +58,11 @@ case "$WHAT" in
     # setsid: the device tool ends a call's processes when it returns, except those in a new process session.
     OUT="$BG/out" setsid nohup bash "$0" _bgjob "${2:?models}" > "$BG/log" 2>&1 < /dev/null &
     echo "started the detached zoo run (pid $!); follow it with: $0 wait SECONDS"; exit 0 ;;
-  _bgjob) zoo "$2"; cuda_tests "${ZOO_TESTS_S:-200}"; touch "$BG/done" ;;
+  _bgjob)
+    zoo "$2"
+    # A second plan with its own flags and deadline (e.g. a max-autotune conv model, then transformers from ONNX).
+    [ -n "${ZOO_THEN_MODELS:-}" ] && ARGS=${ZOO_THEN_ARGS:-} zoo "$ZOO_THEN_MODELS" "${ZOO_THEN_DEADLINE:-$DEADLINE}"
+    cuda_tests "${ZOO_TESTS_S:-200}"; touch "$BG/done" ;;
   wait)
     for _ in $(seq "${2:-0}"); do [ -e "$BG/done" ] && break; sleep 1; done
     tail -n 15 "$BG/log"

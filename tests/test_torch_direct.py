@@ -285,3 +285,47 @@ def test_sizes_outside_the_traced_range_are_refused_not_run_down_the_wrong_path(
     np.testing.assert_allclose(engine.infer({"x": x.numpy()})[engine.signature.output_names[0]], (x + 1).numpy(), rtol=1e-6)
     with pytest.raises(InputError, match="serves sizes 2 to any there"):
         engine.infer({"x": np.ones((2, 1, 4), np.float32)})
+
+
+class ReadsSecondColumn(torch.nn.Module):
+    """Indexes past the end at size 1: an IndexError on the CPU, a device-side assert on CUDA."""
+
+    def forward(self, x):
+        return x[:, 1] + x[:, 0]
+
+
+class Doubles(torch.nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+@pytest.mark.parametrize("module, allowed", [(Doubles(), True), (ReadsSecondColumn(), False)])
+def test_size_one_is_tried_on_cpu_copies_when_the_engine_is_for_a_gpu(module, allowed):
+    """On CUDA an out-of-bounds index at the size-1 trial would poison the process's CUDA context (every
+    later call failed in the CUDA test run); the trial runs on CPU copies first. Here device "cuda" is
+    named but never touched: only the CPU trial can allow size 1 (a trial on a device that is not there
+    would fail and refuse it), and the IndexError of the second model refuses it."""
+    import io
+
+    from enginesmith.backends.torch_compile.export import allow_size_one, cpu_copies, served_ranges
+    from enginesmith.signature import Signature, TensorSpec
+
+    x = torch.randn(3, 4)
+    width = torch.export.Dim("width", min=2)
+    program = torch.export.export(module, (x,), dynamic_shapes={"x": {1: width}})
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    signature = Signature((TensorSpec("x", "float32", (3, "width")),), (TensorSpec("y", "float32", (3,)),))
+    ranges = served_ranges(program, signature)
+    assert ranges == {"x": [None, [2, None]]}
+    made = []
+
+    def copies():
+        made.append(True)
+        return cpu_copies(module, buffer.getvalue(), lambda data: torch.export.load(io.BytesIO(data)))
+
+    log: list[str] = []
+    widened = allow_size_one(module, program, signature, ranges, "cuda:0", log, copies)
+    assert made == [True]
+    assert widened["x"][1][0] == (1 if allowed else 2)
+    assert bool(log) is not allowed

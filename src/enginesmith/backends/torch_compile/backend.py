@@ -25,8 +25,8 @@ from .common import (CACHES_ENV, EXTRA_HINT, PAYLOAD_FORMAT, PAYLOAD_NAME, TORCH
 from .compile import (_aoti_compile, _aoti_load, _benchmark_limit, _cache_tag, _fresh_artifacts, _fused_module,
                       _GraphedRunner, _set_cudnn_benchmark, _set_fp32_math, _warm, captured_graphs, compile_module,
                       needs_rewrite)
-from .export import (_has_conv2d, _wrapper_class, allow_size_one, export_program, served_ranges, served_shapes,
-                     shape_text, specialized_dims)
+from .export import (_has_conv2d, _wrapper_class, allow_size_one, cpu_copies, export_program, served_ranges,
+                     served_shapes, shape_text, specialized_dims)
 from .native import retarget_program, source_module, usable_source
 from .onnx_convert import onnx_to_torch, op_status, retarget_casts
 from .payload import _load_program, _save_program, pack_payload, unpack_payload
@@ -289,7 +289,8 @@ class TorchCompileBackend(Backend):
         program = _load_program(program_bytes)  # compile exactly what load() will compile
         # Read off the reloaded program: in the traced one a fixed dim can still be a symbol with a one-value range.
         self._record_served_shapes(program, signature, meta, sample_shapes, log)
-        meta["served_ranges"] = allow_size_one(wrapper, program, signature, meta["served_ranges"], device, log)
+        meta["served_ranges"] = allow_size_one(wrapper, program, signature, meta["served_ranges"], device, log,
+                                               lambda: cpu_copies(wrapper, program_bytes, _load_program))
         eager = program.module()
         runnable = _fused_module(program, meta, log) if needs_rewrite(meta) else eager
         cache: bytes | None = None

@@ -11,7 +11,7 @@ import re
 import sys
 import time
 from contextlib import redirect_stderr
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ...errors import MissingDependencyError, UnsupportedModelError
 from ...signature import Signature
@@ -193,13 +193,19 @@ def served_ranges(program, signature: Signature) -> dict[str, list[list[int | No
     return ranges
 
 
-def allow_size_one(module, program, signature: Signature, ranges: dict, device: str, log: list[str]) -> dict:
+def allow_size_one(module, program, signature: Signature, ranges: dict, device: str, log: list[str],
+                   cpu_copies: Callable[[], tuple[Any, Any] | None] | None = None) -> dict:
     """``ranges`` with size 1 allowed on the open axes where the program at size 1 gives the source's results.
 
     torch.export's working assumption "an open size is at least 2" matters only where the model
     decides something on that size; elsewhere size 1 runs fine and refusing it would break working
     engines (a detector with one class). So each such size (all the axes sharing its symbol at once)
     is tried at 1 on the module that was exported and on the program; equal results allow it.
+
+    On a GPU the trial runs first on CPU copies (``cpu_copies`` makes them): a model that indexes out
+    of bounds at size 1 raises an ``IndexError`` there, where CUDA would stop at a device-side assert
+    that leaves the process's CUDA context unusable (every later call fails). Only when the CPU cannot
+    tell (an op without a CPU kernel for this dtype) is the trial made on the device.
     """
     torch = _torch()
     user = list(program.graph_signature.user_inputs)
@@ -218,24 +224,27 @@ def allow_size_one(module, program, signature: Signature, ranges: dict, device: 
         shapes.append(concrete)
     widened = {name: [list(b) if b else b for b in axes] for name, axes in ranges.items()}
     runner = program.module()
+    on_cpu = cpu_copies() if cpu_copies is not None and positions and str(device).startswith("cuda") else None
     for symbol, places in positions.items():
         if any(not widened.get(name) or not widened[name][axis] or widened[name][axis][0] != 2 for name, axis in places):
             continue
         trial = [list(shape) for shape in shapes]
         for name, axis in places:
             trial[signature.input_names.index(name)][axis] = 1
-        inputs = example_inputs(signature, trial[0][0] if trial and trial[0] else 1, device, seed=7,
-                                known={spec.name: shape for spec, shape in zip(signature.inputs, trial)})
-        try:
-            with torch.no_grad():
-                want, got = module(*inputs), runner(*inputs)
-            want = want if isinstance(want, (tuple, list)) else (want,)
-            got = got if isinstance(got, (tuple, list)) else (got,)
-            same = len(want) == len(got) and all(
-                w.shape == g.shape and torch.allclose(g.double(), w.double(), rtol=1e-3, atol=1e-5, equal_nan=True)
-                for w, g in zip(want, got))
-        except Exception:  # noqa: BLE001 - a model that cannot run at size 1 keeps its floor of 2
-            same = False
+        known = {spec.name: shape for spec, shape in zip(signature.inputs, trial)}
+        batch = trial[0][0] if trial and trial[0] else 1
+        same = None
+        if on_cpu is not None:
+            try:
+                same = _same_results(*on_cpu, example_inputs(signature, batch, "cpu", seed=7, known=known))
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                if isinstance(exc, IndexError) or "out of bounds" in str(exc):
+                    same = False
+        if same is None:
+            try:
+                same = _same_results(module, runner, example_inputs(signature, batch, device, seed=7, known=known))
+            except Exception:  # noqa: BLE001 - a model that cannot run at size 1 keeps its floor of 2
+                same = False
         where = ", ".join(f"{name} axis {axis}" for name, axis in places)
         if same:
             for name, axis in places:
@@ -243,6 +252,29 @@ def allow_size_one(module, program, signature: Signature, ranges: dict, device: 
         else:
             log.append(f"size 1 on {where} takes another path than the traced one: the engine refuses it")
     return widened
+
+
+def _same_results(module, runner, inputs: Sequence[Any]) -> bool:
+    torch = _torch()
+    with torch.no_grad():
+        want, got = module(*inputs), runner(*inputs)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    return len(want) == len(got) and all(
+        w.shape == g.shape and torch.allclose(g.double(), w.double(), rtol=1e-3, atol=1e-5, equal_nan=True)
+        for w, g in zip(want, got))
+
+
+def cpu_copies(module, program_bytes: bytes, load: Callable[[bytes], Any]) -> tuple[Any, Any] | None:
+    """The module and a fresh load of the program, both moved to the CPU; None where that cannot be done."""
+    import copy
+
+    try:
+        from torch.export.passes import move_to_device_pass
+
+        return copy.deepcopy(module).to("cpu"), move_to_device_pass(load(program_bytes), "cpu").module()
+    except Exception:  # noqa: BLE001 - an older torch or a module that will not copy: the trial runs on the device
+        return None
 
 
 def specialized_dims(served: Mapping[str, Sequence[int | None]], signature: Signature) -> dict[str, list[int]]:
