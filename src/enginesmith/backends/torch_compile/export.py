@@ -194,7 +194,7 @@ def served_ranges(program, signature: Signature) -> dict[str, list[list[int | No
 
 
 def allow_size_one(module, program, signature: Signature, ranges: dict, device: str, log: list[str],
-                   cpu_copies: Callable[[], tuple[Any, Any] | None] | None = None) -> dict:
+                   make_cpu_copies: Callable[[], tuple[Any, Any] | None] | None = None) -> dict:
     """``ranges`` with size 1 allowed on the open axes where the program at size 1 gives the source's results.
 
     torch.export's working assumption "an open size is at least 2" matters only where the model
@@ -202,7 +202,7 @@ def allow_size_one(module, program, signature: Signature, ranges: dict, device: 
     engines (a detector with one class). So each such size (all the axes sharing its symbol at once)
     is tried at 1 on the module that was exported and on the program; equal results allow it.
 
-    On a GPU the trial runs first on CPU copies (``cpu_copies`` makes them): a model that indexes out
+    On a GPU the trial runs first on CPU copies (``make_cpu_copies`` makes them): a model that indexes out
     of bounds at size 1 raises an ``IndexError`` there, where CUDA would stop at a device-side assert
     that leaves the process's CUDA context unusable (every later call fails). Only when the CPU cannot
     tell (an op without a CPU kernel for this dtype) is the trial made on the device.
@@ -224,7 +224,8 @@ def allow_size_one(module, program, signature: Signature, ranges: dict, device: 
         shapes.append(concrete)
     widened = {name: [list(b) if b else b for b in axes] for name, axes in ranges.items()}
     runner = program.module()
-    on_cpu = cpu_copies() if cpu_copies is not None and positions and str(device).startswith("cuda") else None
+    gpu = str(device).startswith("cuda")
+    on_cpu = make_cpu_copies() if make_cpu_copies is not None and positions and gpu else None
     for symbol, places in positions.items():
         if any(not widened.get(name) or not widened[name][axis] or widened[name][axis][0] != 2 for name, axis in places):
             continue
