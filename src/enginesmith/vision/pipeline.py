@@ -269,8 +269,11 @@ def run_pipeline(
         stop()
     finally:
         stop()
+        # One deadline for all the joins, not 10 s each: a Ctrl-C that lands while a stage holds a queue's lock can
+        # leave that stage blocked for good (daemon threads, gone with the process), and the summary must still come.
+        deadline = time.monotonic() + 10
         for thread in threads:
-            thread.join(timeout=10)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         summary.seconds = time.perf_counter() - began
         _refresh_counts(summary, sources, frame_queues)
     if errors and not summary.interrupted:
