@@ -11,6 +11,7 @@
 #   scripts/gpu_zoo.sh bg MODELS   start MODELS (comma list), then the CUDA tests, in a detached process session that
 #                                  outlives this call (one device call is 10 minutes; a warm machine keeps running it)
 #                                  ZOO_THEN_MODELS, ZOO_THEN_ARGS, ZOO_THEN_DEADLINE: a second plan run after the first
+#                                  ZOO_TESTS_FIRST=1: the CUDA tests before the models (short, so sure to finish)
 #   scripts/gpu_zoo.sh wait SECS   wait up to SECS for the detached run, then copy what it has so far to $OUT
 #                                  (zoo.tgz with every JSON and log, gpu_zoo.json, table.txt, tests_cuda.txt)
 #
@@ -46,7 +47,8 @@ cuda_tests() {  # the whole report in tests_cuda.txt (tracebacks, no captured DE
   # `scripts/gpu_detect.sh prepare benchmarks/detection/models/ssd_mobilenet_v2_synth.pb` made one here.
   local ssd=.gpu_detect/models/ssd_mobilenet_v2_synth.onnx
   [ -f "$ssd" ] && export ENGINESMITH_SSD_ONNX=$REPO/$ssd
-  timeout -k 10 "${1:-240}" env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_attention_fusion.py \
+  # SIGINT first: pytest then still prints its failure summary when the time limit cuts the run.
+  timeout -s INT -k 15 "${1:-240}" env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_attention_fusion.py \
     tests/test_torch_onnx_rnn.py tests/test_torch_nms.py tests/test_torch_direct.py tests/test_torch_onnx_ops.py -q -p no:cacheprovider -p no:logging --tb=short -rfE > "$OUT/tests_cuda.txt" 2>&1
   tail -n 40 "$OUT/tests_cuda.txt"
 }
@@ -59,11 +61,15 @@ case "$WHAT" in
     OUT="$BG/out" setsid nohup bash "$0" _bgjob "${2:?models}" > "$BG/log" 2>&1 < /dev/null &
     echo "started the detached zoo run (pid $!); follow it with: $0 wait SECONDS"; exit 0 ;;
   _bgjob)
+    [ "${ZOO_TESTS_FIRST:-0}" = 1 ] && cuda_tests "${ZOO_TESTS_S:-200}"
     zoo "$2"
     # A second plan with its own flags and deadline (e.g. a max-autotune conv model, then transformers from ONNX).
     [ -n "${ZOO_THEN_MODELS:-}" ] && ARGS=${ZOO_THEN_ARGS:-} zoo "$ZOO_THEN_MODELS" "${ZOO_THEN_DEADLINE:-$DEADLINE}"
-    cuda_tests "${ZOO_TESTS_S:-200}"; touch "$BG/done" ;;
+    [ "${ZOO_TESTS_FIRST:-0}" = 1 ] || cuda_tests "${ZOO_TESTS_S:-200}"
+    touch "$BG/done" ;;
   wait)
+    # A fresh machine (the warm one was released) has no detached run: say so instead of waiting for nothing.
+    [ -e "$BG/log" ] || { echo "no detached run on this machine (it was released and started afresh): start one with $0 bg" >&2; exit 3; }
     for _ in $(seq "${2:-0}"); do [ -e "$BG/done" ] && break; sleep 1; done
     tail -n 15 "$BG/log"
     [ -e "$BG/done" ] && echo "the detached run is done" || echo "the detached run is still going"

@@ -132,3 +132,28 @@ def wide_console():
     console.width = 160
     yield
     console._width = saved
+
+
+def device_less_tensors(module, *inputs) -> list[str]:
+    """The tensor factories (torch.tensor, arange, eye, zeros...) that ``module(*inputs)`` calls with no device.
+
+    Each such tensor lands on the CPU whatever the engine's device: on CUDA it meets the GPU tensors and
+    fails ("Tensor on device cpu is not on the expected device cuda:0"). CI has no GPU, so this is how the
+    CPU tests see that class of bug."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    factories = {torch.tensor, torch.as_tensor, torch.arange, torch.eye, torch.zeros, torch.ones, torch.full,
+                 torch.empty, torch.rand, torch.randn, torch.linspace}
+    seen: list[str] = []
+
+    class Recorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in factories and kwargs.get("device") is None:
+                seen.append(func.__name__)
+            return func(*args, **kwargs)
+
+    with torch.no_grad(), Recorder():
+        module(*inputs)
+    return seen

@@ -24,11 +24,12 @@ DEVICE = os.environ.get("ENGINESMITH_TEST_DEVICE", "cpu")
 B, H, L, D = 2, 3, 5, 4
 
 
-def build(model, **options):
+def build(model, precision: str = "fp32", **options):
+    """An eager engine; attention fusion on unless the test says otherwise (fp32 on CUDA leaves it off by default)."""
     imported = import_model(model) if isinstance(model, onnx.ModelProto) else model
     backend = get_backend("torch")
-    result = backend.build(imported.model, imported.signature,
-                           BuildOptions(backend_options={"device": DEVICE, "compile": "eager", **options}))
+    result = backend.build(imported.model, imported.signature, BuildOptions(
+        precision=precision, backend_options={"device": DEVICE, "compile": "eager", "fuse_attention": True, **options}))
     return result, backend.load(result.payload, result.resolved_options, imported.signature)
 
 
@@ -123,8 +124,20 @@ def test_the_rewrite_can_be_turned_off_and_bad_values_are_refused():
 
     _, session = build(attention_graph(), fuse_attention=False)
     assert "aten.scaled_dot_product_attention.default" not in ops_of(session)
-    with pytest.raises(BuildError, match="fuse_attention must be true or false"):
+    with pytest.raises(BuildError, match="fuse_attention must be auto, true or false"):
         build(attention_graph(), fuse_attention="yes")
+
+
+def test_by_default_fp32_engines_on_cuda_keep_attention_written_out():
+    """fp32 attention kernels on CUDA missed the fp32 engines' 1e-4 check on a BERT-style encoder, so "auto"
+    fuses attention on CUDA only below fp32; on the CPU fp32 engines fuse it too."""
+    cuda = DEVICE.startswith("cuda")
+    result, session = build(attention_graph(), fuse_attention="auto")
+    assert ("aten.scaled_dot_product_attention.default" in ops_of(session)) is not cuda
+    assert result.details["fuse_attention"] is not cuda
+    if cuda:
+        _, half = build(attention_graph(), precision="fp16", fuse_attention="auto")
+        assert "aten.scaled_dot_product_attention.default" in ops_of(half)
 
 
 def test_a_transformers_encoders_onnx_export_runs_every_layers_attention_fused():

@@ -431,3 +431,15 @@ def test_aoti_package_that_cannot_load_is_refused_without_taking_the_process_dow
     payload = tc.pack_payload({**meta, "compile": "aoti", "cudagraphs": False}, program, None, b"not an AOTInductor package")
     with pytest.raises(BuildError, match="cannot load the engine's AOTInductor package.*compile='inductor'"):
         backend.load(payload, result.resolved_options, imported.signature)
+
+
+@pytest.mark.parametrize("value", [np.float32(0.5), np.int64(3), np.bool_(True), np.float16(2.0)])
+def test_staging_buffers_take_the_dtype_of_0d_inputs(value):
+    """CUDA sessions stage numpy inputs in pinned buffers of the input's torch dtype; a 0-d input (a Clip bound
+    fed at run time) once raised IndexError there (found on the H200: every such Clip test failed)."""
+    from enginesmith.backends.torch_compile.session import torch_dtype_of
+
+    array = np.asarray(value)
+    assert array.ndim == 0
+    assert torch_dtype_of(array) == torch.from_numpy(array.reshape(1)).dtype
+    assert torch_dtype_of(np.zeros((2, 3), array.dtype)) == torch_dtype_of(array)

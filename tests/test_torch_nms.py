@@ -298,6 +298,21 @@ def test_ssd_with_nms_made_batch_dynamic_detects_each_image_of_a_batch_as_alone(
             np.testing.assert_allclose(got["detection_boxes"][row][confident], want["detection_boxes"][0][confident], atol=1e-5)
 
 
+def test_ssd_made_batch_dynamic_makes_every_tensor_on_its_inputs_device(ssd_onnx, scenes):
+    """On the H200 the test above failed: "Tensor on device cpu is not on the expected device cuda:0!" in a
+    Concat. onnx2torch's EyeLike (the batched NMS's index grid) made its matrix on the CPU; shape values cast
+    to a tensor did too. This CPU finds every tensor the converted model makes without naming a device."""
+    from conftest import device_less_tensors
+
+    from enginesmith.backends.torch_compile.onnx_convert import onnx_to_torch
+    from enginesmith.graph.passes import optimize
+
+    dynamic, _ = optimize(ssd_onnx, [("make_dynamic", {"axes": {"image_tensor": [0]}})])
+    imported = import_model(dynamic)
+    module, _ = onnx_to_torch(imported.model, imported.signature, [])
+    assert device_less_tensors(module, torch.from_numpy(scenes[:2])) == []
+
+
 def test_ssd_postprocessing_selects_exactly_onnxruntimes_detections_from_the_same_head_outputs(ssd_onnx, scenes):
     """From the head's outputs (the same numbers for both runtimes) every one of the 100 detections matches:
     real heads on rendered scenes, and a head quantized so that many scores tie exactly."""

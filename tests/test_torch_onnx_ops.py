@@ -87,6 +87,30 @@ def test_gelu_at_opset_20(approximate):
     assert_matches_onnxruntime(model, {"x": X})
 
 
+@pytest.mark.parametrize("k,dtype", [(0, None), (1, None), (-2, TensorProto.INT64)])
+def test_eye_like_is_made_on_its_inputs_device(k, dtype):
+    """onnx2torch's EyeLike made its matrix on the CPU whatever the engine's device (found on the H200)."""
+    from conftest import device_less_tensors
+
+    from enginesmith.backends.torch_compile.onnx_convert import onnx_to_torch
+
+    if dtype is None:
+        model = one_node("EyeLike", 9, [("x", [4, 6])], [("y", [4, 6])], k=k)
+    else:  # the output's type is the dtype asked for: an int64 identity, cast back for the check
+        nodes = [helper.make_node("EyeLike", ["x"], ["eye"], k=k, dtype=dtype),
+                 helper.make_node("Cast", ["eye"], ["y"], to=TensorProto.FLOAT)]
+        graph = helper.make_graph(nodes, "eye", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 10
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    x = np.random.default_rng(3).standard_normal((4, 6)).astype(np.float32)
+    assert_matches_onnxruntime(model, {"x": x})
+    imported = import_model(model)
+    module, _ = onnx_to_torch(imported.model, imported.signature, [])
+    assert device_less_tensors(module, torch.from_numpy(x)) == []
+
+
 def test_split_into_num_outputs_with_a_smaller_last_chunk():
     x = np.arange(2 * 7, dtype=np.float32).reshape(2, 7)
     model = one_node("Split", 18, [("x", [2, 7])], [("a", None), ("b", None), ("c", None)], axis=1, num_outputs=3)

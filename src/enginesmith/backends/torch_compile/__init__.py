@@ -57,16 +57,19 @@ Backend options (``BuildOptions.backend_options``)
                    (how ONNX spells linear layers) run as linear layers, and linear layers that read
                    the same tensor (attention's query/key/value projections) as one product over
                    concatenated weights, then a split (``linear_fusion``); applied like ``fuse_conv``.
-    ``fuse_attention``  true (default) or false: attention written out op by op (matmul, scale,
-                   mask, softmax, matmul: what ONNX exports hold) runs as one
+    ``fuse_attention``  "auto" (on, except fp32 engines on CUDA, whose fused fp32 attention kernels
+                   are less exact than the written-out ops), true or false: attention written out op
+                   by op (matmul, scale, mask, softmax, matmul: what ONNX exports hold) runs as one
                    ``scaled_dot_product_attention`` (``attention_fusion``); applied like ``fuse_conv``.
     ``source``     "auto" (a torch source is built directly) or "onnx" (from its ONNX conversion)
 
 Modules
     ``common``        lazy torch import, devices, example inputs
-    ``onnx_convert``  ONNX -> torch (onnx2torch, ``onnx_ops`` converters, shape fixes)
+    ``onnx_convert``  ONNX -> torch (onnx2torch, ``onnx_ops`` converters, the model's outputs)
+    ``onnx_shape_values``  shape arithmetic as Python values, for torch.export
     ``native``        torch sources built directly (flattened inputs and outputs)
-    ``onnx_ops``      converters for opset 17-21 ops onnx2torch lacks or refuses
+    ``onnx_ops``      converters for opset 17-21 ops onnx2torch lacks or refuses; their modules
+                      in ``onnx_op_modules``, GRU/LSTM in ``onnx_rnn``, If in ``onnx_if``, NMS in ``onnx_nms``
     ``export``        the wrapper module, torch.export, the shapes the program serves
     ``payload``       the payload zip and its pickle-free program check
     ``compile``       Inductor options, compiler caches, warm-up, AOTInductor
@@ -74,6 +77,7 @@ Modules
     ``linear_fusion`` sibling linear layers merged into one product
     ``attention_fusion`` written-out attention as one scaled_dot_product_attention
     ``session``       the runtime session
+    ``device_ops``    detectors' pre- and post-processing on the engine's device
     ``backend``       ``TorchCompileBackend``: build and load
 """
 

@@ -3,7 +3,7 @@
 PyTorch's exporters write ``x.squeeze(d)`` as ``If(Shape(x)[d] == 1, Squeeze, Identity)`` and
 similar guards on sizes; onnx2torch 1.5.15 has no ``If`` converter, so such models could not
 reach the PyTorch backend at all. Each branch becomes its own converted module taking the outer
-values the branch reads; the node runs the branch its condition picks. ``onnx_convert`` turns
+values the branch reads; the node runs the branch its condition picks. ``onnx_shape_values`` turns
 the shape arithmetic and ``Equal`` in front of the condition into Python values, so tracing takes
 the branch the served shapes pick (torch.export records the guard). A condition computed from
 tensor *values* (a sample-rate input, say) is data-dependent: the export then fails with the
@@ -48,7 +48,7 @@ def _modules() -> dict[str, Any]:
             self.then_branch, self.else_branch = then_branch, else_branch
 
         def forward(self, cond, *values):
-            if isinstance(cond, (list, tuple)):  # a one-element shape value (onnx_convert's lowering)
+            if isinstance(cond, (list, tuple)):  # a one-element shape value (onnx_shape_values' lowering)
                 if len(cond) != 1:
                     raise ValueError(f"If needs a one-element condition, got {len(cond)} values")
                 cond = cond[0]

@@ -7,6 +7,7 @@ imported), so ``get_converter`` and ``inspect --target torch`` see them like onn
 - Reshape with ``allowzero=1`` (torch.onnx's dynamo exporter writes it for every ``view``): a 0 in
   the shape then means an empty axis, which is what ``torch.reshape`` does with a literal list;
 - Gelu (opset 20), CastLike, Split with ``num_outputs`` (opset 18), GlobalMaxPool;
+- EyeLike, made on its input's device (onnx2torch's lands on the CPU whatever the engine's device);
 - Clip whose min/max are computed at run time (onnx2torch takes constants only);
 - GRU and LSTM, which onnx2torch lacks: ``onnx_rnn``; If decided by shapes: ``onnx_if``;
 - NonMaxSuppression (opsets 10/11) with constant thresholds, in plain torch ops that torch.export
@@ -26,13 +27,11 @@ Each converter is checked against ONNX Runtime on a one-node model in tests/test
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Callable
 
 from .common import _torch
 from .onnx_if import convert_if
-from .onnx_nms import exportable_nms
+from .onnx_op_modules import op_modules
 from .onnx_rnn import convert_recurrent
 
 # Ops whose newer versions changed types only: (op, new version, version onnx2torch converts).
@@ -45,214 +44,6 @@ TYPE_ONLY_VERSIONS: tuple[tuple[str, int, int], ...] = (
 REDUCE_OPS = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
               "ReduceLogSumExp", "ReduceSumSquare")
 _REGISTERED = False
-
-
-def _reduce(op: str, x: Any, dims: list[int], keepdim: bool) -> Any:
-    torch = _torch()
-    if op == "ReduceMean":
-        return x.mean(dim=dims, keepdim=keepdim)
-    if op == "ReduceMax":
-        return x.amax(dim=dims, keepdim=keepdim)
-    if op == "ReduceMin":
-        return x.amin(dim=dims, keepdim=keepdim)
-    if op == "ReduceProd":
-        out = x
-        for dim in sorted(dims, reverse=True):
-            out = out.prod(dim=dim, keepdim=keepdim)
-        return out
-    if op == "ReduceL1":
-        return x.abs().sum(dim=dims, keepdim=keepdim)
-    if op == "ReduceL2":
-        return torch.sqrt((x * x).sum(dim=dims, keepdim=keepdim))
-    if op == "ReduceLogSum":
-        return torch.log(x.sum(dim=dims, keepdim=keepdim))
-    if op == "ReduceLogSumExp":
-        return torch.logsumexp(x, dim=dims, keepdim=keepdim)
-    if op == "ReduceSumSquare":
-        return (x * x).sum(dim=dims, keepdim=keepdim)
-    raise ValueError(op)
-
-
-@functools.lru_cache(maxsize=None)
-def _modules() -> dict[str, Any]:
-    """The nn.Module classes, made once torch is imported (this module must import without torch)."""
-    torch = _torch()
-
-    class OnnxReduceConstAxes(torch.nn.Module):
-        """A Reduce* whose axes (an input since opset 18) are known when converting."""
-
-        def __init__(self, op: str, axes: list[int] | None, keepdims: bool, noop_with_empty_axes: bool):
-            super().__init__()
-            self.op, self.axes, self.keepdims, self.noop = op, axes, keepdims, noop_with_empty_axes
-
-        def forward(self, x):
-            if not self.axes:
-                if self.noop:
-                    return x
-                dims = list(range(x.dim()))
-            else:
-                dims = sorted(a % x.dim() for a in self.axes)
-            return _reduce(self.op, x, dims, self.keepdims)
-
-    class OnnxReshapeAllowZero(torch.nn.Module):
-        """Reshape with allowzero=1: the shape is taken literally (0 is an empty axis, never "copy")."""
-
-        def forward(self, x, shape):
-            return torch.reshape(x, [int(d) for d in shape.tolist()])
-
-    class OnnxGelu(torch.nn.Module):
-        def __init__(self, approximate: str):
-            super().__init__()
-            self.approximate = approximate
-
-        def forward(self, x):
-            return torch.nn.functional.gelu(x, approximate=self.approximate)
-
-    class OnnxCastLike(torch.nn.Module):
-        def forward(self, x, like):
-            return x.to(like.dtype)
-
-    class OnnxSplitNumOutputs(torch.nn.Module):
-        """Split into ``parts`` chunks of ceil(size / parts), the last one smaller (opset 18 semantics)."""
-
-        def __init__(self, axis: int, parts: int):
-            super().__init__()
-            self.axis, self.parts = axis, parts
-
-        def forward(self, x):
-            size = x.shape[self.axis]
-            return tuple(torch.split(x, math.ceil(size / self.parts), dim=self.axis))
-
-    class OnnxResizeConst(torch.nn.Module):
-        """Resize whose scales or sizes are constants: F.interpolate with Python values (torch.export cannot
-        read a tensor's values, which onnx2torch's Resize does on every call)."""
-
-        def __init__(self, mode: str, align_corners: bool | None, scales: list[float] | None, sizes: list[int] | None):
-            super().__init__()
-            self.mode, self.align_corners, self.scales, self.sizes = mode, align_corners, scales, sizes
-
-        def forward(self, x):
-            return torch.nn.functional.interpolate(x, size=self.sizes, scale_factor=self.scales, mode=self.mode,
-                                                   align_corners=self.align_corners)
-
-    class OnnxGatherNDIndex(torch.nn.Module):
-        """GatherND as advanced indexing: no flattening through the indices' element count, which makes
-        torch.export fix the batch (onnx2torch's version does; it has no batch_dims at all)."""
-
-        def __init__(self, batch_dims: int = 0):
-            super().__init__()
-            self.batch_dims = batch_dims
-
-        def forward(self, data, indices):
-            leading = []
-            for axis in range(self.batch_dims):  # each batch axis indexes itself, broadcast over the indices
-                shape = [1] * (indices.dim() - 1)
-                shape[axis] = -1
-                leading.append(torch.arange(data.shape[axis], device=data.device).reshape(shape))
-            return data[tuple(leading) + tuple(indices.unbind(-1))]
-
-    class OnnxNonMaxSuppressionConst(torch.nn.Module):
-        """NonMaxSuppression whose max_output_boxes_per_class and thresholds were constants in the model."""
-
-        def __init__(self, max_per_class: int, iou_threshold: float, score_threshold: float | None, center_point_box: int):
-            super().__init__()
-            self.max_per_class, self.iou_threshold = max_per_class, iou_threshold
-            self.score_threshold, self.center_point_box = score_threshold, center_point_box
-
-        def forward(self, boxes, scores):
-            return exportable_nms(boxes, scores, self.max_per_class, self.iou_threshold, self.score_threshold,
-                                  self.center_point_box)
-
-    class OnnxCumSumConstAxis(torch.nn.Module):
-        """CumSum whose axis is a constant (onnx2torch's reads it with ``.item()`` on every call)."""
-
-        def __init__(self, axis: int, exclusive: bool, reverse: bool):
-            super().__init__()
-            self.axis, self.exclusive, self.reverse = axis, exclusive, reverse
-
-        def forward(self, x):
-            if self.reverse:
-                x = x.flip(self.axis)
-            out = x.cumsum(self.axis)
-            if self.exclusive:  # shifted by one: exactly the sums of the elements before, no subtraction
-                out = torch.cat([torch.zeros_like(x.narrow(self.axis, 0, 1)),
-                                 out.narrow(self.axis, 0, x.shape[self.axis] - 1)], dim=self.axis)
-            return out.flip(self.axis) if self.reverse else out
-
-    class OnnxTopKConst(torch.nn.Module):
-        """TopK with a constant k, as a stable sort: equal values keep the lower index first (ONNX's rule;
-        torch.topk leaves ties unordered)."""
-
-        def __init__(self, k: int, axis: int, largest: bool):
-            super().__init__()
-            self.k, self.axis, self.largest = k, axis, largest
-
-        def forward(self, x):
-            values, indices = torch.sort(x, dim=self.axis, descending=self.largest, stable=True)
-            return values.narrow(self.axis, 0, self.k), indices.narrow(self.axis, 0, self.k)
-
-    class OnnxScatterNDIndex(torch.nn.Module):
-        """ScatterND (no reduction) as ``index_put``: onnx2torch's reads the indices to a Python list."""
-
-        def forward(self, data, indices, updates):
-            return data.index_put(tuple(indices.unbind(-1)), updates)
-
-    class OnnxPadEdges(torch.nn.Module):
-        """Reflect / edge padding of the last axes. torch pads those modes only with one or two axes before the
-        padded ones (batch, channels); a [1, 576] signal padded on its last axis gets leading size-1 axes for
-        the pad, removed after."""
-
-        def __init__(self, pads: list[int], mode: str):
-            super().__init__()
-            self.pads, self.mode = pads, mode
-
-        def forward(self, x):
-            extra = max(0, len(self.pads) // 2 + 2 - x.dim())
-            out = torch.nn.functional.pad(x.reshape((1,) * extra + tuple(x.shape)) if extra else x, self.pads,
-                                          mode=self.mode)
-            return out.reshape(tuple(out.shape[extra:])) if extra else out
-
-    class OnnxGlobalMaxPool(torch.nn.Module):
-        """GlobalMaxPool: the maximum over every axis after the channels, kept as size-1 axes."""
-
-        def forward(self, x):
-            return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
-
-    class OnnxClipConst(torch.nn.Module):
-        """Clip with constant bounds, either of which may be absent (None)."""
-
-        def __init__(self, low: float | None, high: float | None):
-            super().__init__()
-            self.low, self.high = low, high
-
-        def forward(self, x):
-            return torch.clamp(x, self.low, self.high)
-
-    class OnnxClipTensors(torch.nn.Module):
-        """Clip with bounds given as tensors at run time; an absent bound is None."""
-
-        def __init__(self, has_min: bool, has_max: bool):
-            super().__init__()
-            self.has_min, self.has_max = has_min, has_max
-
-        def forward(self, x, *bounds):
-            bounds = list(bounds)
-            low = bounds.pop(0) if self.has_min else None
-            high = bounds.pop(0) if self.has_max else None
-            return torch.clamp(x, low, high)
-
-    return {
-        "global_max_pool": OnnxGlobalMaxPool, "pad_edges": OnnxPadEdges,
-        "clip": OnnxClipTensors, "clip_const": OnnxClipConst,
-        "scatter_nd": OnnxScatterNDIndex,
-        "cumsum": OnnxCumSumConstAxis,
-        "topk": OnnxTopKConst,
-        "nms": OnnxNonMaxSuppressionConst,
-        "gather_nd": OnnxGatherNDIndex,
-        "resize": OnnxResizeConst,
-        "reduce": OnnxReduceConstAxes, "reshape": OnnxReshapeAllowZero, "gelu": OnnxGelu,
-        "cast_like": OnnxCastLike, "split": OnnxSplitNumOutputs,
-    }
 
 
 def _const_values(name: str, graph: Any, kind: Callable[[Any], Any] = int) -> list | None:
@@ -294,7 +85,7 @@ def _reduce_converter(op: str) -> Callable[[Any, Any], Any]:
                 raise NotImplementedError(f"{op} with axes computed at run time (not a constant) is not supported")
         keepdims = bool(node.attributes.get("keepdims", 1))
         noop = bool(node.attributes.get("noop_with_empty_axes", 0))
-        return _result(_modules()["reduce"](op, axes, keepdims, noop), node, (inputs[0],))
+        return _result(op_modules()["reduce"](op, axes, keepdims, noop), node, (inputs[0],))
 
     return convert
 
@@ -303,7 +94,7 @@ def _reshape_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, An
     def convert(node: Any, graph: Any) -> Any:
         if node.attributes.get("allowzero", 0) != 1:
             return original(node, graph)
-        return _result(_modules()["reshape"](), node)
+        return _result(op_modules()["reshape"](), node)
 
     return convert
 
@@ -312,11 +103,19 @@ def _gelu(node: Any, graph: Any) -> Any:
     approximate = str(node.attributes.get("approximate", "none"))
     if approximate not in ("none", "tanh"):
         raise NotImplementedError(f"Gelu approximate='{approximate}' is not an ONNX value")
-    return _result(_modules()["gelu"](approximate), node)
+    return _result(op_modules()["gelu"](approximate), node)
 
 
 def _cast_like(node: Any, graph: Any) -> Any:
-    return _result(_modules()["cast_like"](), node)
+    return _result(op_modules()["cast_like"](), node)
+
+
+def _eye_like(node: Any, graph: Any) -> Any:
+    from onnx2torch.utils.dtype import onnx_dtype_to_torch_dtype
+
+    dtype = node.attributes.get("dtype")
+    return _result(op_modules()["eye_like"](None if dtype is None else onnx_dtype_to_torch_dtype(dtype),
+                                          int(node.attributes.get("k", 0))), node)
 
 
 def _split_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -324,7 +123,7 @@ def _split_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any]
         parts = node.attributes.get("num_outputs")
         if parts is None or len([v for v in node.input_values if v]) > 1:
             return original(node, graph)
-        return _result(_modules()["split"](int(node.attributes.get("axis", 0)), int(parts)), node,
+        return _result(op_modules()["split"](int(node.attributes.get("axis", 0)), int(parts)), node,
                        (node.input_values[0],))
 
     return convert
@@ -371,7 +170,7 @@ def _pad_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], 
         if mode == "constant":
             module = OnnxPadStatic.create_from_onnx_params(onnx_pads=pads, onnx_mode=mode, constant_value=value[0])
         else:
-            module = _modules()["pad_edges"](_edge_pads(pads), {"reflect": "reflect", "edge": "replicate"}[mode])
+            module = op_modules()["pad_edges"](_edge_pads(pads), {"reflect": "reflect", "edge": "replicate"}[mode])
         return _result(module, node, (inputs[0],))
 
     return convert
@@ -394,7 +193,7 @@ def _cumsum_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any
         axis = _const_ints(node.input_values[1], graph)
         if axis is None or len(axis) != 1:
             return original(node, graph)
-        module = _modules()["cumsum"](axis[0], bool(node.attributes.get("exclusive", 0)),
+        module = op_modules()["cumsum"](axis[0], bool(node.attributes.get("exclusive", 0)),
                                       bool(node.attributes.get("reverse", 0)))
         return _result(module, node, (node.input_values[0],))
 
@@ -406,7 +205,7 @@ def _topk_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any],
         k = _const_ints(node.input_values[1], graph)
         if k is None or len(k) != 1 or not int(node.attributes.get("sorted", 1)):
             return original(node, graph)
-        module = _modules()["topk"](k[0], int(node.attributes.get("axis", -1)), bool(node.attributes.get("largest", 1)))
+        module = op_modules()["topk"](k[0], int(node.attributes.get("axis", -1)), bool(node.attributes.get("largest", 1)))
         return _result(module, node, (node.input_values[0],))
 
     return convert
@@ -416,7 +215,7 @@ def _scatter_nd_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any,
     def convert(node: Any, graph: Any) -> Any:
         if str(node.attributes.get("reduction", "none")) != "none":
             return original(node, graph)
-        return _result(_modules()["scatter_nd"](), node)
+        return _result(op_modules()["scatter_nd"](), node)
 
     return convert
 
@@ -460,15 +259,15 @@ def _resize_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any
         transform = str(node.attributes.get("coordinate_transformation_mode", "half_pixel"))
         align = None if mode == "nearest" else transform == "align_corners"
         if sizes is not None:
-            return _result(_modules()["resize"](mode, align, None, [int(v) for v in sizes[2:]]), node, (inputs[0],))
-        return _result(_modules()["resize"](mode, align, [float(v) for v in scales[2:]], None), node, (inputs[0],))
+            return _result(op_modules()["resize"](mode, align, None, [int(v) for v in sizes[2:]]), node, (inputs[0],))
+        return _result(op_modules()["resize"](mode, align, [float(v) for v in scales[2:]], None), node, (inputs[0],))
 
     return convert
 
 
 def _gather_nd_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     def convert(node: Any, graph: Any) -> Any:
-        return _result(_modules()["gather_nd"](int(node.attributes.get("batch_dims", 0))), node)
+        return _result(op_modules()["gather_nd"](int(node.attributes.get("batch_dims", 0))), node)
 
     return convert
 
@@ -500,12 +299,12 @@ def _nms(node: Any, graph: Any) -> Any:
     if not 0.0 <= iou_threshold <= 1.0:
         raise NotImplementedError(f"NonMaxSuppression node '{node.name or node.unique_name}': iou_threshold {iou_threshold} is outside "
                                   "[0, 1] (ONNX Runtime refuses it too)")
-    module = _modules()["nms"](max(int(max_per_class or 0), 0), iou_threshold, score_threshold, center_point_box)
+    module = op_modules()["nms"](max(int(max_per_class or 0), 0), iou_threshold, score_threshold, center_point_box)
     return _result(module, node, tuple(node.input_values[:2]))
 
 
 def _global_max_pool(node: Any, graph: Any) -> Any:
-    return _result(_modules()["global_max_pool"](), node)
+    return _result(op_modules()["global_max_pool"](), node)
 
 
 def _clip_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -518,10 +317,10 @@ def _clip_converter(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any],
                 return original(node, graph)  # onnx2torch's: ReLU / ReLU6 where they fit
             # onnx2torch reads an absent bound ("" in the node's inputs) as a missing constant and refuses.
             bounds = [value[0] if value else None for value in constants]
-            module = _torch().nn.ReLU() if bounds == [0.0, None] else _modules()["clip_const"](*bounds)
+            module = _torch().nn.ReLU() if bounds == [0.0, None] else op_modules()["clip_const"](*bounds)
             return _result(module, node, (names[0],))
         inputs = tuple(name for name in (names[0], low, high) if name)
-        return _result(_modules()["clip"](bool(low), bool(high)), node, inputs)
+        return _result(op_modules()["clip"](bool(low), bool(high)), node, inputs)
 
     return convert
 
@@ -569,6 +368,7 @@ def register() -> None:
         put("Clip", version, clip)
     for version in (15, 19, 21):
         put("CastLike", version, _cast_like)
+    put("EyeLike", 9, _eye_like)
     put("Split", 18, _split_converter(existing("Split", 13)))
     pad = _pad_converter(existing("Pad", 13))
     for version in (11, 13, 18, 19, 21):

@@ -14,6 +14,12 @@ from ..base import Session
 from .common import _torch
 from .compile import _set_fp32_math
 
+
+def torch_dtype_of(array: np.ndarray):
+    """The torch dtype of a numpy array of any rank, 0-d scalars included (a Clip bound fed as an input)."""
+    return _torch().from_numpy(array.reshape(-1)[:0]).dtype
+
+
 class TorchSession(Session):
     """Runs the compiled program; numpy in/out through pinned staging buffers on CUDA.
 
@@ -111,7 +117,7 @@ class TorchSession(Session):
             for spec in self._signature.inputs:
                 array = np.asarray(feeds[spec.name], order="C")  # keeps 0-d scalars 0-d (ascontiguousarray makes them 1-d)
                 if self._cuda:
-                    host = self._staged(("in", spec.name), array.shape, torch.from_numpy(array[:0]).dtype)
+                    host = self._staged(("in", spec.name), array.shape, torch_dtype_of(array))
                     np.copyto(host.numpy(), array, casting="no")
                     tensors.append(host.to(self._device, non_blocking=True))
                 else:
