@@ -14,8 +14,9 @@ Per model, in one process on one GPU, with seeded random weights:
 at batch 1 and a large batch (CNNs 128, ViT 64, transformers 32 at sequence 128; 8 with ``--quick``):
 median latency (CUDA events) and throughput; accuracy vs fp32 eager (worst relative L2 and per-row cosine over the
 outputs; for transformers the table's cosine is the pooled output's; random weights are made non-degenerate
-first: BatchNorm statistics measured, zero-initialised heads filled); cold build time, and the warm load time of the saved
-engine in a fresh process with empty compiler cache folders.
+first: BatchNorm statistics measured, zero-initialised heads filled; with ``--train-steps N`` the vision models are
+instead trained N steps on a synthetic task and measured on its images, ``zoo_training.py``); cold build time, and
+the warm load time of the saved engine in a fresh process with empty compiler cache folders.
 
     python benchmarks/gpu_zoo.py run --out $OUT/zoo --models resnet50,bert_base --deadline-s 520
     python benchmarks/gpu_zoo.py table $OUT/zoo            # the table again from the JSON files
@@ -42,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zoo_training  # noqa: E402
 from gpu import environment, rel_l2, time_cuda, time_host  # noqa: E402  (benchmarks/gpu.py: shared timing helpers)
 
 SEQ = 128
@@ -186,8 +188,11 @@ DEFAULT_MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext
                   "bert_base", "minilm"]
 
 
-def model_inputs(spec: ModelSpec, batch: int, seed: int) -> dict[str, np.ndarray]:
+def model_inputs(spec: ModelSpec, batch: int, seed: int, protos: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Seeded inputs: for vision models N(0, 1) images, or with ``protos`` images of the task they were trained on."""
     rng = np.random.default_rng(seed)
+    if spec.kind == "vision" and protos is not None:
+        return {"x": zoo_training.task_images(protos, batch, seed)[0]}
     if spec.kind == "vision":
         return {"x": rng.standard_normal((batch, 3, spec.image_size, spec.image_size)).astype(np.float32)}
     ids = rng.integers(min(1000, spec.vocab // 2), spec.vocab, (batch, SEQ)).astype(np.int64)
@@ -290,14 +295,23 @@ def run_one(name: str, args: argparse.Namespace, save: Callable[[dict], None] = 
     batches = [1, large]
     runs = 20 if args.quick else args.runs
     torch.manual_seed(0)
-    module = non_degenerate(spec.make(), model_inputs(spec, 8, seed=99))
     record: dict[str, Any] = {"model": name, "kind": spec.kind, "device": device, "precision": precision,
                               "batches": batches, "mode": args.mode, "baseline_mode": args.baseline_mode, "rows": [],
                               "builds": {}}
+    protos = None
+    if args.train_steps and spec.kind == "vision":  # trained-like weights, measured on the task's images
+        protos = zoo_training.prototypes(spec.image_size)
+        module = spec.make()
+        record["training"] = zoo_training.train_briefly(module, protos, args.train_steps, device,
+                                                        first_output=lambda result: flat_outputs(result)[0])
+        protos = protos[:record["training"]["classes"]]
+        print(f"{name}: trained {record['training']}", flush=True)
+    else:
+        module = non_degenerate(spec.make(), model_inputs(spec, 8, seed=99))
     timer = time_cuda if cuda else time_host
     if cuda:
         torch.backends.cudnn.benchmark = True
-    feeds = {b: model_inputs(spec, b, seed=b) for b in batches}
+    feeds = {b: model_inputs(spec, b, seed=b, protos=protos) for b in batches}
 
     def tensors(batch: int, dtype=None) -> dict[str, Any]:
         out = {}
@@ -548,7 +562,7 @@ def parse_options(text: str) -> dict[str, Any]:
 
 def forwarded(args: argparse.Namespace) -> list[str]:
     flags = ["--device", args.device, "--mode", args.mode, "--baseline-mode", args.baseline_mode, "--runs", str(args.runs),
-             "--warmup", str(args.warmup)]
+             "--warmup", str(args.warmup), "--train-steps", str(args.train_steps)]
     for text in args.extra_engine or []:
         flags += ["--extra-engine", text]
     for name in ("quick", "skip_onnx", "skip_warm_load", "engine_raw"):
@@ -568,6 +582,9 @@ def main() -> None:
         p.add_argument("--runs", type=int, default=100)
         p.add_argument("--warmup", type=int, default=10)
         p.add_argument("--quick", action="store_true", help="large batch 8 and 20 timed runs")
+        p.add_argument("--train-steps", type=int, default=0,
+                       help="train vision models this many steps on a synthetic task first (zoo_training.py), "
+                            "and measure accuracy on its images: trained-like weights instead of random ones")
         p.add_argument("--skip-onnx", action="store_true", help="no engine from the ONNX export")
         p.add_argument("--skip-warm-load", action="store_true")
         p.add_argument("--engine-raw", action="store_true",

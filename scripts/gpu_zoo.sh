@@ -17,7 +17,10 @@
 #
 # Every model runs in its own process with the deadline ZOO_DEADLINE seconds (default 480) from the start: a
 # model that would start later is recorded as skipped, so a 10-minute device call always comes back with
-# results. Extra flags for gpu_zoo.py in ZOO_ARGS (e.g. "--quick", "--mode max-autotune --models resnet50").
+# results. Extra flags for gpu_zoo.py in ZOO_ARGS (e.g. "--quick", "--mode max-autotune --models resnet50",
+# "--train-steps 300": vision models trained briefly on a synthetic task first, for accuracy figures of
+# trained-like weights; "--baseline-mode max-autotune --skip-onnx --skip-warm-load": what a user would compile,
+# about 15 minutes per convolutional model on one H200).
 # Needs: python3 with torch (CUDA), torchvision, transformers, onnx, onnxruntime; onnx2torch and onnxscript (the
 # dynamo ONNX exporter) as wheels in .whl/ when missing, made here with
 #   pip download --no-deps -d .whl 'onnx2torch==1.5.15' 'onnxscript==0.7.2' 'onnx-ir==1.1.0'

@@ -92,3 +92,42 @@ def test_random_weights_are_made_non_degenerate_before_accuracy_is_measured():
         got = [t.float().numpy() for t in half(x.half())]
     result = zoo.accuracy(got, [features.numpy(), logits.numpy()], "vision")
     assert result["rel_l2"] < 2e-2 and result["cosine"] > 0.999 and "degenerate_reference" not in result
+
+
+def test_brief_training_learns_the_synthetic_task_for_classifiers_and_detectors():
+    """``--train-steps``: a classifier ([N, classes] logits) and a detector-shaped model ([N, 4 + classes,
+    anchors] probabilities) both learn to tell the prototypes apart; the task's images are seeded."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import zoo_training
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    protos = zoo_training.prototypes(16)
+    assert protos.shape == (zoo_training.CLASSES, 3, 16, 16)
+    a, labels_a = zoo_training.task_images(protos, 8, seed=3)
+    b, labels_b = zoo_training.task_images(protos, 8, seed=3)
+    assert np.array_equal(a, b) and np.array_equal(labels_a, labels_b) and a.dtype == np.float32
+
+    def body() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(16, 16, 3, stride=2, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+
+    class Detector(torch.nn.Module):  # 3 classes: fewer than the task has, so the task shrinks to 3
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = body(), torch.nn.Conv2d(16, 4 + 3, 1)
+
+        def forward(self, x):
+            y = self.head(self.body(x)).flatten(2)
+            return torch.cat([y[:, :4], y[:, 4:].sigmoid()], 1)
+
+    torch.manual_seed(0)
+    classifier = torch.nn.Sequential(body(), torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 1000))
+    for module, classes in ((classifier, zoo_training.CLASSES), (Detector(), 3)):
+        record = zoo_training.train_briefly(module, protos, steps=60, device="cpu")
+        assert record["classes"] == classes and record["steps"] == 60
+        assert not module.training
+        assert record["held_out_accuracy"] >= 0.9, record

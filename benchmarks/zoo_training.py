@@ -1,0 +1,89 @@
+"""A short training run that gives the GPU zoo's convolutional models trained-like weights (issue 15).
+
+With seeded random weights ResNet-50 is chaotic: fp16's rounding grows through its residual blocks to a rel L2
+of 3e-2 against fp32 for every fp16 variant, eager included, so the zoo's accuracy figure measured the weights,
+not the engines. Trained networks are not chaotic, but none can be downloaded on the GPU machine. So the
+vision models are trained for a few hundred steps on a synthetic task: ten smooth random prototype images,
+each a class, seen through Gaussian noise; the model learns to tell them apart (logits 0-9 of the classifier;
+for the YOLOv8-like detector, its class probabilities averaged over the anchors). The accuracy rows then use
+held-out images of the same task, as a trained model is measured on its own kind of data.
+
+On the CPU (a torchvision-style ResNet-50 at 64x64, 100 AdamW steps of batch 32, to 100% accuracy), the
+fp16 rel L2 of the logits against fp32 went from 6.3e-2 with random weights to 6.4e-4 trained.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+CLASSES = 10
+NOISE = 0.5
+
+
+def prototypes(image_size: int, seed: int = 1) -> np.ndarray:
+    """CLASSES smooth random images [CLASSES, 3, size, size] (8x8 noise upsampled bilinearly)."""
+    import torch
+
+    coarse = torch.randn(CLASSES, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    smooth = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return smooth.numpy().astype(np.float32)
+
+
+def task_images(protos: np.ndarray, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of the task: each image a prototype plus N(0, NOISE^2) noise; returns (images, labels)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(protos), batch)
+    images = protos[labels] + NOISE * rng.standard_normal((batch,) + protos.shape[1:]).astype(np.float32)
+    return images.astype(np.float32), labels
+
+
+def class_scores(output: Any, classes: int) -> Any:
+    """The task's logits from a model's first output: a classifier's [N, classes] logits, or a detector's
+    [N, 4 + classes, anchors] probabilities averaged over the anchors (as logits)."""
+    import torch
+
+    if output.dim() == 2:
+        return output[:, :classes]
+    probabilities = output[:, 4:4 + classes].float().mean(2).clamp(1e-6, 1 - 1e-6)
+    return torch.log(probabilities) - torch.log1p(-probabilities)
+
+
+def task_classes(output: Any) -> int:
+    """How many of the task's classes the model can tell apart (a toy detector may have fewer than CLASSES)."""
+    return min(CLASSES, output.shape[1] if output.dim() == 2 else output.shape[1] - 4)
+
+
+def train_briefly(module: Any, protos: np.ndarray, steps: int, device: str, batch: int = 32, lr: float = 1e-3,
+                  first_output=lambda result: result) -> dict[str, Any]:
+    """Train ``module`` in place for ``steps`` AdamW steps on the prototype task (fp32; BatchNorm statistics
+    follow the training batches); returns what happened: the classes used (the first ``classes`` prototypes),
+    steps, seconds, last loss, held-out accuracy."""
+    import torch
+
+    module.to(device).eval()
+    with torch.no_grad():
+        classes = task_classes(first_output(module(torch.from_numpy(protos[:2]).to(device))))
+    protos = protos[:classes]
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
+    started = time.perf_counter()
+    loss_value = float("nan")
+    for step in range(steps):
+        images, labels = task_images(protos, batch, seed=10_000 + step)
+        scores = class_scores(first_output(module(torch.from_numpy(images).to(device))), classes)
+        loss = torch.nn.functional.cross_entropy(scores, torch.from_numpy(labels).to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+    module.eval()
+    images, labels = task_images(protos, 256, seed=5)
+    with torch.no_grad():
+        predicted = class_scores(first_output(module(torch.from_numpy(images).to(device))), classes).argmax(1).cpu().numpy()
+    module.cpu()
+    return {"classes": classes, "steps": steps, "batch": batch, "lr": lr, "seconds": round(time.perf_counter() - started, 1),
+            "last_loss": round(loss_value, 4), "held_out_accuracy": float(np.mean(predicted == labels)),
+            "task": f"{classes} smooth random prototypes + N(0, {NOISE}^2) noise"}
