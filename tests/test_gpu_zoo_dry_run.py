@@ -39,13 +39,15 @@ def test_cpu_dry_run_of_one_model(tmp_path):
     assert record["builds"]["engine (from ONNX)"]["details"]["source"] == "onnx"
 
 
-def _zoo():
+def _benchmark(name: str):
+    """A module of benchmarks/ (not a package), imported by name."""
+    import importlib
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import gpu_zoo
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return gpu_zoo
 
 
 def test_random_weights_are_made_non_degenerate_before_accuracy_is_measured():
@@ -54,7 +56,7 @@ def test_random_weights_are_made_non_degenerate_before_accuracy_is_measured():
     import numpy as np
     import torch
 
-    zoo = _zoo()
+    zoo = _benchmark("gpu_zoo")
     torch.manual_seed(0)
     layers = []
     for _ in range(8):
@@ -100,11 +102,7 @@ def test_brief_training_learns_the_synthetic_task_for_classifiers_and_detectors(
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import zoo_training
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    zoo_training = _benchmark("zoo_training")
     protos = zoo_training.prototypes(16)
     assert protos.shape == (zoo_training.CLASSES, 3, 16, 16)
     a, labels_a = zoo_training.task_images(protos, 8, seed=3)
