@@ -72,12 +72,20 @@ def train_briefly(module: Any, protos: np.ndarray, steps: int, device: str, batc
     protos = protos[:classes]
     module.train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
+    # The training batches are drawn on the device and the forward pass runs under bf16 autocast on a GPU: with
+    # numpy noise and fp32 the YOLOv8-like detector at 640x640 took 302 s for 300 steps on the H200, most of it
+    # generating 39M normal samples per step on one CPU core.
+    on_gpu = torch.device(device).type == "cuda"
+    device_protos = torch.from_numpy(protos).to(device)
+    generator = torch.Generator(device=device).manual_seed(10_000)
     started = time.perf_counter()
     loss_value = float("nan")
-    for step in range(steps):
-        images, labels = task_images(protos, batch, seed=10_000 + step)
-        scores = class_scores(first_output(module(torch.from_numpy(images).to(device))), classes)
-        loss = torch.nn.functional.cross_entropy(scores, torch.from_numpy(labels).to(device))
+    for _ in range(steps):
+        labels = torch.randint(0, classes, (batch,), generator=generator, device=device)
+        noise = torch.randn((batch,) + tuple(device_protos.shape[1:]), generator=generator, device=device)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=on_gpu):
+            scores = class_scores(first_output(module(device_protos[labels] + NOISE * noise)), classes)
+        loss = torch.nn.functional.cross_entropy(scores.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -87,7 +95,8 @@ def train_briefly(module: Any, protos: np.ndarray, steps: int, device: str, batc
     with torch.no_grad():
         predicted = class_scores(first_output(module(torch.from_numpy(images).to(device))), classes).argmax(1).cpu().numpy()
     module.cpu()
-    return {"classes": classes, "steps": steps, "batch": batch, "lr": lr, "seconds": round(time.perf_counter() - started, 1),
+    return {"classes": classes, "steps": steps, "batch": batch, "lr": lr, "autocast": "bf16" if on_gpu else None,
+            "seconds": round(time.perf_counter() - started, 1),
             "last_loss": round(loss_value, 4), "held_out_accuracy": float(np.mean(predicted == labels)),
             "task": f"{classes} smooth random prototypes + N(0, {NOISE}^2) noise"}
 

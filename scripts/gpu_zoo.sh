@@ -12,6 +12,7 @@
 #                                  outlives this call (one device call is 10 minutes; a warm machine keeps running it)
 #                                  ZOO_THEN_MODELS, ZOO_THEN_ARGS, ZOO_THEN_DEADLINE: a second plan run after the first
 #                                  ZOO_TESTS_FIRST=1: the CUDA tests before the models (short, so sure to finish)
+#                                  ZOO_TESTS_SELECT: pytest arguments instead of the five test files (e.g. "-k clip FILE")
 #   scripts/gpu_zoo.sh wait SECS   wait up to SECS for the detached run, then copy what it has so far to $OUT
 #                                  (zoo.tgz with every JSON and log, gpu_zoo.json, table.txt, tests_cuda.txt)
 #
@@ -51,8 +52,10 @@ cuda_tests() {  # the whole report in tests_cuda.txt (tracebacks, no captured DE
   local ssd=.gpu_detect/models/ssd_mobilenet_v2_synth.onnx
   [ -f "$ssd" ] && export ENGINESMITH_SSD_ONNX=$REPO/$ssd
   # SIGINT first: pytest then still prints its failure summary when the time limit cuts the run.
-  timeout -s INT -k 15 "${1:-240}" env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest tests/test_torch_attention_fusion.py \
-    tests/test_torch_onnx_rnn.py tests/test_torch_nms.py tests/test_torch_direct.py tests/test_torch_onnx_ops.py -q -p no:cacheprovider -p no:logging --tb=short -rfE > "$OUT/tests_cuda.txt" 2>&1
+  local select=${ZOO_TESTS_SELECT:-tests/test_torch_attention_fusion.py tests/test_torch_onnx_rnn.py tests/test_torch_nms.py tests/test_torch_direct.py tests/test_torch_onnx_ops.py}
+  # shellcheck disable=SC2086  # ZOO_TESTS_SELECT is a list of pytest arguments
+  timeout -s INT -k 15 "${1:-240}" env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest $select \
+    -q -p no:cacheprovider -p no:logging --tb=short -rfE > "$OUT/tests_cuda.txt" 2>&1
   tail -n 40 "$OUT/tests_cuda.txt"
 }
 
