@@ -306,6 +306,7 @@ def run_one(name: str, args: argparse.Namespace, save: Callable[[dict], None] = 
                                                         first_output=lambda result: flat_outputs(result)[0])
         protos = protos[:record["training"]["classes"]]
         print(f"{name}: trained {record['training']}", flush=True)
+        save(record)
     else:
         module = non_degenerate(spec.make(), model_inputs(spec, 8, seed=99))
     timer = time_cuda if cuda else time_host
@@ -520,6 +521,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                 pending.clear()
                 break
             model = pending.pop(0)
+            (out / f"{model}.json").unlink(missing_ok=True)  # a record left by an earlier run in this folder is stale
             command = [sys.executable, __file__, "one", "--model", model, "--json", str(out / f"{model}.json"),
                        "--workdir", str(Path(args.workdir) / model), *forwarded(args)]
             env = dict(os.environ)
