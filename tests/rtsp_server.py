@@ -1,0 +1,188 @@
+"""A small RTSP camera for tests: MJPEG over RTP (RFC 2435), interleaved on the RTSP connection (RFC 2326).
+
+Real RTSP clients (here FFmpeg inside OpenCV) talk to it as to an IP camera: OPTIONS, DESCRIBE (an SDP
+with one JPEG video track, payload type 26), SETUP, PLAY, then RTP packets framed as ``$ channel length``
+on the same TCP connection. A SETUP that asks for UDP is answered 461 (Unsupported Transport), as
+cameras behind NAT do, and FFmpeg then asks again for TCP. After ``frames_per_session`` frames the
+camera closes the connection: a stream that drops, for reconnect tests. Frame ``i`` is ``render(i)`` (BGR),
+by default a flat grey of level ``level(i)``, so a reader can tell which frame it got.
+
+Written for tests here: no RTSP server can be installed on these machines (mediamtx and GStreamer's
+rtsp-server are not on the package registries), and this keeps the whole exchange in the test's process.
+"""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import struct
+import threading
+import time
+from typing import Callable
+
+import cv2
+import numpy as np
+
+RTP_JPEG_PAYLOAD_TYPE = 26
+RTP_CLOCK_HZ = 90_000
+MAX_FRAGMENT = 1200
+
+
+def level(index: int) -> int:
+    """The grey level of frame ``index``."""
+    return 20 + (index * 10) % 220
+
+
+def jpeg_parts(jpeg: bytes) -> tuple[int, int, bytes, bytes]:
+    """(width, height, the two quantisation tables as 128 bytes, the entropy-coded scan without EOI) of a
+    baseline 4:2:0 JPEG from libjpeg (one scan, standard Huffman tables, no restart markers)."""
+    tables: dict[int, bytes] = {}
+    width = height = 0
+    offset = 2
+    while offset < len(jpeg):
+        marker, length = jpeg[offset + 1], struct.unpack(">H", jpeg[offset + 2:offset + 4])[0]
+        segment = jpeg[offset + 4:offset + 2 + length]
+        if marker == 0xDB:  # DQT: one or more 8-bit tables, each a Pq/Tq byte and 64 values
+            for start in range(0, len(segment), 65):
+                tables[segment[start] & 0x0F] = segment[start + 1:start + 65]
+        elif marker == 0xC0:  # SOF0
+            height, width = struct.unpack(">HH", segment[1:5])
+        elif marker == 0xDA:  # SOS: the scan follows the header, up to the final EOI
+            return width, height, tables[0] + tables[1], jpeg[offset + 2 + length:-2]
+        offset += 2 + length
+    raise ValueError("no scan in this JPEG")
+
+
+def rtp_jpeg_packets(jpeg: bytes, sequence: int, timestamp: int, ssrc: int = 0x0E5C0DE) -> list[bytes]:
+    """One JPEG frame as RTP packets (RFC 2435 type 1, Q 255 with the tables in the first packet)."""
+    width, height, tables, scan = jpeg_parts(jpeg)
+    packets = []
+    for offset in range(0, len(scan), MAX_FRAGMENT):
+        chunk = scan[offset:offset + MAX_FRAGMENT]
+        last = offset + MAX_FRAGMENT >= len(scan)
+        rtp = struct.pack(">BBHII", 0x80, (0x80 if last else 0) | RTP_JPEG_PAYLOAD_TYPE,
+                          (sequence + len(packets)) & 0xFFFF, timestamp & 0xFFFFFFFF, ssrc)
+        jpeg_header = struct.pack(">I", offset & 0xFFFFFF) + bytes([1, 255, width // 8, height // 8])
+        quant = struct.pack(">BBH", 0, 0, len(tables)) + tables if offset == 0 else b""
+        packets.append(rtp + jpeg_header + quant + chunk)
+    return packets
+
+
+class _Session(socketserver.BaseRequestHandler):
+    server: "_Server"
+
+    def handle(self) -> None:
+        connection: socket.socket = self.request
+        reader = connection.makefile("rb")
+        streaming: threading.Thread | None = None
+        stop = threading.Event()
+        try:
+            while True:
+                first = reader.read(1)
+                if not first:
+                    return
+                if first == b"$":  # the client's RTCP reports, interleaved: skipped
+                    header = reader.read(3)
+                    reader.read(struct.unpack(">H", header[1:3])[0])
+                    continue
+                lines = [first + reader.readline()]
+                while lines[-1] not in (b"\r\n", b"\n", b""):
+                    lines.append(reader.readline())
+                request = [line.decode().strip() for line in lines if line.strip()]
+                headers = dict(line.split(":", 1) for line in request[1:] if ":" in line)
+                headers = {key.strip().lower(): value.strip() for key, value in headers.items()}
+                if int(headers.get("content-length", 0)):
+                    reader.read(int(headers["content-length"]))
+                method, url = request[0].split()[:2]
+                reply = self._answer(method, url, headers)
+                connection.sendall(reply)
+                if method == "PLAY" and streaming is None:
+                    streaming = threading.Thread(target=self._stream, args=(connection, stop), daemon=True)
+                    streaming.start()
+                if method == "TEARDOWN":
+                    return
+        except OSError:
+            return
+        finally:
+            stop.set()
+            if streaming is not None:
+                streaming.join(5)
+
+    def _answer(self, method: str, url: str, headers: dict[str, str]) -> bytes:
+        fields = [f"CSeq: {headers.get('cseq', '0')}"]
+        status = "200 OK"
+        body = b""
+        if method == "OPTIONS":
+            fields.append("Public: OPTIONS, DESCRIBE, SETUP, PLAY, TEARDOWN, GET_PARAMETER")
+        elif method == "DESCRIBE":
+            body = ("v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=enginesmith test camera\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\n"
+                    f"a=control:*\r\nm=video 0 RTP/AVP {RTP_JPEG_PAYLOAD_TYPE}\r\na=control:track0\r\n"
+                    f"a=framerate:{self.server.fps}\r\n").encode()
+            fields += ["Content-Type: application/sdp", f"Content-Base: {url.rstrip('/')}/"]
+        elif method == "SETUP":
+            if "TCP" not in headers.get("transport", "").upper():
+                status = "461 Unsupported Transport"
+            else:
+                fields += ["Transport: RTP/AVP/TCP;unicast;interleaved=0-1", "Session: 5E551011;timeout=60"]
+                self.server.setups += 1
+        elif method in ("PLAY", "GET_PARAMETER", "TEARDOWN"):
+            fields.append("Session: 5E551011")
+        else:
+            status = "405 Method Not Allowed"
+        if body:
+            fields.append(f"Content-Length: {len(body)}")
+        return (f"RTSP/1.0 {status}\r\n" + "".join(f"{field}\r\n" for field in fields) + "\r\n").encode() + body
+
+    def _stream(self, connection: socket.socket, stop: threading.Event) -> None:
+        server = self.server
+        sequence = 0
+        started = time.perf_counter()
+        for index in range(server.frames_per_session):
+            if stop.is_set() or server.stopping.is_set():
+                return
+            pixels = server.render(index)
+            jpeg = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+            packets = rtp_jpeg_packets(jpeg, sequence, index * RTP_CLOCK_HZ // server.fps)
+            sequence += len(packets)
+            try:
+                connection.sendall(b"".join(b"$\x00" + struct.pack(">H", len(p)) + p for p in packets))
+            except OSError:
+                return
+            time.sleep(max(0.0, started + (index + 1) / server.fps - time.perf_counter()))
+        server.sessions_ended += 1
+        try:  # the stream drops: the client sees its connection closed
+            connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, render: Callable[[int], np.ndarray], fps: int, frames_per_session: int):
+        super().__init__(("127.0.0.1", 0), _Session)
+        self.render, self.fps, self.frames_per_session = render, fps, frames_per_session
+        self.stopping = threading.Event()
+        self.setups = 0
+        self.sessions_ended = 0
+
+
+class RtspCamera:
+    """``RtspCamera(...).url`` serves until ``stop()``; ``setups`` counts the sessions clients set up."""
+
+    def __init__(self, render: Callable[[int], np.ndarray] | None = None, fps: int = 30,
+                 frames_per_session: int = 1_000_000):
+        render = render or (lambda index: np.full((240, 320, 3), level(index), np.uint8))
+        self._server = _Server(render, fps, frames_per_session)
+        self.url = f"rtsp://127.0.0.1:{self._server.server_address[1]}/camera"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def setups(self) -> int:
+        return self._server.setups
+
+    def stop(self) -> None:
+        self._server.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
