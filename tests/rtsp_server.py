@@ -2,8 +2,9 @@
 
 Real RTSP clients (here FFmpeg inside OpenCV) talk to it as to an IP camera: OPTIONS, DESCRIBE (an SDP
 with one JPEG video track, payload type 26), SETUP, PLAY, then RTP packets framed as ``$ channel length``
-on the same TCP connection. A SETUP that asks for UDP is answered 461 (Unsupported Transport), as
-cameras behind NAT do, and FFmpeg then asks again for TCP. After ``frames_per_session`` frames the
+on the same TCP connection (OpenCV asks FFmpeg for TCP by default). With ``udp=True`` a SETUP may ask for
+UDP instead, and the packets go as datagrams to the client's RTP port; with ``udp=False`` such a SETUP is
+answered 461 (Unsupported Transport), as cameras behind NAT do. After ``frames_per_session`` frames the
 camera closes the connection: a stream that drops, for reconnect tests. Frame ``i`` is ``render(i)`` (BGR),
 by default a flat grey of level ``level(i)``, so a reader can tell which frame it got.
 
@@ -13,6 +14,7 @@ rtsp-server are not on the package registries), and this keeps the whole exchang
 
 from __future__ import annotations
 
+import re
 import socket
 import socketserver
 import struct
@@ -70,6 +72,7 @@ def rtp_jpeg_packets(jpeg: bytes, sequence: int, timestamp: int, ssrc: int = 0x0
 
 class _Session(socketserver.BaseRequestHandler):
     server: "_Server"
+    udp_port: int | None = None  # the client's RTP port when it set up UDP
 
     def handle(self) -> None:
         connection: socket.socket = self.request
@@ -120,11 +123,20 @@ class _Session(socketserver.BaseRequestHandler):
                     f"a=framerate:{self.server.fps}\r\n").encode()
             fields += ["Content-Type: application/sdp", f"Content-Base: {url.rstrip('/')}/"]
         elif method == "SETUP":
-            if "TCP" not in headers.get("transport", "").upper():
-                status = "461 Unsupported Transport"
-            else:
+            transport = headers.get("transport", "")
+            client_ports = re.search(r"client_port=(\d+)-(\d+)", transport)
+            if "TCP" in transport.upper():
                 fields += ["Transport: RTP/AVP/TCP;unicast;interleaved=0-1", "Session: 5E551011;timeout=60"]
-                self.server.setups += 1
+                self.udp_port = None
+            elif self.server.udp and client_ports:
+                fields += [f"Transport: RTP/AVP;unicast;client_port={client_ports[1]}-{client_ports[2]};"
+                           f"server_port={self.server.udp_socket.getsockname()[1]}-{self.server.udp_socket.getsockname()[1] + 1}",
+                           "Session: 5E551011;timeout=60"]
+                self.udp_port = int(client_ports[1])
+            else:
+                status = "461 Unsupported Transport"
+            if status.startswith("200"):
+                self.server.setups.append("udp" if self.udp_port else "tcp")
         elif method in ("PLAY", "GET_PARAMETER", "TEARDOWN"):
             fields.append("Session: 5E551011")
         else:
@@ -145,7 +157,11 @@ class _Session(socketserver.BaseRequestHandler):
             packets = rtp_jpeg_packets(jpeg, sequence, index * RTP_CLOCK_HZ // server.fps)
             sequence += len(packets)
             try:
-                connection.sendall(b"".join(b"$\x00" + struct.pack(">H", len(p)) + p for p in packets))
+                if self.udp_port:
+                    for packet in packets:
+                        server.udp_socket.sendto(packet, ("127.0.0.1", self.udp_port))
+                else:
+                    connection.sendall(b"".join(b"$\x00" + struct.pack(">H", len(p)) + p for p in packets))
             except OSError:
                 return
             time.sleep(max(0.0, started + (index + 1) / server.fps - time.perf_counter()))
@@ -160,29 +176,33 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, render: Callable[[int], np.ndarray], fps: int, frames_per_session: int):
+    def __init__(self, render: Callable[[int], np.ndarray], fps: int, frames_per_session: int, udp: bool):
         super().__init__(("127.0.0.1", 0), _Session)
-        self.render, self.fps, self.frames_per_session = render, fps, frames_per_session
+        self.render, self.fps, self.frames_per_session, self.udp = render, fps, frames_per_session, udp
+        self.udp_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp_socket.bind(("127.0.0.1", 0))
         self.stopping = threading.Event()
-        self.setups = 0
+        self.setups: list[str] = []  # the transport of each session set up: "tcp" or "udp"
         self.sessions_ended = 0
 
 
 class RtspCamera:
-    """``RtspCamera(...).url`` serves until ``stop()``; ``setups`` counts the sessions clients set up."""
+    """``RtspCamera(...).url`` serves until ``stop()``."""
 
     def __init__(self, render: Callable[[int], np.ndarray] | None = None, fps: int = 30,
-                 frames_per_session: int = 1_000_000):
+                 frames_per_session: int = 1_000_000, udp: bool = False):
         render = render or (lambda index: np.full((240, 320, 3), level(index), np.uint8))
-        self._server = _Server(render, fps, frames_per_session)
+        self._server = _Server(render, fps, frames_per_session, udp)
         self.url = f"rtsp://127.0.0.1:{self._server.server_address[1]}/camera"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     @property
-    def setups(self) -> int:
-        return self._server.setups
+    def setups(self) -> list[str]:
+        """The transport of every session set up so far ("tcp" or "udp")."""
+        return list(self._server.setups)
 
     def stop(self) -> None:
         self._server.stopping.set()
         self._server.shutdown()
         self._server.server_close()
+        self._server.udp_socket.close()
