@@ -244,7 +244,8 @@ def bench_model(name: str, model_path: Path, feeds: dict[str, np.ndarray], workd
                 result["engine fp32 error"] = f"cannot run the inputs: {exc}"
                 return result
             accuracy = {label: differences(fn(batch_feeds), reference) for label, fn in targets.items() if label != BASELINE}
-            stats, round_p50 = interleaved(targets, batch_feeds, batch, rounds=args.rounds, runs=args.runs)
+            stats, round_p50 = interleaved(targets, batch_feeds, batch, rounds=args.rounds, runs=args.runs,
+                                           min_block_s=args.min_block_s)
             rows.append({
                 "batch": batch,
                 **{f"{label} p50 ms": s.p50_ms for label, s in stats.items()},
@@ -376,6 +377,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40, help="timed runs per target and batch, over all rounds")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
+    parser.add_argument("--min-block-s", type=float, default=0.2,
+                        help="each target's block of calls in a round lasts at least this long (more calls for fast models)")
     parser.add_argument("--batches", type=lambda t: [int(b) for b in t.split(",")], default=[1])
     parser.add_argument("--models", default=None,
                         help="sample models and zoo ids, comma-separated (default: both samples and "

@@ -219,7 +219,8 @@ def bench_model(model: ZooModel, args: argparse.Namespace, work: Path) -> dict[s
     if best is not None:
         targets["auto best"] = engine_runner(best)
     with LoadMonitor() as load:
-        stats, rounds = interleaved(targets, prepared.feeds, 1, rounds=args.rounds, runs=args.runs)
+        stats, rounds = interleaved(targets, prepared.feeds, 1, rounds=args.rounds, runs=args.runs,
+                                    min_block_s=args.min_block_s)
     result["load"] = load.facts
     ratios = {label: np.asarray(rounds[BASELINE]) / np.asarray(rounds[label]) for label in targets if label != BASELINE}
     plains = [label for label in (BASELINE, "plain OV fp32") if label in rounds]

@@ -60,8 +60,13 @@ def interleaved(
     runs: int,
     warmup: int = 2,
     pause_s: float = 0.05,
+    min_block_s: float = 0.0,
 ) -> tuple[dict[str, LatencyStats], dict[str, list[float]]]:
     """Time every target ``runs`` times in total, split over ``rounds`` rounds.
+
+    With ``min_block_s`` a block runs at least that long (its count raised from the target's warm-up
+    latency): a 0.1 ms model gets hundreds of calls a block rather than ``runs / rounds``, whose few
+    calls after the pause measured thread wake-ups and timer noise more than the model.
 
     In each round every target runs its share as one block; the order of the blocks is
     rotated from round to round. Each block starts after a short pause and one untimed call:
@@ -73,9 +78,12 @@ def interleaved(
     round, from which per-round ratios are taken.
     """
     labels = list(targets)
+    warm_s: dict[str, float] = {}
     for label in labels:
         for _ in range(warmup):
+            start = time.perf_counter()
             targets[label](feeds)
+            warm_s[label] = time.perf_counter() - start
     per_round_runs = [runs // rounds + (1 if k < runs % rounds else 0) for k in range(rounds)]
     samples_s: dict[str, list[float]] = {label: [] for label in labels}
     round_p50: dict[str, list[float]] = {label: [] for label in labels}
@@ -88,7 +96,7 @@ def interleaved(
             time.sleep(pause_s)
             fn(feeds)
             times = []
-            for _ in range(count):
+            for _ in range(max(count, int(min_block_s / max(warm_s.get(label, 1.0), 1e-6)))):
                 start = time.perf_counter()
                 fn(feeds)
                 times.append(time.perf_counter() - start)
