@@ -165,7 +165,6 @@ class _Session(socketserver.BaseRequestHandler):
             except OSError:
                 return
             time.sleep(max(0.0, started + (index + 1) / server.fps - time.perf_counter()))
-        server.sessions_ended += 1
         try:  # the stream drops: the client sees its connection closed
             connection.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -183,7 +182,6 @@ class _Server(socketserver.ThreadingTCPServer):
         self.udp_socket.bind(("127.0.0.1", 0))
         self.stopping = threading.Event()
         self.setups: list[str] = []  # the transport of each session set up: "tcp" or "udp"
-        self.sessions_ended = 0
 
 
 class RtspCamera:

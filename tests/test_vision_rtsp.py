@@ -109,3 +109,13 @@ def test_an_rtsp_camera_that_is_gone_ends_as_lost_after_its_attempts(camera_fact
     assert next(frames, None) is None
     assert len(first) == 5 and source.reconnects == 0 and source.lost
     assert np.array_equal([round(float(f.pixels.mean())) for f in first], [level(i) for i in range(5)])
+
+
+def test_a_camera_that_refuses_the_transport_asked_for_is_one_clear_error(colour_engine, camera_factory, monkeypatch,
+                                                                         capsys) -> None:
+    monkeypatch.setenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;udp")  # UDP only, which this camera refuses (461)
+    camera = camera_factory(udp=False)
+    assert main(["detect", str(colour_engine), "--source", camera.url, "--max-frames", "5", "--quiet"]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"cannot open source '{camera.url}'" in message and "did not answer" in message
+    assert camera.setups == []  # no session was set up
