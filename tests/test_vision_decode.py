@@ -7,7 +7,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 cv2 = pytest.importorskip("cv2")
@@ -18,7 +17,7 @@ from enginesmith.cli.app import main
 from enginesmith.vision.decode import jpeg_size, read_image
 from enginesmith.vision.sources import SyntheticScene, VideoCapture, open_source
 
-from vision_models import make_colour_yolov8
+from vision_models import build_colour_engine
 
 NAMES = ["red", "green", "blue"]
 
@@ -75,9 +74,7 @@ def test_a_jpeg_is_decoded_at_the_reduction_asked_and_says_its_full_size(tmp_pat
 
 @pytest.fixture(scope="module")
 def colour_engine(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("colour")
-    onnx.save(make_colour_yolov8(160, NAMES), folder / "colour.onnx")
-    return es.build(folder / "colour.onnx", output=folder / "colour.engine").path
+    return build_colour_engine(tmp_path_factory.mktemp("colour"), NAMES)
 
 
 def test_the_reduction_is_the_largest_that_the_model_input_still_shrinks(colour_engine) -> None:

@@ -21,7 +21,7 @@ from enginesmith.vision.records import Detection, Frame, FrameResult, StageTimes
 from enginesmith.vision.sinks import UdpSender
 from enginesmith.vision.sources import ImageFiles, Synthetic, SyntheticScene, open_source
 
-from vision_models import make_colour_yolov8, make_constant_ssd
+from vision_models import build_colour_engine, make_colour_yolov8, make_constant_ssd
 
 NAMES = ["red", "green", "blue"]
 SCENE = "synthetic:frames=12,width=320,height=240,objects=3,seed=3"
@@ -29,9 +29,7 @@ SCENE = "synthetic:frames=12,width=320,height=240,objects=3,seed=3"
 
 @pytest.fixture(scope="module")
 def colour_engine(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("colour")
-    onnx.save(make_colour_yolov8(160, NAMES), folder / "colour.onnx")
-    return es.build(folder / "colour.onnx", output=folder / "colour.engine").path
+    return build_colour_engine(tmp_path_factory.mktemp("colour"), NAMES)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 cv2 = pytest.importorskip("cv2")
@@ -18,7 +17,7 @@ from enginesmith.cli.app import main  # noqa: E402
 from enginesmith.vision.sources import open_source, parse_synthetic  # noqa: E402
 
 from rtsp_server import RtspCamera, level  # noqa: E402
-from vision_models import make_colour_yolov8  # noqa: E402
+from vision_models import build_colour_engine  # noqa: E402
 
 NAMES = ["red", "green", "blue"]
 SCENE = "synthetic:frames=1000,width=320,height=240,objects=3,seed=3"
@@ -26,9 +25,7 @@ SCENE = "synthetic:frames=1000,width=320,height=240,objects=3,seed=3"
 
 @pytest.fixture(scope="module")
 def colour_engine(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("colour")
-    onnx.save(make_colour_yolov8(160, NAMES), folder / "colour.onnx")
-    return es.build(folder / "colour.onnx", output=folder / "colour.engine").path
+    return build_colour_engine(tmp_path_factory.mktemp("colour"), NAMES)
 
 
 @pytest.fixture

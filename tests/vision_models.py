@@ -119,6 +119,14 @@ def make_colour_yolov8(size: int = 64, names: list[str] | None = None) -> onnx.M
     return model
 
 
+def build_colour_engine(folder: Path, names: list[str], size: int = 160) -> Path:
+    """The colour detector of :func:`make_colour_yolov8` built as an engine in ``folder`` (ONNX Runtime, fp32)."""
+    import enginesmith as es
+
+    onnx.save(make_colour_yolov8(size, names), folder / "colour.onnx")
+    return es.build(folder / "colour.onnx", output=folder / "colour.engine").path
+
+
 def make_constant_ssd(boxes_yxyx: np.ndarray, classes: np.ndarray, scores: np.ndarray | None = None,
                       size: int = 32) -> onnx.ModelProto:
     """A TensorFlow-OD-layout model that outputs the same detections whatever the image:
