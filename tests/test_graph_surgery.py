@@ -90,6 +90,23 @@ def test_make_dynamic_runs_at_other_sizes_and_is_checked():
     assert dims(out.graph.input[0]) == [2, 6]
 
 
+def test_a_build_whose_requested_pass_cannot_apply_names_the_option_to_drop(tmp_path):
+    import enginesmith as es
+    from enginesmith.errors import BuildError
+    from enginesmith.importers import ImportOptions
+
+    baked = _model([helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 2])],
+                   [numpy_helper.from_array(np.array([2, 3, 2], np.int64), "shape")])
+    onnx.save(baked, tmp_path / "baked.onnx")
+    with pytest.raises(BuildError, match=r"could not apply make_dynamic .*does not run when the dynamic axes.*; "
+                                         r"build without --dynamic \(dynamic_axes\) to keep the model as it is"):
+        es.build(tmp_path / "baked.onnx", backend="onnxruntime", output=tmp_path / "baked.engine",
+                 import_options=ImportOptions(dynamic_axes={"x": [0]}))
+    assert not (tmp_path / "baked.engine").exists()
+
+
 def test_rename_inputs_and_outputs():
     model = conv_bn_model()
     renamed = rename_io(model, {"x": "image", "y": "features"})

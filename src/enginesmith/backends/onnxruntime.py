@@ -586,7 +586,7 @@ def plain_session_runner(model_bytes: bytes, quiet: bool = False):
     try:
         session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise BuildError(f"ONNX Runtime cannot run the reference model: {str(exc).splitlines()[0]}") from None
+        raise BuildError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
     names = [o.name for o in session.get_outputs()]
 
     def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

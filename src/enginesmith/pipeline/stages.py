@@ -33,7 +33,9 @@ from .runner import Stage, run_stages
 from .state import BuildState
 
 # Passes that exist because the user asked for them: failing one must stop the build, not be skipped.
-REQUESTED_PASSES = ("fix_shapes", "make_dynamic", "convert_opset")
+# The passes a build runs because the user asked for them, and the option (CLI flag, import option) that asked.
+REQUESTED_PASSES = {"fix_shapes": "--input (input_shapes)", "make_dynamic": "--dynamic (dynamic_axes)",
+                    "convert_opset": "--opset (opset)"}
 
 
 # --------------------------------------------------------------------------- the stages
@@ -182,7 +184,9 @@ def passes_stage(state: BuildState) -> None:
     model, summary = optimize(imported.model, specs, progress=state.progress, feeds=state.options.sample_feeds)
     failed = [r for r in summary.rolled_back if r.name in REQUESTED_PASSES]
     if failed:
-        raise BuildError(f"could not apply {failed[0].name} {failed[0].args}: {failed[0].reason}")
+        asked_by = REQUESTED_PASSES[failed[0].name]
+        raise BuildError(f"could not apply {failed[0].name} {failed[0].args}: {failed[0].reason}; "
+                         f"build without {asked_by} to keep the model as it is, or ask for other values")
     state.checks["graph_passes"] = summary.to_dict()
     reshaped = any(r.name in ("fix_shapes", "make_dynamic") and r.status == "applied" for r in summary.results)
     signature = signature_of(model) if reshaped else imported.signature
