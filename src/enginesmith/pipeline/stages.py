@@ -32,8 +32,8 @@ from .request import BuildRequest
 from .runner import Stage, run_stages
 from .state import BuildState
 
-# Passes that exist because the user asked for them: failing one must stop the build, not be skipped.
-# The passes a build runs because the user asked for them, and the option (CLI flag, import option) that asked.
+# Passes that exist because the user asked for them (failing one must stop the build, not be skipped), and the
+# option that asked (CLI flag, import option), named in the error.
 REQUESTED_PASSES = {"fix_shapes": "--input (input_shapes)", "make_dynamic": "--dynamic (dynamic_axes)",
                     "convert_opset": "--opset (opset)"}
 
