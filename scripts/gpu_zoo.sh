@@ -13,6 +13,7 @@
 #                                  ZOO_THEN_MODELS, ZOO_THEN_ARGS, ZOO_THEN_DEADLINE: a second plan run after the first
 #                                  ZOO_TESTS_FIRST=1: the CUDA tests before the models (short, so sure to finish)
 #                                  ZOO_TESTS_SELECT: pytest arguments instead of the five test files (e.g. "-k clip FILE")
+#                                  ZOO_TESTS_S: the tests' time limit in seconds (default 200; 0: no tests)
 #   scripts/gpu_zoo.sh wait SECS   wait up to SECS for the detached run, then copy what it has so far to $OUT
 #                                  (zoo.tgz with every JSON and log, gpu_zoo.json, table.txt, tests_cuda.txt)
 #
@@ -46,6 +47,7 @@ zoo() {  # zoo MODELS [DEADLINE]
 }
 
 cuda_tests() {  # the whole report in tests_cuda.txt (tracebacks, no captured DEBUG logs); its end on the console
+  [ "${1:-240}" = 0 ] && return 0  # ZOO_TESTS_S=0: no tests (a session whose device time is all for the models)
   # Newest tests first: a short time limit cuts the end of the list.
   # The trained SSD's tests read its frozen graph through TensorFlow, absent there: use its conversion when
   # `scripts/gpu_detect.sh prepare benchmarks/detection/models/ssd_mobilenet_v2_synth.pb` made one here.
