@@ -129,3 +129,25 @@ def test_brief_training_learns_the_synthetic_task_for_classifiers_and_detectors(
         assert record["classes"] == classes and record["steps"] == 60
         assert not module.training
         assert record["held_out_accuracy"] >= 0.9, record
+
+
+def test_batch_norm_statistics_are_recomputed_as_averages_over_fresh_batches():
+    """After brief training, layers with a small momentum (torchvision's MobileNetV3: 0.01) keep statistics of the
+    random initialisation; ``recalibrate_batch_norm`` replaces them by plain averages and restores the momentum."""
+    import torch
+
+    zoo_training = _benchmark("zoo_training")
+    norm = torch.nn.BatchNorm2d(3, momentum=0.01)
+    norm.running_mean.fill_(7.0)
+    norm.running_var.fill_(0.01)
+    module = torch.nn.Sequential(norm, torch.nn.ReLU())
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 5, 5, generator=generator) * 2.0 + torch.tensor([1.0, -3.0, 0.5])[:, None, None]
+               for _ in range(6)]
+    drawn = iter(batches)
+    zoo_training.recalibrate_batch_norm(module, lambda: next(drawn), batches=len(batches))
+    means = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    variances = torch.stack([b.transpose(0, 1).reshape(3, -1).var(dim=1, unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(norm.running_mean, means, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm.running_var, variances, rtol=1e-5, atol=1e-5)
+    assert norm.momentum == 0.01 and int(norm.num_batches_tracked) == len(batches)
