@@ -11,6 +11,7 @@
 #   scripts/gpu_zoo.sh bg MODELS   start MODELS (comma list), then the CUDA tests, in a detached process session that
 #                                  outlives this call (one device call is 10 minutes; a warm machine keeps running it)
 #                                  ZOO_THEN_MODELS, ZOO_THEN_ARGS, ZOO_THEN_DEADLINE: a second plan run after the first
+#                                  (its records in zoo_then/, table_then.txt; e.g. the same model with --skip-engine)
 #                                  ZOO_TESTS_FIRST=1: the CUDA tests before the models (short, so sure to finish)
 #                                  ZOO_TESTS_SELECT: pytest arguments instead of the five test files (e.g. "-k clip FILE")
 #                                  ZOO_TESTS_S: the tests' time limit in seconds (default 200; 0: no tests)
@@ -41,8 +42,8 @@ mkdir -p "$OUT"
 DEADLINE=${ZOO_DEADLINE:-480}
 ARGS=${ZOO_ARGS:-}
 
-zoo() {  # zoo MODELS [DEADLINE]
-  python3 benchmarks/gpu_zoo.py run --out "$OUT/zoo" --models "$1" --deadline-s "${2:-$DEADLINE}" \
+zoo() {  # zoo MODELS [DEADLINE [FOLDER]]: records in $OUT/FOLDER (default zoo)
+  python3 benchmarks/gpu_zoo.py run --out "$OUT/${3:-zoo}" --models "$1" --deadline-s "${2:-$DEADLINE}" \
     --workdir /tmp/gpu_zoo/work $ARGS 2>&1 | tee -a "$OUT/zoo.log"
 }
 
@@ -72,7 +73,8 @@ case "$WHAT" in
     [ "${ZOO_TESTS_FIRST:-0}" = 1 ] && cuda_tests "${ZOO_TESTS_S:-200}"
     zoo "$2"
     # A second plan with its own flags and deadline (e.g. a max-autotune conv model, then transformers from ONNX).
-    [ -n "${ZOO_THEN_MODELS:-}" ] && ARGS=${ZOO_THEN_ARGS:-} zoo "$ZOO_THEN_MODELS" "${ZOO_THEN_DEADLINE:-$DEADLINE}"
+    # Its records go to a folder of their own: the same model may be in both plans (engines, then the baseline alone).
+    [ -n "${ZOO_THEN_MODELS:-}" ] && ARGS=${ZOO_THEN_ARGS:-} zoo "$ZOO_THEN_MODELS" "${ZOO_THEN_DEADLINE:-$DEADLINE}" zoo_then
     [ "${ZOO_TESTS_FIRST:-0}" = 1 ] || cuda_tests "${ZOO_TESTS_S:-200}"
     touch "$BG/done" ;;
   wait)
@@ -84,12 +86,11 @@ case "$WHAT" in
     OUT=$OUT BG=$BG python3 - <<'PY'
 import json, os, pathlib, shutil, tarfile
 out, bg = pathlib.Path(os.environ["OUT"]), pathlib.Path(os.environ["BG"])
-zoo = bg / "out" / "zoo"
-records = [json.loads(p.read_text()) for p in sorted(zoo.glob("*.json"))] if zoo.exists() else []
+records = [json.loads(p.read_text()) for folder in ("zoo", "zoo_then") for p in sorted((bg / "out" / folder).glob("*.json"))]
 (out / "gpu_zoo.json").write_text(json.dumps(records, indent=1) + "\n")
-for name in ("table.txt",):
-    if (zoo / name).exists():
-        shutil.copy(zoo / name, out / name)
+for folder, name in (("zoo", "table.txt"), ("zoo_then", "table_then.txt")):
+    if (bg / "out" / folder / "table.txt").exists():
+        shutil.copy(bg / "out" / folder / "table.txt", out / name)
 if (bg / "out" / "tests_cuda.txt").exists():
     shutil.copy(bg / "out" / "tests_cuda.txt", out / "tests_cuda.txt")
 with tarfile.open(out / "zoo.tgz", "w:gz") as tar:

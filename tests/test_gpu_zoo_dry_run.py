@@ -39,6 +39,21 @@ def test_cpu_dry_run_of_one_model(tmp_path):
     assert record["builds"]["engine (from ONNX)"]["details"]["source"] == "onnx"
 
 
+def test_skip_engine_times_the_model_without_building_engines(tmp_path):
+    """--skip-engine (a baseline compile too long to share a deadline with the engines): eager rows only on the CPU,
+    and no engine built or recorded."""
+    out = tmp_path / "yolo_tiny.json"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_zoo.py"), "one", "--model", "yolo_tiny", "--device", "cpu", "--quick",
+         "--skip-engine", "--runs", "2", "--warmup", "1", "--json", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert {(row["variant"], row["batch"]) for row in record["rows"]} == {("eager fp32", 1), ("eager fp32", 4)}
+    assert record["builds"] == {} and not list((tmp_path / "work").glob("*.engine"))
+
+
 def _benchmark(name: str):
     """A module of benchmarks/ (not a package), imported by name."""
     import importlib
