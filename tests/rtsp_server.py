@@ -1,8 +1,12 @@
-"""A small RTSP camera for tests: MJPEG over RTP (RFC 2435), interleaved on the RTSP connection (RFC 2326).
+"""A small RTSP camera for tests: MJPEG over RTP (RFC 2435) or H.264 over RTP (RFC 6184), interleaved on the
+RTSP connection (RFC 2326) or as UDP datagrams.
 
 Real RTSP clients (here FFmpeg inside OpenCV) talk to it as to an IP camera: OPTIONS, DESCRIBE (an SDP
-with one JPEG video track, payload type 26), SETUP, PLAY, then RTP packets framed as ``$ channel length``
-on the same TCP connection (OpenCV asks FFmpeg for TCP by default). With ``udp=True`` a SETUP may ask for
+with one video track: JPEG, payload type 26, or H.264, payload type 96 with its parameter sets), SETUP,
+PLAY, then RTP packets framed as ``$ channel length`` on the same TCP connection (OpenCV asks FFmpeg for
+TCP by default). H.264 comes from an Annex B stream given as bytes (tests/data/*.h264: no H.264 encoder
+is installed for the tests), sent access unit by access unit, NAL units larger than a packet as FU-A
+fragments, from its first frame (an IDR) at the start of every session and again after its last. With ``udp=True`` a SETUP may ask for
 UDP instead, and the packets go as datagrams to the client's RTP port; with ``udp=False`` such a SETUP is
 answered 461 (Unsupported Transport), as cameras behind NAT do. After ``frames_per_session`` frames the
 camera closes the connection: a stream that drops, for reconnect tests. Frame ``i`` is ``render(i)`` (BGR),
@@ -14,6 +18,7 @@ rtsp-server are not on the package registries), and this keeps the whole exchang
 
 from __future__ import annotations
 
+import base64
 import re
 import socket
 import socketserver
@@ -26,6 +31,7 @@ import cv2
 import numpy as np
 
 RTP_JPEG_PAYLOAD_TYPE = 26
+RTP_H264_PAYLOAD_TYPE = 96  # dynamic, named by the SDP's rtpmap
 RTP_CLOCK_HZ = 90_000
 MAX_FRAGMENT = 1200
 
@@ -68,6 +74,49 @@ def rtp_jpeg_packets(jpeg: bytes, sequence: int, timestamp: int, ssrc: int = 0x0
         quant = struct.pack(">BBH", 0, 0, len(tables)) + tables if offset == 0 else b""
         packets.append(rtp + jpeg_header + quant + chunk)
     return packets
+
+
+def access_units(annex_b: bytes) -> list[list[bytes]]:
+    """The NAL units of an Annex B H.264 stream grouped by frame: each group ends with its frame's one slice
+    (the streams here have one slice per frame), parameter sets and SEI go with the frame they precede."""
+    starts = [m.end() for m in re.finditer(b"\x00\x00\x01", annex_b)]
+    nals = [annex_b[start:end].rstrip(b"\x00") for start, end in zip(starts, [s - 3 for s in starts[1:]] + [len(annex_b)])]
+    units, pending = [], []
+    for nal in filter(None, nals):
+        pending.append(nal)
+        if 1 <= nal[0] & 0x1F <= 5:  # a coded slice
+            units.append(pending)
+            pending = []
+    return units
+
+
+def rtp_h264_packets(unit: list[bytes], sequence: int, timestamp: int, ssrc: int = 0x0E5C0DE) -> list[bytes]:
+    """One frame's NAL units as RTP packets (RFC 6184 packetization mode 1): a NAL unit that fits whole goes
+    alone, a larger one as FU-A fragments; the marker bit is set on the frame's last packet."""
+    payloads = []
+    for nal in unit:
+        if len(nal) <= MAX_FRAGMENT:
+            payloads.append(nal)
+            continue
+        indicator, kind = (nal[0] & 0xE0) | 28, nal[0] & 0x1F
+        body = nal[1:]
+        for offset in range(0, len(body), MAX_FRAGMENT):
+            start, end = offset == 0, offset + MAX_FRAGMENT >= len(body)
+            payloads.append(bytes([indicator, (0x80 if start else 0) | (0x40 if end else 0) | kind])
+                            + body[offset:offset + MAX_FRAGMENT])
+    return [struct.pack(">BBHII", 0x80, (0x80 if i == len(payloads) - 1 else 0) | RTP_H264_PAYLOAD_TYPE,
+                        (sequence + i) & 0xFFFF, timestamp & 0xFFFFFFFF, ssrc) + payload
+            for i, payload in enumerate(payloads)]
+
+
+def h264_sdp_format(units: list[list[bytes]]) -> str:
+    """The SDP attributes that tell a client the stream's profile and parameter sets."""
+    sps = next(nal for nal in units[0] if nal[0] & 0x1F == 7)
+    pps = next(nal for nal in units[0] if nal[0] & 0x1F == 8)
+    sets = ",".join(base64.b64encode(nal).decode() for nal in (sps, pps))
+    return (f"a=rtpmap:{RTP_H264_PAYLOAD_TYPE} H264/{RTP_CLOCK_HZ}\r\n"
+            f"a=fmtp:{RTP_H264_PAYLOAD_TYPE} packetization-mode=1;profile-level-id={sps[1:4].hex()};"
+            f"sprop-parameter-sets={sets}\r\n")
 
 
 class _Session(socketserver.BaseRequestHandler):
@@ -118,9 +167,11 @@ class _Session(socketserver.BaseRequestHandler):
         if method == "OPTIONS":
             fields.append("Public: OPTIONS, DESCRIBE, SETUP, PLAY, TEARDOWN, GET_PARAMETER")
         elif method == "DESCRIBE":
+            units = self.server.h264_units
+            track = (f"m=video 0 RTP/AVP {RTP_H264_PAYLOAD_TYPE}\r\n" + h264_sdp_format(units) if units else
+                     f"m=video 0 RTP/AVP {RTP_JPEG_PAYLOAD_TYPE}\r\n")
             body = ("v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=enginesmith test camera\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\n"
-                    f"a=control:*\r\nm=video 0 RTP/AVP {RTP_JPEG_PAYLOAD_TYPE}\r\na=control:track0\r\n"
-                    f"a=framerate:{self.server.fps}\r\n").encode()
+                    f"a=control:*\r\n{track}a=control:track0\r\na=framerate:{self.server.fps}\r\n").encode()
             fields += ["Content-Type: application/sdp", f"Content-Base: {url.rstrip('/')}/"]
         elif method == "SETUP":
             transport = headers.get("transport", "")
@@ -152,9 +203,12 @@ class _Session(socketserver.BaseRequestHandler):
         for index in range(server.frames_per_session):
             if stop.is_set() or server.stopping.is_set():
                 return
-            pixels = server.render(index)
-            jpeg = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
-            packets = rtp_jpeg_packets(jpeg, sequence, index * RTP_CLOCK_HZ // server.fps)
+            timestamp = index * RTP_CLOCK_HZ // server.fps
+            if server.h264_units:
+                packets = rtp_h264_packets(server.h264_units[index % len(server.h264_units)], sequence, timestamp)
+            else:
+                jpeg = cv2.imencode(".jpg", server.render(index), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+                packets = rtp_jpeg_packets(jpeg, sequence, timestamp)
             sequence += len(packets)
             try:
                 if self.udp_port:
@@ -175,9 +229,11 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, render: Callable[[int], np.ndarray], fps: int, frames_per_session: int, udp: bool):
+    def __init__(self, render: Callable[[int], np.ndarray], fps: int, frames_per_session: int, udp: bool,
+                 h264: bytes | None):
         super().__init__(("127.0.0.1", 0), _Session)
         self.render, self.fps, self.frames_per_session, self.udp = render, fps, frames_per_session, udp
+        self.h264_units = access_units(h264) if h264 else []
         self.udp_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp_socket.bind(("127.0.0.1", 0))
         self.stopping = threading.Event()
@@ -185,12 +241,13 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 class RtspCamera:
-    """``RtspCamera(...).url`` serves until ``stop()``."""
+    """``RtspCamera(...).url`` serves until ``stop()``. MJPEG of ``render(i)`` by default; with ``h264`` (an Annex B
+    stream's bytes) that stream's frames instead, as H.264."""
 
     def __init__(self, render: Callable[[int], np.ndarray] | None = None, fps: int = 30,
-                 frames_per_session: int = 1_000_000, udp: bool = False):
+                 frames_per_session: int = 1_000_000, udp: bool = False, h264: bytes | None = None):
         render = render or (lambda index: np.full((240, 320, 3), level(index), np.uint8))
-        self._server = _Server(render, fps, frames_per_session, udp)
+        self._server = _Server(render, fps, frames_per_session, udp, h264)
         self.url = f"rtsp://127.0.0.1:{self._server.server_address[1]}/camera"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
