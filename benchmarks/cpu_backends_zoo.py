@@ -154,7 +154,7 @@ def build_auto(prepared: Prepared, work: Path, label: str, **kwargs: Any) -> tup
     seconds = time.perf_counter() - start
     engine = es.load(path)
     keep = ("backend", "precision", "threads", "p50_ms", "p50_noise", "vs_baseline", "vs_baseline_noise", "faster_rounds",
-            "chosen", "reason", "build_s", "verify_s", "time_s", "argmax_agreement", "worst_rel_l2")
+            "chosen", "reason", "build_s", "verify_s", "time_s", "argmax_agreement", "worst_rel_l2", "first_look")
     rows = engine.manifest.checks.get("backend_candidates", [])
     return engine, {"backend": engine.backend, "precision": engine.precision, "build_s": round(seconds, 2),
                     "stages": engine.manifest.checks.get("stages"),

@@ -19,7 +19,7 @@ from enginesmith.backends import get_backend
 from enginesmith.backends.base import Availability
 from enginesmith.errors import BuildError
 from enginesmith.pipeline import BuildRequest, auto, run_build
-from enginesmith.pipeline.selection import Strategy, clearly_faster, parse_strategy, select, timing_noise
+from enginesmith.pipeline.selection import Strategy, clearly_faster, parse_strategy, select, timing_noise, undecided
 from enginesmith.validate import Tolerance
 
 # --------------------------------------------------------------------------- selection alone (no backend)
@@ -68,6 +68,46 @@ def test_a_candidate_replaces_the_baseline_only_when_faster_beyond_the_noise():
     assert clearly_faster({**paired, "faster_rounds": [5, 6]}, baseline)
     assert clearly_faster({**paired, "faster_rounds": [8, 10]}, baseline)
     assert not clearly_faster({**paired, "faster_rounds": [7, 10]}, baseline)
+
+
+def test_a_close_call_is_one_neither_clearly_faster_nor_clearly_slower_round_by_round():
+    paired = {"p50_ms": 0.095, "vs_baseline": 0.95, "vs_baseline_noise": 0.01, "faster_rounds": [10, 10]}
+    assert not undecided(paired)  # clearly faster
+    assert undecided({**paired, "vs_baseline_noise": 0.06})  # faster by less than the noise
+    assert undecided({**paired, "faster_rounds": [6, 10]})  # faster in too few rounds
+    assert undecided({**paired, "vs_baseline": 1.04, "vs_baseline_noise": 0.05, "faster_rounds": [3, 10]})  # slower, within
+    assert not undecided({**paired, "vs_baseline": 1.2, "vs_baseline_noise": 0.05, "faster_rounds": [0, 10]})  # clearly slower
+    assert not undecided({"p50_ms": 0.09, "p50_noise": 0.01})  # not timed round by round with the baseline
+
+
+def test_a_close_call_is_timed_again_and_decided_by_the_second_timing_alone():
+    """The build's first timing of OpenVINO is within the noise; the second look (longer blocks with the real timer,
+    here a second answer of the test's timer) settles it either way, and the row keeps the first look."""
+    looks = []
+
+    def timer_of(second_look):
+        def timer(targets, feeds, batch):
+            looks.append(sorted(targets))
+            first = {"onnxruntime": [1.0, 1.1, 0.9, 1.0, 1.2, 1.0], "openvino": [0.97, 1.12, 0.92, 0.95, 1.05, 1.02]}
+            rounds = first if len(looks) == 1 else second_look
+            return {label: rounds[label.split()[0]] for label in targets}
+        return timer
+
+    faster = {"onnxruntime": [1.0] * 6, "openvino": [0.85, 0.86, 0.84, 0.85, 0.87, 0.85]}
+    engine = auto_build(make_mlp(), timer_of(faster))
+    rows = {row["backend"]: row for row in engine.manifest.checks["backend_candidates"]}
+    assert looks == [["onnxruntime fp32", "openvino fp32"]] * 2  # the default engine and the close call, again
+    assert engine.backend == "openvino" and rows["openvino"]["vs_baseline"] == pytest.approx(0.85)
+    assert rows["openvino"]["first_look"]["faster_rounds"] == [3, 6]
+    looks.clear()
+    slower = {"onnxruntime": [1.0] * 6, "openvino": [1.02, 0.99, 1.03, 1.01, 0.98, 1.02]}
+    engine = auto_build(make_mlp(), timer_of(slower))
+    assert engine.backend == "onnxruntime" and len(looks) == 2
+    looks.clear()
+    clear = {"onnxruntime": [1.0] * 6, "openvino": [0.7] * 6}  # clear at once: no second look
+    engine = auto_build(make_mlp(), lambda targets, feeds, batch: (looks.append(1), {
+        label: clear[label.split()[0]] for label in targets})[1])
+    assert engine.backend == "openvino" and len(looks) == 1
 
 
 @pytest.mark.parametrize("text", ["fastest", "throughput-within:", "throughput-within:-3", "latency:5"])

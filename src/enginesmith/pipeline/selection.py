@@ -94,10 +94,22 @@ def clearly_faster(row: dict[str, Any], baseline: dict[str, Any]) -> bool:
     (5 of 6, 8 of 10). Otherwise the p50s are compared against the larger of the two rows' ``p50_noise``
     (relative spread of their per-round p50s; 0 where not measured)."""
     if "vs_baseline" in row:
-        faster, rounds = row["faster_rounds"]
-        return row["vs_baseline"] < 1.0 - row["vs_baseline_noise"] and faster >= math.ceil(0.8 * rounds)
+        return _faster_round_by_round(row)
     noise = max(row.get("p50_noise", 0.0), baseline.get("p50_noise", 0.0))
     return row["p50_ms"] < baseline["p50_ms"] * (1.0 - noise)
+
+
+def _faster_round_by_round(row: dict[str, Any]) -> bool:
+    faster, rounds = row["faster_rounds"]
+    return row["vs_baseline"] < 1.0 - row["vs_baseline_noise"] and faster >= math.ceil(0.8 * rounds)
+
+
+def undecided(row: dict[str, Any]) -> bool:
+    """Timed round by round with the baseline and neither clearly faster nor clearly slower: a close call that a
+    second, longer timing may settle (short blocks on a shared CPU flipped such calls from build to build)."""
+    if "vs_baseline" not in row:
+        return False
+    return not _faster_round_by_round(row) and row["vs_baseline"] < 1.0 + row["vs_baseline_noise"]
 
 
 def paired_with_baseline(rounds: Sequence[float], baseline_rounds: Sequence[float]) -> dict[str, Any]:
