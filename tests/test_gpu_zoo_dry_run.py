@@ -19,15 +19,20 @@ if importlib.util.find_spec("onnx2torch") is None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_cpu_dry_run_of_one_model(tmp_path):
+def run_one_on_the_cpu(tmp_path: Path, *flags: str) -> dict:
+    """``gpu_zoo.py one`` on the toy YOLO, quickly, in its own process; the record it wrote."""
     out = tmp_path / "yolo_tiny.json"
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_zoo.py"), "one", "--model", "yolo_tiny", "--device", "cpu", "--quick",
-         "--skip-warm-load", "--runs", "2", "--warmup", "1", "--json", str(out), "--workdir", str(tmp_path / "work")],
+         *flags, "--runs", "2", "--warmup", "1", "--json", str(out), "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_cpu_dry_run_of_one_model(tmp_path):
+    record = run_one_on_the_cpu(tmp_path, "--skip-warm-load")
     assert "error" not in record, record.get("error")
     rows = {(row["variant"], row["batch"]): row for row in record["rows"]}
     for variant in ("eager fp32", "engine (from module)", "engine (from ONNX)"):
@@ -42,14 +47,7 @@ def test_cpu_dry_run_of_one_model(tmp_path):
 def test_skip_engine_times_the_model_without_building_engines(tmp_path):
     """--skip-engine (a baseline compile too long to share a deadline with the engines): eager rows only on the CPU,
     and no engine built or recorded."""
-    out = tmp_path / "yolo_tiny.json"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_zoo.py"), "one", "--model", "yolo_tiny", "--device", "cpu", "--quick",
-         "--skip-engine", "--runs", "2", "--warmup", "1", "--json", str(out), "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads(out.read_text())
+    record = run_one_on_the_cpu(tmp_path, "--skip-engine")
     assert {(row["variant"], row["batch"]) for row in record["rows"]} == {("eager fp32", 1), ("eager fp32", 4)}
     assert record["builds"] == {} and not list((tmp_path / "work").glob("*.engine"))
 
