@@ -6,7 +6,9 @@ with one video track: JPEG, payload type 26, or H.264, payload type 96 with its 
 PLAY, then RTP packets framed as ``$ channel length`` on the same TCP connection (OpenCV asks FFmpeg for
 TCP by default). H.264 comes from an Annex B stream given as bytes (tests/data/*.h264: no H.264 encoder
 is installed for the tests), sent access unit by access unit, NAL units larger than a packet as FU-A
-fragments, from its first frame (an IDR) at the start of every session and again after its last. With ``udp=True`` a SETUP may ask for
+fragments, from its first frame (an IDR) at the start of every session and again after its last.
+
+With ``udp=True`` a SETUP may ask for
 UDP instead, and the packets go as datagrams to the client's RTP port; with ``udp=False`` such a SETUP is
 answered 461 (Unsupported Transport), as cameras behind NAT do. After ``frames_per_session`` frames the
 camera closes the connection: a stream that drops, for reconnect tests. Frame ``i`` is ``render(i)`` (BGR),
