@@ -8,9 +8,8 @@ TCP by default). H.264 comes from an Annex B stream given as bytes (tests/data/*
 is installed for the tests), sent access unit by access unit, NAL units larger than a packet as FU-A
 fragments, from its first frame (an IDR) at the start of every session and again after its last.
 
-With ``udp=True`` a SETUP may ask for
-UDP instead, and the packets go as datagrams to the client's RTP port; with ``udp=False`` such a SETUP is
-answered 461 (Unsupported Transport), as cameras behind NAT do. After ``frames_per_session`` frames the
+With ``udp=True`` a SETUP may ask for UDP instead, and the packets go as datagrams to the client's RTP port;
+with ``udp=False`` such a SETUP is answered 461 (Unsupported Transport), as cameras behind NAT do. After ``frames_per_session`` frames the
 camera closes the connection: a stream that drops, for reconnect tests. Frame ``i`` is ``render(i)`` (BGR),
 by default a flat grey of level ``level(i)``, so a reader can tell which frame it got.
 
