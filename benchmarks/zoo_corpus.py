@@ -127,20 +127,28 @@ def download_wheel(package: str, version: str, cache: Path) -> Path:
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    if package.startswith(NPM):
-        npm = shutil.which("npm")
-        if npm is None:
-            raise RegistryError(f"{package}: npm is not installed")
-        cmd = [npm, "pack", f"{package.removeprefix(NPM)}@{version}", "--pack-destination", str(folder), "--silent"]
-    else:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "-q", "-d", str(folder), f"{package}=={version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    found = sorted(folder.glob(pattern))
-    if proc.returncode != 0 or not found:
-        last = (proc.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
-        raise RegistryError(f"download of {package}=={version} failed: {last}")
-    return found[0]
+    # Downloaded into a folder of this process's own, then renamed in: another process (a second pytest worker)
+    # that finds the wheel never reads one still being written.
+    partial = Path(tempfile.mkdtemp(prefix=".download-", dir=folder))
+    try:
+        if package.startswith(NPM):
+            npm = shutil.which("npm")
+            if npm is None:
+                raise RegistryError(f"{package}: npm is not installed")
+            cmd = [npm, "pack", f"{package.removeprefix(NPM)}@{version}", "--pack-destination", str(partial), "--silent"]
+        else:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-q", "-d", str(partial), f"{package}=={version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        downloaded = sorted(partial.glob(pattern))
+        if proc.returncode != 0 or not downloaded:
+            last = (proc.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
+            raise RegistryError(f"download of {package}=={version} failed: {last}")
+        for path in downloaded:
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return sorted(folder.glob(pattern))[0]
 
 
 @contextmanager

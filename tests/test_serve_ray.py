@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +46,7 @@ def engines(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     """A head node and a second node, one CPU each, torn down after the module."""
     from ray.cluster_utils import Cluster
 
@@ -52,8 +54,12 @@ def cluster(tmp_path_factory):
     # the same fixed HTTP port 52365 on this one host.
     node = dict(num_cpus=1, dashboard_agent_listen_port=0)
     failures: list[str] = []
+    # A short folder of our own, not pytest's: Ray's socket paths inside it must stay under 108 bytes, and
+    # pytest-xdist's per-worker folders (/tmp/pytest-of-USER/pytest-N/popen-gw0/ray0/session_.../sockets/...)
+    # make them longer.
+    root = tempfile.mkdtemp(prefix="es-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     for attempt in range(3):  # Ray waits a fixed 30 s for a raylet to register: a busy CI host can miss it once
-        temp_dir = str(tmp_path_factory.mktemp("ray"))
+        temp_dir = tempfile.mkdtemp(prefix=f"{attempt}-", dir=root)
         local = Cluster(initialize_head=False)
         try:
             local.add_node(**node, include_dashboard=False, temp_dir=temp_dir)  # the first node added is the head
@@ -63,11 +69,13 @@ def cluster(tmp_path_factory):
             failures.append(f"attempt {attempt + 1}: {error}\n{_ray_log_tails(temp_dir)}")
             _stop_half_started(local, temp_dir)
     else:
+        shutil.rmtree(root, ignore_errors=True)
         pytest.fail("a local Ray cluster did not start:\n" + "\n".join(failures))
     yield local
     if ray.is_initialized():
         ray.shutdown()
     local.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _ray_log_tails(temp_dir: str, lines: int = 15) -> str:
