@@ -70,11 +70,40 @@ def build_real_engine(folder: Path, key: str) -> Path:
     return es.build(fetch_real_detector(key), backend="onnxruntime", threads=1, verify=False).save(folder / f"{key}.engine")
 
 
-def example_input(engine_path: Path, batch: int, image_size: int) -> tuple[str, str, np.ndarray]:
-    """(input name, output name, a batch) from the engine's signature: named dims get ``image_size``."""
+def zoo_model(model_id: str) -> Any:
+    """A model of the real-model corpus (benchmarks/zoo/models.toml) with one input: what --zoo serves."""
+    import zoo_corpus
+
+    models = {m.id: m for m in zoo_corpus.load_manifest()}
+    if model_id not in models:
+        raise SystemExit(f"--zoo: no model '{model_id}' in the corpus; its ids: {', '.join(sorted(models))}")
+    model = models[model_id]
+    if len(model.inputs) != 1:
+        raise SystemExit(f"--zoo {model_id}: it has {len(model.inputs)} inputs; this benchmark sends one tensor")
+    return model
+
+
+def build_zoo_engine(folder: Path, model_id: str) -> Path:
+    """A corpus model (downloaded once into the zoo cache, sha256-checked), one intra-op thread, its manifest's
+    input shapes."""
+    import zoo_corpus
+    from cpu_backends_zoo import import_options
+
+    model = zoo_model(model_id)
+    source = zoo_corpus.fetch_model(model, zoo_corpus.DEFAULT_CACHE)
+    return es.build(source, backend="onnxruntime", threads=1, verify=False,
+                    import_options=import_options(model.flags)).save(folder / f"{model_id}.engine")
+
+
+def example_input(engine_path: Path, batch: int, image_size: int, zoo: str | None = None) -> tuple[str, str, np.ndarray]:
+    """(input name, output name, a batch) from the engine's signature: named dims get ``image_size``; with
+    ``zoo``, the corpus manifest's seeded sample of that model, repeated to ``batch``."""
     info = es.info(engine_path)
     signature = info["signature"]
     first = signature["inputs"][0]
+    if zoo:
+        sample = next(iter(zoo_model(zoo).sample(seed=0).values()))
+        return first["name"], signature["outputs"][0]["name"], np.repeat(sample, batch, axis=0)
     shape = [batch if i == 0 else (d if isinstance(d, int) else image_size) for i, d in enumerate(first["shape"])]
     dtype = np.dtype(first.get("dtype", "float32"))
     x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
@@ -181,7 +210,7 @@ def measure(args: argparse.Namespace, engine_path: Path, address: str) -> dict:
     from enginesmith.serve.ray_backend import RayOptions, deploy
     from enginesmith.serve.server import ServeOptions, batching_for
 
-    input_name, output, x = example_input(engine_path, args.batch, args.image_size)
+    input_name, output, x = example_input(engine_path, args.batch, args.image_size, args.zoo)
     runs: dict[str, dict[int, list[dict]]] = {mode: {1: [], 2: []} for mode in args.modes}
     for mode in args.modes:
         for round_index in range(args.rounds):
@@ -241,6 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine", type=Path, help="engine to serve (default: a MobileNetV2-like, one thread, built here)")
     parser.add_argument("--real", metavar="KEY", help="serve a real model instead, one thread: nudenet_yolov8n_320 (the "
                         "YOLOv8n of the nudenet wheel, ~25 ms a call here at --image-size 320)")
+    parser.add_argument("--zoo", metavar="ID", help="serve a model of the real-model corpus instead, one thread, with "
+                        "one input (e.g. basic_pitch_onnx: Spotify's note transcriber, 54 ms a call, 175 KB in)")
     parser.add_argument("--gpus", type=int, default=0, help="GPU mode: replicas with one GPU each (needs 2 GPUs)")
     parser.add_argument("--batch", type=int, help="items per request (default 1 on CPU, 128 with --gpus)")
     parser.add_argument("--clients", type=int, help="concurrent clients (default 8 on CPU, 6 with --gpus)")
@@ -261,8 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--gpus compares one GPU with two: give --gpus 2")
     if args.gpus and args.engine is None:
         parser.error("--gpus needs --engine: a CUDA engine (torch backend ResNet-50, or ONNX Runtime with CUDA)")
-    if args.real and args.engine is not None:
-        parser.error("give --engine or --real, not both")
+    if sum(x is not None for x in (args.engine, args.real, args.zoo)) > 1:
+        parser.error("give one of --engine, --real and --zoo")
     if args.engine is not None and not args.engine.is_file():
         parser.error(f"no engine file at {args.engine}")
     args.batch = args.batch or (128 if args.gpus else 1)
@@ -273,9 +304,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    named = args.real or args.zoo
+    what = args.engine or (f"{named} (1 thread)" if named else "MobileNetV2-like (built here, 1 thread)")
     plan = (f"replicas 1 vs 2 ({'1 GPU' if args.gpus else f'{args.replica_cpus:g} CPU'} each), modes {', '.join(args.modes)}, "
             f"{args.clients} clients x batch {args.batch}, {args.rounds} rounds x {args.duration:g} s, "
-            f"engine {args.engine or (args.real + ' (1 thread)' if args.real else 'MobileNetV2-like (built here, 1 thread)')} "
+            f"engine {what} "
             f"-> {args.json}")
     print(plan)
     if args.dry_run:
@@ -286,14 +319,18 @@ def main(argv: list[str] | None = None) -> None:
     from enginesmith.cluster import connect, disconnect
 
     with tempfile.TemporaryDirectory(prefix="enginesmith-ray-bench-") as tmp:
-        engine_path = args.engine or (build_real_engine(Path(tmp), args.real) if args.real
-                                      else build_cpu_engine(Path(tmp), args.image_size))
+        if args.engine is not None:
+            engine_path = args.engine
+        elif args.real or args.zoo:
+            engine_path = build_real_engine(Path(tmp), args.real) if args.real else build_zoo_engine(Path(tmp), args.zoo)
+        else:
+            engine_path = build_cpu_engine(Path(tmp), args.image_size)
         facts = machine({"ray": __import__("ray").__version__})
         session = connect(None, num_cpus=os.cpu_count())
         try:
             if args.gpus and session.gpus < 2:
                 raise SystemExit(f"the local Ray instance sees {session.gpus} GPUs; --gpus needs 2")
-            input_name, _, x = example_input(engine_path, args.batch, args.image_size)
+            input_name, _, x = example_input(engine_path, args.batch, args.image_size, args.zoo)
             baseline = None if args.gpus else in_process(engine_path, input_name, x, 3.0, args.trust_code)
             results = measure(args, engine_path, session.address)
         finally:

@@ -416,15 +416,15 @@ class _FakeHandle:
     def options(self, **kwargs):
         return self
 
-    def remote(self, feeds, timeout_s):
-        response = _FakeResponse(self.script.pop(0) if self.script else "hang", feeds)
+    def remote(self, group, timeout_s):
+        response = _FakeResponse(self.script.pop(0) if self.script else "hang", group)
         self.responses.append(response)
         return response
 
 
 class _FakeResponse:
-    def __init__(self, step, feeds):
-        self.step, self.feeds, self.cancelled = step, feeds, False
+    def __init__(self, step, group):
+        self.step, self.group, self.cancelled = step, group, False
 
     async def _answer(self):
         from enginesmith.serve.metrics import ModelCounters
@@ -434,8 +434,15 @@ class _FakeResponse:
             await asyncio.sleep(3600)
         if isinstance(self.step, BaseException):
             raise self.step
-        return ReplicaAnswer(replica="r1", counters=ModelCounters(exec_count=1, inference_count=2),
-                             outputs={"y": self.feeds["x"] * 2})
+        if self.step in ("slow", "slow, bad second"):
+            await asyncio.sleep(0.2)
+        counters = ModelCounters(exec_count=1, inference_count=sum(len(feeds["x"]) for feeds in self.group))
+        if self.step == "slow, bad second":  # the replica refused the group's second request alone
+            return [ReplicaAnswer(replica="r1", counters=counters, status=400, message="bad input") if i == 1 else
+                    ReplicaAnswer(replica="r1", counters=counters, outputs={"y": feeds["x"] * 2})
+                    for i, feeds in enumerate(self.group)]
+        counters = ModelCounters(exec_count=1, inference_count=sum(len(feeds["x"]) for feeds in self.group))
+        return [ReplicaAnswer(replica="r1", counters=counters, outputs={"y": feeds["x"] * 2}) for feeds in self.group]
 
     def __await__(self):
         return self._answer().__await__()
@@ -483,3 +490,36 @@ def test_no_request_waits_past_its_deadline():
     assert 0.25 < time.perf_counter() - started < 5
     assert info.value.status == 503 and "did not answer within 0.3 s" in str(info.value)
     assert handle.responses[0].cancelled and dispatcher.pending == 0
+
+
+def test_requests_that_find_every_call_busy_leave_together_and_fail_alone():
+    """Two calls in flight per replica; the requests behind them go in one call, each answered on its own."""
+    dispatcher, handle = _dispatcher(["slow", "slow", "slow, bad second"], replicas=1)
+    inputs = [np.full((1 + i % 2, 3), i, np.float32) for i in range(6)]
+
+    async def six_at_once():
+        return await asyncio.gather(*(dispatcher.run({"x": x}, None) for x in inputs), return_exceptions=True)
+
+    answers = asyncio.run(six_at_once())
+    assert [len(r.group) for r in handle.responses] == [1, 1, 4] and dispatcher.calls == 3
+    assert [g[0]["x"][0, 0] for g in (r.group for r in handle.responses)] == [0, 1, 2]  # in arrival order
+    for i, (x, answer) in enumerate(zip(inputs, answers)):
+        if i == 3:  # the second of the third call's group
+            assert isinstance(answer, ProtocolError) and answer.status == 400 and "bad input" in str(answer)
+        else:
+            np.testing.assert_array_equal(answer["y"], x * 2)
+    assert dispatcher.pending == 0 and dispatcher.stats.snapshot().inference_count == 6  # 1 + 2 + 1 + 2 items
+
+
+def test_a_group_holds_at_most_max_batch_items():
+    from enginesmith.serve.batcher import BatchingOptions
+    from enginesmith.serve.ray_backend import ReplicaDispatcher
+
+    handle = _FakeHandle(["slow", "slow", "slow", "slow", "ok"])
+    dispatcher = ReplicaDispatcher("m", handle, BatchingOptions(max_batch=4), RayOptions(replicas=1), "app")
+
+    async def seven_at_once():
+        return await asyncio.gather(*(dispatcher.run({"x": np.ones((2, 3), np.float32)}, None) for _ in range(7)))
+
+    asyncio.run(seven_at_once())
+    assert [len(r.group) for r in handle.responses] == [1, 1, 2, 2, 1]  # 2 + 2 items, then what is left
