@@ -21,7 +21,8 @@
 # Every model runs in its own process with the deadline ZOO_DEADLINE seconds (default 480) from the start: a
 # model that would start later is recorded as skipped and one still running then is stopped, so a 10-minute
 # device call always comes back with results. Give a model its whole time: MiniLM with a max-autotune baseline
-# and a max-autotune engine needs about 400 s, a convolutional model's max-autotune baseline 550–1,100 s. Extra flags for gpu_zoo.py in ZOO_ARGS (e.g. "--quick", "--mode max-autotune --models resnet50",
+# and a max-autotune engine needs about 400 s, a convolutional model's max-autotune baseline 550–1,100 s.
+# Extra flags for gpu_zoo.py in ZOO_ARGS (e.g. "--quick", "--mode max-autotune --models resnet50",
 # "--train-steps 300": vision models trained briefly on a synthetic task first, for accuracy figures of
 # trained-like weights; "--baseline-mode max-autotune --skip-onnx --skip-warm-load": what a user would compile,
 # about 15 minutes per convolutional model on one H200).
