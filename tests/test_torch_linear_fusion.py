@@ -1,4 +1,5 @@
-"""Sibling linear layers merged into one product (backends/torch_compile/linear_fusion.py).
+"""Sibling linear layers merged into one product, and patch convolutions run as products
+(backends/torch_compile/linear_fusion.py).
 
 The rewrite is device-independent, so the CPU checks which layers merge (those sharing an
 input, with constant weights of one width and dtype), that outputs stay the same, and that
@@ -17,7 +18,11 @@ torch = pytest.importorskip("torch")
 
 from enginesmith.backends import BuildOptions, get_backend  # noqa: E402
 from enginesmith.backends import torch_compile as tc  # noqa: E402
-from enginesmith.backends.torch_compile.linear_fusion import concat_sibling_linears, matmuls_as_linears  # noqa: E402
+from enginesmith.backends.torch_compile.linear_fusion import (  # noqa: E402
+    concat_sibling_linears,
+    matmuls_as_linears,
+    patch_convs_as_linears,
+)
 from enginesmith.errors import BuildError  # noqa: E402
 from enginesmith.signature import Signature, TensorSpec  # noqa: E402
 
@@ -170,3 +175,91 @@ def test_an_encoders_onnx_export_runs_its_projections_as_merged_linear_layers():
     want, got = run_plain(imported.model, x), session.run(x)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=2e-5)
+
+
+class Patches(torch.nn.Module):
+    """A ViT-style patch embedding (4x4, stride 4; flattened to tokens), a bias-free 2x2 stem on a channels-last
+    path, and convolutions that are not patch products: padded, overlapping, grouped, dilated, 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.stem = torch.nn.Conv2d(3, 6, 2, stride=2, bias=False)
+        self.others = torch.nn.ModuleList([
+            torch.nn.Conv2d(3, 4, 4, stride=4, padding=1), torch.nn.Conv2d(3, 4, 4, stride=2),
+            torch.nn.Conv2d(4, 4, 2, stride=2, groups=2), torch.nn.Conv2d(3, 4, 2, stride=2, dilation=2),
+            torch.nn.Conv2d(3, 4, 1)])
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # [N, 64, 8]
+        stem = torch.relu(self.stem(x.contiguous(memory_format=torch.channels_last)))
+        pads, overlap, _, dilated, pointwise = (conv(x) if i != 2 else None for i, conv in enumerate(self.others))
+        grouped = self.others[2](pads[..., :8, :8])
+        return tokens, stem, pads, overlap, grouped, dilated, pointwise
+
+
+def _convs(module) -> int:
+    return sum(1 for n in module.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.conv2d.default)
+
+
+def test_convolutions_whose_kernel_is_their_stride_become_products_with_the_same_outputs():
+    module = Patches().eval()
+    x = torch.randn(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    rewritten = torch.export.export(module, (x,), dynamic_shapes={"x": {0: batch}}).module()
+    assert _convs(rewritten) == 7
+    assert patch_convs_as_linears(rewritten) == 2  # the embedding and the stem; padding, overlap, groups, dilation
+    assert _convs(rewritten) == 5 and _linears(rewritten) == 2  # and a 1x1 kernel stay convolutions
+    with torch.no_grad():
+        for size in (1, 3):  # the batch stays dynamic
+            x = torch.randn(size, 3, 32, 32)
+            for got, want in zip(rewritten(x), module(x)):
+                assert got.shape == want.shape
+                np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+        assert rewritten(x)[1].is_contiguous(memory_format=torch.channels_last)  # a patch product's own layout
+    assert patch_convs_as_linears(rewritten) == 0
+
+
+def test_a_size_the_kernel_does_not_divide_keeps_the_convolution():
+    module = torch.nn.Conv2d(3, 4, 4, stride=4).eval()
+    rewritten = torch.export.export(module, (torch.randn(1, 3, 30, 32),)).module()
+    assert patch_convs_as_linears(rewritten) == 0 and _convs(rewritten) == 1
+
+
+def test_torchvisions_vision_transformer_embeds_its_patches_as_a_product():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    module = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
+                                                  mlp_dim=32, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    rewritten = torch.export.export(module, (x,)).module()
+    assert patch_convs_as_linears(rewritten) == 1 and _convs(rewritten) == 0
+    with torch.no_grad():
+        np.testing.assert_allclose(rewritten(x).numpy(), module(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_engines_built_with_patch_products_load_again_and_match_the_module():
+    module = Patches().eval()
+    signature = Signature((TensorSpec("x", "float32", ("batch", 3, 32, 32)),),
+                          tuple(TensorSpec(f"out{i}", "float32", None) for i in range(7)))
+    backend = get_backend("torch")
+    options = {"device": DEVICE, "patch_conv": True, "batches": [2],
+               "mode": "reduce-overhead" if DEVICE.startswith("cuda") else "default"}
+    if not DEVICE.startswith("cuda"):
+        options["compile"] = "eager"
+    result = backend.build(module, signature, BuildOptions(backend_options=options))
+    assert result.details["patch_conv"] is True
+    assert "run as a linear layer over patches: 2" in " ".join(result.log)
+    tc._HANDOFF.clear()  # load for real: the rewrite is applied again
+    session = backend.load(result.payload, result.resolved_options, signature)
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x))
+    got = session.run({"x": x})
+    for i, value in enumerate(want):
+        np.testing.assert_allclose(got[f"out{i}"], value.numpy(), rtol=1e-4, atol=1e-5)
+    eager = {"device": "cpu", "compile": "eager"}
+    assert backend.build(module, signature, BuildOptions(backend_options=eager)).details["patch_conv"] is False
+    with pytest.raises(BuildError, match="patch_conv must be auto, true or false"):
+        backend.build(module, signature, BuildOptions(backend_options={**eager, "patch_conv": "yes"}))

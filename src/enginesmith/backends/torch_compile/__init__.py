@@ -57,6 +57,9 @@ Backend options (``BuildOptions.backend_options``)
                    (how ONNX spells linear layers) run as linear layers, and linear layers that read
                    the same tensor (attention's query/key/value projections) as one product over
                    concatenated weights, then a split (``linear_fusion``); applied like ``fuse_conv``.
+    ``patch_conv``  "auto" (on CUDA for convolutional models), true or false: convolutions whose
+                   kernel is their stride, with no padding (ViT's patch embedding, ConvNeXt's stem), run
+                   as one linear layer over the gathered patches (``linear_fusion``); applied like ``fuse_conv``.
     ``fuse_attention``  "auto" (on, except fp32 engines on CUDA, whose fused fp32 attention kernels
                    are less exact than the written-out ops), true or false: attention written out op
                    by op (matmul, scale, mask, softmax, matmul: what ONNX exports hold) runs as one
@@ -74,7 +77,7 @@ Modules
     ``payload``       the payload zip and its pickle-free program check
     ``compile``       Inductor options, compiler caches, warm-up, AOTInductor
     ``fusion``        cuDNN-fused convolution epilogues
-    ``linear_fusion`` sibling linear layers merged into one product
+    ``linear_fusion`` sibling linear layers merged into one product, patch convolutions as products
     ``attention_fusion`` written-out attention as one scaled_dot_product_attention
     ``session``       the runtime session
     ``device_ops``    detectors' pre- and post-processing on the engine's device

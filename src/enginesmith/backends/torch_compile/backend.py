@@ -177,6 +177,11 @@ class TorchCompileBackend(Backend):
             fuse_linear = cuda and kind != "aoti"
         elif not isinstance(fuse_linear, bool):
             raise BuildError(f"fuse_linear must be auto, true or false, not {fuse_linear!r}")
+        patch_conv = bo.get("patch_conv", "auto")
+        if patch_conv == "auto":
+            patch_conv = cuda and kind != "aoti" and _has_conv2d(module)
+        elif not isinstance(patch_conv, bool):
+            raise BuildError(f"patch_conv must be auto, true or false, not {patch_conv!r}")
         fuse_attention = bo.get("fuse_attention", "auto")
         if fuse_attention == "auto":
             # fp32 attention on CUDA runs in fused kernels that missed the fp32 engines' 1e-4 check against
@@ -204,6 +209,7 @@ class TorchCompileBackend(Backend):
             "cudnn_benchmark_limit": benchmark_limit if cuda else None,
             "fuse_conv": fuse_conv,
             "fuse_linear": fuse_linear,
+            "patch_conv": patch_conv,
             "fuse_attention": fuse_attention,
             "tag": f"enginesmith-{uuid.uuid4().hex}",
             "torch": self.version(),
@@ -368,6 +374,7 @@ class TorchCompileBackend(Backend):
             "cudnn_benchmark_limit": meta["cudnn_benchmark_limit"],
             "fuse_conv": meta["fuse_conv"],
             "fuse_linear": meta["fuse_linear"],
+            "patch_conv": meta["patch_conv"],
             "fuse_attention": meta["fuse_attention"],
             "inductor_options": meta["inductor"],
             "convert_seconds": round(convert_s, 2),

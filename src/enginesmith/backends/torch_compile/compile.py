@@ -98,9 +98,15 @@ def inductor_options(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
     """A fresh module of the program with the rewrites the engine asked for: cuDNN-fused convolution
-    epilogues (``fusion``), sibling linear layers as one product (``linear_fusion``), written-out attention
-    as one fused call (``attention_fusion``)."""
+    epilogues (``fusion``), patch convolutions and sibling linear layers as products (``linear_fusion``),
+    written-out attention as one fused call (``attention_fusion``)."""
     module = program.module()
+    # Before the epilogue fusion, which would otherwise keep a patch convolution followed by ReLU as a convolution.
+    if meta.get("patch_conv"):
+        from .linear_fusion import patch_convs_as_linears
+
+        log.append(f"convolutions whose kernel is their stride run as a linear layer over patches: "
+                   f"{patch_convs_as_linears(module)}")
     if meta.get("fuse_conv"):
         from .fusion import fuse_conv_epilogues
 
@@ -124,7 +130,7 @@ def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
 
 
 def needs_rewrite(meta: Mapping[str, Any]) -> bool:
-    return bool(meta.get("fuse_conv") or meta.get("fuse_linear") or meta.get("fuse_attention"))
+    return bool(meta.get("fuse_conv") or meta.get("patch_conv") or meta.get("fuse_linear") or meta.get("fuse_attention"))
 
 
 def compile_module(module, meta: Mapping[str, Any]):

@@ -14,7 +14,13 @@ ONNX graphs hold linear layers as ``MatMul`` by a constant weight plus an ``Add`
 (``matmuls_as_linears``): then they merge too, and the bias rides in the product's epilogue
 instead of a separate pass over the output.
 
-Like ``fusion``, the rewrite runs on the module of an exported program just before
+A convolution whose kernel is its stride and which pads nothing (ViT's patch embedding, a
+ConvNeXt stem) reads each input pixel once: it is a linear layer over non-overlapping patches
+(``patch_convs_as_linears``). cuDNN runs it as a convolution all the same: ViT-B/16's 16x16
+stride-16 embedding at batch 64 in fp16 took 0.38 ms on the H200, the same product as one
+matrix multiply after a patch gather 0.08 ms (of a 6.7 ms engine call).
+
+Like ``fusion``, the rewrites run on the module of an exported program just before
 ``torch.compile``, at build and again at load, so the saved program stays as exported.
 """
 
@@ -24,7 +30,7 @@ import operator
 from collections import defaultdict
 
 from .common import _torch
-from .fusion import _attribute
+from .fusion import _attribute, _conv_args
 
 
 def _linear_operands(gm, node):
@@ -85,6 +91,76 @@ def matmuls_as_linears(gm) -> int:
         _drop_unused_constants(gm)
         gm.recompile()
     return rewritten
+
+
+def _patch_conv_shape(node) -> tuple[int, int, int, int, int, int] | None:
+    """(channels, height, width, out channels, kernel height, kernel width) of an aten.conv2d node that is a
+    linear layer over non-overlapping patches: kernel = stride > 1 pixel, no padding or dilation, one group,
+    static input sizes the kernel divides; else None."""
+    torch = _torch()
+    if node.op != "call_function" or node.target is not torch.ops.aten.conv2d.default:
+        return None
+    args = _conv_args(node)
+    if args is None:
+        return None
+    x, weight, _bias, stride, padding, dilation, groups = args
+    x_val, w_val = x.meta["val"], weight.meta["val"]
+    kernel = [int(k) for k in w_val.shape[2:]]
+    sizes = x_val.shape[1:]
+    if (groups != 1 or list(stride) != kernel or padding != [0, 0] or dilation != [1, 1] or kernel == [1, 1]
+            or not all(isinstance(s, int) for s in sizes) or x_val.dtype != w_val.dtype):
+        return None
+    channels, height, width = sizes
+    if height % kernel[0] or width % kernel[1] or channels != w_val.shape[1]:
+        return None
+    return channels, height, width, int(w_val.shape[0]), kernel[0], kernel[1]
+
+
+def patch_convs_as_linears(gm) -> int:
+    """Rewrite convolutions of ``gm`` whose kernel is their stride as a patch gather and one linear layer; how many.
+
+    ``conv2d(x, W, b, stride=k)`` over [N, C, H, W] becomes ``linear(patches(x), W.reshape(O, C*k*k), b)``
+    with patches ordered (C, ky, kx) like W's own rows; the result comes back as [N, O, H/k, W/k] in
+    channels-last memory, the layout a channels-last convolution gives (and the one ViT's flatten to
+    [N, H/k * W/k, O] reads without a copy). The batch may be symbolic."""
+    torch = _torch()
+    aten = torch.ops.aten
+    graph = gm.graph
+    rewritten = 0
+    for conv in list(graph.nodes):
+        shape = _patch_conv_shape(conv)
+        if shape is None:
+            continue
+        channels, height, width, out_channels, ky, kx = shape
+        x, weight, bias = _conv_args(conv)[:3]
+        rows, cols = height // ky, width // kx
+        with graph.inserting_before(conv):
+            blocks = graph.call_function(aten.reshape.default, (x, [-1, channels, rows, ky, cols, kx]))
+            patches = graph.call_function(aten.permute.default, (blocks, [0, 2, 4, 1, 3, 5]))
+            flat = graph.call_function(aten.reshape.default, (patches, [-1, channels * ky * kx]))
+            matrix = graph.call_function(aten.reshape.default, (weight, [out_channels, channels * ky * kx]))
+            product = graph.call_function(aten.linear.default, (flat, matrix) + ((bias,) if bias is not None else ()))
+            grid = graph.call_function(aten.reshape.default, (product, [-1, rows, cols, out_channels]))
+            result = graph.call_function(aten.permute.default, (grid, [0, 3, 1, 2]))
+        _fake_values([blocks, patches, flat, matrix, product, grid, result])
+        conv.replace_all_uses_with(result)
+        graph.erase_node(conv)
+        rewritten += 1
+    if rewritten:
+        gm.recompile()
+    return rewritten
+
+
+def _fake_values(nodes) -> None:
+    """Give new nodes the ``meta["val"]`` later rewrites read, by running their ops on their inputs' fake tensors."""
+    from torch.fx.node import map_arg
+
+    for node in nodes:
+        try:
+            args = map_arg(node.args, lambda n: n.meta["val"])
+            node.meta["val"] = node.target(*args)
+        except Exception:  # noqa: BLE001 - a value is a convenience for later passes, not needed to run
+            return
 
 
 def concat_sibling_linears(gm) -> int:
