@@ -80,20 +80,26 @@ def test_a_real_transformers_encoder_merges_query_key_value_in_every_layer():
         np.testing.assert_allclose(got.numpy(), model(ids, mask).last_hidden_state.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_engines_built_with_the_merge_load_again_and_match_the_module():
-    module = Siblings().eval()
-    signature = Signature((TensorSpec("x", "float32", ("batch", 5, 16)), TensorSpec("y", "float32", (3,))),
-                          (TensorSpec("out", "float32", ("batch", 5, 40)),))
+def _build_and_load(module, signature: Signature, rewrite: str):
+    """A torch engine of ``module`` on DEVICE with the backend option ``rewrite`` on, and its session loaded for real
+    (not handed over from the build), so the load applies the rewrite again."""
     backend = get_backend("torch")
-    options = {"device": DEVICE, "fuse_linear": True, "batches": [2],
+    options = {"device": DEVICE, rewrite: True, "batches": [2],
                "mode": "reduce-overhead" if DEVICE.startswith("cuda") else "default"}
     if not DEVICE.startswith("cuda"):
         options["compile"] = "eager"
     result = backend.build(module, signature, BuildOptions(backend_options=options))
-    assert result.details["fuse_linear"] is True
+    assert result.details[rewrite] is True
+    tc._HANDOFF.clear()
+    return result, backend.load(result.payload, result.resolved_options, signature)
+
+
+def test_engines_built_with_the_merge_load_again_and_match_the_module():
+    module = Siblings().eval()
+    signature = Signature((TensorSpec("x", "float32", ("batch", 5, 16)), TensorSpec("y", "float32", (3,))),
+                          (TensorSpec("out", "float32", ("batch", 5, 40)),))
+    result, session = _build_and_load(module, signature, "fuse_linear")
     assert "merged into one product: 3 merged away" in " ".join(result.log)
-    tc._HANDOFF.clear()  # load for real: the merge is applied again
-    session = backend.load(result.payload, result.resolved_options, signature)
     x = np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32)
     y = np.random.default_rng(2).standard_normal(3).astype(np.float32)
     with torch.no_grad():
@@ -243,23 +249,15 @@ def test_engines_built_with_patch_products_load_again_and_match_the_module():
     module = Patches().eval()
     signature = Signature((TensorSpec("x", "float32", ("batch", 3, 32, 32)),),
                           tuple(TensorSpec(f"out{i}", "float32", None) for i in range(7)))
-    backend = get_backend("torch")
-    options = {"device": DEVICE, "patch_conv": True, "batches": [2],
-               "mode": "reduce-overhead" if DEVICE.startswith("cuda") else "default"}
-    if not DEVICE.startswith("cuda"):
-        options["compile"] = "eager"
-    result = backend.build(module, signature, BuildOptions(backend_options=options))
-    assert result.details["patch_conv"] is True
+    result, session = _build_and_load(module, signature, "patch_conv")
     assert "run as a linear layer over patches: 2" in " ".join(result.log)
-    tc._HANDOFF.clear()  # load for real: the rewrite is applied again
-    session = backend.load(result.payload, result.resolved_options, signature)
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         want = module(torch.from_numpy(x))
     got = session.run({"x": x})
     for i, value in enumerate(want):
         np.testing.assert_allclose(got[f"out{i}"], value.numpy(), rtol=1e-4, atol=1e-5)
-    eager = {"device": "cpu", "compile": "eager"}
+    backend, eager = get_backend("torch"), {"device": "cpu", "compile": "eager"}
     assert backend.build(module, signature, BuildOptions(backend_options=eager)).details["patch_conv"] is False
     with pytest.raises(BuildError, match="patch_conv must be auto, true or false"):
         backend.build(module, signature, BuildOptions(backend_options={**eager, "patch_conv": "yes"}))
