@@ -177,6 +177,10 @@ class TorchCompileBackend(Backend):
             fuse_linear = cuda and kind != "aoti"
         elif not isinstance(fuse_linear, bool):
             raise BuildError(f"fuse_linear must be auto, true or false, not {fuse_linear!r}")
+        # Off until measured on a GPU (see mha.py): written so the next GPU run can time it against the default.
+        fuse_mha = bo.get("fuse_mha", False)
+        if not isinstance(fuse_mha, bool):
+            raise BuildError(f"fuse_mha must be true or false, not {fuse_mha!r}")
         patch_conv = bo.get("patch_conv", "auto")
         if patch_conv == "auto":
             patch_conv = cuda and kind != "aoti" and _has_conv2d(module)
@@ -210,6 +214,7 @@ class TorchCompileBackend(Backend):
             "fuse_conv": fuse_conv,
             "fuse_linear": fuse_linear,
             "patch_conv": patch_conv,
+            "fuse_mha": fuse_mha,
             "fuse_attention": fuse_attention,
             "tag": f"enginesmith-{uuid.uuid4().hex}",
             "torch": self.version(),
@@ -259,6 +264,11 @@ class TorchCompileBackend(Backend):
         convert_s = time.perf_counter() - started
         step("converting", 1, 1)
         meta = self._resolve(options, signature, inner, log)
+        if meta["fuse_mha"]:
+            from .mha import pack_self_attention
+
+            log.append(f"nn.MultiheadAttention self-attention read from views of its projection: "
+                       f"{pack_self_attention(inner) if native is not None else 0} modules")
         device = meta["device"]
         cuda = device.startswith("cuda")
         if cuda:
@@ -375,6 +385,7 @@ class TorchCompileBackend(Backend):
             "fuse_conv": meta["fuse_conv"],
             "fuse_linear": meta["fuse_linear"],
             "patch_conv": meta["patch_conv"],
+            "fuse_mha": meta["fuse_mha"],
             "fuse_attention": meta["fuse_attention"],
             "inductor_options": meta["inductor"],
             "convert_seconds": round(convert_s, 2),
