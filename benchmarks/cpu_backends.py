@@ -386,6 +386,9 @@ def main() -> None:
     corpus = parser.add_argument_group("--corpus zoo: issue 17's targets over the real-model corpus")
     corpus.add_argument("--corpus", choices=["zoo"], default=None)
     corpus.add_argument("--tier", choices=["test", "bench", "all"], default="all")
+    corpus.add_argument("--isolate", action="store_true",
+                        help="time each target in a process of its own (one block at a time, the others waiting), "
+                             "as engines are deployed; default: every target in this process")
     corpus.add_argument("--max-model-mb", type=float, default=None, help="leave out larger model files")
     corpus.add_argument("--no-best", dest="best", action="store_false", help="no --precision best engines")
     corpus.add_argument("--best-samples", type=int, default=200,

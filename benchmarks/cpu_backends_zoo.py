@@ -8,7 +8,8 @@ in one run per model:
     manifest's input distribution, half of them held out to judge the budget (100 samples: one
     changed answer is 1%). A model with no class-score output cannot be judged by top-1 agreement:
     its budget is ``rel_l2<=0.01`` (1% of the output's energy) instead, said in its row;
-  * timed in interleaved rounds on the sample: plain ONNX Runtime (``InferenceSession(model.onnx)``,
+  * timed in interleaved rounds on the sample (with ``--isolate`` each target in a process of its own):
+    plain ONNX Runtime (``InferenceSession(model.onnx)``,
     defaults: the baseline), plain OpenVINO fp32 and with its defaults (``compile_model(model.onnx)``),
     the auto engine and the auto best engine. Sources that are not ONNX (TFLite, SavedModel, Keras)
     are timed plainly on the ONNX enginesmith converted them to: what a user would hand the runtimes.
@@ -41,7 +42,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu_engines import LoadMonitor, interleaved  # noqa: E402
+from cpu_engines import LoadMonitor, interleaved, interleaved_isolated  # noqa: E402
 from zoo import feeds_for  # noqa: E402
 from zoo_corpus import DEFAULT_CACHE, ZooModel, fetch_model, load_manifest, select  # noqa: E402
 
@@ -141,9 +142,13 @@ def plain_openvino(path: Path, config: dict[str, str]) -> Runner:
     return lambda feeds: request.infer({k: v for k, v in feeds.items() if k in names})
 
 
+def engine_path(work: Path, label: str) -> Path:
+    return work / f"{label.replace(' ', '_')}.engine"
+
+
 def build_auto(prepared: Prepared, work: Path, label: str, **kwargs: Any) -> tuple[es.Engine | None, dict[str, Any]]:
     """One auto build from the source: the engine loaded from its file, and what it chose, in how long."""
-    path = work / f"{label.replace(' ', '_')}.engine"
+    path = engine_path(work, label)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -181,6 +186,11 @@ def engine_runner(engine: es.Engine) -> Runner:
     return lambda feeds: engine.infer({k: v for k, v in feeds.items() if k in names})
 
 
+def engine_file_runner(path: str) -> Runner:
+    """:func:`engine_runner` of the engine in ``path`` (what a target's own process loads)."""
+    return engine_runner(es.load(path))
+
+
 # --------------------------------------------------------------------------- one model
 
 
@@ -209,20 +219,38 @@ def bench_model(model: ZooModel, args: argparse.Namespace, work: Path) -> dict[s
         result["error"] = f"auto fp32: {result['auto']['error']}"
         return result
     best, result["auto best"] = build_best(prepared, model, work, args.best_samples) if args.best else (None, {"error": "--no-best"})
-    targets: dict[str, Runner] = {BASELINE: plain_ort(prepared.onnx_path)}
-    for label, config in (("plain OV fp32", {"INFERENCE_PRECISION_HINT": "f32"}), ("plain OV default", {})):
-        try:
-            targets[label] = plain_openvino(prepared.onnx_path, config)
-        except Exception as exc:  # noqa: BLE001 - OpenVINO cannot convert or compile the model: ORT is the only plain one
-            result[f"{label} error"] = str(exc).strip().splitlines()[-1][:300]
-    targets["auto fp32"] = engine_runner(auto)
-    if best is not None:
-        targets["auto best"] = engine_runner(best)
-    with LoadMonitor() as load:
-        stats, rounds = interleaved(targets, prepared.feeds, 1, rounds=args.rounds, runs=args.runs,
-                                    min_block_s=args.min_block_s)
+    openvino_configs = (("plain OV fp32", {"INFERENCE_PRECISION_HINT": "f32"}), ("plain OV default", {}))
+    if not args.isolate:
+        targets: dict[str, Runner] = {BASELINE: plain_ort(prepared.onnx_path)}
+        for label, config in openvino_configs:
+            try:
+                targets[label] = plain_openvino(prepared.onnx_path, config)
+            except Exception as exc:  # noqa: BLE001 - OpenVINO cannot convert or compile the model: ORT is the only plain one
+                result[f"{label} error"] = str(exc).strip().splitlines()[-1][:300]
+        targets["auto fp32"] = engine_runner(auto)
+        if best is not None:
+            targets["auto best"] = engine_runner(best)
+        with LoadMonitor() as load:
+            stats, rounds = interleaved(targets, prepared.feeds, 1, rounds=args.rounds, runs=args.runs,
+                                        min_block_s=args.min_block_s)
+    else:
+        here, model_file = __file__, str(prepared.onnx_path)
+        specs = {BASELINE: (here, "plain_ort", (model_file,)),
+                 **{label: (here, "plain_openvino", (model_file, config)) for label, config in openvino_configs},
+                 "auto fp32": (here, "engine_file_runner", (str(engine_path(work, "auto fp32")),))}
+        if best is not None:
+            specs["auto best"] = (here, "engine_file_runner", (str(engine_path(work, "auto best")),))
+        with LoadMonitor() as load:
+            stats, rounds, failed = interleaved_isolated(specs, prepared.feeds, 1, rounds=args.rounds, runs=args.runs,
+                                                         min_block_s=args.min_block_s)
+        for label, error in failed.items():  # OpenVINO cannot convert or compile the model: ORT is the only plain one
+            result[f"{label} error"] = error
+        if BASELINE in failed or "auto fp32" in failed:
+            result["error"] = f"a target did not start: {failed}"
+            return result
+    result["timing"] = "one process per target" if args.isolate else "one process for every target"
     result["load"] = load.facts
-    ratios = {label: np.asarray(rounds[BASELINE]) / np.asarray(rounds[label]) for label in targets if label != BASELINE}
+    ratios = {label: np.asarray(rounds[BASELINE]) / np.asarray(rounds[label]) for label in rounds if label != BASELINE}
     plains = [label for label in (BASELINE, "plain OV fp32") if label in rounds]
     fastest_plain = np.min([rounds[label] for label in plains], axis=0)
     vs_min = float(np.median(np.asarray(rounds["auto fp32"]) / fastest_plain))

@@ -106,6 +106,106 @@ def interleaved(
     return stats, round_p50
 
 
+# A target timed in a process of its own: (module file, factory name, factory arguments); the factory returns
+# the runner. Picklable, so the process can make the runner itself.
+TargetSpec = tuple[str, str, tuple]
+
+
+def _target_process(spec: TargetSpec, feeds: dict[str, np.ndarray], warmup: int, conn: Any) -> None:
+    """Worker of :func:`interleaved_isolated`: make the runner, warm it, then time the blocks asked for."""
+    import importlib
+
+    try:
+        path, factory, arguments = spec
+        sys.path.insert(0, str(Path(path).parent))
+        run = getattr(importlib.import_module(Path(path).stem), factory)(*arguments)
+        warm_s = 1.0
+        for _ in range(warmup):
+            start = time.perf_counter()
+            run(feeds)
+            warm_s = time.perf_counter() - start
+        conn.send(("ready", warm_s))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which records the target as failed
+        conn.send(("error", f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"))
+        return
+    while True:
+        count = conn.recv()
+        if count is None:
+            return
+        run(feeds)  # untimed: wakes the runtime's threads after the pause
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            run(feeds)
+            times.append(time.perf_counter() - start)
+        conn.send(times)
+
+
+def interleaved_isolated(
+    specs: Mapping[str, TargetSpec],
+    feeds: dict[str, np.ndarray],
+    batch: int,
+    *,
+    rounds: int,
+    runs: int,
+    warmup: int = 2,
+    pause_s: float = 0.05,
+    min_block_s: float = 0.0,
+) -> tuple[dict[str, LatencyStats], dict[str, list[float]], dict[str, str]]:
+    """:func:`interleaved`, but every target in a process of its own, as one engine is deployed.
+
+    In one process, runtimes share the cores' caches and their idle threads; ONNX Runtime engines on
+    small corpus models ran 1.04-1.30x a plain ONNX Runtime session there, and OpenVINO loaded beside
+    them was suspected. This times them apart: the parent hands out one block at a time, in the same
+    rotated order, so only one process runs at once while the others wait on their pipe. Returns
+    :func:`interleaved`'s two results and the targets that failed to start (label -> error), which are
+    left out of the first two.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no forked copy of this process's runtimes and threads
+    workers: dict[str, tuple[Any, Any, float]] = {}
+    failed: dict[str, str] = {}
+    try:
+        for label, spec in specs.items():
+            parent, child = context.Pipe()
+            process = context.Process(target=_target_process, args=(spec, feeds, warmup, child), daemon=True)
+            process.start()
+            child.close()
+            status, value = parent.recv() if parent.poll(600) else ("error", "did not start within 600 s")
+            if status == "ready":
+                workers[label] = (process, parent, value)
+            else:
+                failed[label] = value
+                process.join(5)
+        labels = list(workers)
+        per_round_runs = [runs // rounds + (1 if k < runs % rounds else 0) for k in range(rounds)]
+        samples_s: dict[str, list[float]] = {label: [] for label in labels}
+        round_p50: dict[str, list[float]] = {label: [] for label in labels}
+        for r, count in enumerate(per_round_runs):
+            if count == 0 or not labels:
+                continue
+            shift = r % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                _, conn, warm_s = workers[label]
+                time.sleep(pause_s)
+                conn.send(max(count, int(min_block_s / max(warm_s, 1e-6))))
+                times = conn.recv()
+                samples_s[label] += times
+                round_p50[label].append(float(np.median(times)) * 1e3)
+    finally:
+        for process, conn, _ in workers.values():
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+    stats = {label: LatencyStats.from_samples(label, batch, s) for label, s in samples_s.items()}
+    return stats, round_p50, failed
+
+
 def round_ratio(round_p50: Mapping[str, list[float]], num: str, den: str) -> dict[str, float]:
     """num/den p50 per round: the median over rounds, the smallest and largest round, and the
     ratio of the two targets' best rounds (least disturbed by other load)."""
