@@ -123,7 +123,8 @@ class InputChecker:
         self._signature = signature
         self._names = tuple(signature.input_names)
         # np.dtype("float32") is one object: arrays of that dtype carry it, so an identity test says
-        # "no cast needed" faster than a comparison; an equal but distinct dtype takes the checks.
+        # "no cast needed" faster than a comparison. Unpickled arrays (multiprocessing, Ray's object
+        # store) carry an equal but distinct dtype: they fall back to the comparison, not to the checks.
         self._expected = tuple((spec.name, np.dtype(spec.dtype)) for spec in signature.inputs)
         self._batch_flexible = batch_flexible
         self._accepted: set[tuple[tuple[int, ...], ...]] = set()
@@ -147,7 +148,9 @@ class InputChecker:
         shapes = []
         for name, dtype in self._expected:
             array = inputs.get(name)
-            if type(array) is not np.ndarray or array.dtype is not dtype or not array.flags.c_contiguous:
+            if type(array) is not np.ndarray or not array.flags.c_contiguous:
+                return None
+            if array.dtype is not dtype and array.dtype != dtype:
                 return None
             shapes.append(array.shape)
         return tuple(shapes)
