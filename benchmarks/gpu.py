@@ -103,6 +103,33 @@ def time_cuda(fn, warmup: int, runs: int) -> dict:
             "runs": runs}
 
 
+def kernel_profile(fn, calls: int = 10, top: int = 12) -> dict:
+    """GPU time per call by kernel (torch.profiler, CUDA activity only; kernels replayed from CUDA graphs included).
+
+    Where a variant's time goes, for comparing two variants of one model kernel by kernel: the sum over kernels is
+    the GPU's busy time per call (launch gaps excluded), ``top`` the kernels that cost most, summed over a call.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+
+    def device_us(event) -> float:  # the attribute was renamed in torch 2.4
+        return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+
+    kernels = [e for e in prof.key_averages() if device_us(e) > 0]
+    kernels.sort(key=device_us, reverse=True)
+    return {"gpu_ms_per_call": round(sum(map(device_us, kernels)) / 1e3 / calls, 4),
+            "kernels_per_call": round(sum(e.count for e in kernels) / calls, 1),
+            "top": [{"kernel": e.key[:160], "ms_per_call": round(device_us(e) / 1e3 / calls, 4),
+                     "launches_per_call": round(e.count / calls, 1)} for e in kernels[:top]]}
+
+
 def time_host(fn, warmup: int, runs: int) -> dict:
     """Wall-clock per call (for paths that return host data, so they synchronize themselves)."""
     for _ in range(warmup):

@@ -20,6 +20,7 @@ the warm load time of the saved engine in a fresh process with empty compiler ca
 
     python benchmarks/gpu_zoo.py run --out $OUT/zoo --models resnet50,bert_base --deadline-s 520
     python benchmarks/gpu_zoo.py table $OUT/zoo            # the table again from the JSON files
+    python benchmarks/gpu_zoo.py run ... --profile           # also each variant's GPU time per kernel ("profile")
     python benchmarks/gpu_zoo.py run --out /tmp/zoo --models yolo_tiny --device cpu --quick   # CPU dry run
 
 ``run`` starts one process per model (``one``), as many at once as there are visible GPUs (each pinned to
@@ -44,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zoo_training  # noqa: E402
-from gpu import environment, rel_l2, time_cuda, time_host  # noqa: E402  (benchmarks/gpu.py: shared timing helpers)
+from gpu import environment, kernel_profile, rel_l2, time_cuda, time_host  # noqa: E402  (benchmarks/gpu.py: shared timing helpers)
 
 SEQ = 128
 
@@ -404,7 +405,7 @@ def run_one(name: str, args: argparse.Namespace, save: Callable[[dict], None] = 
         build = {"cold_build_s": round(build_s, 1),
                  "details": {k: engine.manifest.checks["build"].get(k) for k in
                              ("source", "export_seconds", "compile_seconds", "served_shapes", "compiled_vs_exported_rel_l2",
-                              "fuse_conv", "patch_conv", "fuse_mha")}}
+                              "fuse_conv", "patch_conv", "fuse_mha", "fuse_gelu")}}
         build["stages"] = engine.manifest.checks.get("stages")  # where the cold build's time went
         if not args.skip_warm_load and source == "auto" and not extra:  # the other engines load the same way: timed once
             build.update(warm_load_seconds(path, device))
@@ -447,6 +448,16 @@ def run_one(name: str, args: argparse.Namespace, save: Callable[[dict], None] = 
                 "rel_l2_vs_eager_" + precision: round(accuracy(outputs, same_precision[b], spec.kind)["rel_l2"], 8)}
             record["rows"].append({"batch": b, "variant": label, **stats, "items_per_s": round(per_s, 1),
                                    **accuracy(outputs, reference[b], spec.kind), **versus_eager})
+            if args.profile and cuda:  # where each variant's GPU time goes, kernel by kernel
+                try:
+                    profiled = kernel_profile(lambda: call(feeds_b))
+                except Exception as exc:  # noqa: BLE001 - a profiler failure must not lose the timings
+                    profiled = {"error": f"{type(exc).__name__}: {str(exc)[:200]}", "gpu_ms_per_call": None,
+                                "kernels_per_call": None, "top": []}
+                record.setdefault("profile", {}).setdefault(str(b), {})[label] = profiled
+                print(f"{name} b{b} {label}: {profiled['gpu_ms_per_call']} ms GPU, {profiled['kernels_per_call']} "
+                      "kernels per call; " + "; ".join(f"{k['ms_per_call']:.3f} {k['kernel'][:60]}"
+                                                       for k in profiled["top"][:6]), flush=True)
         save(record)
         print(f"{name} b{b}: " + ", ".join(f"{r['variant']} {r['p50_ms']:.3f} ms" for r in record["rows"]
                                           if r["batch"] == b and "p50_ms" in r), flush=True)
@@ -585,7 +596,7 @@ def forwarded(args: argparse.Namespace) -> list[str]:
              "--warmup", str(args.warmup), "--train-steps", str(args.train_steps)]
     for text in args.extra_engine or []:
         flags += ["--extra-engine", text]
-    for name in ("quick", "skip_onnx", "skip_warm_load", "skip_engine", "engine_raw"):
+    for name in ("quick", "skip_onnx", "skip_warm_load", "skip_engine", "engine_raw", "profile"):
         if getattr(args, name):
             flags.append("--" + name.replace("_", "-"))
     return flags
@@ -612,6 +623,8 @@ def main() -> None:
                             "process's deadline with the engines; their figures then come from another run)")
         p.add_argument("--engine-raw", action="store_true",
                        help="also time the module engine's compiled callable without its session (its overhead apart)")
+        p.add_argument("--profile", action="store_true",
+                       help="also record each variant's GPU time per kernel (torch.profiler, 10 calls) in 'profile'")
         p.add_argument("--extra-engine", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
                        help="one more engine from the module with these backend options (repeatable), e.g. fuse_conv=false")
         p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gpu_zoo"))

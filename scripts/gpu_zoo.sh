@@ -6,7 +6,7 @@
 #   scripts/gpu_zoo.sh cnn     resnet50, mobilenet_v3_large, efficientnet_b0      (one GPU: ~8 min)
 #   scripts/gpu_zoo.sh rest    convnext_tiny, vit_b_16, yolov8s_like              (one GPU: ~8 min)
 #   scripts/gpu_zoo.sh text    bert_base, minilm, then the CUDA tests             (one GPU: ~8 min)
-#   scripts/gpu_zoo.sh tests   tests/test_torch_direct.py, test_torch_onnx_ops.py, test_torch_nms.py, test_torch_attention_fusion.py,
+#   scripts/gpu_zoo.sh tests   tests/test_torch_direct.py, test_torch_onnx_ops.py, test_torch_nms.py, test_torch_attention_fusion.py, test_torch_gelu_fusion.py,
 #                              test_torch_onnx_rnn.py, test_torch_linear_fusion.py, test_torch_mha.py with ENGINESMITH_TEST_DEVICE=cuda
 #   scripts/gpu_zoo.sh dry     the CPU dry run (toy YOLO and BERT), for a machine without a GPU
 #   scripts/gpu_zoo.sh bg MODELS   start MODELS (comma list), then the CUDA tests, in a detached process session that
@@ -14,7 +14,7 @@
 #                                  ZOO_THEN_MODELS, ZOO_THEN_ARGS, ZOO_THEN_DEADLINE: a second plan run after the first
 #                                  (its records in zoo_then/, table_then.txt; e.g. the same model with --skip-engine)
 #                                  ZOO_TESTS_FIRST=1: the CUDA tests before the models (short, so sure to finish)
-#                                  ZOO_TESTS_SELECT: pytest arguments instead of the seven test files (8 xdist workers; e.g. "-k clip FILE")
+#                                  ZOO_TESTS_SELECT: pytest arguments instead of the eight test files (8 xdist workers; e.g. "-k clip FILE")
 #                                  ZOO_TESTS_S: the tests' time limit in seconds (default 200; 0: no tests)
 #   scripts/gpu_zoo.sh wait SECS   wait up to SECS for the detached run, then copy what it has so far to $OUT
 #                                  (zoo.tgz with every JSON and log, gpu_zoo.json, table.txt, tests_cuda.txt)
@@ -58,7 +58,7 @@ cuda_tests() {  # the whole report in tests_cuda.txt (tracebacks, no captured DE
   local ssd=.gpu_detect/models/ssd_mobilenet_v2_synth.onnx
   [ -f "$ssd" ] && export ENGINESMITH_SSD_ONNX=$REPO/$ssd
   # SIGINT first: pytest then still prints its failure summary when the time limit cuts the run.
-  local select=${ZOO_TESTS_SELECT:--n 8 tests/test_torch_mha.py tests/test_torch_linear_fusion.py tests/test_torch_attention_fusion.py tests/test_torch_onnx_rnn.py tests/test_torch_nms.py tests/test_torch_direct.py tests/test_torch_onnx_ops.py}
+  local select=${ZOO_TESTS_SELECT:--n 8 tests/test_torch_gelu_fusion.py tests/test_torch_mha.py tests/test_torch_linear_fusion.py tests/test_torch_attention_fusion.py tests/test_torch_onnx_rnn.py tests/test_torch_nms.py tests/test_torch_direct.py tests/test_torch_onnx_ops.py}
   # shellcheck disable=SC2086  # ZOO_TESTS_SELECT is a list of pytest arguments
   timeout -s INT -k 15 "${1:-240}" env ENGINESMITH_TEST_DEVICE=cuda python3 -m pytest $select \
     -q -p no:cacheprovider -p no:logging --tb=short -rfE > "$OUT/tests_cuda.txt" 2>&1

@@ -44,7 +44,7 @@ class Block(torch.nn.Module):
         y, _ = self.self_attention(y, y, y, need_weights=False)
         x = x + y
         cross, _ = self.other(x, memory, memory, need_weights=False)
-        masked, _ = self.other(x, x, x, key_padding_mask=torch.zeros(x.shape[:2], dtype=torch.bool), need_weights=False)
+        masked, _ = self.other(x, x, x, key_padding_mask=torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device), need_weights=False)
         weighted, weights = self.other(x, x, x)
         first, _ = self.seq_first(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), need_weights=False)
         return x + cross + masked + weighted + first.transpose(0, 1), weights
@@ -94,10 +94,9 @@ def test_engines_built_with_fuse_mha_match_the_module_and_leave_it_alone():
     signature = Signature((TensorSpec("x", "float32", ("batch", 7, 16)), TensorSpec("memory", "float32", ("batch", 5, 16))),
                           (TensorSpec("out", "float32", ("batch", 7, 16)), TensorSpec("weights", "float32", ("batch", 7, 7))))
     backend = get_backend("torch")
-    options = {"device": DEVICE, "fuse_mha": True, "batches": [2],
-               "mode": "reduce-overhead" if DEVICE.startswith("cuda") else "default"}
+    options = {"device": DEVICE, "batches": [2], "mode": "reduce-overhead"}  # on CUDA fuse_mha is on by default
     if not DEVICE.startswith("cuda"):
-        options["compile"] = "eager"
+        options.update({"fuse_mha": True, "compile": "eager", "mode": "default"})
     result = backend.build(module, signature, BuildOptions(backend_options=options))
     assert result.details["fuse_mha"] is True
     assert "read from views of its projection: 2 modules" in " ".join(result.log)
@@ -112,5 +111,5 @@ def test_engines_built_with_fuse_mha_match_the_module_and_leave_it_alone():
     np.testing.assert_allclose(got["weights"], want[1].numpy(), rtol=1e-4, atol=1e-5)
     eager = {"device": "cpu", "compile": "eager"}
     assert backend.build(module, signature, BuildOptions(backend_options=eager)).details["fuse_mha"] is False
-    with pytest.raises(BuildError, match="fuse_mha must be true or false"):
+    with pytest.raises(BuildError, match="fuse_mha must be auto, true or false"):
         backend.build(module, signature, BuildOptions(backend_options={**eager, "fuse_mha": "yes"}))

@@ -60,9 +60,11 @@ Backend options (``BuildOptions.backend_options``)
     ``patch_conv``  "auto" (on CUDA for convolutional models), true or false: convolutions whose
                    kernel is their stride, with no padding (ViT's patch embedding, ConvNeXt's stem), run
                    as one linear layer over the gathered patches (``linear_fusion``); applied like ``fuse_conv``.
-    ``fuse_mha``   true or false (default, until measured on a GPU): a torch source's batch-first
-                   ``nn.MultiheadAttention`` (torchvision's ViT) runs self-attention from views of its
-                   one projection, without the contiguous copy of query/key/value (``mha``).
+    ``fuse_mha``   "auto" (on CUDA for torch sources that hold one), true or false: a torch source's
+                   batch-first ``nn.MultiheadAttention`` (torchvision's ViT) runs self-attention from views
+                   of its one projection, without the contiguous copy of query/key/value (``mha``).
+    ``fuse_gelu``  "auto" (on for fp16 and bf16 engines on CUDA), true or false: GELU after a linear
+                   layer runs in the product's cuBLASLt epilogue, in GELU's tanh form (``gelu_fusion``).
     ``fuse_attention``  "auto" (on, except fp32 engines on CUDA, whose fused fp32 attention kernels
                    are less exact than the written-out ops), true or false: attention written out op
                    by op (matmul, scale, mask, softmax, matmul: what ONNX exports hold) runs as one
@@ -83,6 +85,7 @@ Modules
     ``linear_fusion`` sibling linear layers merged into one product, patch convolutions as products
     ``attention_fusion`` written-out attention as one scaled_dot_product_attention
     ``mha``           nn.MultiheadAttention self-attention from views of its projection
+    ``gelu_fusion``   linear + GELU as one product with cuBLASLt's bias+GELU epilogue
     ``session``       the runtime session
     ``device_ops``    detectors' pre- and post-processing on the engine's device
     ``backend``       ``TorchCompileBackend``: build and load

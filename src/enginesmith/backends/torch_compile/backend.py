@@ -27,6 +27,7 @@ from .compile import (_aoti_compile, _aoti_load, _benchmark_limit, _cache_tag, _
                       needs_rewrite)
 from .export import (_has_conv2d, _wrapper_class, allow_size_one, cpu_copies, export_program, served_ranges,
                      served_shapes, shape_text, specialized_dims)
+from .mha import has_packable_attention, pack_self_attention
 from .native import retarget_program, source_module, usable_source
 from .onnx_convert import onnx_to_torch, op_status, retarget_casts
 from .payload import _load_program, _save_program, pack_payload, unpack_payload
@@ -177,10 +178,21 @@ class TorchCompileBackend(Backend):
             fuse_linear = cuda and kind != "aoti"
         elif not isinstance(fuse_linear, bool):
             raise BuildError(f"fuse_linear must be auto, true or false, not {fuse_linear!r}")
-        # Off until measured on a GPU (see mha.py): written so the next GPU run can time it against the default.
-        fuse_mha = bo.get("fuse_mha", False)
-        if not isinstance(fuse_mha, bool):
-            raise BuildError(f"fuse_mha must be true or false, not {fuse_mha!r}")
+        fuse_mha = bo.get("fuse_mha", "auto")
+        if fuse_mha == "auto":
+            fuse_mha = cuda and has_packable_attention(module)
+        elif not isinstance(fuse_mha, bool):
+            raise BuildError(f"fuse_mha must be auto, true or false, not {fuse_mha!r}")
+        fuse_gelu = bo.get("fuse_gelu", "auto")
+        if fuse_gelu == "auto":
+            # cuBLASLt's GELU epilogue computes GELU's tanh form: well under fp16's rounding, not under the
+            # fp32 engines' 1e-4 check against the source.
+            fuse_gelu = cuda and kind != "aoti" and precision in ("fp16", "bf16")
+        elif not isinstance(fuse_gelu, bool):
+            raise BuildError(f"fuse_gelu must be auto, true or false, not {fuse_gelu!r}")
+        if fuse_gelu and kind == "aoti":
+            raise BuildError("fuse_gelu cannot be combined with compile=aoti (an AOTInductor package cannot call "
+                             "enginesmith's fused operators): pass fuse_gelu=false")
         patch_conv = bo.get("patch_conv", "auto")
         if patch_conv == "auto":
             patch_conv = cuda and kind != "aoti" and _has_conv2d(module)
@@ -214,6 +226,7 @@ class TorchCompileBackend(Backend):
             "fuse_conv": fuse_conv,
             "fuse_linear": fuse_linear,
             "patch_conv": patch_conv,
+            "fuse_gelu": fuse_gelu,
             "fuse_mha": fuse_mha,
             "fuse_attention": fuse_attention,
             "tag": f"enginesmith-{uuid.uuid4().hex}",
@@ -265,8 +278,6 @@ class TorchCompileBackend(Backend):
         step("converting", 1, 1)
         meta = self._resolve(options, signature, inner, log)
         if meta["fuse_mha"]:
-            from .mha import pack_self_attention
-
             log.append(f"nn.MultiheadAttention self-attention read from views of its projection: "
                        f"{pack_self_attention(inner) if native is not None else 0} modules")
         device = meta["device"]
@@ -385,6 +396,7 @@ class TorchCompileBackend(Backend):
             "fuse_conv": meta["fuse_conv"],
             "fuse_linear": meta["fuse_linear"],
             "patch_conv": meta["patch_conv"],
+            "fuse_gelu": meta["fuse_gelu"],
             "fuse_mha": meta["fuse_mha"],
             "fuse_attention": meta["fuse_attention"],
             "inductor_options": meta["inductor"],

@@ -99,7 +99,7 @@ def inductor_options(meta: Mapping[str, Any]) -> dict[str, Any]:
 def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
     """A fresh module of the program with the rewrites the engine asked for: cuDNN-fused convolution
     epilogues (``fusion``), patch convolutions and sibling linear layers as products (``linear_fusion``),
-    written-out attention as one fused call (``attention_fusion``)."""
+    linear + GELU as one product (``gelu_fusion``), written-out attention as one fused call (``attention_fusion``)."""
     module = program.module()
     # Before the epilogue fusion, which would otherwise keep a patch convolution followed by ReLU as a convolution.
     if meta.get("patch_conv"):
@@ -122,6 +122,10 @@ def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
         if as_linear:
             log.append(f"products by a constant weight (+ bias) run as linear layers: {as_linear}")
         log.append(f"linear layers sharing an input merged into one product: {concat_sibling_linears(module)} merged away")
+    if meta.get("fuse_gelu"):  # after fuse_linear, which turns ONNX's MatMul + Add into the linear layers it reads
+        from .gelu_fusion import fuse_linear_gelu
+
+        log.append(f"linear layers followed by GELU run as one product with a GELU epilogue: {fuse_linear_gelu(module)}")
     if meta.get("fuse_attention"):
         from .attention_fusion import fuse_attention
 
@@ -130,7 +134,8 @@ def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
 
 
 def needs_rewrite(meta: Mapping[str, Any]) -> bool:
-    return bool(meta.get("fuse_conv") or meta.get("patch_conv") or meta.get("fuse_linear") or meta.get("fuse_attention"))
+    return bool(meta.get("fuse_conv") or meta.get("patch_conv") or meta.get("fuse_linear") or meta.get("fuse_gelu")
+                or meta.get("fuse_attention"))
 
 
 def compile_module(module, meta: Mapping[str, Any]):

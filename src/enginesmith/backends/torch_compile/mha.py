@@ -13,6 +13,10 @@ Torch sources only (ONNX graphs hold no such modules): the build swaps the modul
 own copy of the source before torch.export, so the exported program holds the views. Calls
 the views do not cover (attention weights asked for, masks, cross-attention, training) go to
 the original module unchanged.
+
+On the H200 (fp16, ``benchmarks/results/gpu_zoo_h200_max_autotune_8.json``) ViT-B/16's engine
+went from 0.561 to 0.506 ms at batch 1 and from 6.131 to 5.550 ms at batch 64, with 36 fewer
+kernels per call; so the build applies it on CUDA by default (``fuse_mha="auto"``).
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ def _packable(module: Any) -> bool:
     return (isinstance(module, torch.nn.MultiheadAttention) and module.batch_first and module._qkv_same_embed_dim
             and module.in_proj_weight is not None and module.bias_k is None and module.bias_v is None
             and not module.add_zero_attn)
+
+
+def has_packable_attention(root: Any) -> bool:
+    """Whether ``root`` holds a module ``pack_self_attention`` would swap (what ``fuse_mha=auto`` looks for)."""
+    return any(_packable(module) for module in root.modules())
 
 
 def pack_self_attention(root: Any) -> int:

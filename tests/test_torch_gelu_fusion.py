@@ -1,0 +1,136 @@
+"""Linear + GELU as one product with a GELU epilogue (backends/torch_compile/gelu_fusion.py).
+
+The rewrite is checked on the CPU, where ``enginesmith::linear_gelu`` computes the tanh form of GELU
+that cuBLASLt's epilogue computes on CUDA: the rewritten program equals an explicit tanh-GELU
+reference to float32 rounding and the exact-GELU source to within the approximation's error;
+chains it must not touch stay as they are. ENGINESMITH_TEST_DEVICE=cuda builds the engine on the
+GPU, where the operator runs cuBLASLt's epilogue.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from enginesmith.backends import BuildOptions, get_backend  # noqa: E402
+from enginesmith.backends.torch_compile.gelu_fusion import fuse_linear_gelu  # noqa: E402
+from enginesmith.errors import BuildError  # noqa: E402
+from enginesmith.signature import Signature, TensorSpec  # noqa: E402
+
+DEVICE = os.environ.get("ENGINESMITH_TEST_DEVICE", "cpu")
+if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    pytest.skip("ENGINESMITH_TEST_DEVICE=cuda but CUDA is not available", allow_module_level=True)
+
+
+class Mlp(torch.nn.Module):
+    """A transformer MLP (exact GELU), then chains the rewrite must leave alone: a linear layer without a bias,
+    one whose output is read twice, and a GELU of something that is not a linear layer."""
+
+    def __init__(self, gelu_form: str = "none"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+        self.no_bias = torch.nn.Linear(16, 16, bias=False)
+        self.shared = torch.nn.Linear(16, 16)
+        self.gelu = torch.nn.GELU(approximate=gelu_form)
+
+    def forward(self, x):
+        y = self.down(self.gelu(self.up(x)))
+        shared = self.shared(x)
+        return y + self.gelu(self.no_bias(x)) + self.gelu(shared) + shared + self.gelu(x * 2.0)
+
+
+def _tanh_reference(module: Mlp, x):
+    """What the rewritten module must compute: the source with the first chain's GELU in its tanh form."""
+    tanh = torch.nn.functional.gelu(module.up(x), approximate="tanh")
+    shared = module.shared(x)
+    return (module.down(tanh) + module.gelu(module.no_bias(x)) + module.gelu(shared) + shared
+            + module.gelu(x * 2.0))
+
+
+def _exported(module, x):
+    batch = torch.export.Dim("batch", min=1, max=64)
+    return torch.export.export(module, (x,), dynamic_shapes={"x": {0: batch}}).module()
+
+
+def _count(module, target) -> int:
+    return sum(1 for n in module.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+@pytest.mark.parametrize("gelu_form", ["none", "tanh"])
+def test_only_a_biased_linear_layer_read_by_gelu_alone_is_rewritten(gelu_form):
+    module = Mlp(gelu_form).eval()
+    x = torch.randn(3, 7, 16)
+    program = _exported(module, x)
+    gelus = _count(program, torch.ops.aten.gelu.default)
+    assert fuse_linear_gelu(program) == 1
+    assert _count(program, torch.ops.enginesmith.linear_gelu.default) == 1
+    assert _count(program, torch.ops.aten.gelu.default) == gelus - 1  # the three other GELUs stay
+    with torch.no_grad():
+        for batch in (1, 2, 5):  # the batch stays dynamic; one row goes the path without the epilogue
+            x = torch.randn(batch, 7, 16)
+            got = program(x)
+            want = _tanh_reference(module, x) if gelu_form == "none" else module(x)
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+            # Against the exact-GELU source, only the approximation's own error (|erf - tanh form| < 3.1e-4).
+            np.testing.assert_allclose(got.numpy(), module(x).numpy(), rtol=0, atol=3e-3)
+
+
+def test_the_operator_matches_torch_on_rows_and_on_one_row():
+    from enginesmith.backends.torch_compile.gelu_fusion import register_op
+
+    register_op()
+    torch.manual_seed(1)
+    weight, bias = torch.randn(32, 8), torch.randn(32)
+    for shape in [(5, 8), (1, 8), (2, 3, 8), (1, 1, 8)]:
+        x = torch.randn(*shape)
+        got = torch.ops.enginesmith.linear_gelu(x, weight, bias)
+        want = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias), approximate="tanh")
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_transformers_encoder_runs_each_layers_mlp_as_one_product():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16)
+    module = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 100, (2, 16))
+    program = torch.export.export(module, (ids,)).module()
+    assert fuse_linear_gelu(program) == 2  # one per layer
+    with torch.no_grad():
+        got, want = program(ids)[0], module(ids).last_hidden_state
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=5e-3)
+    assert not np.array_equal(got.numpy(), want.numpy())  # the tanh form is there, not the exact GELU
+
+
+def test_engines_built_with_fuse_gelu_match_the_module_and_load_again():
+    module = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+    signature = Signature((TensorSpec("x", "float32", ("batch", 7, 16)),), (TensorSpec("y", "float32", ("batch", 7, 16)),))
+    backend = get_backend("torch")
+    options = {"device": DEVICE, "fuse_gelu": True, "batches": [3], "mode": "reduce-overhead"}
+    if not DEVICE.startswith("cuda"):
+        options.update({"compile": "eager", "mode": "default"})
+    result = backend.build(copy.deepcopy(module), signature, BuildOptions(backend_options=options))
+    assert result.details["fuse_gelu"] is True
+    assert "one product with a GELU epilogue: 1" in " ".join(result.log)
+    x = np.random.default_rng(2).standard_normal((3, 7, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    got = backend.load(result.payload, result.resolved_options, signature).run({"x": x})["y"]  # rewritten again at load
+    np.testing.assert_allclose(got, want, rtol=0, atol=3e-3)
+    assert not np.array_equal(got, want)  # the tanh form ran, not the exact GELU
+    eager = {"device": "cpu", "compile": "eager"}
+    assert backend.build(module, signature, BuildOptions(backend_options=eager)).details["fuse_gelu"] is False
+    if DEVICE.startswith("cuda"):  # on by default for fp16 engines on CUDA, off for fp32 ones (the tanh form's error)
+        on_gpu = {"device": DEVICE, "compile": "eager"}
+        for precision, expected in (("fp16", True), ("fp32", False)):
+            result = backend.build(module, signature, BuildOptions(precision=precision, backend_options=on_gpu))
+            assert result.details["fuse_gelu"] is expected
+    with pytest.raises(BuildError, match="fuse_gelu must be auto, true or false"):
+        backend.build(module, signature, BuildOptions(backend_options={**eager, "fuse_gelu": "yes"}))
