@@ -3,13 +3,15 @@
 The rewrite is checked on the CPU, where ``enginesmith::linear_gelu`` computes the tanh form of GELU
 that cuBLASLt's epilogue computes on CUDA: the rewritten program equals an explicit tanh-GELU
 reference to float32 rounding and the exact-GELU source to within the approximation's error;
-chains it must not touch stay as they are. ENGINESMITH_TEST_DEVICE=cuda builds the engine on the
+chains it must not touch stay as they are. ONNX graphs that write GELU out with Erf (in each
+exporter's operand order) get the same epilogue, checked against ONNX Runtime. ENGINESMITH_TEST_DEVICE=cuda builds the engine on the
 GPU, where the operator runs cuBLASLt's epilogue.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 
 import numpy as np
@@ -134,3 +136,59 @@ def test_engines_built_with_fuse_gelu_match_the_module_and_load_again():
             assert result.details["fuse_gelu"] is expected
     with pytest.raises(BuildError, match="fuse_gelu must be auto, true or false"):
         backend.build(module, signature, BuildOptions(backend_options={**eager, "fuse_gelu": "yes"}))
+
+
+# --------------------------------------------------------------------------- ONNX graphs: GELU written out with Erf
+
+def _erf_mlp(form: str):
+    """x [batch, 8] -> MatMul + Add -> GELU spelled with Erf in ``form`` -> MatMul: what ONNX exporters before opset 20 write."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    consts = {"w1": rng.standard_normal((8, 16)), "b1": rng.standard_normal(16), "w2": rng.standard_normal((16, 4)),
+              "root2": np.sqrt(2.0), "inv_root2": 2 ** -0.5, "one": 1.0, "half": 0.5, "two": 2.0}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["xw"]), helper.make_node("Add", ["xw", "b1"], ["h"])]
+    if form == "mul_inverse_root":
+        nodes.append(helper.make_node("Mul", ["h", "inv_root2"], ["scaled"]))
+    else:  # "wrong_constant" divides by 2, which is not GELU and must stay as written
+        nodes.append(helper.make_node("Div", ["h", "two" if form == "wrong_constant" else "root2"], ["scaled"]))
+    nodes += [helper.make_node("Erf", ["scaled"], ["erf"]), helper.make_node("Add", ["erf", "one"], ["cdf2"])]
+    if form in ("half_then_x", "wrong_constant"):  # torch.onnx's dynamo exporter: 0.5 * (1 + erf), then * x
+        nodes += [helper.make_node("Mul", ["half", "cdf2"], ["cdf"]), helper.make_node("Mul", ["h", "cdf"], ["g"])]
+    elif form in ("x_then_half", "mul_inverse_root"):
+        nodes += [helper.make_node("Mul", ["cdf2", "h"], ["xcdf2"]), helper.make_node("Mul", ["xcdf2", "half"], ["g"])]
+    else:  # "half_x_first": (x * 0.5) * (1 + erf), as Keras' gelu reads
+        nodes += [helper.make_node("Mul", ["h", "half"], ["hx"]), helper.make_node("Mul", ["hx", "cdf2"], ["g"])]
+    nodes.append(helper.make_node("MatMul", ["g", "w2"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "erf_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()])
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("form", ["half_then_x", "x_then_half", "half_x_first", "mul_inverse_root", "wrong_constant"])
+def test_gelu_written_out_with_erf_in_onnx_graphs_runs_in_the_epilogue(form):
+    if importlib.util.find_spec("onnx2torch") is None:
+        pytest.skip("onnx2torch is not installed")
+    from conftest import run_plain
+
+    from enginesmith.importers import import_model
+
+    model = _erf_mlp(form)
+    imported = import_model(model)
+    backend = get_backend("torch")
+    options = {"device": "cpu", "compile": "eager", "fuse_linear": True, "fuse_gelu": True}
+    result = backend.build(imported.model, imported.signature, BuildOptions(backend_options=options))
+    log = " ".join(result.log)
+    x = np.random.default_rng(4).standard_normal((5, 8)).astype(np.float32)
+    got = backend.load(result.payload, result.resolved_options, imported.signature).run({"x": x})["y"]
+    want = run_plain(model, {"x": x})["y"]
+    if form == "wrong_constant":
+        assert "GELU written out with Erf" not in log and "GELU epilogue: 0" in log
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert "GELU written out with Erf run as one GELU: 1" in log and "GELU epilogue: 1" in log
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-2)  # the tanh form, through a 16-wide product
+        assert not np.array_equal(got, want)

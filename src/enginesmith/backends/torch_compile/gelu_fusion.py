@@ -18,6 +18,11 @@ operator computes the same tanh form without the epilogue.
 
     gelu(linear(x, W, b))  ->  enginesmith::linear_gelu(x, W, b)
 
+ONNX graphs before opset 20 have no Gelu op: exporters write ``x * 0.5 * (1 + erf(x / sqrt(2)))``
+(torch.onnx, onnxscript, tf2onnx, each in its own operand order). ``gelus_from_erf`` first turns
+those chains back into ``aten.gelu`` (the exact GELU), and ONNX's MatMul + Add of a weight already
+became ``aten.linear`` (``linear_fusion``), so a BERT exported to ONNX gets the epilogue too.
+
 Like ``fusion``, the rewrite runs on the module of an exported program just before
 ``torch.compile``, at build and again at load, so the saved program stays as exported.
 """
@@ -90,6 +95,93 @@ def _gelu_input(gm, node):
     if not (x.dtype == weight.dtype == bias.dtype) or not x.is_floating_point():
         return None
     return linear
+
+
+def _is_scalar(gm, arg, value: float) -> bool:
+    """Whether ``arg`` is ``value``: a Python number or a one-element constant (fp16-rounded ones too)."""
+    constant = arg if isinstance(arg, (int, float)) else _attribute(gm, arg)
+    if constant is None or (not isinstance(constant, (int, float)) and constant.numel() != 1):
+        return False
+    return abs(float(constant) - value) <= 2e-3 * abs(value)
+
+
+def _other(node, arg):
+    """The operand of a two-operand ``node`` that is not ``arg`` (None if ``arg`` is neither)."""
+    a, b = node.args[:2]
+    return b if a is arg else a if b is arg else None
+
+
+def _only_user(node, target):
+    users = list(node.users)
+    return users[0] if len(users) == 1 and users[0].op == "call_function" and users[0].target is target else None
+
+
+def _erf_gelu(gm, erf):
+    """(x, its nodes, last first) of ``x * 0.5 * (1 + erf(x / sqrt(2)))`` around ``erf``, in the operand orders exporters write
+    (``0.5 * (1 + erf) * x``, ``(1 + erf) * x * 0.5``, ``(x * 0.5) * (1 + erf)``; ``x * (1/sqrt(2))`` too); else None."""
+    torch = _torch()
+    aten = torch.ops.aten
+    scaled = erf.args[0]
+    if getattr(scaled, "op", None) != "call_function" or len(scaled.users) != 1 or scaled.kwargs:
+        return None
+    if scaled.target is aten.div.Tensor and _is_scalar(gm, scaled.args[1], 2 ** 0.5):
+        x = scaled.args[0]
+    elif scaled.target is aten.mul.Tensor and _is_scalar(gm, scaled.args[1], 2 ** -0.5):
+        x = scaled.args[0]
+    elif scaled.target is aten.mul.Tensor and _is_scalar(gm, scaled.args[0], 2 ** -0.5):
+        x = scaled.args[1]
+    else:
+        return None
+    add = _only_user(erf, aten.add.Tensor)
+    if add is None or add.kwargs or not _is_scalar(gm, _other(add, erf), 1.0):
+        return None
+    first = _only_user(add, aten.mul.Tensor)
+    if first is None or first.kwargs:
+        return None
+    factor = _other(first, add)
+    if factor is x or _is_scalar(gm, factor, 0.5):  # (1 + erf) * x, then * 0.5 (or * 0.5, then * x)
+        last = _only_user(first, aten.mul.Tensor)
+        remaining = 0.5 if factor is x else x
+        if last is None or last.kwargs:
+            return None
+        other = _other(last, first)
+        if not (other is x if remaining is x else _is_scalar(gm, other, 0.5)):
+            return None
+        return x, [last, first, add, erf, scaled]
+    # (x * 0.5) * (1 + erf)
+    if (getattr(factor, "target", None) is aten.mul.Tensor and len(factor.users) == 1 and not factor.kwargs
+            and _is_scalar(gm, _other(factor, x), 0.5)):
+        return x, [first, factor, add, erf, scaled]
+    return None
+
+
+def gelus_from_erf(gm) -> int:
+    """Rewrite GELU written out with Erf (what ONNX exporters before opset 20 emit) as ``aten.gelu``; how many."""
+    torch = _torch()
+    aten = torch.ops.aten
+    graph = gm.graph
+    rewritten = 0
+    for erf in list(graph.nodes):
+        if erf.op != "call_function" or erf.target is not aten.erf.default:
+            continue
+        found = _erf_gelu(gm, erf)
+        if found is None:
+            continue
+        x, chain = found
+        last = chain[0]
+        x_val, last_val = getattr(x, "meta", {}).get("val"), last.meta.get("val")
+        if x_val is None or last_val is None or tuple(x_val.shape) != tuple(last_val.shape) or x_val.dtype != last_val.dtype:
+            continue  # a constant that broadcasts the result to another shape or type
+        with graph.inserting_before(last):
+            gelu = graph.call_function(aten.gelu.default, (x,))
+        gelu.meta.update({k: v for k, v in last.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+        last.replace_all_uses_with(gelu)
+        for node in chain:  # erased by hand, like the other rewrites: each now has no reader
+            graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        gm.recompile()
+    return rewritten
 
 
 def fuse_linear_gelu(gm) -> int:
