@@ -136,6 +136,8 @@ def test_engines_built_with_fuse_gelu_match_the_module_and_load_again():
             assert result.details["fuse_gelu"] is expected
     with pytest.raises(BuildError, match="fuse_gelu must be auto, true or false"):
         backend.build(module, signature, BuildOptions(backend_options={**eager, "fuse_gelu": "yes"}))
+    with pytest.raises(BuildError, match="fuse_gelu cannot be combined with compile=aoti"):
+        backend.build(module, signature, BuildOptions(backend_options={"device": "cpu", "compile": "aoti", "fuse_gelu": True}))
 
 
 # --------------------------------------------------------------------------- ONNX graphs: GELU written out with Erf

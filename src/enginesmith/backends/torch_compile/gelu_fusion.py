@@ -92,6 +92,8 @@ def _gelu_input(gm, node):
     x, weight, bias = (_value(gm, arg) for arg in linear.args)
     if x is None or weight is None or bias is None or weight.dim() != 2 or bias.dim() != 1 or x.dim() < 2:
         return None
+    if bias.shape[0] != weight.shape[0] or x.shape[-1] != weight.shape[1]:
+        return None
     if not (x.dtype == weight.dtype == bias.dtype) or not x.is_floating_point():
         return None
     return linear
