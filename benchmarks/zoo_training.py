@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu_zoo import non_degenerate
+    from gpu_zoo_models import non_degenerate
 
     torch.manual_seed(0)
     protos = prototypes(args.size)
