@@ -33,7 +33,7 @@ import threading
 from typing import Any
 
 from .common import _torch
-from .fusion import _attribute
+from .fusion import _attribute, _only_user
 
 # The library object must stay alive: the operator is unregistered when it is collected.
 _LIBRARY: Any = None
@@ -113,9 +113,10 @@ def _other(node, arg):
     return b if a is arg else a if b is arg else None
 
 
-def _only_user(node, target):
-    users = list(node.users)
-    return users[0] if len(users) == 1 and users[0].op == "call_function" and users[0].target is target else None
+def _single_reader(node, target):
+    """The one node that reads ``node``, if it calls ``target``; else None."""
+    user = _only_user(node)
+    return user if user is not None and user.op == "call_function" and user.target is target else None
 
 
 def _erf_gelu(gm, erf):
@@ -134,15 +135,15 @@ def _erf_gelu(gm, erf):
         x = scaled.args[1]
     else:
         return None
-    add = _only_user(erf, aten.add.Tensor)
+    add = _single_reader(erf, aten.add.Tensor)
     if add is None or add.kwargs or not _is_scalar(gm, _other(add, erf), 1.0):
         return None
-    first = _only_user(add, aten.mul.Tensor)
+    first = _single_reader(add, aten.mul.Tensor)
     if first is None or first.kwargs:
         return None
     factor = _other(first, add)
     if factor is x or _is_scalar(gm, factor, 0.5):  # (1 + erf) * x, then * 0.5 (or * 0.5, then * x)
-        last = _only_user(first, aten.mul.Tensor)
+        last = _single_reader(first, aten.mul.Tensor)
         remaining = 0.5 if factor is x else x
         if last is None or last.kwargs:
             return None
