@@ -3,8 +3,9 @@
 The rewrite is checked on the CPU, where ``enginesmith::linear_gelu`` computes the tanh form of GELU
 that cuBLASLt's epilogue computes on CUDA: the rewritten program equals an explicit tanh-GELU
 reference to float32 rounding and the exact-GELU source to within the approximation's error;
-chains it must not touch stay as they are. ONNX graphs that write GELU out with Erf (in each
-exporter's operand order) get the same epilogue, checked against ONNX Runtime. ENGINESMITH_TEST_DEVICE=cuda builds the engine on the
+chains it must not touch stay as they are. GELU written out op by op (ONNX graphs' Erf form in
+each exporter's operand order, checked against ONNX Runtime; GPT-2's and Keras' tanh form, which
+the epilogue computes exactly) gets the same epilogue. ENGINESMITH_TEST_DEVICE=cuda builds the engine on the
 GPU, where the operator runs cuBLASLt's epilogue.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 
 import numpy as np
@@ -57,7 +59,7 @@ def _tanh_reference(module: Mlp, x):
 
 def _exported(module, x):
     batch = torch.export.Dim("batch", min=1, max=64)
-    return torch.export.export(module, (x,), dynamic_shapes={"x": {0: batch}}).module()
+    return torch.export.export(module, (x,), dynamic_shapes=({0: batch},)).module()
 
 
 def _count(module, target) -> int:
@@ -188,9 +190,75 @@ def test_gelu_written_out_with_erf_in_onnx_graphs_runs_in_the_epilogue(form):
     got = backend.load(result.payload, result.resolved_options, imported.signature).run({"x": x})["y"]
     want = run_plain(model, {"x": x})["y"]
     if form == "wrong_constant":
-        assert "GELU written out with Erf" not in log and "GELU epilogue: 0" in log
+        assert "GELU written out" not in log and "GELU epilogue: 0" in log
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     else:
-        assert "GELU written out with Erf run as one GELU: 1" in log and "GELU epilogue: 1" in log
+        assert "GELU written out op by op run as one GELU: 1" in log and "GELU epilogue: 1" in log
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-2)  # the tanh form, through a 16-wide product
         assert not np.array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- GELU's tanh form written out
+
+
+class NewGelu(torch.nn.Module):
+    """transformers' ``gelu_new`` (GPT-2), written out as it is there; ``cube="mul"`` spells x^3 as x * x * x."""
+
+    def __init__(self, cube: str = "pow"):
+        super().__init__()
+        self.cube = cube
+
+    def forward(self, x):
+        cubed = torch.pow(x, 3.0) if self.cube == "pow" else x * x * x
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * cubed)))
+
+
+@pytest.mark.parametrize("cube", ["pow", "mul"])
+def test_gpt2_style_tanh_gelu_written_out_runs_in_the_epilogue_unchanged(cube):
+    from enginesmith.backends.torch_compile.gelu_fusion import gelus_written_out
+
+    torch.manual_seed(5)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 64), NewGelu(cube), torch.nn.Linear(64, 16)).eval()
+    x = torch.randn(3, 7, 16)
+    program = _exported(module, x)
+    assert gelus_written_out(program) == 1
+    assert fuse_linear_gelu(program) == 1
+    assert _count(program, torch.ops.aten.tanh.default) == 0
+    with torch.no_grad():
+        for batch in (1, 4):
+            x = torch.randn(batch, 7, 16)
+            # the epilogue's GELU is this very tanh form: equal to float32 rounding, not merely close
+            np.testing.assert_allclose(program(x).numpy(), module(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_keras_style_tanh_gelu_in_an_onnx_graph_runs_in_the_epilogue_unchanged():
+    if importlib.util.find_spec("onnx2torch") is None:
+        pytest.skip("onnx2torch is not installed")
+    import onnx
+    from conftest import run_plain
+    from onnx import TensorProto, helper, numpy_helper
+
+    from enginesmith.importers import import_model
+
+    rng = np.random.default_rng(6)
+    consts = {"w1": rng.standard_normal((8, 16)), "b1": rng.standard_normal(16), "w2": rng.standard_normal((16, 4)),
+              "three": 3.0, "k": 0.044715, "c": math.sqrt(2 / math.pi), "one": 1.0, "half": 0.5}
+    names = [("MatMul", ["x", "w1"], "xw"), ("Add", ["xw", "b1"], "h"), ("Pow", ["h", "three"], "h3"),
+             ("Mul", ["k", "h3"], "kh3"), ("Add", ["h", "kh3"], "inner"), ("Mul", ["c", "inner"], "arg"),
+             ("Tanh", ["arg"], "t"), ("Add", ["one", "t"], "t1"), ("Mul", ["half", "h"], "hh"), ("Mul", ["hh", "t1"], "g"),
+             ("MatMul", ["g", "w2"], "y")]
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, [out]) for op, inputs, out in names], "tanh_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    imported = import_model(model)
+    backend = get_backend("torch")
+    options = {"device": "cpu", "compile": "eager", "fuse_linear": True, "fuse_gelu": True}
+    result = backend.build(imported.model, imported.signature, BuildOptions(backend_options=options))
+    log = " ".join(result.log)
+    assert "GELU written out op by op run as one GELU: 1" in log and "GELU epilogue: 1" in log
+    x = np.random.default_rng(7).standard_normal((5, 8)).astype(np.float32)
+    got = backend.load(result.payload, result.resolved_options, imported.signature).run({"x": x})["y"]
+    np.testing.assert_allclose(got, run_plain(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)

@@ -123,11 +123,11 @@ def _fused_module(program, meta: Mapping[str, Any], log: list[str]):
             log.append(f"products by a constant weight (+ bias) run as linear layers: {as_linear}")
         log.append(f"linear layers sharing an input merged into one product: {concat_sibling_linears(module)} merged away")
     if meta.get("fuse_gelu"):  # after fuse_linear, which turns ONNX's MatMul + Add into the linear layers it reads
-        from .gelu_fusion import fuse_linear_gelu, gelus_from_erf
+        from .gelu_fusion import fuse_linear_gelu, gelus_written_out
 
-        written_out = gelus_from_erf(module)
+        written_out = gelus_written_out(module)
         if written_out:
-            log.append(f"GELU written out with Erf run as one GELU: {written_out}")
+            log.append(f"GELU written out op by op run as one GELU: {written_out}")
         log.append(f"linear layers followed by GELU run as one product with a GELU epilogue: {fuse_linear_gelu(module)}")
     if meta.get("fuse_attention"):
         from .attention_fusion import fuse_attention

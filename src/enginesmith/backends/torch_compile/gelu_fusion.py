@@ -19,9 +19,11 @@ operator computes the same tanh form without the epilogue.
     gelu(linear(x, W, b))  ->  enginesmith::linear_gelu(x, W, b)
 
 ONNX graphs before opset 20 have no Gelu op: exporters write ``x * 0.5 * (1 + erf(x / sqrt(2)))``
-(torch.onnx, onnxscript, tf2onnx, each in its own operand order). ``gelus_from_erf`` first turns
-those chains back into ``aten.gelu`` (the exact GELU), and ONNX's MatMul + Add of a weight already
-became ``aten.linear`` (``linear_fusion``), so a BERT exported to ONNX gets the epilogue too.
+(torch.onnx, onnxscript, tf2onnx, each in its own operand order). transformers' ``gelu_new``
+(GPT-2) and Keras' approximate GELU write the tanh form out with Tanh and a cube. ``gelus_written_out``
+first turns those chains back into ``aten.gelu`` (exact or tanh), and ONNX's MatMul + Add of a weight
+already became ``aten.linear`` (``linear_fusion``), so a BERT exported to ONNX gets the epilogue too;
+for the tanh form the epilogue computes the very same function.
 
 Like ``fusion``, the rewrite runs on the module of an exported program just before
 ``torch.compile``, at build and again at load, so the saved program stays as exported.
@@ -29,6 +31,7 @@ Like ``fusion``, the rewrite runs on the module of an exported program just befo
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -119,64 +122,114 @@ def _single_reader(node, target):
     return user if user is not None and user.op == "call_function" and user.target is target else None
 
 
-def _erf_gelu(gm, erf):
-    """(x, its nodes, last first) of ``x * 0.5 * (1 + erf(x / sqrt(2)))`` around ``erf``, in the operand orders exporters write
-    (``0.5 * (1 + erf) * x``, ``(1 + erf) * x * 0.5``, ``(x * 0.5) * (1 + erf)``; ``x * (1/sqrt(2))`` too); else None."""
-    torch = _torch()
-    aten = torch.ops.aten
-    scaled = erf.args[0]
-    if getattr(scaled, "op", None) != "call_function" or len(scaled.users) != 1 or scaled.kwargs:
+def _scalar_and_other(gm, node, value: float):
+    """The operand of a two-operand ``node`` that is not the constant ``value`` (None if neither is)."""
+    a, b = node.args[:2]
+    return b if _is_scalar(gm, a, value) else a if _is_scalar(gm, b, value) else None
+
+
+def _sole_call(node, target) -> bool:
+    """Whether ``node`` calls ``target`` with no keyword arguments, and one node alone reads it."""
+    return (getattr(node, "op", None) == "call_function" and node.target is target and not node.kwargs
+            and len(node.users) == 1)
+
+
+def _erf_argument(gm, node):
+    """(x, nodes) of ``x / sqrt(2)`` or ``x * (1/sqrt(2))``; else None."""
+    aten = _torch().ops.aten
+    if _sole_call(node, aten.div.Tensor) and _is_scalar(gm, node.args[1], 2 ** 0.5):
+        return node.args[0], [node]
+    if _sole_call(node, aten.mul.Tensor):
+        x = _scalar_and_other(gm, node, 2 ** -0.5)
+        return (x, [node]) if x is not None else None
+    return None
+
+
+def _cube_term(gm, term, x):
+    """The nodes of ``0.044715 * x^3`` (``pow(x, 3)`` or ``x * x * x``, operands in any order); else None."""
+    aten = _torch().ops.aten
+    if not _sole_call(term, aten.mul.Tensor):
         return None
-    if scaled.target is aten.div.Tensor and _is_scalar(gm, scaled.args[1], 2 ** 0.5):
-        x = scaled.args[0]
-    elif scaled.target is aten.mul.Tensor and _is_scalar(gm, scaled.args[1], 2 ** -0.5):
-        x = scaled.args[0]
-    elif scaled.target is aten.mul.Tensor and _is_scalar(gm, scaled.args[0], 2 ** -0.5):
-        x = scaled.args[1]
-    else:
+    power = _scalar_and_other(gm, term, 0.044715)
+    if power is None or not getattr(power, "users", None) or len(power.users) != 1 or power.kwargs:
         return None
-    add = _single_reader(erf, aten.add.Tensor)
-    if add is None or add.kwargs or not _is_scalar(gm, _other(add, erf), 1.0):
+    if power.target in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor) and power.args[0] is x \
+            and _is_scalar(gm, power.args[1], 3.0):
+        return [term, power]
+    if power.target is aten.mul.Tensor:
+        square = _other(power, x)
+        if _sole_call(square, aten.mul.Tensor) and square.args[0] is x and square.args[1] is x:
+            return [term, power, square]
+    return None
+
+
+def _tanh_argument(gm, node):
+    """(x, nodes) of ``sqrt(2/pi) * (x + 0.044715 * x^3)``, operands in any order; else None."""
+    aten = _torch().ops.aten
+    if not _sole_call(node, aten.mul.Tensor):
+        return None
+    inner = _scalar_and_other(gm, node, (2 / math.pi) ** 0.5)
+    if not _sole_call(inner, aten.add.Tensor):
+        return None
+    for x, term in (inner.args[:2], inner.args[1::-1]):
+        cube = _cube_term(gm, term, x)
+        if cube is not None:
+            return x, [node, inner, *cube]
+    return None
+
+
+def _written_out_gelu(gm, core):
+    """(x, the chain's nodes from the last, approximate) of ``x * 0.5 * (1 + core(argument(x)))`` around ``core``
+    (``aten.erf``: the exact GELU; ``aten.tanh``: its tanh form), in the operand orders exporters write
+    (``0.5 * (1 + core) * x``, ``(1 + core) * x * 0.5``, ``(x * 0.5) * (1 + core)``); else None."""
+    aten = _torch().ops.aten
+    found = _erf_argument(gm, core.args[0]) if core.target is aten.erf.default else _tanh_argument(gm, core.args[0])
+    if found is None:
+        return None
+    x, argument = found
+    approximate = "none" if core.target is aten.erf.default else "tanh"
+    add = _single_reader(core, aten.add.Tensor)
+    if add is None or add.kwargs or not _is_scalar(gm, _other(add, core), 1.0):
         return None
     first = _single_reader(add, aten.mul.Tensor)
     if first is None or first.kwargs:
         return None
     factor = _other(first, add)
-    if factor is x or _is_scalar(gm, factor, 0.5):  # (1 + erf) * x, then * 0.5 (or * 0.5, then * x)
+    if factor is x or _is_scalar(gm, factor, 0.5):  # (1 + core) * x, then * 0.5 (or * 0.5, then * x)
         last = _single_reader(first, aten.mul.Tensor)
-        remaining = 0.5 if factor is x else x
         if last is None or last.kwargs:
             return None
         other = _other(last, first)
-        if not (other is x if remaining is x else _is_scalar(gm, other, 0.5)):
+        if not (_is_scalar(gm, other, 0.5) if factor is x else other is x):
             return None
-        return x, [last, first, add, erf, scaled]
-    # (x * 0.5) * (1 + erf)
-    if (getattr(factor, "target", None) is aten.mul.Tensor and len(factor.users) == 1 and not factor.kwargs
-            and _is_scalar(gm, _other(factor, x), 0.5)):
-        return x, [first, factor, add, erf, scaled]
+        return x, [last, first, add, core, *argument], approximate
+    # (x * 0.5) * (1 + core)
+    if _sole_call(factor, aten.mul.Tensor) and _is_scalar(gm, _other(factor, x), 0.5):
+        return x, [first, factor, add, core, *argument], approximate
     return None
 
 
-def gelus_from_erf(gm) -> int:
-    """Rewrite GELU written out with Erf (what ONNX exporters before opset 20 emit) as ``aten.gelu``; how many."""
+def gelus_written_out(gm) -> int:
+    """Rewrite GELU written out op by op as ``aten.gelu``; how many. ONNX before opset 20 has no Gelu op, so its
+    exporters write the exact GELU with Erf (torch.onnx, tf2onnx); transformers' ``gelu_new`` (GPT-2) and
+    Keras' approximate GELU write the tanh form with Tanh, which becomes ``gelu(approximate="tanh")``."""
     torch = _torch()
     aten = torch.ops.aten
     graph = gm.graph
     rewritten = 0
-    for erf in list(graph.nodes):
-        if erf.op != "call_function" or erf.target is not aten.erf.default:
+    for core in list(graph.nodes):
+        if core.op != "call_function" or core.target not in (aten.erf.default, aten.tanh.default):
             continue
-        found = _erf_gelu(gm, erf)
+        found = _written_out_gelu(gm, core)
         if found is None:
             continue
-        x, chain = found
+        x, chain, approximate = found
         last = chain[0]
         x_val, last_val = getattr(x, "meta", {}).get("val"), last.meta.get("val")
         if x_val is None or last_val is None or tuple(x_val.shape) != tuple(last_val.shape) or x_val.dtype != last_val.dtype:
             continue  # a constant that broadcasts the result to another shape or type
         with graph.inserting_before(last):
-            gelu = graph.call_function(aten.gelu.default, (x,))
+            gelu = graph.call_function(aten.gelu.default, (x,), {"approximate": approximate} if approximate != "none" else {})
         gelu.meta.update({k: v for k, v in last.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
         last.replace_all_uses_with(gelu)
         for node in chain:  # erased by hand, like the other rewrites: each now has no reader
