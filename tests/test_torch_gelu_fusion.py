@@ -262,3 +262,33 @@ def test_keras_style_tanh_gelu_in_an_onnx_graph_runs_in_the_epilogue_unchanged()
     x = np.random.default_rng(7).standard_normal((5, 8)).astype(np.float32)
     got = backend.load(result.payload, result.resolved_options, imported.signature).run({"x": x})["y"]
     np.testing.assert_allclose(got, run_plain(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_onnx_gelu_op_of_opset_20_runs_in_the_epilogue(approximate):
+    if importlib.util.find_spec("onnx2torch") is None:
+        pytest.skip("onnx2torch is not installed")
+    import onnx
+    from conftest import run_plain
+    from onnx import TensorProto, helper, numpy_helper
+
+    from enginesmith.importers import import_model
+
+    rng = np.random.default_rng(8)
+    consts = {"w1": rng.standard_normal((8, 16)), "b1": rng.standard_normal(16), "w2": rng.standard_normal((16, 4))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["xw"]), helper.make_node("Add", ["xw", "b1"], ["h"]),
+             helper.make_node("Gelu", ["h"], ["g"], approximate=approximate), helper.make_node("MatMul", ["g", "w2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "gelu20", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    imported = import_model(model)
+    backend = get_backend("torch")
+    options = {"device": "cpu", "compile": "eager", "fuse_linear": True, "fuse_gelu": True}
+    result = backend.build(imported.model, imported.signature, BuildOptions(backend_options=options))
+    assert "GELU epilogue: 1" in " ".join(result.log)
+    x = np.random.default_rng(9).standard_normal((5, 8)).astype(np.float32)
+    got = backend.load(result.payload, result.resolved_options, imported.signature).run({"x": x})["y"]
+    # tanh: the epilogue's own function; none: within the tanh form's error, through a 16-wide product
+    np.testing.assert_allclose(got, run_plain(model, {"x": x})["y"], rtol=0, atol=1e-4 if approximate == "tanh" else 2e-2)
