@@ -142,53 +142,65 @@ def test_engines_built_with_fuse_gelu_match_the_module_and_load_again():
         backend.build(module, signature, BuildOptions(backend_options={"device": "cpu", "compile": "aoti", "fuse_gelu": True}))
 
 
-# --------------------------------------------------------------------------- ONNX graphs: GELU written out with Erf
+# --------------------------------------------------------------------------- ONNX graphs
 
-def _erf_mlp(form: str):
-    """x [batch, 8] -> MatMul + Add -> GELU spelled with Erf in ``form`` -> MatMul: what ONNX exporters before opset 20 write."""
+def _onnx_mlp(activation: list, extra: dict, opset: int = 18):
+    """x [batch, 8] -> MatMul + Add (``h``) -> ``activation`` nodes (``h`` -> ``g``) -> MatMul -> y, with ``extra`` constants."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(3)
-    consts = {"w1": rng.standard_normal((8, 16)), "b1": rng.standard_normal(16), "w2": rng.standard_normal((16, 4)),
-              "root2": np.sqrt(2.0), "inv_root2": 2 ** -0.5, "one": 1.0, "half": 0.5, "two": 2.0}
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["xw"]), helper.make_node("Add", ["xw", "b1"], ["h"])]
-    if form == "mul_inverse_root":
-        nodes.append(helper.make_node("Mul", ["h", "inv_root2"], ["scaled"]))
-    else:  # "wrong_constant" divides by 2, which is not GELU and must stay as written
-        nodes.append(helper.make_node("Div", ["h", "two" if form == "wrong_constant" else "root2"], ["scaled"]))
-    nodes += [helper.make_node("Erf", ["scaled"], ["erf"]), helper.make_node("Add", ["erf", "one"], ["cdf2"])]
-    if form in ("half_then_x", "wrong_constant"):  # torch.onnx's dynamo exporter: 0.5 * (1 + erf), then * x
-        nodes += [helper.make_node("Mul", ["half", "cdf2"], ["cdf"]), helper.make_node("Mul", ["h", "cdf"], ["g"])]
-    elif form in ("x_then_half", "mul_inverse_root"):
-        nodes += [helper.make_node("Mul", ["cdf2", "h"], ["xcdf2"]), helper.make_node("Mul", ["xcdf2", "half"], ["g"])]
-    else:  # "half_x_first": (x * 0.5) * (1 + erf), as Keras' gelu reads
-        nodes += [helper.make_node("Mul", ["h", "half"], ["hx"]), helper.make_node("Mul", ["hx", "cdf2"], ["g"])]
-    nodes.append(helper.make_node("MatMul", ["g", "w2"], ["y"]))
+    consts = {"w1": rng.standard_normal((8, 16)), "b1": rng.standard_normal(16), "w2": rng.standard_normal((16, 4)), **extra}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["xw"]), helper.make_node("Add", ["xw", "b1"], ["h"]), *activation,
+             helper.make_node("MatMul", ["g", "w2"], ["y"])]
     graph = helper.make_graph(
-        nodes, "erf_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
         [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()])
-    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-@pytest.mark.parametrize("form", ["half_then_x", "x_then_half", "half_x_first", "mul_inverse_root", "wrong_constant"])
-def test_gelu_written_out_with_erf_in_onnx_graphs_runs_in_the_epilogue(form):
+def _built_from_onnx(model):
+    """(build log, engine output, ONNX Runtime output) of a CPU engine built from ``model`` with fuse_gelu."""
     if importlib.util.find_spec("onnx2torch") is None:
         pytest.skip("onnx2torch is not installed")
     from conftest import run_plain
 
     from enginesmith.importers import import_model
 
-    model = _erf_mlp(form)
     imported = import_model(model)
     backend = get_backend("torch")
     options = {"device": "cpu", "compile": "eager", "fuse_linear": True, "fuse_gelu": True}
     result = backend.build(imported.model, imported.signature, BuildOptions(backend_options=options))
-    log = " ".join(result.log)
     x = np.random.default_rng(4).standard_normal((5, 8)).astype(np.float32)
     got = backend.load(result.payload, result.resolved_options, imported.signature).run({"x": x})["y"]
-    want = run_plain(model, {"x": x})["y"]
+    return " ".join(result.log), got, run_plain(model, {"x": x})["y"]
+
+
+def _erf_mlp(form: str):
+    """GELU spelled with Erf in ``form``: what ONNX exporters before opset 20 write."""
+    from onnx import helper
+
+    def node(op, inputs, out):
+        return helper.make_node(op, inputs, [out])
+
+    if form == "mul_inverse_root":
+        nodes = [node("Mul", ["h", "inv_root2"], "scaled")]
+    else:  # "wrong_constant" divides by 2, which is not GELU and must stay as written
+        nodes = [node("Div", ["h", "two" if form == "wrong_constant" else "root2"], "scaled")]
+    nodes += [node("Erf", ["scaled"], "erf"), node("Add", ["erf", "one"], "cdf2")]
+    if form in ("half_then_x", "wrong_constant"):  # torch.onnx's dynamo exporter: 0.5 * (1 + erf), then * x
+        nodes += [node("Mul", ["half", "cdf2"], "cdf"), node("Mul", ["h", "cdf"], "g")]
+    elif form in ("x_then_half", "mul_inverse_root"):
+        nodes += [node("Mul", ["cdf2", "h"], "xcdf2"), node("Mul", ["xcdf2", "half"], "g")]
+    else:  # "half_x_first": (x * 0.5) * (1 + erf), as Keras' gelu reads
+        nodes += [node("Mul", ["h", "half"], "hx"), node("Mul", ["hx", "cdf2"], "g")]
+    return _onnx_mlp(nodes, {"root2": np.sqrt(2.0), "inv_root2": 2 ** -0.5, "one": 1.0, "half": 0.5, "two": 2.0})
+
+
+@pytest.mark.parametrize("form", ["half_then_x", "x_then_half", "half_x_first", "mul_inverse_root", "wrong_constant"])
+def test_gelu_written_out_with_erf_in_onnx_graphs_runs_in_the_epilogue(form):
+    log, got, want = _built_from_onnx(_erf_mlp(form))
     if form == "wrong_constant":
         assert "GELU written out" not in log and "GELU epilogue: 0" in log
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -232,63 +244,23 @@ def test_gpt2_style_tanh_gelu_written_out_runs_in_the_epilogue_unchanged(cube):
 
 
 def test_keras_style_tanh_gelu_in_an_onnx_graph_runs_in_the_epilogue_unchanged():
-    if importlib.util.find_spec("onnx2torch") is None:
-        pytest.skip("onnx2torch is not installed")
-    import onnx
-    from conftest import run_plain
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    from enginesmith.importers import import_model
-
-    rng = np.random.default_rng(6)
-    consts = {"w1": rng.standard_normal((8, 16)), "b1": rng.standard_normal(16), "w2": rng.standard_normal((16, 4)),
-              "three": 3.0, "k": 0.044715, "c": math.sqrt(2 / math.pi), "one": 1.0, "half": 0.5}
-    names = [("MatMul", ["x", "w1"], "xw"), ("Add", ["xw", "b1"], "h"), ("Pow", ["h", "three"], "h3"),
-             ("Mul", ["k", "h3"], "kh3"), ("Add", ["h", "kh3"], "inner"), ("Mul", ["c", "inner"], "arg"),
-             ("Tanh", ["arg"], "t"), ("Add", ["one", "t"], "t1"), ("Mul", ["half", "h"], "hh"), ("Mul", ["hh", "t1"], "g"),
-             ("MatMul", ["g", "w2"], "y")]
-    graph = helper.make_graph(
-        [helper.make_node(op, inputs, [out]) for op, inputs, out in names], "tanh_mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()])
-    model = onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    imported = import_model(model)
-    backend = get_backend("torch")
-    options = {"device": "cpu", "compile": "eager", "fuse_linear": True, "fuse_gelu": True}
-    result = backend.build(imported.model, imported.signature, BuildOptions(backend_options=options))
-    log = " ".join(result.log)
+    names = [("Pow", ["h", "three"], "h3"), ("Mul", ["k", "h3"], "kh3"), ("Add", ["h", "kh3"], "inner"),
+             ("Mul", ["c", "inner"], "arg"), ("Tanh", ["arg"], "t"), ("Add", ["one", "t"], "t1"),
+             ("Mul", ["half", "h"], "hh"), ("Mul", ["hh", "t1"], "g")]
+    model = _onnx_mlp([helper.make_node(op, inputs, [out]) for op, inputs, out in names],
+                      {"three": 3.0, "k": 0.044715, "c": math.sqrt(2 / math.pi), "one": 1.0, "half": 0.5})
+    log, got, want = _built_from_onnx(model)
     assert "GELU written out op by op run as one GELU: 1" in log and "GELU epilogue: 1" in log
-    x = np.random.default_rng(7).standard_normal((5, 8)).astype(np.float32)
-    got = backend.load(result.payload, result.resolved_options, imported.signature).run({"x": x})["y"]
-    np.testing.assert_allclose(got, run_plain(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_onnx_gelu_op_of_opset_20_runs_in_the_epilogue(approximate):
-    if importlib.util.find_spec("onnx2torch") is None:
-        pytest.skip("onnx2torch is not installed")
-    import onnx
-    from conftest import run_plain
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    from enginesmith.importers import import_model
-
-    rng = np.random.default_rng(8)
-    consts = {"w1": rng.standard_normal((8, 16)), "b1": rng.standard_normal(16), "w2": rng.standard_normal((16, 4))}
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["xw"]), helper.make_node("Add", ["xw", "b1"], ["h"]),
-             helper.make_node("Gelu", ["h"], ["g"], approximate=approximate), helper.make_node("MatMul", ["g", "w2"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "gelu20", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()])
-    model = onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    imported = import_model(model)
-    backend = get_backend("torch")
-    options = {"device": "cpu", "compile": "eager", "fuse_linear": True, "fuse_gelu": True}
-    result = backend.build(imported.model, imported.signature, BuildOptions(backend_options=options))
-    assert "GELU epilogue: 1" in " ".join(result.log)
-    x = np.random.default_rng(9).standard_normal((5, 8)).astype(np.float32)
-    got = backend.load(result.payload, result.resolved_options, imported.signature).run({"x": x})["y"]
+    log, got, want = _built_from_onnx(_onnx_mlp([helper.make_node("Gelu", ["h"], ["g"], approximate=approximate)], {}, 20))
+    assert "GELU epilogue: 1" in log
     # tanh: the epilogue's own function; none: within the tanh form's error, through a 16-wide product
-    np.testing.assert_allclose(got, run_plain(model, {"x": x})["y"], rtol=0, atol=1e-4 if approximate == "tanh" else 2e-2)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 if approximate == "tanh" else 2e-2)
