@@ -157,7 +157,10 @@ def _onnx_mlp(activation: list, extra: dict, opset: int = 18):
         nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
         [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()])
-    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    # The newest onnx writes an IR version older ONNX Runtimes refuse (the GPU machine's); 9 covers opset 20.
+    model.ir_version = 9
+    return model
 
 
 def _built_from_onnx(model):
