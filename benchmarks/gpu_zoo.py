@@ -81,7 +81,8 @@ def warm_load_seconds(path: Path, device: str) -> dict[str, Any]:
     script = ("import json, sys, time\nt0 = time.perf_counter()\nimport torch, enginesmith as es\n"
               "t = time.perf_counter()\nprint('IMPORT', t - t0)\n"
               "engine = es.load(sys.argv[1], trust_code=True)\nprint('LOAD', time.perf_counter() - t)\n"
-              "print('STEPS', json.dumps(getattr(engine._session, 'load_steps', {})))\n")
+              "print('STEPS', json.dumps(getattr(engine._session, 'load_steps', {})))\n"
+              "print('BREAKDOWN', json.dumps(getattr(engine._session, 'load_breakdown', {})))\n")
     with tempfile.TemporaryDirectory(prefix="zoo-cache-") as tmp:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor", "TRITON_CACHE_DIR": f"{tmp}/triton"}
         done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env, timeout=300)
@@ -93,6 +94,8 @@ def warm_load_seconds(path: Path, device: str) -> dict[str, Any]:
             found["import_s"] = round(float(line.split()[1]), 2)  # torch + enginesmith, before the load timed above
         elif line.startswith("STEPS "):
             found["load_steps"] = json.loads(line[6:])
+        elif line.startswith("BREAKDOWN "):  # each compile_batch_N as Dynamo tracing, Inductor, first calls
+            found["load_breakdown"] = json.loads(line[10:])
     if "warm_load_s" in found:
         return found
     return {"warm_load_error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
@@ -223,7 +226,7 @@ def run_one(name: str, args: argparse.Namespace, save: Callable[[dict], None] = 
         build = {"cold_build_s": round(build_s, 1),
                  "details": {k: engine.manifest.checks["build"].get(k) for k in
                              ("source", "export_seconds", "compile_seconds", "served_shapes", "compiled_vs_exported_rel_l2",
-                              "fuse_conv", "patch_conv", "fuse_mha", "fuse_gelu")}}
+                              "fuse_conv", "patch_conv", "fuse_mha", "fuse_gelu", "compile_breakdown")}}
         build["stages"] = engine.manifest.checks.get("stages")  # where the cold build's time went
         if not args.skip_warm_load and source == "auto" and not extra:  # the other engines load the same way: timed once
             build.update(warm_load_seconds(path, device))

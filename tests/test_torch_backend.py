@@ -136,6 +136,9 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
     details = engine.manifest.checks["build"]
     assert details["compile"] == "inductor" and details["cache_bytes"] > 0
     assert all(err < 1e-5 for err in details["compiled_vs_exported_rel_l2"].values())
+    for batch, seconds in details["compile_seconds_per_batch"].items():  # where each batch's compile went
+        parts = [details["compile_breakdown"][f"batch_{batch}_{step}"] for step in ("trace", "inductor", "run")]
+        assert parts[1] > 0 and sum(parts) == pytest.approx(seconds, abs=0.05)
     if not CUDA:
         assert details["dynamic"] and any("no autotuning on the CPU" in line for line in engine.manifest.build_log)
     assert_matches_onnxruntime(engine, model, batches=(1, 3) if CUDA else (1, 3, 7))
@@ -153,7 +156,8 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
         "import json, sys, numpy as np, enginesmith as es\n"
         "e = es.load(sys.argv[1], trust_code=True)\n"
         "y = e(x=np.ones((3, 6), np.float32))['probs']\n"
-        "print(json.dumps({'cache': e._session.cache_info, 'load_s': e._session.load_seconds, 'y': y.tolist()}))\n"
+        "print(json.dumps({'cache': e._session.cache_info, 'load_s': e._session.load_seconds, 'y': y.tolist(),\n"
+        "                  'steps': e._session.load_steps, 'breakdown': e._session.load_breakdown}))\n"
     )
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton"),
            "PYTHONPATH": os.pathsep.join([str(Path(es.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
@@ -161,6 +165,13 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["cache"] == "compiler cache loaded"
+    # Each batch's compile on load is split into Dynamo's tracing, Inductor and the first calls, which add up.
+    batches = [key.removeprefix("compile_batch_") for key in result["steps"] if key.startswith("compile_batch_")]
+    assert batches
+    for batch in batches:
+        parts = [result["breakdown"][f"batch_{batch}_{step}"] for step in ("trace", "inductor", "run")]
+        assert parts[0] > 0 and all(part >= 0 for part in parts)
+        assert sum(parts) == pytest.approx(result["steps"][f"compile_batch_{batch}"], abs=0.05)
     expected = run_plain(model, {"x": np.ones((3, 6), np.float32)})["probs"]
     np.testing.assert_allclose(np.array(result["y"], dtype=np.float32), expected, rtol=1e-4, atol=1e-6)
 

@@ -329,6 +329,7 @@ class TorchCompileBackend(Backend):
         warm_s: dict[int, float] = {}
         _set_cudnn_benchmark(torch, meta)
         compile_started = time.perf_counter()
+        compile_breakdown: dict[str, float] = {}  # per batch: Dynamo tracing, Inductor, the first calls
         step("compiling", 0, len(meta["warm_batches"]))
         if meta["compile"] == "eager":
             compiled = runnable
@@ -353,7 +354,7 @@ class TorchCompileBackend(Backend):
                 _set_fp32_math(torch, meta["tf32"])
             with _fresh_artifacts(), _cache_tag(meta["tag"]):
                 try:
-                    warm_s = _warm(compiled, meta, signature, device)
+                    warm_s = _warm(compiled, meta, signature, device, compile_breakdown)
                 except Exception as exc:  # noqa: BLE001 - Inductor failures are build failures
                     raise BuildError(f"Inductor could not compile the model: {_compile_failure(exc)}") from None
                 saved = torch.compiler.save_cache_artifacts()
@@ -404,6 +405,7 @@ class TorchCompileBackend(Backend):
             "export_seconds": round(export_s, 2),
             "compile_seconds": round(compile_s, 2),
             "compile_seconds_per_batch": {str(k): v for k, v in warm_s.items()},
+            "compile_breakdown": compile_breakdown,
             "build_seconds": meta_out["build_seconds"],
             "cache_bytes": len(cache or b""),
             "program_bytes": len(program_bytes),
@@ -499,6 +501,7 @@ class TorchCompileBackend(Backend):
             eager = _fused_module(program, meta, []) if needs_rewrite(meta) else program.module()
         mark = lap("program", mark)
         info = ""
+        breakdown: dict[str, float] = {}  # compile_batch_N split into tracing, Inductor and the first calls
         if meta["compile"] == "eager":
             compiled = eager
         elif meta["compile"] == "aoti":
@@ -523,7 +526,7 @@ class TorchCompileBackend(Backend):
             if cuda and meta["precision"] == "fp32":
                 _set_fp32_math(torch, bool(meta.get("tf32")))
             with _cache_tag(meta["tag"]):
-                for batch, seconds in _warm(compiled, meta, signature, meta["device"]).items():
+                for batch, seconds in _warm(compiled, meta, signature, meta["device"], breakdown).items():
                     steps[f"compile_batch_{batch}"] = seconds
             if captured_graphs(meta):
                 mark = time.perf_counter()
@@ -535,4 +538,5 @@ class TorchCompileBackend(Backend):
                 lap("cuda_graphs", mark)
         session = TorchSession(compiled, eager, meta, signature, load_seconds=time.perf_counter() - started, cache_info=info)
         session.load_steps = steps
+        session.load_breakdown = breakdown
         return session

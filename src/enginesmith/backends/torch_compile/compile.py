@@ -153,12 +153,32 @@ def compile_module(module, meta: Mapping[str, Any]):
                          dynamic=meta["dynamic"], fullgraph=True)
 
 
-def _warm(fn, meta: Mapping[str, Any], signature: Signature, device: str) -> dict[int, float]:
-    """Run every precompiled batch size (compiling, recording CUDA graphs); seconds per batch."""
+def _compiler_seconds() -> dict[str, float]:
+    """Seconds this process has spent so far tracing bytecode (Dynamo) and in the backend compiler (Inductor,
+    cache hits included), from torch's own compile timers; {} where a torch lacks them (a private API)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return {}
+    totals = dict(zip(names, values))
+    return {step: float(totals.get(timer, 0.0)) for step, timer in
+            (("trace", "bytecode_tracing"), ("inductor", "OutputGraph.call_user_compiler"))}
+
+
+def _warm(fn, meta: Mapping[str, Any], signature: Signature, device: str,
+          breakdown: dict[str, float] | None = None) -> dict[int, float]:
+    """Run every precompiled batch size (compiling, recording CUDA graphs); seconds per batch.
+
+    With ``breakdown``, each batch's seconds are also split there into Dynamo's tracing, Inductor (its cache
+    loads on a warm load) and the rest (``batch_N_trace``, ``batch_N_inductor``, ``batch_N_run``: the first
+    calls themselves, with cuDNN's algorithm search and CUDA graph recording), so a slow load says where it went."""
     torch = _torch()
     seconds: dict[int, float] = {}
     for batch in meta["warm_batches"]:
         inputs = example_inputs(signature, batch, device, seed=batch, known=meta.get("example_shapes"))
+        before = _compiler_seconds() if breakdown is not None else {}
         started = time.perf_counter()
         with torch.no_grad():
             for _ in range(3 if meta.get("cudagraphs") and not captured_graphs(meta) else 1):
@@ -166,6 +186,11 @@ def _warm(fn, meta: Mapping[str, Any], signature: Signature, device: str) -> dic
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
         seconds[batch] = round(time.perf_counter() - started, 2)
+        if breakdown is not None and before:
+            after = _compiler_seconds()
+            spent = {step: max(0.0, after[step] - before[step]) for step in before}
+            breakdown.update({f"batch_{batch}_{step}": round(value, 2) for step, value in spent.items()})
+            breakdown[f"batch_{batch}_run"] = round(max(0.0, seconds[batch] - spent["trace"] - spent["inductor"]), 2)
     return seconds
 
 

@@ -48,6 +48,7 @@ class TorchSession(Session):
         self.load_seconds = load_seconds
         self.cache_info = cache_info
         self.load_steps: dict[str, float] = {}
+        self.load_breakdown: dict[str, float] = {}
         self._ops = None
 
     @property
