@@ -66,6 +66,56 @@ def test_queued_requests_merge_up_to_max_batch_and_split_back():
     assert runner.calls == [1, 6, 3]
 
 
+def test_batches_are_padded_up_to_the_engines_compiled_sizes_and_the_padding_dropped():
+    runner = RecordingRunner()
+    executions: list[int] = []
+    runner.release.clear()
+    batcher = DynamicBatcher(runner, BatchingOptions(max_batch=8, preferred_batches=(1, 4, 8)),
+                             on_execution=lambda record: executions.append(record.items))
+    first = batcher.submit(_rows(1, -1.0))
+    while batcher._queue or batcher.pending != 1:  # noqa: SLF001 - test sync: the worker holds the first
+        time.sleep(0.005)
+    futures = [batcher.submit(_rows(n, float(i))) for i, n in enumerate([1, 2, 2])]  # 5 rows: padded to 8
+    runner.release.set()
+    for i, (n, future) in enumerate(zip([1, 2, 2], futures)):
+        out = future.result(10)
+        np.testing.assert_array_equal(out["y"], np.full((n, 3), 2.0 * i, np.float32))
+    first.result(10)
+    # a lone request of 3 rows (fast path) is padded to 4; its answer keeps its own 3 rows
+    np.testing.assert_array_equal(batcher.run_if_idle(_rows(3, 5.0))["y"], np.full((3, 3), 10.0, np.float32))
+    batcher.stop()
+    assert runner.calls == [1, 8, 4]
+    assert executions == [1, 5, 3]  # the metrics count the requests' items, not the padding
+
+
+def test_padding_is_not_used_when_an_output_has_no_batch_axis():
+    calls: list[int] = []
+
+    def runner(feeds):
+        calls.append(feeds["x"].shape[0])
+        return {"total": np.asarray(feeds["x"].sum(), np.float32)}  # 0-d: the padding would change it
+
+    batcher = DynamicBatcher(runner, BatchingOptions(preferred_batches=(4,)))
+    out = batcher.run_if_idle(_rows(3, 1.0))
+    batcher.stop()
+    assert calls == [4, 3] and float(out["total"]) == 9.0
+
+
+def test_serving_an_engine_compiled_for_fixed_batches_uses_them():
+    from types import SimpleNamespace
+
+    from enginesmith.serve.server import ServeOptions, batching_for
+
+    compiled = SimpleNamespace(compiled_batches=(1, 8, 64), max_batch=None)
+    assert batching_for(compiled, ServeOptions()).preferred_batches == (1, 8, 64)
+    assert batching_for(compiled, ServeOptions()).max_batch == 64  # no batch the engine was not compiled for
+    assert batching_for(compiled, ServeOptions(max_batch=100)).max_batch == 100  # unless asked
+    chunked = SimpleNamespace(compiled_batches=(1, 8, 64), max_batch=16)  # calls of at most 16: 64 never runs
+    assert batching_for(chunked, ServeOptions()).preferred_batches == (1, 8)
+    any_size = SimpleNamespace(compiled_batches=(), max_batch=None)
+    assert batching_for(any_size, ServeOptions()).preferred_batches == ()
+
+
 def test_requests_of_other_shapes_are_not_merged():
     runner = RecordingRunner()
     batcher, first = _held_batcher(runner, max_batch=32)
@@ -133,6 +183,8 @@ def test_batching_options_are_checked():
         BatchingOptions(max_batch=0)
     with pytest.raises(ValueError, match="max_queue_delay_us"):
         BatchingOptions(max_queue_delay_us=-1)
+    with pytest.raises(ValueError, match="preferred_batches"):
+        BatchingOptions(preferred_batches=(8, 1))
 
 
 def test_bytes_tensors_round_trip_in_tritonclients_layout():

@@ -135,6 +135,8 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
     engine = es.build(model, backend="torch", backend_options=COMPILED)
     details = engine.manifest.checks["build"]
     assert details["compile"] == "inductor" and details["cache_bytes"] > 0
+    if not CUDA:
+        assert engine.compiled_batches == ()  # one dynamic-batch program on the CPU: every size runs alike
     assert all(err < 1e-5 for err in details["compiled_vs_exported_rel_l2"].values())
     for batch, seconds in details["compile_seconds_per_batch"].items():  # where each batch's compile went
         parts = [details["compile_breakdown"][f"batch_{batch}_{step}"] for step in ("trace", "inductor", "run")]
@@ -189,6 +191,7 @@ def test_cuda_engines_replay_their_own_graphs_from_any_thread(tmp_path):
     model = make_mlp()
     engine = es.build(model, backend="torch", backend_options=COMPILED)
     assert any("captured in CUDA graphs for batches 1, 3" in line for line in engine.manifest.build_log)
+    assert engine.compiled_batches == (1, 3)  # what a server pads its batches up to
     loaded = es.load(engine.save(tmp_path / "mlp.engine"), trust_code=True)
     assert "cuda_graphs" in loaded._session.load_steps
     x = np.random.default_rng(3).standard_normal((3, 6)).astype(np.float32)

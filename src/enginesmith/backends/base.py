@@ -165,6 +165,8 @@ class Session(ABC):
 
     # Whether :meth:`run_device` takes device-resident tensors (torch/cupy through DLPack).
     supports_device_io: ClassVar[bool] = False
+    # Batch sizes compiled ahead, which run fastest while other sizes run slower; () where every size runs alike.
+    compiled_batches: tuple[int, ...] = ()
 
     @abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

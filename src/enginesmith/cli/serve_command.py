@@ -38,7 +38,7 @@ def serve(
     http_port: int = typer.Option(8000, "--http-port", min=0, max=65535, metavar="PORT", help="REST port (0: a free port)."),
     grpc_port: int = typer.Option(8001, "--grpc-port", min=0, max=65535, metavar="PORT", help="gRPC port (0: a free port)."),
     metrics_port: int = typer.Option(8002, "--metrics-port", min=0, max=65535, metavar="PORT", help="Prometheus metrics port, /metrics (0: a free port)."),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, metavar="N", help="Most items merged into one engine call (default: the engine's batch, else 32; 1 turns batching off)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, metavar="N", help="Most items merged into one engine call (default: the engine's batch, else its largest compiled batch size, else 32; 1 turns batching off). Batches are padded up to an engine's compiled sizes."),
     max_queue_delay_us: int = typer.Option(0, "--max-queue-delay-us", min=0, metavar="US", help="How long a batch waits for more requests before it runs (default 0: it takes what is queued)."),
     max_queue: int = typer.Option(256, "--max-queue", min=1, metavar="N", help="Requests waiting per model; beyond it requests get 503 with Retry-After."),
     instances: int = typer.Option(1, "--instances", min=1, metavar="N", help="Engine calls running at once per model (worker threads)."),

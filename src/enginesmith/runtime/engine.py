@@ -64,6 +64,12 @@ class Engine:
         """The most items one call of the payload takes; larger batches are split."""
         return self.signature.fixed_batch() or self._manifest.build_options.get("backend_options", {}).get("max_batch")
 
+    @property
+    def compiled_batches(self) -> tuple[int, ...]:
+        """Batch sizes the payload was compiled for ahead (CUDA engines of the torch backend: ``--option
+        batches=[...]``), which run fastest; other sizes run too, but slower. Empty: every size runs alike."""
+        return tuple(getattr(self._session, "compiled_batches", ()))
+
     def __call__(self, inputs: Mapping[str, Any] | None = None, /, **named: Any) -> dict[str, np.ndarray]:
         return self.infer({**(inputs or {}), **named})
 

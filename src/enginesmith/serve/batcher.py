@@ -5,6 +5,10 @@ engine. A worker takes the oldest request, then every queued request whose input
 shape apart from axis 0, until the batch holds ``max_batch`` items or ``max_queue_delay_us`` has
 passed since it started gathering. The merged outputs are cut back into per-request pieces.
 
+An engine compiled for fixed batch sizes (a CUDA engine of the torch backend) runs other sizes slowly, uncompiled:
+with ``preferred_batches`` a batch is padded up to the smallest of them that holds it (copies of its last
+row) and the padding's outputs are dropped, as Triton's preferred batch sizes do.
+
 When a merged batch fails, each of its requests is run alone, so one bad request fails only
 itself. A full queue refuses new requests at once (:class:`QueueFullError`) instead of growing;
 a request still queued when its deadline passes is answered with :class:`QueueTimeoutError`
@@ -47,11 +51,14 @@ class BatchingOptions:
     max_queue_delay_us: int = 0
     max_queue: int = 256
     instances: int = 1
+    preferred_batches: tuple[int, ...] = ()  # sizes the engine was compiled for; other batches are padded up
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "instances"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if any(size < 1 for size in self.preferred_batches) or list(self.preferred_batches) != sorted(set(self.preferred_batches)):
+            raise ValueError(f"preferred_batches must be increasing sizes of at least 1, got {self.preferred_batches}")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be 0 or more, got {self.max_queue_delay_us}")
 
@@ -153,8 +160,9 @@ class DynamicBatcher:
         try:
             self._on_dequeue(0)
             started = time.perf_counter_ns()
-            outputs = self._run(feeds)
-            self._executed(ExecutionRecord(1, merge_key(feeds)[0] or 1, time.perf_counter_ns() - started))
+            rows = merge_key(feeds)[0]
+            outputs = self._call(feeds, rows)
+            self._executed(ExecutionRecord(1, rows or 1, time.perf_counter_ns() - started))
             return outputs
         finally:
             with self._cond:
@@ -263,7 +271,7 @@ class DynamicBatcher:
         total = sum(p.rows or 0 for p in batch)
         started = time.perf_counter_ns()
         try:
-            outputs = self._run(merged)
+            outputs = self._call(merged, total)
             split = _split(outputs, [p.rows or 0 for p in batch], total)
         except Exception:  # noqa: BLE001 - one bad request must fail only itself: run each alone
             for pending in batch:
@@ -276,12 +284,24 @@ class DynamicBatcher:
     def _run_alone(self, pending: _Pending) -> None:
         started = time.perf_counter_ns()
         try:
-            outputs = self._run(pending.feeds)
+            outputs = self._call(pending.feeds, pending.rows)
         except Exception as exc:  # noqa: BLE001 - handed to the request's future, the worker keeps serving
             self._answer(pending, error=exc)
             return
         self._executed(ExecutionRecord(1, pending.rows or 1, time.perf_counter_ns() - started))
         self._answer(pending, outputs)
+
+
+    def _call(self, feeds: dict[str, np.ndarray], rows: int | None) -> dict[str, np.ndarray]:
+        """The engine on ``feeds``, padded up to a preferred batch size when one holds ``rows`` and is larger."""
+        size = next((size for size in self.options.preferred_batches if rows is not None and size >= rows), rows)
+        if size == rows or rows is None or rows < 1:
+            return self._run(feeds)
+        padded = {name: np.concatenate([value, np.repeat(value[-1:], size - rows, axis=0)]) for name, value in feeds.items()}
+        outputs = self._run(padded)
+        if any(value.ndim == 0 or value.shape[0] != size for value in outputs.values()):
+            return self._run(feeds)  # an output without the batch axis: the padding cannot be cut off again
+        return {name: value[:rows] for name, value in outputs.items()}
 
 
 def _split(outputs: Mapping[str, np.ndarray], rows: list[int], total: int) -> list[dict[str, np.ndarray]]:

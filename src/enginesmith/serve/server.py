@@ -155,11 +155,15 @@ def load_engines(engines: Sequence[Engine | str | Path], names: Sequence[str] | 
 
 
 def batching_for(engine: Engine, options: ServeOptions) -> BatchingOptions:
+    """The batcher's settings for one engine. An engine compiled for fixed batch sizes gets batches padded up
+    to them, and no larger batch than its largest unless ``--max-batch`` asks for one."""
+    compiled = tuple(size for size in engine.compiled_batches if engine.max_batch is None or size <= engine.max_batch)
     return BatchingOptions(
-        max_batch=options.max_batch or engine.max_batch or DEFAULT_MAX_BATCH,
+        max_batch=options.max_batch or engine.max_batch or (compiled[-1] if compiled else DEFAULT_MAX_BATCH),
         max_queue_delay_us=options.max_queue_delay_us,
         max_queue=options.max_queue,
         instances=options.instances,
+        preferred_batches=compiled,
     )
 
 

@@ -55,6 +55,13 @@ class TorchSession(Session):
     def device(self) -> str:
         return str(self._device)
 
+    @property
+    def compiled_batches(self) -> tuple[int, ...]:
+        """The batch sizes Inductor compiled on CUDA (others run the exported program uncompiled, see ``_pick``)."""
+        if not self._cuda or self.meta["dynamic"] or self.meta["compile"] != "inductor":
+            return ()
+        return tuple(sorted(self._batches))
+
     def _pick(self, batch: int):
         if not self._cuda or self.meta["dynamic"] or batch in self._batches or self.meta["compile"] != "inductor":
             return self._compiled
