@@ -23,6 +23,10 @@ sending binary tensors.
    every answer checked against the in-process output; the server's RSS sampled every 0.5 s.
 
     PYTHONPATH=src python benchmarks/serve.py [--requests 100000] [--duration 10] [--rounds 10] [--runs 100]
+
+With ``--device cuda`` the MobileNetV2-like engine (1. and 2.) is the torch backend's fp16 engine on the GPU,
+compiled for batches 1, 2, 4, 8 and 16 (the server pads merged batches up to them); the MLP and the I/O probe
+stay ONNX Runtime engines on the CPU. scripts/device_serve.sh runs it on the GPU machine.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from serve_latency import EchoFloor, RawHTTP, _free_port, client_costs, image_io
 
 RESULTS = Path(__file__).parent / "results"
 CLIENTS = 16
+TRUST = ("--trust-code",)  # the engines are built by this script; a torch engine's compiler cache needs the flag
 
 
 # --------------------------------------------------------------------------- the server process
@@ -273,7 +278,7 @@ async def _clients(port: int, name: str, output: str, x: np.ndarray, *, seconds:
 
 def served_throughput(engine_path: Path, engine: es.Engine, x: np.ndarray, seconds: float, *flags: str) -> dict:
     name, output = engine.signature.input_names[0], engine.signature.output_names[0]
-    with ServerProcess(engine_path, "m", *flags) as server:
+    with ServerProcess(engine_path, "m", *TRUST, *flags) as server:
         asyncio.run(_clients(server.http, name, output, x, seconds=min(2.0, seconds)))  # warm up
         executions, items = server.metric("nv_inference_exec_count"), server.metric("nv_inference_count")
         with LoadMonitor() as load:
@@ -281,6 +286,15 @@ def served_throughput(engine_path: Path, engine: es.Engine, x: np.ndarray, secon
         executions = server.metric("nv_inference_exec_count") - executions
         items = server.metric("nv_inference_count") - items
     return {**result, "average_batch": items / executions if executions else None, "load": load.facts}
+
+
+def build_image_engine(onnx_path: Path, device: str) -> es.Engine:
+    """The MobileNetV2-like engine: ONNX Runtime's default on the CPU; on CUDA the torch backend in fp16 with the
+    batch sizes a 16-client batcher forms compiled ahead."""
+    if device == "cpu":
+        return es.build(onnx_path, verify=False)
+    return es.build(onnx_path, backend="torch", precision="fp16", verify=False,
+                    backend_options={"device": device, "batches": [1, 2, 4, 8, CLIENTS]})
 
 
 def in_process_throughput(engine: es.Engine, x1: np.ndarray, batch: int, seconds: float) -> dict:
@@ -401,6 +415,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the latency comparison (1.)")
     parser.add_argument("--runs", type=int, default=100, help="timed requests per target in the latency comparison")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the MobileNetV2-like engine on the GPU (torch backend, fp16)")
     parser.add_argument("--latency-only", action="store_true", help="only the low-load latency comparison (1.)")
     parser.add_argument("--json", type=Path, default=RESULTS / "serve.json")
     args = parser.parse_args()
@@ -408,14 +423,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="enginesmith-serve-bench-") as tmp:
         folder = Path(tmp)
         samples.save(samples.mobilenet_v2_like(image_size=args.image_size), folder / "mobilenet_v2_like.onnx")
-        mobilenet_path = es.build(folder / "mobilenet_v2_like.onnx", verify=False).save(folder / "mobilenet_v2_like.engine")
+        mobilenet_path = build_image_engine(folder / "mobilenet_v2_like.onnx", args.device).save(folder / "mobilenet_v2_like.engine")
         samples.save(samples.tiny_mlp(), folder / "mlp.onnx")
         mlp_path = es.build(folder / "mlp.onnx", verify=False).save(folder / "mlp.engine")
-        engine = es.load(mobilenet_path)
+        engine = es.load(mobilenet_path, trust_code=True)  # built just now, here: a torch engine's cache is ours
         name = engine.signature.input_names[0]
         x = np.random.default_rng(0).standard_normal((1, 3, args.image_size, args.image_size)).astype(np.float32)
 
-        with ServerProcess(mobilenet_path, "m") as server:
+        with ServerProcess(mobilenet_path, "m", *TRUST) as server:
             latency = low_load_latency(engine, server, x, args.rounds, args.runs)
         # the same on a tiny model: what the server itself costs per request, the engine's time being ~0
         mlp = es.load(mlp_path)
