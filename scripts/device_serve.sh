@@ -19,8 +19,13 @@ OUT=${OUT:-/tmp/device_serve}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$(pwd)/src${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import aiohttp, grpc, tritonclient.http, typer, rich" 2>/dev/null; then
-  python3 -m pip install -q --no-index --find-links .whl/serve aiohttp grpcio protobuf 'tritonclient[http]' typer rich \
-    || { echo "could not install the serve wheels from .whl/serve"; exit 2; }
+  WANT=(aiohttp grpcio protobuf 'tritonclient[http]' typer rich)
+  # Into the environment where it is writable, else beside it (a folder put on PYTHONPATH, the subprocesses too).
+  if ! python3 -m pip install -q --no-index --find-links .whl/serve "${WANT[@]}"; then
+    python3 -m pip install -q --no-index --find-links .whl/serve --target /tmp/serve-site "${WANT[@]}" \
+      || { echo "could not install the serve wheels from .whl/serve"; exit 2; }
+    export PYTHONPATH=$PYTHONPATH:/tmp/serve-site
+  fi
 fi
 python3 -c "import tritonclient, grpc, aiohttp; print('tritonclient', tritonclient.__version__ if hasattr(tritonclient, '__version__') else '?', 'grpcio', grpc.__version__, 'aiohttp', aiohttp.__version__)"
 nproc
