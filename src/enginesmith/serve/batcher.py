@@ -291,11 +291,12 @@ class DynamicBatcher:
         self._executed(ExecutionRecord(1, pending.rows or 1, time.perf_counter_ns() - started))
         self._answer(pending, outputs)
 
-
     def _call(self, feeds: dict[str, np.ndarray], rows: int | None) -> dict[str, np.ndarray]:
         """The engine on ``feeds``, padded up to a preferred batch size when one holds ``rows`` and is larger."""
-        size = next((size for size in self.options.preferred_batches if rows is not None and size >= rows), rows)
-        if size == rows or rows is None or rows < 1:
+        if rows is None or rows < 1:
+            return self._run(feeds)
+        size = next((size for size in self.options.preferred_batches if size >= rows), rows)
+        if size == rows:
             return self._run(feeds)
         padded = {name: np.concatenate([value, np.repeat(value[-1:], size - rows, axis=0)]) for name, value in feeds.items()}
         outputs = self._run(padded)
