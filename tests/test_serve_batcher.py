@@ -116,6 +116,24 @@ def test_serving_an_engine_compiled_for_fixed_batches_uses_them():
     assert batching_for(any_size, ServeOptions()).preferred_batches == ()
 
 
+def test_a_ray_front_end_reads_the_compiled_batches_from_the_manifest():
+    """The front end of serve --ray has the manifest only; it must agree with the loaded engine's session."""
+    from types import SimpleNamespace
+
+    from enginesmith.serve.ray_backend import RemoteEngine
+
+    def remote(build: dict) -> RemoteEngine:
+        engine = RemoteEngine.__new__(RemoteEngine)
+        engine.manifest = SimpleNamespace(checks={"build": build})
+        return engine
+
+    cuda = {"compile": "inductor", "device": "cuda:0", "dynamic": False, "batches": [8, 1]}
+    assert remote(cuda).compiled_batches == (1, 8)
+    assert remote({**cuda, "device": "cpu", "dynamic": True}).compiled_batches == ()
+    assert remote({**cuda, "compile": "eager"}).compiled_batches == ()
+    assert remote({}).compiled_batches == ()  # ONNX Runtime, OpenVINO, TensorRT: any size alike
+
+
 def test_requests_of_other_shapes_are_not_merged():
     runner = RecordingRunner()
     batcher, first = _held_batcher(runner, max_batch=32)

@@ -103,6 +103,15 @@ class RemoteEngine:
         # as Engine.max_batch: the payload's fixed batch, else the backend's limit
         return self.signature.fixed_batch() or self.manifest.build_options.get("backend_options", {}).get("max_batch")
 
+    @property
+    def compiled_batches(self) -> tuple[int, ...]:
+        # as Engine.compiled_batches, from what the build recorded: the torch backend's CUDA engines compile
+        # fixed batch sizes (its session's compiled_batches), every other engine runs any size alike
+        build = self.manifest.checks.get("build") or {}
+        if build.get("compile") != "inductor" or build.get("dynamic", True) or not str(build.get("device", "")).startswith("cuda"):
+            return ()
+        return tuple(sorted({int(size) for size in build.get("batches") or []}))
+
     def infer(self, feeds: Any) -> dict[str, np.ndarray]:
         raise RuntimeError("a served-on-Ray engine runs in its replicas, not in the front end")
 
