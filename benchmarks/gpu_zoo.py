@@ -226,9 +226,10 @@ def run_one(name: str, args: argparse.Namespace, save: Callable[[dict], None] = 
         build = {"cold_build_s": round(build_s, 1),
                  "details": {k: engine.manifest.checks["build"].get(k) for k in
                              ("source", "export_seconds", "compile_seconds", "served_shapes", "compiled_vs_exported_rel_l2",
-                              "fuse_conv", "patch_conv", "fuse_mha", "fuse_gelu", "compile_breakdown")}}
+                              "fuse_conv", "patch_conv", "fuse_mha", "fuse_gelu", "compile_breakdown",
+                              "cudnn_benchmark", "cudnn_search_ms")}}
         build["stages"] = engine.manifest.checks.get("stages")  # where the cold build's time went
-        if not args.skip_warm_load and source == "auto" and not extra:  # the other engines load the same way: timed once
+        if not args.skip_warm_load and source == "auto":  # options such as cudnn_benchmark change the load too
             build.update(warm_load_seconds(path, device))
         record["builds"][label] = build
         session = engine._session  # run_torch keeps inputs and outputs on the device

@@ -359,6 +359,63 @@ def test_cudnn_benchmark_limit_is_recorded_and_set_again_at_load():
     assert torch.backends.cudnn.benchmark_limit == 0
 
 
+@pytest.mark.parametrize("value", ["sometimes", 2])
+def test_bad_cudnn_benchmark_is_refused_by_name(value):
+    with pytest.raises(BuildError, match=r"cudnn_benchmark must be auto, true or false"):
+        es.build(make_mlp(), backend="torch", backend_options={**EAGER, "cudnn_benchmark": value})
+
+
+def test_heuristics_are_kept_only_when_as_fast_at_every_batch():
+    from enginesmith.backends.torch_compile.cudnn_search import keeps_heuristics
+
+    assert keeps_heuristics({"1": 0.300, "128": 5.00}, {"1": 0.305, "128": 5.05})
+    assert not keeps_heuristics({"1": 0.300, "128": 5.00}, {"1": 0.290, "128": 5.20})  # 4% slower at 128
+    assert not keeps_heuristics({}, {})  # nothing timed: nothing shows the heuristics are as fast
+
+
+def test_convolutions_are_found_in_the_exported_program():
+    from enginesmith.backends.torch_compile.cudnn_search import has_convolutions
+
+    conv = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.ReLU())
+    assert has_convolutions(torch.export.export(conv, (torch.zeros(1, 2, 8),)))
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    assert not has_convolutions(torch.export.export(mlp, (torch.zeros(1, 4),)))
+
+
+def test_cudnn_search_is_decided_by_timing_at_build_and_followed_at_load(tmp_path):
+    """"auto": a conv engine in CUDA graphs times cuDNN's search against its heuristics and records which it
+    kept; the load searches only when the search was kept. Forced values and models without convolutions
+    are not timed."""
+    from enginesmith.backends.torch_compile.cudnn_search import keeps_heuristics
+
+    model = samples.small_cnn(image_size=16, channels=3)
+    options = COMPILED if CUDA else EAGER
+    engine = es.build(model, backend="torch", backend_options=options)
+    details = engine.manifest.checks["build"]
+    path = engine.save(tmp_path / "cnn.engine")
+    meta = tc.unpack_payload(zipfile.ZipFile(path).read(f"payload/{tc.PAYLOAD_NAME}"))[0]
+    if not CUDA:  # no cuDNN: nothing to search or time
+        assert meta["cudnn_benchmark"] is False and not details["cudnn_search_ms"]
+        return
+    timings = details["cudnn_search_ms"]
+    assert set(timings) == {"1", "3"} and all(t["search"] > 0 and t["heuristics"] > 0 for t in timings.values())
+    kept_heuristics = keeps_heuristics({b: t["search"] for b, t in timings.items()},
+                                       {b: t["heuristics"] for b, t in timings.items()})
+    assert meta["cudnn_benchmark"] is (not kept_heuristics)
+    assert any(line.startswith("cuDNN") for line in engine.manifest.build_log)
+    torch.backends.cudnn.benchmark = False
+    try:
+        loaded = es.load(path, trust_code=True)
+        assert torch.backends.cudnn.benchmark is (not kept_heuristics)
+        assert_matches_onnxruntime(loaded, model, batches=(1, 3), rtol=1e-3, atol=1e-4)
+    finally:
+        torch.backends.cudnn.benchmark = False
+    forced = es.build(model, backend="torch", backend_options={**options, "cudnn_benchmark": True})
+    assert forced.manifest.checks["build"]["cudnn_search_ms"] == {}
+    mlp = es.build(make_mlp(), backend="torch", backend_options=options)
+    assert mlp.manifest.checks["build"]["cudnn_benchmark"] is False  # no convolutions: nothing to search
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_engines_take_and_return_fp32(precision):
     """Forced on the CPU (CI), native on a GPU: fp32 in and out, reduced precision inside."""

@@ -41,10 +41,13 @@ Backend options (``BuildOptions.backend_options``)
     ``tf32``       allow TF32 in fp32 engines (default False: only when the budget allows)
     ``channels_last``  "auto" (CUDA + 4-D convolution inputs), true or false
     ``inductor``   extra Inductor options, e.g. {"coordinate_descent_tuning": false} or {"freezing": true}
-    ``cudnn_benchmark``  let cuDNN time its convolution algorithms for each shape (default true
-                   on CUDA; process-wide, like PyTorch's flag): Inductor's autotuning compares
-                   against the cuDNN convolution, so with heuristics alone it compares against a
-                   possibly slower algorithm than cuDNN can run
+    ``cudnn_benchmark``  let cuDNN time its convolution algorithms for each shape: "auto" (default
+                   on CUDA), true or false (process-wide, like PyTorch's flag, and never turned off).
+                   The build always searches (Inductor's autotuning compares against the cuDNN
+                   convolution); "auto" then times the engine's CUDA graphs against a capture with
+                   cuDNN's heuristics and keeps the heuristics when they are as fast (within 2% at
+                   every batch), so the load need not search again: the search is seconds per
+                   distinct convolution shape on every load (``cudnn_search``)
     ``cudnn_benchmark_limit``  how many cuDNN algorithms that search times per shape (PyTorch's
                    default 10; 0 times every one): recorded, and set again at load
     ``fuse_conv``  "auto" (= "dense" on CUDA for convolutional models, else false), "dense"

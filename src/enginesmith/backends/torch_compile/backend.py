@@ -25,6 +25,7 @@ from .common import (CACHES_ENV, EXTRA_HINT, PAYLOAD_FORMAT, PAYLOAD_NAME, TORCH
 from .compile import (_aoti_compile, _aoti_load, _benchmark_limit, _cache_tag, _fresh_artifacts, _fused_module,
                       _GraphedRunner, _set_cudnn_benchmark, _set_fp32_math, _warm, captured_graphs, compile_module,
                       needs_rewrite)
+from .cudnn_search import settle_cudnn_search, wanted_search
 from .export import (_has_conv2d, _wrapper_class, allow_size_one, cpu_copies, export_program, served_ranges,
                      served_shapes, shape_text, specialized_dims)
 from .mha import has_packable_attention, pack_self_attention
@@ -221,7 +222,8 @@ class TorchCompileBackend(Backend):
             "graphs": "captured" if cudagraphs and kind == "inductor" else None,
             "channels_last": bool(channels_last),
             "tf32": bool(bo.get("tf32", False)) and precision == "fp32",
-            "cudnn_benchmark": bool(bo.get("cudnn_benchmark", True)) and cuda,
+            # "auto" until the build has timed cuDNN's search against its heuristics (cudnn_search)
+            "cudnn_benchmark": wanted_search(bo.get("cudnn_benchmark"), cuda),
             "cudnn_benchmark_limit": benchmark_limit if cuda else None,
             "fuse_conv": fuse_conv,
             "fuse_linear": fuse_linear,
@@ -327,6 +329,7 @@ class TorchCompileBackend(Backend):
         cache: bytes | None = None
         aoti: bytes | None = None
         warm_s: dict[int, float] = {}
+        graphed_from = None  # the runner the CUDA graphs were captured from
         _set_cudnn_benchmark(torch, meta)
         compile_started = time.perf_counter()
         compile_breakdown: dict[str, float] = {}  # per batch: Dynamo tracing, Inductor, the first calls
@@ -347,6 +350,7 @@ class TorchCompileBackend(Backend):
             log.append(f"AOTInductor package compiled ({len(aoti) / 2**20:.1f} MiB, mode {meta['mode']}) in "
                        f"{time.perf_counter() - compile_started:.1f} s")
             if cuda and meta["cudagraphs"]:
+                graphed_from = compiled
                 compiled = _GraphedRunner(compiled, signature, device, meta["batches"], log, meta.get("example_shapes"))
         else:
             compiled = compile_module(runnable, meta)
@@ -360,6 +364,7 @@ class TorchCompileBackend(Backend):
                 saved = torch.compiler.save_cache_artifacts()
             cache = saved[0] if saved else None
             if captured_graphs(meta):
+                graphed_from = compiled
                 compiled = _GraphedRunner(compiled, signature, device, meta["batches"], log, meta.get("example_shapes"))
             where = "CUDA, fixed batches " + ", ".join(map(str, meta["batches"])) if cuda else (
                 "CPU, dynamic batch" if meta["dynamic"] else "CPU")
@@ -369,6 +374,7 @@ class TorchCompileBackend(Backend):
                 + f"; compile {sum(warm_s.values()):.1f} s"
                 + (f"; compiler cache {len(cache) / 2**20:.1f} MiB stored for warm loads" if cache else "; no compiler cache recorded")
             )
+        compiled, cudnn_timings = settle_cudnn_search(meta, program, compiled, graphed_from, signature, log)
         compile_s = time.perf_counter() - compile_started
         step("compiling", len(meta["warm_batches"]), len(meta["warm_batches"]))
         check = self._self_check(compiled, eager, meta, signature)
@@ -394,6 +400,7 @@ class TorchCompileBackend(Backend):
             "channels_last": meta["channels_last"],
             "cudnn_benchmark": meta["cudnn_benchmark"],
             "cudnn_benchmark_limit": meta["cudnn_benchmark_limit"],
+            "cudnn_search_ms": cudnn_timings,
             "fuse_conv": meta["fuse_conv"],
             "fuse_linear": meta["fuse_linear"],
             "patch_conv": meta["patch_conv"],
