@@ -10,11 +10,17 @@ of distinct depthwise shapes, at two batch sizes), against about 2 s for ResNet-
 captures the same compiled model again with cuDNN's heuristic choice and times both. When the
 heuristics are as fast, within ``TOLERANCE`` at every compiled batch, the engine keeps them and loads
 without searching; otherwise it keeps the searched algorithms and pays the search at load.
+
+The heuristic capture runs on a thread of its own. PyTorch looks a convolution up in its cache of
+chosen plans before it reads the flag, and that cache is per thread (``benchmark_cache`` in
+``aten/src/ATen/native/cudnn/Conv_v8.cpp``): on the build's thread, with the flag off, every
+convolution would replay the plan the search chose, and the comparison would measure nothing.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -65,6 +71,26 @@ def _time_ms(runner: Callable, inputs: tuple, device: str) -> float:
     return start.elapsed_time(end) / CALLS_PER_ROUND
 
 
+def _on_fresh_thread(make: Callable[[], Callable], device: str) -> Callable:
+    """``make()`` on a new thread, whose cache of cuDNN plans is empty (this thread waits for it)."""
+    torch = _torch()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            with torch.cuda.device(device):
+                outcome["runner"] = make()
+        except BaseException as exc:  # noqa: BLE001 - raised again on the calling thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="enginesmith-cudnn-heuristics")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["runner"]
+
+
 def compare_search(searched: Callable, make_runner: Callable[[], Callable], inputs_per_batch: Mapping[int, tuple],
                    device: str) -> tuple[Callable, dict[str, dict[str, float]]]:
     """``make_runner()`` under cuDNN's heuristics against ``searched`` (built with the search), timed in
@@ -75,10 +101,10 @@ def compare_search(searched: Callable, make_runner: Callable[[], Callable], inpu
     torch = _torch()
     torch.backends.cudnn.benchmark = False
     try:
-        heuristic = make_runner()
+        heuristic = _on_fresh_thread(make_runner, device)
         rounds: dict[int, tuple[list[float], list[float]]] = {batch: ([], []) for batch in inputs_per_batch}
         for batch, inputs in inputs_per_batch.items():
-            _time_ms(heuristic, inputs, device)  # the first calls of an uncaptured runner choose its algorithms
+            _time_ms(heuristic, inputs, device)  # an untimed round first, as the searched runner had its calls
             for _ in range(ROUNDS):
                 rounds[batch][0].append(_time_ms(searched, inputs, device))
                 rounds[batch][1].append(_time_ms(heuristic, inputs, device))
