@@ -29,7 +29,7 @@ if ! python3 -c "import aiohttp, grpc, tritonclient.http, typer, rich" 2>/dev/nu
 fi
 # The CUDA engine is built from ONNX: the torch backend converts it with onnx2torch (a wheel in .whl/, see gpu_zoo.sh).
 if ! python3 -c "import onnx2torch" 2>/dev/null && ls .whl/onnx2torch-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 fi
 [ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
 python3 -c "import tritonclient, grpc, aiohttp; print('tritonclient', tritonclient.__version__ if hasattr(tritonclient, '__version__') else '?', 'grpcio', grpc.__version__, 'aiohttp', aiohttp.__version__)"
