@@ -78,9 +78,17 @@ def accuracy(got: list, want: list, kind: str) -> dict[str, float]:
 
 def warm_load_seconds(path: Path, device: str) -> dict[str, Any]:
     """Load the engine in a fresh process with empty Inductor/Triton cache folders (the cache the engine carries is all)."""
+    # Besides the seconds: Inductor's graph-cache hits and misses, how many Triton kernels the load benchmarked
+    # again (none when the engine's autotuning results were found) and where Python's bytecode cache was.
     script = ("import json, sys, time\nt0 = time.perf_counter()\nimport torch, enginesmith as es\n"
+              "from torch._dynamo.utils import counters\nfrom torch._inductor.runtime import triton_heuristics as th\n"
+              "bench = []\nplain = th.CachingAutotuner.benchmark_all_configs\n"
+              "th.CachingAutotuner.benchmark_all_configs = lambda self, *a, **k: bench.append(1) or plain(self, *a, **k)\n"
               "t = time.perf_counter()\nprint('IMPORT', t - t0)\n"
               "engine = es.load(sys.argv[1], trust_code=True)\nprint('LOAD', time.perf_counter() - t)\n"
+              "print('COUNTS', json.dumps({'fx_hits': counters['inductor']['fxgraph_cache_hit'],\n"
+              "      'fx_misses': counters['inductor']['fxgraph_cache_miss'], 'kernels_benchmarked': len(bench),\n"
+              "      'pycache_prefix': sys.pycache_prefix}))\n"
               "print('STEPS', json.dumps(getattr(engine._session, 'load_steps', {})))\n"
               "print('BREAKDOWN', json.dumps(getattr(engine._session, 'load_breakdown', {})))\n")
     with tempfile.TemporaryDirectory(prefix="zoo-cache-") as tmp:
@@ -94,6 +102,8 @@ def warm_load_seconds(path: Path, device: str) -> dict[str, Any]:
             found["import_s"] = round(float(line.split()[1]), 2)  # torch + enginesmith, before the load timed above
         elif line.startswith("STEPS "):
             found["load_steps"] = json.loads(line[6:])
+        elif line.startswith("COUNTS "):
+            found["load_counts"] = json.loads(line[7:])
         elif line.startswith("BREAKDOWN "):  # each compile_batch_N as Dynamo tracing, Inductor, first calls
             found["load_breakdown"] = json.loads(line[10:])
     if "warm_load_s" in found:

@@ -154,12 +154,25 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
     assert_matches_onnxruntime(loaded, model, batches=(1, 3))
 
     # A fresh process with empty compiler caches: the engine's own cache makes it a warm load.
+    # Inductor's counters say whether the load compiled anything, and a patched autotuner counts the Triton
+    # kernels a load benchmarked again (private APIs: left out where this torch lacks them).
     script = (
         "import json, sys, numpy as np, enginesmith as es\n"
+        "from torch._dynamo.utils import counters\n"
+        "benchmarked = []\n"
+        "try:\n"
+        "    from torch._inductor.runtime import triton_heuristics as th\n"
+        "    plain = th.CachingAutotuner.benchmark_all_configs\n"
+        "    th.CachingAutotuner.benchmark_all_configs = lambda self, *a, **k: benchmarked.append(1) or plain(self, *a, **k)\n"
+        "except (ImportError, AttributeError):\n"
+        "    benchmarked = None\n"
         "e = es.load(sys.argv[1], trust_code=True)\n"
         "y = e(x=np.ones((3, 6), np.float32))['probs']\n"
         "print(json.dumps({'cache': e._session.cache_info, 'load_s': e._session.load_seconds, 'y': y.tolist(),\n"
-        "                  'steps': e._session.load_steps, 'breakdown': e._session.load_breakdown}))\n"
+        "                  'steps': e._session.load_steps, 'breakdown': e._session.load_breakdown,\n"
+        "                  'fx_hits': counters['inductor']['fxgraph_cache_hit'],\n"
+        "                  'fx_misses': counters['inductor']['fxgraph_cache_miss'],\n"
+        "                  'benchmarked': benchmarked if benchmarked is None else len(benchmarked)}))\n"
     )
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton"),
            "PYTHONPATH": os.pathsep.join([str(Path(es.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
@@ -167,6 +180,9 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["cache"] == "compiler cache loaded"
+    assert result["fx_hits"] >= 1 and result["fx_misses"] == 0  # every graph came from the engine's cache
+    if CUDA and result["benchmarked"] is not None:  # and the kernels' autotuning results with it
+        assert result["benchmarked"] == 0
     # Each batch's compile on load is split into Dynamo's tracing, Inductor and the first calls, which add up.
     batches = [key.removeprefix("compile_batch_") for key in result["steps"] if key.startswith("compile_batch_")]
     assert batches
@@ -341,12 +357,13 @@ def test_bad_cudnn_benchmark_limit_is_refused_by_name(limit):
 
 
 def test_cudnn_benchmark_limit_is_recorded_and_set_again_at_load():
+    """The limit applies to cuDNN's search, so the engine asks for the search (an MLP alone would not)."""
     from enginesmith.importers import import_model
 
     imported = import_model(make_mlp())
     backend = get_backend("torch")
     result = backend.build(imported.model, imported.signature,
-                           BuildOptions(backend_options={**EAGER, "cudnn_benchmark_limit": 0}))
+                           BuildOptions(backend_options={**EAGER, "cudnn_benchmark": True, "cudnn_benchmark_limit": 0}))
     meta = tc.unpack_payload(result.payload)[0]
     if not CUDA:  # no cuDNN on the CPU: nothing to record
         assert meta["cudnn_benchmark_limit"] is None

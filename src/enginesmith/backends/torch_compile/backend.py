@@ -7,7 +7,6 @@ import importlib.util
 import os
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -231,7 +230,11 @@ class TorchCompileBackend(Backend):
             "fuse_gelu": fuse_gelu,
             "fuse_mha": fuse_mha,
             "fuse_attention": fuse_attention,
-            "tag": f"enginesmith-{uuid.uuid4().hex}",
+            # No cache-key tag (engines before 2026-12-03 had one per build): Inductor computes a Triton kernel's
+            # autotuning key in whichever process compiles it, and its compile workers never see a tag, so a
+            # tagged build recorded keys that the tagged load, rechecking in the main process, never found and
+            # every load benchmarked its kernels again (9.8 s of EfficientNet-B0's 25.8 s warm load on the H200).
+            "tag": "",
             "torch": self.version(),
             "triton": _triton_version() if cuda else "n/a",
         }

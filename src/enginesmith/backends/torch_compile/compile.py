@@ -35,8 +35,12 @@ def _fresh_artifacts() -> Iterator[None]:
 
 @contextmanager
 def _cache_tag(tag: str) -> Iterator[None]:
-    """Key the compiler caches by this engine, so a build always compiles (and records) afresh."""
+    """The compiler caches keyed by the tag an older engine was built under, so its load finds its graphs;
+    engines now have no tag (their builds may hit the local caches, and a hit is recorded all the same)."""
     torch = _torch()
+    if not tag:
+        yield
+        return
     config = getattr(torch.compiler, "config", None)
     if config is not None and hasattr(config, "cache_key_tag"):
         with config.patch(cache_key_tag=tag):
