@@ -46,6 +46,7 @@ RECORDS_IN_ORDER = [
     "gpu_zoo_h200_max_autotune_9.json",          # 2026-12-03 15:36, current defaults
     "gpu_zoo_h200_bert_onnx.json",               # 2026-12-03 16:00, current defaults, from ONNX too
     "gpu_zoo_h200_warm_loads.json",              # 2026-12-03 17:35, current defaults, every model: warm loads
+    "gpu_zoo_h200_cudnn_auto.json",              # 2026-12-03 19:52, cuDNN search timed at build (heuristics kept)
 ]
 
 # model -> (record, engine row) against max-autotune with what the current defaults build. The rewrites added
