@@ -205,6 +205,22 @@ def pyav_frames(path: Path, size: tuple[int, int] | None = None) -> Iterator[np.
             yield frame.to_ndarray(format="bgr24", **scaled)
 
 
+def _has_simplejpeg() -> bool:
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def simplejpeg_frames(folder: Path, reduction: int) -> Iterator:
+    import simplejpeg
+
+    for path in sorted(folder.glob("*.jpg")):
+        yield simplejpeg.decode_jpeg(path.read_bytes(), colorspace="BGR", fastdct=True, fastupsample=True,
+                                     min_height=FRAME_H // reduction, min_width=FRAME_W // reduction)
+
+
 def measure_decoders(paths: dict[str, Path], frames: int) -> list[dict]:
     import cv2
 
@@ -225,6 +241,11 @@ def measure_decoders(paths: dict[str, Path], frames: int) -> list[dict]:
                 source = vision.open_source(str(path))
                 add(kind, f"enginesmith source (OpenCV, {label})", lambda: (f.pixels for f in source.frames()))
                 source.close()
+        if kind.startswith("JPEG folder") and _has_simplejpeg():
+            # Another libjpeg-turbo binding, with its fast (less exact) IDCT and upsampling: whether the decoder
+            # choice matters where a frame's entropy decoding (noise: ~180 KB a frame) is most of the cost.
+            add(kind, "simplejpeg, fastdct, at 1/2 (reference only)", lambda: simplejpeg_frames(path, 2))
+            add(kind, "simplejpeg, fastdct, full size (reference only)", lambda: simplejpeg_frames(path, 1))
         if not kind.startswith("JPEG folder") and _has_pyav():
             add(kind, "PyAV, frame threading", lambda: pyav_frames(path))
             add(kind, "PyAV, frame threading, scaled to 320x240 (reference only)", lambda: pyav_frames(path, (320, 240)))
