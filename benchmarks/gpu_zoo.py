@@ -323,6 +323,9 @@ def print_table(records: list[dict[str, Any]]) -> str:
         for label, build in record.get("builds", {}).items():
             text = build.get("error") or ", ".join(f"{k} {build[k]}" for k in ("compile_s", "cold_build_s", "warm_load_s",
                                                                                 "warm_load_error") if k in build)
+            if not build.get("error") and "load_counts" in build:  # what the warm load compiled or tuned again
+                counts = build["load_counts"]
+                text += f", load: {counts['fx_misses']} graph misses, {counts['kernels_benchmarked']} kernels tuned"
             lines.append(f"{record['model']:<20} {'':>5}  {label:<38} {text[:120]}")
     table = "\n".join(lines)
     print(table, flush=True)
