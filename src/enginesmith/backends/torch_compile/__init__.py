@@ -24,6 +24,9 @@ Payload
     ``inductor_cache.bin`` (``torch.compiler.save_cache_artifacts()``: the compiled
     graphs, Triton kernels and autotuning results). Loading replays the cache, so a
     load on the same platform takes seconds instead of the minutes of autotuning.
+    The artifacts keep Inductor's own cache keys: a per-build key tag (engines built
+    before 2026-12-03) made the Triton autotuning results unfindable at load, since
+    compile workers compute those keys without the tag.
     The compiler cache is *code* (pickled compiled graphs and kernel binaries): load
     engines of this backend only from builders you trust, or set
     ``ENGINESMITH_TORCH_CACHES=0`` to ignore the cache and recompile on load.
