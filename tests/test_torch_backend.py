@@ -166,23 +166,32 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
         "    th.CachingAutotuner.benchmark_all_configs = lambda self, *a, **k: benchmarked.append(1) or plain(self, *a, **k)\n"
         "except (ImportError, AttributeError):\n"
         "    benchmarked = None\n"
+        "from torch._inductor import cpp_builder\n"
+        "libraries = []\n"
+        "build = cpp_builder.CppBuilder.build\n"
+        "cpp_builder.CppBuilder.build = lambda self, *a, **k: (libraries.append(self.get_target_file_path())\n"
+        "                                                      or build(self, *a, **k))\n"
         "e = es.load(sys.argv[1], trust_code=True)\n"
         "y = e(x=np.ones((3, 6), np.float32))['probs']\n"
         "print(json.dumps({'cache': e._session.cache_info, 'load_s': e._session.load_seconds, 'y': y.tolist(),\n"
         "                  'steps': e._session.load_steps, 'breakdown': e._session.load_breakdown,\n"
         "                  'fx_hits': counters['inductor']['fxgraph_cache_hit'],\n"
         "                  'fx_misses': counters['inductor']['fxgraph_cache_miss'],\n"
-        "                  'benchmarked': benchmarked if benchmarked is None else len(benchmarked)}))\n"
+        "                  'benchmarked': benchmarked if benchmarked is None else len(benchmarked),\n"
+        "                  'compiled_libraries': [p for p in libraries if p.endswith('.so')]}))\n"
     )
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton"),
            "PYTHONPATH": os.pathsep.join([str(Path(es.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["cache"] == "compiler cache loaded"
+    assert result["cache"].startswith("compiler cache loaded")
     assert result["fx_hits"] >= 1 and result["fx_misses"] == 0  # every graph came from the engine's cache
     if CUDA and result["benchmarked"] is not None:  # and the kernels' autotuning results with it
         assert result["benchmarked"] == 0
+    if not CUDA:  # and the C++ kernels compiled at build, which PyTorch's cache artifacts leave out
+        assert "compiled kernel libraries installed" in result["cache"]
+        assert result["compiled_libraries"] == []
     # Each batch's compile on load is split into Dynamo's tracing, Inductor and the first calls, which add up.
     batches = [key.removeprefix("compile_batch_") for key in result["steps"] if key.startswith("compile_batch_")]
     assert batches
@@ -198,6 +207,40 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
     recompiled = es.load(path)
     assert recompiled._session.cache_info.startswith("compiler cache not used")
     assert_matches_onnxruntime(recompiled, model, batches=(3,))
+
+
+def test_compiled_kernel_libraries_go_into_the_cache_folder_and_nowhere_else(tmp_path, monkeypatch):
+    """A CPU engine's kernel libraries: collected by their cache paths, written where none is yet, and a payload
+    entry outside a cache's layout (a path escape) refused by name."""
+    from enginesmith.backends.torch_compile import native_kernels
+    from enginesmith.backends.torch_compile.payload import read_native
+
+    built = tmp_path / "built"
+    for name, data in {"ab/cab1.so": b"one", "cd/ccd2.main.so": b"two", "ab/cab1.cpp": b"source"}.items():
+        (built / name).parent.mkdir(parents=True, exist_ok=True)
+        (built / name).write_bytes(data)
+    kernels = native_kernels.collect(built)
+    assert kernels == {"ab/cab1.so": b"one", "cd/ccd2.main.so": b"two"}
+
+    cache = tmp_path / "cache"
+    (cache / "cd").mkdir(parents=True)
+    (cache / "cd" / "ccd2.main.so").write_bytes(b"already here")
+    monkeypatch.setenv(native_kernels.CACHE_DIR_ENV, str(cache))
+    assert native_kernels.install(kernels) == 1
+    assert (cache / "ab" / "cab1.so").read_bytes() == b"one"
+    assert (cache / "cd" / "ccd2.main.so").read_bytes() == b"already here"
+    assert sorted(p.name for p in cache.rglob("*")) == ["ab", "cab1.so", "ccd2.main.so", "cd"]  # no temp files left
+
+    payload = tc.pack_payload({"format": tc.PAYLOAD_FORMAT}, b"program", None, None, kernels)
+    assert read_native(payload) == kernels
+    escaping = io.BytesIO()
+    with zipfile.ZipFile(escaping, "w") as archive:
+        archive.writestr("meta.json", "{}")
+        archive.writestr("native/../../evil.so", b"x")
+    with pytest.raises(es.EnginesmithError, match=r"native kernel at '\.\./\.\./evil\.so'.*refusing"):
+        read_native(escaping.getvalue())
+    with pytest.raises(es.EnginesmithError, match="refusing"):
+        tc.pack_payload({}, b"program", None, None, {"/etc/evil.so": b"x"})
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need ENGINESMITH_TEST_DEVICE=cuda")

@@ -26,7 +26,9 @@ Payload
     load on the same platform takes seconds instead of the minutes of autotuning.
     The artifacts keep Inductor's own cache keys: a per-build key tag (engines built
     before 2026-12-03) made the Triton autotuning results unfindable at load, since
-    compile workers compute those keys without the tag.
+    compile workers compute those keys without the tag. A CPU engine also carries the
+    C++ kernel libraries Inductor compiled (``native/``, see ``native_kernels``), which
+    the artifacts leave out; ``ENGINESMITH_TORCH_KERNEL_LIBRARIES=0`` compiles them again.
     The compiler cache is *code* (pickled compiled graphs and kernel binaries): load
     engines of this backend only from builders you trust, or set
     ``ENGINESMITH_TORCH_CACHES=0`` to ignore the cache and recompile on load.

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +19,7 @@ from ...host import host_fingerprint
 from ...native_source import NativeSource
 from ...signature import Signature
 from ..base import Availability, Backend, BuildOptions, BuildResult, Calibration, ProgressCallback, Session, node_names
+from . import native_kernels
 from .common import (CACHES_ENV, EXTRA_HINT, PAYLOAD_FORMAT, PAYLOAD_NAME, TORCH_PRECISIONS, _cxx_compiler,
                      _nvidia_present, _torch, _torch_dtype, _triton_version, device_facts, example_inputs,
                      resolve_device)
@@ -30,7 +32,7 @@ from .export import (_has_conv2d, _wrapper_class, allow_size_one, cpu_copies, ex
 from .mha import has_packable_attention, pack_self_attention
 from .native import retarget_program, source_module, usable_source
 from .onnx_convert import onnx_to_torch, op_status, retarget_casts
-from .payload import _load_program, _save_program, pack_payload, unpack_payload
+from .payload import _load_program, _save_program, pack_payload, read_native, unpack_payload
 from .session import TorchSession
 
 def _compile_failure(exc: BaseException) -> str:
@@ -331,6 +333,7 @@ class TorchCompileBackend(Backend):
         runnable = _fused_module(program, meta, log) if needs_rewrite(meta) else eager
         cache: bytes | None = None
         aoti: bytes | None = None
+        kernel_libraries: dict[str, bytes] = {}
         warm_s: dict[int, float] = {}
         graphed_from = None  # the runner the CUDA graphs were captured from
         _set_cudnn_benchmark(torch, meta)
@@ -359,12 +362,16 @@ class TorchCompileBackend(Backend):
             compiled = compile_module(runnable, meta)
             if cuda and meta["precision"] == "fp32":
                 _set_fp32_math(torch, meta["tf32"])
-            with _fresh_artifacts(), _cache_tag(meta["tag"]):
-                try:
-                    warm_s = _warm(compiled, meta, signature, device, compile_breakdown)
-                except Exception as exc:  # noqa: BLE001 - Inductor failures are build failures
-                    raise BuildError(f"Inductor could not compile the model: {_compile_failure(exc)}") from None
-                saved = torch.compiler.save_cache_artifacts()
+            # On the CPU the compiled C++ kernels go into the payload too (native_kernels): compiled in a
+            # folder of their own, they are this engine's alone.
+            with (nullcontext() if cuda else native_kernels.private_cache_dir()) as private_folder:
+                with _fresh_artifacts(), _cache_tag(meta["tag"]):
+                    try:
+                        warm_s = _warm(compiled, meta, signature, device, compile_breakdown)
+                    except Exception as exc:  # noqa: BLE001 - Inductor failures are build failures
+                        raise BuildError(f"Inductor could not compile the model: {_compile_failure(exc)}") from None
+                    saved = torch.compiler.save_cache_artifacts()
+                kernel_libraries = native_kernels.collect(private_folder) if private_folder is not None else {}
             cache = saved[0] if saved else None
             if captured_graphs(meta):
                 graphed_from = compiled
@@ -376,6 +383,8 @@ class TorchCompileBackend(Backend):
                 + ("" if cuda else ": no autotuning on the CPU, so builds stay fast")
                 + f"; compile {sum(warm_s.values()):.1f} s"
                 + (f"; compiler cache {len(cache) / 2**20:.1f} MiB stored for warm loads" if cache else "; no compiler cache recorded")
+                + (f", with {len(kernel_libraries)} compiled kernel libraries "
+                   f"({sum(map(len, kernel_libraries.values())) / 2**20:.1f} MiB)" if kernel_libraries else "")
             )
         compiled, cudnn_timings = settle_cudnn_search(meta, program, compiled, graphed_from, signature, log)
         compile_s = time.perf_counter() - compile_started
@@ -384,7 +393,7 @@ class TorchCompileBackend(Backend):
         meta_out = {k: v for k, v in meta.items() if k != "warm_batches"}
         meta_out["warm_batches"] = meta["warm_batches"]
         meta_out["build_seconds"] = round(time.perf_counter() - started, 2)
-        payload = pack_payload(meta_out, program_bytes, cache, aoti)
+        payload = pack_payload(meta_out, program_bytes, cache, aoti, kernel_libraries)
         session = TorchSession(compiled, runnable, meta_out, signature)
         _HANDOFF.clear()
         _HANDOFF[hashlib.sha256(payload).hexdigest()] = session
@@ -529,6 +538,9 @@ class TorchCompileBackend(Backend):
             if cache and os.environ.get(CACHES_ENV, "1") != "0":
                 loaded = torch.compiler.load_cache_artifacts(cache)
                 info = "compiler cache loaded" if loaded is not None else "compiler cache unreadable here (recompiling)"
+                if not cuda and loaded is not None:
+                    written = native_kernels.install(read_native(data))
+                    info += f", {written} compiled kernel libraries installed" if written else ""
             else:
                 info = "compiler cache not used (recompiling)"
             mark = lap("cache_artifacts", mark)

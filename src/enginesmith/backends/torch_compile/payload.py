@@ -1,4 +1,5 @@
-"""The payload zip: ``meta.json``, ``program.pt2`` (pickle-free, checked), compiler cache, AOTI package."""
+"""The payload zip: ``meta.json``, ``program.pt2`` (pickle-free, checked), compiler cache, AOTI package, a CPU
+engine's compiled kernel libraries."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import io
 import json
 import warnings
 import zipfile
-from typing import Any
+from typing import Any, Mapping
 
 from ...errors import BuildError
+from . import native_kernels
 from .common import PAYLOAD_FORMAT, _torch
 
 def _check_pt2(data: bytes) -> None:
@@ -59,7 +61,8 @@ def _load_program(data: bytes):
         return torch.export.load(io.BytesIO(data))
 
 
-def pack_payload(meta: dict[str, Any], program: bytes, cache: bytes | None, aoti: bytes | None = None) -> bytes:
+def pack_payload(meta: dict[str, Any], program: bytes, cache: bytes | None, aoti: bytes | None = None,
+                 native: Mapping[str, bytes] | None = None) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr("meta.json", json.dumps(meta, indent=1, sort_keys=True))
@@ -68,7 +71,16 @@ def pack_payload(meta: dict[str, Any], program: bytes, cache: bytes | None, aoti
             archive.writestr("inductor_cache.bin", cache)
         if aoti:
             archive.writestr("aoti.pt2", aoti)
+        for name, data in (native or {}).items():  # a CPU engine's compiled kernels (native_kernels)
+            archive.writestr(native_kernels.ENTRY_PREFIX + native_kernels.checked_name(name), data)
     return buffer.getvalue()
+
+
+def read_native(payload: bytes) -> dict[str, bytes]:
+    """The compiled kernel libraries a payload carries, by their path in a compiler cache folder (checked)."""
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+        return {native_kernels.checked_name(name[len(native_kernels.ENTRY_PREFIX):]): archive.read(name)
+                for name in archive.namelist() if name.startswith(native_kernels.ENTRY_PREFIX)}
 
 
 def unpack_payload(payload: bytes) -> tuple[dict[str, Any], bytes, bytes | None, bytes | None]:
