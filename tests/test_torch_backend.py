@@ -209,18 +209,38 @@ def test_compiled_engine_saves_loads_warm_in_a_fresh_process_and_matches_onnxrun
     assert_matches_onnxruntime(recompiled, model, batches=(3,))
 
 
+@pytest.mark.skipif(CUDA, reason="the kernel libraries are a CPU engine's")
+def test_each_cpu_engine_carries_every_kernel_library_it_uses(tmp_path):
+    """Two engines built in one process with the same kernels: the second carries them too (compiled again into
+    its own folder, not reused from the first build's in-process tables and left out)."""
+    from enginesmith.backends.torch_compile.payload import read_native
+    from enginesmith.bundle import read_bundle
+
+    libraries = []
+    for seed in (1, 2):
+        engine = es.build(make_mlp(seed=seed), backend="torch", backend_options=COMPILED, verify=False)
+        libraries.append(read_native(read_bundle(engine.save(tmp_path / f"mlp{seed}.engine")).payload))
+    assert libraries[0] and set(libraries[1]) == set(libraries[0])
+
+
 def test_compiled_kernel_libraries_go_into_the_cache_folder_and_nowhere_else(tmp_path, monkeypatch):
     """A CPU engine's kernel libraries: collected by their cache paths, written where none is yet, and a payload
     entry outside a cache's layout (a path escape) refused by name."""
     from enginesmith.backends.torch_compile import native_kernels
     from enginesmith.backends.torch_compile.payload import read_native
 
+    monkeypatch.setattr(native_kernels, "_PROCESS_HELPERS", {})
     built = tmp_path / "built"
     for name, data in {"ab/cab1.so": b"one", "cd/ccd2.main.so": b"two", "ab/cab1.cpp": b"source"}.items():
         (built / name).parent.mkdir(parents=True, exist_ok=True)
         (built / name).write_bytes(data)
     kernels = native_kernels.collect(built)
     assert kernels == {"ab/cab1.so": b"one", "cd/ccd2.main.so": b"two"}
+    # A later build's folder lacks the helper the process compiled once; its payload gets it all the same.
+    later = tmp_path / "later"
+    (later / "ef").mkdir(parents=True)
+    (later / "ef" / "cef3.main.so").write_bytes(b"three")
+    assert native_kernels.collect(later) == {"ab/cab1.so": b"one", "ef/cef3.main.so": b"three"}
 
     cache = tmp_path / "cache"
     (cache / "cd").mkdir(parents=True)

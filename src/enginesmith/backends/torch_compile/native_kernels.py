@@ -30,10 +30,26 @@ ENTRY_PREFIX = "native/"
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_]{1,8}/[A-Za-z0-9_.-]{1,200}\.so$")
 
 
+def _forget_loaded_kernels() -> None:
+    """Empty Inductor's in-process tables of loaded C++ kernels, so that a kernel an earlier build in this
+    process compiled (models share plain ones, such as a ReLU over a buffer) is compiled into the fresh
+    folder too, instead of reused from memory and missing from the payload (6 of MobileNetV2's 74 when
+    it was built after ResNet-50). Kernels already loaded stay in use by what loaded them."""
+    try:
+        from torch._inductor import codecache
+    except ImportError:  # pragma: no cover
+        return
+    for name in ("CppCodeCache", "CppPythonBindingsCodeCache", "CppWrapperCodeCache"):
+        table = getattr(codecache, name, None)
+        if table is not None and hasattr(table, "cache_clear"):
+            table.cache_clear()
+
+
 @contextmanager
 def private_cache_dir() -> Iterator[Path]:
     """Inductor's caches in a fresh folder for the duration (process-wide, as its environment variable is)."""
     previous = os.environ.get(CACHE_DIR_ENV)
+    _forget_loaded_kernels()
     with tempfile.TemporaryDirectory(prefix="enginesmith-inductor-") as folder:
         os.environ[CACHE_DIR_ENV] = folder
         try:
@@ -45,10 +61,21 @@ def private_cache_dir() -> Iterator[Path]:
                 os.environ[CACHE_DIR_ENV] = previous
 
 
+# Libraries Inductor compiles once per process whatever the model (its probes of the CPU's vector
+# instruction sets, cached in memory after the first compile): what a process's first CPU build found,
+# for the payloads of its later builds, whose folders do not see them compiled. A load compiles them
+# otherwise (6 libraries, about 5 s on a 2-core CPU). The model's own kernels are the ".main.so" ones.
+_PROCESS_HELPERS: dict[str, bytes] = {}
+
+
 def collect(folder: Path) -> dict[str, bytes]:
-    """The compiled kernel libraries in ``folder``, by their path in it."""
+    """The compiled kernel libraries in ``folder`` by their path in it, with this process's helper libraries."""
     found = {path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*.so"))}
-    return {name: path.read_bytes() for name, path in found.items() if _SAFE_PATH.match(name)}
+    kernels = {name: path.read_bytes() for name, path in found.items() if _SAFE_PATH.match(name)}
+    for name, data in kernels.items():
+        if not name.endswith(".main.so"):
+            _PROCESS_HELPERS.setdefault(name, data)
+    return {**_PROCESS_HELPERS, **kernels}
 
 
 def checked_name(name: str) -> str:
