@@ -32,9 +32,9 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9_]{1,8}/[A-Za-z0-9_.-]{1,200}\.so$")
 
 def _forget_loaded_kernels() -> None:
     """Empty Inductor's in-process tables of loaded C++ kernels, so that a kernel an earlier build in this
-    process compiled (models share plain ones, such as a ReLU over a buffer) is compiled into the fresh
-    folder too, instead of reused from memory and missing from the payload (6 of MobileNetV2's 74 when
-    it was built after ResNet-50). Kernels already loaded stay in use by what loaded them."""
+    process compiled (identical C++ for identical layers) is compiled into the fresh folder too, instead
+    of reused from memory and missing from the payload (a second MLP of the same shapes carried none of
+    its kernels). Kernels already loaded stay in use by what loaded them."""
     try:
         from torch._inductor import codecache
     except ImportError:  # pragma: no cover
@@ -64,7 +64,7 @@ def private_cache_dir() -> Iterator[Path]:
 # Libraries Inductor compiles once per process whatever the model (its probes of the CPU's vector
 # instruction sets, cached in memory after the first compile): what a process's first CPU build found,
 # for the payloads of its later builds, whose folders do not see them compiled. A load compiles them
-# otherwise (6 libraries, about 5 s on a 2-core CPU). The model's own kernels are the ".main.so" ones.
+# otherwise (6 libraries, 8-10 s of a load on a 2-core CPU). The model's own kernels are the ".main.so" ones.
 _PROCESS_HELPERS: dict[str, bytes] = {}
 
 
